@@ -1,0 +1,50 @@
+# Everything goes through .venv, created on demand with Python 3.11.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+PROTO_SRC := protos/fedgrpc/v1/coordinator.proto
+
+.PHONY: install demo test test-fast lint format proto bench docker-demo clean help
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the dependency declarations change.
+$(STAMP): $(PY) pyproject.toml constraints.txt
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -c constraints.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install fedgrpc with dev tools
+
+demo: install ## coordinator + 3 clients on digits, prints per-round accuracy
+	$(PY) -m examples.demo
+
+test: install ## run the whole suite (slow tests included)
+	$(PY) -m pytest
+
+test-fast: install ## skip tests marked slow
+	$(PY) -m pytest -m "not slow"
+
+lint: install ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+proto: install ## regenerate the committed gRPC stubs from protos/
+	$(PY) -m fedcore.proto.generate
+
+bench: install ## performance benchmarks (see docs/performance.md)
+	$(PY) -m bench.round_overhead
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

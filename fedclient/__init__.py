@@ -1,0 +1,1 @@
+"""The federated client: joins a coordinator, trains locally, pushes updates."""

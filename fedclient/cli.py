@@ -1,0 +1,141 @@
+"""`fedclient run`: a federated participant that trains on its own data."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+import grpc
+
+from fedclient.partition import SCHEMES, Partition
+from fedclient.session import ClientSession, ClientSettings, PermanentError, Stopped
+from fedcore.config import parse_layered
+from fedcore.logs import setup_logging
+from fedcore.plugins import load_object
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """\
+Every flag can also be set as an environment variable (--server -> FEDGRPC_SERVER) or in a
+TOML file given with --config (a [client] table). Precedence: flag > environment > file > default.
+
+example:
+  fedclient run --server coordinator.example.org:50051 --task examples.digits:task --partition 0/3
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedclient",
+        description="fedgrpc client: pulls the global model, trains on local data, "
+        "pushes the update; repeats until the coordinator says training is finished.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="join a federation and train until it finishes",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", type=Path, help="TOML file with a [client] table of flags")
+    run.add_argument("--server", required=True, help="coordinator address HOST:PORT")
+    run.add_argument("--task", required=True, help="the model and local data, MODULE:ATTR")
+    run.add_argument(
+        "--partition",
+        default="0/1",
+        help="which slice of the task's data this client holds, I/N with 0 <= I < N (0/1)",
+    )
+    run.add_argument(
+        "--partitioner",
+        default="iid",
+        choices=SCHEMES,
+        help="how the task's data is split across the N partitions (iid)",
+    )
+    run.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet concentration for non-IID partitioners (0.5)",
+    )
+    run.add_argument(
+        "--client-id", default="", help="stable identity of this client (default: HOSTNAME-IofN)"
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed for partitioning and training")
+    run.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
+    )
+    run.add_argument(
+        "--give-up-after",
+        type=float,
+        default=300.0,
+        help="seconds of unreachable coordinator before exiting with an error (300)",
+    )
+    run.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=20.0,
+        help="long-poll duration while waiting for a round (20)",
+    )
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", default="text", choices=["text", "json"])
+    return parser
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_layered(parser, argv, "client")
+    setup_logging(args.log_level, args.log_format)
+    log = logging.getLogger("fedclient")
+    try:
+        partition = Partition.parse(
+            args.partition, scheme=args.partitioner, alpha=args.alpha, seed=args.seed
+        )
+        task = load_object(args.task)
+    except ValueError as e:
+        log.error("%s", e)
+        return EXIT_USAGE
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    settings = ClientSettings(
+        server=args.server,
+        partition=partition,
+        client_id=args.client_id,
+        seed=args.seed,
+        poll_seconds=args.poll_seconds,
+        give_up_after=args.give_up_after,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, _raise_stop)
+    session = ClientSession(settings, task, stop)
+    try:
+        return session.run()
+    except (KeyboardInterrupt, Stopped):
+        stop.set()
+        log.info("interrupted: abandoning the current round (nothing partial was counted)")
+        return EXIT_INTERRUPTED
+    except PermanentError as e:
+        log.error("%s", e)
+        return EXIT_ERROR
+    except grpc.RpcError as e:
+        log.error("coordinator refused this client (%s): %s", e.code().name, e.details())  # type: ignore[attr-defined]
+        return EXIT_ERROR
+    finally:
+        session.channel.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Deterministic ways to split one labelled dataset among `count` simulated clients.
+
+Every client process computes the *whole* split from the shared seed and then keeps its own
+slice, so clients never need to talk to each other to agree on who owns which example: the
+slices are disjoint and cover the dataset by construction.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "quantity")
+
+_PARSE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+# Dirichlet draws occasionally starve a client; redraw this many times before repairing.
+_MAX_DIRICHLET_DRAWS = 100
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Which slice of the data this client owns, and how the slices were cut."""
+
+    index: int  # 0-based
+    count: int
+    scheme: str = "iid"  # "iid" | "dirichlet" | "shards" | "quantity"
+    alpha: float = 0.5  # Dirichlet concentration (label skew) or quantity-skew concentration
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ValueError(f"partition count must be >= 1, got {self.count}")
+        if not 0 <= self.index < self.count:
+            raise ValueError(
+                f"partition index must satisfy 0 <= index < count, got {self.index}/{self.count}"
+            )
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown partition scheme {self.scheme!r}; expected one of {SCHEMES}")
+        if not self.alpha > 0:
+            raise ValueError(f"partition alpha must be > 0, got {self.alpha}")
+
+    @classmethod
+    def parse(cls, text: str, **kw: object) -> Partition:
+        """Build from the command-line form "I/N" (0-based I), e.g. "0/3"; `kw` sets the rest."""
+        match = _PARSE_RE.match(text)
+        if match is None or not int(match.group(1)) < int(match.group(2)):
+            raise ValueError(f"partition must look like I/N with 0 <= I < N, got {text!r}")
+        return cls(int(match.group(1)), int(match.group(2)), **kw)  # type: ignore[arg-type]
+
+
+def partition_indices(labels: np.ndarray, partition: Partition) -> np.ndarray:
+    """Return the sorted indices into `labels` that belong to `partition.index`."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
+    return np.sort(_assign(labels, partition)[partition.index])
+
+
+def _assign(labels: np.ndarray, p: Partition) -> list[np.ndarray]:
+    """The full split, identical for every index, so partitions agree without coordination."""
+    n = len(labels)
+    minimum = 2 * p.count if p.scheme == "shards" else p.count
+    if n < minimum:
+        raise ValueError(
+            f"cannot split {n} examples into {p.count} non-empty {p.scheme!r} partitions"
+        )
+    rng = np.random.default_rng(p.seed)
+    if p.scheme == "iid":
+        return np.array_split(rng.permutation(n), p.count)
+    if p.scheme == "quantity":
+        return _quantity(n, p, rng)
+    if p.scheme == "shards":
+        return _shards(labels, p, rng)
+    return _dirichlet(labels, p, rng)
+
+
+def _min_size(n: int, count: int) -> int:
+    # 10 examples is enough for a few batches; tiny datasets get a proportional floor instead.
+    return max(1, min(10, n // (10 * count)))
+
+
+def _quantity(n: int, p: Partition, rng: np.random.Generator) -> list[np.ndarray]:
+    """Skewed sizes, IID labels: sizes follow Dirichlet(alpha) on top of a small floor."""
+    floor = _min_size(n, p.count)
+    shares = rng.dirichlet(np.full(p.count, p.alpha))
+    spare = n - floor * p.count
+    raw = shares * spare
+    sizes = np.floor(raw).astype(np.int64)
+    # Hand the rounding leftovers to the largest fractional parts so sizes sum exactly to n.
+    leftovers = spare - int(sizes.sum())
+    sizes[np.argsort(-(raw - sizes), kind="stable")[:leftovers]] += 1
+    sizes += floor
+    return np.split(rng.permutation(n), np.cumsum(sizes)[:-1])
+
+
+def _shards(labels: np.ndarray, p: Partition, rng: np.random.Generator) -> list[np.ndarray]:
+    """Pathological non-IID (McMahan et al.): label-sorted shards, two per client."""
+    shuffled = rng.permutation(len(labels))
+    # Stable sort after shuffling: grouped by label, random order within a label.
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    shards = np.array_split(by_label, 2 * p.count)
+    order = rng.permutation(2 * p.count)
+    return [
+        np.concatenate([shards[order[2 * i]], shards[order[2 * i + 1]]]) for i in range(p.count)
+    ]
+
+
+def _dirichlet(labels: np.ndarray, p: Partition, rng: np.random.Generator) -> list[np.ndarray]:
+    """Label skew: each class is spread over clients by its own Dirichlet(alpha) draw."""
+    floor = _min_size(len(labels), p.count)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    parts: list[np.ndarray] = []
+    for _ in range(_MAX_DIRICHLET_DRAWS):
+        buckets: list[list[np.ndarray]] = [[] for _ in range(p.count)]
+        for members in by_class:
+            shares = rng.dirichlet(np.full(p.count, p.alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(np.int64)
+            for bucket, piece in zip(buckets, np.split(members, cuts), strict=True):
+                bucket.append(piece)
+        parts = [np.concatenate(bucket) for bucket in buckets]
+        if min(len(part) for part in parts) >= floor:
+            return parts
+    return _top_up(parts, floor, rng)
+
+
+def _top_up(parts: list[np.ndarray], floor: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Move random examples from the largest partition into starved ones (very small alpha)."""
+    parts = list(parts)
+    for i in range(len(parts)):
+        while len(parts[i]) < floor:
+            donor = int(np.argmax([len(part) for part in parts]))
+            take = min(floor - len(parts[i]), len(parts[donor]) - floor)
+            moved = rng.permutation(len(parts[donor]))
+            parts[i] = np.concatenate([parts[i], parts[donor][moved[:take]]])
+            parts[donor] = parts[donor][moved[take:]]
+    return parts

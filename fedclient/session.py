@@ -1,0 +1,287 @@
+"""One client's life: join, pull, train, push, repeat until the coordinator says finished.
+
+Transient failures (coordinator restarting, network cut) are retried with jittered exponential
+backoff, so a client never needs restarting by hand; permanent refusals end the client with a
+clear message and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from fedclient.partition import Partition
+from fedclient.task import LocalData, Task, TrainConfig
+from fedcore.codecs import get_codec
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.tensors import (
+    ChunkAssembler,
+    FlatModel,
+    ManifestError,
+    flatten_state_dict,
+    float_vector,
+    to_state_dict,
+)
+from fedcore.wire import CHANNEL_OPTIONS, manifest_from_proto, manifest_to_proto, update_stream
+
+log = logging.getLogger("fedclient")
+T = TypeVar("T")
+
+# Worth retrying: the coordinator is down, restarting, overloaded or the link dropped.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class PermanentError(RuntimeError):
+    """The coordinator refused us for a reason retrying cannot fix."""
+
+
+class Stopped(RuntimeError):
+    """Ctrl-C / SIGTERM: abandon the round."""
+
+
+@dataclass
+class Backoff:
+    """Full-jitter exponential backoff (AWS architecture blog), with a give-up budget."""
+
+    initial: float = 0.5
+    maximum: float = 10.0
+    give_up_after: float = 300.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+    failing_since: float | None = None
+
+    def next_delay(self) -> float:
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        if now - self.failing_since > self.give_up_after:
+            raise TimeoutError
+        delay = self.rng.uniform(0, min(self.maximum, self.initial * 2**self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+        self.failing_since = None
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    server: str
+    partition: Partition
+    client_id: str = ""
+    seed: int = 0
+    poll_seconds: float = 20.0
+    give_up_after: float = 300.0
+    rpc_timeout: float = 600.0
+
+    def resolved_id(self) -> str:
+        p = self.partition
+        return self.client_id or f"{socket.gethostname()}-{p.index}of{p.count}"
+
+
+class ClientSession:
+    def __init__(
+        self, settings: ClientSettings, task: Task, stop: threading.Event | None = None
+    ) -> None:
+        self.settings = settings
+        self.task = task
+        self.client_id = settings.resolved_id()
+        self.stop = stop or threading.Event()
+        self.backoff = Backoff(give_up_after=settings.give_up_after)
+        self.channel = grpc.insecure_channel(settings.server, options=list(CHANNEL_OPTIONS))
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.federation_id = ""
+        self.joined = False
+        self.held: FlatModel | None = None
+        self.rounds_trained = 0
+
+    # ------------------------------------------------------------------ plumbing
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """Run an RPC, retrying transient failures until the give-up budget runs out."""
+        while True:
+            if self.stop.is_set():
+                raise Stopped
+            try:
+                if not self.joined:
+                    self._join()
+                result = fn()
+                self.backoff.reset()
+                return result
+            except grpc.RpcError as e:
+                code = e.code()  # type: ignore[attr-defined]
+                if code not in RETRYABLE:
+                    raise
+                self.joined = False
+                try:
+                    delay = self.backoff.next_delay()
+                except TimeoutError:
+                    raise PermanentError(
+                        f"coordinator at {self.settings.server} unreachable for "
+                        f"{self.settings.give_up_after:.0f}s ({code.name}: {e.details()})"  # type: ignore[attr-defined]
+                    ) from None
+                log.warning(
+                    "%s failed (%s: %s); retrying in %.1fs", what, code.name, e.details(), delay
+                )  # type: ignore[attr-defined]
+                if self.stop.wait(delay):
+                    raise Stopped from None
+
+    def _join(self) -> None:
+        p = self.settings.partition
+        reply = self.stub.Join(
+            pb.JoinRequest(
+                client_id=self.client_id,
+                properties={"hostname": socket.gethostname(), "partition": f"{p.index}/{p.count}"},
+            ),
+            timeout=30,
+        )
+        if self.federation_id and reply.federation_id != self.federation_id:
+            log.warning("coordinator runs a different federation now; dropping cached model")
+            self.held = None
+        if not self.federation_id or reply.federation_id != self.federation_id:
+            log.info(
+                "joined federation %s at %s as %s",
+                reply.federation_id[:8],
+                self.settings.server,
+                self.client_id,
+            )
+        self.federation_id = reply.federation_id
+        self.joined = True
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> int:
+        data = self.task.load_partition(self.settings.partition)
+        model = self.task.build_model()
+        while True:
+            header = self._call("pull", self._pull)
+            if header.state == pb.FINISHED:
+                log.info(
+                    "coordinator says training is finished (%s); trained %d round(s)",
+                    header.message,
+                    self.rounds_trained,
+                )
+                return 0
+            if header.state == pb.SHUTTING_DOWN:
+                delay = self.backoff.rng.uniform(0.5, 2.0)
+                log.info("coordinator is shutting down; checking again in %.1fs", delay)
+                if self.stop.wait(delay):
+                    raise Stopped
+                continue
+            if header.selected:
+                self._train_and_submit(header, model, data)
+
+    def _pull(self) -> pb.ModelHeader:
+        request = pb.GetGlobalModelRequest(
+            client_id=self.client_id,
+            known_version=self.held.version if self.held is not None else "",
+            wait_seconds=self.settings.poll_seconds,
+        )
+        stream = self.stub.GetGlobalModel(
+            request, timeout=self.settings.poll_seconds + self.settings.rpc_timeout
+        )
+        header: pb.ModelHeader | None = None
+        assembler: ChunkAssembler | None = None
+        for msg in stream:
+            if header is None:
+                header = msg.header
+                if header.total_bytes:
+                    assembler = ChunkAssembler(manifest_from_proto(header.manifest))
+            elif assembler is not None:
+                assembler.add(msg.data)
+        if header is None:
+            raise PermanentError("coordinator sent an empty model stream")
+        if assembler is not None:
+            try:
+                self.held = assembler.finish(header.model_version)
+            except ManifestError as e:
+                log.warning("model download failed (%s); pulling again", e)
+                return pb.ModelHeader(state=pb.TRAINING, selected=False)
+        return header
+
+    def _train_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
+        base = self.held
+        if base is None or base.version != header.model_version:
+            return  # the coordinator will send the bytes on the next pull
+        cfg = header.config
+        config = TrainConfig(
+            local_epochs=cfg.local_epochs or 1,
+            lr=cfg.lr or 0.05,
+            batch_size=cfg.batch_size or 32,
+            seed=_round_seed(self.settings.seed, self.client_id, header.round),
+            extra=dict(cfg.extra),
+        )
+        import torch
+
+        torch.manual_seed(config.seed)
+        model.load_state_dict(to_state_dict(base))
+        started = time.monotonic()
+        result = self.task.train(model, data.train, config)
+        if self.stop.is_set():
+            raise Stopped
+        local = flatten_state_dict(model.state_dict())
+        codec = get_codec(cfg.encoding or "fp32")
+        payload = codec.encode(float_vector(local) - float_vector(base))
+        digest = hashlib.sha256(payload).hexdigest()
+        update = pb.UpdateHeader(
+            client_id=self.client_id,
+            round=header.round,
+            base_version=base.version,
+            num_examples=result.num_examples,
+            metrics=result.metrics,
+            encoding=codec.name,
+            manifest=manifest_to_proto(codec.wire_manifest(base.manifest.floats())),
+            total_bytes=payload.size,
+        )
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.metrics.items()))
+        log.info(
+            "round %d: trained on %d examples in %.2fs (%s)",
+            header.round,
+            result.num_examples,
+            time.monotonic() - started,
+            shown,
+        )
+        try:
+            reply = self._call(
+                "submit",
+                lambda: self.stub.SubmitUpdate(
+                    update_stream(update, payload, digest), timeout=self.settings.rpc_timeout
+                ),
+            )
+        except grpc.RpcError as e:
+            code = e.code()  # type: ignore[attr-defined]
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
+                log.warning("round %d update not counted: %s; moving on", header.round, e.details())  # type: ignore[attr-defined]
+                return
+            raise PermanentError(
+                f"coordinator refused the update ({code.name}): {e.details()}"  # type: ignore[attr-defined]
+            ) from None
+        self.rounds_trained += 1
+        log.info(
+            "round %d: update %s (%d bytes)",
+            header.round,
+            "was already counted" if reply.duplicate else "accepted",
+            payload.size,
+        )
+
+
+def _round_seed(seed: int, client_id: str, round_number: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{client_id}:{round_number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")

@@ -1,0 +1,166 @@
+"""The user-facing Task interface: what a model owner implements to take part in federation.
+
+A Task knows how to build its model and load one client's slice of data; everything the
+coordinator asks for (local training, evaluation) has a default supervised-classification
+implementation that subclasses override only when they need something different.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fedclient.partition import Partition
+
+__all__ = ["LocalData", "Task", "TrainConfig", "TrainResult"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the coordinator asks for this round; identical on every client of a round."""
+
+    local_epochs: int = 1
+    lr: float = 0.05
+    batch_size: int = 32
+    seed: int = 0
+    extra: Mapping[str, str] = field(default_factory=dict)  # strategy knobs, e.g. "proximal_mu"
+
+    def __post_init__(self) -> None:
+        if self.local_epochs < 1:
+            raise ValueError(f"local_epochs must be >= 1, got {self.local_epochs}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.extra.items()):
+            raise TypeError("extra must map str to str (it travels as strings on the wire)")
+        # A read-only copy keeps the config truly frozen even if the caller mutates its dict.
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx strength; 0 (plain FedAvg local training) unless the strategy sets it."""
+        raw = self.extra.get("proximal_mu", "0")
+        try:
+            mu = float(raw)
+        except ValueError:
+            raise ValueError(f"extra['proximal_mu'] must be a number, got {raw!r}") from None
+        if mu < 0:
+            raise ValueError(f"extra['proximal_mu'] must be >= 0, got {mu}")
+        return mu
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a client reports after local training."""
+
+    num_examples: int  # examples seen per epoch (the FedAvg weight)
+    metrics: dict[str, float]  # e.g. {"train_loss": ..., "train_accuracy": ...}
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """One client's data: what it trains on and, optionally, what it evaluates on."""
+
+    train: Dataset
+    test: Dataset | None = None
+
+
+class Task(abc.ABC):
+    """Subclass, implement build_model and load_partition; the rest has good defaults."""
+
+    @abc.abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A fresh model; must be deterministic given torch.manual_seed so peers agree."""
+
+    @abc.abstractmethod
+    def load_partition(self, partition: Partition) -> LocalData:
+        """This client's slice of the data, chosen by `partition`."""
+
+    def default_config(self) -> TrainConfig:
+        """Round settings the coordinator uses unless its flags say otherwise."""
+        return TrainConfig()
+
+    def server_test_data(self) -> Dataset | None:
+        """A held-out set the coordinator evaluates the global model on, if the task has one."""
+        return None
+
+    def loss_fn(self) -> torch.nn.Module:
+        """The loss minimised by the default `train` and reported by `evaluate`."""
+        return torch.nn.CrossEntropyLoss()
+
+    def make_optimizer(self, model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+        """A fresh optimizer each round: optimizer state is not federated, so it restarts."""
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
+
+    def train(self, model: torch.nn.Module, data: Dataset, config: TrainConfig) -> TrainResult:
+        """Default supervised loop; reports mean loss and accuracy of the last epoch.
+
+        The shuffle uses its own generator seeded from `config.seed`, so a round is
+        reproducible regardless of what else touched the global RNG. With a positive
+        `proximal_mu` it adds the FedProx term (mu/2)*||w - w_global||^2, which keeps
+        heterogeneous clients from drifting too far from the model they were sent.
+        """
+        generator = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=generator)
+        optimizer = self.make_optimizer(model, config)
+        criterion = self.loss_fn()
+        mu = config.proximal_mu
+        params = [p for p in model.parameters() if p.requires_grad]
+        anchor = [p.detach().clone() for p in params] if mu > 0 else []
+
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for _ in range(config.local_epochs):
+            loss_sum, correct, seen = 0.0, 0, 0
+            for inputs, targets in loader:
+                optimizer.zero_grad()
+                outputs = model(inputs)
+                loss = criterion(outputs, targets)
+                objective = loss
+                if mu > 0:
+                    drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+                    objective = loss + (mu / 2) * drift
+                objective.backward()
+                optimizer.step()
+                # Report the task loss, not the proximal objective, so runs stay comparable.
+                loss_sum += loss.item() * len(targets)
+                correct += _count_correct(outputs, targets)
+                seen += len(targets)
+        if seen == 0:
+            raise ValueError("cannot train on an empty dataset")
+        metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
+        return TrainResult(num_examples=seen, metrics=metrics)
+
+    def evaluate(
+        self, model: torch.nn.Module, data: Dataset, batch_size: int = 256
+    ) -> dict[str, float]:
+        """Example-weighted {"loss", "accuracy"}; the model's train/eval mode is restored."""
+        criterion = self.loss_fn()
+        was_training = model.training
+        model.eval()
+        loss_sum, correct, seen = 0.0, 0, 0
+        try:
+            with torch.no_grad():
+                for inputs, targets in DataLoader(data, batch_size=batch_size):
+                    outputs = model(inputs)
+                    loss_sum += criterion(outputs, targets).item() * len(targets)
+                    correct += _count_correct(outputs, targets)
+                    seen += len(targets)
+        finally:
+            model.train(was_training)
+        if seen == 0:
+            raise ValueError("cannot evaluate on an empty dataset")
+        return {"loss": loss_sum / seen, "accuracy": correct / seen}
+
+
+def _count_correct(outputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """Top-1 hits for class-index targets; 0 for outputs that are not class scores."""
+    if outputs.ndim != 2 or targets.ndim != 1 or targets.is_floating_point():
+        return 0
+    return int((outputs.detach().argmax(dim=1) == targets).sum().item())

@@ -1,0 +1,1 @@
+"""Code shared by the coordinator and the clients: wire stubs, tensor codec, configuration."""

@@ -1,0 +1,108 @@
+"""Every CLI flag can also come from a FEDGRPC_* environment variable or a TOML file.
+
+Precedence: command-line flag > environment variable > config file > built-in default.
+`--rounds` is FEDGRPC_ROUNDS in the environment and `rounds = 20` in the file's [server] (or
+[client]) table. Unknown keys are errors that name the key and the allowed ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "FEDGRPC_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _settable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {
+        a.dest: a
+        for a in parser._actions
+        if a.option_strings and a.dest not in ("help", "config", "version")
+    }
+
+
+def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE | _FALSE:
+            return text in _TRUE
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    try:
+        converted = action.type(str(value)) if action.type else value
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: bad value {value!r} for {key}: {e}") from None
+    if action.choices is not None and converted not in action.choices:
+        allowed = ", ".join(map(str, action.choices))
+        raise ConfigError(f"{source}: {key} must be one of {allowed}, got {value!r}")
+    return converted
+
+
+def layered_defaults(
+    parser: argparse.ArgumentParser,
+    config_file: Path | None,
+    section: str,
+    environ: Mapping[str, str] = os.environ,
+) -> dict[str, Any]:
+    """Defaults for `parser` from the config file, overridden by the environment."""
+    actions = _settable(parser)
+    out: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text())
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {config_file}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{config_file} is not valid TOML: {e}") from None
+        table = data.get(section, {k: v for k, v in data.items() if not isinstance(v, dict)})
+        for raw_key, value in table.items():
+            key = raw_key.replace("-", "_")
+            if key not in actions:
+                allowed = ", ".join(sorted(k.replace("_", "-") for k in actions))
+                raise ConfigError(
+                    f"{config_file}: unknown key {raw_key!r} in [{section}]; allowed: {allowed}"
+                )
+            out[key] = _convert(actions[key], raw_key, value, str(config_file))
+    for key, action in actions.items():
+        env = ENV_PREFIX + key.upper()
+        if env in environ:
+            out[key] = _convert(action, env, environ[env], "environment")
+    return out
+
+
+def parse_layered(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None, section: str
+) -> argparse.Namespace:
+    """Parse argv with file and environment defaults applied underneath the flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    target = parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            command = next((a for a in argv if not a.startswith("-")), None)
+            if command in action.choices:
+                target = action.choices[command]
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path, default=os.environ.get(ENV_PREFIX + "CONFIG"))
+    known, _ = pre.parse_known_args(argv)
+    try:
+        defaults = layered_defaults(target, known.config, section)
+    except ConfigError as e:
+        target.error(str(e))
+    target.set_defaults(**defaults)
+    # Values from file/env satisfy required flags.
+    for action in target._actions:
+        if action.dest in defaults:
+            action.required = False
+    return parser.parse_args(argv)

@@ -1,0 +1,118 @@
+"""Crash-safe files and the safetensors format for FlatModels.
+
+A FlatModel's buffer is laid out exactly like a safetensors data section, so a checkpoint is one
+JSON header plus one write of the buffer, and reading one is a single read into a fresh buffer.
+The format (8-byte little-endian header length, JSON header, data) is specified by the safetensors
+project; tests check interoperability with the `safetensors` library in both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from fedcore.tensors import (
+    SAFETENSORS_TO_DTYPE,
+    FlatModel,
+    Manifest,
+    ManifestError,
+    TensorSpec,
+    safetensors_dtype,
+)
+
+_MAX_HEADER = 100 << 20
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, parts: Iterable[bytes | memoryview]) -> None:
+    """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder.
+
+    A reader (or a restart after kill -9) sees either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safetensors_header(flat: FlatModel, metadata: Mapping[str, str] | None = None) -> bytes:
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for spec in flat.manifest.tensors:
+        off, n = flat.manifest.offsets[spec.name]
+        header[spec.name] = {
+            "dtype": safetensors_dtype(spec.dtype),
+            "shape": list(spec.shape),
+            "data_offsets": [off, off + n],
+        }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format recommends 8-byte alignment of the data section
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(
+    path: Path, flat: FlatModel, metadata: Mapping[str, str] | None = None
+) -> None:
+    atomic_write(path, [safetensors_header(flat, metadata), memoryview(flat.buffer)])
+
+
+def read_safetensors(path: Path) -> tuple[FlatModel, dict[str, str]]:
+    """Read a safetensors file into a FlatModel (tensors in data-offset order) and its metadata."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ManifestError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER:
+            raise ManifestError(f"{path}: header of {n} bytes is implausibly large")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{path}: header is not valid JSON ({e})") from None
+        metadata = header.pop("__metadata__", None) or {}
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        specs, pos = [], 0
+        for name, info in entries:
+            begin, end = info["data_offsets"]
+            if info["dtype"] not in SAFETENSORS_TO_DTYPE:
+                raise ManifestError(
+                    f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}"
+                )
+            spec = TensorSpec(name, SAFETENSORS_TO_DTYPE[info["dtype"]], tuple(info["shape"]))
+            if begin != pos or end - begin != spec.nbytes:
+                raise ManifestError(f"{path}: tensor {name!r} has inconsistent data offsets")
+            specs.append(spec)
+            pos = end
+        manifest = Manifest(tuple(specs))
+        buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
+        got = f.readinto(memoryview(buffer))
+        if got != buffer.size or f.read(1):
+            raise ManifestError(
+                f"{path}: data section has the wrong length (truncated or corrupt file)"
+            )
+    return FlatModel(manifest, buffer), dict(metadata)

@@ -1,0 +1,231 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FederationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEDERATION_STATE_UNSPECIFIED: _ClassVar[FederationState]
+    WAITING_FOR_CLIENTS: _ClassVar[FederationState]
+    TRAINING: _ClassVar[FederationState]
+    FINISHED: _ClassVar[FederationState]
+    SHUTTING_DOWN: _ClassVar[FederationState]
+FEDERATION_STATE_UNSPECIFIED: FederationState
+WAITING_FOR_CLIENTS: FederationState
+TRAINING: FederationState
+FINISHED: FederationState
+SHUTTING_DOWN: FederationState
+
+class TensorSpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Manifest(_message.Message):
+    __slots__ = ("tensors",)
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
+
+class RoundConfig(_message.Message):
+    __slots__ = ("local_epochs", "lr", "batch_size", "encoding", "extra")
+    class ExtraEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    EXTRA_FIELD_NUMBER: _ClassVar[int]
+    local_epochs: int
+    lr: float
+    batch_size: int
+    encoding: str
+    extra: _containers.ScalarMap[str, str]
+    def __init__(self, local_epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("client_id", "properties")
+    class PropertiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    properties: _containers.ScalarMap[str, str]
+    def __init__(self, client_id: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("client_id", "federation_id", "chunk_size", "max_update_bytes")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    federation_id: str
+    chunk_size: int
+    max_update_bytes: int
+    def __init__(self, client_id: _Optional[str] = ..., federation_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_update_bytes: _Optional[int] = ...) -> None: ...
+
+class GetGlobalModelRequest(_message.Message):
+    __slots__ = ("client_id", "known_version", "wait_seconds")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    known_version: str
+    wait_seconds: float
+    def __init__(self, client_id: _Optional[str] = ..., known_version: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class ModelHeader(_message.Message):
+    __slots__ = ("state", "round", "selected", "model_version", "manifest", "config", "total_bytes", "total_rounds", "deadline_seconds", "message")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SELECTED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    state: FederationState
+    round: int
+    selected: bool
+    model_version: str
+    manifest: Manifest
+    config: RoundConfig
+    total_bytes: int
+    total_rounds: int
+    deadline_seconds: float
+    message: str
+    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., selected: _Optional[bool] = ..., model_version: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., total_bytes: _Optional[int] = ..., total_rounds: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class ModelChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: ModelHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UpdateHeader(_message.Message):
+    __slots__ = ("client_id", "round", "base_version", "num_examples", "metrics", "encoding", "manifest", "total_bytes")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    base_version: str
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    encoding: str
+    manifest: Manifest
+    total_bytes: int
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+
+class UpdateTrailer(_message.Message):
+    __slots__ = ("sha256",)
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+
+class UpdateChunk(_message.Message):
+    __slots__ = ("header", "data", "trailer")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TRAILER_FIELD_NUMBER: _ClassVar[int]
+    header: UpdateHeader
+    data: bytes
+    trailer: UpdateTrailer
+    def __init__(self, header: _Optional[_Union[UpdateHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., trailer: _Optional[_Union[UpdateTrailer, _Mapping]] = ...) -> None: ...
+
+class SubmitReply(_message.Message):
+    __slots__ = ("accepted", "duplicate", "round", "message")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    duplicate: bool
+    round: int
+    message: str
+    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., round: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RoundSummary(_message.Message):
+    __slots__ = ("round", "participants", "num_examples", "metrics", "duration_seconds", "model_version")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    participants: int
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    duration_seconds: float
+    model_version: str
+    def __init__(self, round: _Optional[int] = ..., participants: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., duration_seconds: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetStatusReply(_message.Message):
+    __slots__ = ("state", "current_round", "total_rounds", "rounds_completed", "live_clients", "updates_received", "updates_expected", "rounds", "federation_id")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    state: FederationState
+    current_round: int
+    total_rounds: int
+    rounds_completed: int
+    live_clients: int
+    updates_received: int
+    updates_expected: int
+    rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
+    federation_id: str
+    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., live_clients: _Optional[int] = ..., updates_received: _Optional[int] = ..., updates_expected: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., federation_id: _Optional[str] = ...) -> None: ...

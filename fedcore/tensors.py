@@ -1,0 +1,323 @@
+"""Tensors as a manifest plus raw little-endian bytes: the only way tensors travel or rest.
+
+A model is a `FlatModel`: a `Manifest` (name, dtype, shape per tensor, in a fixed order) and one
+contiguous byte buffer holding the tensors back to back. That buffer is exactly what goes on the
+wire (sliced into chunks) and exactly the data section of a safetensors file, so the coordinator
+serializes a model once per round and serves every client from the same bytes. No pickle, ever.
+
+torch is imported lazily: the coordinator can aggregate with numpy alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("fedgrpc's wire format is little-endian; big-endian hosts are unsupported")
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+
+# Wire dtype -> (itemsize, numpy storage dtype, safetensors name). bfloat16 has no numpy dtype, so
+# it is stored as uint16 and widened to float32 by bit shifting when arithmetic is needed.
+_DTYPES: dict[str, tuple[int, str, str]] = {
+    "float64": (8, "<f8", "F64"),
+    "float32": (4, "<f4", "F32"),
+    "float16": (2, "<f2", "F16"),
+    "bfloat16": (2, "<u2", "BF16"),
+    "int64": (8, "<i8", "I64"),
+    "int32": (4, "<i4", "I32"),
+    "int16": (2, "<i2", "I16"),
+    "int8": (1, "i1", "I8"),
+    "uint8": (1, "u1", "U8"),
+    "bool": (1, "?", "BOOL"),
+}
+FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
+SAFETENSORS_TO_DTYPE = {st: name for name, (_, _, st) in _DTYPES.items()}
+
+
+class ManifestError(ValueError):
+    """A manifest or buffer that does not describe valid tensors."""
+
+
+def dtype_itemsize(dtype: str) -> int:
+    try:
+        return _DTYPES[dtype][0]
+    except KeyError:
+        allowed = ", ".join(_DTYPES)
+        raise ManifestError(f"unsupported dtype {dtype!r}; supported: {allowed}") from None
+
+
+def safetensors_dtype(dtype: str) -> str:
+    dtype_itemsize(dtype)
+    return _DTYPES[dtype][2]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ManifestError("tensor name must not be empty")
+        dtype_itemsize(self.dtype)
+        if any(d < 0 for d in self.shape):
+            raise ManifestError(f"tensor {self.name!r} has a negative dimension {self.shape}")
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_itemsize(self.dtype)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+@dataclass(frozen=True)
+class Manifest:
+    tensors: tuple[TensorSpec, ...]
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tensors]
+        if len(set(names)) != len(names):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            raise ManifestError(f"duplicate tensor names in manifest: {dupes}")
+
+    @cached_property
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """name -> (byte offset, byte length) in the flat buffer."""
+        out, pos = {}, 0
+        for t in self.tensors:
+            out[t.name] = (pos, t.nbytes)
+            pos += t.nbytes
+        return out
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def spec(self, name: str) -> TensorSpec:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def floats(self) -> Manifest:
+        """The tensors a model update carries: floating point ones (parameters, BN statistics)."""
+        return Manifest(tuple(t for t in self.tensors if t.is_float))
+
+    def with_dtype(self, dtype: str) -> Manifest:
+        return Manifest(tuple(TensorSpec(t.name, dtype, t.shape) for t in self.tensors))
+
+    def describe(self) -> str:
+        return ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in self.tensors)
+
+
+@dataclass
+class FlatModel:
+    """A manifest and the one contiguous buffer (uint8 numpy array) holding its tensors."""
+
+    manifest: Manifest
+    buffer: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.buffer.dtype != np.uint8 or self.buffer.ndim != 1:
+            raise ManifestError("FlatModel buffer must be a 1-D uint8 array")
+        if self.buffer.size != self.manifest.total_bytes:
+            raise ManifestError(
+                f"buffer holds {self.buffer.size} bytes but the manifest describes "
+                f"{self.manifest.total_bytes}"
+            )
+
+    @classmethod
+    def zeros(cls, manifest: Manifest) -> FlatModel:
+        return cls(manifest, np.zeros(manifest.total_bytes, dtype=np.uint8))
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy view of a tensor's storage (bfloat16 appears as uint16)."""
+        spec = self.manifest.spec(name)
+        off, n = self.manifest.offsets[name]
+        return self.buffer[off : off + n].view(_DTYPES[spec.dtype][1]).reshape(spec.shape)
+
+    def as_float32(self, name: str) -> np.ndarray:
+        """A float32 copy of a floating tensor, for arithmetic."""
+        spec = self.manifest.spec(name)
+        raw = self.raw(name)
+        if spec.dtype == "bfloat16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
+
+    def assign_float32(self, name: str, values: np.ndarray) -> None:
+        """Store float32 values into a floating tensor, rounding to its dtype."""
+        spec = self.manifest.spec(name)
+        target = self.raw(name)
+        if spec.dtype == "bfloat16":
+            target[...] = float32_to_bfloat16_bits(values.reshape(spec.shape))
+        else:
+            target[...] = values.reshape(spec.shape)
+
+    def copy(self) -> FlatModel:
+        return FlatModel(self.manifest, self.buffer.copy())
+
+    @cached_property
+    def version(self) -> str:
+        """Content hash of manifest and bytes: equal versions mean bit-identical models."""
+        return content_hash(self.manifest, self.buffer)
+
+    def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[memoryview]:
+        return iter_chunks(self.buffer, chunk_size)
+
+
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bit patterns (what torch does), NaN kept NaN."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    out = ((bits + rounding) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def content_hash(manifest: Manifest, buffer: np.ndarray | bytes | memoryview) -> str:
+    h = hashlib.sha256(manifest.describe().encode())
+    h.update(memoryview(buffer))
+    return h.hexdigest()
+
+
+def iter_chunks(buffer: np.ndarray | bytes | memoryview, chunk_size: int) -> Iterator[memoryview]:
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    view = memoryview(buffer).cast("B")
+    for start in range(0, len(view), chunk_size):
+        yield view[start : start + chunk_size]
+
+
+class ChunkAssembler:
+    """Receives a byte stream of known length into one preallocated buffer (no per-chunk copies)."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
+        self.received = 0
+        self._hash = hashlib.sha256(manifest.describe().encode())
+
+    def add(self, data: bytes | memoryview) -> None:
+        end = self.received + len(data)
+        if end > self.buffer.size:
+            raise ManifestError(
+                f"stream carries more than the {self.buffer.size} bytes its manifest describes"
+            )
+        self.buffer[self.received : end] = np.frombuffer(data, dtype=np.uint8)
+        self._hash.update(data)
+        self.received = end
+
+    def finish(self, expected_version: str | None = None) -> FlatModel:
+        if self.received != self.buffer.size:
+            raise ManifestError(
+                f"stream ended after {self.received} of {self.buffer.size} bytes (truncated)"
+            )
+        if expected_version is not None and self._hash.hexdigest() != expected_version:
+            raise ManifestError("model bytes do not match the announced version (corrupted)")
+        return FlatModel(self.manifest, self.buffer)
+
+
+# ---------------------------------------------------------------- torch and numpy adapters
+
+
+def _torch_dtype_name(t: torch.Tensor) -> str:
+    name = str(t.dtype).removeprefix("torch.")
+    dtype_itemsize(name)
+    return name
+
+
+def flatten_state_dict(state: Mapping[str, torch.Tensor]) -> FlatModel:
+    """state_dict -> FlatModel, bit-exact for every supported dtype including 0-d tensors."""
+    import torch
+
+    specs = tuple(
+        TensorSpec(name, _torch_dtype_name(t), tuple(int(d) for d in t.shape))
+        for name, t in state.items()
+    )
+    flat = FlatModel.zeros(Manifest(specs))
+    for spec, tensor in zip(specs, state.values(), strict=True):
+        off, n = flat.manifest.offsets[spec.name]
+        if n:
+            src = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            flat.buffer[off : off + n] = src.numpy()
+    return flat
+
+
+def to_state_dict(flat: FlatModel) -> dict[str, torch.Tensor]:
+    """FlatModel -> state_dict of fresh tensors (copies, safe to train in place)."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for spec in flat.manifest.tensors:
+        off, n = flat.manifest.offsets[spec.name]
+        dtype = getattr(torch, spec.dtype)
+        raw = torch.from_numpy(flat.buffer[off : off + n].copy())
+        out[spec.name] = raw.view(dtype).reshape(spec.shape)
+    return out
+
+
+def flatten_arrays(arrays: Mapping[str, np.ndarray]) -> FlatModel:
+    """numpy arrays (no bfloat16) -> FlatModel."""
+    names = {np.dtype(v).name: v for v in _DTYPES if v != "bfloat16"}
+    specs = []
+    for name, arr in arrays.items():
+        dtype = np.dtype(arr.dtype).name
+        if dtype not in names:
+            raise ManifestError(f"array {name!r} has unsupported dtype {dtype}")
+        specs.append(TensorSpec(name, dtype, tuple(int(d) for d in arr.shape)))
+    flat = FlatModel.zeros(Manifest(tuple(specs)))
+    for spec, arr in zip(specs, arrays.values(), strict=True):
+        flat.raw(spec.name)[...] = arr
+    return flat
+
+
+def manifest_to_dict(manifest: Manifest) -> list[dict[str, Any]]:
+    return [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in manifest.tensors]
+
+
+# ---------------------------------------------------------------- the float vector of a model
+# Updates carry the floating-point tensors only, as one float32 vector in manifest order.
+# Integer and bool tensors (step counters, masks) stay as the coordinator has them.
+
+
+def float_vector(flat: FlatModel) -> np.ndarray:
+    """The model's floating tensors concatenated as one float32 vector (a copy)."""
+    floats = flat.manifest.floats()
+    out = np.empty(sum(t.numel for t in floats.tensors), dtype=np.float32)
+    pos = 0
+    for t in floats.tensors:
+        out[pos : pos + t.numel] = flat.as_float32(t.name).reshape(-1)
+        pos += t.numel
+    return out
+
+
+def with_float_vector(flat: FlatModel, vector: np.ndarray) -> FlatModel:
+    """A copy of `flat` whose floating tensors are replaced by `vector` (rounded to each dtype)."""
+    out = flat.copy()
+    pos = 0
+    for t in flat.manifest.floats().tensors:
+        out.assign_float32(t.name, vector[pos : pos + t.numel])
+        pos += t.numel
+    if pos != vector.size:
+        raise ManifestError(f"vector has {vector.size} values, the model's floats {pos}")
+    return out

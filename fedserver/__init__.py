@@ -1,0 +1,1 @@
+"""The fedgrpc coordinator: serves the global model, collects updates, aggregates per round."""

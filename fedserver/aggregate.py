@@ -1,0 +1,144 @@
+"""Receiving and folding updates with memory O(model), whatever the number of clients.
+
+An incoming update is validated chunk by chunk (size, finiteness) and spilled to an anonymous
+temp file while its checksum is computed, so a stream that turns out bad (truncated, wrong
+checksum) never touched the round's accumulator. Only a verified update is folded, reading its
+spill back in chunk-sized blocks. The spill lives in the page cache, not the process heap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from fedcore.codecs import Codec, Piece
+from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
+
+
+class BadUpdate(ValueError):
+    """The update's bytes are not acceptable (→ INVALID_ARGUMENT); `reason` labels metrics."""
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UpdateTooLarge(BadUpdate):
+    """→ RESOURCE_EXHAUSTED."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reason="too_large")
+
+
+@dataclass
+class StagedUpdate:
+    """A verified update waiting on disk to be folded (or kept for robust aggregation)."""
+
+    file: BinaryIO
+    nbytes: int
+    digest: str
+    codec: Codec
+    num_values: int
+
+    def pieces(self, block: int = DEFAULT_CHUNK_SIZE) -> Iterator[Piece]:
+        decoder = self.codec.decoder(self.num_values)
+        self.file.seek(0)
+        buf = bytearray(block)
+        view = memoryview(buf)
+        while True:
+            n = self.file.readinto(buf)
+            if not n:
+                break
+            yield from decoder.feed(view[:n])
+        decoder.finish()
+
+    def discard(self) -> None:
+        self.file.close()
+
+
+class UpdateReceiver:
+    """Checks one update stream as it arrives and spills it to disk."""
+
+    def __init__(self, codec: Codec, num_values: int, expected_bytes: int, spill_dir: Path) -> None:
+        self.codec = codec
+        self.num_values = num_values
+        self.expected_bytes = expected_bytes
+        self.received = 0
+        self._hash = hashlib.sha256()
+        self._decoder = codec.decoder(num_values)
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        self._file: BinaryIO = tempfile.TemporaryFile(dir=spill_dir)
+
+    def add(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.expected_bytes:
+            raise UpdateTooLarge(
+                f"update stream exceeds the {self.expected_bytes} bytes its header declared"
+            )
+        try:
+            for piece in self._decoder.feed(data):
+                if not np.isfinite(piece.values).all():
+                    bad = int(np.flatnonzero(~np.isfinite(piece.values))[0]) + piece.offset
+                    raise BadUpdate(
+                        f"update contains NaN or Inf (first at value {bad}); "
+                        "check the learning rate and the loss for divergence",
+                        reason="non_finite",
+                    )
+        except ManifestError as e:
+            raise BadUpdate(str(e)) from None
+        self._hash.update(data)
+        self._file.write(data)
+
+    def finish(self, sha256: str) -> StagedUpdate:
+        try:
+            self._decoder.finish()
+        except ManifestError as e:
+            raise BadUpdate(str(e), reason="truncated") from None
+        if self.received != self.expected_bytes:
+            raise BadUpdate(
+                f"update stream ended after {self.received} of {self.expected_bytes} bytes",
+                reason="truncated",
+            )
+        digest = self._hash.hexdigest()
+        if sha256.lower() != digest:
+            raise BadUpdate(
+                "update checksum mismatch: the bytes were corrupted in transit, resend",
+                reason="checksum",
+            )
+        self._file.flush()
+        return StagedUpdate(self._file, self.received, digest, self.codec, self.num_values)
+
+    def abort(self) -> None:
+        self._file.close()
+
+
+class Accumulator:
+    """Running example-weighted sum of update vectors: the only O(model) state per round."""
+
+    def __init__(self, num_values: int) -> None:
+        self.total = np.zeros(num_values, dtype=np.float32)
+        self.weight = 0.0
+        self.count = 0
+        self._scratch = np.empty(DEFAULT_CHUNK_SIZE, dtype=np.float32)
+
+    def fold(self, update: StagedUpdate, weight: float) -> None:
+        for piece in update.pieces():
+            n = piece.values.size
+            if n > self._scratch.size:
+                self._scratch = np.empty(n, dtype=np.float32)
+            scaled = np.multiply(piece.values, np.float32(weight), out=self._scratch[:n])
+            target = self.total[piece.offset : piece.offset + n]
+            np.add(target, scaled, out=target)
+        self.weight += weight
+        self.count += 1
+
+    def mean(self) -> np.ndarray:
+        if self.count == 0 or self.weight <= 0:
+            raise ValueError("no updates to average")
+        return self.total / np.float32(self.weight)

@@ -1,0 +1,211 @@
+"""`fedserver run | status`: the coordinator's command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedcore.config import parse_layered
+from fedcore.logs import setup_logging
+from fedserver.coordinator import TrainingDefaults
+from fedserver.rounds import RoundPolicy
+from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
+from fedserver.store import read_status
+from fedserver.strategies import STRATEGIES
+
+EPILOG = """\
+Every flag can also be set as an environment variable (--round-timeout -> FEDGRPC_ROUND_TIMEOUT)
+or in a TOML file given with --config (a [server] table: round-timeout = 60).
+Precedence: flag > environment > file > default.
+
+example:
+  fedserver run --task examples.digits:task --rounds 20 --min-clients 3 --state-dir ./state
+  fedserver status --state-dir ./state --json
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedserver",
+        description="fedgrpc coordinator: serves the global model and aggregates client updates.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run the coordinator daemon (resumes if --state-dir holds a run)",
+        description="Run the coordinator until all rounds are done. Ctrl-C or SIGTERM stops it "
+        "cleanly; starting it again with the same --state-dir resumes at the next round.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", type=Path, help="TOML file with a [server] table of flags")
+    run.add_argument("--task", required=True, help="the model and held-out data, MODULE:ATTR")
+    run.add_argument("--rounds", type=_positive_int, default=20, help="rounds to train (20)")
+    run.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1; 0.0.0.0 for all interfaces)",
+    )
+    run.add_argument("--port", type=int, default=50051, help="port to listen on (50051)")
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path("state"),
+        help="checkpoints, model and history live here (./state)",
+    )
+    run.add_argument(
+        "--min-clients",
+        type=_positive_int,
+        default=2,
+        help="live clients needed before a round opens (2)",
+    )
+    run.add_argument(
+        "--fraction-fit",
+        type=float,
+        default=1.0,
+        help="fraction of live clients selected per round (1.0)",
+    )
+    run.add_argument(
+        "--clients-per-round",
+        type=_positive_int,
+        default=None,
+        help="exact number of clients per round (overrides --fraction-fit)",
+    )
+    run.add_argument(
+        "--min-fit",
+        type=_positive_int,
+        default=None,
+        help="updates needed to close a round at its deadline (default: --min-clients)",
+    )
+    run.add_argument(
+        "--round-timeout",
+        type=_positive_float,
+        default=120.0,
+        help="seconds a round stays open (120)",
+    )
+    run.add_argument(
+        "--max-attempts",
+        type=_positive_int,
+        default=5,
+        help="times a round is re-opened without quorum before giving up (5)",
+    )
+    run.add_argument(
+        "--local-epochs",
+        type=_positive_int,
+        default=1,
+        help="local epochs per round on each client (1)",
+    )
+    run.add_argument("--lr", type=_positive_float, default=0.05, help="client learning rate (0.05)")
+    run.add_argument("--batch-size", type=_positive_int, default=32, help="client batch size (32)")
+    run.add_argument(
+        "--strategy",
+        default="fedavg",
+        choices=sorted(STRATEGIES),
+        help="aggregation strategy (fedavg)",
+    )
+    run.add_argument("--seed", type=int, default=0, help="seed for the initial model and sampling")
+    run.add_argument(
+        "--linger",
+        type=float,
+        default=15.0,
+        help="seconds to keep serving after the last round so clients hear it (15)",
+    )
+    run.add_argument(
+        "--max-update-bytes",
+        type=_positive_int,
+        default=4 << 30,
+        help="largest update accepted, in bytes (4 GiB)",
+    )
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    status = sub.add_parser("status", help="print a run's progress from its state dir")
+    status.add_argument("--config", type=Path, help="TOML file with a [server] table")
+    status.add_argument("--state-dir", type=Path, default=Path("state"), help="(./state)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> ServerSettings:
+    policy = RoundPolicy(
+        total_rounds=args.rounds,
+        min_clients=args.min_clients,
+        fraction_fit=args.fraction_fit,
+        clients_per_round=args.clients_per_round,
+        min_fit=args.min_fit,
+        round_timeout=args.round_timeout,
+        max_attempts=args.max_attempts,
+    )
+    defaults = TrainingDefaults(args.local_epochs, args.lr, args.batch_size)  # None: task's
+    return ServerSettings(
+        task=args.task,
+        state_dir=args.state_dir,
+        policy=policy,
+        defaults=defaults,
+        host=args.host,
+        port=args.port,
+        strategy=args.strategy,
+        seed=args.seed,
+        linger=args.linger,
+        max_update_bytes=args.max_update_bytes,
+    )
+
+
+def _print_status(state_dir: Path, as_json: bool) -> int:
+    try:
+        status = read_status(state_dir)
+    except FileNotFoundError as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(
+        f"{status['status']}: {status['rounds_completed']}/{status['total_rounds']} rounds, "
+        f"task {status['task']}, strategy {status['strategy']}, {status['clients']} client(s)"
+    )
+    for r in status["rounds"]:
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(r["metrics"].items()))
+        print(f"  round {r['round']:4d}  {r['participants']} clients  {shown}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_layered(parser, argv, "server")
+    if args.command == "status":
+        return _print_status(args.state_dir, args.json)
+    setup_logging(args.log_level)
+    try:
+        settings = _settings(args)
+        return asyncio.run(serve(settings))
+    except (SetupError, ValueError) as e:
+        logging.getLogger("fedserver").error("%s", e)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

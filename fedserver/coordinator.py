@@ -1,0 +1,523 @@
+"""The coordinator's brain: global model, round machine, accumulator, store; no gRPC here.
+
+All state changes happen on the asyncio event loop; heavy work (aggregation, checkpointing,
+evaluation) runs in a worker thread on immutable inputs and is applied back on the loop.
+The servicer (service.py) validates messages and translates the exceptions raised here into
+gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fedcore.codecs import Codec, get_codec
+from fedcore.tensors import FlatModel, Manifest, ManifestError
+from fedserver.aggregate import Accumulator, BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
+from fedserver.rounds import (
+    AlreadySubmitted,
+    ClosedRound,
+    Phase,
+    Receipt,
+    RoundMachine,
+    RoundPolicy,
+    RoundsExhausted,
+    StaleRound,
+)
+from fedserver.store import ClientReceipt, RoundRecord, StateStore
+from fedserver.strategies import AggregateInput, Strategy
+
+log = logging.getLogger("fedserver")
+
+MAX_NUM_EXAMPLES = 10**9
+MAX_STREAMS_PER_CLIENT = 2
+
+
+class BaseVersionMismatch(StaleRound):
+    reason = "stale_base"
+
+
+class TooManyStreams(UpdateTooLarge):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainingDefaults:
+    """Round settings sent to clients; None means "the task's default_config()"."""
+
+    local_epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    encoding: str = "fp32"
+
+    def resolved(self, task_default: TrainingDefaults) -> TrainingDefaults:
+        return TrainingDefaults(
+            self.local_epochs or task_default.local_epochs or 1,
+            self.lr or task_default.lr or 0.05,
+            self.batch_size or task_default.batch_size or 32,
+            self.encoding,
+        )
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What GetGlobalModel answers: the state, and the model if the client should train."""
+
+    state: str  # waiting_for_clients | training | finished | shutting_down
+    round: int
+    selected: bool
+    model: FlatModel
+    send_bytes: bool
+    config: dict[str, object]
+    deadline_seconds: float
+    message: str
+
+
+@dataclass
+class SubmitHeader:
+    client_id: str
+    round: int
+    base_version: str
+    num_examples: int
+    metrics: dict[str, float]
+    encoding: str
+    manifest: Manifest
+    total_bytes: int
+
+
+@dataclass
+class PendingSubmit:
+    header: SubmitHeader
+    receiver: UpdateReceiver
+
+
+@dataclass
+class SubmitResult:
+    round: int
+    duplicate: bool
+    message: str
+
+
+@dataclass
+class Coordinator:
+    store: StateStore
+    strategy: Strategy
+    policy: RoundPolicy
+    model: FlatModel
+    defaults: TrainingDefaults = field(default_factory=TrainingDefaults)
+    evaluate: Callable[[FlatModel], dict[str, float]] | None = None
+    max_update_bytes: int = 4 << 30
+    seed: int = 0
+    rejections: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        start = self.store.last_round() + 1
+        self.federation_id = self.store.get_meta("federation_id") or uuid.uuid4().hex
+        self.machine = RoundMachine(
+            self.policy, time.monotonic, random.Random(self.seed + start), round=start
+        )
+        self._accumulator = Accumulator(self._num_values())
+        self._client_metrics: dict[str, dict[str, float]] = {}
+        self._streams: Counter[str] = Counter()
+        self._changed = asyncio.Event()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._aggregating: asyncio.Task[None] | None = None
+        self.shutting_down = False
+        self.failure: str | None = None
+        self.told_finished: set[str] = set()
+        self.done = asyncio.Event()
+        if self.machine.phase is Phase.FINISHED:
+            self.done.set()
+
+    def _num_values(self) -> int:
+        return sum(t.numel for t in self.model.manifest.floats().tensors)
+
+    # ------------------------------------------------------------------ startup
+    def initialize_store(self, task_name: str) -> None:
+        if self.store.last_round() == 0 and not self.store.checkpoint_path(0).exists():
+            self.store.write_checkpoint(0, self.model, self.strategy.state_arrays())
+            self.store.publish_model(self.model, 0)
+        self.store.set_meta(
+            federation_id=self.federation_id,
+            total_rounds=self.policy.total_rounds,
+            task=task_name,
+            strategy=self.strategy.name,
+            status="finished" if self.machine.phase is Phase.FINISHED else "running",
+        )
+
+    # ------------------------------------------------------------------ events
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    def _advance(self) -> None:
+        """Let the round machine react to the current time and clients."""
+        if self.failure or self.shutting_down:
+            return
+        try:
+            action = self.machine.step()
+        except RoundsExhausted as e:
+            self.failure = str(e)
+            log.error("%s", e)
+            self.done.set()
+            self._notify()
+            return
+        if action in ("opened", "reopened"):
+            m = self.machine
+            verb = "opened" if action == "opened" else f"re-opened (attempt {m.attempts})"
+            log.info(
+                "round %d/%d %s: %d client(s) selected, deadline in %.0fs",
+                m.round,
+                self.policy.total_rounds,
+                verb,
+                len(m.selected),
+                self.policy.round_timeout,
+            )
+            if action == "opened":
+                self._accumulator = Accumulator(self._num_values())
+                self._client_metrics = {}
+            self._schedule_deadline()
+            self._notify()
+        elif action == "close":
+            closed = self.machine.close()
+            self._aggregating = asyncio.get_running_loop().create_task(self._finish_round(closed))
+
+    def _schedule_deadline(self) -> None:
+        if self._deadline_timer:
+            self._deadline_timer.cancel()
+        delay = max(0.0, self.machine.deadline - time.monotonic()) + 0.01
+        self._deadline_timer = asyncio.get_running_loop().call_later(delay, self._advance)
+
+    def touch(self, client_id: str, properties: dict[str, str] | None = None) -> None:
+        self.machine.touch(client_id)
+        if properties is not None:
+            self.store.record_client(client_id, properties)
+        self._advance()
+
+    # ------------------------------------------------------------------ pulling the model
+    def state_name(self) -> str:
+        if self.shutting_down:
+            return "shutting_down"
+        if self.failure or self.machine.phase is Phase.FINISHED:
+            return "finished"
+        if self.machine.phase is Phase.WAITING:
+            return "waiting_for_clients"
+        return "training"
+
+    def round_config(self) -> dict[str, object]:
+        d = self.defaults
+        return {
+            "local_epochs": d.local_epochs,
+            "lr": d.lr,
+            "batch_size": d.batch_size,
+            "encoding": d.encoding,
+            "extra": self.strategy.round_config(self.machine.round),
+        }
+
+    def offer(self, client_id: str, known_version: str) -> Offer | None:
+        """The answer for this client now, or None if it should keep waiting."""
+        state = self.state_name()
+        selected = self.machine.expects_update_from(client_id) and state == "training"
+        if state == "finished":
+            self.told_finished.add(client_id)
+            msg = self.failure or f"training finished after {self.machine.rounds_completed} rounds"
+        elif state == "shutting_down":
+            msg = "coordinator is shutting down; retry later"
+        elif selected:
+            msg = f"selected for round {self.machine.round}"
+        else:
+            return None
+        deadline = max(0.0, self.machine.deadline - time.monotonic()) if selected else 0.0
+        return Offer(
+            state,
+            self.machine.round,
+            selected,
+            self.model,
+            selected and known_version != self.model.version,
+            self.round_config(),
+            deadline if math.isfinite(deadline) else 0.0,
+            msg,
+        )
+
+    def idle_offer(self, client_id: str) -> Offer:
+        m = self.machine
+        if m.phase is Phase.WAITING:
+            msg = f"waiting for clients: {len(m.live_clients())} of {self.policy.min_clients} live"
+        elif client_id in m.receipts:
+            msg = f"update for round {m.round} received; waiting for the round to close"
+        else:
+            msg = f"not selected for round {m.round}; waiting for the next round"
+        return Offer(self.state_name(), m.round, False, self.model, False, {}, 0.0, msg)
+
+    async def poll(self, client_id: str, known_version: str, wait: float) -> Offer:
+        """Long-poll: answer as soon as there is something for the client, or after `wait`."""
+        self.touch(client_id)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(0.0, wait)
+        while True:
+            changed = self._changed
+            offer = self.offer(client_id, known_version)
+            remaining = until - loop.time()
+            if offer is not None or remaining <= 0:
+                return offer or self.idle_offer(client_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), remaining)
+            self.touch(client_id)
+
+    # ------------------------------------------------------------------ submitting updates
+    def _refuse(self, exc: Exception) -> Exception:
+        self.rejections[getattr(exc, "reason", "refused")] += 1
+        return exc
+
+    def begin_submit(self, header: SubmitHeader) -> PendingSubmit:
+        """Validate a header; raises SubmitRefused or BadUpdate (counters updated)."""
+        try:
+            codec = self._check_header(header)
+        except (StaleRound, BadUpdate) as e:
+            raise self._refuse(e) from None
+        if self._streams[header.client_id] >= MAX_STREAMS_PER_CLIENT:
+            raise self._refuse(
+                TooManyStreams(
+                    f"client {header.client_id!r} already has {MAX_STREAMS_PER_CLIENT} "
+                    "uploads in flight"
+                )
+            )
+        self.touch(header.client_id)
+        receiver = UpdateReceiver(
+            codec, self._num_values(), header.total_bytes, self.store.dir / "incoming"
+        )
+        self._streams[header.client_id] += 1
+        return PendingSubmit(header, receiver)
+
+    def _check_header(self, h: SubmitHeader) -> Codec:
+        if not h.client_id:
+            raise BadUpdate("update header has no client_id")
+        if not 0 < h.num_examples <= MAX_NUM_EXAMPLES:
+            raise BadUpdate(
+                f"num_examples must be between 1 and {MAX_NUM_EXAMPLES}, got {h.num_examples}",
+                reason="bad_num_examples",
+            )
+        if not all(math.isfinite(v) for v in h.metrics.values()):
+            raise BadUpdate("update metrics contain NaN or Inf", reason="non_finite")
+        try:
+            codec = get_codec(h.encoding)
+        except ManifestError as e:
+            raise BadUpdate(str(e), reason="bad_encoding") from None
+        expected = codec.wire_manifest(self.model.manifest.floats())
+        if h.manifest != expected:
+            raise BadUpdate(_manifest_difference(h.manifest, expected), reason="bad_manifest")
+        if h.total_bytes != expected.total_bytes:
+            raise BadUpdate(
+                f"header declares {h.total_bytes} bytes; a {codec.name} update of this model "
+                f"has {expected.total_bytes}",
+                reason="bad_size",
+            )
+        if h.total_bytes > self.max_update_bytes:
+            raise UpdateTooLarge(
+                f"update of {h.total_bytes} bytes exceeds --max-update-bytes "
+                f"{self.max_update_bytes}"
+            )
+        if self._known_digest(h.round, h.client_id) is not None:
+            return codec  # read the stream: a byte-identical retry is acknowledged
+        self.machine.check_submit(h.client_id, h.round)
+        if h.base_version != self.model.version:
+            raise BaseVersionMismatch(
+                f"update was computed against model {h.base_version[:12] or '(none)'}, "
+                f"round {h.round} is based on {self.model.version[:12]}; pull the model again"
+            )
+        return codec
+
+    def abort_submit(self, pending: PendingSubmit) -> None:
+        pending.receiver.abort()
+        self._streams[pending.header.client_id] -= 1
+
+    def reject(self, exc: Exception) -> Exception:
+        return self._refuse(exc)
+
+    def finish_submit(self, pending: PendingSubmit, sha256: str) -> SubmitResult:
+        """Verify the whole stream, then count it exactly once; raises like begin_submit."""
+        h = pending.header
+        try:
+            staged = pending.receiver.finish(sha256)
+        except BadUpdate as e:
+            self.abort_submit(pending)
+            raise self._refuse(e) from None
+        self._streams[h.client_id] -= 1
+        try:
+            return self._count(h, staged)
+        finally:
+            staged.discard()
+
+    def _count(self, h: SubmitHeader, staged: StagedUpdate) -> SubmitResult:
+        known = self._known_digest(h.round, h.client_id)
+        if known is not None:
+            if known == staged.digest:
+                return SubmitResult(h.round, True, "duplicate of an update already counted")
+            raise self._refuse(
+                AlreadySubmitted(
+                    f"client {h.client_id!r} already submitted a different update for "
+                    f"round {h.round}; updates cannot be replaced",
+                    known,
+                )
+            )
+        try:
+            self.machine.check_submit(h.client_id, h.round)
+        except StaleRound as e:
+            raise self._refuse(e) from None
+        self._accumulator.fold(staged, float(h.num_examples))
+        self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
+        self._client_metrics[h.client_id] = dict(h.metrics)
+        m = self.machine
+        log.info(
+            "round %d: update %d/%d from %s (%d examples)",
+            m.round,
+            len(m.receipts),
+            len(m.selected),
+            h.client_id,
+            h.num_examples,
+        )
+        self._advance()
+        self._notify()
+        return SubmitResult(h.round, False, f"update counted for round {h.round}")
+
+    def _known_digest(self, round_number: int, client_id: str) -> str | None:
+        """Digest of the update already counted for (round, client), if any."""
+        if round_number == self.machine.round:
+            receipt = self.machine.receipts.get(client_id)
+            return receipt.digest if receipt else None
+        if round_number < self.machine.round:
+            return self.store.receipt_digest(round_number, client_id)
+        return None
+
+    # ------------------------------------------------------------------ closing rounds
+    async def _finish_round(self, closed: ClosedRound) -> None:
+        try:
+            await self._aggregate_round(closed)
+        except Exception as e:
+            # Disk full, a strategy bug...: stop rather than hang; the last committed round is
+            # intact on disk and a restart resumes from it.
+            log.exception("aggregating round %d failed", closed.round)
+            self.failure = f"aggregating round {closed.round} failed: {e}"
+            self.done.set()
+            self._notify()
+        finally:
+            self._aggregating = None
+
+    async def _aggregate_round(self, closed: ClosedRound) -> None:
+        started = time.monotonic()
+        agg = AggregateInput(
+            closed.round,
+            self._accumulator.mean(),
+            self._accumulator.weight,
+            self._accumulator.count,
+        )
+        metrics = self._client_metric_means(closed)
+        new_model, eval_metrics = await asyncio.to_thread(self._aggregate_and_save, agg, closed)
+        metrics.update(eval_metrics)
+        record = RoundRecord(
+            closed.round,
+            new_model.version,
+            len(closed.receipts),
+            sum(r.num_examples for r in closed.receipts.values()),
+            metrics,
+            closed.opened_at,
+            closed.closed_at,
+            time.monotonic() - closed.opened_at,
+            closed.attempts,
+        )
+        receipts = [
+            ClientReceipt(c, r.num_examples, r.digest, self._client_metrics.get(c, {}))
+            for c, r in sorted(closed.receipts.items())
+        ]
+        await asyncio.to_thread(self._commit, record, receipts, new_model)
+        self.model = new_model
+        self.machine.complete()
+        shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
+        log.info(
+            "round %d/%d closed: %d update(s), %s (aggregated in %.2fs, round %.2fs)",
+            closed.round,
+            self.policy.total_rounds,
+            len(closed.receipts),
+            shown or "no metrics",
+            time.monotonic() - started,
+            record.duration,
+        )
+        if self.machine.phase is Phase.FINISHED:
+            self.store.set_meta(status="finished")
+            log.info("training finished: %d rounds", self.machine.rounds_completed)
+            self.done.set()
+        self._advance()
+        self._notify()
+
+    def _aggregate_and_save(
+        self, agg: AggregateInput, closed: ClosedRound
+    ) -> tuple[FlatModel, dict[str, float]]:
+        new_model = self.strategy.apply(self.model, agg)
+        self.store.write_checkpoint(closed.round, new_model, self.strategy.state_arrays())
+        metrics = self.evaluate(new_model) if self.evaluate else {}
+        return new_model, metrics
+
+    def _commit(self, record: RoundRecord, receipts: list[ClientReceipt], model: FlatModel) -> None:
+        self.store.commit_round(record, receipts)
+        self.store.publish_model(model, record.round)
+
+    def _client_metric_means(self, closed: ClosedRound) -> dict[str, float]:
+        total: Counter[str] = Counter()
+        weight: Counter[str] = Counter()
+        for client, receipt in closed.receipts.items():
+            for k, v in self._client_metrics.get(client, {}).items():
+                total[k] += v * receipt.num_examples
+                weight[k] += receipt.num_examples
+        return {k: total[k] / weight[k] for k in total if weight[k]}
+
+    # ------------------------------------------------------------------ shutdown
+    async def wait_idle(self) -> None:
+        """Wait for an aggregation in progress so its round is committed before exit."""
+        if self._aggregating is not None:
+            await asyncio.shield(self._aggregating)
+
+    def begin_shutdown(self) -> None:
+        self.shutting_down = True
+        if self._deadline_timer:
+            self._deadline_timer.cancel()
+        self._notify()
+
+
+def _manifest_difference(got: Manifest, want: Manifest) -> str:
+    gotd = {t.name: t for t in got.tensors}
+    wantd = {t.name: t for t in want.tensors}
+    missing = sorted(wantd.keys() - gotd.keys())
+    extra = sorted(gotd.keys() - wantd.keys())
+    if missing or extra:
+        return (
+            f"update tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    for name, w in wantd.items():
+        g = gotd[name]
+        if g.shape != w.shape:
+            return f"tensor {name!r} has shape {list(g.shape)}, the model has {list(w.shape)}"
+        if g.dtype != w.dtype:
+            return f"tensor {name!r} is {g.dtype}, this encoding requires {w.dtype}"
+    return "update tensors are not in the model's order"
+
+
+__all__ = [
+    "AlreadySubmitted",
+    "BadUpdate",
+    "Coordinator",
+    "Offer",
+    "PendingSubmit",
+    "StagedUpdate",
+    "StaleRound",
+    "SubmitHeader",
+    "TrainingDefaults",
+    "UpdateTooLarge",
+]

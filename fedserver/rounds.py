@@ -1,0 +1,233 @@
+"""The round state machine: which round is open, who is selected, when it closes.
+
+Pure Python (no gRPC, no numpy): the coordinator feeds it events (a client was seen, an update
+arrived, time passed) and acts on what it returns. Time and randomness are injected so tests
+drive it deterministically.
+
+    WAITING --enough live clients--> COLLECTING --all selected reported, or deadline + quorum-->
+    AGGREGATING --complete()--> WAITING (next round) ... --> FINISHED
+    COLLECTING --deadline without quorum--> COLLECTING again (re-opened, up to max_attempts)
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class Phase(enum.Enum):
+    WAITING = "waiting_for_clients"
+    COLLECTING = "collecting"
+    AGGREGATING = "aggregating"
+    FINISHED = "finished"
+
+
+class SubmitRefused(Exception):
+    """An update that must not be counted; `reason` is a stable label for metrics."""
+
+    reason = "refused"
+
+
+class StaleRound(SubmitRefused):
+    reason = "stale_round"
+
+
+class NotSelected(SubmitRefused):
+    reason = "not_selected"
+
+
+class AlreadySubmitted(SubmitRefused):
+    """The client already has an update counted in this round (digest tells retry from conflict)."""
+
+    reason = "duplicate"
+
+    def __init__(self, message: str, digest: str) -> None:
+        super().__init__(message)
+        self.digest = digest
+
+
+class RoundsExhausted(RuntimeError):
+    """A round failed to reach quorum `max_attempts` times in a row."""
+
+
+@dataclass(frozen=True)
+class RoundPolicy:
+    total_rounds: int
+    min_clients: int = 2
+    fraction_fit: float = 1.0
+    clients_per_round: int | None = None
+    min_fit: int | None = None
+    round_timeout: float = 120.0
+    max_attempts: int = 5
+    client_ttl: float = 90.0
+
+    def __post_init__(self) -> None:
+        if self.total_rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        if self.min_clients < 1:
+            raise ValueError("min-clients must be at least 1")
+        if not 0.0 < self.fraction_fit <= 1.0:
+            raise ValueError("fraction-fit must be in (0, 1]")
+        if self.clients_per_round is not None and self.clients_per_round < 1:
+            raise ValueError("clients-per-round must be at least 1")
+        if self.min_fit is not None and self.min_fit < 1:
+            raise ValueError("min-fit must be at least 1")
+        if self.round_timeout <= 0:
+            raise ValueError("round-timeout must be positive")
+
+    def sample_size(self, live: int) -> int:
+        want = self.clients_per_round or max(1, math.ceil(self.fraction_fit * live))
+        return min(live, max(want, self.min_fit or 1))
+
+    def quorum(self, selected: int) -> int:
+        """Updates needed to close at the deadline (default: --min-clients)."""
+        return max(1, min(selected, self.min_fit or self.min_clients))
+
+
+@dataclass(frozen=True)
+class Receipt:
+    digest: str
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class ClosedRound:
+    round: int
+    receipts: dict[str, Receipt]
+    opened_at: float
+    closed_at: float
+    attempts: int
+
+
+@dataclass
+class RoundMachine:
+    policy: RoundPolicy
+    clock: Callable[[], float]
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+    round: int = 1
+    phase: Phase = Phase.WAITING
+    selected: frozenset[str] = frozenset()
+    receipts: dict[str, Receipt] = field(default_factory=dict)
+    deadline: float = math.inf
+    opened_at: float = 0.0
+    attempts: int = 0
+    last_seen: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.round > self.policy.total_rounds:
+            self.phase = Phase.FINISHED
+
+    # ------------------------------------------------------------------ clients
+    def touch(self, client_id: str) -> None:
+        self.last_seen[client_id] = self.clock()
+
+    def forget(self, client_id: str) -> None:
+        self.last_seen.pop(client_id, None)
+
+    def live_clients(self) -> list[str]:
+        cutoff = self.clock() - self.policy.client_ttl
+        return sorted(c for c, t in self.last_seen.items() if t >= cutoff)
+
+    def expects_update_from(self, client_id: str) -> bool:
+        return (
+            self.phase is Phase.COLLECTING
+            and client_id in self.selected
+            and client_id not in self.receipts
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def step(self) -> str | None:
+        """Advance on the current time; returns "opened", "close", "reopened" or None.
+
+        "close" means the coordinator should call close() and aggregate.
+        """
+        if self.phase is Phase.WAITING:
+            live = self.live_clients()
+            if len(live) >= self.policy.min_clients:
+                self._open(live, fresh=True)
+                return "opened"
+            return None
+        if self.phase is not Phase.COLLECTING:
+            return None
+        if self.selected and self.selected <= self.receipts.keys():
+            return "close"
+        if self.clock() < self.deadline:
+            return None
+        if len(self.receipts) >= self.policy.quorum(len(self.selected)):
+            return "close"
+        if self.attempts >= self.policy.max_attempts:
+            raise RoundsExhausted(
+                f"round {self.round} reached no quorum in {self.attempts} attempts "
+                f"({len(self.receipts)} of {self.policy.quorum(len(self.selected))} updates); "
+                "are enough clients running? see --min-fit and --round-timeout"
+            )
+        candidates = [c for c in self.live_clients() if c not in self.receipts]
+        self._open(candidates, fresh=False)
+        return "reopened"
+
+    def _open(self, candidates: list[str], fresh: bool) -> None:
+        k = self.policy.sample_size(len(candidates) + len(self.receipts)) - len(self.receipts)
+        chosen = self.rng.sample(candidates, max(0, min(k, len(candidates))))
+        if fresh:
+            self.receipts = {}
+            self.attempts = 0
+            self.opened_at = self.clock()
+        # Updates already received stay counted when a round is re-opened: they were computed
+        # against the same global model.
+        self.selected = frozenset(chosen) | self.receipts.keys()
+        self.attempts += 1
+        self.deadline = self.clock() + self.policy.round_timeout
+        self.phase = Phase.COLLECTING
+
+    def check_submit(self, client_id: str, round_number: int) -> None:
+        """Raise SubmitRefused unless an update from `client_id` for `round_number` may count."""
+        if self.phase is Phase.FINISHED:
+            raise StaleRound(f"training is finished; round {round_number} is closed")
+        if round_number < self.round or (
+            round_number == self.round and self.phase is Phase.AGGREGATING
+        ):
+            raise StaleRound(
+                f"round {round_number} is closed (current round: {self.round}); "
+                "pull the current model and train again"
+            )
+        if round_number > self.round:
+            raise StaleRound(f"round {round_number} has not started (current round: {self.round})")
+        if self.phase is not Phase.COLLECTING:
+            raise StaleRound(f"round {round_number} is not open yet (waiting for clients)")
+        if client_id in self.receipts:
+            raise AlreadySubmitted(
+                f"client {client_id!r} already submitted for round {round_number}",
+                self.receipts[client_id].digest,
+            )
+        if client_id not in self.selected:
+            raise NotSelected(f"client {client_id!r} is not selected for round {round_number}")
+
+    def record(self, client_id: str, receipt: Receipt) -> None:
+        self.check_submit(client_id, self.round)
+        self.receipts[client_id] = receipt
+        self.touch(client_id)
+
+    def close(self) -> ClosedRound:
+        if self.phase is not Phase.COLLECTING:
+            raise RuntimeError(f"cannot close round {self.round} in phase {self.phase.value}")
+        self.phase = Phase.AGGREGATING
+        return ClosedRound(
+            self.round, dict(self.receipts), self.opened_at, self.clock(), self.attempts
+        )
+
+    def complete(self) -> None:
+        """The closed round is aggregated and checkpointed: move to the next one."""
+        if self.phase is not Phase.AGGREGATING:
+            raise RuntimeError(f"round {self.round} is not being aggregated")
+        self.round += 1
+        self.selected = frozenset()
+        self.receipts = {}
+        self.deadline = math.inf
+        self.phase = Phase.FINISHED if self.round > self.policy.total_rounds else Phase.WAITING
+
+    @property
+    def rounds_completed(self) -> int:
+        return self.round - 1

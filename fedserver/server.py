@@ -1,0 +1,167 @@
+"""Assemble and run the coordinator daemon: state, strategy, gRPC server, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fedcore.plugins import load_object
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.tensors import DEFAULT_CHUNK_SIZE
+from fedcore.wire import CHANNEL_OPTIONS
+from fedserver.coordinator import Coordinator, TrainingDefaults
+from fedserver.evaluate import Evaluator, initial_model
+from fedserver.rounds import RoundPolicy
+from fedserver.service import CoordinatorService
+from fedserver.store import StateStore
+from fedserver.strategies import build_strategy
+
+log = logging.getLogger("fedserver")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 3, 2
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    task: str
+    state_dir: Path
+    policy: RoundPolicy
+    defaults: TrainingDefaults
+    host: str = "127.0.0.1"
+    port: int = 50051
+    strategy: str = "fedavg"
+    seed: int = 0
+    linger: float = 15.0
+    max_update_bytes: int = 4 << 30
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+
+
+class SetupError(RuntimeError):
+    """A problem the operator must fix before the coordinator can start."""
+
+
+def build_coordinator(s: ServerSettings) -> Coordinator:
+    try:
+        task = load_object(s.task)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    store = StateStore(s.state_dir)
+    fresh = initial_model(task, s.seed)
+    strategy = build_strategy(s.strategy)
+    last = store.last_round()
+    if last or store.checkpoint_path(0).exists():
+        recorded = store.get_meta("task")
+        if recorded and recorded != s.task:
+            raise SetupError(
+                f"{s.state_dir} holds a run of task {recorded!r}, not {s.task!r}; "
+                "use another --state-dir to start a new federation"
+            )
+        model, strategy_state = store.load_checkpoint(last)
+        if model.manifest != fresh.manifest:
+            raise SetupError(
+                f"the checkpoint in {s.state_dir} does not match the task's model architecture"
+            )
+        strategy.load_state_arrays(strategy_state)
+        log.info("resuming from %s: %d round(s) completed", s.state_dir, last)
+    else:
+        model = fresh
+        log.info("starting a new federation in %s", s.state_dir)
+    suggested = task.default_config() if hasattr(task, "default_config") else None
+    task_defaults = TrainingDefaults(
+        getattr(suggested, "local_epochs", None),
+        getattr(suggested, "lr", None),
+        getattr(suggested, "batch_size", None),
+    )
+    evaluator = Evaluator(task)
+    coordinator = Coordinator(
+        store=store,
+        strategy=strategy,
+        policy=s.policy,
+        model=model,
+        defaults=s.defaults.resolved(task_defaults),
+        evaluate=evaluator if evaluator.enabled else None,
+        max_update_bytes=s.max_update_bytes,
+        seed=s.seed,
+    )
+    coordinator.initialize_store(s.task)
+    return coordinator
+
+
+async def serve(s: ServerSettings) -> int:
+    coordinator = build_coordinator(s)
+    server = grpc.aio.server(options=list(CHANNEL_OPTIONS))
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, s.chunk_size), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{s.host}:{s.port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:
+        port = 0
+    if not port:
+        raise SetupError(f"cannot listen on {address}: is the port in use?")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "coordinator listening on %s:%d (task %s, %d rounds, min %d clients)",
+        s.host,
+        port,
+        s.task,
+        s.policy.total_rounds,
+        s.policy.min_clients,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    done = asyncio.create_task(coordinator.done.wait())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.info("stop requested: finishing the round being aggregated, then shutting down")
+        coordinator.begin_shutdown()
+        await coordinator.wait_idle()
+        code = EXIT_OK
+    else:
+        await _linger(coordinator, s.linger, stop)
+        code = EXIT_FAILED if coordinator.failure else EXIT_OK
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(grace=2.0)
+    coordinator.store.close()
+    done.cancel()
+    stopped.cancel()
+    log.info(
+        "coordinator stopped after %d completed round(s); state in %s",
+        coordinator.machine.rounds_completed,
+        s.state_dir,
+    )
+    return code
+
+
+async def _linger(coordinator: Coordinator, linger: float, stop: asyncio.Event) -> None:
+    """Keep answering until every live client has heard that training is over."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + linger
+    while loop.time() < until and not stop.is_set():
+        pending = set(coordinator.machine.live_clients()) - coordinator.told_finished
+        if not pending:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), min(0.2, until - loop.time()))

@@ -1,0 +1,211 @@
+"""The gRPC servicer: parse and validate messages, delegate to the Coordinator, map errors.
+
+Status codes (docs/protocol.md): INVALID_ARGUMENT for malformed updates, FAILED_PRECONDITION for
+stale rounds and base versions, ALREADY_EXISTS for a different update replacing a counted one,
+PERMISSION_DENIED for clients not selected, RESOURCE_EXHAUSTED for oversized updates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError, iter_chunks
+from fedcore.wire import manifest_from_proto, manifest_to_proto
+from fedserver.coordinator import (
+    AlreadySubmitted,
+    BadUpdate,
+    Coordinator,
+    Offer,
+    StaleRound,
+    SubmitHeader,
+    UpdateTooLarge,
+)
+from fedserver.rounds import NotSelected
+
+log = logging.getLogger("fedserver.service")
+
+MAX_WAIT_SECONDS = 30.0
+MAX_CLIENT_ID = 128
+_STATES = {
+    "waiting_for_clients": pb.WAITING_FOR_CLIENTS,
+    "training": pb.TRAINING,
+    "finished": pb.FINISHED,
+    "shutting_down": pb.SHUTTING_DOWN,
+}
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    # Order matters: subclasses before their bases.
+    for kind, code in (
+        (UpdateTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),
+        (AlreadySubmitted, grpc.StatusCode.ALREADY_EXISTS),
+        (NotSelected, grpc.StatusCode.PERMISSION_DENIED),
+        (StaleRound, grpc.StatusCode.FAILED_PRECONDITION),
+    ):
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _check_client_id(client_id: str) -> str | None:
+    if not client_id:
+        return "client_id is required"
+    if len(client_id) > MAX_CLIENT_ID or not client_id.isprintable():
+        return f"client_id must be printable and at most {MAX_CLIENT_ID} characters"
+    return None
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self.coordinator = coordinator
+        self.chunk_size = chunk_size
+
+    async def Join(
+        self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
+    ) -> pb.JoinReply:
+        if problem := _check_client_id(request.client_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        self.coordinator.touch(request.client_id, dict(request.properties))
+        log.info("client %s joined (%s)", request.client_id, dict(request.properties) or "-")
+        return pb.JoinReply(
+            client_id=request.client_id,
+            federation_id=self.coordinator.federation_id,
+            chunk_size=self.chunk_size,
+            max_update_bytes=self.coordinator.max_update_bytes,
+        )
+
+    async def GetGlobalModel(
+        self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelChunk]:
+        if problem := _check_client_id(request.client_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
+        offer = await self.coordinator.poll(request.client_id, request.known_version, wait)
+        yield pb.ModelChunk(header=self._header(offer))
+        if offer.send_bytes:
+            for chunk in iter_chunks(offer.model.buffer, self.chunk_size):
+                yield pb.ModelChunk(data=bytes(chunk))
+
+    def _header(self, offer: Offer) -> pb.ModelHeader:
+        cfg = offer.config
+        header = pb.ModelHeader(
+            state=_STATES[offer.state],
+            round=offer.round,
+            selected=offer.selected,
+            total_rounds=self.coordinator.policy.total_rounds,
+            deadline_seconds=offer.deadline_seconds,
+            message=offer.message,
+        )
+        if offer.selected:
+            header.model_version = offer.model.version
+            header.manifest.CopyFrom(manifest_to_proto(offer.model.manifest))
+            header.config.CopyFrom(
+                pb.RoundConfig(
+                    local_epochs=int(cfg["local_epochs"]),  # type: ignore[call-overload]
+                    lr=float(cfg["lr"]),  # type: ignore[arg-type]
+                    batch_size=int(cfg["batch_size"]),  # type: ignore[call-overload]
+                    encoding=str(cfg["encoding"]),
+                    extra=dict(cfg["extra"]),  # type: ignore[call-overload]
+                )
+            )
+            header.total_bytes = offer.model.buffer.size if offer.send_bytes else 0
+        return header
+
+    async def SubmitUpdate(
+        self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
+    ) -> pb.SubmitReply:
+        coordinator = self.coordinator
+        first = await anext(aiter(request_iterator), None)
+        try:
+            if first is None or first.WhichOneof("payload") != "header":
+                raise BadUpdate("the first message must be an UpdateHeader")
+            header = _parse_header(first.header)
+        except BadUpdate as e:
+            coordinator.reject(e)
+            await context.abort(status_for(e), str(e))
+        try:
+            pending = coordinator.begin_submit(header)  # counts its own refusals
+        except (BadUpdate, StaleRound) as e:
+            await context.abort(status_for(e), str(e))
+        sha256 = None
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("payload")
+                if sha256 is not None or kind == "header":
+                    raise BadUpdate("unexpected message after the trailer or a second header")
+                if kind == "data":
+                    pending.receiver.add(msg.data)
+                elif kind == "trailer":
+                    sha256 = msg.trailer.sha256
+                else:
+                    raise BadUpdate("empty UpdateChunk")
+            if sha256 is None:
+                raise BadUpdate("update stream ended without a trailer (truncated)", "truncated")
+        except BadUpdate as e:
+            coordinator.abort_submit(pending)
+            coordinator.reject(e)
+            await context.abort(status_for(e), str(e))
+        except BaseException:
+            # Client went away (cancelled) or the server is stopping: nothing was counted.
+            coordinator.abort_submit(pending)
+            raise
+        try:
+            result = coordinator.finish_submit(pending, sha256)
+        except (BadUpdate, StaleRound, AlreadySubmitted) as e:
+            await context.abort(status_for(e), str(e))
+        return pb.SubmitReply(
+            accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
+        )
+
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetStatusReply:
+        c = self.coordinator
+        m = c.machine
+        reply = pb.GetStatusReply(
+            state=_STATES[c.state_name()],
+            current_round=m.round,
+            total_rounds=c.policy.total_rounds,
+            rounds_completed=m.rounds_completed,
+            live_clients=len(m.live_clients()),
+            updates_received=len(m.receipts),
+            updates_expected=len(m.selected),
+            federation_id=c.federation_id,
+        )
+        for r in c.store.rounds():
+            reply.rounds.append(
+                pb.RoundSummary(
+                    round=r.round,
+                    participants=r.participants,
+                    num_examples=r.num_examples,
+                    metrics=r.metrics,
+                    duration_seconds=r.duration,
+                    model_version=r.model_version,
+                )
+            )
+        return reply
+
+
+def _parse_header(h: pb.UpdateHeader) -> SubmitHeader:
+    if problem := _check_client_id(h.client_id):
+        raise BadUpdate(problem)
+    try:
+        manifest = manifest_from_proto(h.manifest)
+    except (ManifestError, ValueError) as e:
+        raise BadUpdate(f"invalid manifest: {e}", reason="bad_manifest") from None
+    return SubmitHeader(
+        client_id=h.client_id,
+        round=h.round,
+        base_version=h.base_version,
+        num_examples=h.num_examples,
+        metrics=dict(h.metrics),
+        encoding=h.encoding or "fp32",
+        manifest=manifest,
+        total_bytes=h.total_bytes,
+    )

@@ -1,0 +1,251 @@
+"""The coordinator's state dir: safetensors checkpoints and an SQLite history.
+
+    STATE/model.safetensors                    the current global model
+    STATE/checkpoints/round-NNNN.safetensors   the global model after round NNNN (0 = initial)
+    STATE/checkpoints/round-NNNN.strategy.safetensors   strategy state, when it has any
+    STATE/state.db                             rounds, per-client receipts, clients, run metadata
+
+A round is committed when its row lands in SQLite; that happens only after its checkpoint is on
+disk (atomic rename + fsync), so after kill -9 the last committed round always has an intact
+checkpoint, and files of an uncommitted round are simply overwritten when it is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcore.files import read_safetensors, write_safetensors
+from fedcore.tensors import FlatModel, flatten_arrays
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    model_version TEXT NOT NULL,
+    participants INTEGER NOT NULL,
+    num_examples INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    closed_at REAL NOT NULL,
+    duration REAL NOT NULL,
+    attempts INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    round INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    num_examples INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (round, client_id)
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    first_seen REAL NOT NULL,
+    last_seen REAL NOT NULL,
+    properties TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    model_version: str
+    participants: int
+    num_examples: int
+    metrics: dict[str, float]
+    opened_at: float
+    closed_at: float
+    duration: float
+    attempts: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "participants": self.participants,
+            "num_examples": self.num_examples,
+            "metrics": self.metrics,
+            "duration_seconds": round(self.duration, 4),
+            "model_version": self.model_version,
+            "attempts": self.attempts,
+        }
+
+
+@dataclass(frozen=True)
+class ClientReceipt:
+    client_id: str
+    num_examples: int
+    sha256: str
+    metrics: dict[str, float]
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        # One connection shared by the event loop and the checkpoint thread, serialized by a lock.
+        self.lock = threading.RLock()
+        self.db = sqlite3.connect(
+            self.dir / "state.db", isolation_level=None, check_same_thread=False
+        )
+        # WAL: readers (fedserver status) never block the coordinator, and a commit is durable
+        # once its WAL frame is fsynced (synchronous=FULL).
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ metadata
+    def get_meta(self, key: str, default: str | None = None) -> str | None:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, **values: object) -> None:
+        with self.lock, self.db:
+            self.db.execute("BEGIN")
+            for k, v in values.items():
+                self.db.execute(
+                    "INSERT INTO meta(key, value) VALUES (?, ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (k, str(v)),
+                )
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_path(self, round_number: int) -> Path:
+        return self.dir / "checkpoints" / f"round-{round_number:04d}.safetensors"
+
+    def strategy_path(self, round_number: int) -> Path:
+        return self.dir / "checkpoints" / f"round-{round_number:04d}.strategy.safetensors"
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "model.safetensors"
+
+    def write_checkpoint(
+        self, round_number: int, model: FlatModel, strategy_state: dict[str, np.ndarray]
+    ) -> None:
+        meta = {"round": str(round_number), "model_version": model.version, "format": "fedgrpc"}
+        write_safetensors(self.checkpoint_path(round_number), model, meta)
+        if strategy_state:
+            write_safetensors(
+                self.strategy_path(round_number), flatten_arrays(strategy_state), meta
+            )
+
+    def publish_model(self, model: FlatModel, round_number: int) -> None:
+        meta = {"round": str(round_number), "model_version": model.version, "format": "fedgrpc"}
+        write_safetensors(self.model_path, model, meta)
+
+    def load_checkpoint(self, round_number: int) -> tuple[FlatModel, dict[str, np.ndarray]]:
+        model, meta = read_safetensors(self.checkpoint_path(round_number))
+        if meta.get("model_version") not in (None, model.version):
+            raise ValueError(
+                f"checkpoint for round {round_number} does not match its recorded version"
+            )
+        strategy: dict[str, np.ndarray] = {}
+        if self.strategy_path(round_number).exists():
+            flat, _ = read_safetensors(self.strategy_path(round_number))
+            strategy = {t.name: flat.raw(t.name).copy() for t in flat.manifest.tensors}
+        return model, strategy
+
+    # ------------------------------------------------------------------ rounds
+    def commit_round(self, record: RoundRecord, receipts: list[ClientReceipt]) -> None:
+        with self.lock, self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.round,
+                    record.model_version,
+                    record.participants,
+                    record.num_examples,
+                    json.dumps(record.metrics),
+                    record.opened_at,
+                    record.closed_at,
+                    record.duration,
+                    record.attempts,
+                ),
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?)",
+                [
+                    (record.round, r.client_id, r.num_examples, r.sha256, json.dumps(r.metrics))
+                    for r in receipts
+                ],
+            )
+            self.db.execute(
+                "INSERT INTO meta(key, value) VALUES ('last_round', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(record.round),),
+            )
+
+    def last_round(self) -> int:
+        return int(self.get_meta("last_round", "0") or 0)
+
+    def rounds(self) -> list[RoundRecord]:
+        with self.lock:
+            rows = self.db.execute("SELECT * FROM rounds ORDER BY round").fetchall()
+        return [
+            RoundRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8])
+            for r in rows
+        ]
+
+    def receipt_digest(self, round_number: int, client_id: str) -> str | None:
+        with self.lock:
+            row = self.db.execute(
+                "SELECT sha256 FROM receipts WHERE round = ? AND client_id = ?",
+                (round_number, client_id),
+            ).fetchone()
+        return row[0] if row else None
+
+    def record_client(self, client_id: str, properties: dict[str, str]) -> None:
+        now = time.time()
+        with self.lock:
+            self.db.execute(
+                "INSERT INTO clients VALUES (?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
+                "last_seen = excluded.last_seen, properties = excluded.properties",
+                (client_id, now, now, json.dumps(properties)),
+            )
+
+    def known_clients(self) -> list[str]:
+        with self.lock:
+            rows = self.db.execute("SELECT client_id FROM clients ORDER BY client_id").fetchall()
+        return [r[0] for r in rows]
+
+
+def read_status(state_dir: Path) -> dict[str, Any]:
+    """What `fedserver status --state-dir` prints; read-only, safe next to a running coordinator."""
+    path = Path(state_dir) / "state.db"
+    if not path.exists():
+        raise FileNotFoundError(f"{state_dir} holds no fedgrpc state (no state.db)")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        store = StateStore.__new__(StateStore)
+        store.db = db
+        store.lock = threading.RLock()
+        store.dir = Path(state_dir)
+        rounds = store.rounds()
+        total = int(store.get_meta("total_rounds", "0") or 0)
+        return {
+            "status": store.get_meta("status", "unknown"),
+            "federation_id": store.get_meta("federation_id", ""),
+            "task": store.get_meta("task", ""),
+            "strategy": store.get_meta("strategy", ""),
+            "total_rounds": total,
+            "rounds_completed": store.last_round(),
+            "clients": len(store.known_clients()),
+            "rounds": [r.to_json() for r in rounds],
+        }
+    finally:
+        db.close()
