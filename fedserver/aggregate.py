@@ -73,7 +73,8 @@ class UpdateReceiver:
         self._hash = hashlib.sha256()
         self._decoder = codec.decoder(num_values)
         spill_dir.mkdir(parents=True, exist_ok=True)
-        self._file: BinaryIO = tempfile.TemporaryFile(dir=spill_dir)
+        # Anonymous (unlinked) file: vanishes even on kill -9; closed by finish/abort/discard.
+        self._file: BinaryIO = tempfile.TemporaryFile(dir=spill_dir)  # noqa: SIM115
 
     def add(self, data: bytes) -> None:
         self.received += len(data)

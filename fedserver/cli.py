@@ -114,11 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--local-epochs",
         type=_positive_int,
-        default=1,
-        help="local epochs per round on each client (1)",
+        help="local epochs per round on each client (default: the task's)",
     )
-    run.add_argument("--lr", type=_positive_float, default=0.05, help="client learning rate (0.05)")
-    run.add_argument("--batch-size", type=_positive_int, default=32, help="client batch size (32)")
+    run.add_argument("--lr", type=_positive_float, help="client learning rate (the task's)")
+    run.add_argument("--batch-size", type=_positive_int, help="client batch size (the task's)")
     run.add_argument(
         "--strategy",
         default="fedavg",

@@ -31,6 +31,7 @@ from fedserver.rounds import (
     RoundPolicy,
     RoundsExhausted,
     StaleRound,
+    SubmitRefused,
 )
 from fedserver.store import ClientReceipt, RoundRecord, StateStore
 from fedserver.strategies import AggregateInput, Strategy
@@ -281,7 +282,7 @@ class Coordinator:
         """Validate a header; raises SubmitRefused or BadUpdate (counters updated)."""
         try:
             codec = self._check_header(header)
-        except (StaleRound, BadUpdate) as e:
+        except (SubmitRefused, BadUpdate) as e:
             raise self._refuse(e) from None
         if self._streams[header.client_id] >= MAX_STREAMS_PER_CLIENT:
             raise self._refuse(
@@ -370,7 +371,7 @@ class Coordinator:
             )
         try:
             self.machine.check_submit(h.client_id, h.round)
-        except StaleRound as e:
+        except SubmitRefused as e:
             raise self._refuse(e) from None
         self._accumulator.fold(staged, float(h.num_examples))
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
@@ -518,6 +519,7 @@ __all__ = [
     "StagedUpdate",
     "StaleRound",
     "SubmitHeader",
+    "SubmitRefused",
     "TrainingDefaults",
     "UpdateTooLarge",
 ]

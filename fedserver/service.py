@@ -23,6 +23,7 @@ from fedserver.coordinator import (
     Offer,
     StaleRound,
     SubmitHeader,
+    SubmitRefused,
     UpdateTooLarge,
 )
 from fedserver.rounds import NotSelected
@@ -131,7 +132,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(status_for(e), str(e))
         try:
             pending = coordinator.begin_submit(header)  # counts its own refusals
-        except (BadUpdate, StaleRound) as e:
+        except (BadUpdate, SubmitRefused) as e:
             await context.abort(status_for(e), str(e))
         sha256 = None
         try:
@@ -157,7 +158,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise
         try:
             result = coordinator.finish_submit(pending, sha256)
-        except (BadUpdate, StaleRound, AlreadySubmitted) as e:
+        except (BadUpdate, SubmitRefused) as e:
             await context.abort(status_for(e), str(e))
         return pb.SubmitReply(
             accepted=True, duplicate=result.duplicate, round=result.round, message=result.message

@@ -1,0 +1,125 @@
+"""Real coordinator and client processes for integration tests (no mocks).
+
+Synchronization is by events, never by sleeping: gRPC health checks with wait_for_ready,
+process exit, or polling a condition against a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+TASK = "examples.digits:task"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("FEDGRPC_CONFIG", None)
+    return env
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name} did not exit in {timeout}s:\n{self.log()}") from None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            self.popen.wait(timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def spawn(name: str, args: Sequence[str], log_dir: Path) -> Proc:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            cwd=REPO,
+        )
+    return Proc(name, popen, log_path)
+
+
+def start_coordinator(
+    log_dir: Path, port: int, state_dir: Path, *extra: str, task: str = TASK, name: str = "server"
+) -> Proc:
+    args = ["-m", "fedserver.cli", "run", "--task", task, "--port", str(port)]
+    args += ["--state-dir", str(state_dir), "--linger", "10", *extra]
+    return spawn(name, args, log_dir)
+
+
+def start_client(
+    log_dir: Path, port: int, partition: str, *extra: str, task: str = TASK, name: str | None = None
+) -> Proc:
+    index = partition.split("/")[0]
+    args = ["-m", "fedclient.cli", "run", "--server", f"127.0.0.1:{port}", "--task", task]
+    args += ["--partition", partition, "--client-id", f"client-{index}", "--threads", "1"]
+    args += ["--give-up-after", "120", *extra]
+    return spawn(name or f"client-{index}", args, log_dir)
+
+
+def wait_serving(port: int, proc: Proc | None = None, timeout: float = 60.0) -> None:
+    """Block until the coordinator's gRPC health check answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.popen.poll() is not None:
+                raise AssertionError(f"{proc.name} exited early:\n{proc.log()}")
+            try:
+                reply = stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=2.0, wait_for_ready=True
+                )
+            except grpc.RpcError:
+                continue
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+    raise AssertionError(f"coordinator on port {port} not serving after {timeout}s")
+
+
+_POLL = threading.Event()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll a cheap condition until it holds (for files and logs that offer no event)."""
+    deadline = time.monotonic() + timeout
+    delay = 0.01
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        _POLL.wait(delay)  # a poll interval between checks, not a synchronization point
+        delay = min(delay * 2, 0.2)

@@ -1,0 +1,245 @@
+"""Bad updates against a live coordinator: exact status codes, model bytes untouched.
+
+One coordinator process serves the whole module (min-clients 1, so this test is the only
+selected client). The last test submits a valid update and checks the new global model equals
+old + delta exactly, which proves none of the refused updates reached the accumulator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedcore.files import read_safetensors
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.tensors import ChunkAssembler, FlatModel, float_vector
+from fedcore.wire import manifest_from_proto, manifest_to_proto
+from tests.procs import Proc, free_port, start_coordinator, wait_serving
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+CLIENT = "tester"
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@dataclass
+class Live:
+    stub: pb_grpc.CoordinatorStub
+    state: Path
+    header: pb.ModelHeader
+    model: FlatModel
+
+    def model_file(self) -> bytes:
+        return (self.state / "model.safetensors").read_bytes()
+
+
+def pull(stub: pb_grpc.CoordinatorStub) -> tuple[pb.ModelHeader, FlatModel | None]:
+    header, assembler = None, None
+    for msg in stub.GetGlobalModel(
+        pb.GetGlobalModelRequest(client_id=CLIENT, wait_seconds=10), timeout=30
+    ):
+        if header is None:
+            header = msg.header
+            if header.total_bytes:
+                assembler = ChunkAssembler(manifest_from_proto(header.manifest))
+        else:
+            assert assembler is not None
+            assembler.add(msg.data)
+    assert header is not None
+    return header, assembler.finish(header.model_version) if assembler else None
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("bad_input")
+    port = free_port()
+    server: Proc = start_coordinator(
+        tmp / "logs", port, tmp / "state", "--rounds", "3", "--min-clients", "1",
+        "--round-timeout", "600",
+    )  # fmt: skip
+    try:
+        wait_serving(port, server)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            stub.Join(pb.JoinRequest(client_id=CLIENT), timeout=10)
+            header, model = pull(stub)
+            assert header.selected and model is not None
+            yield Live(stub, tmp / "state", header, model)
+    finally:
+        server.kill()
+
+
+def update(live: Live, payload: bytes, **overrides: object) -> pb.UpdateHeader:
+    floats = live.model.manifest.floats()
+    fields: dict[str, object] = dict(
+        client_id=CLIENT,
+        round=live.header.round,
+        base_version=live.model.version,
+        num_examples=10,
+        encoding="fp32",
+        manifest=manifest_to_proto(floats.with_dtype("float32")),
+        total_bytes=len(payload),
+    )
+    fields.update(overrides)
+    return pb.UpdateHeader(**fields)  # type: ignore[arg-type]
+
+
+def stream(
+    header: pb.UpdateHeader, payload: bytes, sha: str | None = None, trailer: bool = True
+) -> Iterator[pb.UpdateChunk]:
+    yield pb.UpdateChunk(header=header)
+    for i in range(0, len(payload), 4096):
+        yield pb.UpdateChunk(data=payload[i : i + 4096])
+    if trailer:
+        digest = sha if sha is not None else hashlib.sha256(payload).hexdigest()
+        yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest))
+
+
+def delta_bytes(live: Live, value: float = 0.01) -> bytes:
+    n = float_vector(live.model).size
+    return np.full(n, value, dtype="<f4").tobytes()
+
+
+def refused(live: Live, chunks: Iterator[pb.UpdateChunk]) -> tuple[grpc.StatusCode, str]:
+    before = live.model_file()
+    with pytest.raises(grpc.RpcError) as info:
+        live.stub.SubmitUpdate(chunks, timeout=30)
+    err = info.value
+    # Nothing changed, and the daemon still answers.
+    assert live.model_file() == before
+    header, _ = pull(live.stub)
+    assert header.model_version == live.model.version
+    assert header.round == live.header.round
+    return err.code(), err.details()  # type: ignore[attr-defined]
+
+
+def test_future_round_is_failed_precondition(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload, round=live.header.round + 5), payload))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "has not started" in msg
+
+
+def test_closed_round_is_failed_precondition(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload, round=0), payload))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "closed" in msg
+
+
+def test_wrong_tensor_name(live: Live) -> None:
+    payload = delta_bytes(live)
+    manifest = manifest_to_proto(live.model.manifest.floats().with_dtype("float32"))
+    manifest.tensors[0].name = "not.a.tensor"
+    code, msg = refused(live, stream(update(live, payload, manifest=manifest), payload))
+    assert code == INVALID and "not.a.tensor" in msg
+
+
+def test_wrong_shape(live: Live) -> None:
+    payload = delta_bytes(live)
+    manifest = manifest_to_proto(live.model.manifest.floats().with_dtype("float32"))
+    manifest.tensors[0].shape[0] += 1
+    code, msg = refused(live, stream(update(live, payload, manifest=manifest), payload))
+    assert code == INVALID and "shape" in msg
+
+
+def test_wrong_dtype(live: Live) -> None:
+    payload = delta_bytes(live)
+    manifest = manifest_to_proto(live.model.manifest.floats().with_dtype("float64"))
+    code, msg = refused(live, stream(update(live, payload, manifest=manifest), payload))
+    assert code == INVALID and "float64" in msg
+
+
+def test_unknown_dtype(live: Live) -> None:
+    payload = delta_bytes(live)
+    manifest = manifest_to_proto(live.model.manifest.floats().with_dtype("float32"))
+    manifest.tensors[0].dtype = "complex128"
+    code, msg = refused(live, stream(update(live, payload, manifest=manifest), payload))
+    assert code == INVALID and "complex128" in msg
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values(live: Live, bad: float) -> None:
+    values = np.frombuffer(delta_bytes(live), dtype="<f4").copy()
+    values[1234] = bad
+    payload = values.tobytes()
+    code, msg = refused(live, stream(update(live, payload), payload))
+    assert code == INVALID and "NaN or Inf" in msg and "1234" in msg
+
+
+def test_bad_checksum(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload), payload, sha="0" * 64))
+    assert code == INVALID and "checksum" in msg
+
+
+def test_truncated_stream_missing_bytes(live: Live) -> None:
+    payload = delta_bytes(live)
+    header = update(live, payload)
+    code, msg = refused(live, stream(header, payload[: len(payload) // 2]))
+    assert code == INVALID and "truncated" in msg
+
+
+def test_truncated_stream_missing_trailer(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload), payload, trailer=False))
+    assert code == INVALID and "trailer" in msg
+
+
+def test_declared_size_mismatch(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload, total_bytes=17), payload))
+    assert code == INVALID and "bytes" in msg
+
+
+def test_first_message_not_a_header(live: Live) -> None:
+    chunks = iter([pb.UpdateChunk(data=b"\x00" * 16)])
+    code, msg = refused(live, chunks)
+    assert code == INVALID and "UpdateHeader" in msg
+
+
+def test_zero_examples(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload, num_examples=0), payload))
+    assert code == INVALID and "num_examples" in msg
+
+
+def test_stale_base_version(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload, base_version="ab" * 32), payload))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "pull the model again" in msg
+
+
+def test_unselected_client_is_permission_denied(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload, client_id="stranger"), payload))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "not selected" in msg
+
+
+def test_valid_update_after_all_refusals_is_exact(live: Live) -> None:
+    """The accumulator held nothing from the refused updates: new model == old + delta."""
+    payload = delta_bytes(live, 0.25)
+    reply = live.stub.SubmitUpdate(stream(update(live, payload), payload), timeout=30)
+    assert reply.accepted and not reply.duplicate
+    # A byte-identical retry is acknowledged as a duplicate (or, once the round closed, still
+    # recognized from the history) and never counted twice.
+    retry = live.stub.SubmitUpdate(stream(update(live, payload), payload), timeout=30)
+    assert retry.accepted and retry.duplicate
+
+    header, new_model = pull(live.stub)
+    assert header.round == live.header.round + 1 and new_model is not None
+    expected = float_vector(live.model) + np.float32(0.25)
+    assert float_vector(new_model).tobytes() == expected.tobytes()
+    on_disk, _ = read_safetensors(live.state / "model.safetensors")
+    assert on_disk.buffer.tobytes() == new_model.buffer.tobytes()
+
+    different = delta_bytes(live, 0.5)
+    with pytest.raises(grpc.RpcError) as info:
+        live.stub.SubmitUpdate(stream(update(live, different), different), timeout=30)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS  # type: ignore[attr-defined]

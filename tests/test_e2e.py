@@ -1,0 +1,60 @@
+"""A real coordinator and three real client processes train digits over gRPC on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from examples.digits import task
+from tests.procs import Proc, child_env, free_port, start_client, start_coordinator, wait_serving
+
+ROUNDS = 20
+TARGET_ACCURACY = 0.95
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+
+def test_three_clients_reach_target_accuracy(tmp_path: Path, procs: list[Proc]) -> None:
+    port = free_port()
+    state = tmp_path / "state"
+    logs = tmp_path / "logs"
+    server = start_coordinator(logs, port, state, "--rounds", str(ROUNDS), "--min-clients", "3")
+    procs.append(server)
+    wait_serving(port, server)
+    clients = [start_client(logs, port, f"{i}/3") for i in range(3)]
+    procs.extend(clients)
+
+    for client in clients:
+        assert client.wait(180) == 0, client.log()
+    assert server.wait(60) == 0, server.log()
+
+    # The published model loads into the task's model and is as good as the coordinator says.
+    model = task.build_model()
+    model.load_state_dict(load_file(state / "model.safetensors"))
+    accuracy = task.evaluate(model, task.server_test_data())["accuracy"]
+    assert accuracy >= TARGET_ACCURACY
+
+    out = subprocess.run(
+        [sys.executable, "-m", "fedserver.cli", "status", "--state-dir", str(state), "--json"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        check=True,
+    )
+    status = json.loads(out.stdout)
+    assert status["status"] == "finished"
+    assert status["rounds_completed"] == ROUNDS
+    assert [r["round"] for r in status["rounds"]] == list(range(1, ROUNDS + 1))
+    assert all(r["participants"] == 3 for r in status["rounds"])
+    assert status["rounds"][-1]["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert sorted(p.name for p in (state / "checkpoints").iterdir()) == [
+        f"round-{r:04d}.safetensors" for r in range(ROUNDS + 1)
+    ]
+    last = load_file(state / "checkpoints" / f"round-{ROUNDS:04d}.safetensors")
+    assert all(torch.equal(last[k], v) for k, v in model.state_dict().items())
