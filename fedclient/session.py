@@ -37,11 +37,11 @@ from fedcore.wire import CHANNEL_OPTIONS, manifest_from_proto, manifest_to_proto
 log = logging.getLogger("fedclient")
 T = TypeVar("T")
 
-# Worth retrying: the coordinator is down, restarting, overloaded or the link dropped.
+# Worth retrying: the coordinator is down, restarting, busy or the link dropped.
+# RESOURCE_EXHAUSTED is not: it means the update is too large, which a retry cannot fix.
 RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.UNKNOWN,

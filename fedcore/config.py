@@ -42,7 +42,7 @@ def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     try:
         converted = action.type(str(value)) if action.type else value
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         raise ConfigError(f"{source}: bad value {value!r} for {key}: {e}") from None
     if action.choices is not None and converted not in action.choices:
         allowed = ", ".join(map(str, action.choices))

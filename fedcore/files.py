@@ -14,6 +14,7 @@ import struct
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,6 +28,12 @@ from fedcore.tensors import (
 )
 
 _MAX_HEADER = 100 << 20
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: Path) -> None:
@@ -46,6 +53,7 @@ def atomic_write(path: Path, parts: Iterable[bytes | memoryview]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             for part in parts:
                 f.write(part)
@@ -80,6 +88,35 @@ def write_safetensors(
     atomic_write(path, [safetensors_header(flat, metadata), memoryview(flat.buffer)])
 
 
+def _is_int_list(value: object, length: int | None = None) -> bool:
+    return (
+        isinstance(value, list)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        and (length is None or len(value) == length)
+    )
+
+
+def _parse_header(
+    path: Path, header: object
+) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, str]]:
+    """Check the header's structure so a damaged file fails with ManifestError, not KeyError."""
+    if not isinstance(header, dict):
+        raise ManifestError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise ManifestError(f"{path}: __metadata__ is not an object")
+    for name, info in header.items():
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and _is_int_list(info.get("shape"))
+            and _is_int_list(info.get("data_offsets"), 2)
+        ):
+            raise ManifestError(f"{path}: entry for tensor {name!r} is malformed")
+    entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    return entries, {str(k): str(v) for k, v in metadata.items()}
+
+
 def read_safetensors(path: Path) -> tuple[FlatModel, dict[str, str]]:
     """Read a safetensors file into a FlatModel (tensors in data-offset order) and its metadata."""
     path = Path(path)
@@ -94,8 +131,7 @@ def read_safetensors(path: Path) -> tuple[FlatModel, dict[str, str]]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ManifestError(f"{path}: header is not valid JSON ({e})") from None
-        metadata = header.pop("__metadata__", None) or {}
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+        entries, metadata = _parse_header(path, header)
         specs, pos = [], 0
         for name, info in entries:
             begin, end = info["data_offsets"]
@@ -115,4 +151,4 @@ def read_safetensors(path: Path) -> tuple[FlatModel, dict[str, str]]:
             raise ManifestError(
                 f"{path}: data section has the wrong length (truncated or corrupt file)"
             )
-    return FlatModel(manifest, buffer), dict(metadata)
+    return FlatModel(manifest, buffer), metadata

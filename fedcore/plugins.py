@@ -7,7 +7,7 @@ from typing import Any
 
 
 def load_object(spec: str) -> Any:
-    """Import `module:attr`; a class or zero-argument factory is called to produce the object."""
+    """Import `module:attr`; if it names a class, return an instance made with no arguments."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"expected MODULE:ATTRIBUTE (e.g. examples.digits:task), got {spec!r}")

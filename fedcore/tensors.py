@@ -11,6 +11,7 @@ torch is imported lazily: the coordinator can aggregate with numpy alone.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -194,8 +195,14 @@ def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     return out
 
 
+def _version_hasher(manifest: Manifest) -> hashlib._Hash:
+    """sha256 primed with the manifest as canonical JSON (unambiguous, unlike describe())."""
+    canonical = json.dumps(manifest_to_dict(manifest), separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(canonical.encode())
+
+
 def content_hash(manifest: Manifest, buffer: np.ndarray | bytes | memoryview) -> str:
-    h = hashlib.sha256(manifest.describe().encode())
+    h = _version_hasher(manifest)
     h.update(memoryview(buffer))
     return h.hexdigest()
 
@@ -215,7 +222,7 @@ class ChunkAssembler:
         self.manifest = manifest
         self.buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
         self.received = 0
-        self._hash = hashlib.sha256(manifest.describe().encode())
+        self._hash = _version_hasher(manifest)
 
     def add(self, data: bytes | memoryview) -> None:
         end = self.received + len(data)
@@ -271,6 +278,9 @@ def to_state_dict(flat: FlatModel) -> dict[str, torch.Tensor]:
     for spec in flat.manifest.tensors:
         off, n = flat.manifest.offsets[spec.name]
         dtype = getattr(torch, spec.dtype)
+        if n == 0:
+            out[spec.name] = torch.empty(spec.shape, dtype=dtype)
+            continue
         raw = torch.from_numpy(flat.buffer[off : off + n].copy())
         out[spec.name] = raw.view(dtype).reshape(spec.shape)
     return out
@@ -313,11 +323,13 @@ def float_vector(flat: FlatModel) -> np.ndarray:
 
 def with_float_vector(flat: FlatModel, vector: np.ndarray) -> FlatModel:
     """A copy of `flat` whose floating tensors are replaced by `vector` (rounded to each dtype)."""
+    floats = flat.manifest.floats().tensors
+    expected = sum(t.numel for t in floats)
+    if vector.size != expected:
+        raise ManifestError(f"vector has {vector.size} values, the model's floats {expected}")
     out = flat.copy()
     pos = 0
-    for t in flat.manifest.floats().tensors:
+    for t in floats:
         out.assign_float32(t.name, vector[pos : pos + t.numel])
         pos += t.numel
-    if pos != vector.size:
-        raise ManifestError(f"vector has {vector.size} values, the model's floats {pos}")
     return out

@@ -49,13 +49,9 @@ class StagedUpdate:
     def pieces(self, block: int = DEFAULT_CHUNK_SIZE) -> Iterator[Piece]:
         decoder = self.codec.decoder(self.num_values)
         self.file.seek(0)
-        buf = bytearray(block)
-        view = memoryview(buf)
-        while True:
-            n = self.file.readinto(buf)
-            if not n:
-                break
-            yield from decoder.feed(view[:n])
+        # A fresh buffer per block: pieces stay valid if a caller keeps them.
+        while block_bytes := self.file.read(block):
+            yield from decoder.feed(block_bytes)
         decoder.finish()
 
     def discard(self) -> None:

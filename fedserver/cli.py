@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest update accepted, in bytes (4 GiB)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text for people, json lines for log shippers (text)",
+    )
 
     status = sub.add_parser("status", help="print a run's progress from its state dir")
     status.add_argument("--config", type=Path, help="TOML file with a [server] table")
@@ -195,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_layered(parser, argv, "server")
     if args.command == "status":
         return _print_status(args.state_dir, args.json)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     try:
         settings = _settings(args)
         return asyncio.run(serve(settings))

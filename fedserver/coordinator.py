@@ -46,8 +46,10 @@ class BaseVersionMismatch(StaleRound):
     reason = "stale_base"
 
 
-class TooManyStreams(UpdateTooLarge):
-    pass
+class TooManyStreams(SubmitRefused):
+    """Transient: the client already has uploads in flight (→ ABORTED, retried)."""
+
+    reason = "too_many_streams"
 
 
 @dataclass(frozen=True)
@@ -520,6 +522,7 @@ __all__ = [
     "StaleRound",
     "SubmitHeader",
     "SubmitRefused",
+    "TooManyStreams",
     "TrainingDefaults",
     "UpdateTooLarge",
 ]

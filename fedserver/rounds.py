@@ -114,6 +114,7 @@ class RoundMachine:
     deadline: float = math.inf
     opened_at: float = 0.0
     attempts: int = 0
+    required: int = 1
     last_seen: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -152,16 +153,17 @@ class RoundMachine:
             return None
         if self.phase is not Phase.COLLECTING:
             return None
-        if self.selected and self.selected <= self.receipts.keys():
+        everyone_reported = self.selected and self.selected <= self.receipts.keys()
+        if everyone_reported and len(self.receipts) >= self.required:
             return "close"
         if self.clock() < self.deadline:
             return None
-        if len(self.receipts) >= self.policy.quorum(len(self.selected)):
+        if len(self.receipts) >= self.required:
             return "close"
         if self.attempts >= self.policy.max_attempts:
             raise RoundsExhausted(
                 f"round {self.round} reached no quorum in {self.attempts} attempts "
-                f"({len(self.receipts)} of {self.policy.quorum(len(self.selected))} updates); "
+                f"({len(self.receipts)} of {self.required} updates); "
                 "are enough clients running? see --min-fit and --round-timeout"
             )
         candidates = [c for c in self.live_clients() if c not in self.receipts]
@@ -178,6 +180,10 @@ class RoundMachine:
         # Updates already received stay counted when a round is re-opened: they were computed
         # against the same global model.
         self.selected = frozenset(chosen) | self.receipts.keys()
+        if fresh:
+            # The quorum is fixed when the round opens: a re-open that finds fewer candidates
+            # must not lower the bar.
+            self.required = self.policy.quorum(len(self.selected))
         self.attempts += 1
         self.deadline = self.clock() + self.policy.round_timeout
         self.phase = Phase.COLLECTING

@@ -72,6 +72,9 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
                 f"the checkpoint in {s.state_dir} does not match the task's model architecture"
             )
         strategy.load_state_arrays(strategy_state)
+        # A crash between the SQLite commit and publishing would leave model.safetensors a
+        # round behind; the committed checkpoint is the truth.
+        store.publish_model(model, last)
         log.info("resuming from %s: %d round(s) completed", s.state_dir, last)
     else:
         model = fresh

@@ -24,6 +24,7 @@ from fedserver.coordinator import (
     StaleRound,
     SubmitHeader,
     SubmitRefused,
+    TooManyStreams,
     UpdateTooLarge,
 )
 from fedserver.rounds import NotSelected
@@ -43,6 +44,7 @@ _STATES = {
 def status_for(exc: Exception) -> grpc.StatusCode:
     # Order matters: subclasses before their bases.
     for kind, code in (
+        (TooManyStreams, grpc.StatusCode.ABORTED),
         (UpdateTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),
         (AlreadySubmitted, grpc.StatusCode.ALREADY_EXISTS),

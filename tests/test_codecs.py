@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -21,7 +23,7 @@ def _vector(n: int, seed: int = 0) -> np.ndarray:
 
 def _split(payload: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *sorted(cuts), len(payload)]
-    return [payload[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [payload[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _decode(decoder: StreamDecoder, chunks: list[bytes], n: int) -> np.ndarray:

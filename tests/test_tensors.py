@@ -92,13 +92,6 @@ def test_state_dict_round_trip_is_bit_exact_for_every_dtype() -> None:
     _assert_same_state(to_state_dict(flat), state)
 
 
-_EMPTY_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="BUG: to_state_dict views a 0-byte from_numpy tensor (stride 0) as a wider dtype",
-)
-
-
 def test_empty_tensors_flatten_with_zero_bytes() -> None:
     flat = flatten_state_dict(_empty_state())
     assert flat.buffer.size == 0
@@ -106,7 +99,6 @@ def test_empty_tensors_flatten_with_zero_bytes() -> None:
     assert [t.dtype for t in flat.manifest.tensors] == ["float32", "bfloat16", "int64"]
 
 
-@_EMPTY_BUG
 def test_empty_tensors_round_trip() -> None:
     _assert_same_state(to_state_dict(flatten_state_dict(_empty_state())), _empty_state())
 
@@ -127,7 +119,6 @@ _SINGLE_CASES = [
     pytest.param(
         dtype,
         shape,
-        marks=[_EMPTY_BUG] if 0 in shape and dtype.itemsize > 1 else [],
         id=f"{str(dtype).removeprefix('torch.')}-{shape}",
     )
     for dtype in _DTYPES
@@ -192,10 +183,6 @@ def test_version_changes_with_name_dtype_or_shape() -> None:
     assert len(versions) == 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: version hashes Manifest.describe(), which is ambiguous for names with ', '",
-)
 def test_version_distinguishes_manifests_with_ambiguous_descriptions() -> None:
     two = Manifest((TensorSpec("a", "float32", (0,)), TensorSpec("b", "float32", (1,))))
     one = Manifest((TensorSpec("a:float32[0], b", "float32", (1,)),))
@@ -337,9 +324,6 @@ def test_with_float_vector_rejects_a_long_vector() -> None:
         with_float_vector(_mixed_model(), np.zeros(9, dtype=np.float32))
 
 
-@pytest.mark.xfail(
-    strict=True, reason="BUG: a short vector fails in numpy reshape before the ManifestError check"
-)
 def test_with_float_vector_rejects_a_short_vector() -> None:
     with pytest.raises(ManifestError, match="7 values"):
         with_float_vector(_mixed_model(), np.zeros(7, dtype=np.float32))

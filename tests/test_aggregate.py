@@ -1,0 +1,233 @@
+"""Streaming update validation, the weighted accumulator, and the FedAvg step."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedcore.codecs import get_codec
+from fedcore.tensors import flatten_state_dict, iter_chunks, to_state_dict
+from fedserver.aggregate import Accumulator, BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
+from fedserver.strategies import STRATEGIES, AggregateInput, build_strategy
+from fedserver.strategies.fedavg import FedAvg
+
+FP32 = get_codec("fp32")
+
+
+def _payload(values: list[float]) -> bytes:
+    return FP32.encode(np.array(values, dtype=np.float32)).tobytes()
+
+
+def _receiver(tmp_path: Path, num_values: int, expected_bytes: int | None = None) -> UpdateReceiver:
+    nbytes = num_values * 4 if expected_bytes is None else expected_bytes
+    return UpdateReceiver(FP32, num_values, nbytes, tmp_path / "spill")
+
+
+def _receive(
+    tmp_path: Path, payload: bytes, num_values: int, chunk_size: int = 3, sha: str | None = None
+) -> StagedUpdate:
+    receiver = _receiver(tmp_path, num_values)
+    for chunk in iter_chunks(payload, chunk_size):
+        receiver.add(bytes(chunk))
+    return receiver.finish(hashlib.sha256(payload).hexdigest() if sha is None else sha)
+
+
+def _snapshot(acc: Accumulator) -> tuple[bytes, float, int]:
+    return acc.total.tobytes(), acc.weight, acc.count
+
+
+# ---------------------------------------------------------------- FedAvg through the stream
+
+
+def test_weighted_mean_of_three_updates(tmp_path: Path) -> None:
+    acc = Accumulator(2)
+    for values, weight in (([1, 2], 1.0), ([3, 4], 2.0), ([5, 6], 3.0)):
+        acc.fold(_receive(tmp_path, _payload(values), 2), weight)
+    assert acc.count == 3
+    assert acc.weight == 6.0
+    assert acc.total.tolist() == [1 + 6 + 15, 2 + 8 + 18]
+    expected = np.array([(1 + 6 + 15) / 6, (2 + 8 + 18) / 6], dtype=np.float32)
+    np.testing.assert_array_equal(acc.mean(), expected)
+    np.testing.assert_allclose(acc.mean(), [3.6666667, 4.6666667], rtol=1e-7)
+
+
+def test_mean_is_independent_of_chunking(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal(50).astype(np.float32) for _ in range(3)]
+    means = []
+    for chunk_size in (1, 7, 200):
+        acc = Accumulator(50)
+        for i, v in enumerate(vectors):
+            acc.fold(_receive(tmp_path, v.tobytes(), 50, chunk_size), float(i + 1))
+        means.append(acc.mean().tobytes())
+    assert means[0] == means[1] == means[2]
+
+
+def test_staged_update_carries_digest_and_size(tmp_path: Path) -> None:
+    payload = _payload([1.5, -2.5, 3.5])
+    staged = _receive(tmp_path, payload, 3)
+    assert staged.digest == hashlib.sha256(payload).hexdigest()
+    assert staged.nbytes == 12 and staged.num_values == 3
+    values = np.concatenate([p.values.copy() for p in staged.pieces(block=5)])
+    assert values.tolist() == [1.5, -2.5, 3.5]
+    staged.discard()
+
+
+def test_checksum_is_case_insensitive(tmp_path: Path) -> None:
+    payload = _payload([1.0])
+    staged = _receive(tmp_path, payload, 1, sha=hashlib.sha256(payload).hexdigest().upper())
+    assert staged.digest == hashlib.sha256(payload).hexdigest()
+
+
+def test_staged_pieces_stay_valid_when_collected(tmp_path: Path) -> None:
+    staged = _receive(tmp_path, _payload([0, 1, 2, 3, 4, 5, 6, 7, 8, 9]), 10)
+    pieces = list(staged.pieces(block=8))
+    assert np.concatenate([p.values for p in pieces]).tolist() == list(range(10))
+
+
+def test_mean_without_updates_is_an_error() -> None:
+    with pytest.raises(ValueError, match="no updates"):
+        Accumulator(3).mean()
+
+
+# ---------------------------------------------------------------- rejected updates
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_value_is_rejected(tmp_path: Path, bad: float) -> None:
+    receiver = _receiver(tmp_path, 4)
+    payload = _payload([1.0, 2.0, bad, 4.0])
+    receiver.add(payload[:6])
+    with pytest.raises(BadUpdate, match="first at value 2") as info:
+        receiver.add(payload[6:])
+    assert info.value.reason == "non_finite"
+    assert "learning rate" in str(info.value)
+
+
+def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
+    payload = _payload([1.0, 2.0])
+    with pytest.raises(BadUpdate, match="checksum mismatch") as info:
+        _receive(tmp_path, payload, 2, sha=hashlib.sha256(payload + b"x").hexdigest())
+    assert info.value.reason == "checksum"
+
+
+@pytest.mark.parametrize("cut", [1, 4, 5])
+def test_truncated_update_is_rejected(tmp_path: Path, cut: int) -> None:
+    payload = _payload([1.0, 2.0, 3.0])
+    receiver = _receiver(tmp_path, 3)
+    receiver.add(payload[:-cut])
+    with pytest.raises(BadUpdate, match="truncated") as info:
+        receiver.finish(hashlib.sha256(payload).hexdigest())
+    assert info.value.reason == "truncated"
+
+
+def test_stream_shorter_than_declared_bytes_is_truncated(tmp_path: Path) -> None:
+    payload = _payload([1.0, 2.0])
+    receiver = _receiver(tmp_path, 2, expected_bytes=12)
+    receiver.add(payload)
+    with pytest.raises(BadUpdate, match="ended after 8 of 12 bytes") as info:
+        receiver.finish(hashlib.sha256(payload).hexdigest())
+    assert info.value.reason == "truncated"
+
+
+def test_stream_longer_than_declared_is_too_large(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path, 2)
+    receiver.add(_payload([1.0]))
+    with pytest.raises(UpdateTooLarge, match="exceeds the 8 bytes") as info:
+        receiver.add(_payload([2.0, 3.0]))
+    assert info.value.reason == "too_large"
+    assert isinstance(info.value, BadUpdate)
+
+
+def test_more_values_than_declared_is_malformed(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path, 1, expected_bytes=8)
+    with pytest.raises(BadUpdate, match="more than the 1 values") as info:
+        receiver.add(_payload([1.0, 2.0]))
+    assert info.value.reason == "malformed"
+
+
+def test_rejected_updates_leave_the_accumulator_unchanged(tmp_path: Path) -> None:
+    acc = Accumulator(2)
+    acc.fold(_receive(tmp_path, _payload([1, 2]), 2), 1.0)
+    before = _snapshot(acc)
+
+    def attempt(payload: bytes, sha: str | None = None, num_values: int = 2) -> None:
+        staged = _receive(tmp_path, payload, num_values, chunk_size=4, sha=sha)
+        acc.fold(staged, 5.0)  # only reached if the receiver accepted the update
+
+    with pytest.raises(BadUpdate, match="NaN"):
+        attempt(_payload([10.0, float("nan")]))
+    assert _snapshot(acc) == before
+    with pytest.raises(BadUpdate, match="checksum"):
+        attempt(_payload([10.0, 20.0]), sha="0" * 64)
+    assert _snapshot(acc) == before
+    with pytest.raises(BadUpdate, match="truncated"):
+        attempt(_payload([10.0, 20.0])[:-2])
+    assert _snapshot(acc) == before
+    with pytest.raises(UpdateTooLarge):
+        attempt(_payload([10.0, 20.0, 30.0]))
+    assert _snapshot(acc) == before
+
+    acc.fold(_receive(tmp_path, _payload([3, 4]), 2), 2.0)
+    assert acc.total.tolist() == [1 + 6, 2 + 8]
+    assert (acc.weight, acc.count) == (3.0, 2)
+
+
+def test_aborted_receiver_closes_its_spill(tmp_path: Path) -> None:
+    receiver = _receiver(tmp_path, 2)
+    receiver.add(_payload([1.0]))
+    receiver.abort()
+    assert list((tmp_path / "spill").iterdir()) == []  # spills are anonymous files
+
+
+# ---------------------------------------------------------------- the FedAvg strategy
+
+
+def test_fedavg_apply_adds_the_mean_delta() -> None:
+    model = flatten_state_dict(
+        {
+            "w": torch.tensor([1.0, -2.0, 0.25]),
+            "steps": torch.tensor([7, -3], dtype=torch.int64),
+            "h": torch.tensor([1.0, 2.0, 2.0], dtype=torch.float16),
+        }
+    )
+    before = model.buffer.tobytes()
+    delta = np.array([0.5, 0.5, -0.25, 0.5, 0.0003, 0.0015], dtype=np.float32)
+    agg = AggregateInput(round=1, mean_delta=delta, total_weight=6.0, num_updates=3)
+    out = to_state_dict(FedAvg().apply(model, agg))
+
+    assert out["w"].tolist() == [1.5, -1.5, 0.0]
+    assert out["steps"].dtype == torch.int64
+    assert out["steps"].tolist() == [7, -3]
+    assert out["h"].dtype == torch.float16
+    # float16 spacing in [2, 4) is 2**-9 = 0.001953125: 2.0003 rounds down, 2.0015 rounds up.
+    assert out["h"].tolist() == [1.5, 2.0, 2.001953125]
+    assert model.buffer.tobytes() == before
+
+
+def test_fedavg_with_zero_delta_is_bit_identical() -> None:
+    model = flatten_state_dict(
+        {"w": torch.tensor([0.1, 0.2]), "b": torch.tensor([0.3], dtype=torch.bfloat16)}
+    )
+    agg = AggregateInput(round=1, mean_delta=np.zeros(3, np.float32), total_weight=1, num_updates=1)
+    assert FedAvg().apply(model, agg).version == model.version
+
+
+def test_build_strategy() -> None:
+    assert isinstance(build_strategy("fedavg"), FedAvg)
+    assert sorted(STRATEGIES) == ["fedavg"]
+    with pytest.raises(ValueError, match="unknown strategy 'nope'; choose one of: fedavg"):
+        build_strategy("nope")
+
+
+def test_fedavg_keeps_no_state() -> None:
+    strategy = FedAvg()
+    assert strategy.state_arrays() == {}
+    assert strategy.round_config(1) == {}
+    strategy.load_state_arrays({})
+    with pytest.raises(ValueError, match="keeps no state"):
+        strategy.load_state_arrays({"momentum": np.zeros(1)})
