@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import secrets
 import socket
 import threading
 import time
@@ -18,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from fedclient.partition import Partition
 from fedclient.task import LocalData, Task, TrainConfig
 from fedcore.codecs import get_codec
+from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import (
@@ -238,7 +241,8 @@ class ClientSession:
             raise Stopped
         local = flatten_state_dict(model.state_dict())
         codec = get_codec(cfg.encoding or "fp32")
-        payload = codec.encode(float_vector(local) - float_vector(base))
+        delta = privatize(float_vector(local) - float_vector(base), config.extra)
+        payload = codec.encode(delta)
         digest = hashlib.sha256(payload).hexdigest()
         update = pb.UpdateHeader(
             client_id=self.client_id,
@@ -282,6 +286,18 @@ class ClientSession:
             "was already counted" if reply.duplicate else "accepted",
             payload.size,
         )
+
+
+def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:
+    """Client-level DP, the one place it happens: clip to the round's C, add this client's
+    share of the noise when the coordinator cannot (secure aggregation). See fedcore/privacy.py."""
+    if "dp_clip" in extra:
+        delta = l2_clip(delta, float(extra["dp_clip"]))
+    std = float(extra.get("dp_client_noise_std", 0.0))
+    if std > 0:
+        # Never seeded: a predictable noise draw would let the noise be subtracted again.
+        delta = add_gaussian_noise(delta, std, np.random.default_rng(secrets.randbits(128)))
+    return delta
 
 
 def _round_seed(seed: int, client_id: str, round_number: int) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from fedcore.config import parse_layered
 from fedcore.logs import setup_logging
+from fedcore.privacy import DPConfig
 from fedserver.coordinator import TrainingDefaults
 from fedserver.rounds import RoundPolicy
 from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
@@ -137,6 +138,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=4 << 30,
         help="largest update accepted, in bytes (4 GiB)",
     )
+    dp = run.add_argument_group(
+        "differential privacy (client-level DP-FedAvg; see docs/algorithms.md)"
+    )
+    dp.add_argument(
+        "--dp-clip",
+        type=_positive_float,
+        default=None,
+        help="clip each client's update to this L2 norm C; turns DP on (off)",
+    )
+    dp.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        default=1.0,
+        help="Gaussian noise multiplier z: noise std z*C on the sum of updates (1.0)",
+    )
+    dp.add_argument(
+        "--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported (1e-5)"
+    )
+    run.add_argument(
+        "--secure",
+        default="none",
+        choices=["none", "secagg"],
+        help="secure aggregation: 'secagg' = the coordinator only sees masked updates (none)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--log-format",
@@ -163,6 +188,9 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         max_attempts=args.max_attempts,
     )
     defaults = TrainingDefaults(args.local_epochs, args.lr, args.batch_size)  # None: task's
+    dp = None
+    if args.dp_clip is not None:
+        dp = DPConfig(args.dp_clip, args.dp_noise_multiplier, args.dp_delta)  # ValueError: usage
     return ServerSettings(
         task=args.task,
         state_dir=args.state_dir,
@@ -174,6 +202,8 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         seed=args.seed,
         linger=args.linger,
         max_update_bytes=args.max_update_bytes,
+        dp=dp,
+        secure=args.secure,
     )
 
 
@@ -190,6 +220,12 @@ def _print_status(state_dir: Path, as_json: bool) -> int:
         f"{status['status']}: {status['rounds_completed']}/{status['total_rounds']} rounds, "
         f"task {status['task']}, strategy {status['strategy']}, {status['clients']} client(s)"
     )
+    last = status["rounds"][-1]["metrics"] if status["rounds"] else {}
+    if "epsilon" in last:
+        print(
+            f"privacy: (epsilon {last['epsilon']:.4g}, delta {last['dp_delta']:g})-DP after "
+            f"{status['rounds_completed']} rounds (client-level, Opacus RDP accountant)"
+        )
     for r in status["rounds"]:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(r["metrics"].items()))
         print(f"  round {r['round']:4d}  {r['participants']} clients  {shown}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from fedcore.codecs import Codec, get_codec
 from fedcore.tensors import FlatModel, Manifest, ManifestError
 from fedserver.aggregate import Accumulator, BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
+from fedserver.dp import DPServer
 from fedserver.rounds import (
     AlreadySubmitted,
     ClosedRound,
@@ -119,6 +120,7 @@ class Coordinator:
     evaluate: Callable[[FlatModel], dict[str, float]] | None = None
     max_update_bytes: int = 4 << 30
     seed: int = 0
+    dp: DPServer | None = None
     rejections: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -129,6 +131,7 @@ class Coordinator:
         )
         self._accumulator = Accumulator(self._num_values())
         self._client_metrics: dict[str, dict[str, float]] = {}
+        self._available = 0  # live clients when the round opened (DP sample rate)
         self._streams: Counter[str] = Counter()
         self._changed = asyncio.Event()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -187,6 +190,7 @@ class Coordinator:
             if action == "opened":
                 self._accumulator = Accumulator(self._num_values())
                 self._client_metrics = {}
+                self._available = len(m.live_clients())
             self._schedule_deadline()
             self._notify()
         elif action == "close":
@@ -222,8 +226,11 @@ class Coordinator:
             "lr": d.lr,
             "batch_size": d.batch_size,
             "encoding": d.encoding,
-            "extra": self.strategy.round_config(self.machine.round),
+            "extra": self.strategy.round_config(self.machine.round) | self._privacy_extra(),
         }
+
+    def _privacy_extra(self) -> dict[str, str]:
+        return self.dp.round_extra(len(self.machine.selected)) if self.dp else {}
 
     def offer(self, client_id: str, known_version: str) -> Offer | None:
         """The answer for this client now, or None if it should keep waiting."""
@@ -375,7 +382,8 @@ class Coordinator:
             self.machine.check_submit(h.client_id, h.round)
         except SubmitRefused as e:
             raise self._refuse(e) from None
-        self._accumulator.fold(staged, float(h.num_examples))
+        # DP-FedAvg bounds each client's influence only for an unweighted mean.
+        self._accumulator.fold(staged, 1.0 if self.dp else float(h.num_examples))
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
         self._client_metrics[h.client_id] = dict(h.metrics)
         m = self.machine
@@ -416,13 +424,14 @@ class Coordinator:
 
     async def _aggregate_round(self, closed: ClosedRound) -> None:
         started = time.monotonic()
-        agg = AggregateInput(
-            closed.round,
-            self._accumulator.mean(),
-            self._accumulator.weight,
-            self._accumulator.count,
-        )
+        mean = self._accumulator.mean()
         metrics = self._client_metric_means(closed)
+        if self.dp is not None:
+            mean, dp_metrics = self.dp.privatize(
+                mean, self._accumulator.count, len(self.machine.selected), self._available
+            )
+            metrics.update(dp_metrics)
+        agg = AggregateInput(closed.round, mean, self._accumulator.weight, self._accumulator.count)
         new_model, eval_metrics = await asyncio.to_thread(self._aggregate_and_save, agg, closed)
         metrics.update(eval_metrics)
         record = RoundRecord(

@@ -14,11 +14,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedcore.plugins import load_object
+from fedcore.privacy import DPConfig
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import DEFAULT_CHUNK_SIZE
 from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.coordinator import Coordinator, TrainingDefaults
+from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.rounds import RoundPolicy
 from fedserver.service import CoordinatorService
@@ -44,6 +46,9 @@ class ServerSettings:
     linger: float = 15.0
     max_update_bytes: int = 4 << 30
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    dp: DPConfig | None = None
+    secure: str = "none"  # "none" | "secagg"
+    dp_seed: int | None = None  # fixed DP noise for reproducible tests; None = OS entropy
 
 
 class SetupError(RuntimeError):
@@ -86,6 +91,10 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         getattr(suggested, "batch_size", None),
     )
     evaluator = Evaluator(task)
+    dp = None
+    if s.dp is not None:
+        dp = DPServer(s.dp, noise_on_clients=s.secure == "secagg", seed=s.dp_seed)
+        dp.resume(r.metrics for r in store.rounds())
     coordinator = Coordinator(
         store=store,
         strategy=strategy,
@@ -95,6 +104,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         evaluate=evaluator if evaluator.enabled else None,
         max_update_bytes=s.max_update_bytes,
         seed=s.seed,
+        dp=dp,
     )
     coordinator.initialize_store(s.task)
     return coordinator

@@ -1,0 +1,138 @@
+"""Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): clipping, noise, accounting.
+
+The mechanism, per round with n contributing clients:
+
+    clipped_i = delta_i * min(1, C / ||delta_i||_2)          (client side, fedclient/session.py)
+    mean      = (1/n) * sum_i clipped_i  +  N(0, (z*C/n)^2 I) (coordinator side)
+
+Replacing one client's update changes the sum by at most C in L2 (add/remove adjacency), so the
+Gaussian noise on the sum has std z*C (noise multiplier z) and the mean's noise std is z*C/n.
+Under secure aggregation the coordinator never sees an unmasked vector, so the noise is split:
+every client adds N(0, (z*C)^2/n_sel) to its clipped update and the n_sel noises sum to
+N(0, (z*C)^2). If only m < n_sel masked updates survive, the sum carries variance
+(z*C)^2 * m/n_sel, i.e. an effective multiplier z*sqrt(m/n_sel), which is what gets accounted.
+
+The privacy loss is computed by Opacus' RDP accountant (a maintained library, not hand-written
+math) with sample rate q = clients selected / clients available when the round opened.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+# Smallest norm treated as nonzero: a zero update needs no scaling (and must not divide by 0).
+_TINY = 1e-12
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Client-level DP knobs: L2 clip C, noise multiplier z, target delta."""
+
+    clip: float
+    noise_multiplier: float
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"dp-clip must be a positive number, got {self.clip}")
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(f"dp-noise-multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp-delta must be in (0, 1), got {self.delta}")
+
+
+def l2_clip(delta: np.ndarray, clip: float) -> np.ndarray:
+    """delta scaled down (never up) so its L2 norm is at most `clip`; float32 out."""
+    vec = np.asarray(delta, dtype=np.float32)
+    norm = float(np.linalg.norm(vec.astype(np.float64)))
+    if norm <= clip or norm < _TINY:
+        return vec.copy()
+    # Scale in float64 and leave a hair of headroom so float32 rounding cannot exceed C.
+    scaled = (vec.astype(np.float64) * (clip / norm * (1 - 1e-6))).astype(np.float32)
+    return scaled
+
+
+def mean_noise_std(noise_multiplier: float, clip: float, num_clients: int) -> float:
+    """Std of the Gaussian noise added by the coordinator to the mean of `num_clients` updates."""
+    if num_clients < 1:
+        raise ValueError("need at least one client")
+    return noise_multiplier * clip / num_clients
+
+
+def client_noise_std(noise_multiplier: float, clip: float, num_selected: int) -> float:
+    """Per-client noise std when noise is split across clients (secure aggregation on)."""
+    if num_selected < 1:
+        raise ValueError("need at least one client")
+    return noise_multiplier * clip / math.sqrt(num_selected)
+
+
+def effective_noise_multiplier(noise_multiplier: float, selected: int, contributed: int) -> float:
+    """The multiplier the split noise actually achieved when only `contributed` of `selected`
+    clients' (noised) updates made it into the sum."""
+    if not 0 < contributed <= selected:
+        raise ValueError(f"contributed must be in 1..{selected}, got {contributed}")
+    return noise_multiplier * math.sqrt(contributed / selected)
+
+
+def add_gaussian_noise(vec: np.ndarray, std: float, rng: np.random.Generator) -> np.ndarray:
+    """vec + N(0, std^2 I), float32 (noise drawn in float64 for accuracy)."""
+    if std == 0:
+        return np.asarray(vec, dtype=np.float32).copy()
+    noise = rng.normal(0.0, std, size=np.shape(vec))
+    return (np.asarray(vec, dtype=np.float64) + noise).astype(np.float32)
+
+
+def sample_rate(selected: int, available: int) -> float:
+    """Poisson-style sample rate used for amplification: q = selected / available, capped at 1."""
+    if selected < 1:
+        raise ValueError("no client selected")
+    return min(1.0, selected / max(available, selected))
+
+
+class Accountant:
+    """Privacy loss across rounds, via Opacus' RDP accountant.
+
+    `history` is Opacus' own list of (noise_multiplier, sample_rate, steps); it is plain JSON so a
+    resumed coordinator rebuilds the accountant exactly from its round history.
+    """
+
+    def __init__(self, history: list[tuple[float, float, int]] | None = None) -> None:
+        from opacus.accountants import RDPAccountant  # heavy import: only when DP is on
+
+        self._rdp = RDPAccountant()
+        for z, q, steps in history or []:
+            for _ in range(int(steps)):
+                self.step(float(z), float(q))
+
+    def step(self, noise_multiplier: float, rate: float) -> None:
+        if noise_multiplier <= 0:
+            raise ValueError("a round without noise has no finite privacy guarantee")
+        self._rdp.step(noise_multiplier=noise_multiplier, sample_rate=rate)
+
+    def epsilon(self, delta: float) -> float:
+        if not self._rdp.history:
+            return 0.0
+        return float(self._rdp.get_epsilon(delta=delta))
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return [(float(z), float(q), int(n)) for z, q, n in self._rdp.history]
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+
+__all__ = [
+    "Accountant",
+    "DPConfig",
+    "add_gaussian_noise",
+    "client_noise_std",
+    "effective_noise_multiplier",
+    "l2_clip",
+    "mean_noise_std",
+    "sample_rate",
+]
