@@ -18,6 +18,7 @@ from fedclient.session import ClientSession, ClientSettings, PermanentError, Sto
 from fedcore.config import parse_layered
 from fedcore.logs import setup_logging
 from fedcore.plugins import load_object
+from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -27,6 +28,10 @@ TOML file given with --config (a [client] table). Precedence: flag > environment
 
 example:
   fedclient run --server coordinator.example.org:50051 --task examples.digits:task --partition 0/3
+  # with mTLS (files from `fedserver certs`; the certificate's name is the client id):
+  fedclient run --server coordinator.example.org:50051 --task examples.digits:task --partition 0/3 \
+      --client-id client-0 --tls-ca certs/ca.crt --tls-cert certs/client-0.crt \
+      --tls-key certs/client-0.key
 """
 
 
@@ -86,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
+    add_tls_arguments(run, server=False)
     return parser
 
 
@@ -103,7 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.partition, scheme=args.partitioner, alpha=args.alpha, seed=args.seed
         )
         task = load_object(args.task)
-    except ValueError as e:
+        tls = TlsFiles.from_args(args)
+        if tls is not None and tls.ca is None and tls.cert is not None:
+            log.info("no --tls-ca: verifying the coordinator against the system's CAs")
+    except (ValueError, SecurityError) as e:
         log.error("%s", e)
         return EXIT_USAGE
     if args.threads > 0:
@@ -117,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         poll_seconds=args.poll_seconds,
         give_up_after=args.give_up_after,
+        tls=tls,
+        token=args.token,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _raise_stop)

@@ -27,6 +27,7 @@ from fedcore.codecs import get_codec
 from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.security import TlsFiles, open_channel
 from fedcore.tensors import (
     ChunkAssembler,
     FlatModel,
@@ -95,6 +96,8 @@ class ClientSettings:
     poll_seconds: float = 20.0
     give_up_after: float = 300.0
     rpc_timeout: float = 600.0
+    tls: TlsFiles | None = None
+    token: str | None = field(default=None, repr=False)  # never in logs
 
     def resolved_id(self) -> str:
         p = self.partition
@@ -110,7 +113,7 @@ class ClientSession:
         self.client_id = settings.resolved_id()
         self.stop = stop or threading.Event()
         self.backoff = Backoff(give_up_after=settings.give_up_after)
-        self.channel = grpc.insecure_channel(settings.server, options=list(CHANNEL_OPTIONS))
+        self.channel = open_channel(settings.server, settings.tls, settings.token, CHANNEL_OPTIONS)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.federation_id = ""
         self.joined = False

@@ -13,8 +13,10 @@ from pathlib import Path
 from fedcore.config import parse_layered
 from fedcore.logs import setup_logging
 from fedcore.privacy import DPConfig
+from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 from fedserver.coordinator import TrainingDefaults
 from fedserver.rounds import RoundPolicy
+from fedserver.security import cli as security_cli
 from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
 from fedserver.store import read_status
 from fedserver.strategies import STRATEGIES
@@ -27,6 +29,9 @@ Precedence: flag > environment > file > default.
 example:
   fedserver run --task examples.digits:task --rounds 20 --min-clients 3 --state-dir ./state
   fedserver status --state-dir ./state --json
+  fedserver certs --out ./certs --server-name coord.example.org --clients 3   # then, with mTLS:
+  fedserver run --task examples.digits:task --host 0.0.0.0 \
+      --tls-cert certs/server.crt --tls-key certs/server.key --tls-ca certs/ca.crt
 """
 
 
@@ -169,11 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["text", "json"],
         help="text for people, json lines for log shippers (text)",
     )
+    add_tls_arguments(run, server=True)
+    run.add_argument(
+        "--tokens",
+        type=Path,
+        help="require bearer tokens from this file (made by `fedserver tokens add`)",
+    )
 
     status = sub.add_parser("status", help="print a run's progress from its state dir")
     status.add_argument("--config", type=Path, help="TOML file with a [server] table")
     status.add_argument("--state-dir", type=Path, default=Path("state"), help="(./state)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    security_cli.add_commands(sub)
     return parser
 
 
@@ -204,6 +216,8 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         max_update_bytes=args.max_update_bytes,
         dp=dp,
         secure=args.secure,
+        tls=TlsFiles.from_args(args),
+        tokens_file=args.tokens,
     )
 
 
@@ -237,11 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_layered(parser, argv, "server")
     if args.command == "status":
         return _print_status(args.state_dir, args.json)
+    if hasattr(args, "handler"):
+        return int(args.handler(args))
     setup_logging(args.log_level, args.log_format)
     try:
         settings = _settings(args)
         return asyncio.run(serve(settings))
-    except (SetupError, ValueError) as e:
+    except (SetupError, SecurityError, ValueError) as e:
         logging.getLogger("fedserver").error("%s", e)
         return EXIT_USAGE
     except KeyboardInterrupt:

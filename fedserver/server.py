@@ -17,12 +17,15 @@ from fedcore.plugins import load_object
 from fedcore.privacy import DPConfig
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.security import SecurityError, TlsFiles, is_loopback
 from fedcore.tensors import DEFAULT_CHUNK_SIZE
 from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.coordinator import Coordinator, TrainingDefaults
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.rounds import RoundPolicy
+from fedserver.security.auth import AuthInterceptor, build_authenticator
+from fedserver.security.tokens import TokenFileError
 from fedserver.service import CoordinatorService
 from fedserver.store import StateStore
 from fedserver.strategies import build_strategy
@@ -49,6 +52,8 @@ class ServerSettings:
     dp: DPConfig | None = None
     secure: str = "none"  # "none" | "secagg"
     dp_seed: int | None = None  # fixed DP noise for reproducible tests; None = OS entropy
+    tls: TlsFiles | None = None  # None: plaintext (local debugging only)
+    tokens_file: Path | None = None  # bearer tokens required when set
 
 
 class SetupError(RuntimeError):
@@ -112,7 +117,13 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
 
 async def serve(s: ServerSettings) -> int:
     coordinator = build_coordinator(s)
-    server = grpc.aio.server(options=list(CHANNEL_OPTIONS))
+    try:
+        credentials = s.tls.server_credentials() if s.tls else None
+        auth = build_authenticator(s.tls is not None and s.tls.ca is not None, s.tokens_file)
+    except (SecurityError, TokenFileError) as e:
+        raise SetupError(str(e)) from None
+    interceptors = [AuthInterceptor(auth)] if auth.enabled else []
+    server = grpc.aio.server(options=list(CHANNEL_OPTIONS), interceptors=interceptors)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, s.chunk_size), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -121,7 +132,10 @@ async def serve(s: ServerSettings) -> int:
     )
     address = f"{s.host}:{s.port}"
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:
         port = 0
     if not port:
@@ -137,6 +151,13 @@ async def serve(s: ServerSettings) -> int:
         s.policy.total_rounds,
         s.policy.min_clients,
     )
+    log.info("security: %s", _describe_security(s))
+    if credentials is None and not is_loopback(address):
+        log.warning(
+            "serving PLAINTEXT on %s: model and updates travel unencrypted and unauthenticated; "
+            "use --tls-cert/--tls-key/--tls-ca (fedserver certs) outside a lab",
+            address,
+        )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -166,6 +187,14 @@ async def serve(s: ServerSettings) -> int:
         s.state_dir,
     )
     return code
+
+
+def _describe_security(s: ServerSettings) -> str:
+    if s.tls is None:
+        transport = "plaintext"
+    else:
+        transport = "mTLS (client certificates required)" if s.tls.ca else "TLS"
+    return transport + (f", bearer tokens from {s.tokens_file}" if s.tokens_file else "")
 
 
 async def _linger(coordinator: Coordinator, linger: float, stop: asyncio.Event) -> None:

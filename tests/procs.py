@@ -20,6 +20,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fedcore.security import TlsFiles, open_channel
+
 REPO = Path(__file__).resolve().parents[1]
 TASK = "examples.digits:task"
 
@@ -92,10 +94,12 @@ def start_client(
     return spawn(name or f"client-{index}", args, log_dir)
 
 
-def wait_serving(port: int, proc: Proc | None = None, timeout: float = 60.0) -> None:
-    """Block until the coordinator's gRPC health check answers SERVING."""
+def wait_serving(
+    port: int, proc: Proc | None = None, timeout: float = 60.0, tls: TlsFiles | None = None
+) -> None:
+    """Block until the coordinator's gRPC health check answers SERVING (over TLS if given)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+    with open_channel(f"127.0.0.1:{port}", tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.popen.poll() is not None:

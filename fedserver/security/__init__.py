@@ -1,0 +1,1 @@
+"""Coordinator security: certificates (certs), tokens (tokens), the interceptor (auth)."""

@@ -1,0 +1,203 @@
+"""Who is calling, and may they? One server interceptor decides for every Coordinator RPC.
+
+Authentication: with mTLS the peer's verified certificate names it (common name = client id,
+organizational unit = role); with tokens, `authorization: Bearer TOKEN` metadata does. When both
+are configured both are required and must name the same identity.
+
+Authorization (the only place it happens):
+  * gRPC health and reflection are open: probes and tools need them, and with mTLS the TLS
+    handshake has already required a certificate from our CA anyway;
+  * GetStatus: any authenticated identity;
+  * Join / GetGlobalModel / SubmitUpdate: role "client", and every client_id in the request
+    (JoinRequest, GetGlobalModelRequest, the UpdateHeader) must equal the caller's identity.
+No or bad credentials -> UNAUTHENTICATED; a valid identity doing what it may not ->
+PERMISSION_DENIED.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.security import TOKEN_METADATA, TOKEN_SCHEME
+from fedserver.security.certs import ROLE_CLIENT, peer_role
+from fedserver.security.tokens import TokenFileError, TokenStore
+
+log = logging.getLogger("fedserver.auth")
+
+SERVICE_PREFIX = "/fedgrpc.v1.Coordinator/"
+CLIENT_METHODS = {"Join", "GetGlobalModel", "SubmitUpdate"}
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    role: str
+    source: str  # "certificate" | "token"
+
+
+class Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@functools.lru_cache(maxsize=1024)
+def _cert_identity(pem: bytes) -> tuple[str, str]:
+    return peer_role(pem)
+
+
+def claimed_client_id(message: Any) -> str | None:
+    """The client id a request message acts as, if it names one."""
+    if isinstance(message, pb.UpdateChunk):
+        return message.header.client_id if message.WhichOneof("payload") == "header" else None
+    return getattr(message, "client_id", None)
+
+
+class Authenticator:
+    def __init__(self, *, mtls: bool, tokens: TokenStore | None) -> None:
+        self.mtls = mtls
+        self.tokens = tokens
+        self.on_denied: Callable[[str, grpc.StatusCode], None] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mtls or self.tokens is not None
+
+    def identify(self, metadata: Any, auth_context: dict[str, list[bytes]]) -> Identity:
+        cert: Identity | None = None
+        if self.mtls:
+            pem = (auth_context.get("x509_pem_cert") or [b""])[0]
+            name, role = _cert_identity(pem) if pem else ("", "")
+            if not name:
+                raise Denied(grpc.StatusCode.UNAUTHENTICATED, "no client certificate presented")
+            cert = Identity(name, role or ROLE_CLIENT, "certificate")
+        if self.tokens is None:
+            assert cert is not None
+            return cert
+        values = [v for k, v in (metadata or ()) if k == TOKEN_METADATA]
+        if not values:
+            raise Denied(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing token: pass --token (or FEDGRPC_TOKEN) from `fedserver tokens add`",
+            )
+        value = str(values[0])
+        token = value[len(TOKEN_SCHEME) :] if value.startswith(TOKEN_SCHEME) else value
+        entry = self.tokens.lookup(token)
+        if entry is None:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid or revoked token")
+        if cert is not None and cert.name != entry.name:
+            raise Denied(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"token belongs to {entry.name!r} but the certificate names {cert.name!r}",
+            )
+        return cert or Identity(entry.name, entry.role, "token")
+
+    def authorize(self, identity: Identity, method: str, message: Any | None) -> None:
+        if method in CLIENT_METHODS and identity.role != ROLE_CLIENT:
+            raise Denied(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{identity.name!r} has role {identity.role!r}; only clients may call {method}",
+            )
+        if message is None:
+            return
+        claimed = claimed_client_id(message)
+        if claimed is not None and claimed != identity.name:
+            raise Denied(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"authenticated as {identity.name!r} ({identity.source}) but acting as client "
+                f"{claimed!r}; a client can only act as itself",
+            )
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps every Coordinator handler so each call is authenticated and each message checked."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method_path: str = details.method  # type: ignore[attr-defined]
+        if handler is None or not method_path.startswith(SERVICE_PREFIX):
+            return handler  # health, reflection, unknown methods
+        return _wrap(handler, method_path[len(SERVICE_PREFIX) :], self.auth)
+
+
+async def _check(
+    auth: Authenticator, method: str, context: grpc.aio.ServicerContext, message: Any | None,
+    identity: Identity | None = None,
+) -> Identity:  # fmt: skip
+    try:
+        if identity is None:
+            identity = auth.identify(context.invocation_metadata(), context.auth_context())
+        auth.authorize(identity, method, message)
+        return identity
+    except Denied as e:
+        log.warning("%s refused (%s): %s [peer %s]", method, e.code.name, e, context.peer())
+        if auth.on_denied is not None:
+            auth.on_denied(method, e.code)
+        await context.abort(e.code, str(e))
+        raise AssertionError("unreachable") from None
+
+
+def _wrap(h: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> grpc.RpcMethodHandler:
+    kw = {
+        "request_deserializer": h.request_deserializer,
+        "response_serializer": h.response_serializer,
+    }
+    if h.unary_unary:
+
+        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _check(auth, method, context, request)
+            return await h.unary_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+    if h.unary_stream:
+
+        async def unary_stream(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            await _check(auth, method, context, request)
+            async for reply in h.unary_stream(request, context):
+                yield reply
+
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **kw)
+    if h.stream_unary:
+
+        async def stream_unary(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> Any:
+            identity = await _check(auth, method, context, None)
+
+            async def checked() -> AsyncIterator[Any]:
+                async for message in requests:
+                    await _check(auth, method, context, message, identity)
+                    yield message
+
+            return await h.stream_unary(checked(), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
+    raise TypeError(f"{method}: stream-stream Coordinator methods are not wrapped yet")
+
+
+def build_authenticator(mtls: bool, tokens_file: Path | None) -> Authenticator:
+    try:
+        tokens = TokenStore(tokens_file) if tokens_file is not None else None
+    except OSError as e:
+        raise TokenFileError(
+            f"cannot read token file {tokens_file}: {e.strerror}; create it with "
+            "`fedserver tokens add NAME --file FILE`"
+        ) from None
+    return Authenticator(mtls=mtls, tokens=tokens)

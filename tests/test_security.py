@@ -1,0 +1,181 @@
+"""A real coordinator with mTLS (certificates from `fedserver certs`) or with bearer tokens.
+
+Refusals are checked against the exact gRPC status: a plaintext client and a client holding a
+certificate from another CA never get past the handshake (UNAVAILABLE), missing or bad tokens
+are UNAUTHENTICATED, and a valid identity acting as another client is PERMISSION_DENIED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.security import TlsFiles, open_channel
+from fedserver.security.certs import CertPlan, make_certs
+from fedserver.security.tokens import add_token
+from fedserver.server import SERVICE_NAME
+from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+
+
+@dataclass
+class Live:
+    port: int
+    certs: Path
+    state: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def tls(self, name: str, certs: Path | None = None) -> TlsFiles:
+        ca_dir = self.certs
+        own = certs or self.certs
+        return TlsFiles(own / f"{name}.crt", own / f"{name}.key", ca_dir / "ca.crt")
+
+
+def _certs(out: Path, clients: int = 2) -> Path:
+    make_certs(CertPlan(out, ["localhost", "127.0.0.1"], [f"client-{i}" for i in range(clients)]))
+    return out
+
+
+def _mtls_flags(certs: Path) -> list[str]:
+    return ["--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key"),
+            "--tls-ca", str(certs / "ca.crt")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mtls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    tmp = tmp_path_factory.mktemp("mtls")
+    certs = _certs(tmp / "certs")
+    port = free_port()
+    server = start_coordinator(
+        tmp / "logs", port, tmp / "state", "--rounds", "2", "--min-clients", "3",
+        *_mtls_flags(certs),
+    )  # fmt: skip
+    live = Live(port, certs, tmp / "state")
+    try:
+        wait_serving(port, server, tls=live.tls("operator"))
+        yield live
+    finally:
+        server.kill()
+
+
+def _join(channel: grpc.Channel, client_id: str) -> pb.JoinReply:
+    return pb_grpc.CoordinatorStub(channel).Join(pb.JoinRequest(client_id=client_id), timeout=10)
+
+
+def _code(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        call()  # type: ignore[operator]
+    return e.value.code()  # type: ignore[attr-defined]
+
+
+def test_plaintext_client_is_refused_by_a_tls_coordinator(mtls: Live) -> None:
+    with grpc.insecure_channel(mtls.target) as channel:
+        assert _code(lambda: _join(channel, "client-0")) is grpc.StatusCode.UNAVAILABLE
+
+
+def test_client_with_a_certificate_from_another_ca_is_refused(mtls: Live, tmp_path: Path) -> None:
+    rogue = _certs(tmp_path / "rogue")
+    # Trusts the real CA (so the server is verified) but presents a foreign client certificate.
+    tls = TlsFiles(rogue / "client-0.crt", rogue / "client-0.key", mtls.certs / "ca.crt")
+    with open_channel(mtls.target, tls) as channel:
+        assert _code(lambda: _join(channel, "client-0")) is grpc.StatusCode.UNAVAILABLE
+    # ...and a client without any certificate fails the handshake as well.
+    with open_channel(mtls.target, TlsFiles(ca=mtls.certs / "ca.crt")) as channel:
+        assert _code(lambda: _join(channel, "client-0")) is grpc.StatusCode.UNAVAILABLE
+
+
+def test_certificate_holder_cannot_act_as_another_client(mtls: Live) -> None:
+    with open_channel(mtls.target, mtls.tls("client-0")) as channel:
+        assert _join(channel, "client-0").client_id == "client-0"
+        assert _code(lambda: _join(channel, "client-1")) is DENIED
+        stub = pb_grpc.CoordinatorStub(channel)
+        pull = pb.GetGlobalModelRequest(client_id="client-1", wait_seconds=0)
+        assert _code(lambda: list(stub.GetGlobalModel(pull, timeout=10))) is DENIED
+        forged = iter([pb.UpdateChunk(header=pb.UpdateHeader(client_id="client-1", round=1))])
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SubmitUpdate(forged, timeout=10)
+        assert e.value.code() is DENIED  # type: ignore[attr-defined]
+        assert "client-1" in e.value.details()  # type: ignore[attr-defined]
+
+
+def test_operator_certificate_reads_status_but_cannot_train(mtls: Live) -> None:
+    with open_channel(mtls.target, mtls.tls("operator")) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        status = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+        assert status.total_rounds == 2
+        assert _code(lambda: _join(channel, "operator")) is DENIED
+
+
+def test_health_serving_and_reflection_over_mtls(mtls: Live) -> None:
+    with open_channel(mtls.target, mtls.tls("operator")) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (answer,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in answer.list_services_response.service}
+        assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+
+
+def test_tokens_authenticate_and_bind_the_client_id(tmp_path: Path, procs: list[Proc]) -> None:
+    certs = _certs(tmp_path / "certs", clients=0)
+    tokens = tmp_path / "tokens.json"
+    token = add_token(tokens, "client-0")
+    port = free_port()
+    # Server-side TLS only (no --tls-ca): clients are identified by their tokens.
+    server = start_coordinator(
+        tmp_path / "logs", port, tmp_path / "state", "--rounds", "1", "--min-clients", "2",
+        "--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key"),
+        "--tokens", str(tokens),
+    )  # fmt: skip
+    procs.append(server)
+    ca_only = TlsFiles(ca=certs / "ca.crt")
+    wait_serving(port, server, tls=ca_only)  # health needs no token
+    target = f"127.0.0.1:{port}"
+    with open_channel(target, ca_only) as channel:
+        assert _code(lambda: _join(channel, "client-0")) is grpc.StatusCode.UNAUTHENTICATED
+    with open_channel(target, ca_only, token="fgt_not-a-real-token") as channel:
+        assert _code(lambda: _join(channel, "client-0")) is grpc.StatusCode.UNAUTHENTICATED
+    with open_channel(target, ca_only, token=token) as channel:
+        assert _join(channel, "client-0").client_id == "client-0"
+        assert _code(lambda: _join(channel, "client-1")) is DENIED
+        stub = pb_grpc.CoordinatorStub(channel)
+        forged = iter([pb.UpdateChunk(header=pb.UpdateHeader(client_id="client-1", round=1))])
+        assert _code(lambda: stub.SubmitUpdate(forged, timeout=10)) is DENIED
+
+
+@pytest.mark.slow
+def test_full_federation_over_mtls(tmp_path: Path, procs: list[Proc]) -> None:
+    certs = _certs(tmp_path / "certs")
+    port = free_port()
+    logs = tmp_path / "logs"
+    server = start_coordinator(
+        logs, port, tmp_path / "state", "--rounds", "3", "--min-clients", "2",
+        *_mtls_flags(certs),
+    )  # fmt: skip
+    procs.append(server)
+    clients = []
+    for i in range(2):
+        flags = ["--tls-ca", str(certs / "ca.crt"), "--tls-cert", str(certs / f"client-{i}.crt"),
+                 "--tls-key", str(certs / f"client-{i}.key")]  # fmt: skip
+        clients.append(start_client(logs, port, f"{i}/2", *flags))
+    procs.extend(clients)
+    for client in clients:
+        assert client.wait(150) == 0, client.log()
+    assert server.wait(60) == 0, server.log()
+    assert "mTLS (client certificates required)" in server.log()
+    assert "round 3/3 closed: 2 update(s)" in server.log()
