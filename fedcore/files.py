@@ -44,16 +44,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, parts: Iterable[bytes | memoryview]) -> None:
+def atomic_write(path: Path, parts: Iterable[bytes | memoryview], mode: int | None = None) -> None:
     """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder.
 
     A reader (or a restart after kill -9) sees either the old file or the complete new one.
+    `mode` (e.g. 0o600 for secrets) is set before any byte is written; default: the umask's.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             for part in parts:
                 f.write(part)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,13 +58,11 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    atomic_write(path, [pem])  # mkstemp: 0600 from the start
-    os.chmod(path, 0o600)  # private keys: owner only
+    atomic_write(path, [pem], mode=0o600)  # private keys: owner only, before any byte lands
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    atomic_write(path, [cert.public_bytes(serialization.Encoding.PEM)])
-    os.chmod(path, 0o644)
+    atomic_write(path, [cert.public_bytes(serialization.Encoding.PEM)], mode=0o644)
 
 
 def _name(common_name: str, unit: str | None = None) -> x509.Name:

@@ -58,7 +58,7 @@ def _load(path: Path) -> list[TokenEntry]:
 
 def _save(path: Path, entries: list[TokenEntry]) -> None:
     data = {"version": 1, "tokens": [e.__dict__ for e in entries]}
-    atomic_write(path, [json.dumps(data, indent=2).encode()])  # mkstemp: created 0600
+    atomic_write(path, [json.dumps(data, indent=2).encode()], mode=0o600)
 
 
 def add_token(path: Path, name: str, role: str = ROLE_CLIENT) -> str:
