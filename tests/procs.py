@@ -21,9 +21,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fedcore.security import TlsFiles, open_channel
+from fedcore.wire import CHANNEL_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = "examples.digits:task"
+PROBE_OPTIONS = (
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+)
 
 
 def free_port() -> int:
@@ -99,7 +106,9 @@ def wait_serving(
 ) -> None:
     """Block until the coordinator's gRPC health check answers SERVING (over TLS if given)."""
     deadline = time.monotonic() + timeout
-    with open_channel(f"127.0.0.1:{port}", tls) as channel:
+    # Short reconnect backoff: gRPC's default grows to many seconds while the coordinator is
+    # still importing torch, long enough for a quick run to finish before we look.
+    with open_channel(f"127.0.0.1:{port}", tls, options=PROBE_OPTIONS) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.popen.poll() is not None:
