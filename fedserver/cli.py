@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=sorted(STRATEGIES),
         help="aggregation strategy (fedavg)",
     )
+    _add_strategy_flags(run)
     run.add_argument("--seed", type=int, default=0, help="seed for the initial model and sampling")
     run.add_argument(
         "--linger",
@@ -189,6 +190,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# (flag, type, help); unset flags keep the strategy's own default (docs/algorithms.md).
+STRATEGY_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("proximal-mu", float, "fedprox: proximal term strength mu (0.01)"),
+    ("server-lr", float, "fedavgm/fedadam/fedyogi/fedadagrad: server learning rate eta"),
+    ("server-momentum", float, "fedavgm: server momentum beta (0.9)"),
+    ("beta1", float, "fedadam/fedyogi/fedadagrad: first-moment decay (0.9)"),
+    ("beta2", float, "fedadam/fedyogi: second-moment decay (0.99)"),
+    ("tau", float, "fedadam/fedyogi/fedadagrad: adaptivity epsilon tau (1e-3)"),
+    ("trim-fraction", float, "trimmed_mean: fraction cut at each end per coordinate (0.2)"),
+    ("krum-byzantine", int, "krum: number f of Byzantine clients tolerated (1)"),
+    ("multi-krum-m", int, "krum: updates averaged; 1 = Krum, >1 = Multi-Krum (1)"),
+)
+
+
+def _add_strategy_flags(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("strategy parameters (see docs/algorithms.md)")
+    for flag, kind, text in STRATEGY_FLAGS:
+        group.add_argument(f"--{flag}", type=kind, default=None, help=text)
+
+
+def strategy_params(args: argparse.Namespace) -> dict[str, float]:
+    """The strategy flags the operator actually set (file, environment or command line)."""
+    names = (flag.replace("-", "_") for flag, _, _ in STRATEGY_FLAGS)
+    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+
+
 def _settings(args: argparse.Namespace) -> ServerSettings:
     policy = RoundPolicy(
         total_rounds=args.rounds,
@@ -211,6 +238,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         host=args.host,
         port=args.port,
         strategy=args.strategy,
+        strategy_params=strategy_params(args),
         seed=args.seed,
         linger=args.linger,
         max_update_bytes=args.max_update_bytes,

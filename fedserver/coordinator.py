@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import random
@@ -19,9 +20,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from fedcore.codecs import Codec, get_codec
 from fedcore.tensors import FlatModel, Manifest, ManifestError
-from fedserver.aggregate import Accumulator, BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
+from fedserver.aggregate import (
+    Accumulator,
+    BadUpdate,
+    StagedUpdate,
+    UpdateReceiver,
+    UpdateSpool,
+    UpdateTooLarge,
+)
 from fedserver.dp import DPServer
 from fedserver.rounds import (
     AlreadySubmitted,
@@ -35,7 +45,7 @@ from fedserver.rounds import (
     SubmitRefused,
 )
 from fedserver.store import ClientReceipt, RoundRecord, StateStore
-from fedserver.strategies import AggregateInput, Strategy
+from fedserver.strategies import AggregateInput, Strategy, UpdateSet
 
 log = logging.getLogger("fedserver")
 
@@ -130,6 +140,7 @@ class Coordinator:
             self.policy, time.monotonic, random.Random(self.seed + start), round=start
         )
         self._accumulator = Accumulator(self._num_values())
+        self._spool: UpdateSpool | None = None
         self._client_metrics: dict[str, dict[str, float]] = {}
         self._available = 0  # live clients when the round opened (DP sample rate)
         self._streams: Counter[str] = Counter()
@@ -156,6 +167,7 @@ class Coordinator:
             total_rounds=self.policy.total_rounds,
             task=task_name,
             strategy=self.strategy.name,
+            strategy_params=json.dumps(self.strategy.params(), sort_keys=True),
             status="finished" if self.machine.phase is Phase.FINISHED else "running",
         )
 
@@ -189,6 +201,7 @@ class Coordinator:
             )
             if action == "opened":
                 self._accumulator = Accumulator(self._num_values())
+                self._open_spool()
                 self._client_metrics = {}
                 self._available = len(m.live_clients())
             self._schedule_deadline()
@@ -196,6 +209,14 @@ class Coordinator:
         elif action == "close":
             closed = self.machine.close()
             self._aggregating = asyncio.get_running_loop().create_task(self._finish_round(closed))
+
+    def _open_spool(self) -> None:
+        """Strategies that need every update get them kept on disk, not only folded."""
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        if self.strategy.needs_all_updates:
+            self._spool = UpdateSpool(self._num_values(), self.store.dir / "incoming")
 
     def _schedule_deadline(self) -> None:
         if self._deadline_timer:
@@ -384,6 +405,8 @@ class Coordinator:
             raise self._refuse(e) from None
         # DP-FedAvg bounds each client's influence only for an unweighted mean.
         self._accumulator.fold(staged, 1.0 if self.dp else float(h.num_examples))
+        if self._spool is not None:
+            self._spool.append(staged, float(h.num_examples))
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
         self._client_metrics[h.client_id] = dict(h.metrics)
         m = self.machine
@@ -431,7 +454,14 @@ class Coordinator:
                 mean, self._accumulator.count, len(self.machine.selected), self._available
             )
             metrics.update(dp_metrics)
-        agg = AggregateInput(closed.round, mean, self._accumulator.weight, self._accumulator.count)
+        spool = self._spool
+        agg = AggregateInput(
+            closed.round,
+            mean,
+            self._accumulator.weight,
+            self._accumulator.count,
+            UpdateSet(spool.matrix(), np.array(spool.weights)) if spool is not None else None,
+        )
         new_model, eval_metrics = await asyncio.to_thread(self._aggregate_and_save, agg, closed)
         metrics.update(eval_metrics)
         record = RoundRecord(
@@ -451,6 +481,9 @@ class Coordinator:
         ]
         await asyncio.to_thread(self._commit, record, receipts, new_model)
         self.model = new_model
+        if spool is not None:
+            spool.close()
+            self._spool = None
         self.machine.complete()
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         log.info(

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -45,6 +45,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 50051
     strategy: str = "fedavg"
+    strategy_params: dict[str, float] = field(default_factory=dict)
     seed: int = 0
     linger: float = 15.0
     max_update_bytes: int = 4 << 30
@@ -65,9 +66,16 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         task = load_object(s.task)
     except ValueError as e:
         raise SetupError(str(e)) from None
+    strategy = build_strategy(s.strategy, **s.strategy_params)  # bad flags: before any disk
+    if strategy.needs_all_updates and (s.dp is not None or s.secure != "none"):
+        # They read individual updates: that bypasses DP noise (added to the mean) and is
+        # impossible when the coordinator only holds masked updates.
+        raise SetupError(
+            f"strategy {s.strategy} reads every individual update, so it cannot be combined "
+            "with --dp-clip or --secure; use fedavg, fedprox, fedavgm or a FedOpt strategy"
+        )
     store = StateStore(s.state_dir)
     fresh = initial_model(task, s.seed)
-    strategy = build_strategy(s.strategy)
     last = store.last_round()
     if last or store.checkpoint_path(0).exists():
         recorded = store.get_meta("task")
@@ -75,6 +83,12 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
             raise SetupError(
                 f"{s.state_dir} holds a run of task {recorded!r}, not {s.task!r}; "
                 "use another --state-dir to start a new federation"
+            )
+        recorded = store.get_meta("strategy")
+        if recorded and recorded != s.strategy:
+            raise SetupError(
+                f"{s.state_dir} holds a run of strategy {recorded!r}, not {s.strategy!r}; "
+                "resume with the same --strategy or use another --state-dir"
             )
         model, strategy_state = store.load_checkpoint(last)
         if model.manifest != fresh.manifest:

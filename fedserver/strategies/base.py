@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,15 +11,51 @@ import numpy as np
 
 from fedcore.tensors import FlatModel, float_vector, with_float_vector
 
+# Coordinate blocks robust strategies read at a time: O(clients x BLOCK) memory, never the whole
+# (clients x model) matrix.
+BLOCK_VALUES = 1 << 18
+
+
+@dataclass(frozen=True)
+class UpdateSet:
+    """Every update of a round, for strategies that cannot work from the mean alone.
+
+    `vectors` is (clients, values) float32, normally a read-only np.memmap over a spill file:
+    read it in column blocks (see `blocks`) so memory stays O(clients x block).
+    """
+
+    vectors: np.ndarray
+    weights: np.ndarray  # num_examples per row, as the clients reported them
+
+    def __post_init__(self) -> None:
+        if self.vectors.ndim != 2 or len(self.weights) != self.vectors.shape[0]:
+            raise ValueError("UpdateSet needs a (clients, values) matrix and one weight per row")
+
+    @property
+    def count(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def blocks(self, block: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+        """(columns, float32 copy of vectors[:, columns]) over all coordinates."""
+        block = block or BLOCK_VALUES
+        d = self.vectors.shape[1]
+        for start in range(0, d, block):
+            cols = slice(start, min(d, start + block))
+            yield cols, np.asarray(self.vectors[:, cols], dtype=np.float32)
+
 
 @dataclass(frozen=True)
 class AggregateInput:
-    """One closed round's updates, already folded by the streaming accumulator."""
+    """One closed round's updates, already folded by the streaming accumulator.
+
+    `updates` is filled only for strategies with `needs_all_updates` (median, Krum...).
+    """
 
     round: int
     mean_delta: np.ndarray  # example-weighted mean of the clients' float32 delta vectors
     total_weight: float
     num_updates: int
+    updates: UpdateSet | None = None
 
 
 class Strategy(ABC):
@@ -26,10 +63,13 @@ class Strategy(ABC):
 
     Strategies are pure (numpy only). Anything they carry across rounds (server momentum,
     optimizer moments) is exposed through state_arrays/load_state_arrays so a resumed run
-    continues exactly where it stopped.
+    continues exactly where it stopped. Constructor keyword arguments are the strategy's
+    parameters (the CLI maps --server-lr to server_lr, and so on).
     """
 
     name: ClassVar[str]
+    # True: the coordinator keeps every verified update on disk and passes AggregateInput.updates.
+    needs_all_updates: ClassVar[bool] = False
 
     def round_config(self, round_number: int) -> dict[str, str]:
         """Extra knobs sent to clients with the round config (e.g. FedProx's mu)."""
@@ -37,6 +77,10 @@ class Strategy(ABC):
 
     @abstractmethod
     def apply(self, global_model: FlatModel, agg: AggregateInput) -> FlatModel: ...
+
+    def params(self) -> dict[str, float]:
+        """The strategy's parameters, for logs and the run's metadata."""
+        return {}
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         return {}
@@ -49,3 +93,38 @@ class Strategy(ABC):
 def add_to_floats(model: FlatModel, delta: np.ndarray) -> FlatModel:
     """model + delta over the floating tensors (computed in float32, rounded to each dtype)."""
     return with_float_vector(model, float_vector(model) + delta)
+
+
+def require(condition: bool, message: str) -> None:
+    """Parameter validation: a ValueError the CLI shows as a usage error."""
+    if not condition:
+        raise ValueError(message)
+
+
+def load_named_state(
+    strategy: str, arrays: dict[str, np.ndarray], names: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    """Validate checkpointed state: either empty (before the first round) or exactly `names`."""
+    if arrays and set(arrays) != set(names):
+        raise ValueError(
+            f"checkpointed state of strategy {strategy} has {sorted(arrays)}, "
+            f"expected {sorted(names)}: was the run started with another --strategy?"
+        )
+    return {k: np.array(v, dtype=np.float32).reshape(-1) for k, v in arrays.items()}
+
+
+def require_updates(agg: AggregateInput, strategy: str) -> UpdateSet:
+    if agg.updates is None or agg.updates.count == 0:
+        raise ValueError(f"strategy {strategy} needs every update but got none")
+    return agg.updates
+
+
+def coordinatewise(
+    agg: AggregateInput, strategy: str, reduce: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Apply `reduce` ((clients, block) -> (block,)) over every coordinate block of the updates."""
+    updates = require_updates(agg, strategy)
+    out = np.empty(updates.vectors.shape[1], dtype=np.float32)
+    for cols, block in updates.blocks():
+        out[cols] = reduce(block)
+    return out
