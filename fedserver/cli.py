@@ -10,10 +10,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+
 from fedcore.config import parse_layered
 from fedcore.logs import setup_logging
 from fedcore.privacy import DPConfig
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
+from fedserver import remote
 from fedserver.coordinator import TrainingDefaults
 from fedserver.rounds import RoundPolicy
 from fedserver.security import cli as security_cli
@@ -177,16 +180,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_tls_arguments(run, server=True)
     run.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (off)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address for --metrics-port (127.0.0.1; 0.0.0.0 to let a scraper in)",
+    )
+    run.add_argument(
         "--tokens",
         type=Path,
         help="require bearer tokens from this file (made by `fedserver tokens add`)",
     )
 
-    status = sub.add_parser("status", help="print a run's progress from its state dir")
+    status = sub.add_parser(
+        "status", help="print a run's progress from its state dir or a live coordinator"
+    )
     status.add_argument("--config", type=Path, help="TOML file with a [server] table")
     status.add_argument("--state-dir", type=Path, default=Path("state"), help="(./state)")
+    status.add_argument(
+        "--server", help="ask a running coordinator at HOST:PORT instead of reading --state-dir"
+    )
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    add_tls_arguments(status, server=False)
     security_cli.add_commands(sub)
+    remote.add_commands(sub)
     return parser
 
 
@@ -246,22 +266,34 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         secure=args.secure,
         tls=TlsFiles.from_args(args),
         tokens_file=args.tokens,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
-def _print_status(state_dir: Path, as_json: bool) -> int:
+def _print_status(args: argparse.Namespace) -> int:
     try:
-        status = read_status(state_dir)
-    except FileNotFoundError as e:
+        status = remote.live_status(args) if args.server else read_status(args.state_dir)
+    except (FileNotFoundError, SecurityError) as e:
         print(f"fedserver: {e}", file=sys.stderr)
         return 1
-    if as_json:
+    except grpc.RpcError as e:
+        print(f"fedserver: {args.server}: {e.code().name}: {e.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+        return 1
+    if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    print(
-        f"{status['status']}: {status['rounds_completed']}/{status['total_rounds']} rounds, "
-        f"task {status['task']}, strategy {status['strategy']}, {status['clients']} client(s)"
-    )
+    head = f"{status['status']}: {status['rounds_completed']}/{status['total_rounds']} rounds"
+    if args.server:
+        print(
+            f"{head}, round {status['current_round']}: {status['updates_received']}/"
+            f"{status['updates_expected']} updates, {status['live_clients']} live client(s)"
+        )
+    else:
+        print(
+            f"{head}, task {status['task']}, strategy {status['strategy']}, "
+            f"{status['clients']} client(s)"
+        )
     last = status["rounds"][-1]["metrics"] if status["rounds"] else {}
     if "epsilon" in last:
         print(
@@ -278,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_layered(parser, argv, "server")
     if args.command == "status":
-        return _print_status(args.state_dir, args.json)
+        return _print_status(args)
     if hasattr(args, "handler"):
         return int(args.handler(args))
     setup_logging(args.log_level, args.log_format)

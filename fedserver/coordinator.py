@@ -33,6 +33,7 @@ from fedserver.aggregate import (
     UpdateTooLarge,
 )
 from fedserver.dp import DPServer
+from fedserver.metrics import Metrics
 from fedserver.rounds import (
     AlreadySubmitted,
     ClosedRound,
@@ -132,6 +133,7 @@ class Coordinator:
     seed: int = 0
     dp: DPServer | None = None
     rejections: Counter[str] = field(default_factory=Counter)
+    metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
@@ -200,6 +202,7 @@ class Coordinator:
                 self.policy.round_timeout,
             )
             if action == "opened":
+                self.metrics.round_opened()
                 self._accumulator = Accumulator(self._num_values())
                 self._open_spool()
                 self._client_metrics = {}
@@ -305,7 +308,9 @@ class Coordinator:
 
     # ------------------------------------------------------------------ submitting updates
     def _refuse(self, exc: Exception) -> Exception:
-        self.rejections[getattr(exc, "reason", "refused")] += 1
+        reason = getattr(exc, "reason", "refused")
+        self.rejections[reason] += 1
+        self.metrics.rejected(reason)
         return exc
 
     def begin_submit(self, header: SubmitHeader) -> PendingSubmit:
@@ -368,6 +373,7 @@ class Coordinator:
 
     def abort_submit(self, pending: PendingSubmit) -> None:
         pending.receiver.abort()
+        self.metrics.received(pending.receiver.received)
         self._streams[pending.header.client_id] -= 1
 
     def reject(self, exc: Exception) -> Exception:
@@ -382,6 +388,7 @@ class Coordinator:
             self.abort_submit(pending)
             raise self._refuse(e) from None
         self._streams[h.client_id] -= 1
+        self.metrics.received(pending.receiver.received)
         try:
             return self._count(h, staged)
         finally:
@@ -409,6 +416,7 @@ class Coordinator:
             self._spool.append(staged, float(h.num_examples))
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
         self._client_metrics[h.client_id] = dict(h.metrics)
+        self.metrics.accepted()
         m = self.machine
         log.info(
             "round %d: update %d/%d from %s (%d examples)",
@@ -485,6 +493,7 @@ class Coordinator:
             spool.close()
             self._spool = None
         self.machine.complete()
+        self.metrics.round_closed(record.participants, record.duration, time.monotonic() - started)
         shown = " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()))
         log.info(
             "round %d/%d closed: %d update(s), %s (aggregated in %.2fs, round %.2fs)",
@@ -512,6 +521,9 @@ class Coordinator:
 
     def _commit(self, record: RoundRecord, receipts: list[ClientReceipt], model: FlatModel) -> None:
         self.store.commit_round(record, receipts)
+        self.store.record_traffic(
+            record.round, self.metrics.round_bytes_in, self.metrics.round_bytes_out
+        )
         self.store.publish_model(model, record.round)
 
     def _client_metric_means(self, closed: ClosedRound) -> dict[str, float]:

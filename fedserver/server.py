@@ -55,6 +55,8 @@ class ServerSettings:
     dp_seed: int | None = None  # fixed DP noise for reproducible tests; None = OS entropy
     tls: TlsFiles | None = None  # None: plaintext (local debugging only)
     tokens_file: Path | None = None  # bearer tokens required when set
+    metrics_port: int | None = None  # Prometheus /metrics when set (0: any free port)
+    metrics_host: str = "127.0.0.1"
 
 
 class SetupError(RuntimeError):
@@ -136,6 +138,7 @@ async def serve(s: ServerSettings) -> int:
         auth = build_authenticator(s.tls is not None and s.tls.ca is not None, s.tokens_file)
     except (SecurityError, TokenFileError) as e:
         raise SetupError(str(e)) from None
+    auth.on_denied = coordinator.metrics.refused_call
     interceptors = [AuthInterceptor(auth)] if auth.enabled else []
     server = grpc.aio.server(options=list(CHANNEL_OPTIONS), interceptors=interceptors)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, s.chunk_size), server)
@@ -166,6 +169,15 @@ async def serve(s: ServerSettings) -> int:
         s.policy.min_clients,
     )
     log.info("security: %s", _describe_security(s))
+    if s.metrics_port is not None:
+        coordinator.metrics.watch(lambda: _live_state(coordinator))
+        try:
+            bound = coordinator.metrics.serve(s.metrics_host, s.metrics_port)
+        except OSError as e:
+            raise SetupError(
+                f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {e.strerror}"
+            ) from None
+        log.info("metrics on http://%s:%d/metrics", s.metrics_host, bound)
     if credentials is None and not is_loopback(address):
         log.warning(
             "serving PLAINTEXT on %s: model and updates travel unencrypted and unauthenticated; "
@@ -201,6 +213,18 @@ async def serve(s: ServerSettings) -> int:
         s.state_dir,
     )
     return code
+
+
+def _live_state(c: Coordinator) -> dict[str, float]:
+    m = c.machine
+    return {
+        "current_round": m.round,
+        "total_rounds": c.policy.total_rounds,
+        "live_clients": len(m.live_clients()),
+        "updates_received": len(m.receipts),
+        "updates_expected": len(m.selected),
+        "finished": float(c.state_name() == "finished"),
+    }
 
 
 def _describe_security(s: ServerSettings) -> str:

@@ -94,6 +94,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if offer.send_bytes:
             for chunk in iter_chunks(offer.model.buffer, self.chunk_size):
                 yield pb.ModelChunk(data=bytes(chunk))
+                self.coordinator.metrics.sent(len(chunk))
 
     def _header(self, offer: Offer) -> pb.ModelHeader:
         cfg = offer.config

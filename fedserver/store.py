@@ -46,6 +46,11 @@ CREATE TABLE IF NOT EXISTS receipts (
     metrics TEXT NOT NULL,
     PRIMARY KEY (round, client_id)
 );
+CREATE TABLE IF NOT EXISTS traffic (
+    round INTEGER PRIMARY KEY,
+    bytes_in INTEGER NOT NULL,
+    bytes_out INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS clients (
     client_id TEXT PRIMARY KEY,
     first_seen REAL NOT NULL,
@@ -190,6 +195,22 @@ class StateStore:
                 (str(record.round),),
             )
 
+    def record_traffic(self, round_number: int, bytes_in: int, bytes_out: int) -> None:
+        """Update bytes received / model bytes sent while the round was open (for reports)."""
+        with self.lock:
+            self.db.execute(
+                "INSERT OR REPLACE INTO traffic VALUES (?, ?, ?)",
+                (round_number, bytes_in, bytes_out),
+            )
+
+    def traffic(self) -> dict[int, dict[str, int]]:
+        with self.lock:
+            try:
+                rows = self.db.execute("SELECT round, bytes_in, bytes_out FROM traffic").fetchall()
+            except sqlite3.OperationalError:  # a read-only look at a state dir from before
+                return {}
+        return {r[0]: {"bytes_in": r[1], "bytes_out": r[2]} for r in rows}
+
     def last_round(self) -> int:
         return int(self.get_meta("last_round", "0") or 0)
 
@@ -236,6 +257,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
         store.lock = threading.RLock()
         store.dir = Path(state_dir)
         rounds = store.rounds()
+        traffic = store.traffic()
         total = int(store.get_meta("total_rounds", "0") or 0)
         return {
             "status": store.get_meta("status", "unknown"),
@@ -245,7 +267,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
             "total_rounds": total,
             "rounds_completed": store.last_round(),
             "clients": len(store.known_clients()),
-            "rounds": [r.to_json() for r in rounds],
+            "rounds": [r.to_json() | traffic.get(r.round, {}) for r in rounds],
         }
     finally:
         db.close()

@@ -7,6 +7,9 @@ are UNAUTHENTICATED, and a valid identity acting as another client is PERMISSION
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ from fedcore.security import TlsFiles, open_channel
 from fedserver.security.certs import CertPlan, make_certs
 from fedserver.security.tokens import add_token
 from fedserver.server import SERVICE_NAME
-from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, child_env, free_port, start_client, start_coordinator, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -179,3 +182,22 @@ def test_full_federation_over_mtls(tmp_path: Path, procs: list[Proc]) -> None:
     assert server.wait(60) == 0, server.log()
     assert "mTLS (client certificates required)" in server.log()
     assert "round 3/3 closed: 2 update(s)" in server.log()
+
+
+def test_health_and_live_status_commands_use_the_operator_certificate(mtls: Live) -> None:
+    certs = mtls.certs
+    flags = ["--server", mtls.target, "--tls-ca", str(certs / "ca.crt"), "--tls-cert",
+             str(certs / "operator.crt"), "--tls-key", str(certs / "operator.key")]  # fmt: skip
+    health = _fedserver("health", *flags)
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING"), health.stderr
+    status = _fedserver("status", *flags, "--json")
+    assert json.loads(status.stdout)["total_rounds"] == 2, status.stderr
+    plaintext = _fedserver("health", "--server", mtls.target, "--timeout", "2")
+    assert plaintext.returncode == 1
+
+
+def _fedserver(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedserver.cli", *args],
+        capture_output=True, text=True, env=child_env(), timeout=60,
+    )  # fmt: skip
