@@ -14,10 +14,11 @@ import struct
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
+from fedcore.sealed import MAGIC, SealedError, StateCipher
 from fedcore.tensors import (
     SAFETENSORS_TO_DTYPE,
     FlatModel,
@@ -84,9 +85,18 @@ def safetensors_header(flat: FlatModel, metadata: Mapping[str, str] | None = Non
 
 
 def write_safetensors(
-    path: Path, flat: FlatModel, metadata: Mapping[str, str] | None = None
+    path: Path,
+    flat: FlatModel,
+    metadata: Mapping[str, str] | None = None,
+    cipher: StateCipher | None = None,
+    role: str = "",
 ) -> None:
-    atomic_write(path, [safetensors_header(flat, metadata), memoryview(flat.buffer)])
+    """Write atomically; with a cipher the file is sealed (see fedcore/sealed.py) under `role`."""
+    parts: Iterable[bytes | memoryview] = [
+        safetensors_header(flat, metadata),
+        memoryview(flat.buffer),
+    ]
+    atomic_write(path, cipher.seal(parts, role) if cipher else parts)
 
 
 def _is_int_list(value: object, length: int | None = None) -> bool:
@@ -118,10 +128,26 @@ def _parse_header(
     return entries, {str(k): str(v) for k, v in metadata.items()}
 
 
-def read_safetensors(path: Path) -> tuple[FlatModel, dict[str, str]]:
-    """Read a safetensors file into a FlatModel (tensors in data-offset order) and its metadata."""
+def _open_for_read(path: Path, cipher: StateCipher | None, role: str) -> BinaryIO:
+    if cipher is not None:
+        return cipher.open(path, role)  # type: ignore[return-value]
+    f = open(path, "rb")  # noqa: SIM115 - returned to a with block
+    if f.read(len(MAGIC)) == MAGIC:
+        f.close()
+        raise SealedError(f"{path} is encrypted; pass the key file it was written with")
+    f.seek(0)
+    return f
+
+
+def read_safetensors(
+    path: Path, cipher: StateCipher | None = None, role: str = ""
+) -> tuple[FlatModel, dict[str, str]]:
+    """Read a safetensors file into a FlatModel (tensors in data-offset order) and its metadata.
+
+    With a cipher the file must be sealed under `role`; every byte is authenticated before use.
+    """
     path = Path(path)
-    with open(path, "rb") as f:
+    with _open_for_read(path, cipher, role) as f:
         head = f.read(8)
         if len(head) != 8:
             raise ManifestError(f"{path}: too short to be a safetensors file")

@@ -15,13 +15,15 @@ import grpc
 from fedcore.config import parse_layered
 from fedcore.logs import setup_logging
 from fedcore.privacy import DPConfig
+from fedcore.sealed import StateCipher, generate_key_file
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
+from fedcore.tensors import ManifestError
 from fedserver import remote
 from fedserver.coordinator import TrainingDefaults
 from fedserver.rounds import RoundPolicy
 from fedserver.security import cli as security_cli
 from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
-from fedserver.store import read_status
+from fedserver.store import export_model, read_status
 from fedserver.strategies import STRATEGIES
 
 EPILOG = """\
@@ -35,6 +37,8 @@ example:
   fedserver certs --out ./certs --server-name coord.example.org --clients 3   # then, with mTLS:
   fedserver run --task examples.digits:task --host 0.0.0.0 \
       --tls-cert certs/server.crt --tls-key certs/server.key --tls-ca certs/ca.crt
+  fedserver keygen state.key && fedserver run ... --encrypt-state state.key
+  fedserver export --state-dir ./state --out model.safetensors --decrypt --key state.key
 """
 
 
@@ -171,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "secagg"],
         help="secure aggregation: 'secagg' = the coordinator only sees masked updates (none)",
     )
+    run.add_argument(
+        "--encrypt-state",
+        type=Path,
+        metavar="KEYFILE",
+        help="encrypt checkpoints and the model at rest with this AES-256-GCM key file "
+        "(make one with `fedserver keygen`); resuming needs the same key",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--log-format",
@@ -194,6 +205,30 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="require bearer tokens from this file (made by `fedserver tokens add`)",
     )
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="create a random key file for --encrypt-state",
+        description="Write a random 256-bit AES key to KEYFILE (mode 600). Keep it apart from "
+        "the state dir: whoever holds both can read the model.",
+    )
+    keygen.add_argument("keyfile", type=Path, metavar="KEYFILE")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    export = sub.add_parser(
+        "export",
+        help="write the model (or a round's checkpoint) from a state dir as plain safetensors",
+    )
+    export.add_argument("--config", type=Path, help="TOML file with a [server] table")
+    export.add_argument("--state-dir", type=Path, default=Path("state"), help="(./state)")
+    export.add_argument("--out", type=Path, required=True, help="safetensors file to write")
+    export.add_argument("--round", type=int, help="export this round's checkpoint (the latest)")
+    export.add_argument(
+        "--decrypt",
+        action="store_true",
+        help="the state dir is encrypted: decrypt with --key and write plaintext",
+    )
+    export.add_argument("--key", type=Path, metavar="KEYFILE", help="key for --decrypt")
 
     status = sub.add_parser(
         "status", help="print a run's progress from its state dir or a live coordinator"
@@ -268,6 +303,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         tokens_file=args.tokens,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        encrypt_state=args.encrypt_state,
     )
 
 
@@ -306,6 +342,30 @@ def _print_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(path: Path, force: bool) -> int:
+    try:
+        key_id = generate_key_file(path, overwrite=force)
+    except (ManifestError, OSError) as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote key {key_id} to {path}; keep a copy: without it the state cannot be read")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.decrypt != (args.key is not None):
+        print("fedserver: --decrypt and --key KEYFILE go together", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        cipher = StateCipher.from_key_file(args.key) if args.key else None
+        round_number, version = export_model(args.state_dir, args.out, cipher, args.round)
+    except (ManifestError, ValueError, OSError) as e:
+        print(f"fedserver: export failed: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote round {round_number} model {version[:12]} to {args.out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_layered(parser, argv, "server")
@@ -313,6 +373,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _print_status(args)
     if hasattr(args, "handler"):
         return int(args.handler(args))
+    if args.command == "keygen":
+        return _keygen(args.keyfile, args.force)
+    if args.command == "export":
+        return _export(args)
     setup_logging(args.log_level, args.log_format)
     try:
         settings = _settings(args)

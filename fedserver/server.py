@@ -17,8 +17,9 @@ from fedcore.plugins import load_object
 from fedcore.privacy import DPConfig
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.sealed import StateCipher
 from fedcore.security import SecurityError, TlsFiles, is_loopback
-from fedcore.tensors import DEFAULT_CHUNK_SIZE
+from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.coordinator import Coordinator, TrainingDefaults
 from fedserver.dp import DPServer
@@ -57,6 +58,7 @@ class ServerSettings:
     tokens_file: Path | None = None  # bearer tokens required when set
     metrics_port: int | None = None  # Prometheus /metrics when set (0: any free port)
     metrics_host: str = "127.0.0.1"
+    encrypt_state: Path | None = None  # key file: seal checkpoints and the model (AES-GCM)
 
 
 class SetupError(RuntimeError):
@@ -76,7 +78,11 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
             f"strategy {s.strategy} reads every individual update, so it cannot be combined "
             "with --dp-clip or --secure; use fedavg, fedprox, fedavgm or a FedOpt strategy"
         )
-    store = StateStore(s.state_dir)
+    try:
+        cipher = StateCipher.from_key_file(s.encrypt_state) if s.encrypt_state else None
+    except ManifestError as e:
+        raise SetupError(str(e)) from None
+    store = StateStore(s.state_dir, cipher)
     fresh = initial_model(task, s.seed)
     last = store.last_round()
     if last or store.checkpoint_path(0).exists():
@@ -92,7 +98,10 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
                 f"{s.state_dir} holds a run of strategy {recorded!r}, not {s.strategy!r}; "
                 "resume with the same --strategy or use another --state-dir"
             )
-        model, strategy_state = store.load_checkpoint(last)
+        try:
+            model, strategy_state = store.load_checkpoint(last)
+        except ManifestError as e:  # wrong key, tampered or truncated file: refuse to start
+            raise SetupError(f"cannot resume from {s.state_dir}: {e}") from None
         if model.manifest != fresh.manifest:
             raise SetupError(
                 f"the checkpoint in {s.state_dir} does not match the task's model architecture"
@@ -128,6 +137,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         dp=dp,
     )
     coordinator.initialize_store(s.task)
+    store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     return coordinator
 
 

@@ -5,6 +5,10 @@
     STATE/checkpoints/round-NNNN.strategy.safetensors   strategy state, when it has any
     STATE/state.db                             rounds, per-client receipts, clients, run metadata
 
+With --encrypt-state every safetensors file above is sealed with AES-256-GCM (fedcore/sealed.py)
+under a role naming the file ("model", "checkpoint:round-0003", "strategy:round-0003"), so a
+file copied over another one is refused. state.db holds no tensors and stays plain SQLite.
+
 A round is committed when its row lands in SQLite; that happens only after its checkpoint is on
 disk (atomic rename + fsync), so after kill -9 the last committed round always has an intact
 checkpoint, and files of an uncommitted round are simply overwritten when it is redone.
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from fedcore.files import read_safetensors, write_safetensors
+from fedcore.sealed import StateCipher
 from fedcore.tensors import FlatModel, flatten_arrays
 
 _SCHEMA = """
@@ -92,9 +97,21 @@ class ClientReceipt:
     metrics: dict[str, float]
 
 
+MODEL_ROLE = "model"
+
+
+def checkpoint_role(round_number: int) -> str:
+    return f"checkpoint:round-{round_number:04d}"
+
+
+def strategy_role(round_number: int) -> str:
+    return f"strategy:round-{round_number:04d}"
+
+
 class StateStore:
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, cipher: StateCipher | None = None) -> None:
         self.dir = Path(state_dir)
+        self.cipher = cipher
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "checkpoints").mkdir(exist_ok=True)
         # One connection shared by the event loop and the checkpoint thread, serialized by a lock.
@@ -142,25 +159,39 @@ class StateStore:
         self, round_number: int, model: FlatModel, strategy_state: dict[str, np.ndarray]
     ) -> None:
         meta = {"round": str(round_number), "model_version": model.version, "format": "fedgrpc"}
-        write_safetensors(self.checkpoint_path(round_number), model, meta)
+        write_safetensors(
+            self.checkpoint_path(round_number),
+            model,
+            meta,
+            self.cipher,
+            checkpoint_role(round_number),
+        )
         if strategy_state:
             write_safetensors(
-                self.strategy_path(round_number), flatten_arrays(strategy_state), meta
+                self.strategy_path(round_number),
+                flatten_arrays(strategy_state),
+                meta,
+                self.cipher,
+                strategy_role(round_number),
             )
 
     def publish_model(self, model: FlatModel, round_number: int) -> None:
         meta = {"round": str(round_number), "model_version": model.version, "format": "fedgrpc"}
-        write_safetensors(self.model_path, model, meta)
+        write_safetensors(self.model_path, model, meta, self.cipher, MODEL_ROLE)
 
     def load_checkpoint(self, round_number: int) -> tuple[FlatModel, dict[str, np.ndarray]]:
-        model, meta = read_safetensors(self.checkpoint_path(round_number))
+        model, meta = read_safetensors(
+            self.checkpoint_path(round_number), self.cipher, checkpoint_role(round_number)
+        )
         if meta.get("model_version") not in (None, model.version):
             raise ValueError(
                 f"checkpoint for round {round_number} does not match its recorded version"
             )
         strategy: dict[str, np.ndarray] = {}
         if self.strategy_path(round_number).exists():
-            flat, _ = read_safetensors(self.strategy_path(round_number))
+            flat, _ = read_safetensors(
+                self.strategy_path(round_number), self.cipher, strategy_role(round_number)
+            )
             strategy = {t.name: flat.raw(t.name).copy() for t in flat.manifest.tensors}
         return model, strategy
 
@@ -243,6 +274,29 @@ class StateStore:
         with self.lock:
             rows = self.db.execute("SELECT client_id FROM clients ORDER BY client_id").fetchall()
         return [r[0] for r in rows]
+
+
+def export_model(
+    state_dir: Path, out: Path, cipher: StateCipher | None, round_number: int | None = None
+) -> tuple[int, str]:
+    """Write the current model (or a round's checkpoint) as plain safetensors; (round, version).
+
+    Read-only on the state dir. Every byte is authenticated before anything is written, so a
+    wrong key or a tampered file leaves `out` untouched.
+    """
+    state_dir = Path(state_dir)
+    if round_number is None:
+        path, role = state_dir / "model.safetensors", MODEL_ROLE
+    else:
+        path = state_dir / "checkpoints" / f"round-{round_number:04d}.safetensors"
+        role = checkpoint_role(round_number)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    model, meta = read_safetensors(path, cipher, role)
+    if meta.get("model_version") not in (None, model.version):
+        raise ValueError(f"{path} does not match its recorded model version")
+    write_safetensors(Path(out), model, meta)
+    return int(meta.get("round", round_number or 0)), model.version
 
 
 def read_status(state_dir: Path) -> dict[str, Any]:
