@@ -14,7 +14,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,6 +23,7 @@ import numpy as np
 
 from fedclient.partition import Partition
 from fedclient.task import LocalData, Task, TrainConfig
+from fedcore import faults
 from fedcore.codecs import get_codec
 from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.proto import coordinator_pb2 as pb
@@ -271,7 +272,7 @@ class ClientSession:
             reply = self._call(
                 "submit",
                 lambda: self.stub.SubmitUpdate(
-                    update_stream(update, payload, digest), timeout=self.settings.rpc_timeout
+                    _upload(update, payload, digest), timeout=self.settings.rpc_timeout
                 ),
             )
         except grpc.RpcError as e:
@@ -301,6 +302,13 @@ def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:
         # Never seeded: a predictable noise draw would let the noise be subtracted again.
         delta = add_gaussian_noise(delta, std, np.random.default_rng(secrets.randbits(128)))
     return delta
+
+
+def _upload(header: pb.UpdateHeader, payload: Any, digest: str) -> Iterator[pb.UpdateChunk]:
+    for sent, chunk in enumerate(update_stream(header, payload, digest)):
+        yield chunk
+        if sent == 1:  # header and first data chunk are out
+            faults.die("upload", header.round)  # tests: kill -9 mid-upload
 
 
 def _round_seed(seed: int, client_id: str, round_number: int) -> int:

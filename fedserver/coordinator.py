@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcore import faults
 from fedcore.codecs import Codec, get_codec
 from fedcore.tensors import FlatModel, Manifest, ManifestError
 from fedserver.aggregate import (
@@ -417,6 +418,7 @@ class Coordinator:
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
         self._client_metrics[h.client_id] = dict(h.metrics)
         self.metrics.accepted()
+        faults.freeze("collect", h.round)  # tests: crash with an update counted only in memory
         m = self.machine
         log.info(
             "round %d: update %d/%d from %s (%d examples)",
@@ -514,12 +516,14 @@ class Coordinator:
     def _aggregate_and_save(
         self, agg: AggregateInput, closed: ClosedRound
     ) -> tuple[FlatModel, dict[str, float]]:
+        faults.freeze("aggregate", closed.round)
         new_model = self.strategy.apply(self.model, agg)
         self.store.write_checkpoint(closed.round, new_model, self.strategy.state_arrays())
         metrics = self.evaluate(new_model) if self.evaluate else {}
         return new_model, metrics
 
     def _commit(self, record: RoundRecord, receipts: list[ClientReceipt], model: FlatModel) -> None:
+        faults.freeze("commit", record.round)
         self.store.commit_round(record, receipts)
         self.store.record_traffic(
             record.round, self.metrics.round_bytes_in, self.metrics.round_bytes_out

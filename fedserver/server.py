@@ -28,7 +28,7 @@ from fedserver.rounds import RoundPolicy
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
 from fedserver.service import CoordinatorService
-from fedserver.store import StateStore
+from fedserver.store import StateDirBusy, StateStore
 from fedserver.strategies import build_strategy
 
 log = logging.getLogger("fedserver")
@@ -82,7 +82,10 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         cipher = StateCipher.from_key_file(s.encrypt_state) if s.encrypt_state else None
     except ManifestError as e:
         raise SetupError(str(e)) from None
-    store = StateStore(s.state_dir, cipher)
+    try:
+        store = StateStore(s.state_dir, cipher)
+    except StateDirBusy as e:
+        raise SetupError(str(e)) from None
     fresh = initial_model(task, s.seed)
     last = store.last_round()
     if last or store.checkpoint_path(0).exists():
@@ -207,6 +210,8 @@ async def serve(s: ServerSettings) -> int:
         log.info("stop requested: finishing the round being aggregated, then shutting down")
         coordinator.begin_shutdown()
         await coordinator.wait_idle()
+        if not coordinator.done.is_set():
+            coordinator.store.set_meta(status="stopped")
         code = EXIT_OK
     else:
         await _linger(coordinator, s.linger, stop)

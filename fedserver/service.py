@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from fedcore import faults
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError, iter_chunks
@@ -157,12 +158,20 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(status_for(e), str(e))
         except BaseException:
             # Client went away (cancelled) or the server is stopping: nothing was counted.
+            log.info(
+                "upload from %s for round %d cut off after %d bytes; nothing counted",
+                header.client_id,
+                header.round,
+                pending.receiver.received,
+            )
             coordinator.abort_submit(pending)
             raise
         try:
             result = coordinator.finish_submit(pending, sha256)
         except (BadUpdate, SubmitRefused) as e:
             await context.abort(status_for(e), str(e))
+        if faults.fire("reply", result.round):  # tests: the client must retry a counted update
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "fault injection: reply dropped")
         return pb.SubmitReply(
             accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
         )
@@ -181,6 +190,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             updates_received=len(m.receipts),
             updates_expected=len(m.selected),
             federation_id=c.federation_id,
+            rejections=dict(c.rejections),
         )
         for r in c.store.rounds():
             reply.rounds.append(

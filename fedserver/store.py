@@ -16,17 +16,21 @@ checkpoint, and files of an uncommitted round are simply overwritten when it is 
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedcore.files import read_safetensors, write_safetensors
+from fedcore import faults
+from fedcore.files import atomic_write, read_safetensors, safetensors_header, write_safetensors
 from fedcore.sealed import StateCipher
 from fedcore.tensors import FlatModel, flatten_arrays
 
@@ -108,12 +112,20 @@ def strategy_role(round_number: int) -> str:
     return f"strategy:round-{round_number:04d}"
 
 
+class StateDirBusy(RuntimeError):
+    """Another live coordinator holds this state dir."""
+
+
 class StateStore:
     def __init__(self, state_dir: Path, cipher: StateCipher | None = None) -> None:
         self.dir = Path(state_dir)
         self.cipher = cipher
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "checkpoints").mkdir(exist_ok=True)
+        self._lock_file = self._take_lock()
+        # Temp files of a write interrupted by kill -9: never read, so just remove them.
+        for stale in [*self.dir.glob(".*.tmp"), *(self.dir / "checkpoints").glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
         # One connection shared by the event loop and the checkpoint thread, serialized by a lock.
         self.lock = threading.RLock()
         self.db = sqlite3.connect(
@@ -125,8 +137,24 @@ class StateStore:
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
 
+    def _take_lock(self) -> int:
+        """One coordinator per state dir; the kernel drops the lock when its holder dies."""
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateDirBusy(
+                f"{self.dir} is in use by another coordinator (pid {holder}); stop it first"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
     def close(self) -> None:
         self.db.close()
+        os.close(self._lock_file)
 
     # ------------------------------------------------------------------ metadata
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -159,13 +187,10 @@ class StateStore:
         self, round_number: int, model: FlatModel, strategy_state: dict[str, np.ndarray]
     ) -> None:
         meta = {"round": str(round_number), "model_version": model.version, "format": "fedgrpc"}
-        write_safetensors(
-            self.checkpoint_path(round_number),
-            model,
-            meta,
-            self.cipher,
-            checkpoint_role(round_number),
-        )
+        parts = _checkpoint_parts(model, meta)
+        role = checkpoint_role(round_number)
+        sealed = self.cipher.seal(parts, role) if self.cipher else parts
+        atomic_write(self.checkpoint_path(round_number), sealed)
         if strategy_state:
             write_safetensors(
                 self.strategy_path(round_number),
@@ -297,6 +322,15 @@ def export_model(
         raise ValueError(f"{path} does not match its recorded model version")
     write_safetensors(Path(out), model, meta)
     return int(meta.get("round", round_number or 0)), model.version
+
+
+def _checkpoint_parts(model: FlatModel, meta: dict[str, str]) -> Iterator[bytes | memoryview]:
+    """A checkpoint's bytes for atomic_write; the `checkpoint` fault freezes halfway through."""
+    yield safetensors_header(model, meta)
+    data = memoryview(model.buffer)
+    yield data[: data.nbytes // 2]
+    faults.freeze("checkpoint", int(meta["round"]))
+    yield data[data.nbytes // 2 :]
 
 
 def read_status(state_dir: Path) -> dict[str, Any]:

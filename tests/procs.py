@@ -6,6 +6,7 @@ process exit, or polling a condition against a deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,6 +46,7 @@ def child_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("FEDGRPC_CONFIG", None)
+    env.pop("FEDGRPC_FAULT", None)  # fault injection only where a test asks for it
     return env
 
 
@@ -69,36 +72,58 @@ class Proc:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def spawn(name: str, args: Sequence[str], log_dir: Path) -> Proc:
+def spawn(
+    name: str,
+    args: Sequence[str],
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+) -> Proc:
+    """Start `python ARGS` (after `prefix`, e.g. `ip netns exec NS`); `env` adds variables."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:  # append: a restarted process keeps its history
         popen = subprocess.Popen(
-            [sys.executable, *args],
+            [*prefix, sys.executable, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=child_env(),
+            env={**child_env(), **(env or {})},
             cwd=REPO,
         )
     return Proc(name, popen, log_path)
 
 
 def start_coordinator(
-    log_dir: Path, port: int, state_dir: Path, *extra: str, task: str = TASK, name: str = "server"
+    log_dir: Path,
+    port: int,
+    state_dir: Path,
+    *extra: str,
+    task: str = TASK,
+    name: str = "server",
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> Proc:
     args = ["-m", "fedserver.cli", "run", "--task", task, "--port", str(port)]
     args += ["--state-dir", str(state_dir), "--linger", "10", *extra]
-    return spawn(name, args, log_dir)
+    return spawn(name, args, log_dir, env, prefix)
 
 
 def start_client(
-    log_dir: Path, port: int, partition: str, *extra: str, task: str = TASK, name: str | None = None
+    log_dir: Path,
+    port: int,
+    partition: str,
+    *extra: str,
+    task: str = TASK,
+    name: str | None = None,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    host: str = "127.0.0.1",
 ) -> Proc:
     index = partition.split("/")[0]
-    args = ["-m", "fedclient.cli", "run", "--server", f"127.0.0.1:{port}", "--task", task]
+    args = ["-m", "fedclient.cli", "run", "--server", f"{host}:{port}", "--task", task]
     args += ["--partition", partition, "--client-id", f"client-{index}", "--threads", "1"]
     args += ["--give-up-after", "120", *extra]
-    return spawn(name or f"client-{index}", args, log_dir)
+    return spawn(name or f"client-{index}", args, log_dir, env, prefix)
 
 
 def wait_serving(
@@ -136,3 +161,16 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         _POLL.wait(delay)  # a poll interval between checks, not a synchronization point
         delay = min(delay * 2, 0.2)
+
+
+def status_json(state_dir: Path) -> dict[str, Any]:
+    """`fedserver status --state-dir STATE --json`, exactly as an operator would run it."""
+    out = subprocess.run(
+        [sys.executable, "-m", "fedserver.cli", "status", "--state-dir", str(state_dir), "--json"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=REPO,
+        check=True,
+    )
+    return dict(json.loads(out.stdout))

@@ -209,7 +209,14 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., participants: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., duration_seconds: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetStatusReply(_message.Message):
-    __slots__ = ("state", "current_round", "total_rounds", "rounds_completed", "live_clients", "updates_received", "updates_expected", "rounds", "federation_id")
+    __slots__ = ("state", "current_round", "total_rounds", "rounds_completed", "live_clients", "updates_received", "updates_expected", "rounds", "federation_id", "rejections")
+    class RejectionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     STATE_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +226,7 @@ class GetStatusReply(_message.Message):
     UPDATES_EXPECTED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     state: FederationState
     current_round: int
     total_rounds: int
@@ -228,4 +236,5 @@ class GetStatusReply(_message.Message):
     updates_expected: int
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     federation_id: str
-    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., live_clients: _Optional[int] = ..., updates_received: _Optional[int] = ..., updates_expected: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., federation_id: _Optional[str] = ...) -> None: ...
+    rejections: _containers.ScalarMap[str, int]
+    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., live_clients: _Optional[int] = ..., updates_received: _Optional[int] = ..., updates_expected: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., federation_id: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ...) -> None: ...
