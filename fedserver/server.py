@@ -27,7 +27,7 @@ from fedserver.evaluate import Evaluator, initial_model
 from fedserver.rounds import RoundPolicy
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
-from fedserver.service import CoordinatorService
+from fedserver.service import CoordinatorService, LenientDecoding
 from fedserver.store import StateDirBusy, StateStore
 from fedserver.strategies import build_strategy
 
@@ -152,7 +152,8 @@ async def serve(s: ServerSettings) -> int:
     except (SecurityError, TokenFileError) as e:
         raise SetupError(str(e)) from None
     auth.on_denied = coordinator.metrics.refused_call
-    interceptors = [AuthInterceptor(auth)] if auth.enabled else []
+    # Lenient decoding first: corrupt messages reach the servicer as None and are refused there.
+    interceptors = [LenientDecoding(), *([AuthInterceptor(auth)] if auth.enabled else [])]
     server = grpc.aio.server(options=list(CHANNEL_OPTIONS), interceptors=interceptors)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, s.chunk_size), server)
     health_servicer = health.aio.HealthServicer()

@@ -8,9 +8,11 @@ PERMISSION_DENIED for clients not selected, RESOURCE_EXHAUSTED for oversized upd
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fedcore import faults
 from fedcore.proto import coordinator_pb2 as pb
@@ -65,6 +67,35 @@ def _check_client_id(client_id: str) -> str | None:
     return None
 
 
+class LenientDecoding(grpc.aio.ServerInterceptor):
+    """Hand undecodable protobuf to the servicer as None instead of failing with UNKNOWN.
+
+    gRPC answers a request its deserializer cannot parse with UNKNOWN and logs a traceback; a
+    hostile or broken peer must get INVALID_ARGUMENT like any other bad input, and be counted.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError:
+                return None
+
+        return handler._replace(request_deserializer=lenient)  # type: ignore[attr-defined]
+
+
+CORRUPT = "message is not valid protobuf for this RPC (corrupt or wrong type)"
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.coordinator = coordinator
@@ -73,6 +104,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinReply:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
         if problem := _check_client_id(request.client_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         self.coordinator.touch(request.client_id, dict(request.properties))
@@ -87,6 +120,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def GetGlobalModel(
         self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelChunk]:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
         if problem := _check_client_id(request.client_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
@@ -126,10 +161,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitReply:
         coordinator = self.coordinator
-        first = await anext(aiter(request_iterator), None)
+        first = await anext(aiter(request_iterator), ...)  # ... = the stream was empty
         try:
-            if first is None or first.WhichOneof("payload") != "header":
-                raise BadUpdate("the first message must be an UpdateHeader")
+            if first is None:
+                raise BadUpdate(CORRUPT, "corrupt_message")
+            if first is ... or first.WhichOneof("payload") != "header":
+                raise BadUpdate("the first message must be an UpdateHeader", "bad_stream")
             header = _parse_header(first.header)
         except BadUpdate as e:
             coordinator.reject(e)
@@ -141,15 +178,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         sha256 = None
         try:
             async for msg in request_iterator:
+                if msg is None:
+                    raise BadUpdate(CORRUPT, "corrupt_message")
                 kind = msg.WhichOneof("payload")
                 if sha256 is not None or kind == "header":
-                    raise BadUpdate("unexpected message after the trailer or a second header")
+                    raise BadUpdate(
+                        "unexpected message after the trailer or a second header", "bad_stream"
+                    )
                 if kind == "data":
                     pending.receiver.add(msg.data)
                 elif kind == "trailer":
                     sha256 = msg.trailer.sha256
                 else:
-                    raise BadUpdate("empty UpdateChunk")
+                    raise BadUpdate("empty UpdateChunk", "bad_stream")
             if sha256 is None:
                 raise BadUpdate("update stream ended without a trailer (truncated)", "truncated")
         except BadUpdate as e:
@@ -208,7 +249,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
 def _parse_header(h: pb.UpdateHeader) -> SubmitHeader:
     if problem := _check_client_id(h.client_id):
-        raise BadUpdate(problem)
+        raise BadUpdate(problem, "bad_client_id")
     try:
         manifest = manifest_from_proto(h.manifest)
     except (ManifestError, ValueError) as e:
