@@ -18,7 +18,7 @@ from fedcore.privacy import DPConfig
 from fedcore.sealed import StateCipher, generate_key_file
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 from fedcore.tensors import ManifestError
-from fedserver import remote
+from fedserver import remote, report
 from fedserver.coordinator import TrainingDefaults
 from fedserver.rounds import RoundPolicy
 from fedserver.security import cli as security_cli
@@ -242,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_arguments(status, server=False)
     security_cli.add_commands(sub)
     remote.add_commands(sub)
+    report.add_commands(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ The test drives the rounds itself (one raw gRPC client, --min-clients 1), so it 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import subprocess
@@ -125,3 +126,14 @@ def test_metrics_status_logs_and_report(tmp_path: Path, procs: list[Proc]) -> No
 
     status = json.loads(fedserver("status", "--state-dir", str(state), "--json").stdout)
     assert [r["bytes_out"] for r in status["rounds"]] == [model.buffer.size] * 2
+
+    out = tmp_path / "report"
+    made = fedserver("report", "--state-dir", str(state), "--out", str(out))
+    assert made.returncode == 0, made.stderr
+    for name in ("accuracy", "loss", "participants", "bytes"):
+        png = (out / f"{name}.png").read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    rows = list(csv.DictReader((out / "rounds.csv").open()))
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    assert all(int(r["participants"]) == 1 and 0 < float(r["accuracy"]) <= 1 for r in rows)
+    assert json.loads((out / "report.json").read_text())["rounds_completed"] == 2
