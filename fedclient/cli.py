@@ -18,6 +18,7 @@ from fedclient.session import ClientSession, ClientSettings, PermanentError, Sto
 from fedcore.config import parse_layered
 from fedcore.logs import setup_logging
 from fedcore.plugins import load_object
+from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -128,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         give_up_after=args.give_up_after,
         tls=tls,
         token=args.token,
+        progress=progress_wanted(args.log_format),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _raise_stop)

@@ -7,6 +7,7 @@ clear message and a non-zero exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -26,6 +27,7 @@ from fedclient.task import LocalData, Task, TrainConfig
 from fedcore import faults
 from fedcore.codecs import get_codec
 from fedcore.privacy import add_gaussian_noise, l2_clip
+from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.security import TlsFiles, open_channel
@@ -99,6 +101,7 @@ class ClientSettings:
     rpc_timeout: float = 600.0
     tls: TlsFiles | None = None
     token: str | None = field(default=None, repr=False)  # never in logs
+    progress: bool = False  # local-epoch progress bar (only when stderr is a terminal)
 
     def resolved_id(self) -> str:
         p = self.partition
@@ -240,7 +243,15 @@ class ClientSession:
         torch.manual_seed(config.seed)
         model.load_state_dict(to_state_dict(base))
         started = time.monotonic()
-        result = self.task.train(model, data.train, config)
+        with live_progress(self.settings.progress) as progress:
+            if progress is not None:
+                bar = progress.add_task(
+                    f"round {header.round} local epochs", total=config.local_epochs, detail=""
+                )
+                config = dataclasses.replace(
+                    config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
+                )
+            result = self.task.train(model, data.train, config)
         if self.stop.is_set():
             raise Stopped
         local = flatten_state_dict(model.state_dict())

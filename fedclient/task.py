@@ -8,7 +8,7 @@ implementation that subclasses override only when they need something different.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -29,6 +29,8 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     extra: Mapping[str, str] = field(default_factory=dict)  # strategy knobs, e.g. "proximal_mu"
+    # Called as on_epoch(done, total) after each local epoch (progress bars); local only.
+    on_epoch: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.local_epochs < 1:
@@ -116,7 +118,7 @@ class Task(abc.ABC):
 
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        for _ in range(config.local_epochs):
+        for epoch in range(config.local_epochs):
             loss_sum, correct, seen = 0.0, 0, 0
             for inputs, targets in loader:
                 optimizer.zero_grad()
@@ -132,6 +134,8 @@ class Task(abc.ABC):
                 loss_sum += loss.item() * len(targets)
                 correct += _count_correct(outputs, targets)
                 seen += len(targets)
+            if config.on_epoch is not None:
+                config.on_epoch(epoch + 1, config.local_epochs)
         if seen == 0:
             raise ValueError("cannot train on an empty dataset")
         metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}

@@ -15,6 +15,7 @@ import grpc
 from fedcore.config import parse_layered
 from fedcore.logs import setup_logging
 from fedcore.privacy import DPConfig
+from fedcore.progress import wanted as progress_wanted
 from fedcore.sealed import StateCipher, generate_key_file
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 from fedcore.tensors import ManifestError
@@ -305,6 +306,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         encrypt_state=args.encrypt_state,
+        progress=progress_wanted(args.log_format),
     )
 
 

@@ -24,6 +24,7 @@ from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.coordinator import Coordinator, TrainingDefaults
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
+from fedserver.progress import show_progress
 from fedserver.rounds import RoundPolicy
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
@@ -59,6 +60,7 @@ class ServerSettings:
     metrics_port: int | None = None  # Prometheus /metrics when set (0: any free port)
     metrics_host: str = "127.0.0.1"
     encrypt_state: Path | None = None  # key file: seal checkpoints and the model (AES-GCM)
+    progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
 
 
 class SetupError(RuntimeError):
@@ -204,6 +206,7 @@ async def serve(s: ServerSettings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
+    bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
     done = asyncio.create_task(coordinator.done.wait())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -223,6 +226,10 @@ async def serve(s: ServerSettings) -> int:
     coordinator.store.close()
     done.cancel()
     stopped.cancel()
+    if bar is not None:
+        bar.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await bar
     log.info(
         "coordinator stopped after %d completed round(s); state in %s",
         coordinator.machine.rounds_completed,

@@ -1,0 +1,55 @@
+"""Progress bars (rich) for people at a terminal; nothing at all otherwise.
+
+Shown only when stderr is a terminal and logs are text: under docker, systemd, CI or with
+--log-format json the output stays plain log lines. While a bar is live, log records are printed
+above it instead of tearing it apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+)
+
+
+def wanted(log_format: str = "text") -> bool:
+    return log_format == "text" and sys.stderr.isatty()
+
+
+@contextlib.contextmanager
+def live_progress(enabled: bool) -> Iterator[Progress | None]:
+    """A started rich Progress on stderr (or None when disabled); stopped on exit."""
+    if not enabled:
+        yield None
+        return
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        console=Console(stderr=True),
+        redirect_stderr=True,
+    )
+    progress.start()
+    # Our log handlers hold the real stderr; point them at rich's proxy so lines land above
+    # the bar, and back when the bar is gone.
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    previous = [h.setStream(sys.stderr) for h in handlers]
+    try:
+        yield progress
+    finally:
+        for handler, stream in zip(handlers, previous, strict=True):
+            if stream is not None:
+                handler.setStream(stream)
+        progress.stop()
