@@ -1,8 +1,10 @@
 """The user-facing Task interface: what a model owner implements to take part in federation.
 
 A Task knows how to build its model and load one client's slice of data; everything the
-coordinator asks for (local training, evaluation) has a default supervised-classification
-implementation that subclasses override only when they need something different.
+coordinator asks for (local training, evaluation) has a default supervised implementation that
+subclasses override only when they need something different. `objective` picks the default loss
+and metrics: "multiclass" (CrossEntropy; accuracy), "binary" (BCEWithLogits on one logit;
+accuracy at logit 0) or "regression" (MSE; mse, mae, r2). See fedclient/metrics.py.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from types import MappingProxyType
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from fedclient.metrics import MetricSums, align, default_loss
 from fedclient.partition import Partition
 
 __all__ = ["LocalData", "Task", "TrainConfig", "TrainResult"]
@@ -76,6 +79,8 @@ class LocalData:
 class Task(abc.ABC):
     """Subclass, implement build_model and load_partition; the rest has good defaults."""
 
+    objective: str = "multiclass"  # "multiclass" | "binary" | "regression"
+
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
         """A fresh model; must be deterministic given torch.manual_seed so peers agree."""
@@ -94,14 +99,24 @@ class Task(abc.ABC):
 
     def loss_fn(self) -> torch.nn.Module:
         """The loss minimised by the default `train` and reported by `evaluate`."""
-        return torch.nn.CrossEntropyLoss()
+        return default_loss(self.objective)
+
+    def new_metrics(self) -> MetricSums:
+        """Accumulates one pass's metrics; override to report something else."""
+        return MetricSums(self.objective)
+
+    def align(
+        self, outputs: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shape/type model outputs and targets for the loss (e.g. (N, 1) logits vs (N,))."""
+        return align(self.objective, outputs, targets)
 
     def make_optimizer(self, model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
         """A fresh optimizer each round: optimizer state is not federated, so it restarts."""
         return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9)
 
     def train(self, model: torch.nn.Module, data: Dataset, config: TrainConfig) -> TrainResult:
-        """Default supervised loop; reports mean loss and accuracy of the last epoch.
+        """Default supervised loop; reports the last epoch's metrics with a "train_" prefix.
 
         The shuffle uses its own generator seeded from `config.seed`, so a round is
         reproducible regardless of what else touched the global RNG. With a positive
@@ -117,12 +132,12 @@ class Task(abc.ABC):
         anchor = [p.detach().clone() for p in params] if mu > 0 else []
 
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        sums = self.new_metrics()
         for epoch in range(config.local_epochs):
-            loss_sum, correct, seen = 0.0, 0, 0
-            for inputs, targets in loader:
+            sums = self.new_metrics()
+            for inputs, raw_targets in loader:
                 optimizer.zero_grad()
-                outputs = model(inputs)
+                outputs, targets = self.align(model(inputs), raw_targets)
                 loss = criterion(outputs, targets)
                 objective = loss
                 if mu > 0:
@@ -131,40 +146,29 @@ class Task(abc.ABC):
                 objective.backward()
                 optimizer.step()
                 # Report the task loss, not the proximal objective, so runs stay comparable.
-                loss_sum += loss.item() * len(targets)
-                correct += _count_correct(outputs, targets)
-                seen += len(targets)
+                sums.add(outputs, targets, loss.item())
             if config.on_epoch is not None:
                 config.on_epoch(epoch + 1, config.local_epochs)
-        if seen == 0:
+        if sums.seen == 0:
             raise ValueError("cannot train on an empty dataset")
-        metrics = {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
-        return TrainResult(num_examples=seen, metrics=metrics)
+        return TrainResult(num_examples=sums.seen, metrics=sums.result("train_"))
 
     def evaluate(
         self, model: torch.nn.Module, data: Dataset, batch_size: int = 256
     ) -> dict[str, float]:
-        """Example-weighted {"loss", "accuracy"}; the model's train/eval mode is restored."""
+        """Example-weighted metrics ({"loss", "accuracy"} for classification, {"loss", "mse",
+        "mae", "r2"} for regression); the model's train/eval mode is restored."""
         criterion = self.loss_fn()
         was_training = model.training
         model.eval()
-        loss_sum, correct, seen = 0.0, 0, 0
+        sums = self.new_metrics()
         try:
             with torch.no_grad():
-                for inputs, targets in DataLoader(data, batch_size=batch_size):
-                    outputs = model(inputs)
-                    loss_sum += criterion(outputs, targets).item() * len(targets)
-                    correct += _count_correct(outputs, targets)
-                    seen += len(targets)
+                for inputs, raw_targets in DataLoader(data, batch_size=batch_size):
+                    outputs, targets = self.align(model(inputs), raw_targets)
+                    sums.add(outputs, targets, criterion(outputs, targets).item())
         finally:
             model.train(was_training)
-        if seen == 0:
+        if sums.seen == 0:
             raise ValueError("cannot evaluate on an empty dataset")
-        return {"loss": loss_sum / seen, "accuracy": correct / seen}
-
-
-def _count_correct(outputs: torch.Tensor, targets: torch.Tensor) -> int:
-    """Top-1 hits for class-index targets; 0 for outputs that are not class scores."""
-    if outputs.ndim != 2 or targets.ndim != 1 or targets.is_floating_point():
-        return 0
-    return int((outputs.detach().argmax(dim=1) == targets).sum().item())
+        return sums.result()
