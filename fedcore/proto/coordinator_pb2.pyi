@@ -14,11 +14,22 @@ class FederationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRAINING: _ClassVar[FederationState]
     FINISHED: _ClassVar[FederationState]
     SHUTTING_DOWN: _ClassVar[FederationState]
+
+class SecAggStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECAGG_STEP_UNSPECIFIED: _ClassVar[SecAggStep]
+    SECAGG_ROSTER: _ClassVar[SecAggStep]
+    SECAGG_INBOX: _ClassVar[SecAggStep]
+    SECAGG_UNMASK: _ClassVar[SecAggStep]
 FEDERATION_STATE_UNSPECIFIED: FederationState
 WAITING_FOR_CLIENTS: FederationState
 TRAINING: FederationState
 FINISHED: FederationState
 SHUTTING_DOWN: FederationState
+SECAGG_STEP_UNSPECIFIED: SecAggStep
+SECAGG_ROSTER: SecAggStep
+SECAGG_INBOX: SecAggStep
+SECAGG_UNMASK: SecAggStep
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -238,3 +249,103 @@ class GetStatusReply(_message.Message):
     federation_id: str
     rejections: _containers.ScalarMap[str, int]
     def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., live_clients: _Optional[int] = ..., updates_received: _Optional[int] = ..., updates_expected: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., federation_id: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class AdvertiseKeysRequest(_message.Message):
+    __slots__ = ("client_id", "round", "channel_public_key", "mask_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    channel_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., channel_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class EncryptedShare(_message.Message):
+    __slots__ = ("peer_id", "ciphertext")
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    peer_id: str
+    ciphertext: bytes
+    def __init__(self, peer_id: _Optional[str] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
+
+class ShareKeysRequest(_message.Message):
+    __slots__ = ("client_id", "round", "shares")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    shares: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., shares: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ...) -> None: ...
+
+class RevealedShare(_message.Message):
+    __slots__ = ("owner_id", "share")
+    OWNER_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    owner_id: str
+    share: bytes
+    def __init__(self, owner_id: _Optional[str] = ..., share: _Optional[bytes] = ...) -> None: ...
+
+class UnmaskRequest(_message.Message):
+    __slots__ = ("client_id", "round", "self_mask_shares", "mask_key_shares")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SELF_MASK_SHARES_FIELD_NUMBER: _ClassVar[int]
+    MASK_KEY_SHARES_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    self_mask_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    mask_key_shares: _containers.RepeatedCompositeFieldContainer[RevealedShare]
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., self_mask_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ..., mask_key_shares: _Optional[_Iterable[_Union[RevealedShare, _Mapping]]] = ...) -> None: ...
+
+class SecAggAck(_message.Message):
+    __slots__ = ("accepted", "message")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    message: str
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class SecAggStageRequest(_message.Message):
+    __slots__ = ("client_id", "round", "step", "wait_seconds")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    step: SecAggStep
+    wait_seconds: float
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class RosterEntry(_message.Message):
+    __slots__ = ("client_id", "channel_public_key", "mask_public_key")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    MASK_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    channel_public_key: bytes
+    mask_public_key: bytes
+    def __init__(self, client_id: _Optional[str] = ..., channel_public_key: _Optional[bytes] = ..., mask_public_key: _Optional[bytes] = ...) -> None: ...
+
+class SecAggStage(_message.Message):
+    __slots__ = ("ready", "step", "threshold", "roster", "inbox", "survivors", "dropped", "message")
+    READY_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    INBOX_FIELD_NUMBER: _ClassVar[int]
+    SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ready: bool
+    step: SecAggStep
+    threshold: int
+    roster: _containers.RepeatedCompositeFieldContainer[RosterEntry]
+    inbox: _containers.RepeatedCompositeFieldContainer[EncryptedShare]
+    survivors: _containers.RepeatedScalarFieldContainer[str]
+    dropped: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    def __init__(self, ready: _Optional[bool] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., threshold: _Optional[int] = ..., roster: _Optional[_Iterable[_Union[RosterEntry, _Mapping]]] = ..., inbox: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...

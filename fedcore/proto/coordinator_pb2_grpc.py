@@ -54,6 +54,26 @@ class CoordinatorStub:
                 request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.GetStatusReply.FromString,
                 _registered_method=True)
+        self.AdvertiseKeys = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/AdvertiseKeys',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.ShareKeys = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/ShareKeys',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.Unmask = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/Unmask',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.UnmaskRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+                _registered_method=True)
+        self.GetSecAggStage = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/GetSecAggStage',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -90,6 +110,35 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdvertiseKeys(self, request, context):
+        """Secure aggregation (round config extra "secagg" = "1"; docs/algorithms.md). A selected client
+        advertises two fresh public keys, fetches the round's roster, sends each peer an encrypted
+        Shamir share of its secrets, fetches the shares addressed to it, submits its *masked* update
+        with SubmitUpdate (encoding "masked-u64"), then answers the unmasking request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ShareKeys(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unmask(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSecAggStage(self, request, context):
+        """Long-poll for the next secure-aggregation stage's data (roster, inbox, or unmask request).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +161,26 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.GetStatusRequest.FromString,
                     response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.GetStatusReply.SerializeToString,
+            ),
+            'AdvertiseKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvertiseKeys,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.SerializeToString,
+            ),
+            'ShareKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ShareKeys,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.ShareKeysRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.SerializeToString,
+            ),
+            'Unmask': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unmask,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.UnmaskRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.SerializeToString,
+            ),
+            'GetSecAggStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSecAggStage,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +291,114 @@ class Coordinator:
             '/fedgrpc.v1.Coordinator/GetStatus',
             fedgrpc_dot_v1_dot_coordinator__pb2.GetStatusRequest.SerializeToString,
             fedgrpc_dot_v1_dot_coordinator__pb2.GetStatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvertiseKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/AdvertiseKeys',
+            fedgrpc_dot_v1_dot_coordinator__pb2.AdvertiseKeysRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ShareKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/ShareKeys',
+            fedgrpc_dot_v1_dot_coordinator__pb2.ShareKeysRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unmask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/Unmask',
+            fedgrpc_dot_v1_dot_coordinator__pb2.UnmaskRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSecAggStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/GetSecAggStage',
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.FromString,
             options,
             channel_credentials,
             insecure,
