@@ -23,6 +23,7 @@ import grpc
 import numpy as np
 
 from fedclient.partition import Partition
+from fedclient.secagg import SecAggAbort, SecAggClient, SecAggExchange
 from fedclient.task import LocalData, Task, TrainConfig
 from fedcore import faults
 from fedcore.codecs import get_codec
@@ -30,6 +31,7 @@ from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.secagg.keys import round_context
 from fedcore.security import TlsFiles, open_channel
 from fedcore.tensors import (
     ChunkAssembler,
@@ -238,6 +240,9 @@ class ClientSession:
             seed=_round_seed(self.settings.seed, self.client_id, header.round),
             extra=dict(cfg.extra),
         )
+        exchange = self._secagg_setup(header) if config.extra.get("secagg") == "1" else None
+        if exchange is False:
+            return
         import torch
 
         torch.manual_seed(config.seed)
@@ -257,7 +262,12 @@ class ClientSession:
         local = flatten_state_dict(model.state_dict())
         codec = get_codec(cfg.encoding or "fp32")
         delta = privatize(float_vector(local) - float_vector(base), config.extra)
-        payload = codec.encode(delta)
+        if exchange:
+            # Secure aggregation: only the masked fixed-point vector leaves this process.
+            weight = 1.0 if config.extra.get("secagg_weighted") == "0" else result.num_examples
+            payload = codec.encode(exchange.client.masked(delta, float(weight)))
+        else:
+            payload = codec.encode(delta)
         digest = hashlib.sha256(payload).hexdigest()
         update = pb.UpdateHeader(
             client_id=self.client_id,
@@ -295,12 +305,42 @@ class ClientSession:
                 f"coordinator refused the update ({code.name}): {e.details()}"  # type: ignore[attr-defined]
             ) from None
         self.rounds_trained += 1
+        if exchange:
+            self._secagg_step(header.round, "unmask", exchange.unmask)
         log.info(
             "round %d: update %s (%d bytes)",
             header.round,
             "was already counted" if reply.duplicate else "accepted",
             payload.size,
         )
+
+    def _secagg_setup(self, header: pb.ModelHeader) -> SecAggExchange | bool:
+        """Key exchange before training; False if this client is out of this secure round."""
+        client = SecAggClient(self.client_id, round_context(self.federation_id, header.round))
+        exchange = SecAggExchange(
+            self.stub, self._call, client, header.round, self.settings.poll_seconds
+        )
+        return (
+            exchange if self._secagg_step(header.round, "key exchange", exchange.setup) else False
+        )
+
+    def _secagg_step(self, round_number: int, what: str, step: Callable[[], None]) -> bool:
+        try:
+            step()
+            return True
+        except SecAggAbort as e:
+            log.warning("round %d: secure aggregation %s aborted: %s", round_number, what, e)
+        except grpc.RpcError as e:
+            code = e.code()  # type: ignore[attr-defined]
+            if code not in (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
+                raise PermanentError(
+                    f"coordinator refused secure aggregation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
+                ) from None
+            log.warning("round %d: secure aggregation %s: %s", round_number, what, e.details())  # type: ignore[attr-defined]
+        return False
 
 
 def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:

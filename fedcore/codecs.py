@@ -51,8 +51,9 @@ class Codec(ABC):
 class _FixedWidthDecoder(StreamDecoder):
     """Values of one fixed-width little-endian dtype back to back; carries split values."""
 
-    def __init__(self, dtype: np.dtype, num_values: int) -> None:
+    def __init__(self, dtype: np.dtype, num_values: int, as_float32: bool = True) -> None:
         self.dtype = dtype
+        self.as_float32 = as_float32
         self.expected = num_values
         self.decoded = 0
         self._carry = b""
@@ -68,7 +69,7 @@ class _FixedWidthDecoder(StreamDecoder):
             raise ManifestError(f"update carries more than the {self.expected} values declared")
         if n:
             values = np.frombuffer(data, dtype=self.dtype, count=n)
-            if values.dtype != np.float32:
+            if self.as_float32 and values.dtype != np.float32:
                 values = values.astype(np.float32)
             yield Piece(self.decoded, values)
             self.decoded += n
@@ -93,7 +94,28 @@ class Float32Codec(Codec):
         return _FixedWidthDecoder(np.dtype("<f4"), num_values)
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (Float32Codec(),)}
+class MaskedRingCodec(Codec):
+    """Secure aggregation: masked fixed-point ring elements of Z_2^64 (fedcore/secagg).
+
+    encode() takes the already-masked uint64 vector; pieces stay uint64 so the coordinator can sum
+    them modulo 2^64. The manifest declares int64 (same bits, two's complement).
+    """
+
+    name = "masked-u64"
+
+    def wire_manifest(self, floats: Manifest) -> Manifest:
+        return floats.with_dtype("int64")
+
+    def encode(self, delta: np.ndarray) -> np.ndarray:
+        if delta.dtype != np.uint64:
+            raise ValueError("masked-u64 encodes masked uint64 ring elements, not floats")
+        return np.ascontiguousarray(delta, dtype="<u8").view(np.uint8)
+
+    def decoder(self, num_values: int) -> StreamDecoder:
+        return _FixedWidthDecoder(np.dtype("<u8"), num_values, as_float32=False)
+
+
+CODECS: dict[str, Codec] = {c.name: c for c in (Float32Codec(), MaskedRingCodec())}
 
 
 def get_codec(name: str) -> Codec:

@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="encrypt checkpoints and the model at rest with this AES-256-GCM key file "
         "(make one with `fedserver keygen`); resuming needs the same key",
     )
+    run.add_argument(
+        "--secagg-stage-timeout",
+        type=_positive_float,
+        default=30.0,
+        help="seconds each secure-aggregation stage waits for slow clients (30)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--log-format",
@@ -307,6 +313,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         metrics_host=args.metrics_host,
         encrypt_state=args.encrypt_state,
         progress=progress_wanted(args.log_format),
+        secagg_stage_timeout=args.secagg_stage_timeout,
     )
 
 

@@ -46,6 +46,7 @@ from fedserver.rounds import (
     StaleRound,
     SubmitRefused,
 )
+from fedserver.secure_rounds import SecureRounds, check_encoding
 from fedserver.store import ClientReceipt, RoundRecord, StateStore
 from fedserver.strategies import AggregateInput, Strategy, UpdateSet
 
@@ -133,6 +134,8 @@ class Coordinator:
     max_update_bytes: int = 4 << 30
     seed: int = 0
     dp: DPServer | None = None
+    secure: str = "none"  # "secagg": the coordinator only ever sees masked updates
+    secagg_stage_timeout: float = 30.0
     rejections: Counter[str] = field(default_factory=Counter)
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -146,6 +149,9 @@ class Coordinator:
         self._spool: UpdateSpool | None = None
         self._client_metrics: dict[str, dict[str, float]] = {}
         self._available = 0  # live clients when the round opened (DP sample rate)
+        self.secure_rounds = (
+            SecureRounds(self, self.secagg_stage_timeout) if self.secure == "secagg" else None
+        )
         self._streams: Counter[str] = Counter()
         self._changed = asyncio.Event()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -208,6 +214,8 @@ class Coordinator:
                 self._open_spool()
                 self._client_metrics = {}
                 self._available = len(m.live_clients())
+            if self.secure_rounds is not None:
+                self.secure_rounds.on_open(fresh=action == "opened")
             self._schedule_deadline()
             self._notify()
         elif action == "close":
@@ -246,16 +254,20 @@ class Coordinator:
 
     def round_config(self) -> dict[str, object]:
         d = self.defaults
+        extra = self.strategy.round_config(self.machine.round)
+        if self.dp is not None:
+            extra |= self.dp.round_extra(len(self.machine.selected))
+        encoding = d.encoding
+        if self.secure_rounds is not None:
+            extra |= self.secure_rounds.round_extra(weighted=self.dp is None)
+            encoding = self.secure_rounds.encoding
         return {
             "local_epochs": d.local_epochs,
             "lr": d.lr,
             "batch_size": d.batch_size,
-            "encoding": d.encoding,
-            "extra": self.strategy.round_config(self.machine.round) | self._privacy_extra(),
+            "encoding": encoding,
+            "extra": extra,
         }
-
-    def _privacy_extra(self) -> dict[str, str]:
-        return self.dp.round_extra(len(self.machine.selected)) if self.dp else {}
 
     def offer(self, client_id: str, known_version: str) -> Offer | None:
         """The answer for this client now, or None if it should keep waiting."""
@@ -348,6 +360,7 @@ class Coordinator:
             codec = get_codec(h.encoding)
         except ManifestError as e:
             raise BadUpdate(str(e), reason="bad_encoding") from None
+        check_encoding(self.secure_rounds, h.encoding)
         expected = codec.wire_manifest(self.model.manifest.floats())
         if h.manifest != expected:
             raise BadUpdate(_manifest_difference(h.manifest, expected), reason="bad_manifest")
@@ -412,9 +425,16 @@ class Coordinator:
         except SubmitRefused as e:
             raise self._refuse(e) from None
         # DP-FedAvg bounds each client's influence only for an unweighted mean.
-        self._accumulator.fold(staged, 1.0 if self.dp else float(h.num_examples))
-        if self._spool is not None:
-            self._spool.append(staged, float(h.num_examples))
+        weight = 1.0 if self.dp else float(h.num_examples)
+        if self.secure_rounds is not None:
+            try:
+                self.secure_rounds.fold(h.client_id, h.round, staged, weight)
+            except (SubmitRefused, BadUpdate) as e:
+                raise self._refuse(e) from None
+        else:
+            self._accumulator.fold(staged, weight)
+            if self._spool is not None:
+                self._spool.append(staged, float(h.num_examples))
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
         self._client_metrics[h.client_id] = dict(h.metrics)
         self.metrics.accepted()
@@ -457,19 +477,24 @@ class Coordinator:
 
     async def _aggregate_round(self, closed: ClosedRound) -> None:
         started = time.monotonic()
-        mean = self._accumulator.mean()
+        if self.secure_rounds is not None:
+            mean = await self.secure_rounds.unmask_mean()
+            count, weight = self.secure_rounds.contributed()
+        else:
+            mean = self._accumulator.mean()
+            count, weight = self._accumulator.count, self._accumulator.weight
         metrics = self._client_metric_means(closed)
         if self.dp is not None:
             mean, dp_metrics = self.dp.privatize(
-                mean, self._accumulator.count, len(self.machine.selected), self._available
+                mean, count, len(self.machine.selected), self._available
             )
             metrics.update(dp_metrics)
         spool = self._spool
         agg = AggregateInput(
             closed.round,
             mean,
-            self._accumulator.weight,
-            self._accumulator.count,
+            weight,
+            count,
             UpdateSet(spool.matrix(), np.array(spool.weights)) if spool is not None else None,
         )
         new_model, eval_metrics = await asyncio.to_thread(self._aggregate_and_save, agg, closed)

@@ -26,7 +26,24 @@ if TYPE_CHECKING:
 ENCODING = "masked-u64"
 
 
+def check_encoding(secure: SecureRounds | None, encoding: str) -> None:
+    """Masked updates only under secure aggregation, and only masked updates then."""
+    if secure is not None and encoding != ENCODING:
+        raise BadUpdate(
+            f"this coordinator runs secure aggregation: updates must use encoding "
+            f"{ENCODING!r}, got {encoding!r}",
+            reason="bad_encoding",
+        )
+    if secure is None and encoding == ENCODING:
+        raise BadUpdate(
+            f"encoding {ENCODING!r} is for secure aggregation, which this coordinator does not run",
+            reason="bad_encoding",
+        )
+
+
 class SecureRounds:
+    encoding = ENCODING
+
     def __init__(self, coordinator: Coordinator, stage_timeout: float = 30.0) -> None:
         self.c = coordinator
         self.stage_timeout = stage_timeout
@@ -71,14 +88,6 @@ class SecureRounds:
     def round_extra(self, weighted: bool) -> dict[str, str]:
         return {"secagg": "1", "secagg_weighted": "1" if weighted else "0"}
 
-    def check_encoding(self, encoding: str) -> None:
-        if encoding != ENCODING:
-            raise BadUpdate(
-                f"this coordinator runs secure aggregation: updates must use encoding "
-                f"{ENCODING!r}, got {encoding!r}",
-                reason="bad_encoding",
-            )
-
     def fold(self, client_id: str, round_number: int, staged: StagedUpdate, weight: float) -> None:
         sa = self._round(round_number)
         sa.fold(client_id, ((p.offset, p.values) for p in staged.pieces()), weight)
@@ -100,6 +109,11 @@ class SecureRounds:
                 await asyncio.wait_for(changed.wait(), remaining + 0.01)
         total, weight = await loop.run_in_executor(None, sa.finish)
         return quantize.decode_sum(total, weight)
+
+    def contributed(self) -> tuple[int, float]:
+        """(masked updates in the sum, their total weight) of the round being aggregated."""
+        sa = self.current
+        return (len(sa.survivors), sa.total_weight) if sa is not None else (0, 0.0)
 
     # ------------------------------------------------------------------ client messages
     def _round(self, round_number: int) -> SecAggRound:

@@ -61,6 +61,7 @@ class ServerSettings:
     metrics_host: str = "127.0.0.1"
     encrypt_state: Path | None = None  # key file: seal checkpoints and the model (AES-GCM)
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
+    secagg_stage_timeout: float = 30.0
 
 
 class SetupError(RuntimeError):
@@ -140,6 +141,8 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         max_update_bytes=s.max_update_bytes,
         seed=s.seed,
         dp=dp,
+        secure=s.secure,
+        secagg_stage_timeout=s.secagg_stage_timeout,
     )
     coordinator.initialize_store(s.task)
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")

@@ -31,6 +31,7 @@ from fedserver.coordinator import (
     UpdateTooLarge,
 )
 from fedserver.rounds import NotSelected
+from fedserver.secagg import SecAggFailed
 
 log = logging.getLogger("fedserver.service")
 
@@ -53,6 +54,7 @@ def status_for(exc: Exception) -> grpc.StatusCode:
         (AlreadySubmitted, grpc.StatusCode.ALREADY_EXISTS),
         (NotSelected, grpc.StatusCode.PERMISSION_DENIED),
         (StaleRound, grpc.StatusCode.FAILED_PRECONDITION),
+        (SecAggFailed, grpc.StatusCode.FAILED_PRECONDITION),
     ):
         if isinstance(exc, kind):
             return code
@@ -96,7 +98,96 @@ class LenientDecoding(grpc.aio.ServerInterceptor):
 CORRUPT = "message is not valid protobuf for this RPC (corrupt or wrong type)"
 
 
-class CoordinatorService(pb_grpc.CoordinatorServicer):
+_WANT = {pb.SECAGG_ROSTER: "roster", pb.SECAGG_INBOX: "inbox", pb.SECAGG_UNMASK: "unmask"}
+_REFUSALS = (BadUpdate, SubmitRefused, SecAggFailed)
+
+
+class SecureAggregationService:
+    """The secure-aggregation RPCs (mixed into CoordinatorService): validate, delegate, map."""
+
+    coordinator: Coordinator
+
+    async def _secure(self, context: grpc.aio.ServicerContext, request: Any):  # type: ignore[no-untyped-def]
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
+        if problem := _check_client_id(request.client_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        secure = self.coordinator.secure_rounds
+        if secure is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this coordinator does not run secure aggregation (fedserver run --secure secagg)",
+            )
+        return secure
+
+    async def AdvertiseKeys(
+        self, request: pb.AdvertiseKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        secure = await self._secure(context, request)
+        try:
+            secure.advertise(
+                request.client_id,
+                request.round,
+                request.channel_public_key,
+                request.mask_public_key,
+            )
+        except _REFUSALS as e:
+            await context.abort(status_for(e), str(e))
+        return pb.SecAggAck(accepted=True)
+
+    async def ShareKeys(
+        self, request: pb.ShareKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        secure = await self._secure(context, request)
+        shares = {s.peer_id: s.ciphertext for s in request.shares}
+        try:
+            if len(shares) != len(request.shares):
+                raise BadUpdate("two shares are addressed to the same peer")
+            secure.share(request.client_id, request.round, shares)
+        except _REFUSALS as e:
+            await context.abort(status_for(e), str(e))
+        return pb.SecAggAck(accepted=True)
+
+    async def Unmask(
+        self, request: pb.UnmaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        secure = await self._secure(context, request)
+        seeds = {s.owner_id: s.share for s in request.self_mask_shares}
+        keys = {s.owner_id: s.share for s in request.mask_key_shares}
+        try:
+            secure.reveal(request.client_id, request.round, seeds, keys)
+        except _REFUSALS as e:
+            await context.abort(status_for(e), str(e))
+        return pb.SecAggAck(accepted=True)
+
+    async def GetSecAggStage(
+        self, request: pb.SecAggStageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggStage:
+        secure = await self._secure(context, request)
+        want = _WANT.get(request.step)
+        if want is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step must be set")
+        wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
+        try:
+            view = await secure.poll(request.client_id, request.round, want, wait)
+        except _REFUSALS as e:
+            await context.abort(status_for(e), str(e))
+        reply = pb.SecAggStage(ready=view is not None, step=request.step)
+        if view is None:
+            return reply
+        reply.threshold = int(view.get("threshold", 0))  # type: ignore[call-overload]
+        for cid, (channel, mask) in view.get("roster", {}).items():  # type: ignore[attr-defined]
+            reply.roster.append(
+                pb.RosterEntry(client_id=cid, channel_public_key=channel, mask_public_key=mask)
+            )
+        for sender, box in view.get("inbox", {}).items():  # type: ignore[attr-defined]
+            reply.inbox.append(pb.EncryptedShare(peer_id=sender, ciphertext=box))
+        reply.survivors.extend(view.get("survivors", ()))  # type: ignore[arg-type]
+        reply.dropped.extend(view.get("dropped", ()))  # type: ignore[arg-type]
+        return reply
+
+
+class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.coordinator = coordinator
         self.chunk_size = chunk_size

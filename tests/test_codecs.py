@@ -44,7 +44,7 @@ def _decode(decoder: StreamDecoder, chunks: list[bytes], n: int) -> np.ndarray:
 def test_fp32_is_registered() -> None:
     codec = get_codec("fp32")
     assert isinstance(codec, Float32Codec)
-    assert CODECS == {"fp32": codec}
+    assert CODECS["fp32"] is codec
 
 
 def test_fp32_payload_is_little_endian_float32() -> None:

@@ -136,3 +136,21 @@ def test_pairwise_masks_cancel_and_dropouts_are_removed() -> None:
 def test_pair_seed_matches_between_peers() -> None:
     a, b = KeyPair(), KeyPair()
     assert pair_seed(a, b.public_bytes(), CTX) == pair_seed(b, a.public_bytes(), CTX)
+
+
+def test_masked_codec_keeps_ring_elements_exact() -> None:
+    from fedcore.codecs import get_codec
+    from fedcore.tensors import Manifest, TensorSpec
+
+    codec = get_codec("masked-u64")
+    floats = Manifest((TensorSpec("w", "float32", (3,)),))
+    assert codec.wire_manifest(floats).tensors[0].dtype == "int64"
+    y = np.array([0, 2**64 - 1, 2**63 + 5], dtype=np.uint64)
+    payload = codec.encode(y).tobytes()
+    decoder = codec.decoder(3)
+    pieces = list(decoder.feed(payload[:5])) + list(decoder.feed(payload[5:]))
+    decoder.finish()
+    got = np.concatenate([p.values for p in pieces])
+    assert got.dtype == np.uint64 and np.array_equal(got, y)
+    with pytest.raises(ValueError, match="masked"):
+        codec.encode(np.zeros(3, np.float32))
