@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 
 from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
 ROUNDS = 2
 
