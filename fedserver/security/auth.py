@@ -8,8 +8,9 @@ Authorization (the only place it happens):
   * gRPC health and reflection are open: probes and tools need them, and with mTLS the TLS
     handshake has already required a certificate from our CA anyway;
   * GetStatus: any authenticated identity;
-  * Join / GetGlobalModel / SubmitUpdate: role "client", and every client_id in the request
-    (JoinRequest, GetGlobalModelRequest, the UpdateHeader) must equal the caller's identity.
+  * Join / GetGlobalModel / SubmitUpdate and the secure-aggregation RPCs: role "client", and
+    every client_id in the request (JoinRequest, GetGlobalModelRequest, the UpdateHeader, the
+    SecAgg requests) must equal the caller's identity.
 No or bad credentials -> UNAUTHENTICATED; a valid identity doing what it may not ->
 PERMISSION_DENIED.
 """
@@ -33,7 +34,15 @@ from fedserver.security.tokens import TokenFileError, TokenStore
 log = logging.getLogger("fedserver.auth")
 
 SERVICE_PREFIX = "/fedgrpc.v1.Coordinator/"
-CLIENT_METHODS = {"Join", "GetGlobalModel", "SubmitUpdate"}
+CLIENT_METHODS = {
+    "Join",
+    "GetGlobalModel",
+    "SubmitUpdate",
+    "AdvertiseKeys",
+    "ShareKeys",
+    "GetSecAggStage",
+    "Unmask",
+}
 
 
 @dataclass(frozen=True)
