@@ -32,13 +32,15 @@ COPY protos ./protos
 RUN pip install --no-cache-dir -c constraints.txt . \
  && rm -rf build ./*.egg-info
 
-# The coordinator's state dir. Declared after the chown so a fresh named volume starts out
-# owned by fed (Docker copies the image's ownership into an empty volume).
-RUN mkdir -p /state && chown fed:fed /state
-VOLUME /state
+# The coordinator's state dir and the certificates folder (`fedserver certs --out /certs`).
+# Declared after the chown so fresh named volumes start out owned by fed (Docker copies the
+# image's ownership into an empty volume); /certs holds private keys, so only fed may enter.
+RUN mkdir -p /state /certs && chown fed:fed /state /certs && chmod 700 /certs
+VOLUME /state /certs
 
 USER fed
-EXPOSE 50051
+# gRPC (mTLS in docker-compose.yml) and Prometheus metrics (--metrics-port 9100).
+EXPOSE 50051 9100
 
 # No ENTRYPOINT: `docker run fedgrpc fedclient run ...` and `... fedserver run ...` both work.
 CMD ["fedserver", "--help"]

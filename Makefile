@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PROTO_SRC := protos/fedgrpc/v1/coordinator.proto
 
-.PHONY: install demo test test-fast lint format proto bench docker-demo clean help
+.PHONY: install demo demo-multihost test test-fast lint format proto bench docker-demo clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -45,6 +45,14 @@ proto: install ## regenerate the committed gRPC stubs from protos/
 
 bench: install ## performance benchmarks (see docs/performance.md)
 	$(PY) -m bench.round_overhead
+
+docker-demo: ## coordinator + 3 clients in containers, mTLS + state volume (needs Docker)
+	@command -v docker >/dev/null 2>&1 || { echo "docker-demo: no docker CLI on this machine;" \
+	  "install Docker Engine with the compose plugin, or run 'make demo' (processes)" >&2; exit 1; }
+	docker compose up --build --detach
+	docker compose wait client-0 client-1 client-2
+	docker compose logs coordinator | tail -n 25
+	docker compose run --rm --no-deps coordinator fedserver status --state-dir /state
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,7 +1,9 @@
-"""docker-compose.yml and the Dockerfile agree with the real CLIs and the repo (no Docker needed).
+"""docker-compose.yml, its plaintext override and the Dockerfile agree with the real CLIs.
 
-Every service command is parsed by the same argparse parser the console script uses, so a flag
-renamed in the CLI breaks this test instead of a `docker compose up`.
+No Docker engine here: every service command and healthcheck is parsed by the same argparse
+parser the console script uses (a renamed flag breaks this test, not a `docker compose up`), and
+the certificate files the services use are the ones the init service's `fedserver certs`
+creates. tests/test_compose_topology.py runs the same topology as processes.
 """
 
 from __future__ import annotations
@@ -9,29 +11,31 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import subprocess
-import sys
 import tomllib
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-import yaml
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedclient import cli as client_cli
 from fedclient.partition import Partition
-from fedserver import cli as server_cli
+from fedserver.security.certs import OPERATOR_NAME, client_names
 from fedserver.server import SERVICE_NAME
+from tests.compose_files import (
+    CLIENTS,
+    COMPOSE,
+    COORDINATOR,
+    INIT,
+    PLAINTEXT,
+    REPO,
+    command,
+    healthcheck,
+    load,
+    mounts,
+    parse,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
-COORDINATOR = "coordinator"
-CLIENTS = ("client-0", "client-1", "client-2")
-PARSERS = {"fedserver": server_cli.build_parser, "fedclient": client_cli.build_parser}
+TLS_FLAGS = ("tls_cert", "tls_key", "tls_ca")
 
 
 # ---------------------------------------------------------------- helpers
@@ -39,7 +43,7 @@ PARSERS = {"fedserver": server_cli.build_parser, "fedclient": client_cli.build_p
 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE.read_text())
+    return load(COMPOSE)
 
 
 @pytest.fixture(scope="module")
@@ -47,44 +51,36 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return compose["services"]
 
 
-def _argv(service: dict[str, Any]) -> list[str]:
-    command = service["command"]
-    return shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
-
-
-def _parse(name: str, service: dict[str, Any]) -> argparse.Namespace:
-    argv = _argv(service)
-    assert argv[0] in PARSERS, f"{name}: command must start with one of {sorted(PARSERS)}"
-    try:
-        return PARSERS[argv[0]]().parse_args(argv[1:])
-    except SystemExit:
-        pytest.fail(f"{name}: {argv[0]} rejects {shlex.join(argv[1:])!r}")
+@pytest.fixture(scope="module")
+def init_args(services: dict[str, dict[str, Any]]) -> argparse.Namespace:
+    return parse(command(services[INIT]), INIT)
 
 
 @pytest.fixture(scope="module")
 def server_args(services: dict[str, dict[str, Any]]) -> argparse.Namespace:
-    assert _argv(services[COORDINATOR])[0] == "fedserver"
-    return _parse(COORDINATOR, services[COORDINATOR])
+    return parse(command(services[COORDINATOR]), COORDINATOR)
 
 
 @pytest.fixture(scope="module")
 def client_args(services: dict[str, dict[str, Any]]) -> dict[str, argparse.Namespace]:
-    clients = {n: s for n, s in services.items() if _argv(s)[0] == "fedclient"}
+    clients = {n: s for n, s in services.items() if command(s)[0] == "fedclient"}
     assert sorted(clients) == sorted(CLIENTS)
-    return {name: _parse(name, s) for name, s in clients.items()}
+    return {name: parse(command(s), name) for name, s in clients.items()}
 
 
-def _healthcheck_code(service: dict[str, Any]) -> str:
-    test = service["healthcheck"]["test"]
-    if isinstance(test, str):
-        argv = shlex.split(test)
-    elif test[0] == "CMD-SHELL":
-        argv = shlex.split(test[1])
-    else:
-        assert test[0] == "CMD", f"unexpected healthcheck form {test[0]!r}"
-        argv = [str(a) for a in test[1:]]
-    assert argv[0].startswith("python"), "the healthcheck runs a python one-liner"
-    return argv[argv.index("-c") + 1]
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _made_by_init(init_args: argparse.Namespace) -> set[Path]:
+    """The files `fedserver certs` writes for the init service's arguments."""
+    stems = [
+        "ca",
+        "server",
+        OPERATOR_NAME,
+        *client_names(init_args.clients, init_args.client_prefix),
+    ]
+    return {init_args.out / f"{stem}.{ext}" for stem in stems for ext in ("crt", "key")}
 
 
 def _dockerfile() -> list[tuple[str, str]]:
@@ -111,15 +107,11 @@ def _instructions(name: str) -> list[str]:
     return [rest for instruction, rest in _dockerfile() if instruction == name]
 
 
-def _pyproject() -> dict[str, Any]:
-    return tomllib.loads((REPO / "pyproject.toml").read_text())
-
-
 # ---------------------------------------------------------------- docker-compose.yml
 
 
-def test_the_four_services_exist(services: dict[str, dict[str, Any]]) -> None:
-    assert {COORDINATOR, *CLIENTS} <= services.keys()
+def test_init_coordinator_and_three_clients(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == {INIT, COORDINATOR, *CLIENTS}
 
 
 def test_every_service_runs_the_one_image(services: dict[str, dict[str, Any]]) -> None:
@@ -129,23 +121,65 @@ def test_every_service_runs_the_one_image(services: dict[str, dict[str, Any]]) -
         context = build.get("context", ".") if isinstance(build, dict) else build
         assert context is not None, f"{name} is not built from the repo's Dockerfile"
         assert (REPO / context).resolve() == REPO, f"{name} builds from {context!r}, not '.'"
-        if isinstance(build, dict):
-            assert build.get("dockerfile", "Dockerfile") == "Dockerfile"
         images.add(service.get("image"))
-    assert DOCKERFILE.is_file()
     assert len(images) == 1 and None not in images, f"services use images {images}"
 
 
-def test_commands_are_console_scripts_with_subcommand_run(
+def test_commands_are_console_scripts(
     services: dict[str, dict[str, Any]],
+    init_args: argparse.Namespace,
     server_args: argparse.Namespace,
     client_args: dict[str, argparse.Namespace],
 ) -> None:
-    scripts = _pyproject()["project"]["scripts"]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     for name, service in services.items():
-        assert _argv(service)[0] in scripts, f"{name} runs something pyproject does not install"
-    assert server_args.command == "run"
+        assert command(service)[0] in scripts, f"{name} runs something pyproject does not install"
+    assert (init_args.command, server_args.command) == ("certs", "run")
     assert all(args.command == "run" for args in client_args.values())
+
+
+def test_init_service_runs_once_before_everything(services: dict[str, dict[str, Any]]) -> None:
+    assert services[INIT].get("restart", "no") == "no"
+    for name in (COORDINATOR, *CLIENTS):
+        depends = services[name]["depends_on"]
+        assert depends[INIT]["condition"] == "service_completed_successfully", name
+
+
+def test_mtls_is_on_by_default_with_the_generated_files(
+    services: dict[str, dict[str, Any]],
+    init_args: argparse.Namespace,
+    server_args: argparse.Namespace,
+    client_args: dict[str, argparse.Namespace],
+) -> None:
+    made = _made_by_init(init_args)
+    out = init_args.out.as_posix()
+    assert mounts(services[INIT])[out][:2] == ("volume", "fedgrpc-certs")
+    # The coordinator requires client certificates (--tls-ca) and uses the server pair.
+    assert all(getattr(server_args, f) is not None for f in TLS_FLAGS), "mTLS must be on"
+    assert server_args.tls_cert == init_args.out / "server.crt"
+    assert server_args.tls_key == init_args.out / "server.key"
+    assert {server_args.tls_cert, server_args.tls_key, server_args.tls_ca} <= made
+    for name, args in client_args.items():
+        # Each client presents its own certificate, named like its --client-id.
+        assert args.client_id in client_names(init_args.clients, init_args.client_prefix)
+        assert args.tls_cert == init_args.out / f"{args.client_id}.crt", name
+        assert args.tls_key == init_args.out / f"{args.client_id}.key", name
+        assert args.tls_ca == init_args.out / "ca.crt", name
+        assert args.token is None
+    for name in (COORDINATOR, *CLIENTS):
+        kind, source, read_only = mounts(services[name])[out]
+        assert (kind, source, read_only) == ("volume", "fedgrpc-certs", True), name
+
+
+def test_certificate_names_cover_how_the_coordinator_is_reached(
+    services: dict[str, dict[str, Any]],
+    init_args: argparse.Namespace,
+    client_args: dict[str, argparse.Namespace],
+) -> None:
+    probe = parse(healthcheck(services[COORDINATOR]), "coordinator healthcheck")
+    used = {a.server.rpartition(":")[0] for a in client_args.values()}
+    used.add(probe.server.rpartition(":")[0])
+    assert used <= set(init_args.server_name), f"{used - set(init_args.server_name)} not in SANs"
 
 
 def test_partitions_are_distinct_and_cover_min_clients(
@@ -158,7 +192,6 @@ def test_partitions_are_distinct_and_cover_min_clients(
     n = server_args.min_clients
     assert {p.count for p in parts} == {n}, "every client must split the data into N slices"
     assert sorted(p.index for p in parts) == list(range(n))
-    # Each client computes the whole split locally: different schemes or seeds would overlap.
     assert len({(p.scheme, p.alpha, p.seed) for p in parts}) == 1
     ids = [a.client_id for a in client_args.values()]
     assert all(ids) and len(set(ids)) == len(ids), f"client ids must be set and unique: {ids}"
@@ -178,7 +211,6 @@ def test_clients_reach_the_coordinator(
 def test_clients_wait_for_a_healthy_coordinator(services: dict[str, dict[str, Any]]) -> None:
     for name in CLIENTS:
         depends = services[name]["depends_on"]
-        assert isinstance(depends, dict), f"{name}: depends_on needs the long form"
         assert depends[COORDINATOR]["condition"] == "service_healthy"
         # A client exits 0 when training is over; restarting it then would rejoin forever.
         assert services[name].get("restart", "no") in ("no", "on-failure")
@@ -189,50 +221,49 @@ def test_state_dir_is_a_named_volume(
     services: dict[str, dict[str, Any]],
     server_args: argparse.Namespace,
 ) -> None:
-    mounts = {}
-    for volume in services[COORDINATOR]["volumes"]:
-        if isinstance(volume, dict):
-            mounts[volume["target"]] = (volume.get("type", "volume"), volume.get("source"))
-        else:
-            source, target = volume.split(":")[:2]
-            kind = "bind" if source.startswith((".", "/", "~")) else "volume"
-            mounts[target] = (kind, source)
     state_dir = server_args.state_dir.as_posix()
     assert state_dir.startswith("/"), "--state-dir must be an absolute path in the container"
-    kind, source = mounts[state_dir]
-    assert kind == "volume", f"{state_dir} is a {kind} mount, not a named volume"
+    kind, source, read_only = mounts(services[COORDINATOR])[state_dir]
+    assert kind == "volume" and not read_only, f"{state_dir} is a {kind} mount"
     assert source in (compose.get("volumes") or {}), f"volume {source!r} is not declared"
+    assert "fedgrpc-certs" in compose["volumes"]
+    # Restarted after a crash (it resumes from the volume), but a finished run stays down.
+    assert services[COORDINATOR].get("restart") in ("on-failure", "unless-stopped")
 
 
-def test_coordinator_healthcheck_is_defined(
-    services: dict[str, dict[str, Any]], server_args: argparse.Namespace
+def test_healthcheck_is_a_grpc_health_check_over_mtls(
+    services: dict[str, dict[str, Any]],
+    init_args: argparse.Namespace,
+    server_args: argparse.Namespace,
 ) -> None:
     check = services[COORDINATOR]["healthcheck"]
     assert not check.get("disable", False)
-    code = _healthcheck_code(services[COORDINATOR])
-    assert "grpc_health.v1" in code
-    assert re.findall(r"127\.0\.0\.1:(\d+)", code) == [str(server_args.port)]
+    probe = parse(healthcheck(services[COORDINATOR]), "coordinator healthcheck")
+    assert probe.command == "health" and probe.service == SERVICE_NAME
+    assert probe.server == f"127.0.0.1:{server_args.port}"
+    assert probe.tls_cert == init_args.out / f"{OPERATOR_NAME}.crt"
+    assert probe.tls_key == init_args.out / f"{OPERATOR_NAME}.key"
+    assert probe.tls_ca == init_args.out / "ca.crt"
 
 
-@pytest.mark.parametrize("status", ["SERVING", "NOT_SERVING"])
-def test_coordinator_healthcheck_runs(services: dict[str, dict[str, Any]], status: str) -> None:
-    """The one-liner itself, against a real gRPC health service on a free port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        servicer.set(SERVICE_NAME, getattr(health_pb2.HealthCheckResponse, status))
-        code = re.sub(
-            r"127\.0\.0\.1:\d+", f"127.0.0.1:{port}", _healthcheck_code(services[COORDINATOR])
-        )
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-        )
-    finally:
-        server.stop(None)
-    assert (done.returncode == 0) == (status == "SERVING"), done.stderr
+def test_plaintext_is_an_explicit_override() -> None:
+    merged = load(COMPOSE, PLAINTEXT)["services"]
+    assert set(merged) == set(load(COMPOSE)["services"]), "the override adds no services"
+    server = parse(command(merged[COORDINATOR]), "plaintext coordinator")
+    probe = parse(healthcheck(merged[COORDINATOR]), "plaintext healthcheck")
+    secure = parse(command(load(COMPOSE)["services"][COORDINATOR]), COORDINATOR)
+    for flag in TLS_FLAGS:
+        assert getattr(server, flag) is None and getattr(probe, flag) is None
+    for name in CLIENTS:
+        args = parse(command(merged[name]), f"plaintext {name}")
+        assert all(getattr(args, f) is None for f in TLS_FLAGS), name
+        assert args.server == f"{COORDINATOR}:{server.port}"
+    # Everything but security stays as in the secure file.
+    drop = {*TLS_FLAGS, "tokens"}
+    assert {k: v for k, v in vars(server).items() if k not in drop} == {
+        k: v for k, v in vars(secure).items() if k not in drop
+    }
+    assert "PLAINTEXT" in PLAINTEXT.read_text() and "debugging only" in PLAINTEXT.read_text()
 
 
 # ---------------------------------------------------------------- Dockerfile
@@ -297,3 +328,10 @@ def test_dockerfile_matches_the_coordinator_service(server_args: argparse.Namesp
     assert str(server_args.port) in exposed
     volumes = {w.strip('[]",') for v in _instructions("VOLUME") for w in v.split()}
     assert server_args.state_dir.as_posix() in volumes
+
+
+def test_dockerfile_prepares_the_certs_volume(init_args: argparse.Namespace) -> None:
+    volumes = {w.strip('[]",') for v in _instructions("VOLUME") for w in v.split()}
+    assert init_args.out.as_posix() in volumes
+    runs = " ".join(_instructions("RUN"))
+    assert re.search(rf"chown fed:fed [^&]*{init_args.out.as_posix()}", runs)

@@ -3,6 +3,8 @@
 Refusals are checked against the exact gRPC status: a plaintext client and a client holding a
 certificate from another CA never get past the handshake (UNAVAILABLE), missing or bad tokens
 are UNAUTHENTICATED, and a valid identity acting as another client is PERMISSION_DENIED.
+A full federation over mTLS with generated certificates (three clients, a coordinator restart)
+is tests/test_compose_topology.py.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedcore.security import TlsFiles, open_channel
 from fedserver.security.certs import CertPlan, make_certs
 from fedserver.security.tokens import add_token
 from fedserver.server import SERVICE_NAME
-from tests.procs import Proc, child_env, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, child_env, free_port, start_coordinator, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -159,29 +161,6 @@ def test_tokens_authenticate_and_bind_the_client_id(tmp_path: Path, procs: list[
         stub = pb_grpc.CoordinatorStub(channel)
         forged = iter([pb.UpdateChunk(header=pb.UpdateHeader(client_id="client-1", round=1))])
         assert _code(lambda: stub.SubmitUpdate(forged, timeout=10)) is DENIED
-
-
-@pytest.mark.slow
-def test_full_federation_over_mtls(tmp_path: Path, procs: list[Proc]) -> None:
-    certs = _certs(tmp_path / "certs")
-    port = free_port()
-    logs = tmp_path / "logs"
-    server = start_coordinator(
-        logs, port, tmp_path / "state", "--rounds", "3", "--min-clients", "2",
-        *_mtls_flags(certs),
-    )  # fmt: skip
-    procs.append(server)
-    clients = []
-    for i in range(2):
-        flags = ["--tls-ca", str(certs / "ca.crt"), "--tls-cert", str(certs / f"client-{i}.crt"),
-                 "--tls-key", str(certs / f"client-{i}.key")]  # fmt: skip
-        clients.append(start_client(logs, port, f"{i}/2", *flags))
-    procs.extend(clients)
-    for client in clients:
-        assert client.wait(150) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
-    assert "mTLS (client certificates required)" in server.log()
-    assert "round 3/3 closed: 2 update(s)" in server.log()
 
 
 def test_health_and_live_status_commands_use_the_operator_certificate(mtls: Live) -> None:

@@ -1,0 +1,120 @@
+"""docker-compose.yml's topology as local processes, with the arguments the compose file passes.
+
+init (`fedserver certs`) -> coordinator (mTLS, state volume) -> its healthcheck -> three clients,
+then `docker compose restart coordinator` (SIGTERM, start again with the same command) in the
+middle of the run, which must resume from the state dir and finish all rounds.
+
+Only what Docker itself provides is substituted: volume paths become folders under tmp, the
+service name `coordinator` and the container's 0.0.0.0 become 127.0.0.1 (this machine offers
+only loopback), and ports become free ones. Every other argument is the compose file's.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedcore.security import TlsFiles
+from fedserver.store import read_status
+from tests.compose_files import (
+    CLIENTS,
+    COMPOSE,
+    COORDINATOR,
+    INIT,
+    command,
+    healthcheck,
+    load,
+    mounts,
+)
+from tests.procs import Proc, child_env, free_port, spawn, wait_serving, wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
+MODULES = {"fedserver": "fedserver.cli", "fedclient": "fedclient.cli"}
+
+
+class Localizer:
+    """Maps a container command onto this machine (see the module docstring)."""
+
+    def __init__(self, tmp: Path, services: dict[str, dict]) -> None:
+        self.port, self.metrics_port = free_port(), free_port()
+        self.paths = {
+            target: tmp / (source or target.strip("/"))
+            for service in services.values()
+            for target, (_kind, source, _ro) in mounts(service).items()
+        }
+
+    def __call__(self, argv: list[str]) -> list[str]:
+        flags = {
+            "--port": str(self.port),
+            "--host": "127.0.0.1",
+            "--metrics-port": str(self.metrics_port),
+            "--metrics-host": "127.0.0.1",
+        }
+        out: list[str] = []
+        for word in argv:
+            if out and out[-1] in flags:
+                out.append(flags[out[-1]])
+                continue
+            host, _, port = word.rpartition(":")
+            if host in (COORDINATOR, "127.0.0.1") and port.isdigit():
+                word = f"127.0.0.1:{self.port}"
+            for target, local in self.paths.items():
+                if word == target or word.startswith(target + "/"):
+                    word = str(local) + word[len(target) :]
+            out.append(word)
+        return ["-m", MODULES[out[0]], *out[1:]]
+
+
+def test_compose_topology_runs_as_processes(tmp_path: Path, procs: list[Proc]) -> None:
+    services = load(COMPOSE)["services"]
+    local = Localizer(tmp_path, services)
+    logs = tmp_path / "logs"
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, *local(argv)], capture_output=True, text=True, env=child_env(),
+            timeout=120,
+        )  # fmt: skip
+
+    init = run(command(services[INIT]))
+    assert init.returncode == 0, init.stderr
+    # The init service runs on every `up`; the second run must keep the CA and certificates.
+    again = run(command(services[INIT]))
+    assert again.returncode == 0 and "nothing new" in again.stdout
+
+    server_argv = local(command(services[COORDINATOR]))
+    server = spawn("coordinator", server_argv, logs)
+    procs.append(server)
+    certs = local.paths["/certs"]
+    operator = TlsFiles(certs / "operator.crt", certs / "operator.key", certs / "ca.crt")
+    wait_serving(local.port, server, tls=operator)
+    probe = run(healthcheck(services[COORDINATOR]))
+    assert (probe.returncode, probe.stdout.strip()) == (0, "SERVING"), probe.stderr
+
+    clients = [spawn(name, local(command(services[name])), logs) for name in CLIENTS]
+    procs.extend(clients)
+    state = local.paths["/state"]
+    wait_until(
+        lambda: (state / "state.db").exists() and read_status(state)["rounds_completed"] >= 1,
+        120,
+        "the first round to be committed",
+    )
+    # `docker compose restart coordinator`: SIGTERM, then the same command again.
+    server.kill(signal.SIGTERM)
+    assert server.popen.returncode == 0, server.log()
+    stopped_at = read_status(state)["rounds_completed"]
+    restarted = spawn("coordinator-restarted", server_argv, logs)
+    procs.append(restarted)
+
+    for client in clients:
+        assert client.wait(180) == 0, client.log()
+    assert restarted.wait(60) == 0, restarted.log()
+    status = read_status(state)
+    assert status["status"] == "finished"
+    assert [r["round"] for r in status["rounds"]] == list(range(1, status["total_rounds"] + 1))
+    assert f"resuming from {state}: {stopped_at} round(s) completed" in restarted.log()
+    assert "mTLS (client certificates required)" in restarted.log()
