@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fedclient.metrics import MetricSums, align, default_loss
 from fedclient.partition import Partition
+from fedcore.tensors import FlatModel, flatten_state_dict
 
 __all__ = ["LocalData", "Task", "TrainConfig", "TrainResult"]
 
@@ -88,6 +89,16 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def load_partition(self, partition: Partition) -> LocalData:
         """This client's slice of the data, chosen by `partition`."""
+
+    def initial_model(self, seed: int) -> FlatModel:
+        """The round-0 global model the coordinator starts from: build_model() under `seed`.
+
+        The coordinator only ever needs the model as a FlatModel; a task whose model can be made
+        without torch (benchmarks, numpy-only tasks) overrides this to keep the coordinator
+        process free of torch's memory.
+        """
+        torch.manual_seed(seed)
+        return flatten_state_dict(self.build_model().state_dict())
 
     def default_config(self) -> TrainConfig:
         """Round settings the coordinator uses unless its flags say otherwise."""

@@ -49,6 +49,66 @@ def update_stream(
     yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=sha256))
 
 
+# ---------------------------------------------------------------- chunks without protobuf copies
+# ModelChunk.data and UpdateChunk.data are both field 2, length-delimited: a message carrying
+# only data is the tag byte, a varint length and the raw bytes. Building that framing ourselves
+# lets the coordinator frame a model chunk with one copy (instead of bytes(), a copy into the
+# message and another to serialize it), and lets the receiver hand out the payload as a view into
+# the received message (instead of protobuf copying it twice).
+_DATA_TAG = 0x12
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if n:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def data_message(chunk: bytes | memoryview) -> bytes:
+    """The serialized ModelChunk/UpdateChunk whose payload is `chunk` as data."""
+    return b"".join((bytes((_DATA_TAG,)), _varint(len(chunk)), chunk))
+
+
+def serialize_message(msg: object) -> bytes:
+    """Response serializer that passes pre-serialized messages (bytes) through untouched."""
+    if isinstance(msg, bytes):
+        return msg
+    return msg.SerializeToString()  # type: ignore[attr-defined]
+
+
+def data_view(raw: bytes) -> memoryview | None:
+    """The payload of a serialized data-only chunk message, without copying; None otherwise."""
+    if len(raw) < 2 or raw[0] != _DATA_TAG:
+        return None
+    length, shift, pos = 0, 0, 1
+    while pos < len(raw) and pos < 11:
+        byte = raw[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            # Anything else in the message (a second field, trailing bytes) takes the slow path.
+            return memoryview(raw)[pos:] if pos + length == len(raw) else None
+        shift += 7
+    return None
+
+
+def parse_update_chunk(raw: bytes) -> pb.UpdateChunk | memoryview:
+    """Request deserializer: data chunks as zero-copy views, everything else as UpdateChunk."""
+    view = data_view(raw)
+    return view if view is not None else pb.UpdateChunk.FromString(raw)
+
+
+def parse_model_chunk(raw: bytes) -> pb.ModelChunk | memoryview:
+    """Response deserializer: data chunks as zero-copy views, the header as ModelChunk."""
+    view = data_view(raw)
+    return view if view is not None else pb.ModelChunk.FromString(raw)
+
+
 def metrics_dict(metrics: Mapping[str, float]) -> dict[str, float]:
     return {str(k): float(v) for k, v in metrics.items()}
 
@@ -57,9 +117,14 @@ __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
     "ManifestError",
+    "data_message",
+    "data_view",
     "manifest_from_proto",
     "manifest_to_proto",
     "metrics_dict",
     "model_stream",
+    "parse_model_chunk",
+    "parse_update_chunk",
+    "serialize_message",
     "update_stream",
 ]

@@ -123,8 +123,11 @@ class Accumulator:
         self.weight = 0.0
         self.count = 0
         self._scratch = np.empty(DEFAULT_CHUNK_SIZE, dtype=np.float32)
+        self._averaged = False
 
     def fold(self, update: StagedUpdate, weight: float) -> None:
+        if self._averaged:
+            raise ValueError("cannot fold into an accumulator whose mean was taken")
         for piece in update.pieces():
             n = piece.values.size
             if n > self._scratch.size:
@@ -136,9 +139,14 @@ class Accumulator:
         self.count += 1
 
     def mean(self) -> np.ndarray:
+        """The weighted mean, computed in place: the sum is consumed (no second model-sized
+        vector at aggregation time), so call it once, when the round is closed."""
         if self.count == 0 or self.weight <= 0:
             raise ValueError("no updates to average")
-        return self.total / np.float32(self.weight)
+        if not self._averaged:
+            np.divide(self.total, np.float32(self.weight), out=self.total)
+            self._averaged = True
+        return self.total
 
 
 class UpdateSpool:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedcore.tensors import FlatModel, flatten_state_dict, to_state_dict
+from fedcore.tensors import FlatModel, to_state_dict
 
 
 def initial_model(task: Any, seed: int) -> FlatModel:
-    """The round-0 global model: the task's model built under a fixed seed."""
-    import torch
+    """The round-0 global model (Task.initial_model: the task's model built under `seed`).
 
-    torch.manual_seed(seed)
-    return flatten_state_dict(task.build_model().state_dict())
+    Asking the task for a FlatModel, rather than a torch module, lets a torch-free task keep
+    torch out of the coordinator process entirely (its import alone is a few hundred MB).
+    """
+    return task.initial_model(seed)
 
 
 class Evaluator:

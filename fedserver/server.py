@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import signal
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from grpc_reflection.v1alpha import reflection
 from fedcore.plugins import load_object
 from fedcore.privacy import DPConfig
 from fedcore.proto import coordinator_pb2 as pb
-from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.sealed import StateCipher
 from fedcore.security import SecurityError, TlsFiles, is_loopback
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
@@ -28,7 +28,7 @@ from fedserver.progress import show_progress
 from fedserver.rounds import RoundPolicy
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
-from fedserver.service import CoordinatorService, LenientDecoding
+from fedserver.service import CoordinatorService, LenientDecoding, add_to_server
 from fedserver.store import StateDirBusy, StateStore
 from fedserver.strategies import build_strategy
 
@@ -36,6 +36,7 @@ log = logging.getLogger("fedserver")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 3, 2
+_M_ARENA_MAX = -8  # mallopt parameter number, from glibc's malloc.h
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,21 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     return coordinator
 
 
+def limit_malloc_arenas(arenas: int = 1) -> None:
+    """Keep glibc from giving every thread its own malloc arena.
+
+    The coordinator churns through 1 MiB buffers (received chunks, decoded pieces) on the event
+    loop, gRPC's threads and aggregation workers; with one arena per thread, freed blocks stay
+    mapped in whichever arena they came from and the peak RSS grows by tens of MB per thread
+    (measured: 415 MB vs 313 MB for 8 clients x 10M parameters). Not glibc: nothing to do.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_ARENA_MAX, arenas)
+
+
 async def serve(s: ServerSettings) -> int:
+    limit_malloc_arenas()
     coordinator = build_coordinator(s)
     try:
         credentials = s.tls.server_credentials() if s.tls else None
@@ -160,7 +175,7 @@ async def serve(s: ServerSettings) -> int:
     # Lenient decoding first: corrupt messages reach the servicer as None and are refused there.
     interceptors = [LenientDecoding(), *([AuthInterceptor(auth)] if auth.enabled else [])]
     server = grpc.aio.server(options=list(CHANNEL_OPTIONS), interceptors=interceptors)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, s.chunk_size), server)
+    add_to_server(CoordinatorService(coordinator, s.chunk_size), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

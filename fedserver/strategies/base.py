@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedcore.tensors import FlatModel, float_vector, with_float_vector
+from fedcore.tensors import FlatModel, ManifestError
 
 # Coordinate blocks robust strategies read at a time: O(clients x BLOCK) memory, never the whole
 # (clients x model) matrix.
@@ -91,8 +91,23 @@ class Strategy(ABC):
 
 
 def add_to_floats(model: FlatModel, delta: np.ndarray) -> FlatModel:
-    """model + delta over the floating tensors (computed in float32, rounded to each dtype)."""
-    return with_float_vector(model, float_vector(model) + delta)
+    """model + delta over the floating tensors (computed in float32, rounded to each dtype).
+
+    Tensor by tensor, so the only temporaries are one tensor's worth (none for float32, which
+    is added in place in the copy): aggregation must not hold extra model-sized vectors.
+    """
+    out = model.copy()
+    pos = 0
+    for t in model.manifest.floats().tensors:
+        part = delta[pos : pos + t.numel].reshape(t.shape)
+        if t.dtype == "float32":
+            target = out.raw(t.name)
+            np.add(target, part, out=target)
+        else:
+            out.assign_float32(t.name, out.as_float32(t.name) + part)
+        pos += t.numel
+    if pos != delta.size:
+        raise ManifestError(f"delta has {delta.size} values, the model's floats {pos}")
 
 
 def require(condition: bool, message: str) -> None:
