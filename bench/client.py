@@ -27,6 +27,7 @@ import numpy as np
 from fedcore.codecs import get_codec
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.tensors import version_hasher
 from fedcore.wire import CHANNEL_OPTIONS, manifest_from_proto, manifest_to_proto
 
 
@@ -78,9 +79,7 @@ def run(server: str, client_id: str, value: float, poll: float = 30.0) -> dict[s
             if header is None:
                 header = msg.header
                 if header.total_bytes:
-                    digest = hashlib.sha256(
-                        manifest_from_proto(header.manifest).describe().encode()
-                    )
+                    digest = version_hasher(manifest_from_proto(header.manifest))
             elif digest is not None:
                 digest.update(msg.data)
                 down += len(msg.data)

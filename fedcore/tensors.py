@@ -195,14 +195,14 @@ def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def _version_hasher(manifest: Manifest) -> hashlib._Hash:
+def version_hasher(manifest: Manifest) -> hashlib._Hash:
     """sha256 primed with the manifest as canonical JSON (unambiguous, unlike describe())."""
     canonical = json.dumps(manifest_to_dict(manifest), separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(canonical.encode())
 
 
 def content_hash(manifest: Manifest, buffer: np.ndarray | bytes | memoryview) -> str:
-    h = _version_hasher(manifest)
+    h = version_hasher(manifest)
     h.update(memoryview(buffer))
     return h.hexdigest()
 
@@ -222,7 +222,7 @@ class ChunkAssembler:
         self.manifest = manifest
         self.buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
         self.received = 0
-        self._hash = _version_hasher(manifest)
+        self._hash = version_hasher(manifest)
 
     def add(self, data: bytes | memoryview) -> None:
         end = self.received + len(data)

@@ -108,6 +108,7 @@ def add_to_floats(model: FlatModel, delta: np.ndarray) -> FlatModel:
         pos += t.numel
     if pos != delta.size:
         raise ManifestError(f"delta has {delta.size} values, the model's floats {pos}")
+    return out
 
 
 def require(condition: bool, message: str) -> None:
