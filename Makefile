@@ -46,6 +46,9 @@ proto: install ## regenerate the committed gRPC stubs from protos/
 bench: install ## performance benchmarks (see docs/performance.md)
 	$(PY) -m bench.round_overhead
 
+demo-multihost: install ## coordinator + 3 clients, each in its own network namespace, mTLS (root)
+	$(PY) -m examples.multihost
+
 docker-demo: ## coordinator + 3 clients in containers, mTLS + state volume (needs Docker)
 	@command -v docker >/dev/null 2>&1 || { echo "docker-demo: no docker CLI on this machine;" \
 	  "install Docker Engine with the compose plugin, or run 'make demo' (processes)" >&2; exit 1; }

@@ -206,7 +206,12 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
         if problem := _check_client_id(request.client_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         self.coordinator.touch(request.client_id, dict(request.properties))
-        log.info("client %s joined (%s)", request.client_id, dict(request.properties) or "-")
+        log.info(
+            "client %s joined from %s (%s)",
+            request.client_id,
+            context.peer(),
+            dict(request.properties) or "-",
+        )
         return pb.JoinReply(
             client_id=request.client_id,
             federation_id=self.coordinator.federation_id,
