@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from fedserver.coordinator import Coordinator
 
 ENCODING = "masked-u64"
+log = logging.getLogger("fedserver.secagg")
 
 
 def check_encoding(secure: SecureRounds | None, encoding: str) -> None:
@@ -108,6 +110,15 @@ class SecureRounds:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining + 0.01)
         total, weight = await loop.run_in_executor(None, sa.finish)
+        log.info(
+            "round %d: unmasked the sum of %d masked updates (%d dropped after the key exchange; "
+            "shares from %d, threshold %d)",
+            sa.round,
+            len(sa.survivors),
+            len(sa.dropped),
+            len(sa.reveals),
+            sa.threshold,
+        )
         return quantize.decode_sum(total, weight)
 
     def contributed(self) -> tuple[int, float]:
