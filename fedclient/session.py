@@ -36,6 +36,7 @@ from fedcore.security import TlsFiles, open_channel
 from fedcore.tensors import (
     ChunkAssembler,
     FlatModel,
+    Manifest,
     ManifestError,
     flatten_state_dict,
     float_vector,
@@ -256,12 +257,21 @@ class ClientSession:
                 config = dataclasses.replace(
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
-            result = self.task.train(model, data.train, config)
+            if config.mode == "fedsgd":
+                result = self.task.compute_gradient(model, data.train, config)
+            else:
+                result = self.task.train(model, data.train, config)
         if self.stop.is_set():
             raise Stopped
-        local = flatten_state_dict(model.state_dict())
         codec = get_codec(cfg.encoding or "fp32")
-        delta = privatize(float_vector(local) - float_vector(base), config.extra)
+        if config.mode == "fedsgd":
+            # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
+            # server_lr x its mean, i.e. plain SGD on the averaged gradient.
+            update_vector = -gradient_vector(model, base.manifest.floats())
+        else:
+            local = flatten_state_dict(model.state_dict())
+            update_vector = float_vector(local) - float_vector(base)
+        delta = privatize(update_vector, config.extra)
         if exchange:
             # Secure aggregation: only the masked fixed-point vector leaves this process.
             weight = 1.0 if config.extra.get("secagg_weighted") == "0" else result.num_examples
@@ -280,11 +290,15 @@ class ClientSession:
             total_bytes=payload.size,
         )
         shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.metrics.items()))
+        work = (
+            "computed a gradient"
+            if config.mode == "fedsgd"
+            else f"trained {config.local_epochs} epoch(s) at lr {config.lr:g}"
+        )
         log.info(
-            "round %d: trained %d epoch(s) at lr %g on %d examples in %.2fs (%s)",
+            "round %d: %s on %d examples in %.2fs (%s)",
             header.round,
-            config.local_epochs,
-            config.lr,
+            work,
             result.num_examples,
             time.monotonic() - started,
             shown,
@@ -341,6 +355,19 @@ class ClientSession:
                 ) from None
             log.warning("round %d: secure aggregation %s: %s", round_number, what, e.details())  # type: ignore[attr-defined]
         return False
+
+
+def gradient_vector(model: Any, floats: Manifest) -> np.ndarray:
+    """Parameters' `.grad` as one float32 vector in manifest order; 0 for buffers (BN stats)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out = np.zeros(sum(t.numel for t in floats.tensors), dtype=np.float32)
+    pos = 0
+    for spec in floats.tensors:
+        param = params.get(spec.name)
+        if param is not None and param.grad is not None:
+            out[pos : pos + spec.numel] = param.grad.detach().reshape(-1).float().numpy()
+        pos += spec.numel
+    return out
 
 
 def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:

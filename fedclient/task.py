@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from fedclient.metrics import MetricSums, align, default_loss
 from fedclient.partition import Partition
@@ -59,6 +59,22 @@ class TrainConfig:
         if mu < 0:
             raise ValueError(f"extra['proximal_mu'] must be >= 0, got {mu}")
         return mu
+
+    @property
+    def mode(self) -> str:
+        """ "fedavg" (train, send the delta) or "fedsgd" (send one gradient); set by --mode."""
+        mode = self.extra.get("mode", "fedavg")
+        if mode not in ("fedavg", "fedsgd"):
+            raise ValueError(f"extra['mode'] must be fedavg or fedsgd, got {mode!r}")
+        return mode
+
+    @property
+    def gradient_batch(self) -> int:
+        """FedSGD: examples per gradient, a random batch; 0 = the whole partition."""
+        raw = self.extra.get("gradient_batch", "0")
+        if not raw.isdigit():
+            raise ValueError(f"extra['gradient_batch'] must be an integer >= 0, got {raw!r}")
+        return int(raw)
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,34 @@ class Task(abc.ABC):
         if sums.seen == 0:
             raise ValueError("cannot train on an empty dataset")
         return TrainResult(num_examples=sums.seen, metrics=sums.result("train_"))
+
+    def compute_gradient(
+        self, model: torch.nn.Module, data: Dataset, config: TrainConfig
+    ) -> TrainResult:
+        """FedSGD: leave in each parameter's `.grad` the mean loss gradient, weights unchanged.
+
+        The gradient is over the whole partition, or over one random batch of
+        `config.gradient_batch` examples (seeded by `config.seed`); it is accumulated in
+        `config.batch_size` slices so memory stays one batch. Assumes a mean-reduced loss (the
+        defaults are). Metrics are those of the model as received.
+        """
+        if config.gradient_batch and config.gradient_batch < len(data):  # type: ignore[arg-type]
+            generator = torch.Generator().manual_seed(config.seed)
+            chosen = torch.randperm(len(data), generator=generator)[: config.gradient_batch]  # type: ignore[arg-type]
+            data = Subset(data, chosen.tolist())
+        total = len(data)  # type: ignore[arg-type]
+        if total == 0:
+            raise ValueError("cannot compute a gradient on an empty dataset")
+        criterion = self.loss_fn()
+        model.train()
+        model.zero_grad(set_to_none=True)
+        sums = self.new_metrics()
+        for inputs, raw_targets in DataLoader(data, batch_size=config.batch_size):
+            outputs, targets = self.align(model(inputs), raw_targets)
+            loss = criterion(outputs, targets)
+            (loss * (len(targets) / total)).backward()  # slices add up to the mean gradient
+            sums.add(outputs, targets, loss.item())
+        return TrainResult(num_examples=total, metrics=sums.result("train_"))
 
     def evaluate(
         self, model: torch.nn.Module, data: Dataset, batch_size: int = 256

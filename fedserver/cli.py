@@ -133,6 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=_positive_float, help="client learning rate (the task's)")
     run.add_argument("--batch-size", type=_positive_int, help="client batch size (the task's)")
     run.add_argument(
+        "--mode",
+        default="fedavg",
+        choices=["fedavg", "fedsgd"],
+        help="fedavg: clients train locally and send a delta; fedsgd: clients send one gradient "
+        "and the strategy applies the average (plain SGD: --server-lr) (fedavg)",
+    )
+    run.add_argument(
+        "--gradient-batch",
+        type=int,
+        default=0,
+        help="fedsgd: examples per client gradient, a random batch; 0 = the whole partition (0)",
+    )
+    run.add_argument(
         "--strategy",
         default="fedavg",
         choices=sorted(STRATEGIES),
@@ -256,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 # (flag, type, help); unset flags keep the strategy's own default (docs/algorithms.md).
 STRATEGY_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("proximal-mu", float, "fedprox: proximal term strength mu (0.01)"),
-    ("server-lr", float, "fedavgm/fedadam/fedyogi/fedadagrad: server learning rate eta"),
+    ("server-lr", float, "server learning rate eta (fedavg, fedprox, fedavgm, fedopt family)"),
     ("server-momentum", float, "fedavgm: server momentum beta (0.9)"),
     ("beta1", float, "fedadam/fedyogi/fedadagrad: first-moment decay (0.9)"),
     ("beta2", float, "fedadam/fedyogi: second-moment decay (0.99)"),
@@ -289,7 +302,15 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         round_timeout=args.round_timeout,
         max_attempts=args.max_attempts,
     )
-    defaults = TrainingDefaults(args.local_epochs, args.lr, args.batch_size)  # None: task's
+    if args.gradient_batch < 0:
+        raise ValueError(f"--gradient-batch must be >= 0, got {args.gradient_batch}")
+    defaults = TrainingDefaults(  # None: the task's
+        args.local_epochs,
+        args.lr,
+        args.batch_size,
+        mode=args.mode,
+        gradient_batch=args.gradient_batch,
+    )
     dp = None
     if args.dp_clip is not None:
         dp = DPConfig(args.dp_clip, args.dp_noise_multiplier, args.dp_delta)  # ValueError: usage

@@ -74,6 +74,10 @@ class TrainingDefaults:
     lr: float | None = None
     batch_size: int | None = None
     encoding: str = "fp32"
+    # "fedavg": clients train and send a delta; "fedsgd": clients send one gradient (negated, a
+    # pseudo-gradient the strategy applies) over `gradient_batch` examples (0 = all they hold).
+    mode: str = "fedavg"
+    gradient_batch: int = 0
 
     def resolved(self, task_default: TrainingDefaults) -> TrainingDefaults:
         return TrainingDefaults(
@@ -81,7 +85,15 @@ class TrainingDefaults:
             self.lr or task_default.lr or 0.05,
             self.batch_size or task_default.batch_size or 32,
             self.encoding,
+            self.mode,
+            self.gradient_batch,
         )
+
+    def mode_extra(self) -> dict[str, str]:
+        """Round-config `extra` entries telling clients what to compute."""
+        if self.mode == "fedavg":
+            return {}
+        return {"mode": self.mode, "gradient_batch": str(self.gradient_batch)}
 
 
 @dataclass(frozen=True)
@@ -254,7 +266,7 @@ class Coordinator:
 
     def round_config(self) -> dict[str, object]:
         d = self.defaults
-        extra = self.strategy.round_config(self.machine.round)
+        extra = self.strategy.round_config(self.machine.round) | d.mode_extra()
         if self.dp is not None:
             extra |= self.dp.round_extra(len(self.machine.selected))
         encoding = d.encoding

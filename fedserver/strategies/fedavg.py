@@ -1,14 +1,30 @@
-"""FedAvg (McMahan et al., 2017): the example-weighted mean of the client models."""
+"""FedAvg (McMahan et al., 2017): the example-weighted mean of the client models.
+
+x <- x + eta * mean_delta with server learning rate eta (1 by default, which is exactly averaging
+the client models; Reddi et al. 2021, eq. 1). In FedSGD mode (`--mode fedsgd`) clients send the
+negated gradient, so this is plain SGD on the averaged gradient with learning rate --server-lr.
+"""
 
 from __future__ import annotations
 
+import numpy as np
+
 from fedcore.tensors import FlatModel
-from fedserver.strategies.base import AggregateInput, Strategy, add_to_floats
+from fedserver.strategies.base import AggregateInput, Strategy, add_to_floats, require
 
 
 class FedAvg(Strategy):
     name = "fedavg"
 
+    def __init__(self, server_lr: float = 1.0) -> None:
+        require(server_lr > 0, f"--server-lr must be > 0, got {server_lr}")
+        self.server_lr = float(server_lr)
+
     def apply(self, global_model: FlatModel, agg: AggregateInput) -> FlatModel:
         # Averaging deltas against a common base equals averaging the models themselves.
-        return add_to_floats(global_model, agg.mean_delta)
+        if self.server_lr == 1.0:
+            return add_to_floats(global_model, agg.mean_delta)
+        return add_to_floats(global_model, np.float32(self.server_lr) * agg.mean_delta)
+
+    def params(self) -> dict[str, float]:
+        return {"server_lr": self.server_lr}

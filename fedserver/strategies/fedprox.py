@@ -13,7 +13,8 @@ from fedserver.strategies.fedavg import FedAvg
 class FedProx(FedAvg):
     name = "fedprox"
 
-    def __init__(self, proximal_mu: float = 0.01) -> None:
+    def __init__(self, proximal_mu: float = 0.01, server_lr: float = 1.0) -> None:
+        super().__init__(server_lr)
         require(proximal_mu >= 0, f"--proximal-mu must be >= 0, got {proximal_mu}")
         self.proximal_mu = float(proximal_mu)
 
@@ -21,4 +22,4 @@ class FedProx(FedAvg):
         return {"proximal_mu": repr(self.proximal_mu)}
 
     def params(self) -> dict[str, float]:
-        return {"proximal_mu": self.proximal_mu}
+        return {"proximal_mu": self.proximal_mu} | super().params()
