@@ -2,7 +2,9 @@
 
 Precedence: command-line flag > environment variable > config file > built-in default.
 `--rounds` is FEDGRPC_ROUNDS in the environment and `rounds = 20` in the file's [server] (or
-[client]) table. Unknown keys are errors that name the key and the allowed ones.
+[client]) table. Unknown keys are errors that name the key and the allowed ones; keys of a
+sibling subcommand (`tls-cert` of `fedserver run` read by `fedserver status`) are skipped, so
+one [server] table serves every subcommand.
 """
 
 from __future__ import annotations
@@ -55,8 +57,13 @@ def layered_defaults(
     config_file: Path | None,
     section: str,
     environ: Mapping[str, str] = os.environ,
+    sibling_keys: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """Defaults for `parser` from the config file, overridden by the environment."""
+    """Defaults for `parser` from the config file, overridden by the environment.
+
+    `sibling_keys` are flags of the program's other subcommands: one [server] table serves
+    `fedserver run`, `status`, `report`..., so each skips the keys that belong to another.
+    """
     actions = _settable(parser)
     out: dict[str, Any] = {}
     if config_file is not None:
@@ -69,6 +76,8 @@ def layered_defaults(
         table = data.get(section, {k: v for k, v in data.items() if not isinstance(v, dict)})
         for raw_key, value in table.items():
             key = raw_key.replace("-", "_")
+            if key not in actions and key in sibling_keys:
+                continue
             if key not in actions:
                 allowed = ", ".join(sorted(k.replace("_", "-") for k in actions))
                 raise ConfigError(
@@ -88,16 +97,19 @@ def parse_layered(
     """Parse argv with file and environment defaults applied underneath the flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     target = parser
+    siblings: set[str] = set()
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             command = next((a for a in argv if not a.startswith("-")), None)
             if command in action.choices:
                 target = action.choices[command]
+            for sub in action.choices.values():
+                siblings |= _settable(sub).keys()
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path, default=os.environ.get(ENV_PREFIX + "CONFIG"))
     known, _ = pre.parse_known_args(argv)
     try:
-        defaults = layered_defaults(target, known.config, section)
+        defaults = layered_defaults(target, known.config, section, sibling_keys=frozenset(siblings))
     except ConfigError as e:
         target.error(str(e))
     target.set_defaults(**defaults)

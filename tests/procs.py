@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,18 @@ def wait_serving(
             if reply.status == health_pb2.HealthCheckResponse.SERVING:
                 return
     raise AssertionError(f"coordinator on port {port} not serving after {timeout}s")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A coordinator's /metrics: sample name (with labels) -> value (Prometheus text format)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 _POLL = threading.Event()

@@ -11,7 +11,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -22,22 +21,18 @@ from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import ChunkAssembler, FlatModel, float_vector
 from fedcore.wire import manifest_from_proto, manifest_to_proto, update_stream
-from tests.procs import Proc, child_env, free_port, start_coordinator, wait_serving, wait_until
+from tests.procs import (
+    Proc,
+    child_env,
+    free_port,
+    scrape,
+    start_coordinator,
+    wait_serving,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 CLIENT = "probe"
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Sample name (with labels) -> value, from the Prometheus text format."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def pull(stub: pb_grpc.CoordinatorStub) -> tuple[pb.ModelHeader, FlatModel]:

@@ -27,7 +27,7 @@ from fedcore.security import TlsFiles, open_channel
 from fedserver.security.certs import CertPlan, make_certs
 from fedserver.security.tokens import add_token
 from fedserver.server import SERVICE_NAME
-from tests.procs import Proc, child_env, free_port, start_coordinator, wait_serving
+from tests.procs import Proc, child_env, free_port, scrape, start_coordinator, wait_serving
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -140,12 +140,12 @@ def test_tokens_authenticate_and_bind_the_client_id(tmp_path: Path, procs: list[
     certs = _certs(tmp_path / "certs", clients=0)
     tokens = tmp_path / "tokens.json"
     token = add_token(tokens, "client-0")
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     # Server-side TLS only (no --tls-ca): clients are identified by their tokens.
     server = start_coordinator(
         tmp_path / "logs", port, tmp_path / "state", "--rounds", "1", "--min-clients", "2",
         "--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key"),
-        "--tokens", str(tokens),
+        "--tokens", str(tokens), "--metrics-port", str(metrics_port),
     )  # fmt: skip
     procs.append(server)
     ca_only = TlsFiles(ca=certs / "ca.crt")
@@ -161,6 +161,11 @@ def test_tokens_authenticate_and_bind_the_client_id(tmp_path: Path, procs: list[
         stub = pb_grpc.CoordinatorStub(channel)
         forged = iter([pb.UpdateChunk(header=pb.UpdateHeader(client_id="client-1", round=1))])
         assert _code(lambda: stub.SubmitUpdate(forged, timeout=10)) is DENIED
+    refused = scrape(metrics_port)
+    name = 'fedgrpc_auth_refused_total{code="%s",method="%s"}'
+    assert refused[name % ("UNAUTHENTICATED", "Join")] == 2
+    assert refused[name % ("PERMISSION_DENIED", "Join")] == 1
+    assert refused[name % ("PERMISSION_DENIED", "SubmitUpdate")] == 1
 
 
 def test_health_and_live_status_commands_use_the_operator_certificate(mtls: Live) -> None:
