@@ -59,6 +59,15 @@ RETRYABLE = {
 }
 
 
+# gRPC's own reconnect backoff grows to 120 s; capped at 2 s (+-20% jitter) a client notices a
+# restarted coordinator within seconds, and the jitter still spreads a crowd of clients out.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+JOIN_TIMEOUT = 30.0
+
+
 class PermanentError(RuntimeError):
     """The coordinator refused us for a reason retrying cannot fix."""
 
@@ -120,7 +129,8 @@ class ClientSession:
         self.client_id = settings.resolved_id()
         self.stop = stop or threading.Event()
         self.backoff = Backoff(give_up_after=settings.give_up_after)
-        self.channel = open_channel(settings.server, settings.tls, settings.token, CHANNEL_OPTIONS)
+        options = (*CHANNEL_OPTIONS, *RECONNECT_OPTIONS)
+        self.channel = open_channel(settings.server, settings.tls, settings.token, options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.federation_id = ""
         self.joined = False
@@ -157,6 +167,12 @@ class ClientSession:
                 if self.stop.wait(delay):
                     raise Stopped from None
 
+    def _join_timeout(self) -> float:
+        if self.backoff.failing_since is None:
+            return JOIN_TIMEOUT
+        spent = time.monotonic() - self.backoff.failing_since
+        return max(1.0, min(JOIN_TIMEOUT, self.settings.give_up_after - spent))
+
     def _join(self) -> None:
         p = self.settings.partition
         reply = self.stub.Join(
@@ -164,7 +180,10 @@ class ClientSession:
                 client_id=self.client_id,
                 properties={"hostname": socket.gethostname(), "partition": f"{p.index}/{p.count}"},
             ),
-            timeout=30,
+            # After a failure, wait for the channel to reconnect instead of failing fast, so the
+            # client resumes as soon as the coordinator is back (within the give-up budget).
+            timeout=self._join_timeout(),
+            wait_for_ready=self.backoff.failing_since is not None,
         )
         if self.federation_id and reply.federation_id != self.federation_id:
             log.warning("coordinator runs a different federation now; dropping cached model")

@@ -1,0 +1,105 @@
+"""Ten clients, about 30% of them dying (kill -9) in each round: rounds still close and learn.
+
+Nine clients run tests/flaky_task.py, whose train() kills its own process with probability 0.3
+per (client, round), seeded, so the run is reproducible; the tenth is killed mid-upload instead
+(FEDGRPC_FAULT=upload:2: after the header and first data chunk). Like a process supervisor,
+the test restarts dead clients under the same id; they rejoin and are selected again. Rounds
+whose selected clients did not all report close at --round-timeout with the --min-fit quorum.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from examples.digits import task
+from fedcore.files import read_safetensors
+from fedcore.tensors import to_state_dict
+from tests.procs import (
+    Proc,
+    free_port,
+    start_client,
+    start_coordinator,
+    status_json,
+    wait_serving,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+
+CLIENTS = 10
+ROUNDS = 5
+MIN_FIT = 5
+DROP_P = 0.3
+TARGET_ACCURACY = 0.9
+FLAKY = "tests.flaky_task:task"
+
+
+def test_rounds_close_and_learn_with_30_percent_dropouts(tmp_path: Path, procs: list[Proc]) -> None:
+    port, state, logs = free_port(), tmp_path / "state", tmp_path / "logs"
+    graves, markers = tmp_path / "graves", tmp_path / "faults"
+    graves.mkdir()
+    markers.mkdir()
+    server = start_coordinator(
+        logs, port, state, "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS),
+        "--min-fit", str(MIN_FIT), "--round-timeout", "15", "--max-attempts", "5",
+    )  # fmt: skip
+    procs.append(server)
+    wait_serving(port, server)
+    flaky = {"FLAKY_P": str(DROP_P), "FLAKY_DIR": str(graves), "FEDGRPC_FAULT_DIR": str(markers)}
+
+    def client(i: int, first: bool) -> Proc:
+        env = dict(flaky)
+        if i == 0:  # client-0 dies mid-upload in round 2 instead, once
+            env["FLAKY_P"] = "0"
+            if first:
+                env["FEDGRPC_FAULT"] = "upload:2"
+        proc = start_client(logs, port, f"{i}/{CLIENTS}", task=FLAKY, env=env)
+        procs.append(proc)
+        return proc
+
+    clients = [client(i, first=True) for i in range(CLIENTS)]
+    restarts: Counter[int] = Counter()
+
+    def supervise() -> bool:
+        """Restart clients that were killed; done when the coordinator has exited."""
+        for i, proc in enumerate(clients):
+            if proc.popen.poll() == -9:
+                restarts[i] += 1
+                clients[i] = client(i, first=False)
+        return server.popen.poll() is not None
+
+    wait_until(supervise, 240, "the federation to finish despite dropouts")
+    assert server.popen.returncode == 0, server.log()
+    for proc in clients:
+        assert proc.wait(60) == 0, proc.log()
+        assert "training is finished" in proc.log()
+
+    assert (markers / "upload-2.hit").exists()
+    assert "upload from client-0 for round 2 cut off" in server.log()
+    deaths = len(list(graves.iterdir()))
+    assert sum(restarts.values()) == deaths + 1  # every death in train() plus the upload kill
+
+    status = status_json(state)
+    rounds = status["rounds"]
+    assert status["status"] == "finished"
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    assert all(r["participants"] >= MIN_FIT for r in rounds)
+    assert any(r["participants"] < CLIENTS for r in rounds)  # some rounds closed without all
+    model, _ = read_safetensors(state / "model.safetensors")
+    net = task.build_model()
+    net.load_state_dict(to_state_dict(model))
+    accuracy = task.evaluate(net, task.server_test_data())["accuracy"]
+    assert accuracy >= TARGET_ACCURACY
+    summary = {
+        "rounds_completed": len(rounds),
+        "client_deaths": deaths + 1,
+        "client_rounds_trained_or_died": CLIENTS * ROUNDS,
+        "participants": [r["participants"] for r in rounds],
+        "round_seconds": [r["duration_seconds"] for r in rounds],
+        "final_accuracy": round(accuracy, 4),
+    }
+    print("\ndropout:", json.dumps(summary))
