@@ -175,7 +175,7 @@ class ClientSession:
 
     def _join(self) -> None:
         p = self.settings.partition
-        reply = self.stub.Join(
+        call = self.stub.Join.future(
             pb.JoinRequest(
                 client_id=self.client_id,
                 properties={"hostname": socket.gethostname(), "partition": f"{p.index}/{p.count}"},
@@ -185,6 +185,17 @@ class ClientSession:
             timeout=self._join_timeout(),
             wait_for_ready=self.backoff.failing_since is not None,
         )
+        try:
+            while True:  # short waits: Ctrl-C / SIGTERM must not sit out a 30 s Join
+                try:
+                    reply = call.result(timeout=0.25)
+                    break
+                except grpc.FutureTimeoutError:
+                    if self.stop.is_set():
+                        raise Stopped from None
+        except BaseException:
+            call.cancel()
+            raise
         if self.federation_id and reply.federation_id != self.federation_id:
             log.warning("coordinator runs a different federation now; dropping cached model")
             self.held = None
@@ -405,7 +416,7 @@ def _upload(header: pb.UpdateHeader, payload: Any, digest: str) -> Iterator[pb.U
     for sent, chunk in enumerate(update_stream(header, payload, digest)):
         yield chunk
         if sent == 1:  # header and first data chunk are out
-            faults.die("upload", header.round)  # tests: kill -9 mid-upload
+            faults.freeze("upload", header.round)  # tests: stall mid-upload, to be killed
 
 
 def _round_seed(seed: int, client_id: str, round_number: int) -> int:

@@ -11,16 +11,15 @@ exactly where it is) and then does what the point is for; each point fires once 
                  checkpoint  the round's checkpoint is half written        -> freeze the worker
                  commit      checkpoint on disk, SQLite row not written    -> freeze the worker
                  reply       an update was counted -> its reply is dropped (UNAVAILABLE) once
-    client       upload      the update's first chunk was sent -> the client kills itself (-9)
+    client       upload      the update's first chunk was sent -> the upload stalls
 
-"Freeze" blocks forever: the test then kill -9s the process at that exact point. Production
-code only ever calls fire() / freeze(); with FEDGRPC_FAULT unset both return at once.
+"Freeze" blocks the thread forever: the test then kill -9s the process at that exact point.
+Production code only calls fire() / freeze(); with FEDGRPC_FAULT unset both return at once.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import threading
 from pathlib import Path
 
@@ -55,9 +54,3 @@ def freeze(point: str, round_number: int) -> None:
     """Block this thread forever if POINT:ROUND is armed, so the test can kill -9 us here."""
     if fire(point, round_number):
         threading.Event().wait()
-
-
-def die(point: str, round_number: int) -> None:
-    """kill -9 this very process if POINT:ROUND is armed."""
-    if fire(point, round_number):
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -282,6 +282,12 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
             pending = coordinator.begin_submit(header)  # counts its own refusals
         except (BadUpdate, SubmitRefused) as e:
             await context.abort(status_for(e), str(e))
+        log.debug(
+            "receiving update from %s for round %d (%d bytes)",
+            header.client_id,
+            header.round,
+            header.total_bytes,
+        )
         sha256 = None
         try:
             async for msg in request_iterator:
@@ -301,17 +307,13 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
             if sha256 is None:
                 raise BadUpdate("update stream ended without a trailer (truncated)", "truncated")
         except BadUpdate as e:
+            _log_broken_upload(header, pending.receiver.received, str(e))
             coordinator.abort_submit(pending)
             coordinator.reject(e)
             await context.abort(status_for(e), str(e))
         except BaseException:
             # Client went away (cancelled) or the server is stopping: nothing was counted.
-            log.info(
-                "upload from %s for round %d cut off after %d bytes; nothing counted",
-                header.client_id,
-                header.round,
-                pending.receiver.received,
-            )
+            _log_broken_upload(header, pending.receiver.received, "connection lost")
             coordinator.abort_submit(pending)
             raise
         try:
@@ -383,6 +385,17 @@ def add_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
     server.add_registered_method_handlers(capture.name, handlers)
+
+
+def _log_broken_upload(header: SubmitHeader, received: int, why: str) -> None:
+    log.info(
+        "upload from %s for round %d ended after %d of %d bytes (%s); nothing counted",
+        header.client_id,
+        header.round,
+        received,
+        header.total_bytes,
+        why,
+    )
 
 
 def _parse_header(h: pb.UpdateHeader) -> SubmitHeader:
