@@ -4,7 +4,8 @@ Nine clients run tests/flaky_task.py, whose train() kills its own process with p
 per (client, round), seeded, so the run is reproducible; the tenth is killed mid-upload instead
 (FEDGRPC_FAULT=upload:2 stalls its upload after the header and first data chunk; once the
 coordinator logs the open stream, the test kills it). Like a process supervisor,
-the test restarts dead clients under the same id; they rejoin and are selected again. Rounds
+the test restarts dead clients under the same id; they rejoin and are selected again. The
+coordinator lingers until every client it knows (restarted ones too) has heard "finished". Rounds
 whose selected clients did not all report close at --round-timeout with the --min-fit quorum.
 """
 
@@ -47,7 +48,7 @@ def test_rounds_close_and_learn_with_30_percent_dropouts(tmp_path: Path, procs: 
     server = start_coordinator(
         logs, port, state, "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS),
         "--min-fit", str(MIN_FIT), "--round-timeout", "10", "--max-attempts", "8",
-        "--log-level", "debug",
+        "--log-level", "debug", "--linger", "90",
     )  # fmt: skip
     procs.append(server)
     wait_serving(port, server)
@@ -103,8 +104,8 @@ def test_rounds_close_and_learn_with_30_percent_dropouts(tmp_path: Path, procs: 
     assert accuracy >= TARGET_ACCURACY
     summary = {
         "rounds_completed": len(rounds),
-        "client_deaths": deaths + 1,
-        "client_rounds_trained_or_died": CLIENTS * ROUNDS,
+        "kill_9_per_client_round": f"{deaths + 1}/{CLIENTS * ROUNDS}",
+        "updates_missing": f"{1 - sum(r['participants'] for r in rounds) / CLIENTS / ROUNDS:.0%}",
         "participants": [r["participants"] for r in rounds],
         "round_seconds": [r["duration_seconds"] for r in rounds],
         "final_accuracy": round(accuracy, 4),
