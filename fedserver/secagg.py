@@ -160,7 +160,8 @@ class SecAggRound:
         if len(self.survivors) < self.threshold:
             raise SecAggFailed(
                 f"round {self.round}: {len(self.survivors)} masked updates, fewer than the "
-                f"threshold {self.threshold}; the masks cannot be removed"
+                f"threshold {self.threshold}; the masks cannot be removed (keep --min-fit above "
+                "half the clients per round so a round cannot close with so few)"
             )
         self._next(Stage.UNMASK)
 
@@ -173,6 +174,11 @@ class SecAggRound:
         if set(seed_shares) != set(self.survivors) or set(key_shares) != set(self.dropped):
             raise BadUpdate("reveal shares for exactly the survivors and the dropped clients")
         self.reveals[client_id] = (dict(seed_shares), dict(key_shares))
+
+    def stop_reveals(self) -> None:
+        """No more reveals: finish() runs in a worker thread and must see a frozen set."""
+        if self.stage is Stage.UNMASK:
+            self.stage = Stage.DONE
 
     def unmask_ready(self) -> bool:
         if self.stage is not Stage.UNMASK:

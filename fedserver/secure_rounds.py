@@ -109,6 +109,7 @@ class SecureRounds:
                 break
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), remaining + 0.01)
+        sa.stop_reveals()
         total, weight = await loop.run_in_executor(None, sa.finish)
         log.info(
             "round %d: unmasked the sum of %d masked updates (%d dropped after the key exchange; "

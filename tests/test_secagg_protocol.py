@@ -72,6 +72,9 @@ def _run(n: int, drop: set[str], seed: int = 0) -> tuple[np.ndarray, np.ndarray,
         view = server.stage_view(c, "unmask")
         server.reveal(c, *clients[c].reveal(list(view["survivors"]), list(view["dropped"])))
     assert server.unmask_ready()
+    server.stop_reveals()
+    with pytest.raises(SecAggRefused):  # a late reveal cannot change what finish() reads
+        server.reveal(server.survivors[0], {}, {})
     total, weight = server.finish()
     got = quantize.decode_sum(total, weight)
     keep = [i for i, c in enumerate(ids) if c not in drop]
