@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="long-poll duration while waiting for a round (20)",
     )
+    run.add_argument(
+        "--personal-tensors",
+        default="",
+        metavar="PATTERNS",
+        help="FedPer: tensors matching these comma-separated patterns are trained here but "
+        "never sent, and keep their local values across rounds (the task's personal_tensors)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
     add_tls_arguments(run, server=False)
@@ -130,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tls=tls,
         token=args.token,
         progress=progress_wanted(args.log_format),
+        personal_tensors=args.personal_tensors,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _raise_stop)

@@ -7,6 +7,7 @@ clear message and a non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -33,6 +34,7 @@ from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.secagg.keys import round_context
 from fedcore.security import TlsFiles, open_channel
+from fedcore.selection import Selection
 from fedcore.tensors import (
     ChunkAssembler,
     FlatModel,
@@ -114,6 +116,7 @@ class ClientSettings:
     tls: TlsFiles | None = None
     token: str | None = field(default=None, repr=False)  # never in logs
     progress: bool = False  # local-epoch progress bar (only when stderr is a terminal)
+    personal_tensors: str = ""  # FedPer: patterns of tensors kept here, never sent ("" = task's)
 
     def resolved_id(self) -> str:
         p = self.partition
@@ -136,6 +139,7 @@ class ClientSession:
         self.joined = False
         self.held: FlatModel | None = None
         self.rounds_trained = 0
+        self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -259,6 +263,28 @@ class ClientSession:
                 return pb.ModelHeader(state=pb.TRAINING, selected=False)
         return header
 
+    def _selections(
+        self, floats: Manifest, config: TrainConfig
+    ) -> tuple[Selection, Selection, Selection | None]:
+        """(tensors to train, tensors to send, personal tensors) for this round.
+
+        The round names what is trained and sent (--train-tensors on the coordinator); FedPer
+        personal tensors are trained every round but never leave this client.
+        """
+        names = config.train_tensors
+        round_sel = Selection.of_names(floats, names) if names else Selection.everything(floats)
+        patterns = self.settings.personal_tensors or getattr(self.task, "personal_tensors", "")
+        if not patterns:
+            return round_sel, round_sel, None
+        personal = Selection.matching(floats, patterns)
+        sent = round_sel.without(personal)
+        if not sent.indices:
+            raise PermanentError(
+                "every tensor trained this round is personal (--personal-tensors); "
+                "nothing would be sent"
+            )
+        return round_sel.union(personal), sent, personal
+
     def _train_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
         base = self.held
         if base is None or base.version != header.model_version:
@@ -276,8 +302,12 @@ class ClientSession:
             return
         import torch
 
+        floats = base.manifest.floats()
+        train_sel, sent, personal = self._selections(floats, config)
         torch.manual_seed(config.seed)
         model.load_state_dict(to_state_dict(base))
+        if personal is not None and self._personal:
+            model.load_state_dict(self._personal, strict=False)  # FedPer: keep our own layers
         started = time.monotonic()
         with live_progress(self.settings.progress) as progress:
             if progress is not None:
@@ -287,10 +317,11 @@ class ClientSession:
                 config = dataclasses.replace(
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
-            if config.mode == "fedsgd":
-                result = self.task.compute_gradient(model, data.train, config)
-            else:
-                result = self.task.train(model, data.train, config)
+            with _trainable_only(model, train_sel):
+                if config.mode == "fedsgd":
+                    result = self.task.compute_gradient(model, data.train, config)
+                else:
+                    result = self.task.train(model, data.train, config)
         if self.stop.is_set():
             raise Stopped
         codec = get_codec(cfg.encoding or "fp32")
@@ -301,7 +332,10 @@ class ClientSession:
         else:
             local = flatten_state_dict(model.state_dict())
             update_vector = float_vector(local) - float_vector(base)
-        delta = privatize(update_vector, config.extra)
+        if personal is not None:
+            state = model.state_dict()
+            self._personal = {n: state[n].detach().clone() for n in personal.names}
+        delta = privatize(sent.extract(update_vector), config.extra)
         if exchange:
             # Secure aggregation: only the masked fixed-point vector leaves this process.
             weight = 1.0 if config.extra.get("secagg_weighted") == "0" else result.num_examples
@@ -316,7 +350,7 @@ class ClientSession:
             num_examples=result.num_examples,
             metrics=result.metrics,
             encoding=codec.name,
-            manifest=manifest_to_proto(codec.wire_manifest(base.manifest.floats())),
+            manifest=manifest_to_proto(codec.wire_manifest(sent.manifest)),
             total_bytes=payload.size,
         )
         shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.metrics.items()))
@@ -385,6 +419,24 @@ class ClientSession:
                 ) from None
             log.warning("round %d: secure aggregation %s: %s", round_number, what, e.details())  # type: ignore[attr-defined]
         return False
+
+
+@contextlib.contextmanager
+def _trainable_only(model: Any, selection: Selection) -> Iterator[None]:
+    """Freeze the parameters outside `selection` while the block runs (partial updates)."""
+    keep = set(selection.names)
+    frozen = [
+        p
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if name not in keep and p.requires_grad
+    ]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def gradient_vector(model: Any, floats: Manifest) -> np.ndarray:

@@ -69,6 +69,12 @@ class TrainConfig:
         return mode
 
     @property
+    def train_tensors(self) -> tuple[str, ...]:
+        """Partial updates: the float tensors trained and sent this round (empty = all)."""
+        raw = self.extra.get("train_tensors", "")
+        return tuple(n for n in raw.split(",") if n)
+
+    @property
     def gradient_batch(self) -> int:
         """FedSGD: examples per gradient, a random batch; 0 = the whole partition."""
         raw = self.extra.get("gradient_batch", "0")
@@ -97,6 +103,9 @@ class Task(abc.ABC):
     """Subclass, implement build_model and load_partition; the rest has good defaults."""
 
     objective: str = "multiclass"  # "multiclass" | "binary" | "regression"
+    # FedPer: patterns of tensors that stay on the client (trained, never sent); the client's
+    # --personal-tensors overrides it.
+    personal_tensors: str = ""
 
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:

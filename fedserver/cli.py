@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "and the strategy applies the average (plain SGD: --server-lr) (fedavg)",
     )
     run.add_argument(
+        "--train-tensors",
+        default="",
+        metavar="PATTERNS",
+        help="train and send only the float tensors matching these comma-separated patterns, "
+        "e.g. '2.*'; groups separated by ';' rotate round by round, e.g. '0.*;2.*' (all)",
+    )
+    run.add_argument(
         "--gradient-batch",
         type=int,
         default=0,
@@ -310,6 +317,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         args.batch_size,
         mode=args.mode,
         gradient_batch=args.gradient_batch,
+        train_tensors=args.train_tensors,
     )
     dp = None
     if args.dp_clip is not None:

@@ -24,6 +24,7 @@ import numpy as np
 
 from fedcore import faults
 from fedcore.codecs import Codec, get_codec
+from fedcore.selection import Selection, round_selection
 from fedcore.tensors import FlatModel, Manifest, ManifestError
 from fedserver.aggregate import (
     Accumulator,
@@ -78,6 +79,8 @@ class TrainingDefaults:
     # pseudo-gradient the strategy applies) over `gradient_batch` examples (0 = all they hold).
     mode: str = "fedavg"
     gradient_batch: int = 0
+    # --train-tensors: patterns of the tensors trained and sent ("" = all); ';' rotates groups.
+    train_tensors: str = ""
 
     def resolved(self, task_default: TrainingDefaults) -> TrainingDefaults:
         return TrainingDefaults(
@@ -87,6 +90,7 @@ class TrainingDefaults:
             self.encoding,
             self.mode,
             self.gradient_batch,
+            self.train_tensors,
         )
 
     def mode_extra(self) -> dict[str, str]:
@@ -126,6 +130,7 @@ class SubmitHeader:
 class PendingSubmit:
     header: SubmitHeader
     receiver: UpdateReceiver
+    selection: Selection | None = None  # the tensors a partial update carries (None: all)
 
 
 @dataclass
@@ -157,7 +162,7 @@ class Coordinator:
         self.machine = RoundMachine(
             self.policy, time.monotonic, random.Random(self.seed + start), round=start
         )
-        self._accumulator = Accumulator(self._num_values())
+        self._accumulator = Accumulator(self._num_values(), self._tensor_sizes())
         self._spool: UpdateSpool | None = None
         self._client_metrics: dict[str, dict[str, float]] = {}
         self._available = 0  # live clients when the round opened (DP sample rate)
@@ -177,6 +182,14 @@ class Coordinator:
 
     def _num_values(self) -> int:
         return sum(t.numel for t in self.model.manifest.floats().tensors)
+
+    def _tensor_sizes(self) -> list[int]:
+        return [t.numel for t in self.model.manifest.floats().tensors]
+
+    def round_selection(self) -> Selection:
+        """The tensors trained and sent this round (--train-tensors; all by default)."""
+        spec = self.defaults.train_tensors
+        return round_selection(self.model.manifest.floats(), spec, self.machine.round)
 
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:
@@ -222,7 +235,7 @@ class Coordinator:
             )
             if action == "opened":
                 self.metrics.round_opened()
-                self._accumulator = Accumulator(self._num_values())
+                self._accumulator = Accumulator(self._num_values(), self._tensor_sizes())
                 self._open_spool()
                 self._client_metrics = {}
                 self._available = len(m.live_clients())
@@ -267,6 +280,8 @@ class Coordinator:
     def round_config(self) -> dict[str, object]:
         d = self.defaults
         extra = self.strategy.round_config(self.machine.round) | d.mode_extra()
+        if d.train_tensors:
+            extra["train_tensors"] = ",".join(self.round_selection().names)
         if self.dp is not None:
             extra |= self.dp.round_extra(len(self.machine.selected))
         encoding = d.encoding
@@ -341,7 +356,7 @@ class Coordinator:
     def begin_submit(self, header: SubmitHeader) -> PendingSubmit:
         """Validate a header; raises SubmitRefused or BadUpdate (counters updated)."""
         try:
-            codec = self._check_header(header)
+            codec, selection = self._check_header(header)
         except (SubmitRefused, BadUpdate) as e:
             raise self._refuse(e) from None
         if self._streams[header.client_id] >= MAX_STREAMS_PER_CLIENT:
@@ -352,13 +367,14 @@ class Coordinator:
                 )
             )
         self.touch(header.client_id)
+        num_values = selection.num_values if selection else self._num_values()
         receiver = UpdateReceiver(
-            codec, self._num_values(), header.total_bytes, self.store.dir / "incoming"
+            codec, num_values, header.total_bytes, self.store.dir / "incoming"
         )
         self._streams[header.client_id] += 1
-        return PendingSubmit(header, receiver)
+        return PendingSubmit(header, receiver, selection)
 
-    def _check_header(self, h: SubmitHeader) -> Codec:
+    def _check_header(self, h: SubmitHeader) -> tuple[Codec, Selection | None]:
         if not h.client_id:
             raise BadUpdate("update header has no client_id")
         if not 0 < h.num_examples <= MAX_NUM_EXAMPLES:
@@ -373,7 +389,7 @@ class Coordinator:
         except ManifestError as e:
             raise BadUpdate(str(e), reason="bad_encoding") from None
         check_encoding(self.secure_rounds, h.encoding)
-        expected = codec.wire_manifest(self.model.manifest.floats())
+        expected, selection = self._expected_manifest(h, codec)
         if h.manifest != expected:
             raise BadUpdate(_manifest_difference(h.manifest, expected), reason="bad_manifest")
         if h.total_bytes != expected.total_bytes:
@@ -388,14 +404,42 @@ class Coordinator:
                 f"{self.max_update_bytes}"
             )
         if self._known_digest(h.round, h.client_id) is not None:
-            return codec  # read the stream: a byte-identical retry is acknowledged
+            return codec, selection  # read the stream: a byte-identical retry is acknowledged
         self.machine.check_submit(h.client_id, h.round)
         if h.base_version != self.model.version:
             raise BaseVersionMismatch(
                 f"update was computed against model {h.base_version[:12] or '(none)'}, "
                 f"round {h.round} is based on {self.model.version[:12]}; pull the model again"
             )
-        return codec
+        return codec, selection
+
+    def _expected_manifest(
+        self, h: SubmitHeader, codec: Codec
+    ) -> tuple[Manifest, Selection | None]:
+        """The manifest `h` must declare, and its selection when it is a partial update.
+
+        A round that trains a subset (--train-tensors) expects exactly that subset; a client
+        keeping personal tensors (FedPer) may send any part of it, in model order.
+        """
+        round_sel = self.round_selection()
+        full = None if round_sel.is_everything else round_sel
+        expected = codec.wire_manifest(round_sel.manifest)
+        names = [t.name for t in h.manifest.tensors]
+        if h.manifest == expected or names == list(round_sel.names):
+            return expected, full
+        try:
+            part = round_sel.subset(names)
+        except ManifestError as e:
+            raise BadUpdate(
+                f"{e} (this round trains {len(round_sel.names)} tensors)", reason="bad_manifest"
+            ) from None
+        if self.dp or self.secure_rounds or self.strategy.needs_all_updates:
+            raise BadUpdate(
+                "partial updates (personal tensors) cannot be combined with --dp-clip, --secure "
+                f"or strategy {self.strategy.name}; send every tensor of the round",
+                reason="bad_manifest",
+            )
+        return codec.wire_manifest(part.manifest), part
 
     def abort_submit(self, pending: PendingSubmit) -> None:
         pending.receiver.abort()
@@ -416,11 +460,13 @@ class Coordinator:
         self._streams[h.client_id] -= 1
         self.metrics.received(pending.receiver.received)
         try:
-            return self._count(h, staged)
+            return self._count(h, staged, pending.selection)
         finally:
             staged.discard()
 
-    def _count(self, h: SubmitHeader, staged: StagedUpdate) -> SubmitResult:
+    def _count(
+        self, h: SubmitHeader, staged: StagedUpdate, selection: Selection | None = None
+    ) -> SubmitResult:
         known = self._known_digest(h.round, h.client_id)
         if known is not None:
             if known == staged.digest:
@@ -444,7 +490,7 @@ class Coordinator:
             except (SubmitRefused, BadUpdate) as e:
                 raise self._refuse(e) from None
         else:
-            self._accumulator.fold(staged, weight)
+            self._accumulator.fold(staged, weight, selection)
             if self._spool is not None:
                 self._spool.append(staged, float(h.num_examples))
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))

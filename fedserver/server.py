@@ -19,6 +19,7 @@ from fedcore.privacy import DPConfig
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.sealed import StateCipher
 from fedcore.security import SecurityError, TlsFiles, is_loopback
+from fedcore.selection import check_spec
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.coordinator import Coordinator, TrainingDefaults
@@ -121,6 +122,16 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     else:
         model = fresh
         log.info("starting a new federation in %s", s.state_dir)
+    if s.defaults.train_tensors:
+        try:
+            check_spec(model.manifest.floats(), s.defaults.train_tensors)
+        except ManifestError as e:
+            raise SetupError(f"--train-tensors: {e}") from None
+        if strategy.needs_all_updates or s.dp is not None or s.secure != "none":
+            raise SetupError(
+                "--train-tensors needs a mean-based strategy without --dp-clip or --secure "
+                "(their noise and masks cover the whole model)"
+            )
     suggested = task.default_config() if hasattr(task, "default_config") else None
     task_defaults = TrainingDefaults(
         getattr(suggested, "local_epochs", None),
