@@ -242,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("keyfile", type=Path, metavar="KEYFILE")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
 
+    he_keygen = sub.add_parser(
+        "he-keygen",
+        help="create the shared CKKS key pair for homomorphic aggregation (TenSEAL)",
+        description="Write he-secret.ctx (give to every client, never to the coordinator) and "
+        "he-public.ctx (the coordinator: it can add ciphertexts but not decrypt them) to DIR.",
+    )
+    he_keygen.add_argument("out_dir", type=Path, metavar="DIR")
+
     export = sub.add_parser(
         "export",
         help="write the model (or a round's checkpoint) from a state dir as plain safetensors",
@@ -391,6 +399,18 @@ def _keygen(path: Path, force: bool) -> int:
     return 0
 
 
+def _he_keygen(out_dir: Path) -> int:
+    from fedcore.he import HEError, generate_keys  # TenSEAL is optional: import on demand
+
+    try:
+        secret, public = generate_keys(out_dir)
+    except (HEError, OSError) as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {secret} (clients only) and {public} (coordinator)")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.decrypt != (args.key is not None):
         print("fedserver: --decrypt and --key KEYFILE go together", file=sys.stderr)
@@ -414,6 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args))
     if args.command == "keygen":
         return _keygen(args.keyfile, args.force)
+    if args.command == "he-keygen":
+        return _he_keygen(args.out_dir)
     if args.command == "export":
         return _export(args)
     setup_logging(args.log_level, args.log_format)
