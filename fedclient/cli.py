@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Dirichlet concentration for non-IID partitioners (0.5)",
     )
     run.add_argument(
-        "--client-id", default="", help="stable identity of this client (default: HOSTNAME-IofN)"
+        "--client-id",
+        default="",
+        help="stable identity of this client (default: the --tls-cert's name, else HOSTNAME-IofN)",
     )
     run.add_argument("--seed", type=int, default=0, help="seed for partitioning and training")
     run.add_argument(
@@ -118,8 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         task = load_object(args.task)
         tls = TlsFiles.from_args(args)
-        if tls is not None and tls.ca is None and tls.cert is not None:
-            log.info("no --tls-ca: verifying the coordinator against the system's CAs")
+        client_id = args.client_id
+        if tls is not None and tls.cert is not None:
+            if tls.ca is None:
+                log.info("no --tls-ca: verifying the coordinator against the system's CAs")
+            # With mTLS the certificate is the identity; default --client-id to its name.
+            client_id = client_id or tls.certificate_name()
     except (ValueError, SecurityError) as e:
         log.error("%s", e)
         return EXIT_USAGE
@@ -130,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = ClientSettings(
         server=args.server,
         partition=partition,
-        client_id=args.client_id,
+        client_id=client_id,
         seed=args.seed,
         poll_seconds=args.poll_seconds,
         give_up_after=args.give_up_after,

@@ -65,6 +65,19 @@ class TlsFiles:
             [pair], root_certificates=_read(self.ca, "CA certificate"), require_client_auth=True
         )
 
+    def certificate_name(self) -> str:
+        """The common name of our certificate: the client id a coordinator will see."""
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        assert self.cert is not None
+        try:
+            cert = x509.load_pem_x509_certificate(_read(self.cert, "TLS certificate"))
+        except ValueError as e:
+            raise SecurityError(f"{self.cert} is not a PEM certificate: {e}") from None
+        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        return str(names[0].value) if names else ""
+
     def channel_credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=_read(self.ca, "CA certificate") if self.ca else None,

@@ -165,3 +165,11 @@ def test_security_flags_come_from_env_and_toml_like_every_flag(
     config.write_text('[server]\ntls-cetr = "typo"\n')
     with pytest.raises(SystemExit):
         parse_layered(server_cli.build_parser(), ["run", "--config", str(config)], "server")
+
+
+def test_client_id_defaults_to_the_certificate_name(tmp_path: Path) -> None:
+    from fedcore.security import TlsFiles
+
+    make_certs(CertPlan(tmp_path, ["localhost"], ["site-a"]))
+    tls = TlsFiles(tmp_path / "site-a.crt", tmp_path / "site-a.key", tmp_path / "ca.crt")
+    assert tls.certificate_name() == "site-a"
