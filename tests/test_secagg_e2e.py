@@ -5,8 +5,9 @@ fixed-point error (2^-25 per coordinate, plus float32 rounding). The expected Fe
 here with the clients' own deterministic local training (same seeds, one torch thread) starting
 from the round's actual base checkpoint, so no second (plain) federation is needed.
 
-Dropouts are not timed: FEDGRPC_FAULT=upload:1 makes a client process kill itself (-9) right
-after the first chunk of its masked update is on the wire, i.e. after key exchange and masking.
+Dropouts are not timed: FEDGRPC_FAULT=upload:1 stalls a client process right after the first
+chunk of its masked update is on the wire (after key exchange and masking); the test sees the
+fault's marker file and kill -9s it there.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from fedclient.session import _round_seed
 from fedclient.task import TrainConfig
 from fedcore.secagg import quantize
 from fedcore.tensors import flatten_state_dict, float_vector, to_state_dict
-from tests.procs import Proc, free_port, start_client, start_coordinator, status_json, wait_serving
+from tests.procs import (
+    Proc,
+    free_port,
+    start_client,
+    start_coordinator,
+    status_json,
+    wait_serving,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -98,8 +107,10 @@ def test_secagg_model_equals_fedavg(tmp_path: Path, procs: list[Proc]) -> None:
 def test_two_of_eight_killed_after_masking(tmp_path: Path, procs: list[Proc]) -> None:
     n, dropped = 8, {3, 6}
     port = free_port()
-    state, logs, markers = tmp_path / "state", tmp_path / "logs", tmp_path / "faults"
-    markers.mkdir()
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    markers = {i: tmp_path / f"faults-{i}" for i in dropped}
+    for d in markers.values():
+        d.mkdir()
     # The round can only close at its deadline (the two dead clients stay selected).
     server = start_coordinator(
         logs, port, state, "--rounds", "1", "--min-clients", str(n), "--min-fit", "6",
@@ -107,19 +118,20 @@ def test_two_of_eight_killed_after_masking(tmp_path: Path, procs: list[Proc]) ->
     )  # fmt: skip
     procs.append(server)
     wait_serving(port, server)
-    fault = {"FEDGRPC_FAULT": "upload:1", "FEDGRPC_FAULT_DIR": str(markers)}
-    clients = {
-        i: start_client(logs, port, f"{i}/{n}", env=fault if i in dropped else None)
-        for i in range(n)
-    }
+    clients = {}
+    for i in range(n):
+        fault = {"FEDGRPC_FAULT": "upload:1", "FEDGRPC_FAULT_DIR": str(markers.get(i, ""))}
+        clients[i] = start_client(logs, port, f"{i}/{n}", env=fault if i in dropped else None)
     procs.extend(clients.values())
+    for i in dropped:  # masked and mid-upload: kill -9 exactly there
+        wait_until(lambda i=i: (markers[i] / "upload-1.hit").exists(), 240, f"client {i} upload")
+        clients[i].kill()
+        assert clients[i].popen.returncode == -9
+        assert "secure aggregation with 7 peers (threshold 5)" in clients[i].log()
     for i, client in clients.items():
-        code = client.wait(240)
-        assert code == (-9 if i in dropped else 0), client.log()
-        if i in dropped:  # it finished the key exchange (and masked) before dying
-            assert "secure aggregation with 7 peers (threshold 5)" in client.log()
+        if i not in dropped:
+            assert client.wait(240) == 0, client.log()
     assert server.wait(60) == 0, server.log()
-    assert (markers / "upload-1.hit").exists()
     assert "2 dropped after the key exchange" in server.log()
     assert [r["participants"] for r in status_json(state)["rounds"]] == [n - len(dropped)]
     _assert_fedavg(state, 1, n, [i for i in range(n) if i not in dropped])
