@@ -113,8 +113,6 @@ def run_cell(
         str(clients),
         "--round-timeout",
         "600",
-        "--log-level",
-        "warning",
         task=f"bench.synthetic:params_{params}",
     )
     procs = [server]

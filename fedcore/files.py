@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -65,6 +66,25 @@ def atomic_write(path: Path, parts: Iterable[bytes | memoryview], mode: int | No
         fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_link(source: Path, path: Path) -> None:
+    """Make `path` another name of the (already durable) file `source`, atomically.
+
+    Publishing a file that already exists under another name costs a directory entry instead of
+    rewriting and fsyncing every byte. Both names must be on one filesystem; raises OSError
+    otherwise (callers fall back to atomic_write). Safe because our files are only ever
+    replaced by rename, never modified in place, so the shared inode never changes.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp"
+    os.link(source, tmp)
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

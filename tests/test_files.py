@@ -12,7 +12,7 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedcore.files import atomic_write, read_safetensors, write_safetensors
+from fedcore.files import atomic_link, atomic_write, read_safetensors, write_safetensors
 from fedcore.tensors import ManifestError, flatten_state_dict, to_state_dict
 
 
@@ -221,3 +221,34 @@ def test_negative_shape_is_rejected(tmp_path: Path) -> None:
 def test_well_formed_json_with_a_wrong_structure_is_rejected(tmp_path: Path, header: bytes) -> None:
     with pytest.raises(ManifestError):
         read_safetensors(_with_header(tmp_path, header, b"\x00" * 12))
+
+
+def test_atomic_link_publishes_an_existing_file_without_copying(tmp_path: Path) -> None:
+    source = tmp_path / "checkpoints" / "round-0001.safetensors"
+    atomic_write(source, [b"model bytes"])
+    target = tmp_path / "model.safetensors"
+    atomic_write(target, [b"old"])
+    atomic_link(source, target)
+    assert target.read_bytes() == b"model bytes"
+    assert target.stat().st_ino == source.stat().st_ino
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "model.safetensors"]
+    # Replacing the source later (by rename, as every writer here does) leaves the link intact.
+    atomic_write(source, [b"next"])
+    assert target.read_bytes() == b"model bytes"
+
+
+def test_store_publishes_an_unsealed_model_as_a_link_to_its_checkpoint(tmp_path: Path) -> None:
+    from fedserver.store import StateStore
+
+    flat = flatten_state_dict({"w": torch.arange(6, dtype=torch.float32)})
+    store = StateStore(tmp_path / "state")
+    try:
+        store.write_checkpoint(3, flat, {})
+        store.publish_model(flat, 3)
+        assert store.model_path.stat().st_ino == store.checkpoint_path(3).stat().st_ino
+        other = flatten_state_dict({"w": torch.zeros(6)})
+        store.publish_model(other, 3)  # not what the checkpoint holds: written, not linked
+        assert store.model_path.stat().st_ino != store.checkpoint_path(3).stat().st_ino
+        assert read_safetensors(store.model_path)[0].version == other.version
+    finally:
+        store.close()
