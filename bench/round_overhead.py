@@ -16,6 +16,7 @@ measured in the same run mean anything.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -43,28 +44,37 @@ def memory_budget(model_bytes: int) -> int:
     return 4 * model_bytes + 200 * 1_000_000
 
 
-class PeakRss:
-    """Follows a process's VmHWM (peak resident set, /proc/PID/status) until it exits.
+class ProcWatch:
+    """Follows a process's peak RSS and CPU time through /proc until it exits.
 
-    Not ru_maxrss from wait4: that counter survives exec, so a child forked from a big parent
-    (pytest with torch loaded) inherits the parent's RSS as its "peak". VmHWM belongs to the
-    process's own address space. It only grows, so reading it often enough is exact unless the
-    peak falls in the last poll interval before exit (it falls at aggregation, well before).
+    Peak RSS is VmHWM (/proc/PID/status). Not ru_maxrss from wait4: that counter survives exec,
+    so a child forked from a big parent (pytest with torch loaded) inherits the parent's RSS as
+    its "peak"; VmHWM belongs to the process's own address space. It only grows, so reading it
+    often enough is exact unless the peak falls in the last poll interval before exit (it falls
+    at aggregation, well before). CPU time (utime + stime of all threads, /proc/PID/stat) is the
+    steadier number on a shared machine: other people's load stretches wall time, not CPU time.
     """
 
+    TICK = os.sysconf("SC_CLK_TCK")
+
     def __init__(self, pid: int, interval: float = 0.01) -> None:
-        self.path = Path(f"/proc/{pid}/status")
+        self.pid = pid
         self.peak = 0
+        self.cpu = 0.0
         self._stop = threading.Event()
+        self.read()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
         self._thread.start()
 
     def read(self) -> bool:
         try:
-            text = self.path.read_text()
+            status = Path(f"/proc/{self.pid}/status").read_text()
+            stat = Path(f"/proc/{self.pid}/stat").read_text()
         except OSError:
             return False
-        for line in text.splitlines():
+        fields = stat.rsplit(")", 1)[1].split()
+        self.cpu = max(self.cpu, (int(fields[11]) + int(fields[12])) / self.TICK)
+        for line in status.splitlines():
             if line.startswith("VmHWM:"):
                 self.peak = max(self.peak, int(line.split()[1]) * 1024)
                 return True
@@ -74,11 +84,10 @@ class PeakRss:
         while self.read() and not self._stop.wait(interval):
             pass
 
-    def stop(self) -> int:
+    def stop(self) -> None:
         self.read()
         self._stop.set()
         self._thread.join()
-        return self.peak
 
 
 def machine() -> dict[str, Any]:
@@ -116,9 +125,11 @@ def run_cell(
         task=f"bench.synthetic:params_{params}",
     )
     procs = [server]
-    peak = PeakRss(server.popen.pid)
+    watch = ProcWatch(server.popen.pid)
     try:
         wait_serving(port, server, timeout=120)
+        watch.read()
+        cpu_at_start = watch.cpu  # startup (imports, initial model, checkpoint 0) excluded
         for i in range(clients):
             args = ["-m", "bench.client", "--server", f"127.0.0.1:{port}"]
             args += ["--client-id", f"bench-{i}", "--stats", str(logs / f"stats-{i}.json")]
@@ -126,14 +137,14 @@ def run_cell(
         for p in procs[1:]:
             if p.wait(600) != 0:
                 raise RuntimeError(f"{p.name} failed:\n{p.log()[-3000:]}")
-        peak.read()  # the clients are done: the round's peak is behind us
+        watch.read()  # the clients are done: the round's peak is behind us
         code = server.wait(120)
         if code != 0:
             raise RuntimeError(f"coordinator exited {code}:\n{server.log()[-3000:]}")
     finally:
         for p in procs:
             p.kill()
-        peak.stop()
+        watch.stop()
     status = read_status(state)
     durations = [r["duration_seconds"] for r in status["rounds"]]
     stats = [json.loads((logs / f"stats-{i}.json").read_text()) for i in range(clients)]
@@ -146,7 +157,8 @@ def run_cell(
         "rounds": rounds,
         "round_seconds": statistics.median(steady),
         "round_seconds_all": durations,
-        "peak_rss_bytes": peak.peak,
+        "peak_rss_bytes": watch.peak,
+        "coordinator_cpu_seconds": (watch.cpu - cpu_at_start) / rounds,
         "memory_budget_bytes": memory_budget(params * 4),
         "wire_bytes_per_round": wire,
         "client_pull_seconds": [s["pull_seconds"] for s in stats],
@@ -154,14 +166,20 @@ def run_cell(
     }
 
 
-def measure_floor(address: str, clients: int, params: int) -> dict[str, float]:
+def measure_floor(address: str, server_pid: int, clients: int, params: int) -> dict[str, float]:
+    server = ProcWatch(server_pid, interval=3600)
+    before = server.cpu
     down, up = floor.grpc_seconds(address, clients, params * 4)
+    server.stop()
     acc = floor.accumulate_seconds(clients, params)
     return {
         "down_seconds": down,
         "up_seconds": up,
         "accumulate_seconds": acc,
         "floor_seconds": down + up + acc,
+        # The bare server's CPU for the same bytes, plus the adding: what the coordinator's CPU
+        # per round compares with.
+        "floor_server_cpu_seconds": server.cpu - before + acc,
     }
 
 
@@ -173,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, nargs="+", default=list(GRID_CLIENTS))
     parser.add_argument("--params", type=int, nargs="+", default=list(GRID_PARAMS))
     parser.add_argument("--rounds", type=int, default=3, help="rounds per cell (3)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each cell this many times")
     parser.add_argument(
         "--state-root", type=Path, help="where coordinators keep state (a temp dir)"
     )
@@ -189,18 +208,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             print(
                 f"{'N':>3} {'P':>6} {'round s':>8} {'floor s':>8} {'ratio':>6} "
+                f"{'cpu s':>6} {'floor cpu':>9} {'ratio':>6} "
                 f"{'peak MB':>8} {'budget MB':>9} {'wire MB':>8}",
                 flush=True,
             )
-            for params in args.params:
-                for clients in args.clients:
+            for params, clients, _ in itertools.product(
+                args.params, args.clients, range(args.repeat)
+            ):
+                if True:
                     cell = run_cell(clients, params, args.rounds, work, args.state_root)
-                    cell.update(measure_floor(f"127.0.0.1:{floor_port}", clients, params))
+                    cell.update(
+                        measure_floor(
+                            f"127.0.0.1:{floor_port}", floor_proc.popen.pid, clients, params
+                        )
+                    )
+                    cell["cpu_ratio_to_floor"] = (
+                        cell["coordinator_cpu_seconds"] / cell["floor_server_cpu_seconds"]
+                    )
                     cell["ratio_to_floor"] = cell["round_seconds"] / cell["floor_seconds"]
                     cells.append(cell)
                     print(
                         f"{clients:>3} {params / 1e6:>5g}M {cell['round_seconds']:>8.3f} "
                         f"{cell['floor_seconds']:>8.3f} {cell['ratio_to_floor']:>6.2f} "
+                        f"{cell['coordinator_cpu_seconds']:>6.2f} "
+                        f"{cell['floor_server_cpu_seconds']:>9.2f} "
+                        f"{cell['cpu_ratio_to_floor']:>6.2f} "
                         f"{cell['peak_rss_bytes'] / MB:>8.0f} "
                         f"{cell['memory_budget_bytes'] / MB:>9.0f} "
                         f"{cell['wire_bytes_per_round'] / MB:>8.0f}",
