@@ -15,6 +15,7 @@ import grpc
 
 from fedclient.partition import SCHEMES, Partition
 from fedclient.session import ClientSession, ClientSettings, PermanentError, Stopped
+from fedcore.codecs import get_codec
 from fedcore.config import parse_layered
 from fedcore.logs import setup_logging
 from fedcore.plugins import load_object
@@ -99,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="FedPer: tensors matching these comma-separated patterns are trained here but "
         "never sent, and keep their local values across rounds (the task's personal_tensors)",
     )
+    run.add_argument(
+        "--encoding",
+        default="",
+        help="update encoding: fp32, fp16, int8 or topk[:FRACTION] (top-k with error feedback, "
+        "10%% by default); default: the one the coordinator's round config names",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
     add_tls_arguments(run, server=False)
@@ -119,6 +126,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.partition, scheme=args.partitioner, alpha=args.alpha, seed=args.seed
         )
         task = load_object(args.task)
+        if args.encoding:
+            get_codec(args.encoding)  # unknown names are a usage error, before connecting
         tls = TlsFiles.from_args(args)
         client_id = args.client_id
         if tls is not None and tls.cert is not None:
@@ -144,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         token=args.token,
         progress=progress_wanted(args.log_format),
         personal_tensors=args.personal_tensors,
+        encoding=args.encoding,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _raise_stop)

@@ -27,7 +27,7 @@ from fedclient.partition import Partition
 from fedclient.secagg import SecAggAbort, SecAggClient, SecAggExchange
 from fedclient.task import LocalData, Task, TrainConfig
 from fedcore import faults
-from fedcore.codecs import get_codec
+from fedcore.codecs import ErrorFeedback, get_codec
 from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
@@ -117,6 +117,7 @@ class ClientSettings:
     token: str | None = field(default=None, repr=False)  # never in logs
     progress: bool = False  # local-epoch progress bar (only when stderr is a terminal)
     personal_tensors: str = ""  # FedPer: patterns of tensors kept here, never sent ("" = task's)
+    encoding: str = ""  # update encoding (fp32, fp16, int8, topk[:F]); "" = the round's
 
     def resolved_id(self) -> str:
         p = self.partition
@@ -140,6 +141,7 @@ class ClientSession:
         self.held: FlatModel | None = None
         self.rounds_trained = 0
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
+        self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -324,7 +326,11 @@ class ClientSession:
                     result = self.task.train(model, data.train, config)
         if self.stop.is_set():
             raise Stopped
-        codec = get_codec(cfg.encoding or "fp32")
+        # The round's encoding unless this client asks for its own (--encoding); the coordinator
+        # accepts any codec it knows, declared in the update header. Secure aggregation rounds
+        # must stay masked-u64.
+        wanted = "" if exchange else self.settings.encoding
+        codec = get_codec(wanted or cfg.encoding or "fp32")
         if config.mode == "fedsgd":
             # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
             # server_lr x its mean, i.e. plain SGD on the averaged gradient.
@@ -341,7 +347,7 @@ class ClientSession:
             weight = 1.0 if config.extra.get("secagg_weighted") == "0" else result.num_examples
             payload = codec.encode(exchange.client.masked(delta, float(weight)))
         else:
-            payload = codec.encode(delta)
+            payload = self.feedback.encode(codec, delta)
         digest = hashlib.sha256(payload).hexdigest()
         update = pb.UpdateHeader(
             client_id=self.client_id,

@@ -7,21 +7,24 @@ align with values) and gets dense float32 pieces to fold into its accumulator.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from fedcore.tensors import Manifest, ManifestError
+from fedcore.tensors import Manifest, ManifestError, TensorSpec
 
 
 @dataclass(frozen=True)
 class Piece:
-    """Decoded values for the float vector starting at element `offset`."""
+    """Decoded values for the float vector starting at element `offset` (dense), or, when
+    `indices` is set, for the (strictly increasing) positions `indices` (sparse, e.g. top-k)."""
 
     offset: int
     values: np.ndarray
+    indices: np.ndarray | None = None
 
 
 class StreamDecoder(ABC):
@@ -35,6 +38,8 @@ class StreamDecoder(ABC):
 
 class Codec(ABC):
     name: str
+    # Lossy codecs whose error the client should carry into the next round (see ErrorFeedback).
+    error_feedback = False
 
     @abstractmethod
     def wire_manifest(self, floats: Manifest) -> Manifest:
@@ -46,6 +51,18 @@ class Codec(ABC):
 
     @abstractmethod
     def decoder(self, num_values: int) -> StreamDecoder: ...
+
+    def decode(self, payload: np.ndarray | bytes, num_values: int) -> np.ndarray:
+        """The whole dense float32 vector a payload stands for (what the coordinator folds)."""
+        out = np.zeros(num_values, dtype=np.float32)
+        decoder = self.decoder(num_values)
+        for piece in decoder.feed(memoryview(payload).cast("B")):
+            if piece.indices is None:
+                out[piece.offset : piece.offset + piece.values.size] = piece.values
+            else:
+                out[piece.indices] = piece.values
+        decoder.finish()
+        return out
 
 
 class _FixedWidthDecoder(StreamDecoder):
@@ -115,13 +132,195 @@ class MaskedRingCodec(Codec):
         return _FixedWidthDecoder(np.dtype("<u8"), num_values, as_float32=False)
 
 
-CODECS: dict[str, Codec] = {c.name: c for c in (Float32Codec(), MaskedRingCodec())}
+class Float16Codec(Codec):
+    """Half precision: half the bytes; values beyond float16's range are clipped, not inf."""
+
+    name = "fp16"
+    _MAX = float(np.finfo(np.float16).max)
+
+    def wire_manifest(self, floats: Manifest) -> Manifest:
+        return floats.with_dtype("float16")
+
+    def encode(self, delta: np.ndarray) -> np.ndarray:
+        clipped = np.clip(delta, -self._MAX, self._MAX)
+        return clipped.astype("<f2").view(np.uint8)
+
+    def decoder(self, num_values: int) -> StreamDecoder:
+        return _FixedWidthDecoder(np.dtype("<f2"), num_values)
+
+
+class _TwoPartDecoder(StreamDecoder):
+    """A small header array (kept whole, O(values / block)) followed by streamed values."""
+
+    def __init__(self, head_dtype: str, head_count: int, dtype: str, num_values: int) -> None:
+        self.head_dtype = np.dtype(head_dtype)
+        self.head_bytes = head_count * self.head_dtype.itemsize
+        self._head = bytearray()
+        self.head: np.ndarray | None = None
+        self.values = _FixedWidthDecoder(np.dtype(dtype), num_values, as_float32=False)
+
+    def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
+        data = memoryview(data).cast("B")
+        if self.head is None:
+            take = self.head_bytes - len(self._head)
+            self._head += data[:take]
+            data = data[take:]
+            if len(self._head) < self.head_bytes:
+                return
+            self.head = np.frombuffer(bytes(self._head), dtype=self.head_dtype)
+            self._check_head(self.head)
+        for piece in self.values.feed(data):
+            yield self._piece(piece)
+
+    def finish(self) -> None:
+        if self.head is None:
+            raise ManifestError("update stream ended inside its header part (truncated)")
+        self.values.finish()
+
+    def _check_head(self, head: np.ndarray) -> None:
+        pass
+
+    @abstractmethod
+    def _piece(self, raw: Piece) -> Piece: ...
+
+
+class Int8Codec(Codec):
+    """int8 with one float32 scale per block of BLOCK values: ~4x smaller than fp32.
+
+    Wire layout: all block scales (float32), then all values (int8); value = q * scale[block],
+    scale = max|x| / 127 over the block, q rounded to nearest.
+    """
+
+    name = "int8"
+    BLOCK = 256
+
+    def _blocks(self, n: int) -> int:
+        return -(-n // self.BLOCK)
+
+    def wire_manifest(self, floats: Manifest) -> Manifest:
+        n = sum(t.numel for t in floats.tensors)
+        return Manifest(
+            (
+                TensorSpec("int8.scales", "float32", (self._blocks(n),)),
+                TensorSpec("int8.values", "int8", (n,)),
+            )
+        )
+
+    def encode(self, delta: np.ndarray) -> np.ndarray:
+        x = np.asarray(delta, dtype=np.float32)
+        n, blocks = x.size, self._blocks(x.size)
+        padded = np.zeros(blocks * self.BLOCK, dtype=np.float32)
+        padded[:n] = x
+        padded = padded.reshape(blocks, self.BLOCK)
+        scales = np.abs(padded).max(axis=1) / np.float32(127)
+        safe = np.where(scales > 0, scales, np.float32(1))
+        q = np.clip(np.rint(padded / safe[:, None]), -127, 127).astype(np.int8).reshape(-1)[:n]
+        return np.concatenate([scales.astype("<f4").view(np.uint8), q.view(np.uint8)])
+
+    def decoder(self, num_values: int) -> StreamDecoder:
+        codec = self
+
+        class _Decoder(_TwoPartDecoder):
+            def _piece(self, raw: Piece) -> Piece:
+                assert self.head is not None
+                first, last = raw.offset // codec.BLOCK, (raw.offset + raw.values.size - 1)
+                scales = np.repeat(self.head[first : last // codec.BLOCK + 1], codec.BLOCK)
+                start = raw.offset - first * codec.BLOCK
+                values = raw.values.astype(np.float32)
+                values *= scales[start : start + values.size]
+                return Piece(raw.offset, values)
+
+        return _Decoder("<f4", self._blocks(num_values), "i1", num_values)
+
+
+class TopKCodec(Codec):
+    """The `fraction` largest-magnitude values and their positions; the rest count as zero.
+
+    Wire layout: k int32 positions (strictly increasing), then their k float32 values. Lossy by
+    design, so clients keep what was left out and add it to the next round's delta
+    (error feedback, Stich et al. 2018): nothing is lost, only delayed.
+    """
+
+    error_feedback = True
+    DEFAULT_FRACTION = 0.1
+
+    def __init__(self, fraction: float = DEFAULT_FRACTION) -> None:
+        if not 0 < fraction <= 1:
+            raise ManifestError(f"top-k fraction must be in (0, 1], got {fraction}")
+        self.fraction = fraction
+        self.name = "topk" if fraction == self.DEFAULT_FRACTION else f"topk:{fraction:g}"
+
+    def k(self, n: int) -> int:
+        return min(n, max(1, math.ceil(self.fraction * n))) if n else 0
+
+    def wire_manifest(self, floats: Manifest) -> Manifest:
+        k = self.k(sum(t.numel for t in floats.tensors))
+        return Manifest(
+            (
+                TensorSpec("topk.indices", "int32", (k,)),
+                TensorSpec("topk.values", "float32", (k,)),
+            )
+        )
+
+    def encode(self, delta: np.ndarray) -> np.ndarray:
+        x = np.asarray(delta, dtype=np.float32)
+        if x.size >= 2**31:
+            raise ValueError("top-k positions are int32: the model has too many values")
+        k = self.k(x.size)
+        top = np.sort(np.argpartition(np.abs(x), x.size - k)[x.size - k :]).astype("<i4")
+        return np.concatenate([top.view(np.uint8), x[top].astype("<f4").view(np.uint8)])
+
+    def decoder(self, num_values: int) -> StreamDecoder:
+        class _Decoder(_TwoPartDecoder):
+            def _check_head(self, head: np.ndarray) -> None:
+                if head.size and (
+                    head[0] < 0 or head[-1] >= num_values or np.any(np.diff(head) <= 0)
+                ):
+                    raise ManifestError(
+                        "top-k positions must be strictly increasing and within the model"
+                    )
+
+            def _piece(self, raw: Piece) -> Piece:
+                assert self.head is not None
+                idx = self.head[raw.offset : raw.offset + raw.values.size].astype(np.int64)
+                return Piece(raw.offset, raw.values, idx)
+
+        k = self.k(num_values)
+        return _Decoder("<i4", k, "<f4", k)
+
+
+class ErrorFeedback:
+    """Client-side memory of what a lossy codec left out, added to the next round's delta."""
+
+    def __init__(self) -> None:
+        self.residual: np.ndarray | None = None
+
+    def encode(self, codec: Codec, delta: np.ndarray) -> np.ndarray:
+        if not codec.error_feedback:
+            return codec.encode(delta)
+        v = np.asarray(delta, dtype=np.float32)
+        if self.residual is not None and self.residual.size == v.size:
+            v = v + self.residual
+        payload = codec.encode(v)
+        self.residual = v - codec.decode(payload, v.size)
+        return payload
+
+
+CODECS: dict[str, Codec] = {
+    c.name: c for c in (Float32Codec(), Float16Codec(), Int8Codec(), TopKCodec(), MaskedRingCodec())
+}
 
 
 def get_codec(name: str) -> Codec:
-    try:
+    """A codec by name; `topk:F` picks top-k with fraction F (plain `topk` is 10%)."""
+    if name in CODECS:
         return CODECS[name]
-    except KeyError:
-        raise ManifestError(
-            f"unknown update encoding {name!r}; supported: {', '.join(CODECS)}"
-        ) from None
+    kind, _, arg = name.partition(":")
+    if kind == "topk" and arg:
+        try:
+            return TopKCodec(float(arg))
+        except ValueError as e:
+            raise ManifestError(f"bad top-k encoding {name!r}: {e}") from None
+    raise ManifestError(
+        f"unknown update encoding {name!r}; supported: {', '.join(CODECS)}, topk:FRACTION"
+    )

@@ -100,6 +100,13 @@ class Selection:
             yield from pieces
             return
         for piece in pieces:
+            if piece.indices is not None:  # sparse (top-k): map each position
+                for sub, full, n in self.segments:
+                    inside = (piece.indices >= sub) & (piece.indices < sub + n)
+                    if inside.any():
+                        idx = piece.indices[inside] - sub + full
+                        yield Piece(int(idx[0]), piece.values[inside], idx)
+                continue
             lo, hi = piece.offset, piece.offset + piece.values.size
             for sub, full, n in self.segments:
                 a, b = max(lo, sub), min(hi, sub + n)

@@ -146,6 +146,9 @@ class Accumulator:
             if n > self._scratch.size:
                 self._scratch = np.empty(n, dtype=np.float32)
             scaled = np.multiply(piece.values, np.float32(weight), out=self._scratch[:n])
+            if piece.indices is not None:  # sparse (top-k): positions are unique
+                self.total[piece.indices] += scaled
+                continue
             target = self.total[piece.offset : piece.offset + n]
             np.add(target, scaled, out=target)
         if selection is None:
@@ -195,7 +198,18 @@ class UpdateSpool:
 
     def append(self, update: StagedUpdate, weight: float) -> None:
         row = self.count * self.num_values * 4
+        # The row exists as zeros first: sparse (top-k) pieces only write scattered positions.
+        self._file.truncate(row + self.num_values * 4)
         for piece in update.pieces():
+            if piece.indices is not None:
+                self._file.flush()
+                mm = np.memmap(
+                    self._file, dtype="<f4", mode="r+", offset=row, shape=(self.num_values,)
+                )
+                mm[piece.indices] = piece.values
+                mm.flush()
+                del mm
+                continue
             self._file.seek(row + piece.offset * 4)
             self._file.write(np.ascontiguousarray(piece.values, dtype="<f4").tobytes())
         self.weights.append(weight)
