@@ -140,3 +140,23 @@ def test_receiver_accumulator_and_spool_fold_what_the_codec_decodes(
     rows = np.asarray(spool.matrix())
     np.testing.assert_allclose(rows[0] * 2 + rows[1] * 3, expected, rtol=1e-6, atol=1e-6)
     spool.close()
+
+
+def test_sparse_pieces_map_through_a_tensor_selection() -> None:
+    from fedcore.codecs import Piece
+    from fedcore.selection import Selection
+
+    floats = Manifest(
+        (
+            TensorSpec("a", "float32", (3,)),
+            TensorSpec("b", "float32", (4,)),
+            TensorSpec("c", "float32", (5,)),
+        )
+    )
+    sel = Selection.of_names(floats, ["a", "c"])  # update vector = a (0..2) then c (3..7)
+    piece = Piece(0, np.array([1, 2, 3, 4], dtype=np.float32), np.array([0, 2, 3, 7]))
+    out = np.zeros(12, dtype=np.float32)
+    for p in sel.to_full([piece]):
+        out[p.indices] = p.values
+    assert np.flatnonzero(out).tolist() == [0, 2, 7, 11]
+    assert out[[0, 2, 7, 11]].tolist() == [1, 2, 3, 4]
