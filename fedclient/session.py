@@ -221,6 +221,8 @@ class ClientSession:
         model = self.task.build_model()
         while True:
             header = self._call("pull", self._pull)
+            if header.evaluate_round:
+                self._evaluate_and_submit(header, model, data)
             if header.state == pb.FINISHED:
                 log.info(
                     "coordinator says training is finished (%s); trained %d round(s)",
@@ -286,6 +288,45 @@ class ClientSession:
                 "nothing would be sent"
             )
         return round_sel.union(personal), sent, personal
+
+    def _evaluate_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
+        """Federated evaluation: score the announced model on local test data and report it."""
+        base = self.held
+        if base is None or base.version != header.model_version:
+            return  # the coordinator will send the bytes on the next pull
+        metrics: dict[str, float] = {}
+        num_examples = len(data.test) if data.test is not None else 0  # type: ignore[arg-type]
+        if num_examples:
+            model.load_state_dict(to_state_dict(base))
+            if self._personal:  # FedPer: what this client serves is global + its own layers
+                model.load_state_dict(self._personal, strict=False)
+            metrics = {k: float(v) for k, v in self.task.evaluate(model, data.test).items()}
+        result = pb.EvaluationResult(
+            client_id=self.client_id,
+            round=header.evaluate_round,
+            model_version=base.version,
+            num_examples=num_examples,
+            metrics=metrics,
+        )
+        try:
+            self._call("evaluation", lambda: self.stub.SubmitEvaluation(result, timeout=30))
+        except grpc.RpcError as e:
+            code = e.code()  # type: ignore[attr-defined]
+            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
+                log.warning(
+                    "evaluation of round %d not counted: %s", header.evaluate_round, e.details()
+                )  # type: ignore[attr-defined]
+                return
+            raise PermanentError(
+                f"coordinator refused the evaluation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
+            ) from None
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())) or "no test data"
+        log.info(
+            "round %d: evaluated the global model on %d local examples (%s)",
+            header.evaluate_round,
+            num_examples,
+            shown,
+        )
 
     def _train_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
         base = self.held

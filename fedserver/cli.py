@@ -21,6 +21,7 @@ from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 from fedcore.tensors import ManifestError
 from fedserver import remote, report
 from fedserver.coordinator import TrainingDefaults
+from fedserver.fedeval import EvalPolicy
 from fedserver.rounds import RoundPolicy
 from fedserver.security import cli as security_cli
 from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
@@ -159,6 +160,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="aggregation strategy (fedavg)",
     )
     _add_strategy_flags(run)
+    run.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="federated evaluation: clients score the model every K rounds and after the "
+        "last one, on their local test data (0 = off)",
+    )
+    run.add_argument(
+        "--fraction-evaluate",
+        type=float,
+        default=1.0,
+        help="fraction of live clients asked to evaluate (1.0)",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed for the initial model and sampling")
     run.add_argument(
         "--linger",
@@ -339,6 +353,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         port=args.port,
         strategy=args.strategy,
         strategy_params=strategy_params(args),
+        eval_policy=EvalPolicy(args.eval_every, args.fraction_evaluate),
         seed=args.seed,
         linger=args.linger,
         max_update_bytes=args.max_update_bytes,

@@ -35,6 +35,7 @@ from fedserver.aggregate import (
     UpdateTooLarge,
 )
 from fedserver.dp import DPServer
+from fedserver.fedeval import EvalCampaign, EvalPolicy
 from fedserver.metrics import Metrics
 from fedserver.rounds import (
     AlreadySubmitted,
@@ -112,6 +113,7 @@ class Offer:
     config: dict[str, object]
     deadline_seconds: float
     message: str
+    evaluate_round: int = 0  # > 0: evaluate `model` (the model after this round) locally
 
 
 @dataclass
@@ -153,6 +155,7 @@ class Coordinator:
     dp: DPServer | None = None
     secure: str = "none"  # "secagg": the coordinator only ever sees masked updates
     secagg_stage_timeout: float = 30.0
+    eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
     rejections: Counter[str] = field(default_factory=Counter)
     metrics: Metrics = field(default_factory=Metrics)
 
@@ -164,6 +167,7 @@ class Coordinator:
         )
         self._accumulator = Accumulator(self._num_values(), self._tensor_sizes())
         self._spool: UpdateSpool | None = None
+        self.campaign: EvalCampaign | None = None
         self._client_metrics: dict[str, dict[str, float]] = {}
         self._available = 0  # live clients when the round opened (DP sample rate)
         self.secure_rounds = (
@@ -300,6 +304,7 @@ class Coordinator:
         """The answer for this client now, or None if it should keep waiting."""
         state = self.state_name()
         selected = self.machine.expects_update_from(client_id) and state == "training"
+        evaluate = self._evaluation_for(client_id)
         if state == "finished":
             self.told_finished.add(client_id)
             msg = self.failure or f"training finished after {self.machine.rounds_completed} rounds"
@@ -307,6 +312,8 @@ class Coordinator:
             msg = "coordinator is shutting down; retry later"
         elif selected:
             msg = f"selected for round {self.machine.round}"
+        elif evaluate:
+            msg = f"selected to evaluate the model of round {evaluate}"
         else:
             return None
         deadline = max(0.0, self.machine.deadline - time.monotonic()) if selected else 0.0
@@ -315,11 +322,79 @@ class Coordinator:
             self.machine.round,
             selected,
             self.model,
-            selected and known_version != self.model.version,
+            (selected or evaluate > 0) and known_version != self.model.version,
             self.round_config(),
             deadline if math.isfinite(deadline) else 0.0,
             msg,
+            evaluate,
         )
+
+    # ------------------------------------------------------------------ federated evaluation
+    def _evaluation_for(self, client_id: str) -> int:
+        """The round whose model this client should evaluate now, or 0."""
+        c = self.campaign
+        if c is None or self.shutting_down or c.version != self.model.version:
+            return 0
+        return c.round if c.pending(client_id) else 0
+
+    def _open_campaign(self, round_number: int, model: FlatModel) -> None:
+        self.campaign = None
+        if not self.eval_policy.due(round_number, self.policy.total_rounds):
+            return
+        live = self.machine.live_clients()
+        if not live:
+            return
+        rng = random.Random(self.seed * 1_000_003 + round_number)
+        chosen = self.eval_policy.sample(live, rng)
+        self.campaign = EvalCampaign(round_number, model.version, chosen)
+        log.info("federated evaluation of round %d: %d client(s) asked", round_number, len(chosen))
+
+    def submit_evaluation(
+        self,
+        client_id: str,
+        round_number: int,
+        version: str,
+        num_examples: int,
+        metrics: dict[str, float],
+    ) -> tuple[bool, str]:
+        """Fold one client's evaluation; raises BadUpdate or SubmitRefused like updates do."""
+        try:
+            if not 0 <= num_examples <= MAX_NUM_EXAMPLES:
+                raise BadUpdate(
+                    f"num_examples must be between 0 and {MAX_NUM_EXAMPLES}, got {num_examples}",
+                    reason="bad_num_examples",
+                )
+            if not all(math.isfinite(v) for v in metrics.values()):
+                raise BadUpdate("evaluation metrics contain NaN or Inf", reason="non_finite")
+            c = self.campaign
+            if c is None or c.version != self.model.version:
+                raise StaleRound(
+                    f"no federated evaluation is open for round {round_number}; "
+                    "pull the current model"
+                )
+            new = c.accept(client_id, round_number, version, num_examples, metrics)
+        except (BadUpdate, SubmitRefused) as e:
+            raise self._refuse(e) from None
+        if not new:
+            return False, f"evaluation of round {round_number} was already counted"
+        summary = c.summary()
+        self.store.merge_round_metrics(c.round, summary)
+        log.info(
+            "round %d: federated evaluation %d/%d from %s (%d examples)%s",
+            c.round,
+            len(c.reports),
+            len(c.selected),
+            client_id,
+            num_examples,
+            "".join(f" {k}={v:.4f}" for k, v in sorted(summary.items()) if "examples" not in k),
+        )
+        self._notify()
+        return True, f"evaluation of round {round_number} counted"
+
+    def awaiting_evaluations(self) -> bool:
+        """Some live client still owes an evaluation of the current model."""
+        live = self.machine.live_clients()
+        return any(self._evaluation_for(c) for c in live)
 
     def idle_offer(self, client_id: str) -> Offer:
         m = self.machine
@@ -574,6 +649,7 @@ class Coordinator:
         ]
         await asyncio.to_thread(self._commit, record, receipts, new_model)
         self.model = new_model
+        self._open_campaign(closed.round, new_model)
         if spool is not None:
             spool.close()
             self._spool = None

@@ -25,6 +25,7 @@ from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.coordinator import Coordinator, TrainingDefaults
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
+from fedserver.fedeval import EvalPolicy
 from fedserver.progress import show_progress
 from fedserver.rounds import RoundPolicy
 from fedserver.security.auth import AuthInterceptor, build_authenticator
@@ -50,6 +51,7 @@ class ServerSettings:
     port: int = 50051
     strategy: str = "fedavg"
     strategy_params: dict[str, float] = field(default_factory=dict)
+    eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
     seed: int = 0
     linger: float = 15.0
     max_update_bytes: int = 4 << 30
@@ -152,6 +154,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         evaluate=evaluator if evaluator.enabled else None,
         max_update_bytes=s.max_update_bytes,
         seed=s.seed,
+        eval_policy=s.eval_policy,
         dp=dp,
         secure=s.secure,
         secagg_stage_timeout=s.secagg_stage_timeout,
@@ -293,7 +296,7 @@ async def _linger(coordinator: Coordinator, linger: float, stop: asyncio.Event) 
     until = loop.time() + linger
     while loop.time() < until and not stop.is_set():
         pending = set(coordinator.machine.live_clients()) - coordinator.told_finished
-        if not pending:
+        if not pending and not coordinator.awaiting_evaluations():
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), min(0.2, until - loop.time()))

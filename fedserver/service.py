@@ -248,9 +248,12 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
             deadline_seconds=offer.deadline_seconds,
             message=offer.message,
         )
-        if offer.selected:
+        if offer.selected or offer.evaluate_round:
             header.model_version = offer.model.version
             header.manifest.CopyFrom(manifest_to_proto(offer.model.manifest))
+            header.total_bytes = offer.model.buffer.size if offer.send_bytes else 0
+            header.evaluate_round = offer.evaluate_round
+        if offer.selected:
             header.config.CopyFrom(
                 pb.RoundConfig(
                     local_epochs=int(cfg["local_epochs"]),  # type: ignore[call-overload]
@@ -260,7 +263,6 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
                     extra=dict(cfg["extra"]),  # type: ignore[call-overload]
                 )
             )
-            header.total_bytes = offer.model.buffer.size if offer.send_bytes else 0
         return header
 
     async def SubmitUpdate(
@@ -325,6 +327,23 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
         return pb.SubmitReply(
             accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
         )
+
+    async def SubmitEvaluation(
+        self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
+    ) -> pb.EvaluationReply:
+        if problem := _check_client_id(request.client_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        try:
+            new, message = self.coordinator.submit_evaluation(
+                request.client_id,
+                request.round,
+                request.model_version,
+                request.num_examples,
+                dict(request.metrics),
+            )
+        except (BadUpdate, SubmitRefused) as e:
+            await context.abort(status_for(e), str(e))
+        return pb.EvaluationReply(accepted=True, duplicate=not new, message=message)
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext

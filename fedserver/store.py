@@ -293,6 +293,20 @@ class StateStore:
                 return {}
         return {r[0]: {"bytes_in": r[1], "bytes_out": r[2]} for r in rows}
 
+    def merge_round_metrics(self, round_number: int, metrics: dict[str, float]) -> None:
+        """Add or overwrite metrics of a committed round (federated evaluation arrives later)."""
+        with self.lock, self.db:
+            self.db.execute("BEGIN")
+            row = self.db.execute(
+                "SELECT metrics FROM rounds WHERE round = ?", (round_number,)
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"round {round_number} is not committed")
+            merged = {**json.loads(row[0]), **metrics}
+            self.db.execute(
+                "UPDATE rounds SET metrics = ? WHERE round = ?", (json.dumps(merged), round_number)
+            )
+
     def last_round(self) -> int:
         return int(self.get_meta("last_round", "0") or 0)
 

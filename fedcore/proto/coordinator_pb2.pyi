@@ -106,7 +106,7 @@ class GetGlobalModelRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., known_version: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("state", "round", "selected", "model_version", "manifest", "config", "total_bytes", "total_rounds", "deadline_seconds", "message")
+    __slots__ = ("state", "round", "selected", "model_version", "manifest", "config", "total_bytes", "total_rounds", "deadline_seconds", "message", "evaluate_round")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,7 @@ class ModelHeader(_message.Message):
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EVALUATE_ROUND_FIELD_NUMBER: _ClassVar[int]
     state: FederationState
     round: int
     selected: bool
@@ -127,7 +128,8 @@ class ModelHeader(_message.Message):
     total_rounds: int
     deadline_seconds: float
     message: str
-    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., selected: _Optional[bool] = ..., model_version: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., total_bytes: _Optional[int] = ..., total_rounds: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    evaluate_round: int
+    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., selected: _Optional[bool] = ..., model_version: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., total_bytes: _Optional[int] = ..., total_rounds: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ..., evaluate_round: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -191,6 +193,37 @@ class SubmitReply(_message.Message):
     round: int
     message: str
     def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., round: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EvaluationResult(_message.Message):
+    __slots__ = ("client_id", "round", "model_version", "num_examples", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    model_version: str
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., model_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EvaluationReply(_message.Message):
+    __slots__ = ("accepted", "duplicate", "message")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    duplicate: bool
+    message: str
+    def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.SerializeToString,
                 response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.FromString,
                 _registered_method=True)
+        self.SubmitEvaluation = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/SubmitEvaluation',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationResult.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -139,6 +144,14 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitEvaluation(self, request, context):
+        """Federated evaluation: a client whose ModelHeader had `evaluate_round` > 0 scores that model
+        on its local test data and reports example counts and metrics. Idempotent per (client, round).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +194,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetSecAggStage,
                     request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.FromString,
                     response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.SerializeToString,
+            ),
+            'SubmitEvaluation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitEvaluation,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationResult.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +417,33 @@ class Coordinator:
             '/fedgrpc.v1.Coordinator/GetSecAggStage',
             fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStageRequest.SerializeToString,
             fedgrpc_dot_v1_dot_coordinator__pb2.SecAggStage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitEvaluation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/SubmitEvaluation',
+            fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationResult.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReply.FromString,
             options,
             channel_credentials,
             insecure,

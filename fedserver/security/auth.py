@@ -8,9 +8,9 @@ Authorization (the only place it happens):
   * gRPC health and reflection are open: probes and tools need them, and with mTLS the TLS
     handshake has already required a certificate from our CA anyway;
   * GetStatus: any authenticated identity;
-  * Join / GetGlobalModel / SubmitUpdate and the secure-aggregation RPCs: role "client", and
-    every client_id in the request (JoinRequest, GetGlobalModelRequest, the UpdateHeader, the
-    SecAgg requests) must equal the caller's identity.
+  * Join / GetGlobalModel / SubmitUpdate / SubmitEvaluation and the secure-aggregation RPCs:
+    role "client", and every client_id in the request (JoinRequest, GetGlobalModelRequest, the
+    UpdateHeader, the EvaluationResult, the SecAgg requests) must equal the caller's identity.
 No or bad credentials -> UNAUTHENTICATED; a valid identity doing what it may not ->
 PERMISSION_DENIED.
 """
@@ -38,6 +38,7 @@ CLIENT_METHODS = {
     "Join",
     "GetGlobalModel",
     "SubmitUpdate",
+    "SubmitEvaluation",
     "AdvertiseKeys",
     "ShareKeys",
     "GetSecAggStage",

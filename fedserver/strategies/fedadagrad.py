@@ -10,7 +10,7 @@ from fedserver.strategies.fedopt import FedOpt
 class FedAdagrad(FedOpt):
     name = "fedadagrad"
 
-    def __init__(self, server_lr: float = 0.01, beta1: float = 0.9, tau: float = 1e-3) -> None:
+    def __init__(self, server_lr: float = 0.1, beta1: float = 0.9, tau: float = 1e-3) -> None:
         super().__init__(server_lr=server_lr, beta1=beta1, tau=tau)
 
     def second_moment(self, v: np.ndarray, delta_sq: np.ndarray) -> np.ndarray:

@@ -31,7 +31,7 @@ class FedOpt(Strategy):
 
     def __init__(
         self,
-        server_lr: float = 0.01,
+        server_lr: float = 0.03,
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,
