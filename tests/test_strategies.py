@@ -247,3 +247,23 @@ def test_resume_from_checkpoint_gives_the_same_next_model(name: str, tmp_path: P
     assert {k: v.tolist() for k, v in resumed.state_arrays().items()} == {
         k: v.tolist() for k, v in straight.state_arrays().items()
     }
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--strategy", "fedavg", "--server-lr", "0.1"], "does not use --server-lr"),
+        (["--strategy", "median", "--dp-clip", "1.0"], "cannot be combined with --dp-clip"),
+        (["--strategy", "krum", "--krum-byzantine", "-1"], "--krum-byzantine must be >= 0"),
+    ],
+)
+def test_cli_refuses_bad_strategy_flags_before_touching_the_state_dir(
+    flags: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedserver.cli import main
+
+    state = tmp_path / "state"
+    argv = ["run", "--task", "examples.digits:task", "--state-dir", str(state), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not state.exists()
