@@ -3,6 +3,11 @@
 FedAvg is wrecked; coordinate-wise trimmed mean and Multi-Krum keep the model within 2 points
 of the clean FedAvg run. Accuracy is the coordinator's own held-out evaluation after the last
 round (`fedserver status --json`).
+
+Local training is (almost) full-batch gradient descent (batch 256 > any client's ~130 examples):
+with minibatch noise the honest updates spread so widely that trimming the attackers' side also
+cuts honest signal and trimmed mean lands ~2.5 points below the clean run (see
+docs/algorithms.md, "Byzantine clients"); here the spread comes from the data alone.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from tests.procs import Proc, child_env, free_port, start_client, start_coordina
 CLIENTS = 10
 ATTACKERS = 2
 ROUNDS = 8
+TRAINING = ("--local-epochs", "20", "--lr", "0.2", "--batch-size", "256")
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -28,7 +34,7 @@ def final_accuracy(tmp: Path, procs: list[Proc], name: str, attackers: int, *fla
     state, logs = tmp / name / "state", tmp / name / "logs"
     server = start_coordinator(
         logs, port, state, "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS),
-        "--round-timeout", "120", *flags,
+        "--round-timeout", "120", *TRAINING, *flags,
     )  # fmt: skip
     procs.append(server)
     wait_serving(port, server)
@@ -56,7 +62,7 @@ def test_robust_strategies_withstand_two_sign_flipping_clients(
     fedavg = final_accuracy(tmp_path, procs, "fedavg", ATTACKERS)
     trimmed = final_accuracy(
         tmp_path, procs, "trimmed", ATTACKERS, "--strategy", "trimmed_mean",
-        "--trim-fraction", "0.3",
+        "--trim-fraction", "0.2",  # k = 2 = the number of attackers
     )  # fmt: skip
     krum = final_accuracy(
         tmp_path, procs, "krum", ATTACKERS, "--strategy", "krum",
