@@ -206,62 +206,68 @@ async def serve(s: ServerSettings) -> int:
     if not port:
         raise SetupError(f"cannot listen on {address}: is the port in use?")
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info(
-        "coordinator listening on %s:%d (task %s, %d rounds, min %d clients)",
-        s.host,
-        port,
-        s.task,
-        s.policy.total_rounds,
-        s.policy.min_clients,
-    )
-    log.info("security: %s", _describe_security(s))
-    if s.metrics_port is not None:
-        coordinator.metrics.watch(lambda: _live_state(coordinator))
-        try:
-            bound = coordinator.metrics.serve(s.metrics_host, s.metrics_port)
-        except OSError as e:
-            raise SetupError(
-                f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {e.strerror}"
-            ) from None
-        log.info("metrics on http://%s:%d/metrics", s.metrics_host, bound)
-    if credentials is None and not is_loopback(address):
-        log.warning(
-            "serving PLAINTEXT on %s: model and updates travel unencrypted and unauthenticated; "
-            "use --tls-cert/--tls-key/--tls-ca (fedserver certs) outside a lab",
-            address,
+    # Whatever ends this block (a finished run, a signal, a setup error such as a busy metrics
+    # port), the server is stopped before the event loop closes; otherwise grpc's finalizer
+    # runs after the loop is gone and the process can hang at exit.
+    try:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "coordinator listening on %s:%d (task %s, %d rounds, min %d clients)",
+            s.host,
+            port,
+            s.task,
+            s.policy.total_rounds,
+            s.policy.min_clients,
         )
+        log.info("security: %s", _describe_security(s))
+        if s.metrics_port is not None:
+            coordinator.metrics.watch(lambda: _live_state(coordinator))
+            try:
+                bound = coordinator.metrics.serve(s.metrics_host, s.metrics_port)
+            except OSError as e:
+                raise SetupError(
+                    f"cannot serve metrics on {s.metrics_host}:{s.metrics_port}: {e.strerror}"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", s.metrics_host, bound)
+        if credentials is None and not is_loopback(address):
+            log.warning(
+                "serving PLAINTEXT on %s: model and updates travel unencrypted and "
+                "unauthenticated; use --tls-cert/--tls-key/--tls-ca (fedserver certs) "
+                "outside a lab",
+                address,
+            )
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
 
-    bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
-    done = asyncio.create_task(coordinator.done.wait())
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if stop.is_set():
-        log.info("stop requested: finishing the round being aggregated, then shutting down")
-        coordinator.begin_shutdown()
-        await coordinator.wait_idle()
-        if not coordinator.done.is_set():
-            coordinator.store.set_meta(status="stopped")
-        code = EXIT_OK
-    else:
-        await _linger(coordinator, s.linger, stop)
-        code = EXIT_FAILED if coordinator.failure else EXIT_OK
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=2.0)
-    coordinator.store.close()
-    done.cancel()
-    stopped.cancel()
-    if bar is not None:
-        bar.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await bar
+        bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
+        done = asyncio.create_task(coordinator.done.wait())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("stop requested: finishing the round being aggregated, then shutting down")
+            coordinator.begin_shutdown()
+            await coordinator.wait_idle()
+            if not coordinator.done.is_set():
+                coordinator.store.set_meta(status="stopped")
+            code = EXIT_OK
+        else:
+            await _linger(coordinator, s.linger, stop)
+            code = EXIT_FAILED if coordinator.failure else EXIT_OK
+        done.cancel()
+        stopped.cancel()
+        if bar is not None:
+            bar.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bar
+    finally:
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace=2.0)
+        coordinator.store.close()
     log.info(
         "coordinator stopped after %d completed round(s); state in %s",
         coordinator.machine.rounds_completed,
