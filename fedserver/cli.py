@@ -20,8 +20,8 @@ from fedcore.sealed import StateCipher, generate_key_file
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 from fedcore.tensors import ManifestError
 from fedserver import remote, report
-from fedserver.coordinator import TrainingDefaults
 from fedserver.fedeval import EvalPolicy
+from fedserver.messages import TrainingDefaults
 from fedserver.rounds import RoundPolicy
 from fedserver.security import cli as security_cli
 from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve

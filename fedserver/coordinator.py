@@ -36,6 +36,16 @@ from fedserver.aggregate import (
 )
 from fedserver.dp import DPServer
 from fedserver.fedeval import EvalCampaign, EvalPolicy
+from fedserver.messages import (
+    BaseVersionMismatch,
+    Offer,
+    PendingSubmit,
+    SubmitHeader,
+    SubmitResult,
+    TooManyStreams,
+    TrainingDefaults,
+    manifest_difference,
+)
 from fedserver.metrics import Metrics
 from fedserver.rounds import (
     AlreadySubmitted,
@@ -56,90 +66,6 @@ log = logging.getLogger("fedserver")
 
 MAX_NUM_EXAMPLES = 10**9
 MAX_STREAMS_PER_CLIENT = 2
-
-
-class BaseVersionMismatch(StaleRound):
-    reason = "stale_base"
-
-
-class TooManyStreams(SubmitRefused):
-    """Transient: the client already has uploads in flight (→ ABORTED, retried)."""
-
-    reason = "too_many_streams"
-
-
-@dataclass(frozen=True)
-class TrainingDefaults:
-    """Round settings sent to clients; None means "the task's default_config()"."""
-
-    local_epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    encoding: str = "fp32"
-    # "fedavg": clients train and send a delta; "fedsgd": clients send one gradient (negated, a
-    # pseudo-gradient the strategy applies) over `gradient_batch` examples (0 = all they hold).
-    mode: str = "fedavg"
-    gradient_batch: int = 0
-    # --train-tensors: patterns of the tensors trained and sent ("" = all); ';' rotates groups.
-    train_tensors: str = ""
-
-    def resolved(self, task_default: TrainingDefaults) -> TrainingDefaults:
-        return TrainingDefaults(
-            self.local_epochs or task_default.local_epochs or 1,
-            self.lr or task_default.lr or 0.05,
-            self.batch_size or task_default.batch_size or 32,
-            self.encoding,
-            self.mode,
-            self.gradient_batch,
-            self.train_tensors,
-        )
-
-    def mode_extra(self) -> dict[str, str]:
-        """Round-config `extra` entries telling clients what to compute."""
-        if self.mode == "fedavg":
-            return {}
-        return {"mode": self.mode, "gradient_batch": str(self.gradient_batch)}
-
-
-@dataclass(frozen=True)
-class Offer:
-    """What GetGlobalModel answers: the state, and the model if the client should train."""
-
-    state: str  # waiting_for_clients | training | finished | shutting_down
-    round: int
-    selected: bool
-    model: FlatModel
-    send_bytes: bool
-    config: dict[str, object]
-    deadline_seconds: float
-    message: str
-    evaluate_round: int = 0  # > 0: evaluate `model` (the model after this round) locally
-
-
-@dataclass
-class SubmitHeader:
-    client_id: str
-    round: int
-    base_version: str
-    num_examples: int
-    metrics: dict[str, float]
-    encoding: str
-    manifest: Manifest
-    total_bytes: int
-
-
-@dataclass
-class PendingSubmit:
-    header: SubmitHeader
-    receiver: UpdateReceiver
-    selection: Selection | None = None  # the tensors a partial update carries (None: all)
-
-
-@dataclass
-class SubmitResult:
-    round: int
-    duplicate: bool
-    message: str
 
 
 @dataclass
@@ -466,7 +392,7 @@ class Coordinator:
         check_encoding(self.secure_rounds, h.encoding)
         expected, selection = self._expected_manifest(h, codec)
         if h.manifest != expected:
-            raise BadUpdate(_manifest_difference(h.manifest, expected), reason="bad_manifest")
+            raise BadUpdate(manifest_difference(h.manifest, expected), reason="bad_manifest")
         if h.total_bytes != expected.total_bytes:
             raise BadUpdate(
                 f"header declares {h.total_bytes} bytes; a {codec.name} update of this model "
@@ -711,35 +637,4 @@ class Coordinator:
         self._notify()
 
 
-def _manifest_difference(got: Manifest, want: Manifest) -> str:
-    gotd = {t.name: t for t in got.tensors}
-    wantd = {t.name: t for t in want.tensors}
-    missing = sorted(wantd.keys() - gotd.keys())
-    extra = sorted(gotd.keys() - wantd.keys())
-    if missing or extra:
-        return (
-            f"update tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
-        )
-    for name, w in wantd.items():
-        g = gotd[name]
-        if g.shape != w.shape:
-            return f"tensor {name!r} has shape {list(g.shape)}, the model has {list(w.shape)}"
-        if g.dtype != w.dtype:
-            return f"tensor {name!r} is {g.dtype}, this encoding requires {w.dtype}"
-    return "update tensors are not in the model's order"
-
-
-__all__ = [
-    "AlreadySubmitted",
-    "BadUpdate",
-    "Coordinator",
-    "Offer",
-    "PendingSubmit",
-    "StagedUpdate",
-    "StaleRound",
-    "SubmitHeader",
-    "SubmitRefused",
-    "TooManyStreams",
-    "TrainingDefaults",
-    "UpdateTooLarge",
-]
+__all__ = ["Coordinator"]

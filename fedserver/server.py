@@ -22,10 +22,11 @@ from fedcore.security import SecurityError, TlsFiles, is_loopback
 from fedcore.selection import check_spec
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 from fedcore.wire import CHANNEL_OPTIONS
-from fedserver.coordinator import Coordinator, TrainingDefaults
+from fedserver.coordinator import Coordinator
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.fedeval import EvalPolicy
+from fedserver.messages import TrainingDefaults
 from fedserver.progress import show_progress
 from fedserver.rounds import RoundPolicy
 from fedserver.security.auth import AuthInterceptor, build_authenticator

@@ -25,18 +25,10 @@ from fedcore.wire import (
     parse_update_chunk,
     serialize_message,
 )
-from fedserver.coordinator import (
-    AlreadySubmitted,
-    BadUpdate,
-    Coordinator,
-    Offer,
-    StaleRound,
-    SubmitHeader,
-    SubmitRefused,
-    TooManyStreams,
-    UpdateTooLarge,
-)
-from fedserver.rounds import NotSelected
+from fedserver.aggregate import BadUpdate, UpdateTooLarge
+from fedserver.coordinator import Coordinator
+from fedserver.messages import Offer, SubmitHeader, TooManyStreams
+from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound, SubmitRefused
 from fedserver.secagg import SecAggFailed
 
 log = logging.getLogger("fedserver.service")

@@ -21,8 +21,9 @@ from fedcore.codecs import get_codec
 from fedcore.secagg import quantize
 from fedcore.secagg.keys import round_context
 from fedcore.tensors import float_vector
-from fedserver.coordinator import Coordinator, SubmitHeader
+from fedserver.coordinator import Coordinator
 from fedserver.evaluate import initial_model
+from fedserver.messages import SubmitHeader
 from fedserver.rounds import RoundPolicy
 from fedserver.store import StateStore
 from fedserver.strategies import build_strategy
