@@ -1,11 +1,13 @@
-"""`fedserver run | status`: the coordinator's command line."""
+"""`fedserver COMMAND`: the coordinator's entry point; wires every subcommand's parser.
+
+`run` lives in run_cli.py; certs/tokens in security/cli.py, health in remote.py, report in
+report.py. The small state-dir commands (keygen, he-keygen, export, status) stay here.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,20 +15,13 @@ from pathlib import Path
 import grpc
 
 from fedcore.config import parse_layered
-from fedcore.logs import setup_logging
-from fedcore.privacy import DPConfig
-from fedcore.progress import wanted as progress_wanted
 from fedcore.sealed import StateCipher, generate_key_file
-from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
+from fedcore.security import SecurityError, add_tls_arguments
 from fedcore.tensors import ManifestError
-from fedserver import remote, report
-from fedserver.fedeval import EvalPolicy
-from fedserver.messages import TrainingDefaults
-from fedserver.rounds import RoundPolicy
+from fedserver import remote, report, run_cli
 from fedserver.security import cli as security_cli
-from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
+from fedserver.server import EXIT_USAGE
 from fedserver.store import export_model, read_status
-from fedserver.strategies import STRATEGIES
 
 EPILOG = """\
 Every flag can also be set as an environment variable (--round-timeout -> FEDGRPC_ROUND_TIMEOUT)
@@ -44,20 +39,6 @@ example:
 """
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedserver",
@@ -66,186 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser(
-        "run",
-        help="run the coordinator daemon (resumes if --state-dir holds a run)",
-        description="Run the coordinator until all rounds are done. Ctrl-C or SIGTERM stops it "
-        "cleanly; starting it again with the same --state-dir resumes at the next round.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    run.add_argument("--config", type=Path, help="TOML file with a [server] table of flags")
-    run.add_argument("--task", required=True, help="the model and held-out data, MODULE:ATTR")
-    run.add_argument("--rounds", type=_positive_int, default=20, help="rounds to train (20)")
-    run.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (127.0.0.1; 0.0.0.0 for all interfaces)",
-    )
-    run.add_argument("--port", type=int, default=50051, help="port to listen on (50051)")
-    run.add_argument(
-        "--state-dir",
-        type=Path,
-        default=Path("state"),
-        help="checkpoints, model and history live here (./state)",
-    )
-    run.add_argument(
-        "--min-clients",
-        type=_positive_int,
-        default=2,
-        help="live clients needed before a round opens (2)",
-    )
-    run.add_argument(
-        "--fraction-fit",
-        type=float,
-        default=1.0,
-        help="fraction of live clients selected per round (1.0)",
-    )
-    run.add_argument(
-        "--clients-per-round",
-        type=_positive_int,
-        default=None,
-        help="exact number of clients per round (overrides --fraction-fit)",
-    )
-    run.add_argument(
-        "--min-fit",
-        type=_positive_int,
-        default=None,
-        help="updates needed to close a round at its deadline (default: --min-clients)",
-    )
-    run.add_argument(
-        "--round-timeout",
-        type=_positive_float,
-        default=120.0,
-        help="seconds a round stays open (120)",
-    )
-    run.add_argument(
-        "--max-attempts",
-        type=_positive_int,
-        default=5,
-        help="times a round is re-opened without quorum before giving up (5)",
-    )
-    run.add_argument(
-        "--local-epochs",
-        type=_positive_int,
-        help="local epochs per round on each client (default: the task's)",
-    )
-    run.add_argument("--lr", type=_positive_float, help="client learning rate (the task's)")
-    run.add_argument("--batch-size", type=_positive_int, help="client batch size (the task's)")
-    run.add_argument(
-        "--mode",
-        default="fedavg",
-        choices=["fedavg", "fedsgd"],
-        help="fedavg: clients train locally and send a delta; fedsgd: clients send one gradient "
-        "and the strategy applies the average (plain SGD: --server-lr) (fedavg)",
-    )
-    run.add_argument(
-        "--train-tensors",
-        default="",
-        metavar="PATTERNS",
-        help="train and send only the float tensors matching these comma-separated patterns, "
-        "e.g. '2.*'; groups separated by ';' rotate round by round, e.g. '0.*;2.*' (all)",
-    )
-    run.add_argument(
-        "--gradient-batch",
-        type=int,
-        default=0,
-        help="fedsgd: examples per client gradient, a random batch; 0 = the whole partition (0)",
-    )
-    run.add_argument(
-        "--strategy",
-        default="fedavg",
-        choices=sorted(STRATEGIES),
-        help="aggregation strategy (fedavg)",
-    )
-    _add_strategy_flags(run)
-    run.add_argument(
-        "--eval-every",
-        type=int,
-        default=0,
-        help="federated evaluation: clients score the model every K rounds and after the "
-        "last one, on their local test data (0 = off)",
-    )
-    run.add_argument(
-        "--fraction-evaluate",
-        type=float,
-        default=1.0,
-        help="fraction of live clients asked to evaluate (1.0)",
-    )
-    run.add_argument("--seed", type=int, default=0, help="seed for the initial model and sampling")
-    run.add_argument(
-        "--linger",
-        type=float,
-        default=15.0,
-        help="seconds to keep serving after the last round so clients hear it (15)",
-    )
-    run.add_argument(
-        "--max-update-bytes",
-        type=_positive_int,
-        default=4 << 30,
-        help="largest update accepted, in bytes (4 GiB)",
-    )
-    dp = run.add_argument_group(
-        "differential privacy (client-level DP-FedAvg; see docs/algorithms.md)"
-    )
-    dp.add_argument(
-        "--dp-clip",
-        type=_positive_float,
-        default=None,
-        help="clip each client's update to this L2 norm C; turns DP on (off)",
-    )
-    dp.add_argument(
-        "--dp-noise-multiplier",
-        type=float,
-        default=1.0,
-        help="Gaussian noise multiplier z: noise std z*C on the sum of updates (1.0)",
-    )
-    dp.add_argument(
-        "--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported (1e-5)"
-    )
-    run.add_argument(
-        "--secure",
-        default="none",
-        choices=["none", "secagg"],
-        help="secure aggregation: 'secagg' = the coordinator only sees masked updates (none)",
-    )
-    run.add_argument(
-        "--encrypt-state",
-        type=Path,
-        metavar="KEYFILE",
-        help="encrypt checkpoints and the model at rest with this AES-256-GCM key file "
-        "(make one with `fedserver keygen`); resuming needs the same key",
-    )
-    run.add_argument(
-        "--secagg-stage-timeout",
-        type=_positive_float,
-        default=30.0,
-        help="seconds each secure-aggregation stage waits for slow clients (30)",
-    )
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    run.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="text for people, json lines for log shippers (text)",
-    )
-    add_tls_arguments(run, server=True)
-    run.add_argument(
-        "--metrics-port",
-        type=int,
-        help="serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (off)",
-    )
-    run.add_argument(
-        "--metrics-host",
-        default="127.0.0.1",
-        help="address for --metrics-port (127.0.0.1; 0.0.0.0 to let a scraper in)",
-    )
-    run.add_argument(
-        "--tokens",
-        type=Path,
-        help="require bearer tokens from this file (made by `fedserver tokens add`)",
-    )
+    run_cli.add_command(sub, epilog=EPILOG)
 
     keygen = sub.add_parser(
         "keygen",
@@ -255,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     keygen.add_argument("keyfile", type=Path, metavar="KEYFILE")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
+    keygen.set_defaults(handler=_keygen)
 
     he_keygen = sub.add_parser(
         "he-keygen",
@@ -263,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "he-public.ctx (the coordinator: it can add ciphertexts but not decrypt them) to DIR.",
     )
     he_keygen.add_argument("out_dir", type=Path, metavar="DIR")
+    he_keygen.set_defaults(handler=_he_keygen)
 
     export = sub.add_parser(
         "export",
@@ -278,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the state dir is encrypted: decrypt with --key and write plaintext",
     )
     export.add_argument("--key", type=Path, metavar="KEYFILE", help="key for --decrypt")
+    export.set_defaults(handler=_export)
 
     status = sub.add_parser(
         "status", help="print a run's progress from its state dir or a live coordinator"
@@ -289,84 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="machine-readable output")
     add_tls_arguments(status, server=False)
+    status.set_defaults(handler=_print_status)
     security_cli.add_commands(sub)
     remote.add_commands(sub)
     report.add_commands(sub)
     return parser
-
-
-# (flag, type, help); unset flags keep the strategy's own default (docs/algorithms.md).
-STRATEGY_FLAGS: tuple[tuple[str, type, str], ...] = (
-    ("proximal-mu", float, "fedprox: proximal term strength mu (0.01)"),
-    ("server-lr", float, "server learning rate eta (fedavg, fedprox, fedavgm, fedopt family)"),
-    ("server-momentum", float, "fedavgm: server momentum beta (0.9)"),
-    ("beta1", float, "fedadam/fedyogi/fedadagrad: first-moment decay (0.9)"),
-    ("beta2", float, "fedadam/fedyogi: second-moment decay (0.99)"),
-    ("tau", float, "fedadam/fedyogi/fedadagrad: adaptivity epsilon tau (1e-3)"),
-    ("trim-fraction", float, "trimmed_mean: fraction cut at each end per coordinate (0.2)"),
-    ("krum-byzantine", int, "krum: number f of Byzantine clients tolerated (1)"),
-    ("multi-krum-m", int, "krum: updates averaged; 1 = Krum, >1 = Multi-Krum (1)"),
-)
-
-
-def _add_strategy_flags(run: argparse.ArgumentParser) -> None:
-    group = run.add_argument_group("strategy parameters (see docs/algorithms.md)")
-    for flag, kind, text in STRATEGY_FLAGS:
-        group.add_argument(f"--{flag}", type=kind, default=None, help=text)
-
-
-def strategy_params(args: argparse.Namespace) -> dict[str, float]:
-    """The strategy flags the operator actually set (file, environment or command line)."""
-    names = (flag.replace("-", "_") for flag, _, _ in STRATEGY_FLAGS)
-    return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-
-
-def _settings(args: argparse.Namespace) -> ServerSettings:
-    policy = RoundPolicy(
-        total_rounds=args.rounds,
-        min_clients=args.min_clients,
-        fraction_fit=args.fraction_fit,
-        clients_per_round=args.clients_per_round,
-        min_fit=args.min_fit,
-        round_timeout=args.round_timeout,
-        max_attempts=args.max_attempts,
-    )
-    if args.gradient_batch < 0:
-        raise ValueError(f"--gradient-batch must be >= 0, got {args.gradient_batch}")
-    defaults = TrainingDefaults(  # None: the task's
-        args.local_epochs,
-        args.lr,
-        args.batch_size,
-        mode=args.mode,
-        gradient_batch=args.gradient_batch,
-        train_tensors=args.train_tensors,
-    )
-    dp = None
-    if args.dp_clip is not None:
-        dp = DPConfig(args.dp_clip, args.dp_noise_multiplier, args.dp_delta)  # ValueError: usage
-    return ServerSettings(
-        task=args.task,
-        state_dir=args.state_dir,
-        policy=policy,
-        defaults=defaults,
-        host=args.host,
-        port=args.port,
-        strategy=args.strategy,
-        strategy_params=strategy_params(args),
-        eval_policy=EvalPolicy(args.eval_every, args.fraction_evaluate),
-        seed=args.seed,
-        linger=args.linger,
-        max_update_bytes=args.max_update_bytes,
-        dp=dp,
-        secure=args.secure,
-        tls=TlsFiles.from_args(args),
-        tokens_file=args.tokens,
-        metrics_port=args.metrics_port,
-        metrics_host=args.metrics_host,
-        encrypt_state=args.encrypt_state,
-        progress=progress_wanted(args.log_format),
-        secagg_stage_timeout=args.secagg_stage_timeout,
-    )
 
 
 def _print_status(args: argparse.Namespace) -> int:
@@ -404,9 +136,10 @@ def _print_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _keygen(path: Path, force: bool) -> int:
+def _keygen(args: argparse.Namespace) -> int:
+    path = args.keyfile
     try:
-        key_id = generate_key_file(path, overwrite=force)
+        key_id = generate_key_file(path, overwrite=args.force)
     except (ManifestError, OSError) as e:
         print(f"fedserver: {e}", file=sys.stderr)
         return 1
@@ -414,11 +147,11 @@ def _keygen(path: Path, force: bool) -> int:
     return 0
 
 
-def _he_keygen(out_dir: Path) -> int:
+def _he_keygen(args: argparse.Namespace) -> int:
     from fedcore.he import HEError, generate_keys  # TenSEAL is optional: import on demand
 
     try:
-        secret, public = generate_keys(out_dir)
+        secret, public = generate_keys(args.out_dir)
     except (HEError, OSError) as e:
         print(f"fedserver: {e}", file=sys.stderr)
         return 1
@@ -441,27 +174,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parse_layered(parser, argv, "server")
-    if args.command == "status":
-        return _print_status(args)
-    if hasattr(args, "handler"):
-        return int(args.handler(args))
-    if args.command == "keygen":
-        return _keygen(args.keyfile, args.force)
-    if args.command == "he-keygen":
-        return _he_keygen(args.out_dir)
-    if args.command == "export":
-        return _export(args)
-    setup_logging(args.log_level, args.log_format)
-    try:
-        settings = _settings(args)
-        return asyncio.run(serve(settings))
-    except (SetupError, SecurityError, ValueError) as e:
-        logging.getLogger("fedserver").error("%s", e)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 130
+    args = parse_layered(build_parser(), argv, "server")
+    return int(args.handler(args))
 
 
 if __name__ == "__main__":
