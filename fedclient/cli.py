@@ -17,6 +17,7 @@ from fedclient.partition import SCHEMES, Partition
 from fedclient.session import ClientSession, ClientSettings, PermanentError, Stopped
 from fedcore.codecs import get_codec
 from fedcore.config import parse_layered
+from fedcore.he import HEError
 from fedcore.logs import setup_logging
 from fedcore.plugins import load_object
 from fedcore.progress import wanted as progress_wanted
@@ -106,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="update encoding: fp32, fp16, int8 or topk[:FRACTION] (top-k with error feedback, "
         "10%% by default); default: the one the coordinator's round config names",
     )
+    run.add_argument(
+        "--he-key",
+        type=Path,
+        metavar="FILE",
+        help="the shared secret CKKS context (he-secret.ctx from `fedserver he-keygen`); needed "
+        "when the coordinator runs --secure he",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
     add_tls_arguments(run, server=False)
@@ -154,10 +162,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=progress_wanted(args.log_format),
         personal_tensors=args.personal_tensors,
         encoding=args.encoding,
+        he_key=args.he_key,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _raise_stop)
-    session = ClientSession(settings, task, stop)
+    try:
+        session = ClientSession(settings, task, stop)
+    except HEError as e:
+        log.error("--he-key: %s", e)
+        return EXIT_USAGE
     try:
         return session.run()
     except (KeyboardInterrupt, Stopped):

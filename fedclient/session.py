@@ -18,16 +18,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
+from fedclient.he import decrypt_aggregate
 from fedclient.partition import Partition
 from fedclient.secagg import SecAggAbort, SecAggClient, SecAggExchange
 from fedclient.task import LocalData, Task, TrainConfig
 from fedcore import faults
 from fedcore.codecs import ErrorFeedback, get_codec
+from fedcore.he import HEClient
 from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
@@ -118,6 +121,7 @@ class ClientSettings:
     progress: bool = False  # local-epoch progress bar (only when stderr is a terminal)
     personal_tensors: str = ""  # FedPer: patterns of tensors kept here, never sent ("" = task's)
     encoding: str = ""  # update encoding (fp32, fp16, int8, topk[:F]); "" = the round's
+    he_key: Path | None = None  # --secure he: the shared secret CKKS context
 
     def resolved_id(self) -> str:
         p = self.partition
@@ -142,6 +146,7 @@ class ClientSession:
         self.rounds_trained = 0
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
         self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
+        self.he = HEClient(settings.he_key) if settings.he_key else None  # HEError: bad key
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -221,6 +226,15 @@ class ClientSession:
         model = self.task.build_model()
         while True:
             header = self._call("pull", self._pull)
+            if header.decrypt_round and self.he is not None:
+                decrypt_aggregate(
+                    self.stub,
+                    self._call,
+                    self.he,
+                    self.client_id,
+                    header.decrypt_round,
+                    self.settings.rpc_timeout,
+                )
             if header.evaluate_round:
                 self._evaluate_and_submit(header, model, data)
             if header.state == pb.FINISHED:
@@ -340,6 +354,12 @@ class ClientSession:
             seed=_round_seed(self.settings.seed, self.client_id, header.round),
             extra=dict(cfg.extra),
         )
+        he_round = config.extra.get("he") == "1"
+        if he_round and self.he is None:
+            raise PermanentError(
+                "the coordinator aggregates under homomorphic encryption (--secure he): start "
+                "this client with --he-key FILE (the he-secret.ctx from `fedserver he-keygen`)"
+            )
         exchange = self._secagg_setup(header) if config.extra.get("secagg") == "1" else None
         if exchange is False:
             return
@@ -369,8 +389,8 @@ class ClientSession:
             raise Stopped
         # The round's encoding unless this client asks for its own (--encoding); the coordinator
         # accepts any codec it knows, declared in the update header. Secure aggregation rounds
-        # must stay masked-u64.
-        wanted = "" if exchange else self.settings.encoding
+        # must stay masked-u64, homomorphic ones he-ckks.
+        wanted = "" if exchange or he_round else self.settings.encoding
         codec = get_codec(wanted or cfg.encoding or "fp32")
         if config.mode == "fedsgd":
             # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
@@ -387,6 +407,10 @@ class ClientSession:
             # Secure aggregation: only the masked fixed-point vector leaves this process.
             weight = 1.0 if config.extra.get("secagg_weighted") == "0" else result.num_examples
             payload = codec.encode(exchange.client.masked(delta, float(weight)))
+        elif he_round and self.he is not None:
+            # Homomorphic aggregation: only CKKS ciphertexts of weight x delta leave this process.
+            weight = 1.0 if config.extra.get("he_weighted") == "0" else result.num_examples
+            payload = self.he.encrypt_update(delta, float(weight))
         else:
             payload = self.feedback.encode(codec, delta)
         digest = hashlib.sha256(payload).hexdigest()

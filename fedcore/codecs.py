@@ -52,6 +52,11 @@ class Codec(ABC):
     @abstractmethod
     def decoder(self, num_values: int) -> StreamDecoder: ...
 
+    def max_bytes(self, num_values: int) -> int | None:
+        """For encodings whose size varies (ciphertexts): the most an update may take.
+        None: the size is exactly wire_manifest(...).total_bytes."""
+        return None
+
     def decode(self, payload: np.ndarray | bytes, num_values: int) -> np.ndarray:
         """The whole dense float32 vector a payload stands for (what the coordinator folds)."""
         out = np.zeros(num_values, dtype=np.float32)
@@ -315,6 +320,10 @@ def get_codec(name: str) -> Codec:
     """A codec by name; `topk:F` picks top-k with fraction F (plain `topk` is 10%)."""
     if name in CODECS:
         return CODECS[name]
+    if name == "he-ckks":  # imported here: fedcore.he builds on this module
+        from fedcore.he import CKKSCodec
+
+        return CKKSCodec()
     kind, _, arg = name.partition(":")
     if kind == "topk" and arg:
         try:
@@ -322,5 +331,5 @@ def get_codec(name: str) -> Codec:
         except ValueError as e:
             raise ManifestError(f"bad top-k encoding {name!r}: {e}") from None
     raise ManifestError(
-        f"unknown update encoding {name!r}; supported: {', '.join(CODECS)}, topk:FRACTION"
+        f"unknown update encoding {name!r}; supported: {', '.join(CODECS)}, topk:FRACTION, he-ckks"
     )

@@ -16,10 +16,14 @@ values up to 1e3 (measured by tests/test_he.py; the bound asserted there is 1e-5
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
+from fedcore.codecs import Codec, Piece, StreamDecoder
+from fedcore.tensors import Manifest, ManifestError
 
 POLY_DEGREE = 8192
 COEFF_BITS = (60, 40, 40, 60)
@@ -27,10 +31,116 @@ SCALE_BITS = 40
 SLOTS = POLY_DEGREE // 2
 SECRET_FILE = "he-secret.ctx"  # for clients only
 PUBLIC_FILE = "he-public.ctx"  # for the coordinator
+ENCODING = "he-ckks"
+# A serialized degree-8192 ciphertext is ~0.3-0.4 MB; anything far larger is not one of ours.
+MAX_CIPHERTEXT_BYTES = 1 << 20
+_LENGTH = struct.Struct("<I")
 
 
 class HEError(ValueError):
     """A context or ciphertext that cannot be used (wrong kind of key, corrupt bytes)."""
+
+
+def num_ciphertexts(num_values: int) -> int:
+    return -(-num_values // SLOTS)
+
+
+# ---------------------------------------------------------------- wire framing
+# An encrypted update (or aggregate) is its ciphertexts back to back, each preceded by its byte
+# length (uint32 little-endian): serialized ciphertexts vary in size (SEAL compresses them).
+def frame(blobs: Iterable[bytes]) -> np.ndarray:
+    """Ciphertexts -> one uint8 payload."""
+    parts: list[bytes] = []
+    for blob in blobs:
+        parts += (_LENGTH.pack(len(blob)), blob)
+    return np.frombuffer(b"".join(parts), dtype=np.uint8)
+
+
+def unframe(data: bytes | memoryview | np.ndarray, expected: int) -> list[bytes]:
+    """The ciphertexts of a payload; HEError unless it holds exactly `expected` well-framed ones."""
+    decoder = _FrameDecoder(expected, keep=True)
+    for _ in decoder.feed(memoryview(data).cast("B")):
+        pass
+    try:
+        decoder.finish()
+    except ManifestError as e:
+        raise HEError(str(e)) from None
+    return decoder.blobs
+
+
+class _FrameDecoder(StreamDecoder):
+    """Checks the framing as chunks arrive (lengths, count); yields no plaintext pieces."""
+
+    def __init__(self, expected: int, keep: bool = False) -> None:
+        self.expected = expected
+        self.count = 0
+        self.blobs: list[bytes] = []
+        self._keep = keep
+        self._head = b""
+        self._left = 0  # bytes of the current ciphertext still to come
+        self._current: list[bytes] = []
+
+    def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
+        view = memoryview(data).cast("B")
+        while view:
+            if self._left == 0:
+                need = _LENGTH.size - len(self._head)
+                self._head += bytes(view[:need])
+                view = view[need:]
+                if len(self._head) < _LENGTH.size:
+                    break
+                (length,) = _LENGTH.unpack(self._head)
+                self._head = b""
+                self.count += 1
+                if self.count > self.expected:
+                    raise ManifestError(
+                        f"update holds more than the {self.expected} ciphertext(s) this model needs"
+                    )
+                if not 0 < length <= MAX_CIPHERTEXT_BYTES:
+                    raise ManifestError(
+                        f"ciphertext {self.count} declares {length} bytes; a CKKS ciphertext "
+                        f"of this federation has 1 to {MAX_CIPHERTEXT_BYTES}"
+                    )
+                self._left = length
+            take = view[: self._left]
+            view = view[len(take) :]
+            self._left -= len(take)
+            if self._keep:
+                self._current.append(bytes(take))
+                if self._left == 0:
+                    self.blobs.append(b"".join(self._current))
+                    self._current = []
+        yield from ()
+
+    def finish(self) -> None:
+        if self._left or self._head or self.count != self.expected:
+            raise ManifestError(
+                f"update stream ended inside ciphertext {self.count} of {self.expected} (truncated)"
+                if self._left or self._head
+                else f"update holds {self.count} ciphertext(s); this model needs {self.expected}"
+            )
+
+
+class CKKSCodec(Codec):
+    """Encoding "he-ckks": the update as CKKS ciphertexts (see HEClient.encrypt_update).
+
+    The manifest names the float32 tensors the ciphertexts stand for; the byte size varies, so
+    the coordinator checks it against `max_bytes` instead of an exact figure.
+    """
+
+    name = ENCODING
+
+    def wire_manifest(self, floats: Manifest) -> Manifest:
+        return floats.with_dtype("float32")
+
+    def encode(self, delta: np.ndarray) -> np.ndarray:
+        raise HEError("encrypting needs a key holder's context: use HEClient.encrypt_update")
+
+    def decoder(self, num_values: int) -> StreamDecoder:
+        return _FrameDecoder(num_ciphertexts(num_values))
+
+    def max_bytes(self, num_values: int) -> int:
+        return num_ciphertexts(num_values) * (_LENGTH.size + MAX_CIPHERTEXT_BYTES)
 
 
 def _ts():  # type: ignore[no-untyped-def]
@@ -67,6 +177,14 @@ def _load(path: Path):  # type: ignore[no-untyped-def]
         raise HEError(f"{path} is not a TenSEAL context ({e})") from None
 
 
+def load_public_context(path: Path):  # type: ignore[no-untyped-def]
+    """The coordinator's context; HEError if unreadable or if it holds the secret key."""
+    ctx = _load(path)
+    if ctx.is_private():
+        raise HEError(f"{path} contains the secret key; give the coordinator {PUBLIC_FILE}")
+    return ctx
+
+
 class HEClient:
     """A key holder: encrypts its weighted update, decrypts the coordinator's aggregate."""
 
@@ -82,6 +200,14 @@ class HEClient:
             ts.ckks_vector(self.ctx, scaled[i : i + SLOTS].tolist()).serialize()
             for i in range(0, scaled.size, SLOTS)
         ]
+
+    def encrypt_update(self, vector: np.ndarray, weight: float = 1.0) -> np.ndarray:
+        """weight x vector as the "he-ckks" wire payload."""
+        return frame(self.encrypt(vector, weight))
+
+    def decrypt_payload(self, payload: bytes | memoryview, num_values: int) -> np.ndarray:
+        """A framed aggregate (GetEncryptedAggregate's bytes) -> float32 plaintext sum."""
+        return self.decrypt(unframe(payload, num_ciphertexts(num_values)), num_values)
 
     def decrypt(self, chunks: Iterable[bytes], num_values: int) -> np.ndarray:
         ts = _ts()
@@ -104,11 +230,7 @@ class HEAggregator:
     """The coordinator's side: adds ciphertexts chunk by chunk with the public context only."""
 
     def __init__(self, public_context: Path, num_values: int) -> None:
-        self.ctx = _load(public_context)
-        if self.ctx.is_private():
-            raise HEError(
-                f"{public_context} contains the secret key; give the coordinator {PUBLIC_FILE}"
-            )
+        self.ctx = load_public_context(public_context)
         self.num_chunks = -(-num_values // SLOTS)
         self._sum: list = [None] * self.num_chunks  # type: ignore[type-arg]
         self.count = 0
@@ -126,7 +248,18 @@ class HEAggregator:
             self._sum[i] = vec if self._sum[i] is None else self._sum[i] + vec
         self.count += 1
 
+    def reset(self) -> None:
+        """Start a new sum (a new round) with the same context."""
+        self._sum = [None] * self.num_chunks
+        self.count = 0
+
+    def add_payload(self, payload: bytes | memoryview) -> None:
+        self.add(unframe(payload, self.num_chunks))
+
     def aggregate(self) -> list[bytes]:
         if self.count == 0:
             raise HEError("no encrypted updates to aggregate")
         return [vec.serialize() for vec in self._sum]
+
+    def aggregate_payload(self) -> np.ndarray:
+        return frame(self.aggregate())

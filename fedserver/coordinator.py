@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from fedserver.aggregate import (
 )
 from fedserver.dp import DPServer
 from fedserver.fedeval import EvalCampaign, EvalPolicy
+from fedserver.he_rounds import HERounds
 from fedserver.messages import (
     BaseVersionMismatch,
     Offer,
@@ -79,8 +81,10 @@ class Coordinator:
     max_update_bytes: int = 4 << 30
     seed: int = 0
     dp: DPServer | None = None
-    secure: str = "none"  # "secagg": the coordinator only ever sees masked updates
-    secagg_stage_timeout: float = 30.0
+    # "secagg": the coordinator only ever sees masked updates; "he": only ciphertexts and sums
+    secure: str = "none"
+    secagg_stage_timeout: float = 30.0  # each secure stage's wait for slow clients
+    he_public_key: Path | None = None  # --secure he: the public CKKS context
     eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
     rejections: Counter[str] = field(default_factory=Counter)
     metrics: Metrics = field(default_factory=Metrics)
@@ -96,9 +100,13 @@ class Coordinator:
         self.campaign: EvalCampaign | None = None
         self._client_metrics: dict[str, dict[str, float]] = {}
         self._available = 0  # live clients when the round opened (DP sample rate)
-        self.secure_rounds = (
-            SecureRounds(self, self.secagg_stage_timeout) if self.secure == "secagg" else None
-        )
+        self.secure_rounds: SecureRounds | HERounds | None = None
+        if self.secure == "secagg":
+            self.secure_rounds = SecureRounds(self, self.secagg_stage_timeout)
+        elif self.secure == "he":
+            if self.he_public_key is None:
+                raise ValueError("--secure he needs the public context (--he-public-key)")
+            self.secure_rounds = HERounds(self, self.he_public_key, self.secagg_stage_timeout)
         self._streams: Counter[str] = Counter()
         self._changed = asyncio.Event()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -231,6 +239,7 @@ class Coordinator:
         state = self.state_name()
         selected = self.machine.expects_update_from(client_id) and state == "training"
         evaluate = self._evaluation_for(client_id)
+        decrypt = self.secure_rounds.decryption_for(client_id) if self.secure_rounds else 0
         if state == "finished":
             self.told_finished.add(client_id)
             msg = self.failure or f"training finished after {self.machine.rounds_completed} rounds"
@@ -240,6 +249,8 @@ class Coordinator:
             msg = f"selected for round {self.machine.round}"
         elif evaluate:
             msg = f"selected to evaluate the model of round {evaluate}"
+        elif decrypt:
+            msg = f"asked to decrypt the encrypted aggregate of round {decrypt}"
         else:
             return None
         deadline = max(0.0, self.machine.deadline - time.monotonic()) if selected else 0.0
@@ -253,6 +264,7 @@ class Coordinator:
             deadline if math.isfinite(deadline) else 0.0,
             msg,
             evaluate,
+            decrypt,
         )
 
     # ------------------------------------------------------------------ federated evaluation
@@ -393,7 +405,15 @@ class Coordinator:
         expected, selection = self._expected_manifest(h, codec)
         if h.manifest != expected:
             raise BadUpdate(manifest_difference(h.manifest, expected), reason="bad_manifest")
-        if h.total_bytes != expected.total_bytes:
+        most = codec.max_bytes(sum(t.numel for t in expected.tensors))
+        if most is not None:  # ciphertexts: the size varies
+            if not 0 < h.total_bytes <= most:
+                raise BadUpdate(
+                    f"header declares {h.total_bytes} bytes; a {codec.name} update of this "
+                    f"model has 1 to {most}",
+                    reason="bad_size",
+                )
+        elif h.total_bytes != expected.total_bytes:
             raise BadUpdate(
                 f"header declares {h.total_bytes} bytes; a {codec.name} update of this model "
                 f"has {expected.total_bytes}",
@@ -537,7 +557,7 @@ class Coordinator:
     async def _aggregate_round(self, closed: ClosedRound) -> None:
         started = time.monotonic()
         if self.secure_rounds is not None:
-            mean = await self.secure_rounds.unmask_mean()
+            mean = await self.secure_rounds.aggregate_mean()
             count, weight = self.secure_rounds.contributed()
         else:
             mean = self._accumulator.mean()

@@ -70,6 +70,7 @@ class Offer:
     deadline_seconds: float
     message: str
     evaluate_round: int = 0  # > 0: evaluate `model` (the model after this round) locally
+    decrypt_round: int = 0  # > 0 (--secure he): decrypt this round's encrypted aggregate
 
 
 @dataclass

@@ -177,8 +177,16 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     run.add_argument(
         "--secure",
         default="none",
-        choices=["none", "secagg"],
-        help="secure aggregation: 'secagg' = the coordinator only sees masked updates (none)",
+        choices=["none", "secagg", "he"],
+        help="secure aggregation: 'secagg' = the coordinator only sees masked updates; 'he' = "
+        "only CKKS ciphertexts, summed without the secret key (needs --he-public-key) (none)",
+    )
+    run.add_argument(
+        "--he-public-key",
+        type=Path,
+        metavar="FILE",
+        help="--secure he: the public CKKS context he-public.ctx from `fedserver he-keygen` "
+        "(never the secret one)",
     )
     run.add_argument(
         "--encrypt-state",
@@ -283,6 +291,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         max_update_bytes=args.max_update_bytes,
         dp=dp,
         secure=args.secure,
+        he_public_key=args.he_public_key,
         tls=TlsFiles.from_args(args),
         tokens_file=args.tokens,
         metrics_port=args.metrics_port,

@@ -23,22 +23,27 @@ from fedserver.secagg import SecAggFailed, SecAggRefused, SecAggRound
 
 if TYPE_CHECKING:
     from fedserver.coordinator import Coordinator
+    from fedserver.he_rounds import HERounds
 
 ENCODING = "masked-u64"
 log = logging.getLogger("fedserver.secagg")
 
 
-def check_encoding(secure: SecureRounds | None, encoding: str) -> None:
-    """Masked updates only under secure aggregation, and only masked updates then."""
-    if secure is not None and encoding != ENCODING:
+SECURE_ENCODINGS = (ENCODING, "he-ckks")
+
+
+def check_encoding(secure: SecureRounds | HERounds | None, encoding: str) -> None:
+    """Masked/encrypted updates only under a --secure mode, and only its encoding then."""
+    if secure is not None and encoding != secure.encoding:
         raise BadUpdate(
             f"this coordinator runs secure aggregation: updates must use encoding "
-            f"{ENCODING!r}, got {encoding!r}",
+            f"{secure.encoding!r}, got {encoding!r}",
             reason="bad_encoding",
         )
-    if secure is None and encoding == ENCODING:
+    if secure is None and encoding in SECURE_ENCODINGS:
         raise BadUpdate(
-            f"encoding {ENCODING!r} is for secure aggregation, which this coordinator does not run",
+            f"encoding {encoding!r} is for --secure aggregation, which this coordinator does "
+            "not run",
             reason="bad_encoding",
         )
 
@@ -94,7 +99,10 @@ class SecureRounds:
         sa = self._round(round_number)
         sa.fold(client_id, ((p.offset, p.values) for p in staged.pieces()), weight)
 
-    async def unmask_mean(self) -> np.ndarray:
+    def decryption_for(self, client_id: str) -> int:
+        return 0  # only homomorphic aggregation has a decryption stage
+
+    async def aggregate_mean(self) -> np.ndarray:
         """At round close: ask survivors for shares, rebuild, and return the weighted mean."""
         sa = self.current
         if sa is None:

@@ -29,9 +29,10 @@ from fedserver.fedeval import EvalPolicy
 from fedserver.messages import TrainingDefaults
 from fedserver.progress import show_progress
 from fedserver.rounds import RoundPolicy
+from fedserver.rpc import LenientDecoding
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
-from fedserver.service import CoordinatorService, LenientDecoding, add_to_server
+from fedserver.service import CoordinatorService, add_to_server
 from fedserver.store import StateDirBusy, StateStore
 from fedserver.strategies import build_strategy
 
@@ -58,7 +59,8 @@ class ServerSettings:
     max_update_bytes: int = 4 << 30
     chunk_size: int = DEFAULT_CHUNK_SIZE
     dp: DPConfig | None = None
-    secure: str = "none"  # "none" | "secagg"
+    secure: str = "none"  # "none" | "secagg" | "he"
+    he_public_key: Path | None = None  # --secure he: the public CKKS context
     dp_seed: int | None = None  # fixed DP noise for reproducible tests; None = OS entropy
     tls: TlsFiles | None = None  # None: plaintext (local debugging only)
     tokens_file: Path | None = None  # bearer tokens required when set
@@ -146,6 +148,8 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     if s.dp is not None:
         dp = DPServer(s.dp, noise_on_clients=s.secure == "secagg", seed=s.dp_seed)
         dp.resume(r.metrics for r in store.rounds())
+    if s.secure == "he":
+        check_he_settings(s)
     coordinator = Coordinator(
         store=store,
         strategy=strategy,
@@ -159,10 +163,32 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         dp=dp,
         secure=s.secure,
         secagg_stage_timeout=s.secagg_stage_timeout,
+        he_public_key=s.he_public_key,
     )
     coordinator.initialize_store(s.task)
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     return coordinator
+
+
+def check_he_settings(s: ServerSettings) -> None:
+    """--secure he: a public context, and rounds that always sum at least two updates."""
+    from fedcore.he import HEError, load_public_context
+    from fedserver.he_rounds import MIN_UPDATES
+
+    if s.he_public_key is None:
+        raise SetupError(
+            "--secure he needs --he-public-key FILE (he-public.ctx from `fedserver he-keygen`)"
+        )
+    try:
+        load_public_context(s.he_public_key)
+    except HEError as e:
+        raise SetupError(f"--he-public-key: {e}") from None
+    p = s.policy
+    if min(p.min_clients, p.min_fit or p.min_clients) < MIN_UPDATES:
+        raise SetupError(
+            f"--secure he needs --min-clients (and --min-fit) of at least {MIN_UPDATES}: the "
+            "decrypted sum of a single update would be that update"
+        )
 
 
 def limit_malloc_arenas(arenas: int = 1) -> None:

@@ -1,5 +1,8 @@
 """The gRPC servicer: parse and validate messages, delegate to the Coordinator, map errors.
 
+The secure-aggregation RPCs are in fedserver/secure_service.py, the shared checks and the
+status-code mapping in fedserver/rpc.py.
+
 Status codes (docs/protocol.md): INVALID_ARGUMENT for malformed updates, FAILED_PRECONDITION for
 stale rounds and base versions, ALREADY_EXISTS for a different update replacing a counted one,
 PERMISSION_DENIED for clients not selected, RESOURCE_EXHAUSTED for oversized updates.
@@ -8,11 +11,9 @@ PERMISSION_DENIED for clients not selected, RESOURCE_EXHAUSTED for oversized upd
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from fedcore import faults
 from fedcore.proto import coordinator_pb2 as pb
@@ -25,16 +26,15 @@ from fedcore.wire import (
     parse_update_chunk,
     serialize_message,
 )
-from fedserver.aggregate import BadUpdate, UpdateTooLarge
+from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
-from fedserver.messages import Offer, SubmitHeader, TooManyStreams
-from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound, SubmitRefused
-from fedserver.secagg import SecAggFailed
+from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
+from fedserver.rounds import SubmitRefused
+from fedserver.rpc import CORRUPT, MAX_WAIT_SECONDS, check_client_id, status_for
+from fedserver.secure_service import HomomorphicService, SecureAggregationService
 
 log = logging.getLogger("fedserver.service")
 
-MAX_WAIT_SECONDS = 30.0
-MAX_CLIENT_ID = 128
 _STATES = {
     "waiting_for_clients": pb.WAITING_FOR_CLIENTS,
     "training": pb.TRAINING,
@@ -43,149 +43,7 @@ _STATES = {
 }
 
 
-def status_for(exc: Exception) -> grpc.StatusCode:
-    # Order matters: subclasses before their bases.
-    for kind, code in (
-        (TooManyStreams, grpc.StatusCode.ABORTED),
-        (UpdateTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-        (BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),
-        (AlreadySubmitted, grpc.StatusCode.ALREADY_EXISTS),
-        (NotSelected, grpc.StatusCode.PERMISSION_DENIED),
-        (StaleRound, grpc.StatusCode.FAILED_PRECONDITION),
-        (SecAggFailed, grpc.StatusCode.FAILED_PRECONDITION),
-    ):
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def _check_client_id(client_id: str) -> str | None:
-    if not client_id:
-        return "client_id is required"
-    if len(client_id) > MAX_CLIENT_ID or not client_id.isprintable():
-        return f"client_id must be printable and at most {MAX_CLIENT_ID} characters"
-    return None
-
-
-class LenientDecoding(grpc.aio.ServerInterceptor):
-    """Hand undecodable protobuf to the servicer as None instead of failing with UNKNOWN.
-
-    gRPC answers a request its deserializer cannot parse with UNKNOWN and logs a traceback; a
-    hostile or broken peer must get INVALID_ARGUMENT like any other bad input, and be counted.
-    """
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
-
-        def lenient(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except DecodeError:
-                return None
-
-        return handler._replace(request_deserializer=lenient)  # type: ignore[attr-defined]
-
-
-CORRUPT = "message is not valid protobuf for this RPC (corrupt or wrong type)"
-
-
-_WANT = {pb.SECAGG_ROSTER: "roster", pb.SECAGG_INBOX: "inbox", pb.SECAGG_UNMASK: "unmask"}
-_REFUSALS = (BadUpdate, SubmitRefused, SecAggFailed)
-
-
-class SecureAggregationService:
-    """The secure-aggregation RPCs (mixed into CoordinatorService): validate, delegate, map."""
-
-    coordinator: Coordinator
-
-    async def _secure(self, context: grpc.aio.ServicerContext, request: Any):  # type: ignore[no-untyped-def]
-        if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
-        if problem := _check_client_id(request.client_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        secure = self.coordinator.secure_rounds
-        if secure is None:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "this coordinator does not run secure aggregation (fedserver run --secure secagg)",
-            )
-        return secure
-
-    async def AdvertiseKeys(
-        self, request: pb.AdvertiseKeysRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SecAggAck:
-        secure = await self._secure(context, request)
-        try:
-            secure.advertise(
-                request.client_id,
-                request.round,
-                request.channel_public_key,
-                request.mask_public_key,
-            )
-        except _REFUSALS as e:
-            await context.abort(status_for(e), str(e))
-        return pb.SecAggAck(accepted=True)
-
-    async def ShareKeys(
-        self, request: pb.ShareKeysRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SecAggAck:
-        secure = await self._secure(context, request)
-        shares = {s.peer_id: s.ciphertext for s in request.shares}
-        try:
-            if len(shares) != len(request.shares):
-                raise BadUpdate("two shares are addressed to the same peer")
-            secure.share(request.client_id, request.round, shares)
-        except _REFUSALS as e:
-            await context.abort(status_for(e), str(e))
-        return pb.SecAggAck(accepted=True)
-
-    async def Unmask(
-        self, request: pb.UnmaskRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SecAggAck:
-        secure = await self._secure(context, request)
-        seeds = {s.owner_id: s.share for s in request.self_mask_shares}
-        keys = {s.owner_id: s.share for s in request.mask_key_shares}
-        try:
-            secure.reveal(request.client_id, request.round, seeds, keys)
-        except _REFUSALS as e:
-            await context.abort(status_for(e), str(e))
-        return pb.SecAggAck(accepted=True)
-
-    async def GetSecAggStage(
-        self, request: pb.SecAggStageRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SecAggStage:
-        secure = await self._secure(context, request)
-        want = _WANT.get(request.step)
-        if want is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step must be set")
-        wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
-        try:
-            view = await secure.poll(request.client_id, request.round, want, wait)
-        except _REFUSALS as e:
-            await context.abort(status_for(e), str(e))
-        reply = pb.SecAggStage(ready=view is not None, step=request.step)
-        if view is None:
-            return reply
-        reply.threshold = int(view.get("threshold", 0))  # type: ignore[call-overload]
-        for cid, (channel, mask) in view.get("roster", {}).items():  # type: ignore[attr-defined]
-            reply.roster.append(
-                pb.RosterEntry(client_id=cid, channel_public_key=channel, mask_public_key=mask)
-            )
-        for sender, box in view.get("inbox", {}).items():  # type: ignore[attr-defined]
-            reply.inbox.append(pb.EncryptedShare(peer_id=sender, ciphertext=box))
-        reply.survivors.extend(view.get("survivors", ()))  # type: ignore[arg-type]
-        reply.dropped.extend(view.get("dropped", ()))  # type: ignore[arg-type]
-        return reply
-
-
-class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
+class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.coordinator = coordinator
         self.chunk_size = chunk_size
@@ -195,7 +53,7 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
     ) -> pb.JoinReply:
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
-        if problem := _check_client_id(request.client_id):
+        if problem := check_client_id(request.client_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         self.coordinator.touch(request.client_id, dict(request.properties))
         log.info(
@@ -216,7 +74,7 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
     ) -> AsyncIterator[pb.ModelChunk]:
         if request is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
-        if problem := _check_client_id(request.client_id):
+        if problem := check_client_id(request.client_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
         offer = await self.coordinator.poll(request.client_id, request.known_version, wait)
@@ -245,6 +103,7 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
             header.manifest.CopyFrom(manifest_to_proto(offer.model.manifest))
             header.total_bytes = offer.model.buffer.size if offer.send_bytes else 0
             header.evaluate_round = offer.evaluate_round
+        header.decrypt_round = offer.decrypt_round
         if offer.selected:
             header.config.CopyFrom(
                 pb.RoundConfig(
@@ -260,6 +119,23 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
     async def SubmitUpdate(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitReply:
+        c = self.coordinator
+        result = await self._receive(request_iterator, context, c.begin_submit, c.finish_submit)
+        if faults.fire("reply", result.round):  # tests: the client must retry a counted update
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "fault injection: reply dropped")
+        return pb.SubmitReply(
+            accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
+        )
+
+    async def _receive(
+        self,
+        request_iterator: AsyncIterator[pb.UpdateChunk],
+        context: grpc.aio.ServicerContext,
+        begin: Callable[[SubmitHeader], PendingSubmit],
+        finish: Callable[[PendingSubmit, str], SubmitResult],
+    ) -> SubmitResult:
+        """Read one header/data/trailer stream: `begin` checks the header, `finish` the whole
+        stream; both count their own refusals."""
         coordinator = self.coordinator
         # Data chunks arrive as memoryviews of the received bytes (see add_to_server).
         first = await anext(aiter(request_iterator), ...)  # ... = the stream was empty
@@ -273,11 +149,11 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
             coordinator.reject(e)
             await context.abort(status_for(e), str(e))
         try:
-            pending = coordinator.begin_submit(header)  # counts its own refusals
+            pending = begin(header)
         except (BadUpdate, SubmitRefused) as e:
             await context.abort(status_for(e), str(e))
         log.debug(
-            "receiving update from %s for round %d (%d bytes)",
+            "receiving from %s for round %d (%d bytes)",
             header.client_id,
             header.round,
             header.total_bytes,
@@ -311,19 +187,15 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
             coordinator.abort_submit(pending)
             raise
         try:
-            result = coordinator.finish_submit(pending, sha256)
+            return finish(pending, sha256)
         except (BadUpdate, SubmitRefused) as e:
             await context.abort(status_for(e), str(e))
-        if faults.fire("reply", result.round):  # tests: the client must retry a counted update
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "fault injection: reply dropped")
-        return pb.SubmitReply(
-            accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
-        )
+            raise  # unreachable: abort raises
 
     async def SubmitEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
     ) -> pb.EvaluationReply:
-        if problem := _check_client_id(request.client_id):
+        if problem := check_client_id(request.client_id):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             new, message = self.coordinator.submit_evaluation(
@@ -368,9 +240,10 @@ class CoordinatorService(SecureAggregationService, pb_grpc.CoordinatorServicer):
 
 
 def add_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:
-    """Register the service like the generated add_CoordinatorServicer_to_server, with two
-    serializers swapped for copy-free ones: GetGlobalModel may yield pre-serialized bytes, and
-    SubmitUpdate's data chunks are delivered as views of the received message. Every other RPC
+    """Register the service like the generated add_CoordinatorServicer_to_server, with
+    serializers swapped for copy-free ones: GetGlobalModel and GetEncryptedAggregate may yield
+    pre-serialized bytes, and SubmitUpdate's and SubmitDecryption's data chunks are delivered as
+    views of the received message. Every other RPC
     (including ones added to the proto later) keeps its generated handler."""
 
     class _Capture:
@@ -388,12 +261,14 @@ def add_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:
     capture = _Capture()
     pb_grpc.add_CoordinatorServicer_to_server(service, capture)
     handlers = capture.handlers
-    handlers["GetGlobalModel"] = handlers["GetGlobalModel"]._replace(  # type: ignore[attr-defined]
-        response_serializer=serialize_message
-    )
-    handlers["SubmitUpdate"] = handlers["SubmitUpdate"]._replace(  # type: ignore[attr-defined]
-        request_deserializer=parse_update_chunk
-    )
+    for name in ("GetGlobalModel", "GetEncryptedAggregate"):
+        handlers[name] = handlers[name]._replace(  # type: ignore[attr-defined]
+            response_serializer=serialize_message
+        )
+    for name in ("SubmitUpdate", "SubmitDecryption"):
+        handlers[name] = handlers[name]._replace(  # type: ignore[attr-defined]
+            request_deserializer=parse_update_chunk
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
     server.add_registered_method_handlers(capture.name, handlers)
 
@@ -410,7 +285,7 @@ def _log_broken_upload(header: SubmitHeader, received: int, why: str) -> None:
 
 
 def _parse_header(h: pb.UpdateHeader) -> SubmitHeader:
-    if problem := _check_client_id(h.client_id):
+    if problem := check_client_id(h.client_id):
         raise BadUpdate(problem, "bad_client_id")
     try:
         manifest = manifest_from_proto(h.manifest)

@@ -106,7 +106,7 @@ class GetGlobalModelRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., known_version: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("state", "round", "selected", "model_version", "manifest", "config", "total_bytes", "total_rounds", "deadline_seconds", "message", "evaluate_round")
+    __slots__ = ("state", "round", "selected", "model_version", "manifest", "config", "total_bytes", "total_rounds", "deadline_seconds", "message", "evaluate_round", "decrypt_round")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,7 @@ class ModelHeader(_message.Message):
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EVALUATE_ROUND_FIELD_NUMBER: _ClassVar[int]
+    DECRYPT_ROUND_FIELD_NUMBER: _ClassVar[int]
     state: FederationState
     round: int
     selected: bool
@@ -129,7 +130,8 @@ class ModelHeader(_message.Message):
     deadline_seconds: float
     message: str
     evaluate_round: int
-    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., selected: _Optional[bool] = ..., model_version: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., total_bytes: _Optional[int] = ..., total_rounds: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ..., evaluate_round: _Optional[int] = ...) -> None: ...
+    decrypt_round: int
+    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., selected: _Optional[bool] = ..., model_version: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., total_bytes: _Optional[int] = ..., total_rounds: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ..., evaluate_round: _Optional[int] = ..., decrypt_round: _Optional[int] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -224,6 +226,14 @@ class EvaluationReply(_message.Message):
     duplicate: bool
     message: str
     def __init__(self, accepted: _Optional[bool] = ..., duplicate: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class EncryptedAggregateRequest(_message.Message):
+    __slots__ = ("client_id", "round")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

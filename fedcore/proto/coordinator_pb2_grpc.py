@@ -79,6 +79,16 @@ class CoordinatorStub:
                 request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationResult.SerializeToString,
                 response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReply.FromString,
                 _registered_method=True)
+        self.GetEncryptedAggregate = channel.unary_stream(
+                '/fedgrpc.v1.Coordinator/GetEncryptedAggregate',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.EncryptedAggregateRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.ModelChunk.FromString,
+                _registered_method=True)
+        self.SubmitDecryption = channel.stream_unary(
+                '/fedgrpc.v1.Coordinator/SubmitDecryption',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.UpdateChunk.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -152,6 +162,24 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEncryptedAggregate(self, request, context):
+        """Homomorphic-encryption aggregation (`fedserver run --secure he`; docs/encryption.md).
+        Selected clients submit CKKS ciphertexts with SubmitUpdate (encoding "he-ckks"); the
+        coordinator adds them with the public key only. At round close it names a key holder in
+        ModelHeader.decrypt_round; that client downloads the encrypted sum (a ModelHeader, then the
+        framed ciphertexts as data chunks), decrypts it and returns the plaintext sum with
+        SubmitDecryption (UpdateHeader in encoding "fp32", data chunks, trailer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitDecryption(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -199,6 +227,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitEvaluation,
                     request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationResult.FromString,
                     response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReply.SerializeToString,
+            ),
+            'GetEncryptedAggregate': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetEncryptedAggregate,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.EncryptedAggregateRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.ModelChunk.SerializeToString,
+            ),
+            'SubmitDecryption': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitDecryption,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.UpdateChunk.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +482,60 @@ class Coordinator:
             '/fedgrpc.v1.Coordinator/SubmitEvaluation',
             fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationResult.SerializeToString,
             fedgrpc_dot_v1_dot_coordinator__pb2.EvaluationReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEncryptedAggregate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/GetEncryptedAggregate',
+            fedgrpc_dot_v1_dot_coordinator__pb2.EncryptedAggregateRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitDecryption(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedgrpc.v1.Coordinator/SubmitDecryption',
+            fedgrpc_dot_v1_dot_coordinator__pb2.UpdateChunk.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.SubmitReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,164 @@
+"""The secure-aggregation RPCs, mixed into CoordinatorService: validate, delegate, map.
+
+SecureAggregationService serves `--secure secagg` (key exchange, shares, unmasking);
+HomomorphicService serves `--secure he` (the encrypted aggregate and its decryption).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.tensors import iter_chunks
+from fedcore.wire import data_message, manifest_to_proto
+from fedserver.aggregate import BadUpdate
+from fedserver.coordinator import Coordinator
+from fedserver.he_rounds import HERounds
+from fedserver.rounds import SubmitRefused
+from fedserver.rpc import CORRUPT, MAX_WAIT_SECONDS, check_client_id, status_for
+from fedserver.secagg import SecAggFailed
+
+_WANT = {pb.SECAGG_ROSTER: "roster", pb.SECAGG_INBOX: "inbox", pb.SECAGG_UNMASK: "unmask"}
+_REFUSALS = (BadUpdate, SubmitRefused, SecAggFailed)
+
+
+class SecureAggregationService:
+    """The secure-aggregation RPCs (mixed into CoordinatorService): validate, delegate, map."""
+
+    coordinator: Coordinator
+
+    async def _secure(self, context: grpc.aio.ServicerContext, request: Any):  # type: ignore[no-untyped-def]
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
+        if problem := check_client_id(request.client_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        secure = self.coordinator.secure_rounds
+        if secure is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this coordinator does not run secure aggregation (fedserver run --secure secagg)",
+            )
+        return secure
+
+    async def AdvertiseKeys(
+        self, request: pb.AdvertiseKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        secure = await self._secure(context, request)
+        try:
+            secure.advertise(
+                request.client_id,
+                request.round,
+                request.channel_public_key,
+                request.mask_public_key,
+            )
+        except _REFUSALS as e:
+            await context.abort(status_for(e), str(e))
+        return pb.SecAggAck(accepted=True)
+
+    async def ShareKeys(
+        self, request: pb.ShareKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        secure = await self._secure(context, request)
+        shares = {s.peer_id: s.ciphertext for s in request.shares}
+        try:
+            if len(shares) != len(request.shares):
+                raise BadUpdate("two shares are addressed to the same peer")
+            secure.share(request.client_id, request.round, shares)
+        except _REFUSALS as e:
+            await context.abort(status_for(e), str(e))
+        return pb.SecAggAck(accepted=True)
+
+    async def Unmask(
+        self, request: pb.UnmaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        secure = await self._secure(context, request)
+        seeds = {s.owner_id: s.share for s in request.self_mask_shares}
+        keys = {s.owner_id: s.share for s in request.mask_key_shares}
+        try:
+            secure.reveal(request.client_id, request.round, seeds, keys)
+        except _REFUSALS as e:
+            await context.abort(status_for(e), str(e))
+        return pb.SecAggAck(accepted=True)
+
+    async def GetSecAggStage(
+        self, request: pb.SecAggStageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggStage:
+        secure = await self._secure(context, request)
+        want = _WANT.get(request.step)
+        if want is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "step must be set")
+        wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
+        try:
+            view = await secure.poll(request.client_id, request.round, want, wait)
+        except _REFUSALS as e:
+            await context.abort(status_for(e), str(e))
+        reply = pb.SecAggStage(ready=view is not None, step=request.step)
+        if view is None:
+            return reply
+        reply.threshold = int(view.get("threshold", 0))  # type: ignore[call-overload]
+        for cid, (channel, mask) in view.get("roster", {}).items():  # type: ignore[attr-defined]
+            reply.roster.append(
+                pb.RosterEntry(client_id=cid, channel_public_key=channel, mask_public_key=mask)
+            )
+        for sender, box in view.get("inbox", {}).items():  # type: ignore[attr-defined]
+            reply.inbox.append(pb.EncryptedShare(peer_id=sender, ciphertext=box))
+        reply.survivors.extend(view.get("survivors", ()))  # type: ignore[arg-type]
+        reply.dropped.extend(view.get("dropped", ()))  # type: ignore[arg-type]
+        return reply
+
+
+class HomomorphicService:
+    """The homomorphic-aggregation RPCs; `_receive` is CoordinatorService's stream reader."""
+
+    coordinator: Coordinator
+    chunk_size: int
+
+    async def SubmitDecryption(
+        self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
+    ) -> pb.SubmitReply:
+        he = await self._he(context)
+        result = await self._receive(
+            request_iterator, context, he.begin_decryption, he.finish_decryption
+        )
+        return pb.SubmitReply(
+            accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
+        )
+
+    async def GetEncryptedAggregate(
+        self, request: pb.EncryptedAggregateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelChunk]:
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
+        if problem := check_client_id(request.client_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        he = await self._he(context)
+        try:
+            payload = he.encrypted_aggregate(request.client_id, request.round)
+        except SubmitRefused as e:
+            await context.abort(status_for(e), str(e))
+        floats = self.coordinator.model.manifest.floats().with_dtype("float32")
+        yield pb.ModelChunk(
+            header=pb.ModelHeader(
+                state=pb.TRAINING,
+                round=request.round,
+                manifest=manifest_to_proto(floats),
+                total_bytes=payload.size,
+                decrypt_round=request.round,
+                message=f"encrypted aggregate of round {request.round}",
+            )
+        )
+        for chunk in iter_chunks(payload, self.chunk_size):
+            yield data_message(chunk)
+            self.coordinator.metrics.sent(len(chunk))
+
+    async def _he(self, context: grpc.aio.ServicerContext) -> HERounds:
+        he = self.coordinator.secure_rounds
+        if not isinstance(he, HERounds):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this coordinator does not run homomorphic aggregation (fedserver run --secure he)",
+            )
+        return he  # type: ignore[return-value]
