@@ -6,7 +6,8 @@ torch: fedclient would import torch (~0.5 s and hundreds of MB per process) and 
 model to a state_dict and back, and 16 such clients on a 2-core machine would drown the
 coordinator's own costs. This client keeps O(chunk) memory whatever the model size: it hashes
 the model as it streams (the same version check fedclient makes) without keeping it, and its
-delta is one pre-built chunk repeated, so its checksum is computed once.
+delta is one pre-built chunk repeated, so its checksum is computed once. Model chunks are read
+and upload chunks sent without protobuf copies (fedcore.wire.ModelCalls), as fedclient does.
 
     python -m bench.client --server 127.0.0.1:50051 --client-id bench-0 --stats out.json
 """
@@ -14,7 +15,6 @@ delta is one pre-built chunk repeated, so its checksum is computed once.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -24,104 +24,163 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from fedcore import checksums
 from fedcore.codecs import get_codec
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import version_hasher
-from fedcore.wire import CHANNEL_OPTIONS, manifest_from_proto, manifest_to_proto
+from fedcore.wire import (
+    CHANNEL_OPTIONS,
+    ModelCalls,
+    data_message,
+    manifest_from_proto,
+    manifest_to_proto,
+    model_data,
+    update_trailer,
+)
 
 
 class FixedUpdate:
-    """A constant fp32 delta of `total_bytes`, as pre-built chunk messages and its sha256."""
+    """A constant fp32 delta of `total_bytes`, as pre-serialized chunk messages and its
+    checksum (BLAKE3, as fedclient sends)."""
 
     def __init__(self, total_bytes: int, chunk_size: int, value: float) -> None:
         pattern = np.full(chunk_size // 4, value, dtype="<f4").tobytes()
         self.full, rest = divmod(total_bytes, len(pattern))
-        self.chunk = pb.UpdateChunk(data=pattern)
-        self.tail = pb.UpdateChunk(data=pattern[:rest]) if rest else None
-        h = hashlib.sha256()
+        self.chunk = data_message(pattern)
+        self.tail = data_message(pattern[:rest]) if rest else None
+        h = checksums.new_hasher(checksums.DEFAULT)
         for _ in range(self.full):
             h.update(pattern)
         h.update(pattern[:rest])
-        self.sha256 = h.hexdigest()
+        self.digest = h.hexdigest()
         self.total_bytes = total_bytes
 
-    def stream(self, header: pb.UpdateHeader) -> Iterator[pb.UpdateChunk]:
-        yield pb.UpdateChunk(header=header)
+    def stream(self, header: pb.UpdateHeader) -> Iterator[bytes]:
+        """Serialized UpdateChunks for ModelCalls.submit."""
+        yield pb.UpdateChunk(header=header).SerializeToString()
         for _ in range(self.full):
             yield self.chunk
         if self.tail is not None:
             yield self.tail
-        yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=self.sha256))
+        yield update_trailer(header, self.digest).SerializeToString()
+
+
+class BenchClient:
+    """One bench client's protocol steps, shared by this sync client and the asyncio virtual
+    clients of bench/many_clients.py: `request()`, feed every message of the GetGlobalModel
+    stream to `take()`, then `outcome()` says whether to stop, poll again or submit
+    `upload()`. Model bytes are hashed as they stream (the version check fedclient makes)
+    and never kept."""
+
+    FINISHED, POLL, SUBMIT = "finished", "poll", "submit"
+
+    def __init__(self, client_id: str, chunk_size: int, value: float, poll: float) -> None:
+        self.client_id = client_id
+        self.chunk_size = chunk_size
+        self.value = value
+        self.poll = poll
+        self.codec = get_codec("fp32")
+        self.known = ""
+        self.down_bytes = self.up_bytes = 0
+        self._update: FixedUpdate | None = None
+        self._header: pb.ModelHeader | None = None
+        self._digest = None
+
+    def request(self) -> pb.GetGlobalModelRequest:
+        self._header, self._digest = None, None
+        return pb.GetGlobalModelRequest(
+            client_id=self.client_id, known_version=self.known, wait_seconds=self.poll
+        )
+
+    def take(self, msg: pb.ModelChunk | memoryview) -> None:
+        if self._header is None:
+            if not isinstance(msg, pb.ModelChunk) or msg.WhichOneof("payload") != "header":
+                raise RuntimeError("model stream did not start with a header")
+            self._header = msg.header
+            if self._header.total_bytes:
+                self._digest = version_hasher(manifest_from_proto(self._header.manifest))
+        elif self._digest is not None:
+            data = model_data(msg)
+            if data is None:
+                raise RuntimeError("unexpected message in the model stream")
+            self._digest.update(data)
+            self.down_bytes += len(data)
+
+    def outcome(self) -> str:
+        """FINISHED, POLL (nothing to do) or SUBMIT; raises if the model failed its check."""
+        header = self._header
+        if header is None:
+            raise RuntimeError("empty model stream")
+        if header.state == pb.FINISHED:
+            return self.FINISHED
+        if self._digest is not None:
+            if self._digest.hexdigest() != header.model_version:
+                raise RuntimeError("model bytes do not match the announced version")
+            self.known = header.model_version
+        if not header.selected or self.known != header.model_version:
+            return self.POLL
+        return self.SUBMIT
+
+    def downloaded(self) -> bool:
+        """The last pull carried model bytes."""
+        return self._digest is not None
+
+    def upload(self) -> Iterator[bytes]:
+        header = self._header
+        assert header is not None
+        wire = self.codec.wire_manifest(manifest_from_proto(header.manifest).floats())
+        if self._update is None or self._update.total_bytes != wire.total_bytes:
+            self._update = FixedUpdate(wire.total_bytes, self.chunk_size, self.value)
+        self.up_bytes += wire.total_bytes
+        return self._update.stream(
+            pb.UpdateHeader(
+                client_id=self.client_id,
+                round=header.round,
+                base_version=self.known,
+                num_examples=1,
+                encoding=self.codec.name,
+                manifest=manifest_to_proto(wire),
+                total_bytes=wire.total_bytes,
+                checksum=checksums.DEFAULT,
+            )
+        )
 
 
 def run(server: str, client_id: str, value: float, poll: float = 30.0) -> dict[str, object]:
     channel = grpc.insecure_channel(server, options=list(CHANNEL_OPTIONS))
     stub = pb_grpc.CoordinatorStub(channel)
+    calls = ModelCalls(channel)
     join = stub.Join(
         pb.JoinRequest(client_id=client_id, properties={"kind": "bench"}),
         timeout=60,
         wait_for_ready=True,
     )
-    codec = get_codec("fp32")
-    known, down, up, rounds = "", 0, 0, 0
-    update: FixedUpdate | None = None
+    client = BenchClient(client_id, join.chunk_size, value, poll)
+    rounds = 0
     pull_seconds: list[float] = []
     push_seconds: list[float] = []
     while True:
         started = time.perf_counter()
-        request = pb.GetGlobalModelRequest(
-            client_id=client_id, known_version=known, wait_seconds=poll
-        )
-        header: pb.ModelHeader | None = None
-        digest = None
-        for msg in stub.GetGlobalModel(request, timeout=poll + 600):
-            if header is None:
-                header = msg.header
-                if header.total_bytes:
-                    digest = version_hasher(manifest_from_proto(header.manifest))
-            elif digest is not None:
-                digest.update(msg.data)
-                down += len(msg.data)
-        if header is None:
-            raise RuntimeError("empty model stream")
-        if header.state == pb.FINISHED:
+        for msg in calls.pull(client.request(), timeout=poll + 600):
+            client.take(msg)
+        outcome = client.outcome()
+        if outcome == client.FINISHED:
             break
-        if digest is not None:
-            if digest.hexdigest() != header.model_version:
-                raise RuntimeError("model bytes do not match the announced version")
-            known = header.model_version
+        if client.downloaded():
             pull_seconds.append(time.perf_counter() - started)
-        if not header.selected or known != header.model_version:
+        if outcome != client.SUBMIT:
             continue
-        floats = manifest_from_proto(header.manifest).floats()
-        wire = codec.wire_manifest(floats)
-        if update is None or update.total_bytes != wire.total_bytes:
-            update = FixedUpdate(wire.total_bytes, join.chunk_size, value)
         started = time.perf_counter()
-        stub.SubmitUpdate(
-            update.stream(
-                pb.UpdateHeader(
-                    client_id=client_id,
-                    round=header.round,
-                    base_version=known,
-                    num_examples=1,
-                    encoding=codec.name,
-                    manifest=manifest_to_proto(wire),
-                    total_bytes=wire.total_bytes,
-                )
-            ),
-            timeout=600,
-        )
+        calls.submit(client.upload(), timeout=600)
         push_seconds.append(time.perf_counter() - started)
-        up += wire.total_bytes
         rounds += 1
     channel.close()
     return {
         "client_id": client_id,
         "rounds": rounds,
-        "down_bytes": down,
-        "up_bytes": up,
+        "down_bytes": client.down_bytes,
+        "up_bytes": client.up_bytes,
         "pull_seconds": pull_seconds,
         "push_seconds": push_seconds,
     }

@@ -25,13 +25,11 @@ from typing import Any
 
 import grpc
 
-from bench.client import FixedUpdate
+from bench.client import BenchClient
 from bench.round_overhead import ProcWatch
-from fedcore.codecs import get_codec
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import version_hasher
-from fedcore.wire import CHANNEL_OPTIONS, manifest_from_proto, manifest_to_proto
+from fedcore.wire import CHANNEL_OPTIONS, ModelCalls
 from fedserver.store import read_status
 from tests.procs import REPO, free_port, spawn, start_coordinator, wait_serving
 
@@ -39,52 +37,28 @@ from tests.procs import REPO, free_port, spawn, start_coordinator, wait_serving
 async def _client(address: str, client_id: str, lat: dict[str, list[float]]) -> None:
     async with grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS)) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
+        calls = ModelCalls(channel)
         t = time.perf_counter()
         join = await stub.Join(
             pb.JoinRequest(client_id=client_id), timeout=300, wait_for_ready=True
         )
         lat["join"].append(time.perf_counter() - t)
-        codec, known, update = get_codec("fp32"), "", None
+        client = BenchClient(client_id, join.chunk_size, 1e-4, poll=30)
         while True:
-            request = pb.GetGlobalModelRequest(
-                client_id=client_id, known_version=known, wait_seconds=30
-            )
-            header, digest, t_header = None, None, 0.0
-            async for msg in stub.GetGlobalModel(request, timeout=330):
-                if header is None:
-                    header, t_header = msg.header, time.perf_counter()
-                    if header.total_bytes:
-                        digest = version_hasher(manifest_from_proto(header.manifest))
-                elif digest is not None:
-                    digest.update(msg.data)
-            assert header is not None
-            if header.state == pb.FINISHED:
+            t_header = 0.0
+            async for msg in calls.pull(client.request(), timeout=330):
+                if not t_header:
+                    t_header = time.perf_counter()
+                client.take(msg)
+            outcome = client.outcome()
+            if outcome == client.FINISHED:
                 return
-            if digest is not None:
-                if digest.hexdigest() != header.model_version:
-                    raise RuntimeError("model bytes do not match the announced version")
-                known = header.model_version
+            if client.downloaded():
                 lat["download"].append(time.perf_counter() - t_header)
-            if not header.selected or known != header.model_version:
+            if outcome != client.SUBMIT:
                 continue
-            wire = codec.wire_manifest(manifest_from_proto(header.manifest).floats())
-            if update is None:
-                update = FixedUpdate(wire.total_bytes, join.chunk_size, 1e-4)
             t = time.perf_counter()
-            await stub.SubmitUpdate(
-                update.stream(
-                    pb.UpdateHeader(
-                        client_id=client_id,
-                        round=header.round,
-                        base_version=known,
-                        num_examples=1,
-                        encoding=codec.name,
-                        manifest=manifest_to_proto(wire),
-                        total_bytes=wire.total_bytes,
-                    )
-                ),
-                timeout=300,
-            )
+            await calls.submit(client.upload(), timeout=300)
             lat["submit"].append(time.perf_counter() - t)
 
 

@@ -28,7 +28,7 @@ from fedclient.he import decrypt_aggregate
 from fedclient.partition import Partition
 from fedclient.secagg import SecAggAbort, SecAggClient, SecAggExchange
 from fedclient.task import LocalData, Task, TrainConfig
-from fedcore import faults
+from fedcore import checksums, faults
 from fedcore.codecs import ErrorFeedback, get_codec
 from fedcore.he import HEClient
 from fedcore.privacy import add_gaussian_noise, l2_clip
@@ -47,7 +47,14 @@ from fedcore.tensors import (
     float_vector,
     to_state_dict,
 )
-from fedcore.wire import CHANNEL_OPTIONS, manifest_from_proto, manifest_to_proto, update_stream
+from fedcore.wire import (
+    CHANNEL_OPTIONS,
+    ModelCalls,
+    manifest_from_proto,
+    manifest_to_proto,
+    model_data,
+    update_messages,
+)
 
 log = logging.getLogger("fedclient")
 T = TypeVar("T")
@@ -140,6 +147,7 @@ class ClientSession:
         options = (*CHANNEL_OPTIONS, *RECONNECT_OPTIONS)
         self.channel = open_channel(settings.server, settings.tls, settings.token, options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.calls = ModelCalls(self.channel)  # model pull and upload without protobuf copies
         self.federation_id = ""
         self.joined = False
         self.held: FlatModel | None = None
@@ -259,7 +267,7 @@ class ClientSession:
             known_version=self.held.version if self.held is not None else "",
             wait_seconds=self.settings.poll_seconds,
         )
-        stream = self.stub.GetGlobalModel(
+        stream = self.calls.pull(
             request, timeout=self.settings.poll_seconds + self.settings.rpc_timeout
         )
         header: pb.ModelHeader | None = None
@@ -270,7 +278,10 @@ class ClientSession:
                 if header.total_bytes:
                     assembler = ChunkAssembler(manifest_from_proto(header.manifest))
             elif assembler is not None:
-                assembler.add(msg.data)
+                data = model_data(msg)
+                if data is None:
+                    raise PermanentError("coordinator sent a second header in a model stream")
+                assembler.add(data)
         if header is None:
             raise PermanentError("coordinator sent an empty model stream")
         if assembler is not None:
@@ -413,7 +424,7 @@ class ClientSession:
             payload = self.he.encrypt_update(delta, float(weight))
         else:
             payload = self.feedback.encode(codec, delta)
-        digest = hashlib.sha256(payload).hexdigest()
+        digest = checksums.hexdigest(checksums.DEFAULT, payload)
         update = pb.UpdateHeader(
             client_id=self.client_id,
             round=header.round,
@@ -423,6 +434,7 @@ class ClientSession:
             encoding=codec.name,
             manifest=manifest_to_proto(codec.wire_manifest(sent.manifest)),
             total_bytes=payload.size,
+            checksum=checksums.DEFAULT,
         )
         shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.metrics.items()))
         work = (
@@ -441,7 +453,7 @@ class ClientSession:
         try:
             reply = self._call(
                 "submit",
-                lambda: self.stub.SubmitUpdate(
+                lambda: self.calls.submit(
                     _upload(update, payload, digest), timeout=self.settings.rpc_timeout
                 ),
             )
@@ -535,8 +547,8 @@ def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:
     return delta
 
 
-def _upload(header: pb.UpdateHeader, payload: Any, digest: str) -> Iterator[pb.UpdateChunk]:
-    for sent, chunk in enumerate(update_stream(header, payload, digest)):
+def _upload(header: pb.UpdateHeader, payload: Any, digest: str) -> Iterator[bytes]:
+    for sent, chunk in enumerate(update_messages(header, payload, digest)):
         yield chunk
         if sent == 1:  # header and first data chunk are out
             faults.freeze("upload", header.round)  # tests: stall mid-upload, to be killed

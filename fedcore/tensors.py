@@ -10,7 +10,6 @@ torch is imported lazily: the coordinator can aggregate with numpy alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Iterator, Mapping
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+import blake3
 import numpy as np
 
 if TYPE_CHECKING:
@@ -195,10 +195,13 @@ def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def version_hasher(manifest: Manifest) -> hashlib._Hash:
-    """sha256 primed with the manifest as canonical JSON (unambiguous, unlike describe())."""
+def version_hasher(manifest: Manifest) -> blake3.blake3:
+    """BLAKE3 primed with the manifest as canonical JSON (unambiguous, unlike describe()).
+
+    Every client hashes every model it pulls and the coordinator every model it makes; BLAKE3
+    does that ~5x faster than sha256 here, with the same 256-bit digest (fedcore/checksums.py)."""
     canonical = json.dumps(manifest_to_dict(manifest), separators=(",", ":"), sort_keys=True)
-    return hashlib.sha256(canonical.encode())
+    return blake3.blake3(canonical.encode(), max_threads=1)
 
 
 def content_hash(manifest: Manifest, buffer: np.ndarray | bytes | memoryview) -> str:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
+import grpc
+
+from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, TensorSpec, iter_chunks
 
@@ -40,13 +44,32 @@ def model_stream(
             yield pb.ModelChunk(data=bytes(chunk))
 
 
+def update_trailer(header: pb.UpdateHeader, digest: str) -> pb.UpdateChunk:
+    """The trailer carrying `digest` in the field the header's checksum algorithm uses."""
+    if (header.checksum or LEGACY_CHECKSUM) == LEGACY_CHECKSUM:
+        return pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest))
+    return pb.UpdateChunk(trailer=pb.UpdateTrailer(digest=digest))
+
+
 def update_stream(
-    header: pb.UpdateHeader, payload: object, sha256: str, chunk_size: int = DEFAULT_CHUNK_SIZE
+    header: pb.UpdateHeader, payload: object, digest: str, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[pb.UpdateChunk]:
+    """Protobuf messages, for the generated stub; `update_messages` is the copy-free form."""
     yield pb.UpdateChunk(header=header)
     for chunk in iter_chunks(payload, chunk_size):
         yield pb.UpdateChunk(data=bytes(chunk))
-    yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=sha256))
+    yield update_trailer(header, digest)
+
+
+def update_messages(
+    header: pb.UpdateHeader, payload: object, digest: str, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[bytes]:
+    """The upload as serialized UpdateChunks for `ModelCalls.submit`: one copy per data chunk
+    (the framing) instead of three (bytes(), into the message, out of it)."""
+    yield pb.UpdateChunk(header=header).SerializeToString()
+    for chunk in iter_chunks(payload, chunk_size):
+        yield data_message(chunk)
+    yield update_trailer(header, digest).SerializeToString()
 
 
 # ---------------------------------------------------------------- chunks without protobuf copies
@@ -109,6 +132,35 @@ def parse_model_chunk(raw: bytes) -> pb.ModelChunk | memoryview:
     return view if view is not None else pb.ModelChunk.FromString(raw)
 
 
+_SERVICE = "/" + pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class ModelCalls:
+    """GetGlobalModel and SubmitUpdate on a client channel without protobuf copies of the bulk
+    bytes: model data chunks arrive as memoryviews of the received message (parse_model_chunk),
+    upload chunks go out pre-serialized (update_messages). The generated stub would copy every
+    1 MiB chunk twice each way. Interceptors on `channel` apply as to the stub."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.pull: Callable[..., Any] = channel.unary_stream(
+            f"{_SERVICE}/GetGlobalModel",
+            request_serializer=pb.GetGlobalModelRequest.SerializeToString,
+            response_deserializer=parse_model_chunk,
+        )
+        self.submit: Callable[..., Any] = channel.stream_unary(
+            f"{_SERVICE}/SubmitUpdate",
+            request_serializer=serialize_message,
+            response_deserializer=pb.SubmitReply.FromString,
+        )
+
+
+def model_data(msg: pb.ModelChunk | memoryview) -> memoryview | bytes | None:
+    """The data bytes of a ModelChunk as delivered by ModelCalls.pull (None: not data)."""
+    if isinstance(msg, memoryview):
+        return msg
+    return msg.data if msg.WhichOneof("payload") == "data" else None
+
+
 def metrics_dict(metrics: Mapping[str, float]) -> dict[str, float]:
     return {str(k): float(v) for k, v in metrics.items()}
 
@@ -117,14 +169,18 @@ __all__ = [
     "CHANNEL_OPTIONS",
     "MAX_MESSAGE_BYTES",
     "ManifestError",
+    "ModelCalls",
     "data_message",
     "data_view",
     "manifest_from_proto",
     "manifest_to_proto",
     "metrics_dict",
+    "model_data",
     "model_stream",
     "parse_model_chunk",
     "parse_update_chunk",
     "serialize_message",
+    "update_messages",
     "update_stream",
+    "update_trailer",
 ]

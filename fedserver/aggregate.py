@@ -8,7 +8,6 @@ spill back in chunk-sized blocks. The spill lives in the page cache, not the pro
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from fedcore.checksums import new_hasher, receipt_digest
 from fedcore.codecs import Codec, Piece
 from fedcore.selection import Selection
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
@@ -62,12 +62,23 @@ class StagedUpdate:
 class UpdateReceiver:
     """Checks one update stream as it arrives and spills it to disk."""
 
-    def __init__(self, codec: Codec, num_values: int, expected_bytes: int, spill_dir: Path) -> None:
+    def __init__(
+        self,
+        codec: Codec,
+        num_values: int,
+        expected_bytes: int,
+        spill_dir: Path,
+        checksum: str = "sha256",
+    ) -> None:
         self.codec = codec
         self.num_values = num_values
         self.expected_bytes = expected_bytes
         self.received = 0
-        self._hash = hashlib.sha256()
+        self.checksum = checksum
+        try:
+            self._hash = new_hasher(checksum)  # fedcore/checksums.py: which and why
+        except ManifestError as e:
+            raise BadUpdate(str(e), reason="bad_checksum") from None
         self._decoder = codec.decoder(num_values)
         spill_dir.mkdir(parents=True, exist_ok=True)
         # Anonymous (unlinked) file: vanishes even on kill -9; closed by finish/abort/discard.
@@ -93,7 +104,7 @@ class UpdateReceiver:
         self._hash.update(data)
         self._file.write(data)
 
-    def finish(self, sha256: str) -> StagedUpdate:
+    def finish(self, expected_digest: str) -> StagedUpdate:
         try:
             self._decoder.finish()
         except ManifestError as e:
@@ -104,13 +115,19 @@ class UpdateReceiver:
                 reason="truncated",
             )
         digest = self._hash.hexdigest()
-        if sha256.lower() != digest:
+        if expected_digest.lower() != digest:
             raise BadUpdate(
                 "update checksum mismatch: the bytes were corrupted in transit, resend",
                 reason="checksum",
             )
         self._file.flush()
-        return StagedUpdate(self._file, self.received, digest, self.codec, self.num_values)
+        return StagedUpdate(
+            self._file,
+            self.received,
+            receipt_digest(self.checksum, digest),
+            self.codec,
+            self.num_values,
+        )
 
     def abort(self) -> None:
         self._file.close()

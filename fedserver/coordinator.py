@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcore import faults
+from fedcore.checksums import new_hasher
 from fedcore.codecs import Codec, get_codec
 from fedcore.selection import Selection, round_selection
 from fedcore.tensors import FlatModel, Manifest, ManifestError
@@ -382,7 +383,7 @@ class Coordinator:
         self.touch(header.client_id)
         num_values = selection.num_values if selection else self._num_values()
         receiver = UpdateReceiver(
-            codec, num_values, header.total_bytes, self.store.dir / "incoming"
+            codec, num_values, header.total_bytes, self.store.dir / "incoming", header.checksum
         )
         self._streams[header.client_id] += 1
         return PendingSubmit(header, receiver, selection)
@@ -401,6 +402,10 @@ class Coordinator:
             codec = get_codec(h.encoding)
         except ManifestError as e:
             raise BadUpdate(str(e), reason="bad_encoding") from None
+        try:
+            new_hasher(h.checksum)
+        except ManifestError as e:
+            raise BadUpdate(str(e), reason="bad_checksum") from None
         check_encoding(self.secure_rounds, h.encoding)
         expected, selection = self._expected_manifest(h, codec)
         if h.manifest != expected:
@@ -470,11 +475,11 @@ class Coordinator:
     def reject(self, exc: Exception) -> Exception:
         return self._refuse(exc)
 
-    def finish_submit(self, pending: PendingSubmit, sha256: str) -> SubmitResult:
+    def finish_submit(self, pending: PendingSubmit, digest: str) -> SubmitResult:
         """Verify the whole stream, then count it exactly once; raises like begin_submit."""
         h = pending.header
         try:
-            staged = pending.receiver.finish(sha256)
+            staged = pending.receiver.finish(digest)
         except BadUpdate as e:
             self.abort_submit(pending)
             raise self._refuse(e) from None

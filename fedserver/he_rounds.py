@@ -173,7 +173,7 @@ class HERounds:
             raise self.c.reject(e) from None
         self.c.touch(h.client_id)
         receiver = UpdateReceiver(
-            codec, self.c._num_values(), h.total_bytes, self.c.store.dir / "incoming"
+            codec, self.c._num_values(), h.total_bytes, self.c.store.dir / "incoming", h.checksum
         )
         self.c._streams[h.client_id] += 1
         return PendingSubmit(h, receiver, None)

@@ -83,6 +83,7 @@ class SubmitHeader:
     encoding: str
     manifest: Manifest
     total_bytes: int
+    checksum: str = "sha256"  # the trailer's algorithm (fedcore/checksums.py)
 
 
 @dataclass

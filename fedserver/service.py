@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from fedcore import faults
+from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError, iter_chunks
@@ -158,23 +159,24 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
             header.round,
             header.total_bytes,
         )
-        sha256 = None
+        digest = None
         try:
             async for msg in request_iterator:
                 if msg is None:
                     raise BadUpdate(CORRUPT, "corrupt_message")
                 kind = "data" if isinstance(msg, memoryview) else msg.WhichOneof("payload")
-                if sha256 is not None or kind == "header":
+                if digest is not None or kind == "header":
                     raise BadUpdate(
                         "unexpected message after the trailer or a second header", "bad_stream"
                     )
                 if kind == "data":
                     pending.receiver.add(msg if isinstance(msg, memoryview) else msg.data)
                 elif kind == "trailer":
-                    sha256 = msg.trailer.sha256
+                    legacy = header.checksum == LEGACY_CHECKSUM
+                    digest = msg.trailer.sha256 if legacy else msg.trailer.digest
                 else:
                     raise BadUpdate("empty UpdateChunk", "bad_stream")
-            if sha256 is None:
+            if digest is None:
                 raise BadUpdate("update stream ended without a trailer (truncated)", "truncated")
         except BadUpdate as e:
             _log_broken_upload(header, pending.receiver.received, str(e))
@@ -187,7 +189,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
             coordinator.abort_submit(pending)
             raise
         try:
-            return finish(pending, sha256)
+            return finish(pending, digest)
         except (BadUpdate, SubmitRefused) as e:
             await context.abort(status_for(e), str(e))
             raise  # unreachable: abort raises
@@ -300,4 +302,5 @@ def _parse_header(h: pb.UpdateHeader) -> SubmitHeader:
         encoding=h.encoding or "fp32",
         manifest=manifest,
         total_bytes=h.total_bytes,
+        checksum=h.checksum or LEGACY_CHECKSUM,
     )

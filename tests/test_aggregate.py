@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedcore import checksums
 from fedcore.codecs import get_codec
 from fedcore.tensors import flatten_state_dict, iter_chunks, to_state_dict
 from fedserver.aggregate import Accumulator, BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
@@ -113,6 +114,29 @@ def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(BadUpdate, match="checksum mismatch") as info:
         _receive(tmp_path, payload, 2, sha=hashlib.sha256(payload + b"x").hexdigest())
     assert info.value.reason == "checksum"
+
+
+def test_blake3_checksum_and_its_receipt_digest(tmp_path: Path) -> None:
+    payload = _payload([1.0, 2.0, 3.0])
+    digest = checksums.hexdigest("blake3", payload)
+    receiver = UpdateReceiver(FP32, 3, len(payload), tmp_path / "spill", checksum="blake3")
+    receiver.add(payload[:5])
+    receiver.add(payload[5:])
+    staged = receiver.finish(digest.upper())
+    # Prefixed, so a sha256 receipt of the same bytes never compares equal to it.
+    assert staged.digest == f"blake3:{digest}"
+    staged.discard()
+    receiver = UpdateReceiver(FP32, 3, len(payload), tmp_path / "spill", checksum="blake3")
+    receiver.add(payload)
+    with pytest.raises(BadUpdate, match="checksum mismatch") as info:
+        receiver.finish(hashlib.sha256(payload).hexdigest())
+    assert info.value.reason == "checksum"
+
+
+def test_unknown_checksum_algorithm_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BadUpdate, match="unknown update checksum 'crc32'; supported: blake3") as e:
+        UpdateReceiver(FP32, 1, 4, tmp_path / "spill", checksum="crc32")
+    assert e.value.reason == "bad_checksum"
 
 
 @pytest.mark.parametrize("cut", [1, 4, 5])

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+from fedcore import checksums
 from fedcore.files import read_safetensors
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
@@ -220,6 +221,34 @@ def test_unselected_client_is_permission_denied(live: Live) -> None:
     payload = delta_bytes(live)
     code, msg = refused(live, stream(update(live, payload, client_id="stranger"), payload))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "not selected" in msg
+
+
+def blake3_stream(header: pb.UpdateHeader, payload: bytes, digest: str) -> Iterator[pb.UpdateChunk]:
+    yield pb.UpdateChunk(header=header)
+    yield pb.UpdateChunk(data=payload)
+    yield pb.UpdateChunk(trailer=pb.UpdateTrailer(digest=digest))
+
+
+def test_bad_blake3_checksum(live: Live) -> None:
+    payload = delta_bytes(live)
+    wrong = checksums.hexdigest("blake3", payload + b"x")
+    header = update(live, payload, checksum="blake3")
+    code, msg = refused(live, blake3_stream(header, payload, wrong))
+    assert code == INVALID and "checksum mismatch" in msg
+
+
+def test_blake3_digest_in_the_sha256_field_is_a_mismatch(live: Live) -> None:
+    """The header's algorithm decides which trailer field is read; nothing is guessed."""
+    payload = delta_bytes(live)
+    digest = checksums.hexdigest("blake3", payload)
+    code, msg = refused(live, stream(update(live, payload, checksum="blake3"), payload, digest))
+    assert code == INVALID and "checksum mismatch" in msg
+
+
+def test_unknown_checksum_algorithm(live: Live) -> None:
+    payload = delta_bytes(live)
+    code, msg = refused(live, stream(update(live, payload, checksum="md5"), payload))
+    assert code == INVALID and "unknown update checksum 'md5'" in msg and "blake3" in msg
 
 
 def test_valid_update_after_all_refusals_is_exact(live: Live) -> None:

@@ -142,7 +142,7 @@ class ModelChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[ModelHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
-    __slots__ = ("client_id", "round", "base_version", "num_examples", "metrics", "encoding", "manifest", "total_bytes")
+    __slots__ = ("client_id", "round", "base_version", "num_examples", "metrics", "encoding", "manifest", "total_bytes", "checksum")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,7 @@ class UpdateHeader(_message.Message):
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     round: int
     base_version: str
@@ -166,13 +167,16 @@ class UpdateHeader(_message.Message):
     encoding: str
     manifest: Manifest
     total_bytes: int
-    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    checksum: str
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., base_version: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., encoding: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., total_bytes: _Optional[int] = ..., checksum: _Optional[str] = ...) -> None: ...
 
 class UpdateTrailer(_message.Message):
-    __slots__ = ("sha256",)
+    __slots__ = ("sha256", "digest")
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     sha256: str
-    def __init__(self, sha256: _Optional[str] = ...) -> None: ...
+    digest: str
+    def __init__(self, sha256: _Optional[str] = ..., digest: _Optional[str] = ...) -> None: ...
 
 class UpdateChunk(_message.Message):
     __slots__ = ("header", "data", "trailer")
