@@ -4,9 +4,14 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+# Flower 1.41 for bench/compare_flower.py lives in its own venv: it needs protobuf < 7 and
+# rich < 15, and fedgrpc pins protobuf 7.36 and rich 15 (constraints.txt).
+FLOWER_VENV  := .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
 PROTO_SRC := protos/fedgrpc/v1/coordinator.proto
 
-.PHONY: install demo demo-multihost test test-fast lint format proto bench docker-demo clean help
+.PHONY: install demo demo-multihost test test-fast lint format proto bench bench-flower flower-venv \
+	docker-demo clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -46,6 +51,18 @@ proto: install ## regenerate the committed gRPC stubs from protos/
 bench: install ## performance benchmarks (see docs/performance.md)
 	$(PY) -m bench.round_overhead
 
+$(FLOWER_STAMP): bench/flower-constraints.txt
+	rm -rf $(FLOWER_VENV)
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -c bench/flower-constraints.txt flwr numpy
+	touch $(FLOWER_STAMP)
+
+flower-venv: $(FLOWER_STAMP) ## Flower 1.41 in .venv-flower (only for bench-flower; not in make test)
+
+bench-flower: install flower-venv ## fedgrpc vs Flower 1.41 at N=8, P=10M (see docs/performance.md)
+	$(PY) -m bench.compare_flower
+
 demo-multihost: install ## coordinator + 3 clients, each in its own network namespace, mTLS (root)
 	$(PY) -m examples.multihost
 
@@ -58,4 +75,4 @@ docker-demo: ## coordinator + 3 clients in containers, mTLS + state volume (need
 	docker compose run --rm --no-deps coordinator fedserver status --state-dir /state
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(FLOWER_VENV) build *.egg-info .pytest_cache
