@@ -7,7 +7,6 @@ individual update: the coordinator only asks for sums of at least two).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import TypeVar
 
 import grpc
 
+from fedcore import checksums
 from fedcore.codecs import get_codec
 from fedcore.he import HEClient, HEError
 from fedcore.proto import coordinator_pb2 as pb
@@ -57,8 +57,9 @@ def decrypt_aggregate(
         encoding=codec.name,
         manifest=manifest_to_proto(codec.wire_manifest(manifest)),
         total_bytes=plain.size,
+        checksum=checksums.DEFAULT,
     )
-    digest = hashlib.sha256(plain).hexdigest()
+    digest = checksums.hexdigest(checksums.DEFAULT, plain)
     try:
         call(
             "decryption",
