@@ -38,6 +38,14 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+async def check_request(context: grpc.aio.ServicerContext, request: Any) -> None:
+    """Abort with INVALID_ARGUMENT unless `request` decoded and names a usable client_id."""
+    if request is None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
+    if problem := check_client_id(request.client_id):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+
 def check_client_id(client_id: str) -> str | None:
     if not client_id:
         return "client_id is required"

@@ -18,7 +18,7 @@ from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
 from fedserver.he_rounds import HERounds
 from fedserver.rounds import SubmitRefused
-from fedserver.rpc import CORRUPT, MAX_WAIT_SECONDS, check_client_id, status_for
+from fedserver.rpc import MAX_WAIT_SECONDS, check_request, status_for
 from fedserver.secagg import SecAggFailed
 
 _WANT = {pb.SECAGG_ROSTER: "roster", pb.SECAGG_INBOX: "inbox", pb.SECAGG_UNMASK: "unmask"}
@@ -31,10 +31,7 @@ class SecureAggregationService:
     coordinator: Coordinator
 
     async def _secure(self, context: grpc.aio.ServicerContext, request: Any):  # type: ignore[no-untyped-def]
-        if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
-        if problem := check_client_id(request.client_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await check_request(context, request)
         secure = self.coordinator.secure_rounds
         if secure is None:
             await context.abort(
@@ -130,10 +127,7 @@ class HomomorphicService:
     async def GetEncryptedAggregate(
         self, request: pb.EncryptedAggregateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelChunk]:
-        if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
-        if problem := check_client_id(request.client_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await check_request(context, request)
         he = await self._he(context)
         try:
             payload = he.encrypted_aggregate(request.client_id, request.round)

@@ -31,7 +31,7 @@ from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
 from fedserver.rounds import SubmitRefused
-from fedserver.rpc import CORRUPT, MAX_WAIT_SECONDS, check_client_id, status_for
+from fedserver.rpc import CORRUPT, MAX_WAIT_SECONDS, check_client_id, check_request, status_for
 from fedserver.secure_service import HomomorphicService, SecureAggregationService
 
 log = logging.getLogger("fedserver.service")
@@ -52,10 +52,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
     async def Join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinReply:
-        if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
-        if problem := check_client_id(request.client_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await check_request(context, request)
         self.coordinator.touch(request.client_id, dict(request.properties))
         log.info(
             "client %s joined from %s (%s)",
@@ -73,10 +70,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
     async def GetGlobalModel(
         self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelChunk]:
-        if request is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
-        if problem := check_client_id(request.client_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await check_request(context, request)
         wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
         offer = await self.coordinator.poll(request.client_id, request.known_version, wait)
         yield pb.ModelChunk(header=self._header(offer))
@@ -197,8 +191,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
     async def SubmitEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
     ) -> pb.EvaluationReply:
-        if problem := check_client_id(request.client_id):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        await check_request(context, request)
         try:
             new, message = self.coordinator.submit_evaluation(
                 request.client_id,
