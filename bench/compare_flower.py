@@ -10,7 +10,8 @@ federations on 127.0.0.1, one after the other, each for a few rounds:
   (bench/flower_app/flower_bench/legacy.py).
 
 Every client adds a fixed 1e-4 to the model and trains nothing. Round seconds are the median of
-the rounds after the first (the first includes waiting for clients to connect). Coordinator
+the rounds after the first (the first includes waiting for clients to connect); coordinator CPU
+per round (utime + stime) is the steadier number on a shared machine. Coordinator
 memory is peak RSS: VmHWM of `fedserver`, of the `start_server` process, and for the SuperLink
 path the sum of VmHWM over the SuperLink and its descendants (`flower-superexec` and the
 `flwr-serverapp` it starts), followed through /proc every 10 ms. The sum of per-process peaks
@@ -43,13 +44,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.round_overhead import MB, RESULTS, machine, run_cell
+from bench.round_overhead import MB, RESULTS, ProcWatch, machine, run_cell
 from tests.procs import REPO, Proc, free_port, wait_until
 
 FLOWER_VENV = REPO / ".venv-flower"
 FLOWER_APP = REPO / "bench" / "flower_app"
 FLOWER_VERSION = "1.41.0"
 SYSTEMS = ("superlink", "legacy")
+RATIOS = {
+    "time_ratio_ours_to_this": "round_seconds",
+    "memory_ratio_ours_to_this": "coordinator_peak_bytes",
+    "cpu_ratio_ours_to_this": "coordinator_cpu_seconds",
+}
 INSTALL_HINT = (
     "Flower is not installed. Build its venv and run the comparison with\n"
     "    make bench-flower            # or: make flower-venv, then python -m bench.compare_flower\n"
@@ -105,7 +111,9 @@ class TreeWatch:
     bench.round_overhead.ProcWatch follows one pid; the SuperLink starts its ServerApp two
     processes down, so this one rescans the tree every tick. `peak` is the sum over processes of
     their VmHWM (each process's own peak, exact); `peak_rss_sum` is the largest sum of VmRSS seen
-    at one tick (a lower bound on the tree's true peak: it can fall between ticks).
+    at one tick (a lower bound on the tree's true peak: it can fall between ticks). CPU time
+    (utime + stime, as ProcWatch reads it) is summed over the tree and sampled with the wall
+    clock, so the CPU of given rounds can be read off afterwards (`cpu_between`).
     """
 
     def __init__(self, pid: int, interval: float = 0.01) -> None:
@@ -113,6 +121,8 @@ class TreeWatch:
         self.hwm: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.cmdlines: dict[int, bytes] = {}
+        self.cpu: dict[int, float] = {}
+        self.cpu_samples: list[tuple[float, float]] = []  # (time.time(), CPU s of the tree)
         self.peak_rss_sum = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
@@ -126,12 +136,16 @@ class TreeWatch:
         cmdlines: dict[int, bytes] = {}
         memory: dict[int, tuple[int, int]] = {}
         tree = [(self.root, 0), *descendants(self.root)]
+        now = time.time()
         for pid, _ in tree:
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
                 cmdlines[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
+            cpu = (int(stat[11]) + int(stat[12])) / ProcWatch.TICK
+            self.cpu[pid] = max(self.cpu.get(pid, 0.0), cpu)
             fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
             if "VmHWM" in fields:  # a zombie has no memory lines left
                 hwm, rss = (int(fields[k].split()[0]) * 1024 for k in ("VmHWM", "VmRSS"))
@@ -155,6 +169,15 @@ class TreeWatch:
             names = (w for w in words if not w.startswith(("python", "-")))
             self.names[pid] = next(names, "?")
         self.peak_rss_sum = max(self.peak_rss_sum, rss_sum)
+        self.cpu_samples.append((now, sum(self.cpu.values())))
+
+    def cpu_between(self, start: float, end: float) -> float:
+        """The tree's CPU seconds from wall time `start` to `end` (to the nearest samples)."""
+        before = [cpu for t, cpu in self.cpu_samples if t <= start]
+        after = [cpu for t, cpu in self.cpu_samples if t >= end]
+        if not before or not after:
+            raise RuntimeError("no CPU samples around the rounds")
+        return after[0] - before[-1]
 
     def _run(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -272,15 +295,19 @@ def flower_cell(
     finally:
         for p in procs:
             kill_tree(p)
-    seconds = json.loads(out.read_text())["round_seconds"]
+    timing = json.loads(out.read_text())
+    seconds, spans = timing["round_seconds"], timing["spans"]
     if len(seconds) != rounds:
         raise RuntimeError(f"{system}: {len(seconds)} rounds of {rounds}")
+    steady = spans[1:] or spans  # as the round seconds: after the first round
+    cpu = watch.cpu_between(steady[0][0], steady[-1][1]) / len(steady)
     return {
         "system": f"flower-{system}",
         "round_seconds": statistics.median(seconds[1:] or seconds),
         "round_seconds_all": seconds,
         "coordinator_peak_bytes": watch.peak,
         "coordinator_peak_rss_sum_bytes": watch.peak_rss_sum,
+        "coordinator_cpu_seconds": cpu,
         "coordinator_processes": watch.processes(),
     }
 
@@ -338,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = machine()
     print(f"flwr {version} from {python}; load average {info['loadavg_at_start']}", flush=True)
     print(
-        f"{'N':>3} {'P':>6}  {'system':<17} {'round s':>8} {'coord MB':>9} "
-        f"{'time ours/this':>14} {'mem ours/this':>13}",
+        f"{'N':>3} {'P':>6}  {'system':<17} {'round s':>8} {'coord MB':>9} {'cpu s':>6} "
+        f"{'time ours/this':>14} {'mem ours/this':>13} {'cpu ours/this':>13}",
         flush=True,
     )
     cells: list[dict[str, Any]] = []
@@ -350,23 +377,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             work = Path(tempfile.mkdtemp(prefix="run-", dir=args.keep_logs))
         for params, clients in itertools.product(args.params, args.clients):
             rows = [ours_cell(clients, params, args.rounds, work)]
+            rows[0]["loadavg_after"] = os.getloadavg()
             for system in systems:
                 rows.append(
                     flower_cell(system, python, clients, params, args.rounds, work, args.timeout)
                 )
+                rows[-1]["loadavg_after"] = os.getloadavg()
             ours = rows[0]
             for row in rows:
                 row.update(clients=clients, params=params, rounds=args.rounds)
-                row["time_ratio_ours_to_this"] = ours["round_seconds"] / row["round_seconds"]
-                row["memory_ratio_ours_to_this"] = (
-                    ours["coordinator_peak_bytes"] / row["coordinator_peak_bytes"]
-                )
-                row["loadavg_after"] = os.getloadavg()
+                for ratio, key in RATIOS.items():
+                    # A tiny quick run can use less CPU than one clock tick: no ratio then.
+                    row[ratio] = ours[key] / row[key] if row[key] else float("nan")
                 print(
                     f"{clients:>3} {params / 1e6:>5g}M  {row['system']:<17} "
                     f"{row['round_seconds']:>8.3f} {row['coordinator_peak_bytes'] / MB:>9.0f} "
+                    f"{row['coordinator_cpu_seconds']:>6.2f} "
                     f"{row['time_ratio_ours_to_this']:>14.3f} "
-                    f"{row['memory_ratio_ours_to_this']:>13.3f}",
+                    f"{row['memory_ratio_ours_to_this']:>13.3f} "
+                    f"{row['cpu_ratio_ours_to_this']:>13.3f}",
                     flush=True,
                 )
             cells.extend(rows)

@@ -38,21 +38,27 @@ def updated(arrays: list[np.ndarray]) -> list[np.ndarray]:
 
 
 class RoundClock:
-    """Seconds per round: from the strategy configuring a round to it having aggregated."""
+    """Seconds per round: from the strategy configuring a round to it having aggregated.
+
+    Each round's wall-clock span (time.time()) goes out too, so the harness can read the
+    coordinator's CPU time over exactly these rounds from its /proc samples.
+    """
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
-        self._started = 0.0
+        self.spans: list[tuple[float, float]] = []
+        self._started = (0.0, 0.0)
 
     def start(self) -> None:
-        self._started = time.perf_counter()
+        self._started = (time.perf_counter(), time.time())
 
     def stop(self) -> None:
-        self.seconds.append(time.perf_counter() - self._started)
+        self.seconds.append(time.perf_counter() - self._started[0])
+        self.spans.append((self._started[1], time.time()))
 
     def write(self, path: str, **extra: object) -> None:
         # Written last and renamed into place: the harness waits for this file to appear.
         out = Path(path)
         tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"round_seconds": self.seconds, **extra}))
+        tmp.write_text(json.dumps({"round_seconds": self.seconds, "spans": self.spans, **extra}))
         tmp.replace(out)
