@@ -127,6 +127,34 @@ def start_client(
     return spawn(name or f"client-{index}", args, log_dir, env, prefix)
 
 
+# The usual federation: start_serving, start_clients, wait_finished. Each process goes into the
+# test's `procs` fixture (killed after the test, whatever happened) as soon as it exists.
+def start_serving(
+    procs: list[Proc], log_dir: Path, port: int, state_dir: Path, *extra: str, **options: Any
+) -> Proc:
+    """start_coordinator (same options), returned once its health check answers SERVING."""
+    server = start_coordinator(log_dir, port, state_dir, *extra, **options)
+    procs.append(server)
+    wait_serving(port, server)
+    return server
+
+
+def start_clients(
+    procs: list[Proc], log_dir: Path, port: int, count: int, *extra: str, task: str = TASK
+) -> list[Proc]:
+    """Clients 0..count-1 on partitions i/count, each with the same extra flags."""
+    clients = [start_client(log_dir, port, f"{i}/{count}", *extra, task=task) for i in range(count)]
+    procs.extend(clients)
+    return clients
+
+
+def wait_finished(server: Proc, clients: Sequence[Proc], timeout: float) -> None:
+    """Every client exits 0 within `timeout` s, then the coordinator once its linger is over."""
+    for client in clients:
+        assert client.wait(timeout) == 0, client.log()
+    assert server.wait(60) == 0, server.log()
+
+
 def wait_serving(
     port: int, proc: Proc | None = None, timeout: float = 60.0, tls: TlsFiles | None = None
 ) -> None:

@@ -9,14 +9,11 @@ coordinator's own evaluation in `fedserver status`.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.procs import Proc, child_env, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, free_port, start_clients, start_serving, status_json, wait_finished
 
 CLIENTS = 4
 ROUNDS = 10
@@ -28,25 +25,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300
 def run_federation(tmp: Path, procs: list[Proc], *flags: str) -> dict[str, object]:
     port = free_port()
     state, logs = tmp / "state", tmp / "logs"
-    server = start_coordinator(
-        logs, port, state, "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS), *flags
+    server = start_serving(
+        procs, logs, port, state, "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS), *flags
     )
-    procs.append(server)
-    wait_serving(port, server)
-    clients = [start_client(logs, port, f"{i}/{CLIENTS}", *NON_IID) for i in range(CLIENTS)]
-    procs.extend(clients)
-    for client in clients:
-        assert client.wait(240) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
-    out = subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", "status", "--state-dir", str(state), "--json"],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        check=True,
-    )
-    status: dict[str, object] = json.loads(out.stdout)
-    return status
+    wait_finished(server, start_clients(procs, logs, port, CLIENTS, *NON_IID), 240)
+    return status_json(state)
 
 
 @pytest.mark.parametrize(

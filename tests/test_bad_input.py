@@ -20,9 +20,9 @@ from fedcore import checksums
 from fedcore.files import read_safetensors
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import ChunkAssembler, FlatModel, float_vector
-from fedcore.wire import manifest_from_proto, manifest_to_proto
-from tests.procs import Proc, free_port, start_coordinator, wait_serving
+from fedcore.tensors import FlatModel, float_vector
+from fedcore.wire import manifest_to_proto
+from tests.raw_client import lone_client, pull, update_header
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 CLIENT = "tester"
@@ -40,55 +40,15 @@ class Live:
         return (self.state / "model.safetensors").read_bytes()
 
 
-def pull(stub: pb_grpc.CoordinatorStub) -> tuple[pb.ModelHeader, FlatModel | None]:
-    header, assembler = None, None
-    for msg in stub.GetGlobalModel(
-        pb.GetGlobalModelRequest(client_id=CLIENT, wait_seconds=10), timeout=30
-    ):
-        if header is None:
-            header = msg.header
-            if header.total_bytes:
-                assembler = ChunkAssembler(manifest_from_proto(header.manifest))
-        else:
-            assert assembler is not None
-            assembler.add(msg.data)
-    assert header is not None
-    return header, assembler.finish(header.model_version) if assembler else None
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("bad_input")
-    port = free_port()
-    server: Proc = start_coordinator(
-        tmp / "logs", port, tmp / "state", "--rounds", "3", "--min-clients", "1",
-        "--round-timeout", "600",
-    )  # fmt: skip
-    try:
-        wait_serving(port, server)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.CoordinatorStub(channel)
-            stub.Join(pb.JoinRequest(client_id=CLIENT), timeout=10)
-            header, model = pull(stub)
-            assert header.selected and model is not None
-            yield Live(stub, tmp / "state", header, model)
-    finally:
-        server.kill()
+    with lone_client(tmp, CLIENT, "--rounds", "3", "--round-timeout", "600") as joined:
+        yield Live(joined.stub, tmp / "state", joined.header, joined.model)
 
 
 def update(live: Live, payload: bytes, **overrides: object) -> pb.UpdateHeader:
-    floats = live.model.manifest.floats()
-    fields: dict[str, object] = dict(
-        client_id=CLIENT,
-        round=live.header.round,
-        base_version=live.model.version,
-        num_examples=10,
-        encoding="fp32",
-        manifest=manifest_to_proto(floats.with_dtype("float32")),
-        total_bytes=len(payload),
-    )
-    fields.update(overrides)
-    return pb.UpdateHeader(**fields)  # type: ignore[arg-type]
+    return update_header(CLIENT, live.header.round, live.model, len(payload), **overrides)
 
 
 def stream(
@@ -114,7 +74,7 @@ def refused(live: Live, chunks: Iterator[pb.UpdateChunk]) -> tuple[grpc.StatusCo
     err = info.value
     # Nothing changed, and the daemon still answers.
     assert live.model_file() == before
-    header, _ = pull(live.stub)
+    header, _ = pull(live.stub, CLIENT)
     assert header.model_version == live.model.version
     assert header.round == live.header.round
     return err.code(), err.details()  # type: ignore[attr-defined]
@@ -261,7 +221,7 @@ def test_valid_update_after_all_refusals_is_exact(live: Live) -> None:
     retry = live.stub.SubmitUpdate(stream(update(live, payload), payload), timeout=30)
     assert retry.accepted and retry.duplicate
 
-    header, new_model = pull(live.stub)
+    header, new_model = pull(live.stub, CLIENT)
     assert header.round == live.header.round + 1 and new_model is not None
     expected = float_vector(live.model) + np.float32(0.25)
     assert float_vector(new_model).tobytes() == expected.tobytes()

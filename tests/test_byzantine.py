@@ -12,14 +12,11 @@ docs/algorithms.md, "Byzantine clients"); here the spread comes from the data al
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.procs import Proc, child_env, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, free_port, start_client, start_serving, status_json, wait_finished
 
 CLIENTS = 10
 ATTACKERS = 2
@@ -32,25 +29,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600
 def final_accuracy(tmp: Path, procs: list[Proc], name: str, attackers: int, *flags: str) -> float:
     port = free_port()
     state, logs = tmp / name / "state", tmp / name / "logs"
-    server = start_coordinator(
-        logs, port, state, "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS),
+    server = start_serving(
+        procs, logs, port, state, "--rounds", str(ROUNDS), "--min-clients", str(CLIENTS),
         "--round-timeout", "120", *TRAINING, *flags,
     )  # fmt: skip
-    procs.append(server)
-    wait_serving(port, server)
     clients = []
     for i in range(CLIENTS):
         task = "tests.byzantine_task:attacker" if i < attackers else "examples.digits:task"
         clients.append(start_client(logs, port, f"{i}/{CLIENTS}", task=task))
     procs.extend(clients)
-    for client in clients:
-        assert client.wait(300) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
-    out = subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", "status", "--state-dir", str(state), "--json"],
-        capture_output=True, text=True, env=child_env(), check=True,
-    )  # fmt: skip
-    rounds = json.loads(out.stdout)["rounds"]
+    wait_finished(server, clients, 300)
+    rounds = status_json(state)["rounds"]
     assert len(rounds) == ROUNDS and all(r["participants"] == CLIENTS for r in rounds)
     return float(rounds[-1]["metrics"]["accuracy"])
 

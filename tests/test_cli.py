@@ -8,14 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import (
-    Proc,
-    child_env,
-    free_port,
-    start_client,
-    start_coordinator,
-    wait_serving,
-)
+from tests.procs import Proc, child_env, free_port, start_client, start_serving, wait_finished
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -78,11 +71,8 @@ def test_client_started_before_the_coordinator_joins_later(
     port = free_port()
     client = start_client(tmp_path / "logs", port, "0/1")
     procs.append(client)
-    server = start_coordinator(
-        tmp_path / "logs", port, tmp_path / "state", "--rounds", "2", "--min-clients", "1"
+    server = start_serving(
+        procs, tmp_path / "logs", port, tmp_path / "state", "--rounds", "2", "--min-clients", "1"
     )
-    procs.append(server)
-    wait_serving(port, server)
-    assert client.wait(120) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    wait_finished(server, [client], 120)
     assert "training is finished" in client.log()

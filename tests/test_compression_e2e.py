@@ -9,7 +9,7 @@ import pytest
 from examples.digits import task
 from fedcore.codecs import get_codec
 from fedserver.store import read_status
-from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, free_port, start_client, start_serving, wait_finished
 
 ROUNDS = 12
 TARGET_ACCURACY = 0.93
@@ -20,18 +20,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240
 def test_mixed_lossy_encodings_reach_target_accuracy(tmp_path: Path, procs: list[Proc]) -> None:
     port = free_port()
     state, logs = tmp_path / "state", tmp_path / "logs"
-    server = start_coordinator(logs, port, state, "--rounds", str(ROUNDS), "--min-clients", "3")
-    procs.append(server)
-    wait_serving(port, server)
+    server = start_serving(procs, logs, port, state, "--rounds", str(ROUNDS), "--min-clients", "3")
     # Negotiated per client: the round config says fp32, each client declares its own codec.
     encodings = ["topk", "int8", "fp16"]
     clients = [
         start_client(logs, port, f"{i}/3", "--encoding", enc) for i, enc in enumerate(encodings)
     ]
     procs.extend(clients)
-    for client in clients:
-        assert client.wait(200) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    wait_finished(server, clients, 200)
     status = read_status(state)
     assert status["rounds_completed"] == ROUNDS
     assert all(r["participants"] == 3 for r in status["rounds"])

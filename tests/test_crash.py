@@ -19,9 +19,10 @@ from fedcore.tensors import to_state_dict
 from tests.procs import (
     Proc,
     free_port,
-    start_client,
+    start_clients,
     start_coordinator,
     status_json,
+    wait_finished,
     wait_serving,
     wait_until,
 )
@@ -51,8 +52,7 @@ def test_kill9_coordinator_at_every_stage_loses_nothing(tmp_path: Path, procs: l
 
     server = coordinator(0)
     wait_serving(port, server)
-    clients = [start_client(logs, port, f"{i}/{CLIENTS}") for i in range(CLIENTS)]
-    procs.extend(clients)
+    clients = start_clients(procs, logs, port, CLIENTS)
 
     resume_seconds = []
     for n, (point, round_number) in enumerate(CRASHES):
@@ -75,13 +75,12 @@ def test_kill9_coordinator_at_every_stage_loses_nothing(tmp_path: Path, procs: l
         # The torn write is gone (a new round may already be writing its own temp file).
         assert not any(p.exists() for p in half_written)
 
+    wait_finished(server, clients, 180)
     for client in clients:
-        assert client.wait(180) == 0, client.log()
         assert client.popen.pid in {c.popen.pid for c in clients}
         # One process, one federation: it joined once and never saw a new federation id.
         assert client.log().count("joined federation") == 1, client.log()
         assert "training is finished" in client.log()
-    assert server.wait(60) == 0, server.log()
 
     status = status_json(state)
     assert status["status"] == "finished"

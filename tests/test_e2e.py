@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from examples.digits import task
-from tests.procs import Proc, child_env, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, free_port, start_clients, start_serving, status_json, wait_finished
 
 ROUNDS = 20
 TARGET_ACCURACY = 0.95
@@ -24,15 +21,8 @@ def test_three_clients_reach_target_accuracy(tmp_path: Path, procs: list[Proc]) 
     port = free_port()
     state = tmp_path / "state"
     logs = tmp_path / "logs"
-    server = start_coordinator(logs, port, state, "--rounds", str(ROUNDS), "--min-clients", "3")
-    procs.append(server)
-    wait_serving(port, server)
-    clients = [start_client(logs, port, f"{i}/3") for i in range(3)]
-    procs.extend(clients)
-
-    for client in clients:
-        assert client.wait(180) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    server = start_serving(procs, logs, port, state, "--rounds", str(ROUNDS), "--min-clients", "3")
+    wait_finished(server, start_clients(procs, logs, port, 3), 180)
 
     # The published model loads into the task's model and is as good as the coordinator says.
     model = task.build_model()
@@ -40,14 +30,7 @@ def test_three_clients_reach_target_accuracy(tmp_path: Path, procs: list[Proc]) 
     accuracy = task.evaluate(model, task.server_test_data())["accuracy"]
     assert accuracy >= TARGET_ACCURACY
 
-    out = subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", "status", "--state-dir", str(state), "--json"],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        check=True,
-    )
-    status = json.loads(out.stdout)
+    status = status_json(state)
     assert status["status"] == "finished"
     assert status["rounds_completed"] == ROUNDS
     assert [r["round"] for r in status["rounds"]] == list(range(1, ROUNDS + 1))

@@ -13,7 +13,15 @@ from safetensors.torch import load_file
 from examples.digits import task
 from fedcore.tensors import to_state_dict
 from fedserver.evaluate import initial_model
-from tests.procs import Proc, child_env, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import (
+    Proc,
+    child_env,
+    free_port,
+    start_client,
+    start_coordinator,
+    start_serving,
+    wait_finished,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -31,14 +39,10 @@ def _fedserver(*args: str) -> subprocess.CompletedProcess[str]:
 def _train(logs: Path, state: Path, key: Path, rounds: int, procs: list[Proc], tag: str) -> None:
     port = free_port()
     args = ("--rounds", str(rounds), "--min-clients", "2", "--encrypt-state", str(key))
-    server = start_coordinator(logs, port, state, *args, name=f"server-{tag}")
-    procs.append(server)
-    wait_serving(port, server)
+    server = start_serving(procs, logs, port, state, *args, name=f"server-{tag}")
     clients = [start_client(logs, port, f"{i}/2", name=f"client-{i}-{tag}") for i in range(2)]
     procs.extend(clients)
-    for client in clients:
-        assert client.wait(150) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    wait_finished(server, clients, 150)
 
 
 def _windows(tensor: torch.Tensor, width: int = 32) -> list[bytes]:

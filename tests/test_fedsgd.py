@@ -14,7 +14,7 @@ from fedclient.session import gradient_vector
 from fedclient.task import TrainConfig
 from fedcore.tensors import flatten_state_dict
 from fedserver.store import read_status
-from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, free_port, start_clients, start_serving, wait_finished
 
 ROUNDS = 50
 SERVER_LR = 1.0
@@ -67,15 +67,10 @@ def test_fedsgd_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
     port = free_port()
     state, logs = tmp_path / "state", tmp_path / "logs"
     args = ("--rounds", str(ROUNDS), "--min-clients", "3", "--mode", "fedsgd")
-    server = start_coordinator(logs, port, state, *args, "--server-lr", str(SERVER_LR))
-    procs.append(server)
-    wait_serving(port, server)
-    clients = [start_client(logs, port, f"{i}/3") for i in range(3)]
-    procs.extend(clients)
-    for client in clients:
-        assert client.wait(200) == 0, client.log()
-        assert "computed a gradient" in client.log()
-    assert server.wait(60) == 0, server.log()
+    server = start_serving(procs, logs, port, state, *args, "--server-lr", str(SERVER_LR))
+    clients = start_clients(procs, logs, port, 3)
+    wait_finished(server, clients, 200)
+    assert all("computed a gradient" in client.log() for client in clients)
 
     model = task.build_model()
     model.load_state_dict(load_file(state / "model.safetensors"))

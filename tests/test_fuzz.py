@@ -27,9 +27,9 @@ from hypothesis import strategies as st
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import ChunkAssembler, FlatModel, float_vector
-from fedcore.wire import manifest_from_proto, manifest_to_proto
-from tests.procs import Proc, free_port, start_coordinator, wait_serving
+from fedcore.tensors import FlatModel, float_vector
+from fedcore.wire import manifest_to_proto, update_stream
+from tests.raw_client import lone_client, pull, update_header
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -72,42 +72,16 @@ class Live:
     model: FlatModel
 
 
-def _pull(stub: pb_grpc.CoordinatorStub) -> tuple[pb.ModelHeader, FlatModel | None]:
-    header, assembler = None, None
-    request = pb.GetGlobalModelRequest(client_id=CLIENT, wait_seconds=10)
-    for msg in stub.GetGlobalModel(request, timeout=30):
-        if header is None:
-            header = msg.header
-            if header.total_bytes:
-                assembler = ChunkAssembler(manifest_from_proto(header.manifest))
-        else:
-            assert assembler is not None
-            assembler.add(msg.data)
-    assert header is not None
-    return header, assembler.finish(header.model_version) if assembler else None
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    port = free_port()
-    flags = ("--rounds", "2", "--min-clients", "1", "--round-timeout", "3600")
-    server: Proc = start_coordinator(tmp / "logs", port, tmp / "state", *flags)
-    try:
-        wait_serving(port, server)
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = pb_grpc.CoordinatorStub(channel)
-            stub.Join(pb.JoinRequest(client_id=CLIENT), timeout=10)
-            header, model = _pull(stub)
-            assert header.selected and model is not None
-            raw = channel.stream_unary(
-                "/fedgrpc.v1.Coordinator/SubmitUpdate",
-                request_serializer=bytes,
-                response_deserializer=pb.SubmitReply.FromString,
-            )
-            yield Live(stub, raw, tmp / "state", header.round, model)
-    finally:
-        server.kill()
+    with lone_client(tmp, CLIENT, "--rounds", "2", "--round-timeout", "3600") as joined:
+        raw = joined.channel.stream_unary(
+            "/fedgrpc.v1.Coordinator/SubmitUpdate",
+            request_serializer=bytes,
+            response_deserializer=pb.SubmitReply.FromString,
+        )
+        yield Live(joined.stub, raw, tmp / "state", joined.header.round, joined.model)
 
 
 @st.composite
@@ -145,15 +119,8 @@ def _case(draw: st.DrawFn, live: Live) -> tuple[list[str], list[bytes]]:
     n = sum(t.numel for t in floats.tensors)
     payload = np.linspace(-1e-3, 1e-3, n, dtype="<f4").tobytes()
     good = manifest_to_proto(floats.with_dtype("float32"))
-    fields: dict[str, object] = dict(
-        client_id=CLIENT,
-        round=live.round,
-        base_version=live.model.version,
-        num_examples=10,
-        encoding="fp32",
-        manifest=good,
-        total_bytes=len(payload),
-    )
+    size = len(payload)
+    fields: dict[str, object] = {}  # the header's defects, over a valid update_header()
     text = st.text(st.characters(exclude_categories=["Cs"]), max_size=200)
     if "bad_client_id" in defects:
         fields["client_id"] = draw(
@@ -200,7 +167,7 @@ def _case(draw: st.DrawFn, live: Live) -> tuple[list[str], list[bytes]]:
 
     cuts = sorted(draw(st.lists(st.integers(0, len(payload)), max_size=4)))
     bounds = [0, *cuts, len(payload)]
-    header = pb.UpdateChunk(header=pb.UpdateHeader(**fields))  # type: ignore[arg-type]
+    header = pb.UpdateChunk(header=update_header(CLIENT, live.round, live.model, size, **fields))
     body = [pb.UpdateChunk(data=payload[a:b]) for a, b in itertools.pairwise(bounds)]
     if "second_header" in defects:
         body.insert(draw(st.integers(0, len(body))), header)
@@ -273,23 +240,11 @@ def test_fuzzed_updates_are_all_refused_and_change_nothing(live: Live) -> None:
 def test_valid_update_after_fuzzing_is_exact(live: Live) -> None:
     n = float_vector(live.model).size
     payload = np.full(n, 0.25, dtype="<f4").tobytes()
-    header = pb.UpdateHeader(
-        client_id=CLIENT,
-        round=live.round,
-        base_version=live.model.version,
-        num_examples=10,
-        encoding="fp32",
-        manifest=manifest_to_proto(live.model.manifest.floats().with_dtype("float32")),
-        total_bytes=len(payload),
-    )
-    msgs = [
-        pb.UpdateChunk(header=header),
-        pb.UpdateChunk(data=payload),
-        pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=hashlib.sha256(payload).hexdigest())),
-    ]
-    reply = live.stub.SubmitUpdate(iter(msgs), timeout=30)
+    header = update_header(CLIENT, live.round, live.model, len(payload))
+    digest = hashlib.sha256(payload).hexdigest()
+    reply = live.stub.SubmitUpdate(update_stream(header, payload, digest), timeout=30)
     assert reply.accepted and not reply.duplicate
-    header_next, new_model = _pull(live.stub)
+    header_next, new_model = pull(live.stub, CLIENT)
     assert header_next.round == live.round + 1 and new_model is not None
     expected = float_vector(live.model) + np.float32(0.25)
     assert float_vector(new_model).tobytes() == expected.tobytes()

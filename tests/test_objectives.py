@@ -16,7 +16,7 @@ from fedclient.metrics import MetricSums, align
 from fedclient.partition import Partition
 from fedclient.task import LocalData, Task, TrainConfig
 from fedserver.store import read_status
-from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, free_port, start_clients, start_serving, wait_finished
 
 TASK = "examples.diabetes:task"
 ROUNDS = 10
@@ -96,14 +96,8 @@ def test_diabetes_regression_end_to_end(tmp_path: Path, procs: list[Proc]) -> No
     port = free_port()
     state, logs = tmp_path / "state", tmp_path / "logs"
     args = ("--rounds", str(ROUNDS), "--min-clients", "3")
-    server = start_coordinator(logs, port, state, *args, task=TASK)
-    procs.append(server)
-    wait_serving(port, server)
-    clients = [start_client(logs, port, f"{i}/3", task=TASK) for i in range(3)]
-    procs.extend(clients)
-    for client in clients:
-        assert client.wait(120) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    server = start_serving(procs, logs, port, state, *args, task=TASK)
+    wait_finished(server, start_clients(procs, logs, port, 3, task=TASK), 120)
 
     model = diabetes.build_model()
     model.load_state_dict(load_file(state / "model.safetensors"))

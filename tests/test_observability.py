@@ -19,46 +19,20 @@ import pytest
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import ChunkAssembler, FlatModel, float_vector
-from fedcore.wire import manifest_from_proto, manifest_to_proto, update_stream
-from tests.procs import (
-    Proc,
-    child_env,
-    free_port,
-    scrape,
-    start_coordinator,
-    wait_serving,
-    wait_until,
-)
+from fedcore.tensors import FlatModel, float_vector
+from fedcore.wire import update_stream
+from tests.procs import Proc, child_env, free_port, scrape, start_serving, wait_until
+from tests.raw_client import pull, update_header
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 CLIENT = "probe"
-
-
-def pull(stub: pb_grpc.CoordinatorStub) -> tuple[pb.ModelHeader, FlatModel]:
-    request = pb.GetGlobalModelRequest(client_id=CLIENT, wait_seconds=20)
-    header, assembler = None, None
-    for msg in stub.GetGlobalModel(request, timeout=60):
-        if header is None:
-            header = msg.header
-            assembler = ChunkAssembler(manifest_from_proto(header.manifest))
-        else:
-            assert assembler is not None
-            assembler.add(msg.data)
-    assert header is not None and header.selected and assembler is not None
-    return header, assembler.finish(header.model_version)
 
 
 def submit(
     stub: pb_grpc.CoordinatorStub, header: pb.ModelHeader, model: FlatModel, **kw: int
 ) -> None:
     payload = np.full(float_vector(model).size, 0.001, dtype="<f4").tobytes()
-    update = pb.UpdateHeader(
-        client_id=CLIENT, round=header.round, base_version=model.version,
-        num_examples=kw.get("num_examples", 10), encoding="fp32",
-        manifest=manifest_to_proto(model.manifest.floats().with_dtype("float32")),
-        total_bytes=len(payload),
-    )  # fmt: skip
+    update = update_header(CLIENT, header.round, model, len(payload), **kw)
     digest = hashlib.sha256(payload).hexdigest()
     stub.SubmitUpdate(update_stream(update, payload, digest), timeout=60)
 
@@ -73,12 +47,10 @@ def fedserver(*args: str) -> subprocess.CompletedProcess[str]:
 def test_metrics_status_logs_and_report(tmp_path: Path, procs: list[Proc]) -> None:
     port, metrics_port = free_port(), free_port()
     state = tmp_path / "state"
-    server = start_coordinator(
-        tmp_path / "logs", port, state, "--rounds", "2", "--min-clients", "1",
+    server = start_serving(
+        procs, tmp_path / "logs", port, state, "--rounds", "2", "--min-clients", "1",
         "--round-timeout", "600", "--metrics-port", str(metrics_port), "--log-format", "json",
     )  # fmt: skip
-    procs.append(server)
-    wait_serving(port, server)
     rounds = "fedgrpc_rounds_completed_total"
     rejected = 'fedgrpc_updates_rejected_total{reason="bad_num_examples"}'
     assert scrape(metrics_port)[rounds] == 0
@@ -86,7 +58,8 @@ def test_metrics_status_logs_and_report(tmp_path: Path, procs: list[Proc]) -> No
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         stub.Join(pb.JoinRequest(client_id=CLIENT), timeout=10)
-        header, model = pull(stub)
+        header, model = pull(stub, CLIENT, wait_seconds=20, timeout=60)
+        assert header.selected and model is not None
         with pytest.raises(grpc.RpcError) as bad:
             submit(stub, header, model, num_examples=0)
         assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
@@ -108,7 +81,8 @@ def test_metrics_status_logs_and_report(tmp_path: Path, procs: list[Proc]) -> No
         assert first["fedgrpc_aggregation_duration_seconds_count"] == 1
         assert first["fedgrpc_update_bytes_received_total"] > 0
 
-        header, model = pull(stub)
+        header, model = pull(stub, CLIENT, wait_seconds=20, timeout=60)
+        assert header.selected and model is not None
         assert header.round == 2
         submit(stub, header, model)
         wait_until(lambda: scrape(metrics_port)[rounds] == 2, 60, "round 2 in /metrics")

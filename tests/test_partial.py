@@ -15,7 +15,7 @@ from fedcore.tensors import Manifest, ManifestError, TensorSpec
 from fedserver.aggregate import Accumulator
 from fedserver.evaluate import initial_model
 from fedserver.store import read_status
-from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, free_port, start_client, start_serving, wait_finished
 
 FLOATS = Manifest(
     tuple(
@@ -91,15 +91,11 @@ def test_rotating_subsets_and_a_personal_layer_end_to_end(
     port = free_port()
     state, logs = tmp_path / "state", tmp_path / "logs"
     args = ("--rounds", str(rounds), "--min-clients", "3", "--train-tensors", "0.*;2.*")
-    server = start_coordinator(logs, port, state, *args)
-    procs.append(server)
-    wait_serving(port, server)
+    server = start_serving(procs, logs, port, state, *args)
     clients = [start_client(logs, port, f"{i}/3") for i in range(2)]
     clients.append(start_client(logs, port, "2/3", "--personal-tensors", "2.bias"))
     procs.extend(clients)
-    for client in clients:
-        assert client.wait(150) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    wait_finished(server, clients, 150)
 
     floats = initial_model(task, 0).manifest.floats()
     size = {t.name: 4 * t.numel for t in floats.tensors}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedcore.privacy import Accountant
-from tests.procs import Proc, child_env, free_port, start_client, start_coordinator, wait_serving
+from tests.procs import Proc, child_env, free_port, start_clients, start_serving, wait_finished
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -30,17 +30,12 @@ def _status(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
 def test_dp_rounds_record_epsilon(tmp_path: Path, procs: list[Proc]) -> None:
     port = free_port()
     state, logs = tmp_path / "state", tmp_path / "logs"
-    server = start_coordinator(
-        logs, port, state, "--rounds", str(ROUNDS), "--min-clients", "3", "--local-epochs", "1",
-        "--dp-clip", "1.0", "--dp-noise-multiplier", "0.8", "--dp-delta", "1e-5",
+    server = start_serving(
+        procs, logs, port, state, "--rounds", str(ROUNDS), "--min-clients", "3",
+        "--local-epochs", "1", "--dp-clip", "1.0", "--dp-noise-multiplier", "0.8",
+        "--dp-delta", "1e-5",
     )  # fmt: skip
-    procs.append(server)
-    wait_serving(port, server)
-    clients = [start_client(logs, port, f"{i}/3") for i in range(3)]
-    procs.extend(clients)
-    for client in clients:
-        assert client.wait(150) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    wait_finished(server, start_clients(procs, logs, port, 3), 150)
 
     rounds = json.loads(_status(state, "--json").stdout)["rounds"]
     assert len(rounds) == ROUNDS

@@ -29,9 +29,10 @@ from tests.procs import (
     Proc,
     free_port,
     start_client,
-    start_coordinator,
+    start_clients,
+    start_serving,
     status_json,
-    wait_serving,
+    wait_finished,
     wait_until,
 )
 
@@ -87,17 +88,12 @@ def _assert_fedavg(state: Path, round_number: int, n: int, clients: list[int]) -
 def test_secagg_model_equals_fedavg(tmp_path: Path, procs: list[Proc]) -> None:
     port = free_port()
     state, logs = tmp_path / "state", tmp_path / "logs"
-    server = start_coordinator(
-        logs, port, state, "--rounds", "2", "--min-clients", "3", "--local-epochs", "1",
+    server = start_serving(
+        procs, logs, port, state, "--rounds", "2", "--min-clients", "3", "--local-epochs", "1",
         "--secure", "secagg",
     )  # fmt: skip
-    procs.append(server)
-    wait_serving(port, server)
-    clients = [start_client(logs, port, f"{i}/3") for i in range(3)]
-    procs.extend(clients)
-    for client in clients:
-        assert client.wait(200) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    clients = start_clients(procs, logs, port, 3)
+    wait_finished(server, clients, 200)
     assert "secure aggregation with 2 peers (threshold 2)" in clients[0].log()
     assert [r["participants"] for r in status_json(state)["rounds"]] == [3, 3]
     for r in (1, 2):
@@ -112,12 +108,10 @@ def test_two_of_eight_killed_after_masking(tmp_path: Path, procs: list[Proc]) ->
     for d in markers.values():
         d.mkdir()
     # The round can only close at its deadline (the two dead clients stay selected).
-    server = start_coordinator(
-        logs, port, state, "--rounds", "1", "--min-clients", str(n), "--min-fit", "6",
+    server = start_serving(
+        procs, logs, port, state, "--rounds", "1", "--min-clients", str(n), "--min-fit", "6",
         "--local-epochs", "1", "--round-timeout", "45", "--secure", "secagg",
     )  # fmt: skip
-    procs.append(server)
-    wait_serving(port, server)
     clients = {}
     for i in range(n):
         fault = {"FEDGRPC_FAULT": "upload:1", "FEDGRPC_FAULT_DIR": str(markers.get(i, ""))}
@@ -128,10 +122,7 @@ def test_two_of_eight_killed_after_masking(tmp_path: Path, procs: list[Proc]) ->
         clients[i].kill()
         assert clients[i].popen.returncode == -9
         assert "secure aggregation with 7 peers (threshold 5)" in clients[i].log()
-    for i, client in clients.items():
-        if i not in dropped:
-            assert client.wait(240) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    wait_finished(server, [c for i, c in clients.items() if i not in dropped], 240)
     assert "2 dropped after the key exchange" in server.log()
     assert [r["participants"] for r in status_json(state)["rounds"]] == [n - len(dropped)]
     _assert_fedavg(state, 1, n, [i for i in range(n) if i not in dropped])

@@ -19,8 +19,8 @@ from tests.procs import (
     free_port,
     start_client,
     start_coordinator,
+    start_serving,
     status_json,
-    wait_serving,
     wait_until,
 )
 
@@ -32,9 +32,7 @@ def test_sigterm_coordinator_and_sigint_client(tmp_path: Path, procs: list[Proc]
     port, state, logs, gate = free_port(), tmp_path / "state", tmp_path / "logs", tmp_path / "gate"
     gate.mkdir()
     flags = ("--rounds", str(ROUNDS), "--min-clients", "2", "--round-timeout", "120")
-    server = start_coordinator(logs, port, state, *flags, name="server-1")
-    procs.append(server)
-    wait_serving(port, server)
+    server = start_serving(procs, logs, port, state, *flags, name="server-1")
     client0 = start_client(logs, port, "0/2")
     client1 = start_client(
         logs, port, "1/2", task="tests.flaky_task:gated",
