@@ -204,14 +204,20 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         delay = min(delay * 2, 0.2)
 
 
-def status_json(state_dir: Path) -> dict[str, Any]:
-    """`fedserver status --state-dir STATE --json`, exactly as an operator would run it."""
-    out = subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", "status", "--state-dir", str(state_dir), "--json"],
+def fedserver(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """`fedserver ARGS` exactly as an operator would run it; the caller checks returncode."""
+    return subprocess.run(
+        [sys.executable, "-m", "fedserver.cli", *args],
         capture_output=True,
         text=True,
         env=child_env(),
         cwd=REPO,
-        check=True,
+        timeout=timeout,
     )
+
+
+def status_json(state_dir: Path) -> dict[str, Any]:
+    """`fedserver status --state-dir STATE --json`."""
+    out = fedserver("status", "--state-dir", str(state_dir), "--json")
+    assert out.returncode == 0, out.stderr
     return dict(json.loads(out.stdout))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,25 +13,16 @@ from fedcore.tensors import to_state_dict
 from fedserver.evaluate import initial_model
 from tests.procs import (
     Proc,
-    child_env,
+    fedserver,
     free_port,
     start_client,
     start_coordinator,
     start_serving,
     wait_finished,
 )
+from tests.state_checks import raw_bytes
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
-
-
-def _fedserver(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", *args],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        timeout=120,
-    )
 
 
 def _train(logs: Path, state: Path, key: Path, rounds: int, procs: list[Proc], tag: str) -> None:
@@ -46,19 +35,19 @@ def _train(logs: Path, state: Path, key: Path, rounds: int, procs: list[Proc], t
 
 
 def _windows(tensor: torch.Tensor, width: int = 32) -> list[bytes]:
-    raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    raw = raw_bytes(tensor)
     return [raw[i : i + width] for i in range(0, len(raw) - width, width * 8)]
 
 
 def test_encrypted_state_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
     state, logs, key = tmp_path / "state", tmp_path / "logs", tmp_path / "state.key"
-    made = _fedserver("keygen", str(key))
+    made = fedserver("keygen", str(key))
     assert made.returncode == 0, made.stderr
     _train(logs, state, key, 2, procs, "a")
 
     # Plain copies of the round-0 model and the current one, via export --decrypt.
     out = tmp_path / "export.safetensors"
-    exported = _fedserver(
+    exported = fedserver(
         "export", "--state-dir", str(state), "--out", str(out), "--decrypt", "--key", str(key)
     )
     assert exported.returncode == 0, exported.stderr
@@ -74,7 +63,7 @@ def test_encrypted_state_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
 
     # Resuming without the key, or with another key, is refused with a clear message.
     other = tmp_path / "other.key"
-    assert _fedserver("keygen", str(other)).returncode == 0
+    assert fedserver("keygen", str(other)).returncode == 0
     for extra, message in (
         ((), "is encrypted; pass the key"),
         (("--encrypt-state", str(other)), "wrong key"),
@@ -87,10 +76,10 @@ def test_encrypted_state_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
 
     # With the right key it resumes at round 3 and finishes.
     _train(logs, state, key, 3, procs, "b")
-    status = _fedserver("status", "--state-dir", str(state))
+    status = fedserver("status", "--state-dir", str(state))
     assert "3/3 rounds" in status.stdout, status.stdout
     assert (
-        _fedserver(
+        fedserver(
             "export", "--state-dir", str(state), "--out", str(out), "--decrypt", "--key", str(key)
         ).returncode
         == 0
@@ -107,7 +96,7 @@ def test_encrypted_state_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
     blob[len(blob) // 2] ^= 0x10
     model_file.write_bytes(bytes(blob))
     tampered = tmp_path / "tampered.safetensors"
-    refused = _fedserver(
+    refused = fedserver(
         "export", "--state-dir", str(state), "--out", str(tampered), "--decrypt", "--key", str(key)
     )
     assert refused.returncode == 1

@@ -14,10 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from fedcore.files import atomic_link, atomic_write, read_safetensors, write_safetensors
 from fedcore.tensors import ManifestError, flatten_state_dict, to_state_dict
-
-
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+from tests.state_checks import assert_same_state
 
 
 def _state() -> dict[str, torch.Tensor]:
@@ -35,14 +32,6 @@ def _state() -> dict[str, torch.Tensor]:
     }
 
 
-def _assert_same_tensors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype, name
-        assert got[name].shape == tensor.shape, name
-        assert _raw_bytes(got[name]) == _raw_bytes(tensor), name
-
-
 def _files(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
@@ -54,7 +43,7 @@ def test_written_file_loads_with_safetensors(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     metadata = {"round": "3", "format": "fedgrpc"}
     write_safetensors(path, flatten_state_dict(_state()), metadata)
-    _assert_same_tensors(load_file(path), _state())
+    assert_same_state(load_file(path), _state(), ordered=False)
     with safetensors.safe_open(path, framework="pt") as f:
         assert f.metadata() == metadata
         assert sorted(f.keys()) == sorted(_state())
@@ -77,7 +66,7 @@ def test_file_saved_by_safetensors_reads_back_identically(tmp_path: Path) -> Non
     save_file(_state(), path, metadata={"origin": "safetensors"})
     flat, metadata = read_safetensors(path)
     assert metadata == {"origin": "safetensors"}
-    _assert_same_tensors(to_state_dict(flat), _state())
+    assert_same_state(to_state_dict(flat), _state(), ordered=False)
 
 
 def test_write_read_round_trip_keeps_order_and_version(tmp_path: Path) -> None:

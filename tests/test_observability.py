@@ -9,8 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -21,7 +19,7 @@ from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import FlatModel, float_vector
 from fedcore.wire import update_stream
-from tests.procs import Proc, child_env, free_port, scrape, start_serving, wait_until
+from tests.procs import Proc, fedserver, free_port, scrape, start_serving, wait_until
 from tests.raw_client import pull, update_header
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
@@ -35,13 +33,6 @@ def submit(
     update = update_header(CLIENT, header.round, model, len(payload), **kw)
     digest = hashlib.sha256(payload).hexdigest()
     stub.SubmitUpdate(update_stream(update, payload, digest), timeout=60)
-
-
-def fedserver(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", *args],
-        capture_output=True, text=True, env=child_env(), timeout=120,
-    )  # fmt: skip
 
 
 def test_metrics_status_logs_and_report(tmp_path: Path, procs: list[Proc]) -> None:

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from fedcore.privacy import Accountant
-from tests.procs import Proc, child_env, free_port, start_clients, start_serving, wait_finished
+from tests.procs import (
+    Proc,
+    fedserver,
+    free_port,
+    start_clients,
+    start_serving,
+    status_json,
+    wait_finished,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 ROUNDS = 3
-
-
-def _status(state: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", "status", "--state-dir", str(state), *extra],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        check=True,
-    )
 
 
 def test_dp_rounds_record_epsilon(tmp_path: Path, procs: list[Proc]) -> None:
@@ -37,7 +32,7 @@ def test_dp_rounds_record_epsilon(tmp_path: Path, procs: list[Proc]) -> None:
     )  # fmt: skip
     wait_finished(server, start_clients(procs, logs, port, 3), 150)
 
-    rounds = json.loads(_status(state, "--json").stdout)["rounds"]
+    rounds = status_json(state)["rounds"]
     assert len(rounds) == ROUNDS
     # All 3 live clients are selected each round: sample rate 1, z = 0.8 on every round.
     acc = Accountant()
@@ -46,5 +41,5 @@ def test_dp_rounds_record_epsilon(tmp_path: Path, procs: list[Proc]) -> None:
         assert m["dp_sample_rate"] == 1.0 and m["dp_noise_multiplier"] == 0.8
         acc.step(0.8, 1.0)
         assert m["epsilon"] == pytest.approx(acc.epsilon(1e-5), rel=1e-9)
-    text = _status(state).stdout
+    text = fedserver("status", "--state-dir", str(state)).stdout
     assert f"privacy: (epsilon {rounds[-1]['metrics']['epsilon']:.4g}, delta 1e-05)-DP" in text

@@ -10,8 +10,6 @@ is tests/test_compose_topology.py.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,14 @@ from fedcore.security import TlsFiles, open_channel
 from fedserver.security.certs import CertPlan, make_certs
 from fedserver.security.tokens import add_token
 from fedserver.server import SERVICE_NAME
-from tests.procs import Proc, child_env, free_port, scrape, start_coordinator, wait_serving
+from tests.procs import (
+    Proc,
+    fedserver,
+    free_port,
+    scrape,
+    start_coordinator,
+    wait_serving,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -172,16 +177,9 @@ def test_health_and_live_status_commands_use_the_operator_certificate(mtls: Live
     certs = mtls.certs
     flags = ["--server", mtls.target, "--tls-ca", str(certs / "ca.crt"), "--tls-cert",
              str(certs / "operator.crt"), "--tls-key", str(certs / "operator.key")]  # fmt: skip
-    health = _fedserver("health", *flags)
+    health = fedserver("health", *flags)
     assert (health.returncode, health.stdout.strip()) == (0, "SERVING"), health.stderr
-    status = _fedserver("status", *flags, "--json")
+    status = fedserver("status", *flags, "--json")
     assert json.loads(status.stdout)["total_rounds"] == 2, status.stderr
-    plaintext = _fedserver("health", "--server", mtls.target, "--timeout", "2")
+    plaintext = fedserver("health", "--server", mtls.target, "--timeout", "2")
     assert plaintext.returncode == 1
-
-
-def _fedserver(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", *args],
-        capture_output=True, text=True, env=child_env(), timeout=60,
-    )  # fmt: skip

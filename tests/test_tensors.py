@@ -22,13 +22,9 @@ from fedcore.tensors import (
     to_state_dict,
     with_float_vector,
 )
+from tests.state_checks import assert_same_state
 
 CHUNK_SIZES = [1, 3, 7, 1 << 20]
-
-
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    """A tensor's storage bytes (works for 0-d, empty and bool tensors)."""
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _sample_state() -> dict[str, torch.Tensor]:
@@ -66,14 +62,6 @@ def _empty_state() -> dict[str, torch.Tensor]:
     }
 
 
-def _assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert list(got) == list(want)
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype, name
-        assert got[name].shape == tensor.shape, name
-        assert _raw_bytes(got[name]) == _raw_bytes(tensor), name
-
-
 def _flat_u8(data: bytes) -> FlatModel:
     manifest = Manifest((TensorSpec("b", "uint8", (len(data),)),))
     return FlatModel(manifest, np.frombuffer(data, dtype=np.uint8).copy())
@@ -89,7 +77,7 @@ def test_state_dict_round_trip_is_bit_exact_for_every_dtype() -> None:
     assert flat.manifest.spec("scalar_f32").shape == ()
     assert flat.manifest.spec("empty_u8").shape == (0, 3)
     assert flat.manifest.spec("mask").dtype == "bool"
-    _assert_same_state(to_state_dict(flat), state)
+    assert_same_state(to_state_dict(flat), state)
 
 
 def test_empty_tensors_flatten_with_zero_bytes() -> None:
@@ -100,7 +88,7 @@ def test_empty_tensors_flatten_with_zero_bytes() -> None:
 
 
 def test_empty_tensors_round_trip() -> None:
-    _assert_same_state(to_state_dict(flatten_state_dict(_empty_state())), _empty_state())
+    assert_same_state(to_state_dict(flatten_state_dict(_empty_state())), _empty_state())
 
 
 _DTYPES = [
@@ -138,7 +126,7 @@ def test_single_tensor_round_trip(dtype: torch.dtype, shape: tuple[int, ...]) ->
         tensor = bits[:n].to(torch.uint8).view(dtype).reshape(shape)
     flat = flatten_state_dict({"t": tensor})
     assert flat.buffer.size == tensor.numel() * tensor.element_size()
-    _assert_same_state(to_state_dict(flat), {"t": tensor})
+    assert_same_state(to_state_dict(flat), {"t": tensor})
 
 
 def test_to_state_dict_returns_independent_copies() -> None:
@@ -205,7 +193,7 @@ def test_chunks_reassemble_exactly(chunk_size: int) -> None:
     out = assembler.finish(flat.version)
     assert out.buffer.tobytes() == flat.buffer.tobytes()
     assert out.version == flat.version
-    _assert_same_state(to_state_dict(out), _sample_state())
+    assert_same_state(to_state_dict(out), _sample_state())
 
 
 @settings(max_examples=50, deadline=None, derandomize=True)
