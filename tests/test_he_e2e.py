@@ -27,9 +27,11 @@ from fedcore.wire import update_stream
 from tests.procs import (
     Proc,
     free_port,
-    start_client,
+    start_clients,
     start_coordinator,
+    start_serving,
     status_json,
+    wait_finished,
     wait_serving,
 )
 
@@ -49,16 +51,10 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _federation(tmp: Path, procs: list[Proc], server_extra: list[str], client_extra: list[str]):  # type: ignore[no-untyped-def]
     port = free_port()
     state, logs = tmp / "state", tmp / "logs"
-    server = start_coordinator(
-        logs, port, state, "--rounds", str(ROUNDS), "--min-clients", "3", *server_extra
-    )
-    procs.append(server)
-    wait_serving(port, server)
-    clients = [start_client(logs, port, f"{i}/3", *client_extra) for i in range(3)]
-    procs.extend(clients)
-    for client in clients:
-        assert client.wait(240) == 0, client.log()
-    assert server.wait(60) == 0, server.log()
+    rounds = ("--rounds", str(ROUNDS), "--min-clients", "3")
+    server = start_serving(procs, logs, port, state, *rounds, *server_extra)
+    clients = start_clients(procs, logs, port, 3, *client_extra)
+    wait_finished(server, clients, 240)
     return server, clients, status_json(state), load_file(str(state / "model.safetensors"))
 
 
