@@ -31,6 +31,7 @@ from fedclient.task import LocalData, Task, TrainConfig
 from fedcore import checksums, faults
 from fedcore.codecs import ErrorFeedback, get_codec
 from fedcore.he import HEClient
+from fedcore.logs import format_metrics
 from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
@@ -345,7 +346,7 @@ class ClientSession:
             raise PermanentError(
                 f"coordinator refused the evaluation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
             ) from None
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(metrics.items())) or "no test data"
+        shown = format_metrics(metrics, sep=" ", join=", ") or "no test data"
         log.info(
             "round %d: evaluated the global model on %d local examples (%s)",
             header.evaluate_round,
@@ -436,7 +437,7 @@ class ClientSession:
             total_bytes=payload.size,
             checksum=checksums.DEFAULT,
         )
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.metrics.items()))
+        shown = format_metrics(result.metrics, sep=" ", join=", ")
         work = (
             "computed a gradient"
             if config.mode == "fedsgd"

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Mapping
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,3 +34,9 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def format_metrics(metrics: Mapping[str, float], sep: str = "=", join: str = " ") -> str:
+    """`accuracy=0.9722 dp_delta=1e-05 loss=0.1516`: sorted, 4 significant digits, so small
+    values (a DP delta, a learning rate) do not print as 0.0000."""
+    return join.join(f"{k}{sep}{v:.4g}" for k, v in sorted(metrics.items()))

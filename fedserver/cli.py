@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from fedcore.config import parse_layered
+from fedcore.logs import format_metrics
 from fedcore.sealed import StateCipher, generate_key_file
 from fedcore.security import SecurityError, add_tls_arguments
 from fedcore.tensors import ManifestError
@@ -131,7 +132,7 @@ def _print_status(args: argparse.Namespace) -> int:
             f"{status['rounds_completed']} rounds (client-level, Opacus RDP accountant)"
         )
     for r in status["rounds"]:
-        shown = "  ".join(f"{k} {v:.4f}" for k, v in sorted(r["metrics"].items()))
+        shown = format_metrics(r["metrics"], sep=" ", join="  ")
         print(f"  round {r['round']:4d}  {r['participants']} clients  {shown}")
     return 0
 
