@@ -1,7 +1,7 @@
 """FedSGD vs FedAvg on digits: rounds and bytes to reach a held-out accuracy (docs/modes.md).
 
 An in-process simulation of the exact client and strategy code (Task.train / compute_gradient,
-session.gradient_vector, FedAvg.apply) without gRPC, so it is deterministic and takes seconds:
+local_update.gradient_vector, FedAvg.apply) without gRPC, so it is deterministic and takes seconds:
 
     .venv/bin/python -m bench.fedsgd_vs_fedavg [--clients 3] [--target 0.95] [--out modes.json]
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from examples.digits import task
+from fedclient.local_update import gradient_vector
 from fedclient.partition import Partition
-from fedclient.session import gradient_vector
 from fedclient.task import TrainConfig
 from fedcore.tensors import flatten_state_dict, float_vector, to_state_dict
 from fedserver.evaluate import initial_model

@@ -14,7 +14,8 @@ from types import FrameType
 import grpc
 
 from fedclient.partition import SCHEMES, Partition
-from fedclient.session import ClientSession, ClientSettings, PermanentError, Stopped
+from fedclient.retry import PermanentError, Stopped
+from fedclient.session import ClientSession, ClientSettings
 from fedcore.codecs import get_codec
 from fedcore.config import parse_layered
 from fedcore.he import HEError

@@ -12,8 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import grpc
 import numpy as np
 
+from fedclient.retry import PermanentError
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.secagg import quantize, shamir
@@ -225,3 +227,24 @@ class SecAggExchange:
                 timeout=60,
             ),
         )
+
+
+def run_secagg_step(round_number: int, what: str, step: Callable[[], None]) -> bool:
+    """Run one stage; False (logged) if this client is out of the round, PermanentError if the
+    coordinator refuses secure aggregation altogether."""
+    try:
+        step()
+        return True
+    except SecAggAbort as e:
+        log.warning("round %d: secure aggregation %s aborted: %s", round_number, what, e)
+    except grpc.RpcError as e:
+        code = e.code()  # type: ignore[attr-defined]
+        if code not in (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ):
+            raise PermanentError(
+                f"coordinator refused secure aggregation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
+            ) from None
+        log.warning("round %d: secure aggregation %s: %s", round_number, what, e.details())  # type: ignore[attr-defined]
+    return False

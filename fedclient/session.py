@@ -7,12 +7,8 @@ clear message and a non-zero exit code.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import logging
-import random
-import secrets
 import socket
 import threading
 import time
@@ -22,17 +18,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 
 from fedclient.he import decrypt_aggregate
+from fedclient.local_update import gradient_vector, privatize, round_seed, trainable_only
 from fedclient.partition import Partition
-from fedclient.secagg import SecAggAbort, SecAggClient, SecAggExchange
+from fedclient.retry import (
+    JOIN_TIMEOUT,
+    RECONNECT_OPTIONS,
+    RETRYABLE,
+    Backoff,
+    PermanentError,
+    Stopped,
+)
+from fedclient.secagg import SecAggClient, SecAggExchange, run_secagg_step
 from fedclient.task import LocalData, Task, TrainConfig
 from fedcore import checksums, faults
 from fedcore.codecs import ErrorFeedback, get_codec
 from fedcore.he import HEClient
 from fedcore.logs import format_metrics
-from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
@@ -59,60 +62,6 @@ from fedcore.wire import (
 
 log = logging.getLogger("fedclient")
 T = TypeVar("T")
-
-# Worth retrying: the coordinator is down, restarting, busy or the link dropped.
-# RESOURCE_EXHAUSTED is not: it means the update is too large, which a retry cannot fix.
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.CANCELLED,
-}
-
-
-# gRPC's own reconnect backoff grows to 120 s; capped at 2 s (+-20% jitter) a client notices a
-# restarted coordinator within seconds, and the jitter still spreads a crowd of clients out.
-RECONNECT_OPTIONS = (
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-)
-JOIN_TIMEOUT = 30.0
-
-
-class PermanentError(RuntimeError):
-    """The coordinator refused us for a reason retrying cannot fix."""
-
-
-class Stopped(RuntimeError):
-    """Ctrl-C / SIGTERM: abandon the round."""
-
-
-@dataclass
-class Backoff:
-    """Full-jitter exponential backoff (AWS architecture blog), with a give-up budget."""
-
-    initial: float = 0.5
-    maximum: float = 10.0
-    give_up_after: float = 300.0
-    rng: random.Random = field(default_factory=random.Random)
-    attempt: int = 0
-    failing_since: float | None = None
-
-    def next_delay(self) -> float:
-        now = time.monotonic()
-        if self.failing_since is None:
-            self.failing_since = now
-        if now - self.failing_since > self.give_up_after:
-            raise TimeoutError
-        delay = self.rng.uniform(0, min(self.maximum, self.initial * 2**self.attempt))
-        self.attempt += 1
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-        self.failing_since = None
 
 
 @dataclass(frozen=True)
@@ -363,7 +312,7 @@ class ClientSession:
             local_epochs=cfg.local_epochs or 1,
             lr=cfg.lr or 0.05,
             batch_size=cfg.batch_size or 32,
-            seed=_round_seed(self.settings.seed, self.client_id, header.round),
+            seed=round_seed(self.settings.seed, self.client_id, header.round),
             extra=dict(cfg.extra),
         )
         he_round = config.extra.get("he") == "1"
@@ -392,7 +341,7 @@ class ClientSession:
                 config = dataclasses.replace(
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
-            with _trainable_only(model, train_sel):
+            with trainable_only(model, train_sel):
                 if config.mode == "fedsgd":
                     result = self.task.compute_gradient(model, data.train, config)
                 else:
@@ -468,7 +417,7 @@ class ClientSession:
             ) from None
         self.rounds_trained += 1
         if exchange:
-            self._secagg_step(header.round, "unmask", exchange.unmask)
+            run_secagg_step(header.round, "unmask", exchange.unmask)
         log.info(
             "round %d: update %s (%d bytes)",
             header.round,
@@ -482,70 +431,7 @@ class ClientSession:
         exchange = SecAggExchange(
             self.stub, self._call, client, header.round, self.settings.poll_seconds
         )
-        return (
-            exchange if self._secagg_step(header.round, "key exchange", exchange.setup) else False
-        )
-
-    def _secagg_step(self, round_number: int, what: str, step: Callable[[], None]) -> bool:
-        try:
-            step()
-            return True
-        except SecAggAbort as e:
-            log.warning("round %d: secure aggregation %s aborted: %s", round_number, what, e)
-        except grpc.RpcError as e:
-            code = e.code()  # type: ignore[attr-defined]
-            if code not in (
-                grpc.StatusCode.FAILED_PRECONDITION,
-                grpc.StatusCode.PERMISSION_DENIED,
-            ):
-                raise PermanentError(
-                    f"coordinator refused secure aggregation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
-                ) from None
-            log.warning("round %d: secure aggregation %s: %s", round_number, what, e.details())  # type: ignore[attr-defined]
-        return False
-
-
-@contextlib.contextmanager
-def _trainable_only(model: Any, selection: Selection) -> Iterator[None]:
-    """Freeze the parameters outside `selection` while the block runs (partial updates)."""
-    keep = set(selection.names)
-    frozen = [
-        p
-        for name, p in model.named_parameters(remove_duplicate=False)
-        if name not in keep and p.requires_grad
-    ]
-    for p in frozen:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
-
-
-def gradient_vector(model: Any, floats: Manifest) -> np.ndarray:
-    """Parameters' `.grad` as one float32 vector in manifest order; 0 for buffers (BN stats)."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    out = np.zeros(sum(t.numel for t in floats.tensors), dtype=np.float32)
-    pos = 0
-    for spec in floats.tensors:
-        param = params.get(spec.name)
-        if param is not None and param.grad is not None:
-            out[pos : pos + spec.numel] = param.grad.detach().reshape(-1).float().numpy()
-        pos += spec.numel
-    return out
-
-
-def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:
-    """Client-level DP, the one place it happens: clip to the round's C, add this client's
-    share of the noise when the coordinator cannot (secure aggregation). See fedcore/privacy.py."""
-    if "dp_clip" in extra:
-        delta = l2_clip(delta, float(extra["dp_clip"]))
-    std = float(extra.get("dp_client_noise_std", 0.0))
-    if std > 0:
-        # Never seeded: a predictable noise draw would let the noise be subtracted again.
-        delta = add_gaussian_noise(delta, std, np.random.default_rng(secrets.randbits(128)))
-    return delta
+        return exchange if run_secagg_step(header.round, "key exchange", exchange.setup) else False
 
 
 def _upload(header: pb.UpdateHeader, payload: Any, digest: str) -> Iterator[bytes]:
@@ -553,8 +439,3 @@ def _upload(header: pb.UpdateHeader, payload: Any, digest: str) -> Iterator[byte
         yield chunk
         if sent == 1:  # header and first data chunk are out
             faults.freeze("upload", header.round)  # tests: stall mid-upload, to be killed
-
-
-def _round_seed(seed: int, client_id: str, round_number: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{client_id}:{round_number}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from examples.digits import task
+from fedclient.local_update import gradient_vector
 from fedclient.partition import Partition
-from fedclient.session import gradient_vector
 from fedclient.task import TrainConfig
 from fedcore.tensors import flatten_state_dict
 from fedserver.store import read_status

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from fedclient.session import privatize
+from fedclient.local_update import privatize
 from fedcore.privacy import (
     Accountant,
     DPConfig,

@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from examples.digits import task
+from fedclient.local_update import round_seed
 from fedclient.partition import Partition
-from fedclient.session import _round_seed
 from fedclient.task import TrainConfig
 from fedcore.secagg import quantize
 from fedcore.tensors import flatten_state_dict, float_vector, to_state_dict
@@ -65,7 +65,7 @@ def _fedavg(state: Path, round_number: int, n: int, clients: list[int]) -> np.nd
                 local_epochs=1,
                 lr=defaults.lr,
                 batch_size=defaults.batch_size,
-                seed=_round_seed(0, f"client-{i}", round_number),
+                seed=round_seed(0, f"client-{i}", round_number),
                 extra={"secagg": "1", "secagg_weighted": "1"},
             )
             torch.manual_seed(config.seed)

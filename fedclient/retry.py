@@ -1,0 +1,64 @@
+"""How a client rides out failures: which gRPC codes are worth retrying, full-jitter backoff
+with a give-up budget, and the two ways a session ends early."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+# Worth retrying: the coordinator is down, restarting, busy or the link dropped.
+# RESOURCE_EXHAUSTED is not: it means the update is too large, which a retry cannot fix.
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+# gRPC's own reconnect backoff grows to 120 s; capped at 2 s (+-20% jitter) a client notices a
+# restarted coordinator within seconds, and the jitter still spreads a crowd of clients out.
+RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+JOIN_TIMEOUT = 30.0
+
+
+class PermanentError(RuntimeError):
+    """The coordinator refused us for a reason retrying cannot fix."""
+
+
+class Stopped(RuntimeError):
+    """Ctrl-C / SIGTERM: abandon the round."""
+
+
+@dataclass
+class Backoff:
+    """Full-jitter exponential backoff (AWS architecture blog), with a give-up budget."""
+
+    initial: float = 0.5
+    maximum: float = 10.0
+    give_up_after: float = 300.0
+    rng: random.Random = field(default_factory=random.Random)
+    attempt: int = 0
+    failing_since: float | None = None
+
+    def next_delay(self) -> float:
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        if now - self.failing_since > self.give_up_after:
+            raise TimeoutError
+        delay = self.rng.uniform(0, min(self.maximum, self.initial * 2**self.attempt))
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+        self.failing_since = None
