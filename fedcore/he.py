@@ -7,10 +7,11 @@ encrypts its example-weighted update n_k * delta_k in chunks of `slots` values (
 ciphertext each), the coordinator adds ciphertexts chunk by chunk, and a key holder decrypts the
 sum; the coordinator divides by sum(n_k) (plaintext, from the update headers).
 
-Contexts and ciphertexts use TenSEAL's own serialization (SEAL's binary format in protobuf), never
-pickle. Parameters: polynomial degree 8192 (4096 slots per ciphertext), coefficient moduli
-60/40/40/60 bits, scale 2^40: ~128-bit security (HE standard) and ~1e-7 absolute error on sums of
-values up to 1e3 (measured by tests/test_he.py; the bound asserted there is 1e-5).
+Contexts and ciphertexts use TenSEAL's own serialization (SEAL's binary format in protobuf), not
+Python object serialization. Parameters: polynomial degree 8192 (4096 slots per ciphertext),
+coefficient moduli 60/40/40/60 bits, scale 2^40: ~128-bit security (HE standard) and ~1e-7
+absolute error on sums of values up to 1e3 (measured by tests/test_he.py; the bound asserted
+there is 1e-5).
 """
 
 from __future__ import annotations

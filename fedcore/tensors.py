@@ -3,7 +3,8 @@
 A model is a `FlatModel`: a `Manifest` (name, dtype, shape per tensor, in a fixed order) and one
 contiguous byte buffer holding the tensors back to back. That buffer is exactly what goes on the
 wire (sliced into chunks) and exactly the data section of a safetensors file, so the coordinator
-serializes a model once per round and serves every client from the same bytes. No pickle, ever.
+serializes a model once per round and serves every client from the same bytes. No Python object
+serialization, ever.
 
 torch is imported lazily: the coordinator can aggregate with numpy alone.
 """
