@@ -3,11 +3,13 @@
 An incoming update is validated chunk by chunk (size, finiteness) and spilled to an anonymous
 temp file while its checksum is computed, so a stream that turns out bad (truncated, wrong
 checksum) never touched the round's accumulator. Only a verified update is folded, reading its
-spill back in chunk-sized blocks. The spill lives in the page cache, not the process heap.
+spill back in chunk-sized blocks. The spill lives in the page cache, not the process heap, and
+is encrypted under --encrypt-state (SpillFile).
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from fedcore.checksums import new_hasher, receipt_digest
 from fedcore.codecs import Codec, Piece
@@ -37,11 +40,45 @@ class UpdateTooLarge(BadUpdate):
         super().__init__(message, reason="too_large")
 
 
+class SpillFile:
+    """An anonymous (unlinked) temp file holding one update's bytes while it is verified.
+
+    It vanishes even on kill -9. With a `key` (the coordinator runs --encrypt-state) the bytes
+    are AES-256-CTR encrypted under that key, which only ever exists in the process's memory:
+    what reaches the disk is unreadable, during the round and after a crash.
+    """
+
+    def __init__(self, spill_dir: Path, key: bytes | None = None) -> None:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        self._file: BinaryIO = tempfile.TemporaryFile(dir=spill_dir)  # noqa: SIM115
+        self._cipher = Cipher(algorithms.AES(key), modes.CTR(os.urandom(16))) if key else None
+        self._encryptor = self._cipher.encryptor() if self._cipher else None
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._file.write(self._encryptor.update(data) if self._encryptor else data)
+
+    def blocks(self, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[bytes]:
+        """The plaintext from the start, in blocks of `size` (fresh buffers)."""
+        self._file.flush()
+        self._file.seek(0)
+        decryptor = self._cipher.decryptor() if self._cipher else None
+        while block := self._file.read(size):
+            yield decryptor.update(block) if decryptor else block
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def spill_key(encrypted_state: bool) -> bytes | None:
+    """A fresh in-memory key for update spills when the state is encrypted at rest."""
+    return os.urandom(32) if encrypted_state else None
+
+
 @dataclass
 class StagedUpdate:
     """A verified update waiting on disk to be folded (or kept for robust aggregation)."""
 
-    file: BinaryIO
+    file: SpillFile
     nbytes: int
     digest: str
     codec: Codec
@@ -49,11 +86,14 @@ class StagedUpdate:
 
     def pieces(self, block: int = DEFAULT_CHUNK_SIZE) -> Iterator[Piece]:
         decoder = self.codec.decoder(self.num_values)
-        self.file.seek(0)
         # A fresh buffer per block: pieces stay valid if a caller keeps them.
-        while block_bytes := self.file.read(block):
+        for block_bytes in self.file.blocks(block):
             yield from decoder.feed(block_bytes)
         decoder.finish()
+
+    def payload(self) -> bytes:
+        """The whole update as received (for encodings folded as a unit, e.g. ciphertexts)."""
+        return b"".join(self.file.blocks())
 
     def discard(self) -> None:
         self.file.close()
@@ -69,6 +109,7 @@ class UpdateReceiver:
         expected_bytes: int,
         spill_dir: Path,
         checksum: str = "sha256",
+        spill_key: bytes | None = None,
     ) -> None:
         self.codec = codec
         self.num_values = num_values
@@ -80,9 +121,7 @@ class UpdateReceiver:
         except ManifestError as e:
             raise BadUpdate(str(e), reason="bad_checksum") from None
         self._decoder = codec.decoder(num_values)
-        spill_dir.mkdir(parents=True, exist_ok=True)
-        # Anonymous (unlinked) file: vanishes even on kill -9; closed by finish/abort/discard.
-        self._file: BinaryIO = tempfile.TemporaryFile(dir=spill_dir)  # noqa: SIM115
+        self._file = SpillFile(spill_dir, spill_key)  # closed by finish/abort/discard
 
     def add(self, data: bytes) -> None:
         self.received += len(data)
@@ -120,7 +159,6 @@ class UpdateReceiver:
                 "update checksum mismatch: the bytes were corrupted in transit, resend",
                 reason="checksum",
             )
-        self._file.flush()
         return StagedUpdate(
             self._file,
             self.received,

@@ -31,6 +31,7 @@ from fedcore.tensors import FlatModel
 from fedserver.aggregate import (
     Accumulator,
     UpdateSpool,
+    spill_key,
 )
 from fedserver.dp import DPServer
 from fedserver.evaluation_rounds import EvaluationRounds
@@ -81,6 +82,8 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         self.machine = RoundMachine(
             self.policy, time.monotonic, random.Random(self.seed + start), round=start
         )
+        # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
+        self.spill_key = spill_key(self.store.cipher is not None)
         self._accumulator = Accumulator(self._num_values(), self._tensor_sizes())
         self._spool: UpdateSpool | None = None
         self.campaign: EvalCampaign | None = None

@@ -74,9 +74,8 @@ class HERounds:
         return {"he": "1", "he_weighted": "1" if weighted else "0"}
 
     def fold(self, client_id: str, round_number: int, staged: StagedUpdate, weight: float) -> None:
-        staged.file.seek(0)
         try:
-            self.aggregator.add_payload(staged.file.read())
+            self.aggregator.add_payload(staged.payload())
         except HEError as e:
             raise BadUpdate(str(e), reason="bad_ciphertext") from None
         self.weight += weight
@@ -173,7 +172,12 @@ class HERounds:
             raise self.c.reject(e) from None
         self.c.touch(h.client_id)
         receiver = UpdateReceiver(
-            codec, self.c._num_values(), h.total_bytes, self.c.store.dir / "incoming", h.checksum
+            codec,
+            self.c._num_values(),
+            h.total_bytes,
+            self.c.store.dir / "incoming",
+            h.checksum,
+            self.c.spill_key,
         )
         self.c._streams[h.client_id] += 1
         return PendingSubmit(h, receiver, None)

@@ -56,7 +56,12 @@ class UpdateIntake:
         self.touch(header.client_id)
         num_values = selection.num_values if selection else self._num_values()
         receiver = UpdateReceiver(
-            codec, num_values, header.total_bytes, self.store.dir / "incoming", header.checksum
+            codec,
+            num_values,
+            header.total_bytes,
+            self.store.dir / "incoming",
+            header.checksum,
+            self.spill_key,
         )
         self._streams[header.client_id] += 1
         return PendingSubmit(header, receiver, selection)

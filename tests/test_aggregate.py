@@ -12,7 +12,14 @@ import torch
 from fedcore import checksums
 from fedcore.codecs import get_codec
 from fedcore.tensors import flatten_state_dict, iter_chunks, to_state_dict
-from fedserver.aggregate import Accumulator, BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
+from fedserver.aggregate import (
+    Accumulator,
+    BadUpdate,
+    StagedUpdate,
+    UpdateReceiver,
+    UpdateTooLarge,
+    spill_key,
+)
 from fedserver.strategies import STRATEGIES, AggregateInput, build_strategy
 from fedserver.strategies.fedavg import FedAvg
 
@@ -255,3 +262,29 @@ def test_fedavg_keeps_no_state() -> None:
     strategy.load_state_arrays({})
     with pytest.raises(ValueError, match="keeps no state"):
         strategy.load_state_arrays({"momentum": np.zeros(1)})
+
+
+def test_encrypted_spill_holds_no_plaintext_and_folds_the_same(tmp_path: Path) -> None:
+    """--encrypt-state: the update's bytes on disk are ciphertext under an in-memory key."""
+    values = np.random.default_rng(7).normal(size=3000).astype(np.float32)
+    payload = _payload(values.tolist())
+    folded = []
+    for key in (None, spill_key(True)):
+        spill = tmp_path / "spill"
+        receiver = UpdateReceiver(FP32, values.size, len(payload), spill, "sha256", key)
+        for chunk in iter_chunks(payload, 1000):
+            receiver.add(bytes(chunk))
+        staged = receiver.finish(hashlib.sha256(payload).hexdigest())
+        raw = staged.file._file
+        raw.seek(0)
+        on_disk = raw.read()
+        assert len(on_disk) == len(payload)
+        assert (on_disk == payload) is (key is None)
+        if key is not None:
+            assert payload[:64] not in on_disk and payload[-64:] not in on_disk
+        acc = Accumulator(values.size)
+        acc.fold(staged, 2.0)
+        folded.append(acc.total.tobytes())
+        staged.discard()
+    assert folded[0] == folded[1]
+    assert spill_key(False) is None
