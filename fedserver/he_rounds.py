@@ -21,6 +21,7 @@ import numpy as np
 
 from fedcore.codecs import get_codec
 from fedcore.he import ENCODING, HEAggregator, HEError
+from fedcore.tensors import Manifest
 from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateReceiver
 from fedserver.messages import PendingSubmit, SubmitHeader, SubmitResult, manifest_difference
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound, SubmitRefused
@@ -149,6 +150,10 @@ class HERounds:
         except SubmitRefused as e:
             raise self.c.reject(e) from None
 
+    def sum_manifest(self) -> Manifest:
+        """What the aggregate stands for: the model's float tensors as float32."""
+        return get_codec("fp32").wire_manifest(self.c.model.manifest.floats())
+
     def begin_decryption(self, h: SubmitHeader) -> PendingSubmit:
         """Validate a SubmitDecryption header (the plaintext sum, fp32, the whole model)."""
         try:
@@ -159,7 +164,7 @@ class HERounds:
                     reason="bad_encoding",
                 )
             codec = get_codec("fp32")
-            expected = codec.wire_manifest(self.c.model.manifest.floats())
+            expected = self.sum_manifest()
             if h.manifest != expected:
                 raise BadUpdate(manifest_difference(h.manifest, expected), reason="bad_manifest")
             if h.total_bytes != expected.total_bytes:

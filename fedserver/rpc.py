@@ -13,8 +13,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
+from fedcore.proto import coordinator_pb2 as pb
 from fedserver.aggregate import BadUpdate, UpdateTooLarge
-from fedserver.messages import TooManyStreams
+from fedserver.messages import SubmitResult, TooManyStreams
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound
 from fedserver.secagg import SecAggFailed
 
@@ -36,6 +37,13 @@ def status_for(exc: Exception) -> grpc.StatusCode:
         if isinstance(exc, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def submit_reply(result: SubmitResult) -> pb.SubmitReply:
+    """The answer to an accepted upload (an update or a decrypted aggregate)."""
+    return pb.SubmitReply(
+        accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
+    )
 
 
 async def check_request(context: grpc.aio.ServicerContext, request: Any) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedcore.he import ENCODING as HE_ENCODING
 from fedcore.secagg import quantize
 from fedcore.secagg.keys import round_context
 from fedserver.aggregate import BadUpdate, StagedUpdate
@@ -29,7 +30,7 @@ ENCODING = "masked-u64"
 log = logging.getLogger("fedserver.secagg")
 
 
-SECURE_ENCODINGS = (ENCODING, "he-ckks")
+SECURE_ENCODINGS = (ENCODING, HE_ENCODING)
 
 
 def check_encoding(secure: SecureRounds | HERounds | None, encoding: str) -> None:

@@ -18,7 +18,7 @@ from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
 from fedserver.he_rounds import HERounds
 from fedserver.rounds import SubmitRefused
-from fedserver.rpc import MAX_WAIT_SECONDS, check_request, status_for
+from fedserver.rpc import MAX_WAIT_SECONDS, check_request, status_for, submit_reply
 from fedserver.secagg import SecAggFailed
 
 _WANT = {pb.SECAGG_ROSTER: "roster", pb.SECAGG_INBOX: "inbox", pb.SECAGG_UNMASK: "unmask"}
@@ -120,9 +120,7 @@ class HomomorphicService:
         result = await self._receive(
             request_iterator, context, he.begin_decryption, he.finish_decryption
         )
-        return pb.SubmitReply(
-            accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
-        )
+        return submit_reply(result)
 
     async def GetEncryptedAggregate(
         self, request: pb.EncryptedAggregateRequest, context: grpc.aio.ServicerContext
@@ -133,12 +131,11 @@ class HomomorphicService:
             payload = he.encrypted_aggregate(request.client_id, request.round)
         except SubmitRefused as e:
             await context.abort(status_for(e), str(e))
-        floats = self.coordinator.model.manifest.floats().with_dtype("float32")
         yield pb.ModelChunk(
             header=pb.ModelHeader(
                 state=pb.TRAINING,
                 round=request.round,
-                manifest=manifest_to_proto(floats),
+                manifest=manifest_to_proto(he.sum_manifest()),
                 total_bytes=payload.size,
                 decrypt_round=request.round,
                 message=f"encrypted aggregate of round {request.round}",

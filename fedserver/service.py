@@ -31,7 +31,14 @@ from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
 from fedserver.rounds import SubmitRefused
-from fedserver.rpc import CORRUPT, MAX_WAIT_SECONDS, check_client_id, check_request, status_for
+from fedserver.rpc import (
+    CORRUPT,
+    MAX_WAIT_SECONDS,
+    check_client_id,
+    check_request,
+    status_for,
+    submit_reply,
+)
 from fedserver.secure_service import HomomorphicService, SecureAggregationService
 
 log = logging.getLogger("fedserver.service")
@@ -118,9 +125,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         result = await self._receive(request_iterator, context, c.begin_submit, c.finish_submit)
         if faults.fire("reply", result.round):  # tests: the client must retry a counted update
             await context.abort(grpc.StatusCode.UNAVAILABLE, "fault injection: reply dropped")
-        return pb.SubmitReply(
-            accepted=True, duplicate=result.duplicate, round=result.round, message=result.message
-        )
+        return submit_reply(result)
 
     async def _receive(
         self,

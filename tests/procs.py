@@ -206,8 +206,13 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
 
 def fedserver(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """`fedserver ARGS` exactly as an operator would run it; the caller checks returncode."""
+    return run_module("fedserver.cli", *args, timeout=timeout)
+
+
+def run_module(module: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m MODULE ARGS` from the repo, output captured; the caller checks returncode."""
     return subprocess.run(
-        [sys.executable, "-m", "fedserver.cli", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env=child_env(),

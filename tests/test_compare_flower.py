@@ -8,32 +8,25 @@ pass. Timings are printed by the benchmark, never asserted.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from bench.compare_flower import find_flower
-from tests.procs import REPO, child_env
+from tests.procs import run_module
 
 pytestmark = [pytest.mark.integration]
 
 
-def run_bench(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "bench.compare_flower", *args],
-        capture_output=True,
-        text=True,
-        env=child_env(),
-        cwd=REPO,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.timeout(60)
 def test_without_flower_it_says_how_to_install_it_and_exits_2(tmp_path: Path) -> None:
-    out = run_bench("--quick", "--flower-python", str(tmp_path / "no-python"), timeout=50)
+    out = run_module(
+        "bench.compare_flower",
+        "--quick",
+        "--flower-python",
+        str(tmp_path / "no-python"),
+        timeout=50,
+    )
     assert out.returncode == 2, out.stdout + out.stderr
     assert "make bench-flower" in out.stderr
     assert not list(tmp_path.glob("*.json"))
@@ -43,7 +36,7 @@ def test_without_flower_it_says_how_to_install_it_and_exits_2(tmp_path: Path) ->
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(find_flower() is None, reason="Flower not installed (make flower-venv)")
 def test_quick_comparison_runs_both_flower_paths(tmp_path: Path) -> None:
-    out = run_bench("--quick", "--out", str(tmp_path), timeout=280)
+    out = run_module("bench.compare_flower", "--quick", "--out", str(tmp_path), timeout=280)
     assert out.returncode == 0, out.stdout + out.stderr
     (result,) = tmp_path.glob("compare_flower-*.json")
     cells = json.loads(result.read_text())["cells"]
