@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedcore.codecs import Codec, Piece, StreamDecoder
+from fedcore.codec_base import Codec, Piece, StreamDecoder
 from fedcore.tensors import Manifest, ManifestError
 
 POLY_DEGREE = 8192
