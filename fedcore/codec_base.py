@@ -36,6 +36,8 @@ class StreamDecoder(ABC):
 
 class Codec(ABC):
     name: str
+    # Encodings that only a secure-aggregation protocol can sum (masked ring values, ciphertexts).
+    secure_only = False
     # Lossy codecs whose error the client should carry into the next round (see ErrorFeedback).
     error_feedback = False
 

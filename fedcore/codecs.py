@@ -74,6 +74,7 @@ class MaskedRingCodec(Codec):
     """
 
     name = "masked-u64"
+    secure_only = True
 
     def wire_manifest(self, floats: Manifest) -> Manifest:
         return floats.with_dtype("int64")

@@ -130,6 +130,7 @@ class CKKSCodec(Codec):
     """
 
     name = ENCODING
+    secure_only = True
 
     def wire_manifest(self, floats: Manifest) -> Manifest:
         return floats.with_dtype("float32")

@@ -1,10 +1,11 @@
-"""The coordinator's brain: global model, round machine, accumulator, store; no gRPC here.
+"""The coordinator's brain: global model, round lifecycle, store; no gRPC here.
 
 All state changes happen on the asyncio event loop; heavy work (aggregation, checkpointing,
 evaluation) runs in a worker thread on immutable inputs and is applied back on the loop.
 The servicer (service.py) validates messages and translates the exceptions raised here into
-gRPC status codes. Receiving updates is in submissions.py, federated evaluation in
-evaluation_rounds.py (both mixed into Coordinator).
+gRPC status codes. The Coordinator owns, and hands each only what it needs: one round protocol
+(fedserver/protocols: how contributions become the aggregate), the update intake
+(submissions.py) and federated evaluation (evaluation_rounds.py).
 """
 
 from __future__ import annotations
@@ -28,20 +29,20 @@ from fedcore import faults
 from fedcore.logs import format_metrics
 from fedcore.selection import Selection, round_selection
 from fedcore.tensors import FlatModel
-from fedserver.aggregate import (
-    Accumulator,
-    UpdateSpool,
-    spill_key,
-)
+from fedserver.aggregate import spill_key
 from fedserver.dp import DPServer
 from fedserver.evaluation_rounds import EvaluationRounds
-from fedserver.fedeval import EvalCampaign, EvalPolicy
-from fedserver.he_rounds import HERounds
+from fedserver.fedeval import EvalPolicy
 from fedserver.messages import (
     Offer,
+    PendingSubmit,
+    SubmitHeader,
+    SubmitResult,
     TrainingDefaults,
 )
 from fedserver.metrics import Metrics
+from fedserver.protocols.base import Opening, ProtocolEnv, ProtocolSettings, RoundProtocol
+from fedserver.protocols.registry import build_protocol
 from fedserver.rounds import (
     ClosedRound,
     Phase,
@@ -49,16 +50,19 @@ from fedserver.rounds import (
     RoundPolicy,
     RoundsExhausted,
 )
-from fedserver.secure_rounds import SecureRounds
 from fedserver.store import ClientReceipt, RoundRecord, StateStore
-from fedserver.strategies import AggregateInput, Strategy, UpdateSet
+from fedserver.strategies import AggregateInput, Strategy
 from fedserver.submissions import UpdateIntake
+from fedserver.uploads import Uploads
 
 log = logging.getLogger("fedserver")
 
 
+PROTOCOL_STATE = "protocol."  # prefix of the protocol's arrays in the strategy-state file
+
+
 @dataclass
-class Coordinator(UpdateIntake, EvaluationRounds):
+class Coordinator:
     store: StateStore
     strategy: Strategy
     policy: RoundPolicy
@@ -68,6 +72,7 @@ class Coordinator(UpdateIntake, EvaluationRounds):
     max_update_bytes: int = 4 << 30
     seed: int = 0
     dp: DPServer | None = None
+    # The round protocol (fedserver/protocols/registry.py), from the --secure flag: "none";
     # "secagg": the coordinator only ever sees masked updates; "he": only ciphertexts and sums
     secure: str = "none"
     secagg_stage_timeout: float = 30.0  # each secure stage's wait for slow clients
@@ -82,22 +87,58 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         self.machine = RoundMachine(
             self.policy, time.monotonic, random.Random(self.seed + start), round=start
         )
-        # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
-        self.spill_key = spill_key(self.store.cipher is not None)
-        self._accumulator = Accumulator(self._num_values(), self._tensor_sizes())
-        self._spool: UpdateSpool | None = None
-        self.campaign: EvalCampaign | None = None
-        self._client_metrics: dict[str, dict[str, float]] = {}
-        self._available = 0  # live clients when the round opened (DP sample rate)
-        self.secure_rounds: SecureRounds | HERounds | None = None
-        if self.secure == "secagg":
-            self.secure_rounds = SecureRounds(self, self.secagg_stage_timeout)
-        elif self.secure == "he":
-            if self.he_public_key is None:
-                raise ValueError("--secure he needs the public context (--he-public-key)")
-            self.secure_rounds = HERounds(self, self.he_public_key, self.secagg_stage_timeout)
-        self._streams: Counter[str] = Counter()
         self._changed = asyncio.Event()
+        # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
+        self.uploads = Uploads(
+            self.store.dir / "incoming",
+            spill_key(self.store.cipher is not None),
+            self.metrics,
+            self.rejections,
+        )
+        self.protocol: RoundProtocol = build_protocol(
+            ProtocolSettings(
+                self.secure,
+                dp=self.dp is not None,
+                keep_updates=self.strategy.needs_all_updates,
+                stage_timeout=self.secagg_stage_timeout,
+                he_public_key=self.he_public_key,
+            ),
+            ProtocolEnv(
+                self.model.manifest.floats(),
+                self.federation_id,
+                self.uploads,
+                time.monotonic,
+                lambda: self.machine.round,
+                self.machine.live_clients,
+                self.touch,
+                self._notify,
+                lambda: self._changed,
+            ),
+        )
+        self.intake = UpdateIntake(
+            self.uploads,
+            self.machine,
+            self.protocol,
+            lambda: self.model.version,
+            self.round_selection,
+            self.store.receipt_digest,
+            self.touch,
+            self._advance,
+            self.max_update_bytes,
+            weighted=self.dp is None,
+            strategy_name=self.strategy.name,
+        )
+        self.evaluations = EvaluationRounds(
+            self.eval_policy,
+            self.policy.total_rounds,
+            self.seed,
+            self.store,
+            self.machine.live_clients,
+            lambda: self.model.version,
+            self.uploads.refuse,
+            self._notify,
+        )
+        self._available = 0  # live clients when the round opened (DP sample rate)
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._aggregating: asyncio.Task[None] | None = None
         self.shutting_down = False
@@ -107,12 +148,6 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         if self.machine.phase is Phase.FINISHED:
             self.done.set()
 
-    def _num_values(self) -> int:
-        return sum(t.numel for t in self.model.manifest.floats().tensors)
-
-    def _tensor_sizes(self) -> list[int]:
-        return [t.numel for t in self.model.manifest.floats().tensors]
-
     def round_selection(self) -> Selection:
         """The tensors trained and sent this round (--train-tensors; all by default)."""
         spec = self.defaults.train_tensors
@@ -121,7 +156,7 @@ class Coordinator(UpdateIntake, EvaluationRounds):
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:
         if self.store.last_round() == 0 and not self.store.checkpoint_path(0).exists():
-            self.store.write_checkpoint(0, self.model, self.strategy.state_arrays())
+            self.store.write_checkpoint(0, self.model, self._state_arrays())
             self.store.publish_model(self.model, 0)
         self.store.set_meta(
             federation_id=self.federation_id,
@@ -162,25 +197,14 @@ class Coordinator(UpdateIntake, EvaluationRounds):
             )
             if action == "opened":
                 self.metrics.round_opened()
-                self._accumulator = Accumulator(self._num_values(), self._tensor_sizes())
-                self._open_spool()
-                self._client_metrics = {}
+                self.intake.client_metrics = {}
                 self._available = len(m.live_clients())
-            if self.secure_rounds is not None:
-                self.secure_rounds.on_open(fresh=action == "opened")
+            self.protocol.open(Opening(m.round, m.selected, fresh=action == "opened"))
             self._schedule_deadline()
             self._notify()
-        elif action == "close":
+        elif action == "close" and self.protocol.can_close():
             closed = self.machine.close()
             self._aggregating = asyncio.get_running_loop().create_task(self._finish_round(closed))
-
-    def _open_spool(self) -> None:
-        """Strategies that need every update get them kept on disk, not only folded."""
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
-        if self.strategy.needs_all_updates:
-            self._spool = UpdateSpool(self._num_values(), self.store.dir / "incoming")
 
     def _schedule_deadline(self) -> None:
         if self._deadline_timer:
@@ -211,15 +235,12 @@ class Coordinator(UpdateIntake, EvaluationRounds):
             extra["train_tensors"] = ",".join(self.round_selection().names)
         if self.dp is not None:
             extra |= self.dp.round_extra(len(self.machine.selected))
-        encoding = d.encoding
-        if self.secure_rounds is not None:
-            extra |= self.secure_rounds.round_extra(weighted=self.dp is None)
-            encoding = self.secure_rounds.encoding
+        extra |= self.protocol.round_extra()
         return {
             "local_epochs": d.local_epochs,
             "lr": d.lr,
             "batch_size": d.batch_size,
-            "encoding": encoding,
+            "encoding": self.protocol.encoding or d.encoding,
             "extra": extra,
         }
 
@@ -227,8 +248,8 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         """The answer for this client now, or None if it should keep waiting."""
         state = self.state_name()
         selected = self.machine.expects_update_from(client_id) and state == "training"
-        evaluate = self._evaluation_for(client_id)
-        decrypt = self.secure_rounds.decryption_for(client_id) if self.secure_rounds else 0
+        evaluate = 0 if self.shutting_down else self.evaluations.evaluation_for(client_id)
+        decrypt = self.protocol.decryption_for(client_id)
         if state == "finished":
             self.told_finished.add(client_id)
             msg = self.failure or f"training finished after {self.machine.rounds_completed} rounds"
@@ -297,26 +318,15 @@ class Coordinator(UpdateIntake, EvaluationRounds):
 
     async def _aggregate_round(self, closed: ClosedRound) -> None:
         started = time.monotonic()
-        if self.secure_rounds is not None:
-            mean = await self.secure_rounds.aggregate_mean()
-            count, weight = self.secure_rounds.contributed()
-        else:
-            mean = self._accumulator.mean()
-            count, weight = self._accumulator.count, self._accumulator.weight
+        aggregate = await self.protocol.aggregate()
+        mean, count = aggregate.mean, aggregate.count
         metrics = self._client_metric_means(closed)
         if self.dp is not None:
             mean, dp_metrics = self.dp.privatize(
                 mean, count, len(self.machine.selected), self._available
             )
             metrics.update(dp_metrics)
-        spool = self._spool
-        agg = AggregateInput(
-            closed.round,
-            mean,
-            weight,
-            count,
-            UpdateSet(spool.matrix(), np.array(spool.weights)) if spool is not None else None,
-        )
+        agg = AggregateInput(closed.round, mean, aggregate.weight, count, aggregate.updates)
         new_model, eval_metrics = await asyncio.to_thread(self._aggregate_and_save, agg, closed)
         metrics.update(eval_metrics)
         record = RoundRecord(
@@ -331,15 +341,13 @@ class Coordinator(UpdateIntake, EvaluationRounds):
             closed.attempts,
         )
         receipts = [
-            ClientReceipt(c, r.num_examples, r.digest, self._client_metrics.get(c, {}))
+            ClientReceipt(c, r.num_examples, r.digest, self.intake.client_metrics.get(c, {}))
             for c, r in sorted(closed.receipts.items())
         ]
         await asyncio.to_thread(self._commit, record, receipts, new_model)
         self.model = new_model
-        self._open_campaign(closed.round, new_model)
-        if spool is not None:
-            spool.close()
-            self._spool = None
+        self.evaluations.open_campaign(closed.round, new_model)
+        self.protocol.release()
         self.machine.complete()
         self.metrics.round_closed(record.participants, record.duration, time.monotonic() - started)
         shown = format_metrics(metrics)
@@ -364,7 +372,7 @@ class Coordinator(UpdateIntake, EvaluationRounds):
     ) -> tuple[FlatModel, dict[str, float]]:
         faults.freeze("aggregate", closed.round)
         new_model = self.strategy.apply(self.model, agg)
-        self.store.write_checkpoint(closed.round, new_model, self.strategy.state_arrays())
+        self.store.write_checkpoint(closed.round, new_model, self._state_arrays())
         metrics = self.evaluate(new_model) if self.evaluate else {}
         return new_model, metrics
 
@@ -380,10 +388,44 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         total: Counter[str] = Counter()
         weight: Counter[str] = Counter()
         for client, receipt in closed.receipts.items():
-            for k, v in self._client_metrics.get(client, {}).items():
+            for k, v in self.intake.client_metrics.get(client, {}).items():
                 total[k] += v * receipt.num_examples
                 weight[k] += receipt.num_examples
         return {k: total[k] / weight[k] for k in total if weight[k]}
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        """What a checkpoint carries besides the model: the strategy's and the protocol's state."""
+        extra = {PROTOCOL_STATE + k: v for k, v in self.protocol.state_arrays().items()}
+        return self.strategy.state_arrays() | extra
+
+    # ------------------------------------------------------------------ updates and evaluations
+    def begin_submit(self, header: SubmitHeader) -> PendingSubmit:
+        return self.intake.begin_submit(header)
+
+    def finish_submit(self, pending: PendingSubmit, digest: str) -> SubmitResult:
+        return self.intake.finish_submit(pending, digest)
+
+    def abort_submit(self, pending: PendingSubmit) -> None:
+        self.uploads.abort(pending)
+
+    def reject(self, exc: Exception) -> Exception:
+        return self.uploads.refuse(exc)
+
+    def submit_evaluation(
+        self,
+        client_id: str,
+        round_number: int,
+        version: str,
+        num_examples: int,
+        metrics: dict[str, float],
+    ) -> tuple[bool, str]:
+        return self.evaluations.submit_evaluation(
+            client_id, round_number, version, num_examples, metrics
+        )
+
+    def awaiting_evaluations(self) -> bool:
+        """Some live client still owes an evaluation of the current model."""
+        return not self.shutting_down and self.evaluations.awaiting()
 
     # ------------------------------------------------------------------ shutdown
     async def wait_idle(self) -> None:

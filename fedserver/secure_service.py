@@ -1,12 +1,14 @@
-"""The secure-aggregation RPCs, mixed into CoordinatorService: validate, delegate, map.
+"""The RPCs of the round protocols' own stages: validate, delegate to the stage, map errors.
 
-SecureAggregationService serves `--secure secagg` (key exchange, shares, unmasking);
-HomomorphicService serves `--secure he` (the encrypted aggregate and its decryption).
+CoordinatorService (service.py) owns one of each and forwards to them. SecureAggregationRPCs
+serves the "secagg" stage of `--secure secagg` (key exchange, shares, unmasking),
+HomomorphicRPCs the "he" stage of `--secure he` (the encrypted aggregate and its decryption).
+When the running protocol has no such stage, every RPC is refused with FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -15,30 +17,46 @@ from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import iter_chunks
 from fedcore.wire import data_message, manifest_to_proto
 from fedserver.aggregate import BadUpdate
-from fedserver.coordinator import Coordinator
-from fedserver.he_rounds import HERounds
+from fedserver.messages import PendingSubmit, SubmitHeader, SubmitResult
+from fedserver.metrics import Metrics
+from fedserver.protocols.base import RoundProtocol
+from fedserver.protocols.he import HEProtocol
+from fedserver.protocols.secagg import SecAggProtocol
 from fedserver.rounds import SubmitRefused
 from fedserver.rpc import MAX_WAIT_SECONDS, check_request, status_for, submit_reply
 from fedserver.secagg import SecAggFailed
+
+# Reads one header/data/trailer upload stream (CoordinatorService._receive).
+Receive = Callable[
+    [
+        AsyncIterator[pb.UpdateChunk],
+        grpc.aio.ServicerContext,
+        Callable[[SubmitHeader], PendingSubmit],
+        Callable[[PendingSubmit, str], SubmitResult],
+    ],
+    Awaitable[SubmitResult],
+]
 
 _WANT = {pb.SECAGG_ROSTER: "roster", pb.SECAGG_INBOX: "inbox", pb.SECAGG_UNMASK: "unmask"}
 _REFUSALS = (BadUpdate, SubmitRefused, SecAggFailed)
 
 
-class SecureAggregationService:
-    """The secure-aggregation RPCs (mixed into CoordinatorService): validate, delegate, map."""
+class SecureAggregationRPCs:
+    """The secure-aggregation RPCs: validate, delegate to the protocol's "secagg" stage, map."""
 
-    coordinator: Coordinator
+    def __init__(self, protocol: RoundProtocol) -> None:
+        stage = protocol.stage("secagg")
+        self.stage = stage if isinstance(stage, SecAggProtocol) else None
 
-    async def _secure(self, context: grpc.aio.ServicerContext, request: Any):  # type: ignore[no-untyped-def]
+    async def _secure(self, context: grpc.aio.ServicerContext, request: Any) -> SecAggProtocol:
         await check_request(context, request)
-        secure = self.coordinator.secure_rounds
+        secure = self.stage
         if secure is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this coordinator does not run secure aggregation (fedserver run --secure secagg)",
             )
-        return secure
+        return secure  # type: ignore[return-value]
 
     async def AdvertiseKeys(
         self, request: pb.AdvertiseKeysRequest, context: grpc.aio.ServicerContext
@@ -107,11 +125,17 @@ class SecureAggregationService:
         return reply
 
 
-class HomomorphicService:
-    """The homomorphic-aggregation RPCs; `_receive` is CoordinatorService's stream reader."""
+class HomomorphicRPCs:
+    """The homomorphic-aggregation RPCs: validate, delegate to the protocol's "he" stage, map."""
 
-    coordinator: Coordinator
-    chunk_size: int
+    def __init__(
+        self, protocol: RoundProtocol, receive: Receive, metrics: Metrics, chunk_size: int
+    ) -> None:
+        stage = protocol.stage("he")
+        self.stage = stage if isinstance(stage, HEProtocol) else None
+        self._receive = receive  # CoordinatorService's stream reader
+        self.metrics = metrics
+        self.chunk_size = chunk_size
 
     async def SubmitDecryption(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
@@ -143,11 +167,11 @@ class HomomorphicService:
         )
         for chunk in iter_chunks(payload, self.chunk_size):
             yield data_message(chunk)
-            self.coordinator.metrics.sent(len(chunk))
+            self.metrics.sent(len(chunk))
 
-    async def _he(self, context: grpc.aio.ServicerContext) -> HERounds:
-        he = self.coordinator.secure_rounds
-        if not isinstance(he, HERounds):
+    async def _he(self, context: grpc.aio.ServicerContext) -> HEProtocol:
+        he = self.stage
+        if he is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "this coordinator does not run homomorphic aggregation (fedserver run --secure he)",

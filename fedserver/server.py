@@ -22,7 +22,7 @@ from fedcore.security import SecurityError, TlsFiles, is_loopback
 from fedcore.selection import check_spec
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 from fedcore.wire import CHANNEL_OPTIONS
-from fedserver.coordinator import Coordinator
+from fedserver.coordinator import PROTOCOL_STATE, Coordinator
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.fedeval import EvalPolicy
@@ -132,13 +132,17 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
             raise SetupError(
                 f"the checkpoint in {s.state_dir} does not match the task's model architecture"
             )
+        protocol_state = {
+            k.removeprefix(PROTOCOL_STATE): strategy_state.pop(k)
+            for k in [k for k in strategy_state if k.startswith(PROTOCOL_STATE)]
+        }
         strategy.load_state_arrays(strategy_state)
         # A crash between the SQLite commit and publishing would leave model.safetensors a
         # round behind; the committed checkpoint is the truth.
         store.publish_model(model, last)
         log.info("resuming from %s: %d round(s) completed", s.state_dir, last)
     else:
-        model = fresh
+        model, protocol_state = fresh, {}
         log.info("starting a new federation in %s", s.state_dir)
     if s.defaults.train_tensors:
         try:
@@ -178,6 +182,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         secagg_stage_timeout=s.secagg_stage_timeout,
         he_public_key=s.he_public_key,
     )
+    coordinator.protocol.load_state_arrays(protocol_state)
     coordinator.initialize_store(s.task)
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     return coordinator
@@ -186,7 +191,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
 def check_he_settings(s: ServerSettings) -> None:
     """--secure he: a public context, and rounds that always sum at least two updates."""
     from fedcore.he import HEError, load_public_context
-    from fedserver.he_rounds import MIN_UPDATES
+    from fedserver.protocols.he import MIN_UPDATES
 
     if s.he_public_key is None:
         raise SetupError(

@@ -1,7 +1,8 @@
 """The gRPC servicer: parse and validate messages, delegate to the Coordinator, map errors.
 
-The secure-aggregation RPCs are in fedserver/secure_service.py, the shared checks and the
-status-code mapping in fedserver/rpc.py.
+The RPCs of a round protocol's own stages (secure aggregation, HE decryption) are forwarded to
+the handlers in fedserver/secure_service.py, which serve the running protocol's stage or refuse;
+the shared checks and the status-code mapping are in fedserver/rpc.py.
 
 Status codes (docs/protocol.md): INVALID_ARGUMENT for malformed updates, FAILED_PRECONDITION for
 stale rounds and base versions, ALREADY_EXISTS for a different update replacing a counted one,
@@ -39,7 +40,7 @@ from fedserver.rpc import (
     status_for,
     submit_reply,
 )
-from fedserver.secure_service import HomomorphicService, SecureAggregationService
+from fedserver.secure_service import HomomorphicRPCs, SecureAggregationRPCs
 
 log = logging.getLogger("fedserver.service")
 
@@ -51,10 +52,45 @@ _STATES = {
 }
 
 
-class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.CoordinatorServicer):
+class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.coordinator = coordinator
         self.chunk_size = chunk_size
+        protocol = coordinator.protocol
+        self.secagg = SecureAggregationRPCs(protocol)
+        self.he = HomomorphicRPCs(protocol, self._receive, coordinator.metrics, chunk_size)
+
+    # The protocol stages' RPCs, forwarded (refused there unless the protocol has the stage).
+    async def AdvertiseKeys(
+        self, request: pb.AdvertiseKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        return await self.secagg.AdvertiseKeys(request, context)
+
+    async def ShareKeys(
+        self, request: pb.ShareKeysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        return await self.secagg.ShareKeys(request, context)
+
+    async def Unmask(
+        self, request: pb.UnmaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggAck:
+        return await self.secagg.Unmask(request, context)
+
+    async def GetSecAggStage(
+        self, request: pb.SecAggStageRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SecAggStage:
+        return await self.secagg.GetSecAggStage(request, context)
+
+    async def SubmitDecryption(
+        self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
+    ) -> pb.SubmitReply:
+        return await self.he.SubmitDecryption(request_iterator, context)
+
+    async def GetEncryptedAggregate(
+        self, request: pb.EncryptedAggregateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelChunk]:
+        async for message in self.he.GetEncryptedAggregate(request, context):
+            yield message
 
     async def Join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext

@@ -1,18 +1,23 @@
-"""Receiving updates, the Coordinator's side: header checks, one count per (client, round),
-refusals counted by reason (mixed into Coordinator; the bytes are checked in aggregate.py)."""
+"""Receiving updates: header checks, one count per (client, round), refusals counted by reason.
+
+The bytes are checked in aggregate.py; a verified update is handed to the round protocol
+(fedserver/protocols) and recorded in the round machine. Owned by the Coordinator, which hands
+it what it needs; it never sees the Coordinator.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from fedcore import faults
 from fedcore.checksums import new_hasher
 from fedcore.codecs import Codec, get_codec
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest, ManifestError
-from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
+from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateTooLarge
 from fedserver.messages import (
     BaseVersionMismatch,
     PendingSubmit,
@@ -21,11 +26,9 @@ from fedserver.messages import (
     TooManyStreams,
     manifest_difference,
 )
-from fedserver.rounds import AlreadySubmitted, Receipt, SubmitRefused
-from fedserver.secure_rounds import check_encoding
-
-if TYPE_CHECKING:
-    from fedserver.coordinator import Coordinator
+from fedserver.protocols.base import Contribution, RoundProtocol
+from fedserver.rounds import AlreadySubmitted, Receipt, RoundMachine, SubmitRefused
+from fedserver.uploads import Uploads
 
 log = logging.getLogger("fedserver")
 
@@ -33,20 +36,31 @@ MAX_NUM_EXAMPLES = 10**9
 MAX_STREAMS_PER_CLIENT = 2
 
 
+@dataclass
 class UpdateIntake:
-    def _refuse(self: Coordinator, exc: Exception) -> Exception:
-        reason = getattr(exc, "reason", "refused")
-        self.rejections[reason] += 1
-        self.metrics.rejected(reason)
-        return exc
+    uploads: Uploads
+    machine: RoundMachine
+    protocol: RoundProtocol
+    model_version: Callable[[], str]  # the current global model's
+    round_selection: Callable[[], Selection]  # the tensors trained this round
+    past_digest: Callable[[int, str], str | None]  # the store's receipt of an earlier round
+    touch: Callable[[str], None]
+    advance: Callable[[], None]  # let the round machine react (an update may close the round)
+    max_update_bytes: int
+    weighted: bool  # example-weighted mean (False under --dp-clip: each client weighs 1)
+    strategy_name: str
+    client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # this round's
 
-    def begin_submit(self: Coordinator, header: SubmitHeader) -> PendingSubmit:
+    def _refuse(self, exc: Exception) -> Exception:
+        return self.uploads.refuse(exc)
+
+    def begin_submit(self, header: SubmitHeader) -> PendingSubmit:
         """Validate a header; raises SubmitRefused or BadUpdate (counters updated)."""
         try:
             codec, selection = self._check_header(header)
         except (SubmitRefused, BadUpdate) as e:
             raise self._refuse(e) from None
-        if self._streams[header.client_id] >= MAX_STREAMS_PER_CLIENT:
+        if self.uploads.streams[header.client_id] >= MAX_STREAMS_PER_CLIENT:
             raise self._refuse(
                 TooManyStreams(
                     f"client {header.client_id!r} already has {MAX_STREAMS_PER_CLIENT} "
@@ -54,19 +68,10 @@ class UpdateIntake:
                 )
             )
         self.touch(header.client_id)
-        num_values = selection.num_values if selection else self._num_values()
-        receiver = UpdateReceiver(
-            codec,
-            num_values,
-            header.total_bytes,
-            self.store.dir / "incoming",
-            header.checksum,
-            self.spill_key,
-        )
-        self._streams[header.client_id] += 1
-        return PendingSubmit(header, receiver, selection)
+        num_values = selection.num_values if selection else self.round_selection().num_values
+        return self.uploads.open(header, codec, num_values, selection)
 
-    def _check_header(self: Coordinator, h: SubmitHeader) -> tuple[Codec, Selection | None]:
+    def _check_header(self, h: SubmitHeader) -> tuple[Codec, Selection | None]:
         if not h.client_id:
             raise BadUpdate("update header has no client_id")
         if not 0 < h.num_examples <= MAX_NUM_EXAMPLES:
@@ -84,7 +89,7 @@ class UpdateIntake:
             new_hasher(h.checksum)
         except ManifestError as e:
             raise BadUpdate(str(e), reason="bad_checksum") from None
-        check_encoding(self.secure_rounds, h.encoding)
+        self.protocol.check_encoding(h.encoding)
         expected, selection = self._expected_manifest(h, codec)
         if h.manifest != expected:
             raise BadUpdate(manifest_difference(h.manifest, expected), reason="bad_manifest")
@@ -110,10 +115,11 @@ class UpdateIntake:
         if self._known_digest(h.round, h.client_id) is not None:
             return codec, selection  # read the stream: a byte-identical retry is acknowledged
         self.machine.check_submit(h.client_id, h.round)
-        if h.base_version != self.model.version:
+        version = self.model_version()
+        if h.base_version != version:
             raise BaseVersionMismatch(
                 f"update was computed against model {h.base_version[:12] or '(none)'}, "
-                f"round {h.round} is based on {self.model.version[:12]}; pull the model again"
+                f"round {h.round} is based on {version[:12]}; pull the model again"
             )
         return codec, selection
 
@@ -137,32 +143,18 @@ class UpdateIntake:
             raise BadUpdate(
                 f"{e} (this round trains {len(round_sel.names)} tensors)", reason="bad_manifest"
             ) from None
-        if self.dp or self.secure_rounds or self.strategy.needs_all_updates:
+        if not self.protocol.partial_updates:
             raise BadUpdate(
                 "partial updates (personal tensors) cannot be combined with --dp-clip, --secure "
-                f"or strategy {self.strategy.name}; send every tensor of the round",
+                f"or strategy {self.strategy_name}; send every tensor of the round",
                 reason="bad_manifest",
             )
         return codec.wire_manifest(part.manifest), part
 
-    def abort_submit(self: Coordinator, pending: PendingSubmit) -> None:
-        pending.receiver.abort()
-        self.metrics.received(pending.receiver.received)
-        self._streams[pending.header.client_id] -= 1
-
-    def reject(self: Coordinator, exc: Exception) -> Exception:
-        return self._refuse(exc)
-
-    def finish_submit(self: Coordinator, pending: PendingSubmit, digest: str) -> SubmitResult:
+    def finish_submit(self, pending: PendingSubmit, digest: str) -> SubmitResult:
         """Verify the whole stream, then count it exactly once; raises like begin_submit."""
         h = pending.header
-        try:
-            staged = pending.receiver.finish(digest)
-        except BadUpdate as e:
-            self.abort_submit(pending)
-            raise self._refuse(e) from None
-        self._streams[h.client_id] -= 1
-        self.metrics.received(pending.receiver.received)
+        staged = self.uploads.finish(pending, digest)
         try:
             return self._count(h, staged, pending.selection)
         finally:
@@ -187,19 +179,15 @@ class UpdateIntake:
         except SubmitRefused as e:
             raise self._refuse(e) from None
         # DP-FedAvg bounds each client's influence only for an unweighted mean.
-        weight = 1.0 if self.dp else float(h.num_examples)
-        if self.secure_rounds is not None:
-            try:
-                self.secure_rounds.fold(h.client_id, h.round, staged, weight)
-            except (SubmitRefused, BadUpdate) as e:
-                raise self._refuse(e) from None
-        else:
-            self._accumulator.fold(staged, weight, selection)
-            if self._spool is not None:
-                self._spool.append(staged, float(h.num_examples))
+        weight = float(h.num_examples) if self.weighted else 1.0
+        contribution = Contribution(h.client_id, h.round, staged, weight, h.num_examples, selection)
+        try:
+            self.protocol.accept(contribution)
+        except (SubmitRefused, BadUpdate) as e:
+            raise self._refuse(e) from None
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
-        self._client_metrics[h.client_id] = dict(h.metrics)
-        self.metrics.accepted()
+        self.client_metrics[h.client_id] = dict(h.metrics)
+        self.uploads.metrics.accepted()
         faults.freeze("collect", h.round)  # tests: crash with an update counted only in memory
         m = self.machine
         log.info(
@@ -212,15 +200,15 @@ class UpdateIntake:
         )
         # No _notify(): a counted update changes no other client's offer. Waking every
         # long-poller on every update cost O(clients^2) wake-ups per round at 1000 clients;
-        # _advance notifies when the round opens or closes, which is what pollers wait for.
-        self._advance()
+        # advance() notifies when the round opens or closes, which is what pollers wait for.
+        self.advance()
         return SubmitResult(h.round, False, f"update counted for round {h.round}")
 
-    def _known_digest(self: Coordinator, round_number: int, client_id: str) -> str | None:
+    def _known_digest(self, round_number: int, client_id: str) -> str | None:
         """Digest of the update already counted for (round, client), if any."""
         if round_number == self.machine.round:
             receipt = self.machine.receipts.get(client_id)
             return receipt.digest if receipt else None
         if round_number < self.machine.round:
-            return self.store.receipt_digest(round_number, client_id)
+            return self.past_digest(round_number, client_id)
         return None

@@ -45,7 +45,7 @@ async def _scenario(state: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     for c in IDS:
         coord.touch(c, {})
     assert coord.machine.selected == frozenset(IDS)
-    secure = coord.secure_rounds
+    secure = coord.protocol
     assert secure is not None
     config = coord.round_config()
     assert config["encoding"] == "masked-u64" and config["extra"]["secagg"] == "1"

@@ -1,11 +1,11 @@
-"""Glue between the Coordinator and homomorphic-encryption aggregation (`--secure he`).
+"""Homomorphic-encryption aggregation (`--secure he`): the coordinator sums ciphertexts.
 
 The coordinator holds only the public CKKS context (fedcore/he.py): it adds the clients'
 ciphertexts but cannot read them. At round close it names one key holder (a client of the
 round, then any other live client if that one does not answer in time) to decrypt the sum; the
 plaintext *sum* is all the coordinator ever sees, and it refuses to ask for one that holds fewer
-than MIN_UPDATES updates, which would be an individual update. Same hooks as SecureRounds
-(fedserver/secure_rounds.py), plus the decryption stage. Asyncio only, no gRPC.
+than MIN_UPDATES updates, which would be an individual update. The "he" stage (the encrypted
+aggregate out, the decryption in) is what the servicer's HE RPCs call. Asyncio only, no gRPC.
 """
 
 from __future__ import annotations
@@ -14,21 +14,24 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedcore.codecs import get_codec
 from fedcore.he import ENCODING, HEAggregator, HEError
 from fedcore.tensors import Manifest
-from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateReceiver
+from fedserver.aggregate import BadUpdate
 from fedserver.messages import PendingSubmit, SubmitHeader, SubmitResult, manifest_difference
+from fedserver.protocols.base import (
+    Aggregate,
+    Contribution,
+    Opening,
+    ProtocolEnv,
+    ProtocolSettings,
+    RoundProtocol,
+)
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound, SubmitRefused
 from fedserver.secagg import SecAggFailed
-
-if TYPE_CHECKING:
-    from fedserver.coordinator import Coordinator
 
 log = logging.getLogger("fedserver.he")
 
@@ -47,50 +50,51 @@ class Decryption:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class HERounds:
+class HEProtocol(RoundProtocol):
     encoding = ENCODING
 
-    def __init__(
-        self, coordinator: Coordinator, public_context: Path, stage_timeout: float
-    ) -> None:
-        self.c = coordinator
-        self.stage_timeout = stage_timeout
+    def __init__(self, settings: ProtocolSettings, env: ProtocolEnv) -> None:
+        public_context = settings.he_public_key
+        if public_context is None:
+            raise ValueError("--secure he needs the public context (--he-public-key)")
+        self.env = env
+        self.stage_timeout = settings.stage_timeout
+        self.weighted = not settings.dp
         # Loading here refuses a secret context (or a missing file) before the daemon serves.
-        self.aggregator = HEAggregator(public_context, coordinator._num_values())
+        self.aggregator = HEAggregator(public_context, env.num_values)
         self.round = 0
         self.weight = 0.0
         self.contributors: list[str] = []
         self.decryption: Decryption | None = None
         log.info("homomorphic aggregation: public CKKS context %s (no secret key)", public_context)
 
-    # ------------------------------------------------------------------ coordinator hooks
-    def on_open(self, fresh: bool) -> None:
-        m = self.c.machine
-        if fresh or self.round != m.round:
+    # ------------------------------------------------------------------ the round
+    def open(self, opening: Opening) -> None:
+        if opening.fresh or self.round != opening.round:
             self.aggregator.reset()
-            self.round, self.weight, self.contributors = m.round, 0.0, []
+            self.round, self.weight, self.contributors = opening.round, 0.0, []
             self.decryption = None
 
-    def round_extra(self, weighted: bool) -> dict[str, str]:
-        return {"he": "1", "he_weighted": "1" if weighted else "0"}
+    def round_extra(self) -> dict[str, str]:
+        return {"he": "1", "he_weighted": "1" if self.weighted else "0"}
 
-    def fold(self, client_id: str, round_number: int, staged: StagedUpdate, weight: float) -> None:
+    def accept(self, c: Contribution) -> None:
         try:
-            self.aggregator.add_payload(staged.payload())
+            self.aggregator.add_payload(c.staged.payload())
         except HEError as e:
             raise BadUpdate(str(e), reason="bad_ciphertext") from None
-        self.weight += weight
-        self.contributors.append(client_id)
+        self.weight += c.weight
+        self.contributors.append(c.client_id)
 
-    def contributed(self) -> tuple[int, float]:
-        return self.aggregator.count, self.weight
+    def stage(self, kind: str) -> HEProtocol | None:
+        return self if kind == "he" else None
 
     def decryption_for(self, client_id: str) -> int:
         """The round whose aggregate this client should decrypt now, or 0."""
         d = self.decryption
         return d.round if d is not None and d.result is None and d.asked == client_id else 0
 
-    async def aggregate_mean(self) -> np.ndarray:
+    async def aggregate(self) -> Aggregate:
         """At round close: have a key holder decrypt the sum; return the weighted mean."""
         count = self.aggregator.count
         if count < MIN_UPDATES:
@@ -100,7 +104,7 @@ class HERounds:
             )
         payload = await asyncio.to_thread(self.aggregator.aggregate_payload)
         d = self.decryption = Decryption(self.round, payload)
-        live = set(self.c.machine.live_clients())
+        live = set(self.env.live_clients())
         others = sorted(live.difference(self.contributors))
         for client_id in [*self.contributors, *others]:
             if client_id not in live:
@@ -113,11 +117,11 @@ class HERounds:
                 count,
                 payload.size,
             )
-            self.c._notify()
+            self.env.notify()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(d.done.wait(), self.stage_timeout)
             if d.result is not None:
-                return d.result / np.float32(self.weight)
+                return Aggregate(d.result / np.float32(self.weight), count, self.weight)
             log.warning(
                 "round %d: %s did not return the decryption within %.0fs; asking another key "
                 "holder",
@@ -133,7 +137,7 @@ class HERounds:
         if d is None or d.round != round_number:
             raise StaleRound(
                 f"no encrypted aggregate of round {round_number} is waiting for decryption "
-                f"(current round: {self.c.machine.round})"
+                f"(current round: {self.env.current_round()})"
             )
         if client_id != d.asked:
             raise NotSelected(
@@ -145,14 +149,14 @@ class HERounds:
     def encrypted_aggregate(self, client_id: str, round_number: int) -> np.ndarray:
         """The framed ciphertexts for the asked key holder; raises SubmitRefused otherwise."""
         try:
-            self.c.touch(client_id)
+            self.env.touch(client_id)
             return self._pending(client_id, round_number).payload
         except SubmitRefused as e:
-            raise self.c.reject(e) from None
+            raise self.env.uploads.refuse(e) from None
 
     def sum_manifest(self) -> Manifest:
         """What the aggregate stands for: the model's float tensors as float32."""
-        return get_codec("fp32").wire_manifest(self.c.model.manifest.floats())
+        return get_codec("fp32").wire_manifest(self.env.floats)
 
     def begin_decryption(self, h: SubmitHeader) -> PendingSubmit:
         """Validate a SubmitDecryption header (the plaintext sum, fp32, the whole model)."""
@@ -174,41 +178,28 @@ class HERounds:
                     reason="bad_size",
                 )
         except (BadUpdate, SubmitRefused) as e:
-            raise self.c.reject(e) from None
-        self.c.touch(h.client_id)
-        receiver = UpdateReceiver(
-            codec,
-            self.c._num_values(),
-            h.total_bytes,
-            self.c.store.dir / "incoming",
-            h.checksum,
-            self.c.spill_key,
-        )
-        self.c._streams[h.client_id] += 1
-        return PendingSubmit(h, receiver, None)
+            raise self.env.uploads.refuse(e) from None
+        self.env.touch(h.client_id)
+        return self.env.uploads.open(h, codec, self.env.num_values, None)
 
     def finish_decryption(self, pending: PendingSubmit, sha256: str) -> SubmitResult:
         h = pending.header
+        staged = self.env.uploads.finish(pending, sha256)
         try:
-            staged = pending.receiver.finish(sha256)
-        except BadUpdate as e:
-            self.c.abort_submit(pending)
-            raise self.c.reject(e) from None
-        self.c._streams[h.client_id] -= 1
-        self.c.metrics.received(pending.receiver.received)
-        try:
-            total = np.zeros(self.c._num_values(), dtype=np.float32)
+            total = np.zeros(self.env.num_values, dtype=np.float32)
             for piece in staged.pieces():
                 total[piece.offset : piece.offset + piece.values.size] = piece.values
         finally:
             staged.discard()
         d = self.decryption
         if d is None or d.round != h.round:  # the round moved on while the bytes arrived
-            raise self.c.reject(StaleRound(f"round {h.round} is no longer being decrypted"))
+            raise self.env.uploads.refuse(
+                StaleRound(f"round {h.round} is no longer being decrypted")
+            )
         if d.result is not None:
             if d.digest == staged.digest:
                 return SubmitResult(h.round, True, "duplicate of a decryption already received")
-            raise self.c.reject(
+            raise self.env.uploads.refuse(
                 AlreadySubmitted(
                     f"the aggregate of round {h.round} was already decrypted", d.digest
                 )
@@ -219,4 +210,4 @@ class HERounds:
         return SubmitResult(h.round, False, f"decrypted aggregate of round {h.round} received")
 
 
-__all__ = ["MIN_UPDATES", "HERounds"]
+__all__ = ["MIN_UPDATES", "HEProtocol"]

@@ -1,0 +1,176 @@
+"""The round protocol: what every way of running a round does, as one small interface.
+
+A protocol is how the contributions of a round become the aggregate the strategy applies:
+plain folding (FedAvg family, plus a disk spool for robust strategies), secure aggregation
+(masked updates, unmasked at close) or homomorphic aggregation (ciphertexts, decrypted by a key
+holder). The Coordinator owns exactly one, chosen at start-up (registry.py), and drives it
+through these verbs; the protocol never sees the Coordinator, only what `ProtocolEnv` hands it.
+
+    open(Opening)          a round (re)opens: reset per-round state (fresh) or widen it (re-open)
+    round_extra()          what the round config must tell clients (RoundConfig.extra)
+    check_encoding(name)   may an update use this encoding? (BadUpdate if not)
+    accept(Contribution)   fold one verified update; raise SubmitRefused/BadUpdate to refuse it
+    can_close()            may the round close now? (the round machine proposes, this can veto)
+    aggregate()            at close: the example-weighted mean and what it is made of
+    release()              the aggregate was applied (or abandoned): drop per-round resources
+    state_arrays()         what must survive a restart, written with each checkpoint
+    stage(kind)            the protocol's own client-facing stage ("secagg", "he") or None
+
+Like TFF's AggregationProcess (explicit state, initialize/next) and NVFlare's Aggregator
+(accept/aggregate/reset). No gRPC here: the servicer maps a stage's RPCs (secure_service.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from fedcore.codecs import get_codec
+from fedcore.selection import Selection
+from fedcore.tensors import Manifest
+from fedserver.aggregate import BadUpdate, StagedUpdate
+from fedserver.strategies import UpdateSet
+from fedserver.uploads import Uploads
+
+
+@dataclass(frozen=True)
+class ProtocolSettings:
+    """What the flags say about how rounds run; fixed for the life of the process."""
+
+    name: str = "none"  # the registry key (--secure none | secagg | he)
+    dp: bool = False  # --dp-clip: an unweighted mean of clipped updates
+    keep_updates: bool = False  # the strategy reads every update (median, trimmed mean, Krum)
+    stage_timeout: float = 30.0  # --secagg-stage-timeout: each extra stage's wait
+    he_public_key: Path | None = None  # --he-public-key
+
+
+@dataclass(frozen=True)
+class ProtocolEnv:
+    """Everything a protocol may use. Callables, so it reads the current value when it acts."""
+
+    floats: Manifest  # the model's float tensors: what an update and the aggregate stand for
+    federation_id: str
+    uploads: Uploads  # streams in flight, refusal counters (for stages that receive uploads)
+    clock: Callable[[], float]
+    current_round: Callable[[], int]
+    live_clients: Callable[[], list[str]]
+    touch: Callable[[str], None]  # a client was seen (may open or close a round)
+    notify: Callable[[], None]  # wake long-polling clients: an offer or a stage changed
+    changed: Callable[[], asyncio.Event]  # the event the next notify() sets
+
+    @property
+    def num_values(self) -> int:
+        return sum(t.numel for t in self.floats.tensors)
+
+    @property
+    def tensor_sizes(self) -> list[int]:
+        return [t.numel for t in self.floats.tensors]
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A round opened (fresh) or re-opened after a deadline without quorum (not fresh)."""
+
+    round: int
+    selected: frozenset[str]
+    fresh: bool
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One verified update, about to be counted."""
+
+    client_id: str
+    round: int
+    staged: StagedUpdate
+    weight: float  # num_examples, or 1.0 for an unweighted (DP) mean
+    num_examples: int
+    selection: Selection | None  # the tensors a partial update carries (None: all)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What the strategy applies: the mean delta, how many updates and how much weight."""
+
+    mean: np.ndarray
+    count: int
+    weight: float
+    updates: UpdateSet | None = None  # every update, for strategies that read them all
+
+
+class RoundProtocol(ABC):
+    # The encoding every update must use (masked, encrypted), or None: any plain codec.
+    encoding: ClassVar[str | None] = None
+    # Partial updates (FedPer personal tensors) fold per tensor; not every protocol can.
+    partial_updates = False
+
+    def check_encoding(self, encoding: str) -> None:
+        """Masked/encrypted updates only under their protocol, and only its encoding then."""
+        if self.encoding is not None and encoding != self.encoding:
+            raise BadUpdate(
+                f"this coordinator runs secure aggregation: updates must use encoding "
+                f"{self.encoding!r}, got {encoding!r}",
+                reason="bad_encoding",
+            )
+        if self.encoding is None and get_codec(encoding).secure_only:
+            raise BadUpdate(
+                f"encoding {encoding!r} is for --secure aggregation, which this coordinator "
+                "does not run",
+                reason="bad_encoding",
+            )
+
+    @abstractmethod
+    def open(self, opening: Opening) -> None: ...
+
+    def round_extra(self) -> dict[str, str]:
+        return {}
+
+    @abstractmethod
+    def accept(self, contribution: Contribution) -> None:
+        """Fold a verified update; raise SubmitRefused or BadUpdate and nothing is folded."""
+
+    def can_close(self) -> bool:
+        """Veto a close the round machine proposes (e.g. a buffer not yet full)."""
+        return True
+
+    @abstractmethod
+    async def aggregate(self) -> Aggregate:
+        """At close (on the event loop): the aggregate of the closing round."""
+
+    def release(self) -> None:
+        """The aggregate was applied and committed: drop what the round held."""
+        return None
+
+    def decryption_for(self, client_id: str) -> int:
+        """A round whose aggregate this client is asked to finish (decrypt) now, or 0."""
+        return 0
+
+    def stage(self, kind: str) -> object | None:
+        """The object serving this protocol's own RPCs of `kind`, or None (not this protocol)."""
+        return None
+
+    # What survives a restart. Rounds are the unit of durability: an interrupted round is redone
+    # from its start, so in-round state is deliberately volatile. A protocol that carries state
+    # across rounds returns it here; it is written with each round's checkpoint.
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if arrays:
+            raise ValueError(f"protocol state {sorted(arrays)} not expected by this protocol")
+
+
+__all__ = [
+    "Aggregate",
+    "Contribution",
+    "Opening",
+    "ProtocolEnv",
+    "ProtocolSettings",
+    "RoundProtocol",
+]

@@ -1,0 +1,52 @@
+"""Plain aggregation (`--secure none`): updates folded into one float32 accumulator as they
+arrive, example-weighted (unweighted under --dp-clip); strategies that read every update
+(median, trimmed mean, Krum) also get each one kept as a row of a disk-backed spool."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedserver.aggregate import Accumulator, UpdateSpool
+from fedserver.protocols.base import (
+    Aggregate,
+    Contribution,
+    Opening,
+    ProtocolEnv,
+    ProtocolSettings,
+    RoundProtocol,
+)
+from fedserver.strategies import UpdateSet
+
+
+class PlainProtocol(RoundProtocol):
+    def __init__(self, settings: ProtocolSettings, env: ProtocolEnv) -> None:
+        self.env = env
+        self.keep_updates = settings.keep_updates
+        # Noise (DP) and the spool's rows cover the whole model: only the plain mean folds
+        # partial updates per tensor.
+        self.partial_updates = not (settings.dp or settings.keep_updates)
+        self._accumulator = Accumulator(env.num_values, env.tensor_sizes)
+        self._spool: UpdateSpool | None = None
+
+    def open(self, opening: Opening) -> None:
+        if not opening.fresh:
+            return  # a re-opened round keeps what it counted
+        self._accumulator = Accumulator(self.env.num_values, self.env.tensor_sizes)
+        self.release()
+        if self.keep_updates:
+            self._spool = UpdateSpool(self.env.num_values, self.env.uploads.incoming)
+
+    def accept(self, c: Contribution) -> None:
+        self._accumulator.fold(c.staged, c.weight, c.selection)
+        if self._spool is not None:
+            self._spool.append(c.staged, float(c.num_examples))
+
+    async def aggregate(self) -> Aggregate:
+        acc, spool = self._accumulator, self._spool
+        updates = UpdateSet(spool.matrix(), np.array(spool.weights)) if spool is not None else None
+        return Aggregate(acc.mean(), acc.count, acc.weight, updates)
+
+    def release(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None

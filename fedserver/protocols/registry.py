@@ -1,0 +1,27 @@
+"""Which round protocol a name (the `--secure` flag) stands for. Adding a protocol: write its
+module (a RoundProtocol subclass taking (ProtocolSettings, ProtocolEnv)) and add one line here."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fedserver.protocols.base import ProtocolEnv, ProtocolSettings, RoundProtocol
+from fedserver.protocols.he import HEProtocol
+from fedserver.protocols.plain import PlainProtocol
+from fedserver.protocols.secagg import SecAggProtocol
+
+PROTOCOLS: dict[str, Callable[[ProtocolSettings, ProtocolEnv], RoundProtocol]] = {
+    "none": PlainProtocol,
+    "secagg": SecAggProtocol,
+    "he": HEProtocol,
+}
+
+
+def build_protocol(settings: ProtocolSettings, env: ProtocolEnv) -> RoundProtocol:
+    try:
+        factory = PROTOCOLS[settings.name]
+    except KeyError:
+        raise ValueError(
+            f"unknown round protocol {settings.name!r}; known: {', '.join(PROTOCOLS)}"
+        ) from None
+    return factory(settings, env)

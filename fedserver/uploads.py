@@ -1,0 +1,61 @@
+"""Upload streams in flight and refusals counted by reason: what every stream a client sends
+(an update, a decrypted aggregate) shares, whichever part of the coordinator checks it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from fedcore.codecs import Codec
+from fedcore.selection import Selection
+from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateReceiver
+from fedserver.messages import PendingSubmit, SubmitHeader
+from fedserver.metrics import Metrics
+
+
+class Uploads:
+    def __init__(
+        self, incoming: Path, spill_key: bytes | None, metrics: Metrics, rejections: Counter[str]
+    ) -> None:
+        self.incoming = incoming  # where verified bytes are spilled (unlinked temp files)
+        self.spill_key = spill_key  # --encrypt-state: spills encrypted under an in-memory key
+        self.metrics = metrics
+        self.rejections = rejections
+        self.streams: Counter[str] = Counter()  # uploads in flight per client
+
+    def refuse(self, exc: Exception) -> Exception:
+        """Count a refusal by its reason; returns `exc` for `raise uploads.refuse(e)`."""
+        reason = getattr(exc, "reason", "refused")
+        self.rejections[reason] += 1
+        self.metrics.rejected(reason)
+        return exc
+
+    def open(
+        self, header: SubmitHeader, codec: Codec, num_values: int, selection: Selection | None
+    ) -> PendingSubmit:
+        receiver = UpdateReceiver(
+            codec,
+            num_values,
+            header.total_bytes,
+            self.incoming,
+            header.checksum,
+            self.spill_key,
+        )
+        self.streams[header.client_id] += 1
+        return PendingSubmit(header, receiver, selection)
+
+    def abort(self, pending: PendingSubmit) -> None:
+        pending.receiver.abort()
+        self.metrics.received(pending.receiver.received)
+        self.streams[pending.header.client_id] -= 1
+
+    def finish(self, pending: PendingSubmit, digest: str) -> StagedUpdate:
+        """The verified stream, spilled; raises BadUpdate (counted, stream aborted) otherwise."""
+        try:
+            staged = pending.receiver.finish(digest)
+        except BadUpdate as e:
+            self.abort(pending)
+            raise self.refuse(e) from None
+        self.streams[pending.header.client_id] -= 1
+        self.metrics.received(pending.receiver.received)
+        return staged
