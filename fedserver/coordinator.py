@@ -33,31 +33,17 @@ from fedserver.aggregate import spill_key
 from fedserver.dp import DPServer
 from fedserver.evaluation_rounds import EvaluationRounds
 from fedserver.fedeval import EvalPolicy
-from fedserver.messages import (
-    Offer,
-    PendingSubmit,
-    SubmitHeader,
-    SubmitResult,
-    TrainingDefaults,
-)
+from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult, TrainingDefaults
 from fedserver.metrics import Metrics
 from fedserver.protocols.base import Opening, ProtocolEnv, ProtocolSettings, RoundProtocol
 from fedserver.protocols.registry import build_protocol
-from fedserver.rounds import (
-    ClosedRound,
-    Phase,
-    RoundMachine,
-    RoundPolicy,
-    RoundsExhausted,
-)
+from fedserver.rounds import ClosedRound, Phase, RoundMachine, RoundPolicy, RoundsExhausted
 from fedserver.store import ClientReceipt, RoundRecord, StateStore
 from fedserver.strategies import AggregateInput, Strategy
 from fedserver.submissions import UpdateIntake
 from fedserver.uploads import Uploads
 
 log = logging.getLogger("fedserver")
-
-
 PROTOCOL_STATE = "protocol."  # prefix of the protocol's arrays in the strategy-state file
 
 
@@ -89,12 +75,8 @@ class Coordinator:
         )
         self._changed = asyncio.Event()
         # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
-        self.uploads = Uploads(
-            self.store.dir / "incoming",
-            spill_key(self.store.cipher is not None),
-            self.metrics,
-            self.rejections,
-        )
+        key = spill_key(self.store.cipher is not None)
+        self.uploads = Uploads(self.store.dir / "incoming", key, self.metrics, self.rejections)
         self.protocol: RoundProtocol = build_protocol(
             ProtocolSettings(
                 self.secure,
@@ -320,7 +302,7 @@ class Coordinator:
         started = time.monotonic()
         aggregate = await self.protocol.aggregate()
         mean, count = aggregate.mean, aggregate.count
-        metrics = self._client_metric_means(closed)
+        metrics = self.intake.metric_means(closed.receipts)
         if self.dp is not None:
             mean, dp_metrics = self.dp.privatize(
                 mean, count, len(self.machine.selected), self._available
@@ -384,15 +366,6 @@ class Coordinator:
         )
         self.store.publish_model(model, record.round)
 
-    def _client_metric_means(self, closed: ClosedRound) -> dict[str, float]:
-        total: Counter[str] = Counter()
-        weight: Counter[str] = Counter()
-        for client, receipt in closed.receipts.items():
-            for k, v in self.intake.client_metrics.get(client, {}).items():
-                total[k] += v * receipt.num_examples
-                weight[k] += receipt.num_examples
-        return {k: total[k] / weight[k] for k in total if weight[k]}
-
     def _state_arrays(self) -> dict[str, np.ndarray]:
         """What a checkpoint carries besides the model: the strategy's and the protocol's state."""
         extra = {PROTOCOL_STATE + k: v for k, v in self.protocol.state_arrays().items()}
@@ -410,18 +383,6 @@ class Coordinator:
 
     def reject(self, exc: Exception) -> Exception:
         return self.uploads.refuse(exc)
-
-    def submit_evaluation(
-        self,
-        client_id: str,
-        round_number: int,
-        version: str,
-        num_examples: int,
-        metrics: dict[str, float],
-    ) -> tuple[bool, str]:
-        return self.evaluations.submit_evaluation(
-            client_id, round_number, version, num_examples, metrics
-        )
 
     def awaiting_evaluations(self) -> bool:
         """Some live client still owes an evaluation of the current model."""

@@ -234,7 +234,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.EvaluationReply:
         await check_request(context, request)
         try:
-            new, message = self.coordinator.submit_evaluation(
+            new, message = self.coordinator.evaluations.submit_evaluation(
                 request.client_id,
                 request.round,
                 request.model_version,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fedcore import faults
@@ -203,6 +204,16 @@ class UpdateIntake:
         # advance() notifies when the round opens or closes, which is what pollers wait for.
         self.advance()
         return SubmitResult(h.round, False, f"update counted for round {h.round}")
+
+    def metric_means(self, receipts: Mapping[str, Receipt]) -> dict[str, float]:
+        """The counted clients' reported metrics, averaged weighted by their examples."""
+        total: Counter[str] = Counter()
+        weight: Counter[str] = Counter()
+        for client, receipt in receipts.items():
+            for k, v in self.client_metrics.get(client, {}).items():
+                total[k] += v * receipt.num_examples
+                weight[k] += receipt.num_examples
+        return {k: total[k] / weight[k] for k in total if weight[k]}
 
     def _known_digest(self, round_number: int, client_id: str) -> str | None:
         """Digest of the update already counted for (round, client), if any."""
