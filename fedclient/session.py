@@ -22,6 +22,7 @@ import grpc
 from fedclient.he import decrypt_aggregate
 from fedclient.local_update import gradient_vector, privatize, round_seed, trainable_only
 from fedclient.partition import Partition
+from fedclient.protocols import handler_for
 from fedclient.retry import (
     JOIN_TIMEOUT,
     RECONNECT_OPTIONS,
@@ -30,7 +31,6 @@ from fedclient.retry import (
     PermanentError,
     Stopped,
 )
-from fedclient.secagg import SecAggClient, SecAggExchange, run_secagg_step
 from fedclient.task import LocalData, Task, TrainConfig
 from fedcore import checksums, faults
 from fedcore.codecs import ErrorFeedback, get_codec
@@ -39,7 +39,6 @@ from fedcore.logs import format_metrics
 from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.secagg.keys import round_context
 from fedcore.security import TlsFiles, open_channel
 from fedcore.selection import Selection
 from fedcore.tensors import (
@@ -315,14 +314,17 @@ class ClientSession:
             seed=round_seed(self.settings.seed, self.client_id, header.round),
             extra=dict(cfg.extra),
         )
-        he_round = config.extra.get("he") == "1"
-        if he_round and self.he is None:
-            raise PermanentError(
-                "the coordinator aggregates under homomorphic encryption (--secure he): start "
-                "this client with --he-key FILE (the he-secret.ctx from `fedserver he-keygen`)"
-            )
-        exchange = self._secagg_setup(header) if config.extra.get("secagg") == "1" else None
-        if exchange is False:
+        handler = handler_for(
+            config.extra,
+            feedback=self.feedback,
+            he=self.he,
+            stub=self.stub,
+            call=self._call,
+            client_id=self.client_id,
+            federation_id=self.federation_id,
+            poll_seconds=self.settings.poll_seconds,
+        )
+        if not handler.prepare(header):
             return
         import torch
 
@@ -351,7 +353,7 @@ class ClientSession:
         # The round's encoding unless this client asks for its own (--encoding); the coordinator
         # accepts any codec it knows, declared in the update header. Secure aggregation rounds
         # must stay masked-u64, homomorphic ones he-ckks.
-        wanted = "" if exchange or he_round else self.settings.encoding
+        wanted = "" if handler.fixed_encoding else self.settings.encoding
         codec = get_codec(wanted or cfg.encoding or "fp32")
         if config.mode == "fedsgd":
             # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
@@ -364,16 +366,7 @@ class ClientSession:
             state = model.state_dict()
             self._personal = {n: state[n].detach().clone() for n in personal.names}
         delta = privatize(sent.extract(update_vector), config.extra)
-        if exchange:
-            # Secure aggregation: only the masked fixed-point vector leaves this process.
-            weight = 1.0 if config.extra.get("secagg_weighted") == "0" else result.num_examples
-            payload = codec.encode(exchange.client.masked(delta, float(weight)))
-        elif he_round and self.he is not None:
-            # Homomorphic aggregation: only CKKS ciphertexts of weight x delta leave this process.
-            weight = 1.0 if config.extra.get("he_weighted") == "0" else result.num_examples
-            payload = self.he.encrypt_update(delta, float(weight))
-        else:
-            payload = self.feedback.encode(codec, delta)
+        payload = handler.encode(codec, delta, result.num_examples, config.extra)
         digest = checksums.hexdigest(checksums.DEFAULT, payload)
         update = pb.UpdateHeader(
             client_id=self.client_id,
@@ -416,22 +409,13 @@ class ClientSession:
                 f"coordinator refused the update ({code.name}): {e.details()}"  # type: ignore[attr-defined]
             ) from None
         self.rounds_trained += 1
-        if exchange:
-            run_secagg_step(header.round, "unmask", exchange.unmask)
+        handler.after_submit(header.round)
         log.info(
             "round %d: update %s (%d bytes)",
             header.round,
             "was already counted" if reply.duplicate else "accepted",
             payload.size,
         )
-
-    def _secagg_setup(self, header: pb.ModelHeader) -> SecAggExchange | bool:
-        """Key exchange before training; False if this client is out of this secure round."""
-        client = SecAggClient(self.client_id, round_context(self.federation_id, header.round))
-        exchange = SecAggExchange(
-            self.stub, self._call, client, header.round, self.settings.poll_seconds
-        )
-        return exchange if run_secagg_step(header.round, "key exchange", exchange.setup) else False
 
 
 def _upload(header: pb.UpdateHeader, payload: Any, digest: str) -> Iterator[bytes]:
