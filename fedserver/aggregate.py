@@ -147,8 +147,9 @@ class UpdateReceiver:
                     )
                 if self._sum_squares is not None:
                     # Sparse (top-k) positions are unique, so squares add up either way.
-                    values = piece.values.astype(np.float64)
-                    self._sum_squares += float(np.dot(values, values))
+                    # Squared in float64 by numpy's own loop: a float64 BLAS dot fights for
+                    # threads and took 10-40x longer on a loaded machine.
+                    self._sum_squares += float(np.square(piece.values, dtype=np.float64).sum())
         except ManifestError as e:
             raise BadUpdate(str(e)) from None
         self._hash.update(data)
