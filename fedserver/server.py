@@ -159,7 +159,9 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     evaluator = Evaluator(task)
     dp = None
     if s.dp is not None:
-        dp = DPServer(s.dp, noise_on_clients=s.secure == "secagg", seed=s.dp_seed)
+        # --secure secagg/he: noise on the clients, so neither the coordinator nor a key
+        # holder ever sees a sum without it.
+        dp = DPServer(s.dp, noise_on_clients=s.secure != "none", seed=s.dp_seed)
         dp.resume(r.metrics for r in store.rounds())
     if s.secure == "he":
         check_he_settings(s)
