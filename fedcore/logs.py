@@ -8,6 +8,20 @@ import sys
 import time
 from collections.abc import Mapping
 
+from fedcore.limits import MAX_LOG_MESSAGE
+
+
+class ClipMessages(logging.Filter):
+    """Cut a record's message to MAX_LOG_MESSAGE characters: log lines quote client input
+    (ids, refusal reasons), and no client may grow the log by megabytes per message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > MAX_LOG_MESSAGE:
+            record.msg = f"{message[:MAX_LOG_MESSAGE]}... ({len(message)} characters)"
+            record.args = None
+        return True
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -31,6 +45,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S")
         )
+    handler.addFilter(ClipMessages())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
