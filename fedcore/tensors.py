@@ -107,7 +107,7 @@ class Manifest:
             (dupes if t.name in seen else seen).add(t.name)
         if dupes:
             shown = ", ".join(excerpt(n) for n in sorted(dupes)[:5])
-            raise ManifestError(f"duplicate tensor names in manifest ({len(dupes)}): {shown}")
+            raise ManifestError(f"duplicate tensor names in manifest ({len(dupes)}): [{shown}]")
 
     @cached_property
     def offsets(self) -> dict[str, tuple[int, int]]:
