@@ -20,6 +20,13 @@ class ClipMessages(logging.Filter):
         if len(message) > MAX_LOG_MESSAGE:
             record.msg = f"{message[:MAX_LOG_MESSAGE]}... ({len(message)} characters)"
             record.args = None
+        if record.exc_info and not record.exc_text:
+            # An exception's text may quote client input too: keep both ends of the traceback.
+            text = logging.Formatter().formatException(record.exc_info)
+            if len(text) > 2 * MAX_LOG_MESSAGE:
+                head, tail = text[:MAX_LOG_MESSAGE], text[-MAX_LOG_MESSAGE:]
+                text = f"{head}\n... ({len(text) - 2 * MAX_LOG_MESSAGE} characters) ...\n{tail}"
+            record.exc_text = text
         return True
 
 
@@ -33,7 +40,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
