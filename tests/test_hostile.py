@@ -374,6 +374,8 @@ def test_every_rpc_worst_case_while_get_status_answers(
                 while len(poller.results) == before and time.monotonic() < deadline:
                     poller.stop.wait(0.01)
                 assert len(poller.results) > before, f"GetStatus stalled after {rpc} {what}"
+                stalled = set(poller.results) - {grpc.StatusCode.OK}
+                assert not stalled, f"GetStatus failed during {rpc} {what}: {stalled}"
     finally:
         poller.stop.set()
         thread.join(STATUS_TIMEOUT * 2)
