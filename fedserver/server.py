@@ -29,7 +29,7 @@ from fedserver.fedeval import EvalPolicy
 from fedserver.messages import TrainingDefaults
 from fedserver.progress import show_progress
 from fedserver.rounds import RoundPolicy
-from fedserver.rpc import LenientDecoding
+from fedserver.rpc import BoundedReplies, LenientDecoding
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
 from fedserver.service import CoordinatorService, add_to_server
@@ -228,10 +228,11 @@ async def serve(s: ServerSettings) -> int:
     except (SecurityError, TokenFileError) as e:
         raise SetupError(str(e)) from None
     auth.on_denied = coordinator.metrics.refused_call
-    # Lenient decoding first: corrupt messages reach the servicer as None and are refused there.
-    # The auth interceptor always runs: even without authentication, a Coordinator RPC with no
-    # entry in its authorization table is refused (fail closed).
-    interceptors = [LenientDecoding(), AuthInterceptor(auth)]
+    # Bounded replies outermost: every handler (the authenticator's refusals too) gets a context
+    # whose status messages are capped. Lenient decoding next: corrupt messages reach the
+    # servicer as None and are refused there. The auth interceptor always runs: even without
+    # authentication, a Coordinator RPC with no entry in its authorization table is refused.
+    interceptors = [BoundedReplies(), LenientDecoding(), AuthInterceptor(auth)]
     server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
     add_to_server(CoordinatorService(coordinator, s.chunk_size), server)
     health_servicer = health.aio.HealthServicer()

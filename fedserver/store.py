@@ -313,10 +313,17 @@ class StateStore:
     def rounds(self) -> list[RoundRecord]:
         with self.lock:
             rows = self.db.execute("SELECT * FROM rounds ORDER BY round").fetchall()
-        return [
-            RoundRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8])
-            for r in rows
-        ]
+        return [_record(r) for r in rows]
+
+    def recent_rounds(self, limit: int) -> tuple[list[RoundRecord], int]:
+        """The last `limit` rounds (oldest first) and how many rounds there are in all."""
+        with self.lock:
+            total = self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+            rows = self.db.execute(
+                "SELECT * FROM (SELECT * FROM rounds ORDER BY round DESC LIMIT ?) ORDER BY round",
+                (limit,),
+            ).fetchall()
+        return [_record(r) for r in rows], int(total)
 
     def receipt_digest(self, round_number: int, client_id: str) -> str | None:
         with self.lock:
@@ -399,3 +406,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
         }
     finally:
         db.close()
+
+
+def _record(r: tuple[Any, ...]) -> RoundRecord:
+    return RoundRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8])
