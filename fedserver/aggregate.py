@@ -49,7 +49,7 @@ class SpillFile:
     """
 
     def __init__(self, spill_dir: Path, key: bytes | None = None) -> None:
-        spill_dir.mkdir(parents=True, exist_ok=True)
+        spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._file: BinaryIO = tempfile.TemporaryFile(dir=spill_dir)  # noqa: SIM115
         self._cipher = Cipher(algorithms.AES(key), modes.CTR(os.urandom(16))) if key else None
         self._encryptor = self._cipher.encryptor() if self._cipher else None
@@ -244,7 +244,7 @@ class UpdateSpool:
     def __init__(self, num_values: int, spill_dir: Path) -> None:
         self.num_values = num_values
         self.weights: list[float] = []
-        spill_dir.mkdir(parents=True, exist_ok=True)
+        spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._file: BinaryIO = tempfile.TemporaryFile(dir=spill_dir)  # noqa: SIM115
 
     @property
