@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fedcore.proto import coordinator_pb2 as pb
-from fedserver.aggregate import BadUpdate, UpdateTooLarge
+from fedserver.aggregate import BadUpdate, SpillCorrupted, UpdateTooLarge
 from fedserver.messages import SubmitResult, TooManyStreams
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound
 from fedserver.secagg import SecAggFailed
@@ -28,6 +28,7 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     for kind, code in (
         (TooManyStreams, grpc.StatusCode.ABORTED),
         (UpdateTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (SpillCorrupted, grpc.StatusCode.INTERNAL),  # our disk, not the client's bytes: retry
         (BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),
         (AlreadySubmitted, grpc.StatusCode.ALREADY_EXISTS),
         (NotSelected, grpc.StatusCode.PERMISSION_DENIED),
