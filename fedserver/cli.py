@@ -110,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_status(args: argparse.Namespace) -> int:
     try:
         status = remote.live_status(args) if args.server else read_status(args.state_dir)
+    except PermissionError as e:
+        print(
+            f"fedserver: cannot read {e.filename or args.state_dir}: permission denied; a state "
+            "dir is private to the coordinator's user (docs/security.md): run as that user, or "
+            "ask the live coordinator with --server",
+            file=sys.stderr,
+        )
+        return 1
     except (FileNotFoundError, SecurityError) as e:
         print(f"fedserver: {e}", file=sys.stderr)
         return 1

@@ -85,3 +85,19 @@ def test_a_state_dir_open_to_others_is_tightened_with_a_warning(
     caplog.clear()
     StateStore(state).close()  # already private: nothing to say
     assert "open to other users" not in caplog.text
+
+
+def test_status_of_a_state_dir_we_may_not_read_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another user meets the 0700 dir as EACCES (not reproducible as root, hence the stub)."""
+    import fedserver.cli
+
+    def denied(state_dir: Path) -> None:
+        raise PermissionError(13, "Permission denied", str(state_dir / "state.db"))
+
+    monkeypatch.setattr(fedserver.cli, "read_status", denied)
+    assert fedserver.cli.main(["status", "--state-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot read {tmp_path / 'state.db'}: permission denied" in err
+    assert "--server" in err
