@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcore.codecs import Codec, Piece, StreamDecoder
-from fedcore.files import atomic_write
+from fedcore.files import PRIVATE, atomic_write
 from fedcore.tensors import Manifest, ManifestError
 
 POLY_DEGREE = 8192
@@ -173,7 +173,7 @@ def generate_keys(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
     ctx.global_scale = 2**SCALE_BITS
     blobs = (ctx.serialize(save_secret_key=True), ctx.serialize(save_secret_key=False))
     for path, blob in zip(paths, blobs, strict=True):
-        atomic_write(path, [blob], 0o600, overwrite=overwrite)
+        atomic_write(path, [blob], PRIVATE, overwrite=overwrite)
     return paths
 
 

@@ -59,13 +59,13 @@ def generate_key_file(path: Path, overwrite: bool = False) -> str:
     An existing file is refused unless `overwrite`; either way the key lands in a new 0600 file
     renamed into place, so a replaced key file never keeps the old one's permissions.
     """
-    from fedcore.files import atomic_write  # fedcore.files imports this module
+    from fedcore.files import PRIVATE, atomic_write  # fedcore.files imports this module
 
     path = Path(path)
     key = AESGCM.generate_key(bit_length=256)
     text = (KEY_PREFIX + base64.b64encode(key).decode() + "\n").encode()
     try:
-        atomic_write(path, [text], 0o600, overwrite=overwrite)
+        atomic_write(path, [text], PRIVATE, overwrite=overwrite)
     except FileExistsError:
         raise KeyExists(f"{path} already exists; refusing to overwrite a key (--force)") from None
     return _key_id(key).hex()
