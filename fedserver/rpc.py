@@ -20,7 +20,7 @@ from google.protobuf.message import DecodeError
 from fedcore import limits
 from fedcore.limits import MAX_CLIENT_ID, clip_message, excerpt
 from fedcore.proto import coordinator_pb2 as pb
-from fedserver.aggregate import BadUpdate, UpdateTooLarge
+from fedserver.aggregate import BadUpdate, SpillCorrupted, UpdateTooLarge
 from fedserver.messages import SubmitResult, TooManyStreams
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound
 from fedserver.secagg import SecAggFailed
@@ -34,6 +34,7 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     for kind, code in (
         (TooManyStreams, grpc.StatusCode.ABORTED),
         (UpdateTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (SpillCorrupted, grpc.StatusCode.INTERNAL),  # our disk, not the client's bytes: retry
         (BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),
         (AlreadySubmitted, grpc.StatusCode.ALREADY_EXISTS),
         (NotSelected, grpc.StatusCode.PERMISSION_DENIED),

@@ -282,6 +282,15 @@ async def serve(s: ServerSettings) -> int:
                 "outside a lab",
                 address,
             )
+        elif credentials is not None and not auth.enabled:
+            # Encrypted but open to anyone who reaches the port, on any address: TLS flags mean
+            # the operator expects a protected deployment, so this must not pass unnoticed.
+            log.warning(
+                "serving TLS on %s WITHOUT CLIENT AUTHENTICATION: anyone who can reach this port "
+                "can join, train, submit updates and download the model; add --tls-ca "
+                "(client certificates from fedserver certs) or --tokens FILE",
+                address,
+            )
 
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
