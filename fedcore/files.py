@@ -9,16 +9,19 @@ project; tests check interoperability with the `safetensors` library in both dir
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
-import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+# Re-exported: the durable writes are used through this module across the code base.
+from fedcore.durable import PRIVATE as PRIVATE
+from fedcore.durable import SHARED as SHARED
+from fedcore.durable import atomic_link as atomic_link
+from fedcore.durable import atomic_write as atomic_write
+from fedcore.durable import fsync_dir as fsync_dir
 from fedcore.sealed import MAGIC, SealedError, StateCipher
 from fedcore.tensors import (
     SAFETENSORS_TO_DTYPE,
@@ -30,62 +33,6 @@ from fedcore.tensors import (
 )
 
 _MAX_HEADER = 100 << 20
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, parts: Iterable[bytes | memoryview], mode: int | None = None) -> None:
-    """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder.
-
-    A reader (or a restart after kill -9) sees either the old file or the complete new one.
-    `mode` (e.g. 0o600 for secrets) is set before any byte is written; default: the umask's.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_link(source: Path, path: Path) -> None:
-    """Make `path` another name of the (already durable) file `source`, atomically.
-
-    Publishing a file that already exists under another name costs a directory entry instead of
-    rewriting and fsyncing every byte. Both names must be on one filesystem; raises OSError
-    otherwise (callers fall back to atomic_write). Safe because our files are only ever
-    replaced by rename, never modified in place, so the shared inode never changes.
-    """
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp"
-    os.link(source, tmp)
-    try:
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def safetensors_header(flat: FlatModel, metadata: Mapping[str, str] | None = None) -> bytes:

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from fedcore import faults
 from fedcore.checksums import new_hasher
 from fedcore.codecs import Codec, get_codec
+from fedcore.limits import MAX_ROUND_METRICS
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest, ManifestError
-from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateTooLarge
+from fedserver.aggregate import BadUpdate, SpillCorrupted, StagedUpdate, UpdateTooLarge
+from fedserver.dp import DPServer
 from fedserver.messages import (
     BaseVersionMismatch,
     PendingSubmit,
@@ -48,7 +50,7 @@ class UpdateIntake:
     touch: Callable[[str], None]
     advance: Callable[[], None]  # let the round machine react (an update may close the round)
     max_update_bytes: int
-    weighted: bool  # example-weighted mean (False under --dp-clip: each client weighs 1)
+    dp: DPServer | None  # --dp-clip: each client weighs 1, updates seen in plain are re-clipped
     strategy_name: str
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # this round's
 
@@ -70,7 +72,9 @@ class UpdateIntake:
             )
         self.touch(header.client_id)
         num_values = selection.num_values if selection else self.round_selection().num_values
-        return self.uploads.open(header, codec, num_values, selection)
+        # --dp-clip: the coordinator re-clips what it sees in plain, so it needs the norm.
+        track_norm = self.dp is not None and self._sees_plain()
+        return self.uploads.open(header, codec, num_values, selection, track_norm)
 
     def _check_header(self, h: SubmitHeader) -> tuple[Codec, Selection | None]:
         if not h.client_id:
@@ -177,11 +181,15 @@ class UpdateIntake:
             )
         try:
             self.machine.check_submit(h.client_id, h.round)
-        except SubmitRefused as e:
+            staged.verify()  # bytes changed on disk since they were verified: refused, unfolded
+        except (SubmitRefused, SpillCorrupted) as e:
             raise self._refuse(e) from None
         # DP-FedAvg bounds each client's influence only for an unweighted mean.
-        weight = float(h.num_examples) if self.weighted else 1.0
-        contribution = Contribution(h.client_id, h.round, staged, weight, h.num_examples, selection)
+        weight = 1.0 if self.dp else float(h.num_examples)
+        scale = self._reclip(h, staged) if self._sees_plain() else 1.0
+        contribution = Contribution(
+            h.client_id, h.round, staged, weight, h.num_examples, selection, scale
+        )
         try:
             self.protocol.accept(contribution)
         except (SubmitRefused, BadUpdate) as e:
@@ -213,7 +221,40 @@ class UpdateIntake:
             for k, v in self.client_metrics.get(client, {}).items():
                 total[k] += v * receipt.num_examples
                 weight[k] += receipt.num_examples
-        return {k: total[k] / weight[k] for k in total if weight[k]}
+        # Each client sends at most MAX_METRICS names, but they may all differ: keep the names
+        # most examples reported (then by name), so a round's record stays bounded.
+        kept = sorted((k for k in total if weight[k]), key=lambda k: (-weight[k], k))
+        return {k: total[k] / weight[k] for k in kept[:MAX_ROUND_METRICS]}
+
+    def _sees_plain(self) -> bool:
+        """The protocol folds updates in plain (not masked or encrypted)."""
+        return self.protocol.encoding is None
+
+    def _reclip(self, h: SubmitHeader, staged: StagedUpdate) -> float:
+        """The DP re-clip factor of an update seen in plain (1.0 without --dp-clip).
+
+        The sensitivity bound, and so the reported ε, must not depend on clients clipping
+        honestly: the decoded delta (after fp16/int8/top-k decoding, before the unweighted
+        fold) is scaled to norm C here. An update an honest client clipped is within C
+        (factor 1.0: nothing multiplied); fp16/int8 rounding may lift it ~1e-5 over C.
+        """
+        if self.dp is None:
+            return 1.0
+        factor = self.dp.reclip_factor(staged.norm)
+        if factor < 1.0:
+            # fp16/int8 rounding can lift an honestly clipped update a hair over C: not news.
+            clear = staged.norm is not None and staged.norm > 1.001 * self.dp.config.clip
+            log.log(
+                logging.INFO if clear else logging.DEBUG,
+                "round %d: update from %s has L2 norm %.6g > --dp-clip %g; clipped by the "
+                "coordinator (factor %.6g)",
+                h.round,
+                h.client_id,
+                staged.norm,
+                self.dp.config.clip,
+                factor,
+            )
+        return factor
 
     def _known_digest(self, round_number: int, client_id: str) -> str | None:
         """Digest of the update already counted for (round, client), if any."""

@@ -31,8 +31,14 @@ class Uploads:
         return exc
 
     def open(
-        self, header: SubmitHeader, codec: Codec, num_values: int, selection: Selection | None
+        self,
+        header: SubmitHeader,
+        codec: Codec,
+        num_values: int,
+        selection: Selection | None,
+        track_norm: bool = False,  # measure the decoded update's L2 norm (DP re-clipping)
     ) -> PendingSubmit:
+        """A receiver for the stream; raises BadUpdate (e.g. an unknown checksum algorithm)."""
         receiver = UpdateReceiver(
             codec,
             num_values,
@@ -40,6 +46,7 @@ class Uploads:
             self.incoming,
             header.checksum,
             self.spill_key,
+            track_norm=track_norm,
         )
         self.streams[header.client_id] += 1
         return PendingSubmit(header, receiver, selection)

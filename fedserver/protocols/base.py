@@ -92,6 +92,7 @@ class Contribution:
     weight: float  # num_examples, or 1.0 for an unweighted (DP) mean
     num_examples: int
     selection: Selection | None  # the tensors a partial update carries (None: all)
+    scale: float = 1.0  # --dp-clip: the coordinator's re-clip factor for an update seen in plain
 
 
 @dataclass(frozen=True)

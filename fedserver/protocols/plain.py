@@ -37,7 +37,7 @@ class PlainProtocol(RoundProtocol):
             self._spool = UpdateSpool(self.env.num_values, self.env.uploads.incoming)
 
     def accept(self, c: Contribution) -> None:
-        self._accumulator.fold(c.staged, c.weight, c.selection)
+        self._accumulator.fold(c.staged, c.weight, c.selection, c.scale)
         if self._spool is not None:
             self._spool.append(c.staged, float(c.num_examples))
 

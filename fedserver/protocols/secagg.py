@@ -113,6 +113,10 @@ class SecAggProtocol(RoundProtocol):
         return self if kind == "secagg" else None
 
     # ------------------------------------------------------------------ the "secagg" stage
+    def max_peers(self) -> int:
+        """The most entries a share or reveal list can have: the current round's selection."""
+        return len(self.current.selected) if self.current is not None else 0
+
     def _round(self, round_number: int) -> SecAggRound:
         sa = self.current
         current = self.env.current_round()

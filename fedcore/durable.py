@@ -1,0 +1,85 @@
+"""Durable file writes: atomic_write (temp file, fsync, rename, fsync the folder), atomic_link.
+
+No dependencies inside fedcore, so every module that writes files (files.py for checkpoints,
+sealed.py for key files, he.py for contexts) can use it without importing the others.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+PRIVATE = 0o600  # what atomic_write gives a file unless told otherwise (docs/security.md)
+SHARED = None  # mode=SHARED: as the umask allows (reports, certificates: meant to be read)
+
+
+def atomic_write(
+    path: Path,
+    parts: Iterable[bytes | memoryview],
+    mode: int | None = PRIVATE,
+    overwrite: bool = True,
+) -> None:
+    """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder.
+
+    A reader (or a restart after kill -9) sees either the old file or the complete new one.
+    The file is always a new inode with `mode` (owner-only unless the caller says otherwise;
+    SHARED = the umask's), set before any byte is written, so replacing a file never inherits
+    the old one's permissions. With overwrite=False an existing `path` is never replaced:
+    FileExistsError, atomically (the new file is linked in, which fails if the name exists).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask() if mode is None else mode)
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_link(source: Path, path: Path) -> None:
+    """Make `path` another name of the (already durable) file `source`, atomically.
+
+    Publishing a file that already exists under another name costs a directory entry instead of
+    rewriting and fsyncing every byte. Both names must be on one filesystem; raises OSError
+    otherwise (callers fall back to atomic_write). Safe because our files are only ever
+    replaced by rename, never modified in place, so the shared inode never changes.
+    """
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}-{time.monotonic_ns()}.tmp"
+    os.link(source, tmp)
+    try:
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
