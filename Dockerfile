@@ -1,25 +1,37 @@
 # One image for the coordinator and the clients; docker-compose.yml picks the command.
 #   docker build -t fedgrpc:latest .
 #   docker run --rm fedgrpc:latest fedserver run --help
-FROM python:3.11-slim
+# BASE_IMAGE: any Debian-like image with Python 3.11 and its venv module. python:3.11-slim on a
+# machine that reaches Docker Hub; `make docker-e2e` passes a local stand-in where none is
+# reachable (docker/host-setup.sh, docs/deploy.md).
+ARG BASE_IMAGE=python:3.11-slim
 
+FROM ${BASE_IMAGE} AS base
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# A venv, not the system site-packages: Debian's own python3 refuses `pip install` there
+# (externally managed), python:3.11-slim does not care either way. PATH is spelled out: an
+# imported stand-in has none for $PATH to extend.
+RUN python3 -m venv /opt/venv
 
-# Non-root user that owns the state dir; a fixed uid keeps volume ownership stable across builds.
-RUN groupadd --system --gid 10001 fed \
- && useradd --system --uid 10001 --gid fed --create-home --home-dir /home/fed fed
-
-WORKDIR /app
-
-# torch first, in its own layer keyed on constraints.txt only, so editing the code or
-# pyproject.toml does not re-download it.
-# The CPU wheel comes from PyTorch's own index: the default index (PyPI) resolves torch on Linux
-# to the CUDA build, which pulls multi-GB nvidia-* wheels that a CPU-only container never uses.
+# Dependencies are installed in a throwaway stage, so the torch wheel copied from the build
+# context (docker/wheels/) never becomes a layer of the final image.
+FROM base AS deps
+WORKDIR /src
+# torch first, in its own layer keyed on constraints.txt and docker/wheels/ only, so editing the
+# code or pyproject.toml does not reinstall it. The CPU wheel: from docker/wheels/ when
+# host-setup.sh put one there, else from PyTorch's CPU index (PyPI resolves torch on Linux to
+# the CUDA build, which pulls multi-GB nvidia-* wheels a CPU-only container never uses).
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY constraints.txt ./
-RUN pip install --no-cache-dir -c constraints.txt torch==2.13.0 \
-        --index-url https://download.pytorch.org/whl/cpu
+COPY docker/wheels/ /tmp/wheels/
+RUN if ls /tmp/wheels/torch-*+cpu-*.whl >/dev/null 2>&1; then \
+        pip install --no-cache-dir -c constraints.txt --find-links /tmp/wheels "torch==2.13.0+cpu"; \
+    else \
+        pip install --no-cache-dir -c constraints.txt torch==2.13.0 --index-url "$TORCH_INDEX_URL"; \
+    fi
 
 # The rest of the dependencies come from PyPI at the versions pinned in constraints.txt;
 # torch==2.13.0+cpu already satisfies the torch==2.13.0 pin, so it is not replaced.
@@ -29,15 +41,23 @@ COPY fedserver ./fedserver
 COPY fedclient ./fedclient
 COPY examples ./examples
 COPY protos ./protos
-RUN pip install --no-cache-dir -c constraints.txt . \
- && rm -rf build ./*.egg-info
+RUN pip install --no-cache-dir -c constraints.txt .
+
+FROM base
+COPY --from=deps /opt/venv /opt/venv
+
+# Non-root user that owns the state dir; a fixed uid keeps volume ownership stable across builds
+# (docker-compose.yml's certs service hands each identity's folder to this uid: --owner).
+RUN groupadd --system --gid 10001 fed \
+ && useradd --system --uid 10001 --gid fed --create-home --home-dir /home/fed fed
 
 # The coordinator's state dir and the certificates folder (`fedserver certs --out /certs`).
 # Declared after the chown so fresh named volumes start out owned by fed (Docker copies the
 # image's ownership into an empty volume); /certs holds private keys, so only fed may enter.
-RUN mkdir -p /state /certs && chown fed:fed /state /certs && chmod 700 /certs
+RUN mkdir -p /state /certs && chown fed:fed /state /certs && chmod 700 /state /certs
 VOLUME /state /certs
 
+WORKDIR /home/fed
 USER fed
 # gRPC (mTLS in docker-compose.yml) and Prometheus metrics (--metrics-port 9100).
 EXPOSE 50051 9100
