@@ -33,29 +33,38 @@ RUN if ls /tmp/wheels/torch-*+cpu-*.whl >/dev/null 2>&1; then \
         pip install --no-cache-dir -c constraints.txt torch==2.13.0 --index-url "$TORCH_INDEX_URL"; \
     fi
 
-# The rest of the dependencies come from PyPI at the versions pinned in constraints.txt;
-# torch==2.13.0+cpu already satisfies the torch==2.13.0 pin, so it is not replaced.
-COPY pyproject.toml README.md ./
-COPY fedcore ./fedcore
-COPY fedserver ./fedserver
-COPY fedclient ./fedclient
-COPY examples ./examples
-COPY protos ./protos
-RUN pip install --no-cache-dir -c constraints.txt .
+# The rest of the dependencies, from PyPI at the versions pinned in constraints.txt, keyed on
+# pyproject.toml: editing the code reuses this layer. torch==2.13.0+cpu already satisfies the
+# torch==2.13.0 pin, so it is not replaced.
+COPY pyproject.toml ./
+RUN python3 -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" > requirements.txt \
+ && pip install --no-cache-dir -c constraints.txt -r requirements.txt
 
 FROM base
-COPY --from=deps /opt/venv /opt/venv
-
 # Non-root user that owns the state dir; a fixed uid keeps volume ownership stable across builds
 # (docker-compose.yml's certs service hands each identity's folder to this uid: --owner).
 RUN groupadd --system --gid 10001 fed \
  && useradd --system --uid 10001 --gid fed --create-home --home-dir /home/fed fed
 
-# The coordinator's state dir and the certificates folder (`fedserver certs --out /certs`).
-# Declared after the chown so fresh named volumes start out owned by fed (Docker copies the
-# image's ownership into an empty volume); /certs holds private keys, so only fed may enter.
+# Mount points for the coordinator's state dir and the certificates folder. A fresh named volume
+# mounted on a path the image has starts out with that path's owner and mode (Docker copies
+# them), so these volumes belong to fed; /certs holds private keys, so only fed may enter.
+# No VOLUME instruction: it would give every container (clients included) anonymous volumes
+# that outlive it; docker-compose.yml names the volumes each service mounts.
 RUN mkdir -p /state /certs && chown fed:fed /state /certs && chmod 700 /state /certs
-VOLUME /state /certs
+
+COPY --from=deps /opt/venv /opt/venv
+
+# The project itself: only its own files change from one build to the next.
+WORKDIR /src
+COPY constraints.txt pyproject.toml README.md ./
+COPY fedcore ./fedcore
+COPY fedserver ./fedserver
+COPY fedclient ./fedclient
+COPY examples ./examples
+COPY protos ./protos
+RUN pip install --no-cache-dir --no-deps -c constraints.txt . \
+ && cd / && rm -rf /src
 
 WORKDIR /home/fed
 USER fed
