@@ -141,6 +141,10 @@ def project() -> Iterator[Project]:
                 cwd=REPO, env=project.env, capture_output=True, text=True,
             )  # fmt: skip
             print(f"--- {service}\n{with_logs.stdout}")
+        # A failure between pause and unpause leaves frozen clients, which `down` cannot stop.
+        subprocess.run(
+            [*project.compose, "unpause"], cwd=REPO, env=project.env, capture_output=True
+        )
         project.run("down", "--volumes", "--remove-orphans", "--timeout", "10")
 
 
@@ -175,27 +179,40 @@ def test_compose_up_trains_with_mtls_and_resumes_after_restart(project: Project)
     assert not {f"{name}.key" for name in CLIENTS} & coordinator_files
     assert "ca.key" in project.files_in(project.volume("fedgrpc-certs"))
 
-    # Restart the coordinator mid-run: it must resume at the next round, not at round 1.
+    # Restart the coordinator mid-run; it must resume from its checkpoint, not at round 1.
+    # The clients are paused (cgroup freezer) first: rounds take well under a second, so
+    # otherwise the run could end before the restart lands. Paused, they can finish no round.
     wait_until(
         lambda: f"round {RESTART_AFTER}/{ROUNDS} closed" in project.logs(COORDINATOR),
         600,
         f"round {RESTART_AFTER} to close",
     )
-    progress(f"round {RESTART_AFTER} closed; compose restart {COORDINATOR}")
+    project.run("pause", *CLIENTS)
+    progress(f"round {RESTART_AFTER} closed; clients paused; compose restart {COORDINATOR}")
     project.run("restart", COORDINATOR, timeout=300)
     resumed = re.compile(r"resuming from /state: (\d+) round\(s\) completed")
+    closed = re.compile(rf"round (\d+)/{ROUNDS} closed")
     opened = re.compile(rf"round (\d+)/{ROUNDS} opened")
+    wait_until(
+        lambda: resumed.search(project.logs(COORDINATOR)) is not None, 300, "the resume line"
+    )
+    logs = project.logs(COORDINATOR)
+    match = resumed.search(logs)
+    assert match is not None
+    before = [int(n) for n in closed.findall(logs[: match.start()])]
+    completed = int(match[1])
+    # Every round closed before the restart is kept, and none is run again.
+    assert before == list(range(1, completed + 1)), logs
+    assert RESTART_AFTER <= completed < ROUNDS, logs
+    project.run("unpause", *CLIENTS)
 
     def since_resume() -> str:
-        logs = project.logs(COORDINATOR)
-        match = resumed.search(logs)
-        return logs[match.start() :] if match else ""
+        text = project.logs(COORDINATOR)
+        return text[text.index(match[0]) :]
 
     wait_until(lambda: opened.search(since_resume()) is not None, 300, "a round after the resume")
-    tail = since_resume()
-    completed = int(resumed.search(tail)[1])  # type: ignore[index]
-    assert RESTART_AFTER <= completed < ROUNDS, tail
-    assert int(opened.search(tail)[1]) == completed + 1, tail  # type: ignore[index]
+    first = opened.search(since_resume())
+    assert first is not None and int(first[1]) == completed + 1, since_resume()
     progress(f"resumed with {completed} round(s) completed; round {completed + 1} opened")
 
     # Every client finishes and exits 0; the coordinator finishes and stays down (exit 0).
