@@ -20,6 +20,7 @@ def _certs(tmp_path: Path, *extra: str) -> int:
     )  # fmt: skip
 
 
+@pytest.mark.usefixtures("open_umask")
 def test_each_bundle_holds_ca_crt_and_its_own_pair_only(tmp_path: Path) -> None:
     owner = f"{os.getuid()}:{os.getgid()}"
     assert _certs(tmp_path, "--bundles", str(tmp_path / "b"), "--owner", owner) == 0

@@ -14,7 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedcore.files import atomic_write
+from fedcore.files import PRIVATE, atomic_write
 
 
 def write_bundles(
@@ -34,7 +34,7 @@ def write_bundles(
         files = {
             folder / "ca.crt": (ca, 0o644),
             folder / f"{stem}.crt": ((out / f"{stem}.crt").read_bytes(), 0o644),
-            folder / f"{stem}.key": ((out / f"{stem}.key").read_bytes(), 0o600),
+            folder / f"{stem}.key": ((out / f"{stem}.key").read_bytes(), PRIVATE),
         }
         for path, (data, mode) in files.items():
             atomic_write(path, [data], mode=mode)
