@@ -19,7 +19,7 @@ from fedcore import faults
 from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError, iter_chunks
+from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, iter_chunks
 from fedcore.wire import (
     data_message,
     manifest_from_proto,
@@ -55,6 +55,14 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
     def __init__(self, coordinator: Coordinator, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.coordinator = coordinator
         self.chunk_size = chunk_size
+        self._manifest: tuple[str, pb.Manifest] | None = None  # (model version, its manifest)
+
+    def _manifest_proto(self, version: str, model_manifest: Manifest) -> pb.Manifest:
+        """The model's manifest as protobuf, built once per version and not per header:
+        with every one of 10,000 clients selected, per-call conversion was 10,000 copies."""
+        if self._manifest is None or self._manifest[0] != version:
+            self._manifest = (version, manifest_to_proto(model_manifest))
+        return self._manifest[1]
 
     async def Join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
@@ -102,7 +110,9 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         )
         if offer.selected or offer.evaluate_round:
             header.model_version = offer.model.version
-            header.manifest.CopyFrom(manifest_to_proto(offer.model.manifest))
+            header.manifest.CopyFrom(
+                self._manifest_proto(offer.model.version, offer.model.manifest)
+            )
             header.total_bytes = offer.model.buffer.size if offer.send_bytes else 0
             header.evaluate_round = offer.evaluate_round
         header.decrypt_round = offer.decrypt_round
@@ -219,7 +229,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
             current_round=m.round,
             total_rounds=c.policy.total_rounds,
             rounds_completed=m.rounds_completed,
-            live_clients=len(m.live_clients()),
+            live_clients=m.live_count(),
             updates_received=len(m.receipts),
             updates_expected=len(m.selected),
             federation_id=c.federation_id,
