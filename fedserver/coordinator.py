@@ -99,6 +99,7 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         self._streams: Counter[str] = Counter()
         self._changed = asyncio.Event()  # secure-aggregation stages wait on this
         self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
+        self._flush_joins: asyncio.TimerHandle | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._aggregating: asyncio.Task[None] | None = None
         self.shutting_down = False
@@ -200,7 +201,14 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         self.machine.touch(client_id)
         if properties is not None:
             self.store.record_client(client_id, properties)
+            if self._flush_joins is None:  # one write per 0.2 s of Joins, not one per Join
+                loop = asyncio.get_running_loop()
+                self._flush_joins = loop.call_later(0.2, self._write_joins)
         self._advance()
+
+    def _write_joins(self) -> None:
+        self._flush_joins = None
+        self.store.flush_clients()
 
     # ------------------------------------------------------------------ pulling the model
     def state_name(self) -> str:
