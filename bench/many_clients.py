@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -208,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients-per-round", type=int, help="sample K of the clients (all)")
     parser.add_argument("--kill-restart", action="store_true", help="kill -9 after round 1")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--keep", type=Path, help="work (logs, state) here instead of a temp dir")
     args = parser.parse_args(argv)
     if args.command == "worker":
         lat = asyncio.run(run_worker(args.server, args.first, args.count))
@@ -216,12 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kill_restart and args.rounds < 2:
         parser.error("--kill-restart needs --rounds 2 or more")
     with tempfile.TemporaryDirectory(prefix="fedgrpc-many-") as tmp:
+        if args.keep:
+            shutil.rmtree(args.keep, ignore_errors=True)
         result = run(
             args.clients,
             args.procs,
             args.params,
             args.rounds,
-            Path(tmp),
+            args.keep or Path(tmp),
             args.clients_per_round,
             args.kill_restart,
         )

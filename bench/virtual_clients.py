@@ -34,7 +34,7 @@ Latencies = dict[str, list[float]]
 
 
 async def _session(
-    stub: pb_grpc.CoordinatorStub, calls: ModelCalls, client: BenchClient, lat: Latencies
+    calls: ModelCalls, client: BenchClient, lat: Latencies, rng: random.Random
 ) -> bool:
     """Poll and submit until FINISHED (True); raises AioRpcError on a failed call."""
     while True:
@@ -51,18 +51,34 @@ async def _session(
         if outcome != client.SUBMIT:
             continue
         t = time.perf_counter()
+        if await _submit(calls, client, lat, rng):
+            lat["submit"].append(time.perf_counter() - t)  # including any wait when shed
+
+
+async def _submit(
+    calls: ModelCalls, client: BenchClient, lat: Latencies, rng: random.Random
+) -> bool:
+    """Upload, coming back when the coordinator sheds the upload (UNAVAILABLE with a
+    retry-after-ms); False if a restarted coordinator refused it (pull again)."""
+    backoff = Backoff(initial=0.5, maximum=5.0, give_up_after=600, rng=rng)
+    while True:
         try:
             await calls.submit(client.upload(), timeout=300)
+            return True
         except grpc.aio.AioRpcError as e:
-            if e.code() not in RESUBMIT:
+            if e.code() in RESUBMIT:
+                lat["refused_after_restart"].append(0.0)
+                return False
+            delay = retry_after(e)
+            if e.code() != grpc.StatusCode.UNAVAILABLE or not delay:
                 raise
-            lat["refused_after_restart"].append(0.0)
-            continue
-        lat["submit"].append(time.perf_counter() - t)
+            lat["shed"].append(delay)
+            await asyncio.sleep(backoff.next_delay(delay))
 
 
 async def virtual_client(address: str, client_id: str, lat: Latencies, seed: int) -> None:
-    backoff = Backoff(initial=0.5, maximum=5.0, give_up_after=600, rng=random.Random(seed))
+    rng = random.Random(seed)  # each client its own jitter: a shared seed would march in step
+    backoff = Backoff(initial=0.5, maximum=5.0, give_up_after=600, rng=rng)
     async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
         calls = ModelCalls(channel)
@@ -77,7 +93,7 @@ async def virtual_client(address: str, client_id: str, lat: Latencies, seed: int
                 if client is None:
                     client = BenchClient(client_id, join.chunk_size, 1e-4, poll=30)
                 backoff.reset()
-                if await _session(stub, calls, client, lat):
+                if await _session(calls, client, lat, rng):
                     return
             except grpc.aio.AioRpcError as e:
                 if e.code() not in TRANSIENT:

@@ -97,6 +97,7 @@ class Coordinator(UpdateIntake, EvaluationRounds):
                 raise ValueError("--secure he needs the public context (--he-public-key)")
             self.secure_rounds = HERounds(self, self.he_public_key, self.secagg_stage_timeout)
         self._streams: Counter[str] = Counter()
+        self._uploads = 0  # SubmitUpdate streams being received (submissions.py)
         self._changed = asyncio.Event()  # secure-aggregation stages wait on this
         self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
         self._flush_joins: asyncio.TimerHandle | None = None

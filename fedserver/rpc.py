@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedserver.aggregate import BadUpdate, UpdateTooLarge
-from fedserver.messages import SubmitResult, TooManyStreams
+from fedserver.messages import CoordinatorBusy, SubmitResult, TooManyStreams
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound
 from fedserver.secagg import SecAggFailed
 
@@ -27,6 +27,7 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     # Order matters: subclasses before their bases.
     for kind, code in (
         (TooManyStreams, grpc.StatusCode.ABORTED),
+        (CoordinatorBusy, grpc.StatusCode.UNAVAILABLE),
         (UpdateTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),
         (AlreadySubmitted, grpc.StatusCode.ALREADY_EXISTS),
@@ -37,6 +38,13 @@ def status_for(exc: Exception) -> grpc.StatusCode:
         if isinstance(exc, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def trailers_for(exc: Exception) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata of a refusal: how long a shed client should stay away."""
+    if isinstance(exc, CoordinatorBusy):
+        return (("retry-after-ms", str(exc.retry_after_ms)),)
+    return ()
 
 
 def submit_reply(result: SubmitResult) -> pb.SubmitReply:

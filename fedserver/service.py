@@ -38,6 +38,7 @@ from fedserver.rpc import (
     check_request,
     status_for,
     submit_reply,
+    trailers_for,
 )
 from fedserver.secure_service import HomomorphicService, SecureAggregationService
 
@@ -161,7 +162,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         try:
             pending = begin(header)
         except (BadUpdate, SubmitRefused) as e:
-            await context.abort(status_for(e), str(e))
+            await context.abort(status_for(e), str(e), trailers_for(e))
         log.debug(
             "receiving from %s for round %d (%d bytes)",
             header.client_id,

@@ -15,6 +15,7 @@ from fedcore.tensors import Manifest, ManifestError
 from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
 from fedserver.messages import (
     BaseVersionMismatch,
+    CoordinatorBusy,
     PendingSubmit,
     SubmitHeader,
     SubmitResult,
@@ -31,6 +32,11 @@ log = logging.getLogger("fedserver")
 
 MAX_NUM_EXAMPLES = 10**9
 MAX_STREAMS_PER_CLIENT = 2
+# Uploads received at once. Each holds a spill file (a descriptor next to its connection's) and
+# decoder state; 10,000 selected clients uploading together ran the coordinator towards twice
+# its connections in open files. Beyond this, refuse with a retry delay (docs/protocol.md).
+MAX_UPLOADS_IN_FLIGHT = 1024
+BUSY_RETRY_AFTER_MS = 2000
 
 
 class UpdateIntake:
@@ -53,6 +59,13 @@ class UpdateIntake:
                     "uploads in flight"
                 )
             )
+        if self._uploads >= MAX_UPLOADS_IN_FLIGHT:
+            raise self._refuse(
+                CoordinatorBusy(
+                    f"{self._uploads} uploads in flight; retry in {BUSY_RETRY_AFTER_MS} ms",
+                    BUSY_RETRY_AFTER_MS,
+                )
+            )
         self.touch(header.client_id)
         num_values = selection.num_values if selection else self._num_values()
         receiver = UpdateReceiver(
@@ -64,6 +77,7 @@ class UpdateIntake:
             self.spill_key,
         )
         self._streams[header.client_id] += 1
+        self._uploads += 1
         return PendingSubmit(header, receiver, selection)
 
     def _check_header(self: Coordinator, h: SubmitHeader) -> tuple[Codec, Selection | None]:
@@ -149,6 +163,7 @@ class UpdateIntake:
         pending.receiver.abort()
         self.metrics.received(pending.receiver.received)
         self._streams[pending.header.client_id] -= 1
+        self._uploads -= 1
 
     def reject(self: Coordinator, exc: Exception) -> Exception:
         return self._refuse(exc)
@@ -162,6 +177,7 @@ class UpdateIntake:
             self.abort_submit(pending)
             raise self._refuse(e) from None
         self._streams[h.client_id] -= 1
+        self._uploads -= 1
         self.metrics.received(pending.receiver.received)
         try:
             return self._count(h, staged, pending.selection)
