@@ -54,12 +54,15 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *CHANNEL_OPTIONS,
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 256 << 10),
-    # gRPC core drops calls that arrived but that the application has not picked up yet, at
-    # random beyond 1,000 and all beyond 3,000, and the client sees a bare CANCELLED: a storm
-    # of 10,000 Joins (a restart) broke that way (issue 16). A waiting call costs a few hundred
-    # bytes and the event loop drains them in order, so let them queue (docs/performance.md).
+    # gRPC core cancels calls that arrived but that the application has not picked up yet: at
+    # random beyond 1,000 of them, all beyond 3,000, and any older than 30 s; the client sees
+    # a bare CANCELLED. A storm of 10,000 Joins (a restart), and 10,000 selected clients pulling
+    # and submitting at once, broke that way (issue 16). A waiting call costs a few hundred
+    # bytes and the event loop drains them in order, so let them queue: the client's own
+    # deadline bounds the wait (docs/performance.md, Connections).
     ("grpc.server.max_pending_requests", 1 << 20),
     ("grpc.server.max_pending_requests_hard_limit", 1 << 20),
+    ("grpc.server_max_unrequested_time_in_server", 3600),
 )
 
 

@@ -10,6 +10,7 @@ PERMISSION_DENIED for clients not selected, RESOURCE_EXHAUSTED for oversized upd
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -43,6 +44,7 @@ from fedserver.rpc import (
 from fedserver.secure_service import HomomorphicService, SecureAggregationService
 
 log = logging.getLogger("fedserver.service")
+MAX_CONCURRENT_SENDS = 256
 
 _STATES = {
     "waiting_for_clients": pb.WAITING_FOR_CLIENTS,
@@ -57,6 +59,10 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         self.coordinator = coordinator
         self.chunk_size = chunk_size
         self._manifest: tuple[str, pb.Manifest] | None = None  # (model version, its manifest)
+        # Model streams sending at once: each holds up to a flow-control window of framed
+        # chunks in gRPC's buffers; 10,000 selected clients pulling a 40 kB model together took
+        # the coordinator from 190 MB to 1 GB. The others wait their turn inside their pull.
+        self._senders = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
 
     def _manifest_proto(self, version: str, model_manifest: Manifest) -> pb.Manifest:
         """The model's manifest as protobuf, built once per version and not per header:
@@ -90,7 +96,9 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
         offer = await self.coordinator.poll(request.client_id, request.known_version, wait)
         yield pb.ModelChunk(header=self._header(offer))
-        if offer.send_bytes:
+        if not offer.send_bytes:
+            return
+        async with self._senders:
             # Framed straight from the model buffer: one copy per chunk into a ready-to-send
             # message (gRPC copies it once more into its send buffer), no protobuf round trips.
             # Caching the framed chunks per version would save that copy (~2% of a round) at
