@@ -105,6 +105,7 @@ def run(
     baseline_rss = watches[0].peak
     restart: dict[str, float] = {}
     workers: list[Proc] = []
+    worker_watches: list[ProcWatch] = []
     try:
         per = -(-clients // procs)
         for w in range(procs):
@@ -113,6 +114,7 @@ def run(
             args += ["--first", str(first), "--count", str(count)]
             args += ["--stats", str(work / f"lat-{w}.json")]
             workers.append(spawn(f"worker-{w}", args, work))
+        worker_watches += [ProcWatch(p.popen.pid, interval=0.5) for p in workers]
         if kill_restart:
             _wait_rounds(state, server, 1, timeout)
             server.kill()  # SIGKILL: no goodbye to the clients, no flush
@@ -133,7 +135,7 @@ def run(
     finally:
         for p in [server, *workers]:
             p.kill()
-        for watch in watches:
+        for watch in [*watches, *worker_watches]:
             watch.stop()
         for f in files:
             f.stop()
@@ -158,6 +160,8 @@ def run(
         "coordinator_rss_per_client_bytes": (peak - baseline_rss) / clients,
         "coordinator_cpu_seconds": sum(w.cpu for w in watches),
         "coordinator_peak_open_files": max(f.peak for f in files),
+        # The clients share the machine's cores with the coordinator: their CPU is the rest.
+        "workers_cpu_seconds": sum(w.cpu for w in worker_watches),
         "wall_seconds": time.monotonic() - started,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
@@ -179,7 +183,8 @@ def print_table(r: dict[str, Any]) -> None:
         f"coordinator: peak RSS {r['coordinator_peak_rss_bytes'] / 1e6:.0f} MB "
         f"({r['coordinator_rss_per_client_bytes'] / 1e3:.1f} kB/client over an idle "
         f"{r['coordinator_baseline_rss_bytes'] / 1e6:.0f} MB), "
-        f"CPU {r['coordinator_cpu_seconds']:.1f} s, peak open files "
+        f"CPU {r['coordinator_cpu_seconds']:.1f} s (clients {r['workers_cpu_seconds']:.1f} s), "
+        f"peak open files "
         f"{r['coordinator_peak_open_files']}"
     )
     print(f"transient errors {r['transient_errors']}, wall {r['wall_seconds']:.0f} s")
