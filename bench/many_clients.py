@@ -75,6 +75,24 @@ def _wait_rounds(state: Path, server: Proc, rounds: int, timeout: float) -> None
     raise RuntimeError(f"round {rounds} not committed within {timeout:.0f}s")
 
 
+def _wait_workers(workers: list[Proc], timeout: float) -> None:
+    """Until every worker exited 0; the first one to fail fails the run at once (the others
+    would wait for its clients until the round deadline)."""
+    until = time.monotonic() + timeout
+    running = list(workers)
+    while running:
+        for p in list(running):
+            code = p.popen.poll()
+            if code is None:
+                continue
+            if code != 0:
+                raise RuntimeError(f"{p.name} failed:\n{p.log()[-3000:]}")
+            running.remove(p)
+        if time.monotonic() > until:
+            raise RuntimeError(f"{[p.name for p in running]} still running after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
 def run(
     clients: int,
     procs: int,
@@ -125,9 +143,7 @@ def run(
             files.append(FilesWatch(server.popen.pid))
             _wait_rounds(state, server, 2, timeout)
             restart["next_round_committed_after_kill_seconds"] = time.monotonic() - t
-        for p in workers:
-            if p.wait(timeout) != 0:
-                raise RuntimeError(f"{p.name} failed:\n{p.log()[-3000:]}")
+        _wait_workers(workers, timeout)
         for watch in watches:
             watch.read()
         if server.wait(180) != 0:
