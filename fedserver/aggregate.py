@@ -9,6 +9,7 @@ is encrypted under --encrypt-state (SpillFile).
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -83,6 +84,9 @@ class StagedUpdate:
     digest: str
     codec: Codec
     num_values: int
+    # L2 norm of the decoded update, measured as it arrived (UpdateReceiver(track_norm=True));
+    # what the coordinator re-clips by under --dp-clip.
+    norm: float | None = None
 
     def pieces(self, block: int = DEFAULT_CHUNK_SIZE) -> Iterator[Piece]:
         decoder = self.codec.decoder(self.num_values)
@@ -110,6 +114,7 @@ class UpdateReceiver:
         spill_dir: Path,
         checksum: str = "sha256",
         spill_key: bytes | None = None,
+        track_norm: bool = False,
     ) -> None:
         self.codec = codec
         self.num_values = num_values
@@ -121,6 +126,8 @@ class UpdateReceiver:
         except ManifestError as e:
             raise BadUpdate(str(e), reason="bad_checksum") from None
         self._decoder = codec.decoder(num_values)
+        # Sum of squares of the decoded values, in float64; None when nobody needs the norm.
+        self._sum_squares: float | None = 0.0 if track_norm else None
         self._file = SpillFile(spill_dir, spill_key)  # closed by finish/abort/discard
 
     def add(self, data: bytes) -> None:
@@ -138,6 +145,11 @@ class UpdateReceiver:
                         "check the learning rate and the loss for divergence",
                         reason="non_finite",
                     )
+                if self._sum_squares is not None:
+                    # Sparse (top-k) positions are unique, so squares add up either way.
+                    # Squared in float64 by numpy's own loop: a float64 BLAS dot fights for
+                    # threads and took 10-40x longer on a loaded machine.
+                    self._sum_squares += float(np.square(piece.values, dtype=np.float64).sum())
         except ManifestError as e:
             raise BadUpdate(str(e)) from None
         self._hash.update(data)
@@ -165,6 +177,7 @@ class UpdateReceiver:
             receipt_digest(self.checksum, digest),
             self.codec,
             self.num_values,
+            math.sqrt(self._sum_squares) if self._sum_squares is not None else None,
         )
 
     def abort(self) -> None:
@@ -191,16 +204,27 @@ class Accumulator:
         self._scratch = np.empty(DEFAULT_CHUNK_SIZE, dtype=np.float32)
         self._averaged = False
 
-    def fold(self, update: StagedUpdate, weight: float, selection: Selection | None = None) -> None:
-        """Add weight x update; a partial update's pieces are mapped through `selection`."""
+    def fold(
+        self,
+        update: StagedUpdate,
+        weight: float,
+        selection: Selection | None = None,
+        scale: float = 1.0,
+    ) -> None:
+        """Add weight x scale x update; a partial update's pieces are mapped through `selection`.
+
+        `scale` shrinks the values without counting in the mean's weight: the DP re-clip
+        (fedcore.privacy.clip_factor; 1.0 exactly, i.e. no change, for an update within C).
+        """
         if self._averaged:
             raise ValueError("cannot fold into an accumulator whose mean was taken")
+        factor = np.float32(weight * scale)
         pieces = update.pieces() if selection is None else selection.to_full(update.pieces())
         for piece in pieces:
             n = piece.values.size
             if n > self._scratch.size:
                 self._scratch = np.empty(n, dtype=np.float32)
-            scaled = np.multiply(piece.values, np.float32(weight), out=self._scratch[:n])
+            scaled = np.multiply(piece.values, factor, out=self._scratch[:n])
             if piece.indices is not None:  # sparse (top-k): positions are unique
                 self.total[piece.indices] += scaled
                 continue

@@ -169,7 +169,9 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     evaluator = Evaluator(task)
     dp = None
     if s.dp is not None:
-        dp = DPServer(s.dp, noise_on_clients=s.secure == "secagg", seed=s.dp_seed)
+        # --secure secagg/he: noise on the clients, so neither the coordinator nor a key
+        # holder ever sees a sum without it.
+        dp = DPServer(s.dp, noise_on_clients=s.secure != "none", seed=s.dp_seed)
         dp.resume(r.metrics for r in store.rounds())
     if s.secure == "he":
         check_he_settings(s)
@@ -238,7 +240,9 @@ async def serve(s: ServerSettings) -> int:
         raise SetupError(str(e)) from None
     auth.on_denied = coordinator.metrics.refused_call
     # Lenient decoding first: corrupt messages reach the servicer as None and are refused there.
-    interceptors = [LenientDecoding(), *([AuthInterceptor(auth)] if auth.enabled else [])]
+    # The auth interceptor always runs: even without authentication, a Coordinator RPC with no
+    # entry in its authorization table is refused (fail closed).
+    interceptors = [LenientDecoding(), AuthInterceptor(auth)]
     server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
     add_to_server(CoordinatorService(coordinator, s.chunk_size), server)
     health_servicer = health.aio.HealthServicer()
