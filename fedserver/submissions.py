@@ -12,7 +12,13 @@ from fedcore.checksums import new_hasher
 from fedcore.codecs import Codec, get_codec
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest, ManifestError
-from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
+from fedserver.aggregate import (
+    BadUpdate,
+    SpillCorrupted,
+    StagedUpdate,
+    UpdateReceiver,
+    UpdateTooLarge,
+)
 from fedserver.messages import (
     BaseVersionMismatch,
     CoordinatorBusy,
@@ -202,7 +208,8 @@ class UpdateIntake:
             )
         try:
             self.machine.check_submit(h.client_id, h.round)
-        except SubmitRefused as e:
+            staged.verify()  # bytes changed on disk since they were verified: refused, unfolded
+        except (SubmitRefused, SpillCorrupted) as e:
             raise self._refuse(e) from None
         # DP-FedAvg bounds each client's influence only for an unweighted mean.
         weight = 1.0 if self.dp else float(h.num_examples)
