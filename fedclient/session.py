@@ -30,6 +30,7 @@ from fedclient.retry import (
     Backoff,
     PermanentError,
     Stopped,
+    retry_after,
 )
 from fedclient.task import LocalData, Task, TrainConfig
 from fedcore import checksums, faults
@@ -123,7 +124,7 @@ class ClientSession:
                     raise
                 self.joined = False
                 try:
-                    delay = self.backoff.next_delay()
+                    delay = self.backoff.next_delay(retry_after(e))
                 except TimeoutError:
                     raise PermanentError(
                         f"coordinator at {self.settings.server} unreachable for "

@@ -11,7 +11,6 @@ gRPC status codes. The Coordinator owns, and hands each only what it needs: one 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -19,7 +18,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from fedserver.store import ClientReceipt, RoundRecord, StateStore
 from fedserver.strategies import AggregateInput, Strategy
 from fedserver.submissions import UpdateIntake
 from fedserver.uploads import Uploads
+from fedserver.wakeups import Wakeups
 
 log = logging.getLogger("fedserver")
 PROTOCOL_STATE = "protocol."  # prefix of the protocol's arrays in the strategy-state file
@@ -73,7 +73,9 @@ class Coordinator:
         self.machine = RoundMachine(
             self.policy, time.monotonic, random.Random(self.seed + start), round=start
         )
-        self._changed = asyncio.Event()
+        self._changed = asyncio.Event()  # secure-aggregation stages wait on this
+        self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
+        self._flush_joins: asyncio.TimerHandle | None = None
         # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
         key = spill_key(self.store.cipher is not None)
         self.uploads = Uploads(self.store.dir / "incoming", key, self.metrics, self.rejections)
@@ -150,9 +152,15 @@ class Coordinator:
         )
 
     # ------------------------------------------------------------------ events
-    def _notify(self) -> None:
+    def _notify(self, clients: Collection[str] | None = None) -> None:
+        """Something changed: wake the long-polls of `clients` (whose answer changed), or of
+        everyone when None. Secure-stage waiters are always woken (only K of them)."""
         event, self._changed = self._changed, asyncio.Event()
         event.set()
+        if clients is None:
+            self._wakeups.wake_all()
+        else:
+            self._wakeups.wake(clients)
 
     def _advance(self) -> None:
         """Let the round machine react to the current time and clients."""
@@ -180,10 +188,11 @@ class Coordinator:
             if action == "opened":
                 self.metrics.round_opened()
                 self.intake.client_metrics = {}
-                self._available = len(m.live_clients())
+                self._available = m.live_count()
             self.protocol.open(Opening(m.round, m.selected, fresh=action == "opened"))
             self._schedule_deadline()
-            self._notify()
+            # Only the selected clients' answer changed: the other N - K keep sleeping.
+            self._notify(m.selected)
         elif action == "close" and self.protocol.can_close():
             closed = self.machine.close()
             self._aggregating = asyncio.get_running_loop().create_task(self._finish_round(closed))
@@ -198,7 +207,14 @@ class Coordinator:
         self.machine.touch(client_id)
         if properties is not None:
             self.store.record_client(client_id, properties)
+            if self._flush_joins is None:  # one write per 0.2 s of Joins, not one per Join
+                loop = asyncio.get_running_loop()
+                self._flush_joins = loop.call_later(0.2, self._write_joins)
         self._advance()
+
+    def _write_joins(self) -> None:
+        self._flush_joins = None
+        self.store.flush_clients()
 
     # ------------------------------------------------------------------ pulling the model
     def state_name(self) -> str:
@@ -262,7 +278,7 @@ class Coordinator:
     def idle_offer(self, client_id: str) -> Offer:
         m = self.machine
         if m.phase is Phase.WAITING:
-            msg = f"waiting for clients: {len(m.live_clients())} of {self.policy.min_clients} live"
+            msg = f"waiting for clients: {m.live_count()} of {self.policy.min_clients} live"
         elif client_id in m.receipts:
             msg = f"update for round {m.round} received; waiting for the round to close"
         else:
@@ -275,13 +291,11 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         until = loop.time() + max(0.0, wait)
         while True:
-            changed = self._changed
             offer = self.offer(client_id, known_version)
             remaining = until - loop.time()
             if offer is not None or remaining <= 0:
                 return offer or self.idle_offer(client_id)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+            await self._wakeups.wait(client_id, remaining)
             self.touch(client_id)
 
     # ------------------------------------------------------------------ closing rounds
@@ -347,8 +361,10 @@ class Coordinator:
             self.store.set_meta(status="finished")
             log.info("training finished: %d rounds", self.machine.rounds_completed)
             self.done.set()
-        self._advance()
-        self._notify()
+        self._advance()  # opens the next round: wakes its selected clients
+        # Everyone else's answer changes only if training ended or an evaluation was asked for.
+        everyone = self.evaluations.campaign is not None or self.machine.phase is Phase.FINISHED
+        self._notify(None if everyone else ())
 
     def _aggregate_and_save(
         self, agg: AggregateInput, closed: ClosedRound

@@ -23,6 +23,7 @@ from fedserver.aggregate import BadUpdate, SpillCorrupted, StagedUpdate, UpdateT
 from fedserver.dp import DPServer
 from fedserver.messages import (
     BaseVersionMismatch,
+    CoordinatorBusy,
     PendingSubmit,
     SubmitHeader,
     SubmitResult,
@@ -37,6 +38,11 @@ log = logging.getLogger("fedserver")
 
 MAX_NUM_EXAMPLES = 10**9
 MAX_STREAMS_PER_CLIENT = 2
+# Uploads received at once. Each holds a spill file (a descriptor next to its connection's) and
+# decoder state; 10,000 selected clients uploading together ran the coordinator towards twice
+# its connections in open files. Beyond this, refuse with a retry delay (docs/protocol.md).
+MAX_UPLOADS_IN_FLIGHT = 1024
+BUSY_RETRY_AFTER_MS = 2000
 
 
 @dataclass
@@ -68,6 +74,13 @@ class UpdateIntake:
                 TooManyStreams(
                     f"client {header.client_id!r} already has {MAX_STREAMS_PER_CLIENT} "
                     "uploads in flight"
+                )
+            )
+        if (busy := self.uploads.in_flight) >= MAX_UPLOADS_IN_FLIGHT:
+            raise self._refuse(
+                CoordinatorBusy(
+                    f"{busy} uploads in flight; retry in {BUSY_RETRY_AFTER_MS} ms",
+                    BUSY_RETRY_AFTER_MS,
                 )
             )
         self.touch(header.client_id)

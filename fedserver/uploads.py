@@ -22,6 +22,7 @@ class Uploads:
         self.metrics = metrics
         self.rejections = rejections
         self.streams: Counter[str] = Counter()  # uploads in flight per client
+        self.in_flight = 0  # uploads in flight in all (bounded by submissions.py)
 
     def refuse(self, exc: Exception) -> Exception:
         """Count a refusal by its reason; returns `exc` for `raise uploads.refuse(e)`."""
@@ -49,12 +50,14 @@ class Uploads:
             track_norm=track_norm,
         )
         self.streams[header.client_id] += 1
+        self.in_flight += 1
         return PendingSubmit(header, receiver, selection)
 
     def abort(self, pending: PendingSubmit) -> None:
         pending.receiver.abort()
         self.metrics.received(pending.receiver.received)
         self.streams[pending.header.client_id] -= 1
+        self.in_flight -= 1
 
     def finish(self, pending: PendingSubmit, digest: str) -> StagedUpdate:
         """The verified stream, spilled; raises BadUpdate (counted, stream aborted) otherwise."""
@@ -64,5 +67,6 @@ class Uploads:
             self.abort(pending)
             raise self.refuse(e) from None
         self.streams[pending.header.client_id] -= 1
+        self.in_flight -= 1
         self.metrics.received(pending.receiver.received)
         return staged
