@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -49,7 +50,7 @@ def test_weights_never_grow_with_staleness() -> None:
     for spec in ("constant", "poly:0.5", "poly:1", "hinge:1,2", "hinge:0.5,0"):
         w = StalenessWeight.parse(spec)
         values = [w(t) for t in range(30)]
-        assert all(0 < b <= a <= 1 for a, b in zip(values, values[1:], strict=False)), spec
+        assert all(0 < b <= a <= 1 for a, b in itertools.pairwise(values)), spec
 
 
 @pytest.mark.parametrize(
