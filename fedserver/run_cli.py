@@ -18,6 +18,7 @@ from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 from fedserver.async_rounds import AsyncPolicy
 from fedserver.fedeval import EvalPolicy
 from fedserver.messages import TrainingDefaults
+from fedserver.protocols.registry import PROTOCOLS
 from fedserver.rounds import RoundPolicy
 from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
 from fedserver.staleness import StalenessWeight
@@ -182,7 +183,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     run.add_argument(
         "--secure",
         default="none",
-        choices=["none", "secagg", "he"],
+        choices=list(PROTOCOLS),
         help="secure aggregation: 'secagg' = the coordinator only sees masked updates; 'he' = "
         "only CKKS ciphertexts, summed without the secret key (needs --he-public-key) (none)",
     )

@@ -32,7 +32,7 @@ class PlainProtocol(RoundProtocol):
         if not opening.fresh:
             return  # a re-opened round keeps what it counted
         self._accumulator = Accumulator(self.env.num_values, self.env.tensor_sizes)
-        self.release()
+        self._close_spool()
         if self.keep_updates:
             self._spool = UpdateSpool(self.env.num_values, self.env.uploads.incoming)
 
@@ -47,6 +47,9 @@ class PlainProtocol(RoundProtocol):
         return Aggregate(acc.mean(), acc.count, acc.weight, updates)
 
     def release(self) -> None:
+        self._close_spool()
+
+    def _close_spool(self) -> None:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
