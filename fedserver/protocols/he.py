@@ -149,10 +149,11 @@ class HEProtocol(RoundProtocol):
     def encrypted_aggregate(self, client_id: str, round_number: int) -> np.ndarray:
         """The framed ciphertexts for the asked key holder; raises SubmitRefused otherwise."""
         try:
-            self.env.touch(client_id)
-            return self._pending(client_id, round_number).payload
+            payload = self._pending(client_id, round_number).payload
         except SubmitRefused as e:
             raise self.env.uploads.refuse(e) from None
+        self.env.touch(client_id)  # only now: a refused caller must not become live
+        return payload
 
     def sum_manifest(self) -> Manifest:
         """What the aggregate stands for: the model's float tensors as float32."""
@@ -177,10 +178,12 @@ class HEProtocol(RoundProtocol):
                     f"model has {expected.total_bytes}",
                     reason="bad_size",
                 )
+            # Opening the stream refuses an unknown checksum algorithm.
+            pending = self.env.uploads.open(h, codec, self.env.num_values, None)
         except (BadUpdate, SubmitRefused) as e:
             raise self.env.uploads.refuse(e) from None
-        self.env.touch(h.client_id)
-        return self.env.uploads.open(h, codec, self.env.num_values, None)
+        self.env.touch(h.client_id)  # every check passed: only now is the caller live
+        return pending
 
     def finish_decryption(self, pending: PendingSubmit, sha256: str) -> SubmitResult:
         h = pending.header
