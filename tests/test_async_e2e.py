@@ -122,7 +122,7 @@ TARGET = 0.95
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(600)  # 11 processes importing torch on a loaded 2-core machine
 def test_async_reaches_target_with_slow_clients_and_survives_kill9(
     tmp_path: Path, procs: list[Proc]
 ) -> None:
