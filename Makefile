@@ -10,8 +10,8 @@ FLOWER_VENV  := .venv-flower
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
 PROTO_SRC := protos/fedgrpc/v1/coordinator.proto
 
-.PHONY: install demo demo-multihost test test-fast lint format proto bench bench-flower flower-venv \
-	docker-demo docker-e2e clean help
+.PHONY: install demo demo-async demo-multihost test test-fast lint format proto bench \
+	bench-flower flower-venv docker-demo docker-e2e clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -30,6 +30,9 @@ install: $(STAMP) ## create .venv and install fedgrpc with dev tools
 
 demo: install ## coordinator + 3 clients on digits, prints per-round accuracy
 	$(PY) -m examples.demo
+
+demo-async: install ## 10 clients on digits, 3 of them 10x slower: async (FedBuff) vs sync
+	$(PY) -m examples.demo_async
 
 test: install ## run the whole suite (slow tests included)
 	$(PY) -m pytest

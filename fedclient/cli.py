@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the shared secret CKKS context (he-secret.ctx from `fedserver he-keygen`); needed "
         "when the coordinator runs --secure he",
     )
+    run.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="testing aid: make local training take F times as long by sleeping (F-1) x the "
+        "training time after each round, to emulate a slow device (1: off)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
     add_tls_arguments(run, server=False)
@@ -135,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.partition, scheme=args.partitioner, alpha=args.alpha, seed=args.seed
         )
         task = load_object(args.task)
+        if not args.slowdown >= 1.0:
+            raise ValueError(f"--slowdown must be at least 1, got {args.slowdown}")
         if args.encoding:
             get_codec(args.encoding)  # unknown names are a usage error, before connecting
         tls = TlsFiles.from_args(args)
@@ -164,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         personal_tensors=args.personal_tensors,
         encoding=args.encoding,
         he_key=args.he_key,
+        slowdown=args.slowdown,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _raise_stop)

@@ -79,6 +79,7 @@ class ClientSettings:
     personal_tensors: str = ""  # FedPer: patterns of tensors kept here, never sent ("" = task's)
     encoding: str = ""  # update encoding (fp32, fp16, int8, topk[:F]); "" = the round's
     he_key: Path | None = None  # --secure he: the shared secret CKKS context
+    slowdown: float = 1.0  # testing aid: training takes this many times as long (sleeping)
 
     def resolved_id(self) -> str:
         p = self.partition
@@ -349,6 +350,10 @@ class ClientSession:
                     result = self.task.compute_gradient(model, data.train, config)
                 else:
                     result = self.task.train(model, data.train, config)
+        if self.settings.slowdown > 1.0 and self.stop.wait(
+            (self.settings.slowdown - 1.0) * (time.monotonic() - started)
+        ):
+            raise Stopped  # --slowdown: emulate a slow device (demos, tests, benchmarks)
         if self.stop.is_set():
             raise Stopped
         # The round's encoding unless this client asks for its own (--encoding); the coordinator

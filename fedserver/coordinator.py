@@ -29,6 +29,7 @@ from fedcore.logs import format_metrics
 from fedcore.selection import Selection, round_selection
 from fedcore.tensors import FlatModel
 from fedserver.aggregate import spill_key
+from fedserver.async_rounds import AsyncPolicy, build_machine
 from fedserver.dp import DPServer
 from fedserver.evaluation_rounds import EvaluationRounds
 from fedserver.fedeval import EvalPolicy
@@ -36,7 +37,7 @@ from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult,
 from fedserver.metrics import Metrics
 from fedserver.protocols.base import Opening, ProtocolEnv, ProtocolSettings, RoundProtocol
 from fedserver.protocols.registry import build_protocol
-from fedserver.rounds import ClosedRound, Phase, RoundMachine, RoundPolicy, RoundsExhausted
+from fedserver.rounds import ClosedRound, Phase, Receipt, RoundPolicy, RoundsExhausted
 from fedserver.store import ClientReceipt, RoundRecord, StateStore
 from fedserver.strategies import AggregateInput, Strategy
 from fedserver.submissions import UpdateIntake
@@ -64,14 +65,20 @@ class Coordinator:
     secagg_stage_timeout: float = 30.0  # each secure stage's wait for slow clients
     he_public_key: Path | None = None  # --secure he: the public CKKS context
     eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
+    # --mode async: buffered asynchronous rounds (async_rounds.py, protocols/buffered.py)
+    buffering: AsyncPolicy | None = None
     rejections: Counter[str] = field(default_factory=Counter)
     metrics: Metrics = field(default_factory=Metrics)
 
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
         self.federation_id = self.store.get_meta("federation_id") or uuid.uuid4().hex
-        self.machine = RoundMachine(
-            self.policy, time.monotonic, random.Random(self.seed + start), round=start
+        self.machine = build_machine(
+            self.policy,
+            self.buffering,
+            clock=time.monotonic,
+            rng=random.Random(self.seed + start),
+            round=start,
         )
         self._changed = asyncio.Event()  # secure-aggregation stages wait on this
         self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
@@ -81,11 +88,12 @@ class Coordinator:
         self.uploads = Uploads(self.store.dir / "incoming", key, self.metrics, self.rejections)
         self.protocol: RoundProtocol = build_protocol(
             ProtocolSettings(
-                self.secure,
+                "async" if self.buffering else self.secure,
                 dp=self.dp is not None,
                 keep_updates=self.strategy.needs_all_updates,
                 stage_timeout=self.secagg_stage_timeout,
                 he_public_key=self.he_public_key,
+                staleness=self.buffering.weight if self.buffering else None,
             ),
             ProtocolEnv(
                 self.model.manifest.floats(),
@@ -103,7 +111,7 @@ class Coordinator:
             self.uploads,
             self.machine,
             self.protocol,
-            lambda: self.model.version,
+            self.base_version,
             self.round_selection,
             self.store.receipt_digest,
             self.touch,
@@ -132,6 +140,13 @@ class Coordinator:
         if self.machine.phase is Phase.FINISHED:
             self.done.set()
 
+    def base_version(self, round_number: int) -> str | None:
+        """The model an update for `round_number` must be based on: the one after the round
+        before (older than the current round only under asynchronous aggregation)."""
+        if round_number == self.machine.round:
+            return self.model.version
+        return self.store.model_version_after(round_number - 1)
+
     def round_selection(self) -> Selection:
         """The tensors trained and sent this round (--train-tensors; all by default)."""
         spec = self.defaults.train_tensors
@@ -142,6 +157,7 @@ class Coordinator:
         if self.store.last_round() == 0 and not self.store.checkpoint_path(0).exists():
             self.store.write_checkpoint(0, self.model, self._state_arrays())
             self.store.publish_model(self.model, 0)
+            self.store.set_meta(initial_version=self.model.version)
         self.store.set_meta(
             federation_id=self.federation_id,
             total_rounds=self.policy.total_rounds,
@@ -177,14 +193,7 @@ class Coordinator:
         if action in ("opened", "reopened"):
             m = self.machine
             verb = "opened" if action == "opened" else f"re-opened (attempt {m.attempts})"
-            log.info(
-                "round %d/%d %s: %d client(s) selected, deadline in %.0fs",
-                m.round,
-                self.policy.total_rounds,
-                verb,
-                len(m.selected),
-                self.policy.round_timeout,
-            )
+            log.info("round %d/%d %s: %s", m.round, self.policy.total_rounds, verb, m.describe())
             if action == "opened":
                 self.metrics.round_opened()
                 self.intake.client_metrics = {}
@@ -192,7 +201,9 @@ class Coordinator:
             self.protocol.open(Opening(m.round, m.selected, fresh=action == "opened"))
             self._schedule_deadline()
             # Only the selected clients' answer changed: the other N - K keep sleeping.
-            self._notify(m.selected)
+            self._notify(m.selected if m.offers_to_selected_only else None)
+        elif action == "wake":
+            self._notify()
         elif action == "close" and self.protocol.can_close():
             closed = self.machine.close()
             self._aggregating = asyncio.get_running_loop().create_task(self._finish_round(closed))
@@ -246,6 +257,8 @@ class Coordinator:
         """The answer for this client now, or None if it should keep waiting."""
         state = self.state_name()
         selected = self.machine.expects_update_from(client_id) and state == "training"
+        if selected:
+            self.machine.lease(client_id)
         evaluate = 0 if self.shutting_down else self.evaluations.evaluation_for(client_id)
         decrypt = self.protocol.decryption_for(client_id)
         if state == "finished":
@@ -317,10 +330,11 @@ class Coordinator:
         aggregate = await self.protocol.aggregate()
         mean, count = aggregate.mean, aggregate.count
         metrics = self.intake.metric_means(closed.receipts)
+        metrics.update(self.machine.closing_metrics(closed))
         if self.dp is not None:
             # Off the event loop: the noise is O(model) and Opacus' ε takes up to 0.5 s.
             mean, dp_metrics = await asyncio.to_thread(
-                self.dp.privatize, mean, count, len(self.machine.selected), self._available
+                self.dp.privatize, mean, count, self.machine.expected_updates, self._available
             )
             metrics.update(dp_metrics)
         agg = AggregateInput(closed.round, mean, aggregate.weight, count, aggregate.updates)
@@ -338,7 +352,7 @@ class Coordinator:
             closed.attempts,
         )
         receipts = [
-            ClientReceipt(c, r.num_examples, r.digest, self.intake.client_metrics.get(c, {}))
+            ClientReceipt(c, r.num_examples, r.digest, self._receipt_metrics(c, r, closed.round))
             for c, r in sorted(closed.receipts.items())
         ]
         await asyncio.to_thread(self._commit, record, receipts, new_model)
@@ -366,6 +380,14 @@ class Coordinator:
         everyone = self.evaluations.campaign is not None or self.machine.phase is Phase.FINISHED
         self._notify(None if everyone else ())
 
+    def _receipt_metrics(self, client: str, receipt: Receipt, round_no: int) -> dict[str, float]:
+        """The client's reported metrics, and the round it trained on if that was earlier (so a
+        retry of an update counted in a later round is recognised: store.receipt_digest)."""
+        metrics = dict(self.intake.client_metrics.get(client, {}))
+        if receipt.base_round and receipt.base_round != round_no:
+            metrics["base_round"] = float(receipt.base_round)
+        return metrics
+
     def _aggregate_and_save(
         self, agg: AggregateInput, closed: ClosedRound
     ) -> tuple[FlatModel, dict[str, float]]:
@@ -389,6 +411,12 @@ class Coordinator:
         return self.strategy.state_arrays() | extra
 
     # ------------------------------------------------------------------ updates and evaluations
+    async def settled(self) -> None:
+        """Under asynchronous aggregation, wait out a buffer being applied: an update arriving
+        meanwhile counts in the next buffer a moment later instead of being refused."""
+        while self.machine.holds_submits_while_aggregating and self._aggregating is not None:
+            await asyncio.shield(self._aggregating)
+
     def begin_submit(self, header: SubmitHeader) -> PendingSubmit:
         return self.intake.begin_submit(header)
 

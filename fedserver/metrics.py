@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 ROUND_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+STALENESS_BUCKETS = (0, 1, 2, 3, 5, 10, 20, 50)
 AGGREGATION_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -39,6 +40,11 @@ class Metrics:
         self.auth_refused = Counter(
             "fedgrpc_auth_refused", "Calls refused by authentication/authorization",
             ["method", "code"], registry=r,
+        )  # fmt: skip
+        self.update_staleness = Histogram(
+            "fedgrpc_update_staleness", "Versions published between an update's base model "
+            "and the round it was counted in (always 0 in synchronous rounds)",
+            buckets=STALENESS_BUCKETS, registry=r,
         )  # fmt: skip
         self.bytes_received = Counter(
             "fedgrpc_update_bytes_received", "Update payload bytes received", registry=r
@@ -68,8 +74,9 @@ class Metrics:
         self.bytes_sent.inc(n)
         self.round_bytes_out += n
 
-    def accepted(self) -> None:
+    def accepted(self, staleness: int = 0) -> None:
         self.updates_accepted.inc()
+        self.update_staleness.observe(staleness)
 
     def rejected(self, reason: str) -> None:
         self.updates_rejected.labels(reason).inc()

@@ -34,7 +34,7 @@ async def show_progress(coordinator: Coordinator) -> None:
                 shown = f"deadline in {left:.0f}s" if math.isfinite(left) and left > 0 else ""
                 description = f"round {m.round}/{total} updates"
                 detail = "aggregating" if m.phase is Phase.AGGREGATING else shown
-                done, expected = len(m.receipts), max(1, len(m.selected))
+                done, expected = len(m.receipts), max(1, m.expected_updates)
             progress.update(
                 bar, description=description, completed=done, total=expected, detail=detail
             )

@@ -92,6 +92,9 @@ class RoundPolicy:
 class Receipt:
     digest: str
     num_examples: int
+    # The round whose model the update was computed on (0: the round it is counted in). Only
+    # asynchronous aggregation (async_rounds.py) counts updates based on an earlier round.
+    base_round: int = 0
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,12 @@ class RoundMachine:
     # event costs O(1) amortized whatever the number of connected clients (10,000 waiting
     # clients re-touch on every long-poll; a scan per touch made a join storm O(N^2)).
     last_seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    # Submits that arrive while a round is aggregated are refused (stale round) here; a machine
+    # whose updates may span rounds (async_rounds.py) asks the servicer to hold them instead.
+    holds_submits_while_aggregating = False
+    # Opening a round changes only the selected clients' offer; a machine that offers every
+    # client the new version (async_rounds.py) wakes everyone.
+    offers_to_selected_only = True
 
     def __post_init__(self) -> None:
         if self.round > self.policy.total_rounds:
@@ -153,6 +162,25 @@ class RoundMachine:
         self._expire()
         return sorted(self.last_seen)
 
+    def describe(self) -> str:
+        """The open round, for the log."""
+        return (
+            f"{len(self.selected)} client(s) selected, deadline in {self.policy.round_timeout:.0f}s"
+        )
+
+    @property
+    def expected_updates(self) -> int:
+        """Updates the open round waits for (status: "received N of this")."""
+        return len(self.selected)
+
+    def lease(self, client_id: str) -> None:
+        """The client was just handed the model to train (asynchronous rounds track this)."""
+        return None
+
+    def closing_metrics(self, closed: ClosedRound) -> dict[str, float]:
+        """Round-history metrics the machine itself knows about a closed round."""
+        return {}
+
     def expects_update_from(self, client_id: str) -> bool:
         return (
             self.phase is Phase.COLLECTING
@@ -162,9 +190,10 @@ class RoundMachine:
 
     # ------------------------------------------------------------------ lifecycle
     def step(self) -> str | None:
-        """Advance on the current time; returns "opened", "close", "reopened" or None.
+        """Advance on the current time; returns "opened", "close", "reopened", "wake" or None.
 
-        "close" means the coordinator should call close() and aggregate.
+        "close" means the coordinator should call close() and aggregate; "wake" that offers
+        changed without a round opening (long-polling clients should look again).
         """
         if self.phase is Phase.WAITING:
             if self.live_count() >= self.policy.min_clients:
@@ -234,7 +263,7 @@ class RoundMachine:
             raise NotSelected(f"client {client_id!r} is not selected for round {round_number}")
 
     def record(self, client_id: str, receipt: Receipt) -> None:
-        self.check_submit(client_id, self.round)
+        self.check_submit(client_id, receipt.base_round or self.round)
         self.receipts[client_id] = receipt
         self.touch(client_id)
 

@@ -15,11 +15,13 @@ from fedcore.logs import setup_logging
 from fedcore.privacy import DPConfig
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
+from fedserver.async_rounds import AsyncPolicy
 from fedserver.fedeval import EvalPolicy
 from fedserver.messages import TrainingDefaults
 from fedserver.protocols.registry import PROTOCOLS
 from fedserver.rounds import RoundPolicy
 from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
+from fedserver.staleness import StalenessWeight
 from fedserver.strategies import STRATEGIES
 
 
@@ -107,10 +109,13 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     run.add_argument(
         "--mode",
         default="fedavg",
-        choices=["fedavg", "fedsgd"],
+        choices=["fedavg", "fedsgd", "async"],
         help="fedavg: clients train locally and send a delta; fedsgd: clients send one gradient "
-        "and the strategy applies the average (plain SGD: --server-lr) (fedavg)",
+        "and the strategy applies the average (plain SGD: --server-lr); async: buffered "
+        "asynchronous FedAvg (FedBuff), clients train whenever they are free and every "
+        "--buffer-size deltas make a new version (fedavg)",
     )
+    _add_async_flags(run)
     run.add_argument(
         "--train-tensors",
         default="",
@@ -242,6 +247,54 @@ STRATEGY_FLAGS: tuple[tuple[str, type, str], ...] = (
 )
 
 
+def _add_async_flags(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("asynchronous aggregation (--mode async; docs/modes.md)")
+    group.add_argument(
+        "--buffer-size",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="deltas folded per server step; each step publishes a new version (needed)",
+    )
+    group.add_argument(
+        "--max-staleness",
+        type=int,
+        default=10,
+        metavar="S",
+        help="refuse deltas based on a version more than S versions old (10)",
+    )
+    group.add_argument(
+        "--staleness-weight",
+        default="poly:0.5",
+        metavar="FN",
+        help="weight of a delta by its staleness t: constant, poly:A = (1+t)^-A, or hinge:A,B "
+        "= 1 up to t=B, then 1/(A(t-B)+1) (poly:0.5)",
+    )
+    group.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=0,
+        metavar="M",
+        help="at most M clients training at once; the others wait in their long-poll (0: all)",
+    )
+
+
+def _async_policy(args: argparse.Namespace) -> AsyncPolicy | None:
+    """--mode async's buffer policy (ValueError: a usage error), or None for synchronous rounds."""
+    if args.mode != "async":
+        if args.buffer_size is not None:
+            raise ValueError("--buffer-size is for --mode async")
+        return None
+    if args.buffer_size is None:
+        raise ValueError("--mode async needs --buffer-size K (deltas per server step, e.g. 5)")
+    return AsyncPolicy(
+        args.buffer_size,
+        args.max_staleness,
+        args.max_concurrency,
+        StalenessWeight.parse(args.staleness_weight),
+    )
+
+
 def _add_strategy_flags(run: argparse.ArgumentParser) -> None:
     group = run.add_argument_group("strategy parameters (see docs/algorithms.md)")
     for flag, kind, text in STRATEGY_FLAGS:
@@ -266,11 +319,12 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
     )
     if args.gradient_batch < 0:
         raise ValueError(f"--gradient-batch must be >= 0, got {args.gradient_batch}")
+    buffering = _async_policy(args)
     defaults = TrainingDefaults(  # None: the task's
         args.local_epochs,
         args.lr,
         args.batch_size,
-        mode=args.mode,
+        mode="fedavg" if buffering else args.mode,  # async clients compute FedAvg deltas
         gradient_batch=args.gradient_batch,
         train_tensors=args.train_tensors,
     )
@@ -300,6 +354,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
         encrypt_state=args.encrypt_state,
         progress=progress_wanted(args.log_format),
         secagg_stage_timeout=args.secagg_stage_timeout,
+        buffering=buffering,
     )
 
 

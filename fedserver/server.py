@@ -22,6 +22,7 @@ from fedcore.security import SecurityError, TlsFiles, is_loopback
 from fedcore.selection import check_spec
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 from fedcore.wire import CHANNEL_OPTIONS
+from fedserver.async_rounds import AsyncPolicy
 from fedserver.coordinator import PROTOCOL_STATE, Coordinator
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
@@ -92,6 +93,7 @@ class ServerSettings:
     encrypt_state: Path | None = None  # key file: seal checkpoints and the model (AES-GCM)
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     secagg_stage_timeout: float = 30.0
+    buffering: AsyncPolicy | None = None  # --mode async: buffered asynchronous rounds
 
 
 class SetupError(RuntimeError):
@@ -104,6 +106,8 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     except ValueError as e:
         raise SetupError(str(e)) from None
     strategy = build_strategy(s.strategy, **s.strategy_params)  # bad flags: before any disk
+    if s.buffering is not None:
+        check_async_settings(s, strategy.needs_all_updates)
     if strategy.needs_all_updates and (s.dp is not None or s.secure != "none"):
         # They read individual updates: that bypasses DP noise (added to the mean) and is
         # impossible when the coordinator only holds masked updates.
@@ -193,11 +197,28 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         secure=s.secure,
         secagg_stage_timeout=s.secagg_stage_timeout,
         he_public_key=s.he_public_key,
+        buffering=s.buffering,
     )
     coordinator.protocol.load_state_arrays(protocol_state)
     coordinator.initialize_store(s.task)
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     return coordinator
+
+
+def check_async_settings(s: ServerSettings, needs_all_updates: bool) -> None:
+    """--mode async combines with what folds one update at a time into a mean; not the rest."""
+    if s.secure != "none":
+        raise SetupError(
+            f"--mode async cannot be combined with --secure {s.secure}: masks and ciphertexts "
+            "only cancel out or decrypt as the sum of one synchronous round's fixed set of "
+            "clients, while an asynchronous buffer takes whoever finishes first; use "
+            "--mode fedavg with --secure, or --mode async without it (--dp-clip still works)"
+        )
+    if needs_all_updates:
+        raise SetupError(
+            f"--mode async cannot be combined with strategy {s.strategy}: it folds each delta "
+            "into a running mean as it arrives; use fedavg, fedprox, fedavgm or a FedOpt strategy"
+        )
 
 
 def check_he_settings(s: ServerSettings) -> None:
@@ -363,7 +384,7 @@ def _live_state(c: Coordinator, files: OpenFilesWatch) -> dict[str, float]:
         "total_rounds": c.policy.total_rounds,
         "live_clients": m.live_count(),
         "updates_received": len(m.receipts),
-        "updates_expected": len(m.selected),
+        "updates_expected": m.expected_updates,
         "finished": float(c.state_name() == "finished"),
     }
 

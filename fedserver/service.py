@@ -212,6 +212,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except BadUpdate as e:
             coordinator.reject(e)
             await context.abort(status_for(e), str(e))
+        await coordinator.settled()  # asynchronous rounds: a buffer being applied
         try:
             pending = begin(header)
         except (BadUpdate, SubmitRefused) as e:
@@ -251,6 +252,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             _log_broken_upload(header, pending.receiver.received, "connection lost")
             coordinator.abort_submit(pending)
             raise
+        await coordinator.settled()
         try:
             return finish(pending, digest)
         except (BadUpdate, SubmitRefused) as e:
@@ -293,7 +295,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             rounds_completed=m.rounds_completed,
             live_clients=m.live_count(),
             updates_received=len(m.receipts),
-            updates_expected=len(m.selected),
+            updates_expected=m.expected_updates,
             federation_id=c.federation_id,
             rejections=dict(c.rejections),
         )

@@ -365,10 +365,25 @@ class StateStore:
         return [_record(r) for r in rows], int(total)
 
     def receipt_digest(self, round_number: int, client_id: str) -> str | None:
+        """The digest of the client's committed update based on `round_number`'s model.
+
+        Synchronous rounds count an update in the round it was based on; asynchronous ones may
+        count it in a later round and record that round's `base_round` in the receipt."""
         with self.lock:
             row = self.db.execute(
-                "SELECT sha256 FROM receipts WHERE round = ? AND client_id = ?",
-                (round_number, client_id),
+                "SELECT sha256 FROM receipts WHERE client_id = ? AND round >= ? AND "
+                "coalesce(json_extract(metrics, '$.base_round'), round) = ? ORDER BY round",
+                (client_id, round_number, round_number),
+            ).fetchone()
+        return row[0] if row else None
+
+    def model_version_after(self, round_number: int) -> str | None:
+        """The version of the model committed by `round_number` (0: the initial model)."""
+        if round_number == 0:
+            return self.get_meta("initial_version")
+        with self.lock:
+            row = self.db.execute(
+                "SELECT model_version FROM rounds WHERE round = ?", (round_number,)
             ).fetchone()
         return row[0] if row else None
 

@@ -50,7 +50,7 @@ class UpdateIntake:
     uploads: Uploads
     machine: RoundMachine
     protocol: RoundProtocol
-    model_version: Callable[[], str]  # the current global model's
+    base_version: Callable[[int], str | None]  # the model an update for round r must be based on
     round_selection: Callable[[], Selection]  # the tensors trained this round
     past_digest: Callable[[int, str], str | None]  # the store's receipt of an earlier round
     touch: Callable[[str], None]
@@ -133,7 +133,7 @@ class UpdateIntake:
         if self._known_digest(h.round, h.client_id) is not None:
             return codec, selection  # read the stream: a byte-identical retry is acknowledged
         self.machine.check_submit(h.client_id, h.round)
-        version = self.model_version()
+        version = self.base_version(h.round) or "(unknown)"
         if h.base_version != version:
             raise BaseVersionMismatch(
                 f"update was computed against model {h.base_version[:12] or '(none)'}, "
@@ -207,18 +207,19 @@ class UpdateIntake:
             self.protocol.accept(contribution)
         except (SubmitRefused, BadUpdate) as e:
             raise self._refuse(e) from None
-        self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
+        self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples, h.round))
         self.client_metrics[h.client_id] = dict(h.metrics)
-        self.uploads.metrics.accepted()
+        self.uploads.metrics.accepted(staleness=self.machine.round - h.round)
         faults.freeze("collect", h.round)  # tests: crash with an update counted only in memory
         m = self.machine
         log.info(
-            "round %d: update %d/%d from %s (%d examples)",
+            "round %d: update %d/%d from %s (%d examples%s)",
             m.round,
             len(m.receipts),
-            len(m.selected),
+            m.expected_updates,
             h.client_id,
             h.num_examples,
+            f", based on round {h.round}" if h.round != m.round else "",
         )
         # No _notify(): a counted update changes no other client's offer. Waking every
         # long-poller on every update cost O(clients^2) wake-ups per round at 1000 clients;
@@ -270,10 +271,11 @@ class UpdateIntake:
         return factor
 
     def _known_digest(self, round_number: int, client_id: str) -> str | None:
-        """Digest of the update already counted for (round, client), if any."""
-        if round_number == self.machine.round:
-            receipt = self.machine.receipts.get(client_id)
-            return receipt.digest if receipt else None
+        """Digest of the client's update based on `round_number` already counted, if any (in
+        this round, or, committed, in that round or, asynchronously, a later one)."""
+        receipt = self.machine.receipts.get(client_id)
+        if receipt is not None and (receipt.base_round or self.machine.round) == round_number:
+            return receipt.digest
         if round_number < self.machine.round:
             return self.past_digest(round_number, client_id)
         return None

@@ -35,6 +35,7 @@ from fedcore.codecs import get_codec
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest
 from fedserver.aggregate import BadUpdate, StagedUpdate
+from fedserver.staleness import StalenessWeight
 from fedserver.strategies import UpdateSet
 from fedserver.uploads import Uploads
 
@@ -43,11 +44,12 @@ from fedserver.uploads import Uploads
 class ProtocolSettings:
     """What the flags say about how rounds run; fixed for the life of the process."""
 
-    name: str = "none"  # the registry key (--secure none | secagg | he)
+    name: str = "none"  # the registry key (--secure none | secagg | he; "async": --mode async)
     dp: bool = False  # --dp-clip: an unweighted mean of clipped updates
     keep_updates: bool = False  # the strategy reads every update (median, trimmed mean, Krum)
     stage_timeout: float = 30.0  # --secagg-stage-timeout: each extra stage's wait
     he_public_key: Path | None = None  # --he-public-key
+    staleness: StalenessWeight | None = None  # --mode async: s(staleness) weighs each update
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,8 @@ class Contribution:
     """One verified update, about to be counted."""
 
     client_id: str
+    # The round whose model the update was computed on: the round it is counted in, except
+    # under asynchronous aggregation, where it may be up to --max-staleness rounds older.
     round: int
     staged: StagedUpdate
     weight: float  # num_examples, or 1.0 for an unweighted (DP) mean

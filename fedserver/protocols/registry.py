@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedserver.protocols.base import ProtocolEnv, ProtocolSettings, RoundProtocol
+from fedserver.protocols.buffered import BufferedProtocol
 from fedserver.protocols.he import HEProtocol
 from fedserver.protocols.plain import PlainProtocol
 from fedserver.protocols.secagg import SecAggProtocol
@@ -14,6 +15,7 @@ PROTOCOLS: dict[str, Callable[[ProtocolSettings, ProtocolEnv], RoundProtocol]] =
     "none": PlainProtocol,
     "secagg": SecAggProtocol,
     "he": HEProtocol,
+    "async": BufferedProtocol,  # --mode async (FedBuff); not a --secure choice
 }
 
 

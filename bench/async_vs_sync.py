@@ -1,0 +1,177 @@
+"""Asynchronous (FedBuff) vs synchronous FedAvg with slow clients: wall-clock to a target accuracy.
+
+Real processes on this machine: one coordinator and 10 `fedclient` processes on digits, whose
+speeds differ (a log-normal spread, median 1, and 3 of 10 clients 10x slower, through the
+clients' `--slowdown` testing aid). The same clients race in every setting, one after the
+other in the same run, and each race stops once a published model reaches the target held-out
+accuracy (the coordinator evaluates every version):
+
+    sync-all         synchronous FedAvg, every client each round, no deadline pressure
+    sync-deadline    every client selected, round closes at --deadline with >= half of them
+    sync-overselect  7 of 10 selected at random, closes at --deadline with >= 5 (over-selection)
+    async            --mode async --buffer-size K: a version every K deltas, staleness-weighted
+
+    .venv/bin/python -m bench.async_vs_sync [--deadline 3] [--buffer-size 3] [--out async.json]
+
+Time to target = from round 1 opening (all clients joined) to the commit of the first model at
+or above the target. Updates are those counted; update bytes are the payload bytes received.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import signal
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
+
+_TICK = threading.Event()
+
+
+def speeds(clients: int, slow: int, sigma: float, seed: int) -> list[float]:
+    """--slowdown per client: log-normal (median 1, the fastest at 1), the first `slow` x10."""
+    spread = np.exp(np.random.default_rng(seed).normal(0.0, sigma, clients))
+    spread = spread / spread.min()
+    return [round(float(f) * (10.0 if i < slow else 1.0), 2) for i, f in enumerate(spread)]
+
+
+def settings(deadline: float, buffer_size: int, max_staleness: int) -> dict[str, list[str]]:
+    d = str(deadline)
+    return {
+        "sync-all": ["--round-timeout", "600"],
+        "sync-deadline": ["--round-timeout", d, "--min-fit", "5"],
+        "sync-overselect": ["--round-timeout", d, "--clients-per-round", "7", "--min-fit", "5"],
+        "async": [
+            "--mode", "async", "--buffer-size", str(buffer_size),
+            "--max-staleness", str(max_staleness),
+        ],
+    }  # fmt: skip
+
+
+def _read(state: Path) -> tuple[list[tuple[Any, ...]], dict[int, int], list[tuple[Any, ...]]]:
+    db = state / "state.db"
+    if not db.exists():
+        return [], {}, []
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rounds = con.execute(
+            "SELECT round, metrics, opened_at, duration, participants FROM rounds ORDER BY round"
+        ).fetchall()
+        traffic = dict(con.execute("SELECT round, bytes_in FROM traffic").fetchall())
+        receipts = con.execute("SELECT round, metrics FROM receipts").fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return [], {}, []
+    finally:
+        con.close()
+    return rounds, traffic, receipts
+
+
+def race(
+    name: str, flags: list[str], slowdowns: list[float], target: float, timeout: float, work: Path
+) -> dict[str, Any]:
+    port, state, logs = free_port(), work / name / "state", work / name / "logs"
+    n = len(slowdowns)
+    procs: list[Proc] = []
+    try:
+        server = start_coordinator(
+            logs, port, state, "--rounds", "500", "--min-clients", str(n), *flags
+        )
+        procs.append(server)
+        wait_serving(port, server, timeout=300)
+        for i, f in enumerate(slowdowns):
+            procs.append(start_client(logs, port, f"{i}/{n}", "--slowdown", str(f)))
+        until = time.monotonic() + timeout
+        reached = None
+        while reached is None and time.monotonic() < until:
+            _TICK.wait(0.5)  # polling a database a separate process writes; no event to wait on
+            rounds, traffic, receipts = _read(state)
+            reached = next(
+                (r for r in rounds if json.loads(r[1]).get("accuracy", 0.0) >= target), None
+            )
+            if server.popen.poll() is not None:
+                break
+    finally:
+        for p in procs:
+            p.kill(signal.SIGKILL)
+    rounds, traffic, receipts = _read(state)
+    result: dict[str, Any] = {"setting": name, "flags": flags, "reached": reached is not None}
+    if not rounds:
+        return result
+    start = rounds[0][2]
+    last = reached[0] if reached else rounds[-1][0]
+    done = [r for r in rounds if r[0] <= last]
+    staleness: Counter[int] = Counter()
+    for rnd, metrics in receipts:
+        if rnd <= last:
+            staleness[rnd - int(json.loads(metrics).get("base_round", rnd))] += 1
+    result |= {
+        "rounds": last,
+        "seconds": round(done[-1][2] + done[-1][3] - start, 2) if reached else math.inf,
+        "accuracy": json.loads(done[-1][1]).get("accuracy", 0.0),
+        "updates": sum(r[4] for r in done),
+        "update_bytes": sum(traffic.get(r[0], 0) for r in done),
+        "staleness": dict(sorted(staleness.items())),
+    }
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--slow", type=int, default=3, help="clients 10x slower (3)")
+    p.add_argument("--sigma", type=float, default=0.5, help="log-normal speed spread (0.5)")
+    p.add_argument("--target", type=float, default=0.95)
+    p.add_argument("--deadline", type=float, default=3.0, help="sync round timeout, s (3)")
+    p.add_argument("--buffer-size", type=int, default=3)
+    p.add_argument("--max-staleness", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=600.0, help="per setting, s (600)")
+    p.add_argument("--only", default="", help="comma-separated settings to run (all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("async_vs_sync.json"))
+    args = p.parse_args(argv)
+
+    slowdowns = speeds(args.clients, args.slow, args.sigma, args.seed)
+    print(f"clients' --slowdown: {slowdowns}", flush=True)
+    chosen = settings(args.deadline, args.buffer_size, args.max_staleness)
+    if args.only:
+        chosen = {k: v for k, v in chosen.items() if k in args.only.split(",")}
+    results = []
+    with tempfile.TemporaryDirectory(prefix="async-bench-") as tmp:
+        for name, flags in chosen.items():
+            r = race(name, flags, slowdowns, args.target, args.timeout, Path(tmp))
+            print(f"  {name}: {r}", flush=True)
+            results.append(r)
+    sync = [r for r in results if r["setting"].startswith("sync") and r.get("reached")]
+    best = min(sync, key=lambda r: r["seconds"]) if sync else None
+    print(f"\ntime to {args.target} held-out accuracy on digits, {args.clients} clients")
+    print(f"{'setting':<16} {'time s':>8} {'rounds':>7} {'updates':>8} {'upd. bytes':>11} ratio")
+    for r in results:
+        ratio = best["seconds"] / r["seconds"] if best and r.get("reached") else float("nan")
+        print(
+            f"{r['setting']:<16} {r.get('seconds', math.inf):>8} {r.get('rounds', 0):>7} "
+            f"{r.get('updates', 0):>8} {r.get('update_bytes', 0):>11} {ratio:5.2f}x"
+        )
+        r["speedup_vs_best_sync"] = ratio
+    for r in results:
+        if r["setting"] == "async":
+            print(f"async staleness (versions behind: updates): {r.get('staleness')}")
+    report = {"slowdowns": slowdowns, "target": args.target, "results": results}
+    args.out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
