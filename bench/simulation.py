@@ -1,0 +1,217 @@
+"""`fedserver simulate` at scale: round time, wall time and peak memory over the Ray processes.
+
+Grid: N in {1,000, 10,000} virtual clients, 10% per round, two clients: `noop` (trains nothing,
+sends a zero delta: the engine's own cost) and the Synthetic(0.5, 0.5) logistic regression of
+examples/synthetic.py. Each cell is one real `fedserver simulate` process with a local Ray of 2
+workers; peak memory is the largest sampled sum of RSS over the driver and every process whose
+command line names the cell's Ray temp dir (raylet, GCS, workers), sampled every 0.2 s. Round
+seconds are the median of the coordinator's recorded round durations after round 1.
+
+Also measured: the in-process intake (seam.InProcessServicer.submit) per update.
+
+    python -m bench.simulation                      # the grid, 5 rounds per cell
+    python -m bench.simulation --clients 1000 --rounds 3 --only noop
+    python -m bench.simulation --intake             # only the per-update intake cost
+
+The Flower 1.41 side of the comparison (flwr[simulation], ray 2.55) is not written yet; see
+docs/simulation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from examples.synthetic import SyntheticTask
+from fedclient.task import TrainConfig, TrainResult
+from tests.procs import REPO, child_env
+
+RESULTS = REPO / "bench" / "results"
+
+
+class NoTrainTask(SyntheticTask):
+    """The Synthetic model and data shape, but local training is a no-op (a zero delta)."""
+
+    def load_partition(self, partition: Any) -> Any:
+        return None
+
+    def train(self, model: torch.nn.Module, data: Any, config: TrainConfig) -> TrainResult:
+        return TrainResult(1, {})
+
+    def server_test_data(self) -> None:
+        return None
+
+
+noop = NoTrainTask()
+TASKS = {"noop": "bench.simulation:noop", "synthetic": "examples.synthetic:task"}
+
+
+def _rss_kb(pid: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _ray_pids(ray_dir: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-f", ray_dir], capture_output=True, text=True)
+    return out.stdout.split()
+
+
+def run_cell(task: str, clients: int, rounds: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="simb") as tmp:
+        ray_dir = tempfile.mkdtemp(prefix="rayb", dir="/tmp")
+        state = Path(tmp) / "state"
+        args = [sys.executable, "-m", "fedserver.cli", "simulate", "--task", TASKS[task]]
+        args += ["--clients", str(clients), "--clients-per-round", str(clients // 10)]
+        args += ["--rounds", str(rounds), "--state-dir", str(state), "--workers", "2"]
+        args += ["--ray-temp-dir", ray_dir, "--log-level", "warning"]
+        started = time.monotonic()
+        proc = subprocess.Popen(args, env=child_env(), cwd=REPO, stderr=subprocess.PIPE)
+        peak = 0
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.wait(0.2):
+                pids = {str(proc.pid), *_ray_pids(ray_dir)}
+                peak = max(peak, sum(_rss_kb(p) for p in pids))
+
+        watcher = threading.Thread(target=sample, daemon=True)
+        watcher.start()
+        _, err = proc.communicate(timeout=3600)
+        done.set()
+        watcher.join()
+        wall = time.monotonic() - started
+        if proc.returncode != 0:
+            raise RuntimeError(f"{task} N={clients} failed:\n{err.decode()[-3000:]}")
+        status = json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedserver.cli",
+                    "status",
+                    "--state-dir",
+                    str(state),
+                    "--json",
+                ],
+                capture_output=True,
+                env=child_env(),
+                cwd=REPO,
+                check=True,
+            ).stdout
+        )
+    durations = [r["duration"] for r in status["rounds"]]
+    return {
+        "engine": "fedgrpc",
+        "task": task,
+        "clients": clients,
+        "per_round": clients // 10,
+        "rounds": rounds,
+        "round_s": statistics.median(durations[1:] or durations),
+        "first_round_s": durations[0],
+        "wall_s": wall,
+        "peak_mb": peak / 1024,
+        "accuracy": status["rounds"][-1]["metrics"].get("accuracy"),
+    }
+
+
+def intake(updates: int = 1000) -> float:
+    """Seconds per update through InProcessServicer.submit (610-parameter model)."""
+    import numpy as np
+
+    from fedcore import checksums
+    from fedcore.codecs import get_codec
+    from fedcore.proto import coordinator_pb2 as pb
+    from fedcore.wire import manifest_to_proto
+    from fedserver.messages import TrainingDefaults
+    from fedserver.rounds import RoundPolicy
+    from fedserver.server import ServerSettings, build_coordinator
+    from fedserver.simulation.seam import InProcessServicer
+
+    async def measure() -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            policy = RoundPolicy(1, min_clients=updates + 1, clients_per_round=updates + 1)
+            s = ServerSettings(TASKS["noop"], Path(tmp), policy, TrainingDefaults())
+            c = build_coordinator(s)
+            seam = InProcessServicer(c)
+            seam.touch_all(f"client-{i}" for i in range(updates + 1))
+            work = seam.training_work(set())
+            assert work is not None
+            codec = get_codec("fp32")
+            payload = codec.encode(np.zeros(610, np.float32))
+            digest = checksums.hexdigest(checksums.DEFAULT, payload)
+            manifest = manifest_to_proto(codec.wire_manifest(c.model.manifest.floats()))
+            headers = [
+                pb.UpdateHeader(
+                    client_id=cid,
+                    round=1,
+                    base_version=c.model.version,
+                    num_examples=1,
+                    encoding="fp32",
+                    manifest=manifest,
+                    total_bytes=payload.size,
+                    checksum=checksums.DEFAULT,
+                ).SerializeToString()
+                for cid in work.client_ids[:updates]
+            ]
+            t = time.perf_counter()
+            for h in headers:
+                assert seam.submit(h, payload, digest) is None
+            c.store.close()
+            return (time.perf_counter() - t) / updates
+
+    return asyncio.run(measure())
+
+
+def main() -> None:
+    import logging
+
+    logging.disable(logging.INFO)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--clients", type=int, nargs="+", default=[1000, 10000])
+    p.add_argument("--only", choices=sorted(TASKS), nargs="+", default=sorted(TASKS))
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--intake", action="store_true", help="only the per-update intake cost")
+    args = p.parse_args()
+    load = Path("/proc/loadavg").read_text().split()[0]
+    per_update = intake()
+    print(f"in-process intake: {per_update * 1e3:.2f} ms per update (load {load})")
+    rows = []
+    if not args.intake:
+        print("| engine | client | N | K | round s | first round s | wall s | peak MB | acc |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for clients in args.clients:
+            for task in args.only:
+                r = run_cell(task, clients, args.rounds)
+                rows.append(r)
+                acc = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
+                print(
+                    f"| {r['engine']} | {task} | {clients} | {r['per_round']} | "
+                    f"{r['round_s']:.2f} | {r['first_round_s']:.2f} | {r['wall_s']:.1f} | "
+                    f"{r['peak_mb']:.0f} | {acc} |",
+                    flush=True,
+                )
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "simulation.json"
+    out.write_text(json.dumps({"load": load, "intake_s": per_update, "cells": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
