@@ -145,10 +145,11 @@ class HERounds:
     def encrypted_aggregate(self, client_id: str, round_number: int) -> np.ndarray:
         """The framed ciphertexts for the asked key holder; raises SubmitRefused otherwise."""
         try:
-            self.c.touch(client_id)
-            return self._pending(client_id, round_number).payload
+            payload = self._pending(client_id, round_number).payload
         except SubmitRefused as e:
             raise self.c.reject(e) from None
+        self.c.touch(client_id)  # only now: a refused caller must not become live
+        return payload
 
     def sum_manifest(self) -> Manifest:
         """What the aggregate stands for: the model's float tensors as float32."""
@@ -173,17 +174,17 @@ class HERounds:
                     f"model has {expected.total_bytes}",
                     reason="bad_size",
                 )
+            receiver = UpdateReceiver(  # refuses an unknown checksum algorithm
+                codec,
+                self.c._num_values(),
+                h.total_bytes,
+                self.c.store.dir / "incoming",
+                h.checksum,
+                self.c.spill_key,
+            )
         except (BadUpdate, SubmitRefused) as e:
             raise self.c.reject(e) from None
-        self.c.touch(h.client_id)
-        receiver = UpdateReceiver(
-            codec,
-            self.c._num_values(),
-            h.total_bytes,
-            self.c.store.dir / "incoming",
-            h.checksum,
-            self.c.spill_key,
-        )
+        self.c.touch(h.client_id)  # every check passed: only now is the caller live
         self.c._streams[h.client_id] += 1
         return PendingSubmit(h, receiver, None)
 

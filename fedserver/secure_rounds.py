@@ -146,14 +146,16 @@ class SecureRounds:
             )
         return sa
 
+    # A client is marked live (Coordinator.touch) only after its message passed every check:
+    # a refused caller must not become selectable or hold up the round.
     def advertise(self, client_id: str, round_number: int, channel: bytes, mask: bytes) -> None:
-        self.c.touch(client_id)
         self._round(round_number).advertise(client_id, channel, mask)
+        self.c.touch(client_id)
         self.tick()
 
     def share(self, client_id: str, round_number: int, shares: Mapping[str, bytes]) -> None:
-        self.c.touch(client_id)
         self._round(round_number).post_shares(client_id, shares)
+        self.c.touch(client_id)
         self.tick()
 
     def reveal(
@@ -174,8 +176,8 @@ class SecureRounds:
         until = loop.time() + max(0.0, wait)
         while True:
             changed = self.c._changed
-            self.c.touch(client_id)
             view = self._round(round_number).stage_view(client_id, want)
+            self.c.touch(client_id)
             remaining = until - loop.time()
             if view is not None or remaining <= 0:
                 return view

@@ -227,7 +227,9 @@ async def serve(s: ServerSettings) -> int:
         raise SetupError(str(e)) from None
     auth.on_denied = coordinator.metrics.refused_call
     # Lenient decoding first: corrupt messages reach the servicer as None and are refused there.
-    interceptors = [LenientDecoding(), *([AuthInterceptor(auth)] if auth.enabled else [])]
+    # The auth interceptor always runs: even without authentication, a Coordinator RPC with no
+    # entry in its authorization table is refused (fail closed).
+    interceptors = [LenientDecoding(), AuthInterceptor(auth)]
     server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
     add_to_server(CoordinatorService(coordinator, s.chunk_size), server)
     health_servicer = health.aio.HealthServicer()

@@ -9,12 +9,14 @@ is tests/test_compose_topology.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -183,3 +185,52 @@ def test_health_and_live_status_commands_use_the_operator_certificate(mtls: Live
     assert json.loads(status.stdout)["total_rounds"] == 2, status.stderr
     plaintext = fedserver("health", "--server", mtls.target, "--timeout", "2")
     assert plaintext.returncode == 1
+
+
+def test_operator_cannot_act_as_an_he_client(tmp_path: Path, procs: list[Proc]) -> None:
+    """Under --secure he the operator certificate gets PERMISSION_DENIED for the key holder's
+    RPCs and never becomes a live client (which would get it selected, stall the round, and
+    maybe make it the key holder); nor does a client acting as another or asking for a
+    decryption it was not given."""
+    pytest.importorskip("tenseal")
+    from fedcore.he import generate_keys
+    from fedcore.wire import update_stream
+
+    _, public = generate_keys(tmp_path / "keys")
+    certs = _certs(tmp_path / "certs")
+    port = free_port()
+    server = start_coordinator(
+        tmp_path / "logs", port, tmp_path / "state", "--rounds", "1", "--min-clients", "2",
+        "--secure", "he", "--he-public-key", str(public), *_mtls_flags(certs),
+    )  # fmt: skip
+    procs.append(server)
+    live = Live(port, certs, tmp_path / "state")
+    wait_serving(port, server, tls=live.tls("operator"))
+
+    def live_clients() -> int:
+        with open_channel(live.target, live.tls("operator")) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+            return stub.GetStatus(pb.GetStatusRequest(), timeout=10).live_clients
+
+    def he_calls(channel: grpc.Channel, client_id: str) -> list[grpc.StatusCode]:
+        stub = pb_grpc.CoordinatorStub(channel)
+        ask = pb.EncryptedAggregateRequest(client_id=client_id, round=1)
+        header = pb.UpdateHeader(client_id=client_id, round=1, encoding="fp32", total_bytes=4)
+        payload = np.zeros(4, np.uint8)
+        stream = update_stream(header, payload, hashlib.sha256(payload).hexdigest())
+        return [
+            _code(lambda: list(stub.GetEncryptedAggregate(ask, timeout=10))),
+            _code(lambda: stub.SubmitDecryption(stream, timeout=10)),
+        ]
+
+    with open_channel(live.target, live.tls("operator")) as channel:
+        assert he_calls(channel, "operator") == [DENIED, DENIED]
+    with open_channel(live.target, live.tls("client-0")) as channel:
+        assert he_calls(channel, "client-1") == [DENIED, DENIED]
+        assert _code(lambda: _join(channel, "client-1")) is DENIED
+        # Its own id, but nothing is being decrypted: refused by the handler, still not live.
+        precondition = grpc.StatusCode.FAILED_PRECONDITION
+        assert he_calls(channel, "client-0") == [precondition, precondition]
+        assert live_clients() == 0
+        assert _join(channel, "client-0").client_id == "client-0"
+    assert live_clients() == 1  # GetStatus does show a client that passed every check

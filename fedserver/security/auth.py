@@ -4,15 +4,18 @@ Authentication: with mTLS the peer's verified certificate names it (common name 
 organizational unit = role); with tokens, `authorization: Bearer TOKEN` metadata does. When both
 are configured both are required and must name the same identity.
 
-Authorization (the only place it happens):
+Authorization (the only place it happens) is the table ACCESS: every RPC of the Coordinator
+service -> the roles that may call it. The interceptor looks every Coordinator call up there; a
+method with no entry is refused with PERMISSION_DENIED even when authentication is off, so an RPC
+added to the proto cannot be served before someone decides who may call it (and
+tests/test_authz.py fails until they do). Besides the table:
   * gRPC health and reflection are open: probes and tools need them, and with mTLS the TLS
     handshake has already required a certificate from our CA anyway;
-  * GetStatus: any authenticated identity;
-  * Join / GetGlobalModel / SubmitUpdate / SubmitEvaluation and the secure-aggregation RPCs:
-    role "client", and every client_id in the request (JoinRequest, GetGlobalModelRequest, the
-    UpdateHeader, the EvaluationResult, the SecAgg requests) must equal the caller's identity.
+  * every client_id a request names (JoinRequest, GetGlobalModelRequest, the UpdateHeader, the
+    EvaluationResult, the SecAgg and HE requests) must equal the caller's identity.
 No or bad credentials -> UNAUTHENTICATED; a valid identity doing what it may not ->
-PERMISSION_DENIED.
+PERMISSION_DENIED. The interceptor runs before the servicer, so a refused call never reaches
+the coordinator (in particular it never marks the caller live).
 """
 
 from __future__ import annotations
@@ -28,21 +31,33 @@ import grpc
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.security import TOKEN_METADATA, TOKEN_SCHEME
-from fedserver.security.certs import ROLE_CLIENT, peer_role
+from fedserver.security.certs import ROLE_CLIENT, ROLE_OPERATOR, peer_role
 from fedserver.security.tokens import TokenFileError, TokenStore
 
 log = logging.getLogger("fedserver.auth")
 
-SERVICE_PREFIX = "/fedgrpc.v1.Coordinator/"
-CLIENT_METHODS = {
-    "Join",
-    "GetGlobalModel",
-    "SubmitUpdate",
-    "SubmitEvaluation",
-    "AdvertiseKeys",
-    "ShareKeys",
-    "GetSecAggStage",
-    "Unmask",
+SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"]
+SERVICE_PREFIX = f"/{SERVICE.full_name}/"
+
+CLIENTS = frozenset({ROLE_CLIENT})
+ANY_ROLE = frozenset({ROLE_CLIENT, ROLE_OPERATOR})
+
+# RPC -> roles allowed. Complete by test (tests/test_authz.py), mirrored in docs/security.md.
+# The operator identity reads status; everything that trains, evaluates, takes part in secure
+# aggregation or decrypts an aggregate is a client's, because doing it makes the caller a
+# participant (live, selectable, possibly the HE key holder).
+ACCESS: dict[str, frozenset[str]] = {
+    "Join": CLIENTS,
+    "GetGlobalModel": CLIENTS,
+    "SubmitUpdate": CLIENTS,
+    "GetStatus": ANY_ROLE,
+    "AdvertiseKeys": CLIENTS,
+    "ShareKeys": CLIENTS,
+    "Unmask": CLIENTS,
+    "GetSecAggStage": CLIENTS,
+    "SubmitEvaluation": CLIENTS,
+    "GetEncryptedAggregate": CLIENTS,
+    "SubmitDecryption": CLIENTS,
 }
 
 
@@ -110,11 +125,25 @@ class Authenticator:
             )
         return cert or Identity(entry.name, entry.role, "token")
 
-    def authorize(self, identity: Identity, method: str, message: Any | None) -> None:
-        if method in CLIENT_METHODS and identity.role != ROLE_CLIENT:
+    def authorize(self, identity: Identity | None, method: str, message: Any | None) -> None:
+        """Raise Denied unless `identity` may call `method` (with `message`, when given).
+
+        `identity` is None when authentication is off: then only the table's completeness is
+        enforced (a method without an entry is still refused)."""
+        roles = ACCESS.get(method)
+        if roles is None:
             raise Denied(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{identity.name!r} has role {identity.role!r}; only clients may call {method}",
+                f"{method} has no entry in the authorization table "
+                "(fedserver/security/auth.py ACCESS); refused until it gets one",
+            )
+        if identity is None:
+            return
+        if identity.role not in roles:
+            who = "clients" if roles == CLIENTS else "roles " + ", ".join(sorted(roles))
+            raise Denied(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{identity.name!r} has role {identity.role!r}; only {who} may call {method}",
             )
         if message is None:
             return
@@ -128,7 +157,10 @@ class Authenticator:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps every Coordinator handler so each call is authenticated and each message checked."""
+    """Wraps every Coordinator handler so each call is authenticated and each message checked.
+
+    Installed whether or not authentication is configured: without it, methods in ACCESS pass
+    through unwrapped (no per-message cost) and any other Coordinator method is refused."""
 
     def __init__(self, auth: Authenticator) -> None:
         self.auth = auth
@@ -141,16 +173,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         method_path: str = details.method  # type: ignore[attr-defined]
         if handler is None or not method_path.startswith(SERVICE_PREFIX):
-            return handler  # health, reflection, unknown methods
-        return _wrap(handler, method_path[len(SERVICE_PREFIX) :], self.auth)
+            return handler  # health, reflection, unknown methods (UNIMPLEMENTED)
+        method = method_path[len(SERVICE_PREFIX) :]
+        if not self.auth.enabled and method in ACCESS:
+            return handler
+        return _wrap(handler, method, self.auth)
 
 
 async def _check(
     auth: Authenticator, method: str, context: grpc.aio.ServicerContext, message: Any | None,
     identity: Identity | None = None,
-) -> Identity:  # fmt: skip
+) -> Identity | None:  # fmt: skip
     try:
-        if identity is None:
+        if identity is None and auth.enabled:
             identity = auth.identify(context.invocation_metadata(), context.auth_context())
         auth.authorize(identity, method, message)
         return identity
@@ -199,7 +234,23 @@ def _wrap(h: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> grpc.Rp
             return await h.stream_unary(checked(), context)
 
         return grpc.stream_unary_rpc_method_handler(stream_unary, **kw)
-    raise TypeError(f"{method}: stream-stream Coordinator methods are not wrapped yet")
+    if h.stream_stream:
+
+        async def stream_stream(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            identity = await _check(auth, method, context, None)
+
+            async def checked() -> AsyncIterator[Any]:
+                async for message in requests:
+                    await _check(auth, method, context, message, identity)
+                    yield message
+
+            async for reply in h.stream_stream(checked(), context):
+                yield reply
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **kw)
+    raise TypeError(f"{method}: a handler of unknown kind")
 
 
 def build_authenticator(mtls: bool, tokens_file: Path | None) -> Authenticator:
