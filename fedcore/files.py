@@ -46,11 +46,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, parts: Iterable[bytes | memoryview], mode: int | None = None) -> None:
+PRIVATE = 0o600  # what atomic_write gives a file unless told otherwise (docs/security.md)
+SHARED = None  # mode=SHARED: as the umask allows (reports, certificates: meant to be read)
+
+
+def atomic_write(
+    path: Path,
+    parts: Iterable[bytes | memoryview],
+    mode: int | None = PRIVATE,
+    overwrite: bool = True,
+) -> None:
     """Write to a temp file in the same folder, fsync, rename over `path`, fsync the folder.
 
     A reader (or a restart after kill -9) sees either the old file or the complete new one.
-    `mode` (e.g. 0o600 for secrets) is set before any byte is written; default: the umask's.
+    The file is always a new inode with `mode` (owner-only unless the caller says otherwise;
+    SHARED = the umask's), set before any byte is written, so replacing a file never inherits
+    the old one's permissions. With overwrite=False an existing `path` is never replaced:
+    FileExistsError, atomically (the new file is linked in, which fails if the name exists).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +74,11 @@ def atomic_write(path: Path, parts: Iterable[bytes | memoryview], mode: int | No
                 f.write(part)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+            os.unlink(tmp)
         fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

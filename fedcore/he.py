@@ -16,7 +16,6 @@ there is 1e-5).
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcore.codecs import Codec, Piece, StreamDecoder
+from fedcore.files import PRIVATE, atomic_write
 from fedcore.tensors import Manifest, ManifestError
 
 POLY_DEGREE = 8192
@@ -152,19 +152,28 @@ def _ts():  # type: ignore[no-untyped-def]
     return tenseal
 
 
-def generate_keys(out_dir: Path) -> tuple[Path, Path]:
-    """Write (secret context for clients, public context for the coordinator), mode 600."""
+def generate_keys(out_dir: Path, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write (secret context for clients, public context for the coordinator), mode 600.
+
+    Existing files are refused (FileExistsError, nothing written) unless `overwrite`: a new key
+    pair silently replacing the one the clients hold would make every round undecryptable.
+    Each file is a new 0600 inode renamed into place, so a replaced file never keeps the old
+    one's permissions (a `chmod 644` secret stays readable by others otherwise).
+    """
+    out_dir = Path(out_dir)
+    paths = (out_dir / SECRET_FILE, out_dir / PUBLIC_FILE)
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{' and '.join(existing)} already exist(s); refusing to replace HE keys the clients "
+            "may hold (--force to make a new pair)"
+        )
     ts = _ts()
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, POLY_DEGREE, coeff_mod_bit_sizes=list(COEFF_BITS))
     ctx.global_scale = 2**SCALE_BITS
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = (out_dir / SECRET_FILE, out_dir / PUBLIC_FILE)
     blobs = (ctx.serialize(save_secret_key=True), ctx.serialize(save_secret_key=False))
     for path, blob in zip(paths, blobs, strict=True):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+        atomic_write(path, [blob], PRIVATE, overwrite=overwrite)
     return paths
 
 

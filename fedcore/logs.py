@@ -8,6 +8,27 @@ import sys
 import time
 from collections.abc import Mapping
 
+from fedcore.limits import MAX_LOG_MESSAGE
+
+
+class ClipMessages(logging.Filter):
+    """Cut a record's message to MAX_LOG_MESSAGE characters: log lines quote client input
+    (ids, refusal reasons), and no client may grow the log by megabytes per message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if len(message) > MAX_LOG_MESSAGE:
+            record.msg = f"{message[:MAX_LOG_MESSAGE]}... ({len(message)} characters)"
+            record.args = None
+        if record.exc_info and not record.exc_text:
+            # An exception's text may quote client input too: keep both ends of the traceback.
+            text = logging.Formatter().formatException(record.exc_info)
+            if len(text) > 2 * MAX_LOG_MESSAGE:
+                head, tail = text[:MAX_LOG_MESSAGE], text[-MAX_LOG_MESSAGE:]
+                text = f"{head}\n... ({len(text) - 2 * MAX_LOG_MESSAGE} characters) ...\n{tail}"
+            record.exc_text = text
+        return True
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -19,7 +40,7 @@ class JsonFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
 
 
@@ -31,6 +52,7 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S")
         )
+    handler.addFilter(ClipMessages())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -2,12 +2,19 @@
 
 The mechanism, per round with n contributing clients:
 
-    clipped_i = delta_i * min(1, C / ||delta_i||_2)          (client side, fedclient/session.py)
+    clipped_i = delta_i * min(1, C / ||delta_i||_2)          (client side, fedclient/session.py;
+                                                              again on the coordinator, below)
     mean      = (1/n) * sum_i clipped_i  +  N(0, (z*C/n)^2 I) (coordinator side)
+
+The coordinator re-clips every update it sees in plain (the decoded delta, as folded) with the
+same factor (clip_factor), so the bound holds whatever a client sends; an honest client's update
+is within the bound and folded unchanged (factor exactly 1.0).
 
 Replacing one client's update changes the sum by at most C in L2 (add/remove adjacency), so the
 Gaussian noise on the sum has std z*C (noise multiplier z) and the mean's noise std is z*C/n.
-Under secure aggregation the coordinator never sees an unmasked vector, so the noise is split:
+Under secure aggregation or homomorphic encryption the coordinator never sees an individual
+vector (it cannot re-clip: there the clip is the clients' to enforce), and under HE the key
+holder would see an un-noised sum, so the noise is split:
 every client adds N(0, (z*C)^2/n_sel) to its clipped update and the n_sel noises sum to
 N(0, (z*C)^2). If only m < n_sel masked updates survive, the sum carries variance
 (z*C)^2 * m/n_sel, i.e. an effective multiplier z*sqrt(m/n_sel), which is what gets accounted.
@@ -44,15 +51,23 @@ class DPConfig:
             raise ValueError(f"dp-delta must be in (0, 1), got {self.delta}")
 
 
+def clip_factor(norm: float, clip: float) -> float:
+    """What a vector of L2 norm `norm` is multiplied by to be clipped to `clip`: exactly 1.0
+    within the bound (so an update already clipped is left bit for bit), else a hair under
+    clip / norm, so that float32 rounding of the scaled values cannot exceed C."""
+    if norm <= clip or norm < _TINY:
+        return 1.0
+    return clip / norm * (1 - 1e-6)
+
+
 def l2_clip(delta: np.ndarray, clip: float) -> np.ndarray:
     """delta scaled down (never up) so its L2 norm is at most `clip`; float32 out."""
     vec = np.asarray(delta, dtype=np.float32)
-    norm = float(np.linalg.norm(vec.astype(np.float64)))
-    if norm <= clip or norm < _TINY:
+    factor = clip_factor(float(np.linalg.norm(vec.astype(np.float64))), clip)
+    if factor == 1.0:
         return vec.copy()
-    # Scale in float64 and leave a hair of headroom so float32 rounding cannot exceed C.
-    scaled = (vec.astype(np.float64) * (clip / norm * (1 - 1e-6))).astype(np.float32)
-    return scaled
+    # Scale in float64: one rounding to float32, covered by clip_factor's headroom.
+    return (vec.astype(np.float64) * factor).astype(np.float32)
 
 
 def mean_noise_std(noise_multiplier: float, clip: float, num_clients: int) -> float:
@@ -131,6 +146,7 @@ __all__ = [
     "DPConfig",
     "add_gaussian_noise",
     "client_noise_std",
+    "clip_factor",
     "effective_noise_multiplier",
     "l2_clip",
     "mean_noise_std",

@@ -49,17 +49,25 @@ def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(b"fedgrpc key id\x00" + key).digest()[:8]
 
 
+class KeyExists(SealedError):
+    """A key file is already there and the caller did not ask to replace it."""
+
+
 def generate_key_file(path: Path, overwrite: bool = False) -> str:
-    """Write a fresh random 256-bit key, readable by the owner only; returns its key id (hex)."""
+    """Write a fresh random 256-bit key, readable by the owner only; returns its key id (hex).
+
+    An existing file is refused unless `overwrite`; either way the key lands in a new 0600 file
+    renamed into place, so a replaced key file never keeps the old one's permissions.
+    """
+    from fedcore.files import PRIVATE, atomic_write  # fedcore.files imports this module
+
     path = Path(path)
     key = AESGCM.generate_key(bit_length=256)
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    text = (KEY_PREFIX + base64.b64encode(key).decode() + "\n").encode()
     try:
-        fd = os.open(path, flags, 0o600)
+        atomic_write(path, [text], PRIVATE, overwrite=overwrite)
     except FileExistsError:
-        raise SealedError(f"{path} already exists; refusing to overwrite a key") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(KEY_PREFIX + base64.b64encode(key).decode() + "\n")
+        raise KeyExists(f"{path} already exists; refusing to overwrite a key (--force)") from None
     return _key_id(key).hex()
 
 

@@ -12,6 +12,7 @@ tensors (FedPer) out of what they send; their update is then a subset of the rou
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -99,16 +100,28 @@ class Selection:
         if self.is_everything:
             yield from pieces
             return
+        # Only the segments a piece overlaps are visited (bisect on their update offsets), and
+        # sparse positions (strictly increasing) are split by binary search: linear in the
+        # piece, not pieces x segments.
+        segments = self.segments
+        starts = [sub for sub, _, _ in segments]
         for piece in pieces:
             if piece.indices is not None:  # sparse (top-k): map each position
-                for sub, full, n in self.segments:
-                    inside = (piece.indices >= sub) & (piece.indices < sub + n)
-                    if inside.any():
-                        idx = piece.indices[inside] - sub + full
-                        yield Piece(int(idx[0]), piece.values[inside], idx)
+                if not piece.indices.size:
+                    continue
+                first = max(bisect.bisect_right(starts, int(piece.indices[0])) - 1, 0)
+                last = bisect.bisect_right(starts, int(piece.indices[-1]))
+                for sub, full, n in segments[first:last]:
+                    a, b = np.searchsorted(piece.indices, (sub, sub + n))
+                    if a < b:
+                        idx = piece.indices[a:b] - sub + full
+                        yield Piece(int(idx[0]), piece.values[a:b], idx)
                 continue
             lo, hi = piece.offset, piece.offset + piece.values.size
-            for sub, full, n in self.segments:
+            first = max(bisect.bisect_right(starts, lo) - 1, 0)
+            for sub, full, n in segments[first:]:
+                if sub >= hi:
+                    break
                 a, b = max(lo, sub), min(hi, sub + n)
                 if a < b:
                     yield Piece(full + a - sub, piece.values[a - lo : b - lo])

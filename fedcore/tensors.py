@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import numpy as np
 
+from fedcore.limits import excerpt
+
 if TYPE_CHECKING:
     import torch
 
@@ -56,7 +58,7 @@ def dtype_itemsize(dtype: str) -> int:
         return _DTYPES[dtype][0]
     except KeyError:
         allowed = ", ".join(_DTYPES)
-        raise ManifestError(f"unsupported dtype {dtype!r}; supported: {allowed}") from None
+        raise ManifestError(f"unsupported dtype {excerpt(dtype)}; supported: {allowed}") from None
 
 
 def safetensors_dtype(dtype: str) -> str:
@@ -75,7 +77,9 @@ class TensorSpec:
             raise ManifestError("tensor name must not be empty")
         dtype_itemsize(self.dtype)
         if any(d < 0 for d in self.shape):
-            raise ManifestError(f"tensor {self.name!r} has a negative dimension {self.shape}")
+            raise ManifestError(
+                f"tensor {excerpt(self.name)} has a negative dimension {excerpt(self.shape)}"
+            )
 
     @property
     def numel(self) -> int:
@@ -95,10 +99,15 @@ class Manifest:
     tensors: tuple[TensorSpec, ...]
 
     def __post_init__(self) -> None:
-        names = [t.name for t in self.tensors]
-        if len(set(names)) != len(names):
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            raise ManifestError(f"duplicate tensor names in manifest: {dupes}")
+        # Linear in the number of tensors: manifests come from clients, and a quadratic check
+        # here once let one 7 MiB header hold the event loop for minutes.
+        seen: set[str] = set()
+        dupes: set[str] = set()
+        for t in self.tensors:
+            (dupes if t.name in seen else seen).add(t.name)
+        if dupes:
+            shown = ", ".join(excerpt(n) for n in sorted(dupes)[:5])
+            raise ManifestError(f"duplicate tensor names in manifest ({len(dupes)}): [{shown}]")
 
     @cached_property
     def offsets(self) -> dict[str, tuple[int, int]]:
@@ -113,11 +122,12 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @cached_property
+    def _by_name(self) -> dict[str, TensorSpec]:
+        return {t.name: t for t in self.tensors}
+
     def spec(self, name: str) -> TensorSpec:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        return self._by_name[name]
 
     def floats(self) -> Manifest:
         """The tensors a model update carries: floating point ones (parameters, BN statistics)."""

@@ -7,7 +7,9 @@ from typing import Any
 
 import grpc
 
+from fedcore import limits
 from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
+from fedcore.limits import excerpt
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, TensorSpec, iter_chunks
 
@@ -30,9 +32,33 @@ def manifest_to_proto(manifest: Manifest) -> pb.Manifest:
     )
 
 
-def manifest_from_proto(msg: pb.Manifest) -> Manifest:
-    """Raises ManifestError with a readable reason for unknown dtypes, bad shapes, duplicates."""
+def manifest_from_proto(msg: pb.Manifest, max_tensors: int | None = None) -> Manifest:
+    """Raises ManifestError with a readable reason for unknown dtypes, bad shapes, duplicates.
+
+    With `max_tensors` (a manifest from an untrusted peer) the counts and lengths are checked
+    first (fedcore/limits.py), so an oversized manifest costs nothing beyond being parsed."""
+    if max_tensors is not None:
+        check_manifest_bounds(msg, max_tensors)
     return Manifest(tuple(TensorSpec(t.name, t.dtype, tuple(t.shape)) for t in msg.tensors))
+
+
+def check_manifest_bounds(msg: pb.Manifest, max_tensors: int) -> None:
+    if len(msg.tensors) > max_tensors:
+        raise ManifestError(
+            f"manifest lists {len(msg.tensors)} tensors; an update of this model has at most "
+            f"{max_tensors}"
+        )
+    for t in msg.tensors:
+        if len(t.name) > limits.MAX_TENSOR_NAME or len(t.dtype) > limits.MAX_STRING:
+            raise ManifestError(
+                f"tensor names are at most {limits.MAX_TENSOR_NAME} characters and dtypes "
+                f"{limits.MAX_STRING}; got {excerpt(t.name)}"
+            )
+        if len(t.shape) > limits.MAX_TENSOR_DIMS:
+            raise ManifestError(
+                f"tensor {excerpt(t.name)} has {len(t.shape)} dimensions, at most "
+                f"{limits.MAX_TENSOR_DIMS} are allowed"
+            )
 
 
 def model_stream(
@@ -170,6 +196,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "ManifestError",
     "ModelCalls",
+    "check_manifest_bounds",
     "data_message",
     "data_view",
     "manifest_from_proto",

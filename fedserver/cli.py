@@ -17,7 +17,7 @@ import grpc
 
 from fedcore.config import parse_layered
 from fedcore.logs import format_metrics
-from fedcore.sealed import StateCipher, generate_key_file
+from fedcore.sealed import KeyExists, StateCipher, generate_key_file
 from fedcore.security import SecurityError, add_tls_arguments
 from fedcore.tensors import ManifestError
 from fedserver import remote, report, run_cli
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "keygen",
         help="create a random key file for --encrypt-state",
         description="Write a random 256-bit AES key to KEYFILE (mode 600). Keep it apart from "
-        "the state dir: whoever holds both can read the model.",
+        "the state dir: whoever holds both can read the model. An existing KEYFILE is kept "
+        "unless --force.",
     )
     keygen.add_argument("keyfile", type=Path, metavar="KEYFILE")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -67,9 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "he-keygen",
         help="create the shared CKKS key pair for homomorphic aggregation (TenSEAL)",
         description="Write he-secret.ctx (give to every client, never to the coordinator) and "
-        "he-public.ctx (the coordinator: it can add ciphertexts but not decrypt them) to DIR.",
+        "he-public.ctx (the coordinator: it can add ciphertexts but not decrypt them) to DIR, "
+        "both mode 600. Existing files are kept unless --force.",
     )
     he_keygen.add_argument("out_dir", type=Path, metavar="DIR")
+    he_keygen.add_argument(
+        "--force", action="store_true", help="replace existing key files (clients need the new one)"
+    )
     he_keygen.set_defaults(handler=_he_keygen)
 
     export = sub.add_parser(
@@ -108,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _print_status(args: argparse.Namespace) -> int:
     try:
         status = remote.live_status(args) if args.server else read_status(args.state_dir)
+    except PermissionError as e:
+        print(
+            f"fedserver: cannot read {e.filename or args.state_dir}: permission denied; a state "
+            "dir is private to the coordinator's user (docs/security.md): run as that user, or "
+            "ask the live coordinator with --server",
+            file=sys.stderr,
+        )
+        return 1
     except (FileNotFoundError, SecurityError) as e:
         print(f"fedserver: {e}", file=sys.stderr)
         return 1
@@ -144,6 +157,9 @@ def _keygen(args: argparse.Namespace) -> int:
     path = args.keyfile
     try:
         key_id = generate_key_file(path, overwrite=args.force)
+    except KeyExists as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (ManifestError, OSError) as e:
         print(f"fedserver: {e}", file=sys.stderr)
         return 1
@@ -155,7 +171,10 @@ def _he_keygen(args: argparse.Namespace) -> int:
     from fedcore.he import HEError, generate_keys  # TenSEAL is optional: import on demand
 
     try:
-        secret, public = generate_keys(args.out_dir)
+        secret, public = generate_keys(args.out_dir, overwrite=args.force)
+    except FileExistsError as e:
+        print(f"fedserver: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except (HEError, OSError) as e:
         print(f"fedserver: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcore import faults
+from fedcore.limits import MAX_ROUND_METRICS
 from fedcore.logs import format_metrics
 from fedcore.selection import Selection, round_selection
 from fedcore.tensors import FlatModel
@@ -305,8 +306,9 @@ class Coordinator(UpdateIntake, EvaluationRounds):
             count, weight = self._accumulator.count, self._accumulator.weight
         metrics = self._client_metric_means(closed)
         if self.dp is not None:
-            mean, dp_metrics = self.dp.privatize(
-                mean, count, len(self.machine.selected), self._available
+            # Off the event loop: the noise is O(model) and Opacus' ε takes up to 0.5 s.
+            mean, dp_metrics = await asyncio.to_thread(
+                self.dp.privatize, mean, count, len(self.machine.selected), self._available
             )
             metrics.update(dp_metrics)
         spool = self._spool
@@ -383,7 +385,10 @@ class Coordinator(UpdateIntake, EvaluationRounds):
             for k, v in self._client_metrics.get(client, {}).items():
                 total[k] += v * receipt.num_examples
                 weight[k] += receipt.num_examples
-        return {k: total[k] / weight[k] for k in total if weight[k]}
+        # Each client sends at most MAX_METRICS names, but they may all differ: keep the names
+        # most examples reported (then by name), so a round's record stays bounded.
+        kept = sorted((k for k in total if weight[k]), key=lambda k: (-weight[k], k))
+        return {k: total[k] / weight[k] for k in kept[:MAX_ROUND_METRICS]}
 
     # ------------------------------------------------------------------ shutdown
     async def wait_idle(self) -> None:

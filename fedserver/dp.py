@@ -1,8 +1,10 @@
 """The coordinator's side of client-level DP: what clients are told, noise, and the ε ledger.
 
 Pure numpy (the math is in fedcore/privacy.py); the coordinator calls it at three points:
-when a round opens (round config extras), when folding (every client weighs 1: the sensitivity
-argument needs an unweighted mean), and when a round closes (noise + accountant step).
+when a round opens (round config extras), when folding (every client weighs 1 and every update
+seen in plain is re-clipped to C: the sensitivity argument needs an unweighted mean of vectors
+of norm at most C, whatever the clients did), and when a round closes (noise + accountant step,
+in a worker thread: Opacus' ε takes up to 0.5 s).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from fedcore.privacy import (
     DPConfig,
     add_gaussian_noise,
     client_noise_std,
+    clip_factor,
     effective_noise_multiplier,
     mean_noise_std,
     sample_rate,
@@ -37,7 +40,8 @@ class DPServer:
         self, config: DPConfig, noise_on_clients: bool = False, seed: int | None = None
     ) -> None:
         self.config = config
-        # With secure aggregation the coordinator cannot add noise to a vector it never sees.
+        # With secure aggregation the coordinator cannot add noise to a vector it never sees;
+        # under HE it could, but the key holder would see the sum before the noise.
         self.noise_on_clients = noise_on_clients
         # DP noise must be unpredictable in production; tests pass a seed for reproducibility.
         self.rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
@@ -58,6 +62,13 @@ class DPServer:
             std = client_noise_std(self.config.noise_multiplier, self.config.clip, num_selected)
             extra[EXTRA_CLIENT_NOISE_STD] = repr(std)
         return extra
+
+    def reclip_factor(self, norm: float | None) -> float:
+        """What an update the coordinator sees in plain is folded with: 1.0 (no change) within
+        C, less above. `norm` is the decoded update's L2 norm, measured while it arrived."""
+        if norm is None:
+            raise ValueError("the update's norm was not measured (UpdateReceiver track_norm)")
+        return clip_factor(norm, self.config.clip)
 
     def privatize(
         self, mean: np.ndarray, contributed: int, selected: int, available: int

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fedcore.limits import MAX_ROUND_METRICS
 from fedserver.rounds import NotSelected, StaleRound
 
 PREFIX = "fed_"
@@ -47,6 +49,10 @@ class EvalCampaign:
     version: str
     selected: frozenset[str]
     reports: dict[str, tuple[int, dict[str, float]]] = field(default_factory=dict)
+    examples: int = 0
+    scoring: int = 0  # reports with at least one example
+    sums: Counter[str] = field(default_factory=Counter)
+    weights: Counter[str] = field(default_factory=Counter)
 
     def pending(self, client_id: str) -> bool:
         return client_id in self.selected and client_id not in self.reports
@@ -72,21 +78,29 @@ class EvalCampaign:
         if client_id in self.reports:
             return False
         self.reports[client_id] = (num_examples, dict(metrics))
+        # Running sums: summary() after every report must not cost O(reports) each time.
+        self.examples += num_examples
+        if num_examples > 0:
+            self.scoring += 1
+            for key, value in metrics.items():
+                self.sums[key] += value * num_examples
+                self.weights[key] += num_examples
         return True
 
     def summary(self) -> dict[str, float]:
-        """Example-weighted means as fed_<metric>; clients without test data weigh nothing."""
-        total = sum(n for n, _ in self.reports.values())
+        """Example-weighted means as fed_<metric>; clients without test data weigh nothing.
+
+        At most MAX_ROUND_METRICS names (those most examples reported), so the round's record
+        stays bounded however many different names the clients send."""
         out: dict[str, float] = {
-            PREFIX + "examples": float(total),
-            PREFIX + "clients": float(sum(1 for n, _ in self.reports.values() if n > 0)),
+            PREFIX + "examples": float(self.examples),
+            PREFIX + "clients": float(self.scoring),
         }
-        if total == 0:
+        if self.examples == 0:
             return out
-        keys = sorted({k for n, m in self.reports.values() if n > 0 for k in m})
-        for key in keys:
-            weight = sum(n for n, m in self.reports.values() if n > 0 and key in m)
-            if weight:
-                value = sum(m[key] * n for n, m in self.reports.values() if n > 0 and key in m)
-                out[PREFIX + key] = value / weight
+        kept = sorted(
+            (k for k in self.weights if self.weights[k]), key=lambda k: (-self.weights[k], k)
+        )
+        for key in sorted(kept[:MAX_ROUND_METRICS]):
+            out[PREFIX + key] = self.sums[key] / self.weights[key]
         return out

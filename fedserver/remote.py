@@ -87,4 +87,5 @@ def live_status(args: argparse.Namespace) -> dict[str, Any]:
             }
             for r in reply.rounds
         ],
+        "rounds_omitted": reply.rounds_omitted,  # older rounds than the reply lists
     }

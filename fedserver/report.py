@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedcore.files import atomic_write
+from fedcore.files import SHARED, atomic_write
 from fedserver.store import read_status
 
 BASE_COLUMNS = (
@@ -63,8 +63,9 @@ def write_report(state_dir: Path, out: Path) -> list[Path]:
     status = read_status(state_dir)
     rounds = status["rounds"]
     out.mkdir(parents=True, exist_ok=True)
+    # Reports are meant to be shared (no tensors, no secrets): SHARED = as the umask allows.
     written = [_write_csv(out / "rounds.csv", rounds), out / "report.json"]
-    atomic_write(written[1], [json.dumps(status, indent=2).encode()])
+    atomic_write(written[1], [json.dumps(status, indent=2).encode()], SHARED)
     title = f"{status['task']} · {status['strategy']} · {status['rounds_completed']} rounds"
     written += _plots(out, rounds, title)
     return written
@@ -82,7 +83,7 @@ def _write_csv(path: Path, rounds: Sequence[dict[str, Any]]) -> Path:
     for r in rounds:
         base = [r.get(c, "") for c in BASE_COLUMNS]
         writer.writerow([*base, *(r["metrics"].get(n, "") for n in names)])
-    atomic_write(path, [buf.getvalue().encode()])
+    atomic_write(path, [buf.getvalue().encode()], SHARED)
     return path
 
 
@@ -131,7 +132,7 @@ def _plots(out: Path, rounds: Sequence[dict[str, Any]], title: str) -> list[Path
         path = out / f"{name}.png"
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
-        atomic_write(path, [buf.getvalue()])
+        atomic_write(path, [buf.getvalue()], SHARED)
         return path
 
     return [

@@ -7,20 +7,26 @@ PERMISSION_DENIED for clients not selected, RESOURCE_EXHAUSTED for oversized upd
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
+from fedcore import limits
+from fedcore.limits import MAX_CLIENT_ID, clip_message, excerpt
 from fedcore.proto import coordinator_pb2 as pb
-from fedserver.aggregate import BadUpdate, UpdateTooLarge
+from fedserver.aggregate import BadUpdate, SpillCorrupted, UpdateTooLarge
 from fedserver.messages import SubmitResult, TooManyStreams
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound
 from fedserver.secagg import SecAggFailed
 
 MAX_WAIT_SECONDS = 30.0
-MAX_CLIENT_ID = 128
+log = logging.getLogger("fedserver.rpc")
 
 
 def status_for(exc: Exception) -> grpc.StatusCode:
@@ -28,6 +34,7 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     for kind, code in (
         (TooManyStreams, grpc.StatusCode.ABORTED),
         (UpdateTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (SpillCorrupted, grpc.StatusCode.INTERNAL),  # our disk, not the client's bytes: retry
         (BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),
         (AlreadySubmitted, grpc.StatusCode.ALREADY_EXISTS),
         (NotSelected, grpc.StatusCode.PERMISSION_DENIED),
@@ -46,11 +53,17 @@ def submit_reply(result: SubmitResult) -> pb.SubmitReply:
     )
 
 
-async def check_request(context: grpc.aio.ServicerContext, request: Any) -> None:
-    """Abort with INVALID_ARGUMENT unless `request` decoded and names a usable client_id."""
+async def check_decoded(context: grpc.aio.ServicerContext, request: Any) -> None:
+    """Abort with INVALID_ARGUMENT if `request` did not decode (see LenientDecoding)."""
     if request is None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, CORRUPT)
-    if problem := check_client_id(request.client_id):
+
+
+async def check_request(context: grpc.aio.ServicerContext, request: Any) -> None:
+    """Abort with INVALID_ARGUMENT unless `request` decoded, names a usable client_id and keeps
+    every other top-level string within limits.MAX_STRING."""
+    await check_decoded(context, request)
+    if problem := check_client_id(request.client_id) or check_strings(request):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
 
@@ -58,8 +71,47 @@ def check_client_id(client_id: str) -> str | None:
     if not client_id:
         return "client_id is required"
     if len(client_id) > MAX_CLIENT_ID or not client_id.isprintable():
-        return f"client_id must be printable and at most {MAX_CLIENT_ID} characters"
+        return (
+            f"client_id must be printable and at most {MAX_CLIENT_ID} characters, got "
+            f"{excerpt(client_id)}"
+        )
     return None
+
+
+def check_strings(message: Any, skip: tuple[str, ...] = ("client_id",)) -> str | None:
+    """Why a singular string field of `message` exceeds limits.MAX_STRING, or None."""
+    for field in message.DESCRIPTOR.fields:
+        if field.type != FieldDescriptor.TYPE_STRING or field.name in skip:
+            continue
+        if _is_repeated(field):
+            continue
+        value = getattr(message, field.name)
+        if len(value) > limits.MAX_STRING:
+            return f"{field.name} exceeds {limits.MAX_STRING} characters ({len(value)})"
+    return None
+
+
+def check_metrics(metrics: Any) -> str | None:
+    """Why a client's metrics map breaks the limits (count, name length), or None."""
+    return limits.check_string_map(metrics, "metrics", limits.MAX_METRICS, limits.MAX_METRIC_KEY)
+
+
+def check_properties(properties: Any) -> str | None:
+    return limits.check_string_map(
+        properties,
+        "properties",
+        limits.MAX_PROPERTIES,
+        limits.MAX_PROPERTY_KEY,
+        limits.MAX_PROPERTY_VALUE,
+    )
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # protobuf >= 5 has is_repeated; label is deprecated there but still present before.
+    flag = getattr(field, "is_repeated", None)
+    if flag is not None:
+        return bool(flag)
+    return field.label == FieldDescriptor.LABEL_REPEATED
 
 
 class LenientDecoding(grpc.aio.ServerInterceptor):
@@ -89,3 +141,83 @@ class LenientDecoding(grpc.aio.ServerInterceptor):
 
 
 CORRUPT = "message is not valid protobuf for this RPC (corrupt or wrong type)"
+
+
+class BoundedContext:
+    """A ServicerContext whose status messages are cut to limits.MAX_REFUSAL_MESSAGE bytes.
+
+    Refusals quote client input; gRPC sends the message as trailing metadata, and a peer whose
+    metadata limit (8 KiB by default) is exceeded sees a local RESOURCE_EXHAUSTED instead of
+    our code. Every handler gets this context (BoundedReplies), so no refusal path escapes."""
+
+    def __init__(self, inner: grpc.aio.ServicerContext) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
+    ) -> None:
+        await self._inner.abort(code, clip_message(details), trailing_metadata)
+
+    def set_details(self, details: str) -> None:
+        self._inner.set_details(clip_message(details))
+
+
+UNEXPECTED = "unexpected error in the coordinator (see its log)"
+
+
+class BoundedReplies(grpc.aio.ServerInterceptor):
+    """Run every handler with a BoundedContext, and answer an unexpected exception with a short
+    UNKNOWN instead of gRPC's default, which puts the exception's text (maybe client input,
+    maybe megabytes) into the status message."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        method = details.method
+        for kind in ("unary_unary", "stream_unary", "unary_stream", "stream_stream"):
+            behaviour = getattr(handler, kind)
+            if behaviour is None:
+                continue
+            if inspect.isasyncgenfunction(behaviour):
+                wrapped = _bounded_stream(behaviour, method)
+            elif inspect.iscoroutinefunction(behaviour):
+                wrapped = _bounded_unary(behaviour, method)
+            else:  # a synchronous handler (none of ours): leave it to gRPC
+                return handler
+            return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined]
+        return handler
+
+
+def _bounded_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behaviour(request, BoundedContext(context))
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.UNKNOWN, UNEXPECTED)
+
+    return run
+
+
+def _bounded_stream(behaviour: Callable[..., AsyncIterator[Any]], method: str) -> Any:
+    async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behaviour(request, BoundedContext(context)):
+                yield item
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.UNKNOWN, UNEXPECTED)
+
+    return run

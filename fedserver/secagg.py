@@ -28,6 +28,9 @@ from fedcore.secagg.masking import unmask
 from fedserver.aggregate import BadUpdate
 from fedserver.rounds import NotSelected, StaleRound
 
+# A share box: ChaCha20-Poly1305 over (mask-key share + self-seed share), 16-byte tag.
+SHARE_CIPHERTEXT_BYTES = 2 * shamir.SHARE_BYTES + 16
+
 
 class Stage(enum.Enum):
     KEYS = 1
@@ -132,6 +135,9 @@ class SecAggRound:
             raise BadUpdate(
                 f"shares must be addressed to exactly the {len(want)} other roster members"
             )
+        # Exact sizes: boxes are stored and forwarded to peers, so none may be larger.
+        if any(len(box) != SHARE_CIPHERTEXT_BYTES for box in shares.values()):
+            raise BadUpdate(f"encrypted shares must be {SHARE_CIPHERTEXT_BYTES} bytes each")
         self.posted[client_id] = dict(shares)
 
     def check_masked(self, client_id: str, weight: float) -> None:
@@ -173,6 +179,11 @@ class SecAggRound:
             raise SecAggRefused(f"client {client_id!r} sent no masked update this round")
         if set(seed_shares) != set(self.survivors) or set(key_shares) != set(self.dropped):
             raise BadUpdate("reveal shares for exactly the survivors and the dropped clients")
+        if any(
+            len(share) != shamir.SHARE_BYTES
+            for share in (*seed_shares.values(), *key_shares.values())
+        ):
+            raise BadUpdate(f"revealed shares must be {shamir.SHARE_BYTES} bytes each")
         self.reveals[client_id] = (dict(seed_shares), dict(key_shares))
 
     def stop_reveals(self) -> None:

@@ -137,6 +137,10 @@ class SecureRounds:
         return (len(sa.survivors), sa.total_weight) if sa is not None else (0, 0.0)
 
     # ------------------------------------------------------------------ client messages
+    def max_peers(self) -> int:
+        """The most entries a share or reveal list can have: the current round's selection."""
+        return len(self.current.selected) if self.current is not None else 0
+
     def _round(self, round_number: int) -> SecAggRound:
         sa = self.current
         if sa is None or sa.round != round_number or round_number != self.c.machine.round:

@@ -59,6 +59,7 @@ class SecureAggregationService:
         self, request: pb.ShareKeysRequest, context: grpc.aio.ServicerContext
     ) -> pb.SecAggAck:
         secure = await self._secure(context, request)
+        await _check_count(context, len(request.shares), secure.max_peers())
         shares = {s.peer_id: s.ciphertext for s in request.shares}
         try:
             if len(shares) != len(request.shares):
@@ -72,6 +73,8 @@ class SecureAggregationService:
         self, request: pb.UnmaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.SecAggAck:
         secure = await self._secure(context, request)
+        count = len(request.self_mask_shares) + len(request.mask_key_shares)
+        await _check_count(context, count, secure.max_peers())
         seeds = {s.owner_id: s.share for s in request.self_mask_shares}
         keys = {s.owner_id: s.share for s in request.mask_key_shares}
         try:
@@ -105,6 +108,15 @@ class SecureAggregationService:
         reply.survivors.extend(view.get("survivors", ()))  # type: ignore[arg-type]
         reply.dropped.extend(view.get("dropped", ()))  # type: ignore[arg-type]
         return reply
+
+
+async def _check_count(context: grpc.aio.ServicerContext, count: int, most: int) -> None:
+    """Refuse a share list longer than the round's selection before looking at its entries."""
+    if count > most:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{count} shares sent; this round has {most} selected clients",
+        )
 
 
 class HomomorphicService:

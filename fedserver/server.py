@@ -29,7 +29,7 @@ from fedserver.fedeval import EvalPolicy
 from fedserver.messages import TrainingDefaults
 from fedserver.progress import show_progress
 from fedserver.rounds import RoundPolicy
-from fedserver.rpc import LenientDecoding
+from fedserver.rpc import BoundedReplies, LenientDecoding
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
 from fedserver.service import CoordinatorService, add_to_server
@@ -159,7 +159,9 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     evaluator = Evaluator(task)
     dp = None
     if s.dp is not None:
-        dp = DPServer(s.dp, noise_on_clients=s.secure == "secagg", seed=s.dp_seed)
+        # --secure secagg/he: noise on the clients, so neither the coordinator nor a key
+        # holder ever sees a sum without it.
+        dp = DPServer(s.dp, noise_on_clients=s.secure != "none", seed=s.dp_seed)
         dp.resume(r.metrics for r in store.rounds())
     if s.secure == "he":
         check_he_settings(s)
@@ -226,10 +228,11 @@ async def serve(s: ServerSettings) -> int:
     except (SecurityError, TokenFileError) as e:
         raise SetupError(str(e)) from None
     auth.on_denied = coordinator.metrics.refused_call
-    # Lenient decoding first: corrupt messages reach the servicer as None and are refused there.
-    # The auth interceptor always runs: even without authentication, a Coordinator RPC with no
-    # entry in its authorization table is refused (fail closed).
-    interceptors = [LenientDecoding(), AuthInterceptor(auth)]
+    # Bounded replies outermost: every handler (the authenticator's refusals too) gets a context
+    # whose status messages are capped. Lenient decoding next: corrupt messages reach the
+    # servicer as None and are refused there. The auth interceptor always runs: even without
+    # authentication, a Coordinator RPC with no entry in its authorization table is refused.
+    interceptors = [BoundedReplies(), LenientDecoding(), AuthInterceptor(auth)]
     server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
     add_to_server(CoordinatorService(coordinator, s.chunk_size), server)
     health_servicer = health.aio.HealthServicer()
@@ -277,6 +280,15 @@ async def serve(s: ServerSettings) -> int:
                 "serving PLAINTEXT on %s: model and updates travel unencrypted and "
                 "unauthenticated; use --tls-cert/--tls-key/--tls-ca (fedserver certs) "
                 "outside a lab",
+                address,
+            )
+        elif credentials is not None and not auth.enabled:
+            # Encrypted but open to anyone who reaches the port, on any address: TLS flags mean
+            # the operator expects a protected deployment, so this must not pass unnoticed.
+            log.warning(
+                "serving TLS on %s WITHOUT CLIENT AUTHENTICATION: anyone who can reach this port "
+                "can join, train, submit updates and download the model; add --tls-ca "
+                "(client certificates from fedserver certs) or --tokens FILE",
                 address,
             )
 

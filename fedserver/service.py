@@ -17,6 +17,7 @@ import grpc
 
 from fedcore import faults
 from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
+from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS, excerpt
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError, iter_chunks
@@ -35,7 +36,11 @@ from fedserver.rpc import (
     CORRUPT,
     MAX_WAIT_SECONDS,
     check_client_id,
+    check_decoded,
+    check_metrics,
+    check_properties,
     check_request,
+    check_strings,
     status_for,
     submit_reply,
 )
@@ -60,12 +65,15 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
     ) -> pb.JoinReply:
         await check_request(context, request)
-        self.coordinator.touch(request.client_id, dict(request.properties))
+        if problem := check_properties(request.properties):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        properties = dict(request.properties)
+        self.coordinator.touch(request.client_id, properties)
         log.info(
             "client %s joined from %s (%s)",
             request.client_id,
             context.peer(),
-            dict(request.properties) or "-",
+            excerpt(properties, 200) if properties else "-",
         )
         return pb.JoinReply(
             client_id=request.client_id,
@@ -144,7 +152,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
                 raise BadUpdate(CORRUPT, "corrupt_message")
             if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("payload") != "header":
                 raise BadUpdate("the first message must be an UpdateHeader", "bad_stream")
-            header = _parse_header(first.header)
+            header = _parse_header(first.header, self._max_update_tensors())
         except BadUpdate as e:
             coordinator.reject(e)
             await context.abort(status_for(e), str(e))
@@ -193,10 +201,17 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
             await context.abort(status_for(e), str(e))
             raise  # unreachable: abort raises
 
+    def _max_update_tensors(self) -> int:
+        """No update lists more tensors than the model has (codecs pack into 2 at least)."""
+        return max(len(self.coordinator.model.manifest.tensors), 2)
+
     async def SubmitEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
     ) -> pb.EvaluationReply:
         await check_request(context, request)
+        if problem := check_metrics(request.metrics):
+            self.coordinator.reject(BadUpdate(problem, "bad_metrics"))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
             new, message = self.coordinator.submit_evaluation(
                 request.client_id,
@@ -212,6 +227,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetStatusReply:
+        await check_decoded(context, request)
         c = self.coordinator
         m = c.machine
         reply = pb.GetStatusReply(
@@ -225,17 +241,26 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
             federation_id=c.federation_id,
             rejections=dict(c.rejections),
         )
-        for r in c.store.rounds():
-            reply.rounds.append(
-                pb.RoundSummary(
-                    round=r.round,
-                    participants=r.participants,
-                    num_examples=r.num_examples,
-                    metrics=r.metrics,
-                    duration_seconds=r.duration,
-                    model_version=r.model_version,
-                )
+        # Bounded whatever the history holds: the latest MAX_STATUS_ROUNDS rounds, newest
+        # first until MAX_STATUS_BYTES, listed oldest first; rounds_omitted counts the rest.
+        records, total = c.store.recent_rounds(MAX_STATUS_ROUNDS)
+        summaries: list[pb.RoundSummary] = []
+        size = 0
+        for r in reversed(records):
+            summary = pb.RoundSummary(
+                round=r.round,
+                participants=r.participants,
+                num_examples=r.num_examples,
+                metrics=r.metrics,
+                duration_seconds=r.duration,
+                model_version=r.model_version,
             )
+            size += summary.ByteSize() + 8  # + tag and length prefix
+            if size > MAX_STATUS_BYTES:
+                break
+            summaries.append(summary)
+        reply.rounds.extend(reversed(summaries))
+        reply.rounds_omitted = total - len(summaries)
         return reply
 
 
@@ -284,11 +309,16 @@ def _log_broken_upload(header: SubmitHeader, received: int, why: str) -> None:
     )
 
 
-def _parse_header(h: pb.UpdateHeader) -> SubmitHeader:
+def _parse_header(h: pb.UpdateHeader, max_tensors: int) -> SubmitHeader:
+    """Every bound is checked before the manifest or the metrics are converted."""
     if problem := check_client_id(h.client_id):
         raise BadUpdate(problem, "bad_client_id")
+    if problem := check_strings(h):
+        raise BadUpdate(problem, "malformed")
+    if problem := check_metrics(h.metrics):
+        raise BadUpdate(problem, "bad_metrics")
     try:
-        manifest = manifest_from_proto(h.manifest)
+        manifest = manifest_from_proto(h.manifest, max_tensors)
     except (ManifestError, ValueError) as e:
         raise BadUpdate(f"invalid manifest: {e}", reason="bad_manifest") from None
     return SubmitHeader(

@@ -4,6 +4,7 @@
     STATE/checkpoints/round-NNNN.safetensors   the global model after round NNNN (0 = initial)
     STATE/checkpoints/round-NNNN.strategy.safetensors   strategy state, when it has any
     STATE/state.db                             rounds, per-client receipts, clients, run metadata
+    STATE/incoming/                            unlinked spill files of updates being received
 
 With --encrypt-state every safetensors file above is sealed with AES-256-GCM (fedcore/sealed.py)
 under a role naming the file ("model", "checkpoint:round-0003", "strategy:round-0003"), so a
@@ -12,6 +13,11 @@ file copied over another one is refused. state.db holds no tensors and stays pla
 A round is committed when its row lands in SQLite; that happens only after its checkpoint is on
 disk (atomic rename + fsync), so after kill -9 the last committed round always has an intact
 checkpoint, and files of an uncommitted round are simply overwritten when it is redone.
+
+Everything in the state dir is the owner's only, whatever the umask (docs/security.md): the dir
+and its folders are 0700 (an existing dir open to others is tightened, with a warning), files
+0600 (fedcore.files.atomic_write; state.db is created 0600 before SQLite opens it, and SQLite
+gives its -wal and -shm files the database's mode).
 """
 
 from __future__ import annotations
@@ -19,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -41,6 +49,9 @@ from fedcore.files import (
 )
 from fedcore.sealed import StateCipher
 from fedcore.tensors import FlatModel, flatten_arrays
+
+log = logging.getLogger("fedserver")
+PRIVATE_DIR = 0o700
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -124,18 +135,44 @@ class StateDirBusy(RuntimeError):
     """Another live coordinator holds this state dir."""
 
 
+def private_dir(path: Path) -> None:
+    """Make `path` (and missing parents) a folder only its owner can enter.
+
+    An existing folder open to group or others is tightened to 0700 and a warning says so: a
+    state dir holds the model, checkpoints and client ids, and files written before this check
+    (or by other tools) may still be readable by others. If it is not ours to change, warn.
+    """
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        path.chmod(mode & PRIVATE_DIR)
+    except PermissionError:
+        log.warning(
+            "%s is mode %o and not owned by this user: other users may read the model and "
+            "checkpoints in it; use a folder only the coordinator's user can open (chmod 700)",
+            path,
+            mode,
+        )
+        return
+    log.warning("%s was mode %o (open to other users); changed it to 700", path, mode)
+
+
 class StateStore:
     def __init__(self, state_dir: Path, cipher: StateCipher | None = None) -> None:
         self.dir = Path(state_dir)
         self.cipher = cipher
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "checkpoints").mkdir(exist_ok=True)
+        for folder in (self.dir, self.dir / "checkpoints", self.dir / "incoming"):
+            private_dir(folder)  # incoming/: update spills (fedserver/aggregate.py)
         self._lock_file = self._take_lock()
         # Temp files of a write interrupted by kill -9: never read, so just remove them.
         for stale in [*self.dir.glob(".*.tmp"), *(self.dir / "checkpoints").glob(".*.tmp")]:
             stale.unlink(missing_ok=True)
         # One connection shared by the event loop and the checkpoint thread, serialized by a lock.
         self.lock = threading.RLock()
+        # SQLite would create the file with the umask's mode (and copies it to -wal and -shm).
+        os.close(os.open(self.dir / "state.db", os.O_WRONLY | os.O_CREAT, 0o600))
         self.db = sqlite3.connect(
             self.dir / "state.db", isolation_level=None, check_same_thread=False
         )
@@ -147,7 +184,7 @@ class StateStore:
 
     def _take_lock(self) -> int:
         """One coordinator per state dir; the kernel drops the lock when its holder dies."""
-        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -313,10 +350,17 @@ class StateStore:
     def rounds(self) -> list[RoundRecord]:
         with self.lock:
             rows = self.db.execute("SELECT * FROM rounds ORDER BY round").fetchall()
-        return [
-            RoundRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8])
-            for r in rows
-        ]
+        return [_record(r) for r in rows]
+
+    def recent_rounds(self, limit: int) -> tuple[list[RoundRecord], int]:
+        """The last `limit` rounds (oldest first) and how many rounds there are in all."""
+        with self.lock:
+            total = self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0]
+            rows = self.db.execute(
+                "SELECT * FROM (SELECT * FROM rounds ORDER BY round DESC LIMIT ?) ORDER BY round",
+                (limit,),
+            ).fetchall()
+        return [_record(r) for r in rows], int(total)
 
     def receipt_digest(self, round_number: int, client_id: str) -> str | None:
         with self.lock:
@@ -399,3 +443,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
         }
     finally:
         db.close()
+
+
+def _record(r: tuple[Any, ...]) -> RoundRecord:
+    return RoundRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8])

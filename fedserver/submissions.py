@@ -12,7 +12,13 @@ from fedcore.checksums import new_hasher
 from fedcore.codecs import Codec, get_codec
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest, ManifestError
-from fedserver.aggregate import BadUpdate, StagedUpdate, UpdateReceiver, UpdateTooLarge
+from fedserver.aggregate import (
+    BadUpdate,
+    SpillCorrupted,
+    StagedUpdate,
+    UpdateReceiver,
+    UpdateTooLarge,
+)
 from fedserver.messages import (
     BaseVersionMismatch,
     PendingSubmit,
@@ -62,6 +68,8 @@ class UpdateIntake:
             self.store.dir / "incoming",
             header.checksum,
             self.spill_key,
+            # --dp-clip: the coordinator re-clips what it sees in plain, so it needs the norm.
+            track_norm=self.dp is not None and self.secure_rounds is None,
         )
         self._streams[header.client_id] += 1
         return PendingSubmit(header, receiver, selection)
@@ -184,7 +192,8 @@ class UpdateIntake:
             )
         try:
             self.machine.check_submit(h.client_id, h.round)
-        except SubmitRefused as e:
+            staged.verify()  # bytes changed on disk since they were verified: refused, unfolded
+        except (SubmitRefused, SpillCorrupted) as e:
             raise self._refuse(e) from None
         # DP-FedAvg bounds each client's influence only for an unweighted mean.
         weight = 1.0 if self.dp else float(h.num_examples)
@@ -194,7 +203,7 @@ class UpdateIntake:
             except (SubmitRefused, BadUpdate) as e:
                 raise self._refuse(e) from None
         else:
-            self._accumulator.fold(staged, weight, selection)
+            self._accumulator.fold(staged, weight, selection, self._reclip(h, staged))
             if self._spool is not None:
                 self._spool.append(staged, float(h.num_examples))
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples))
@@ -215,6 +224,32 @@ class UpdateIntake:
         # _advance notifies when the round opens or closes, which is what pollers wait for.
         self._advance()
         return SubmitResult(h.round, False, f"update counted for round {h.round}")
+
+    def _reclip(self: Coordinator, h: SubmitHeader, staged: StagedUpdate) -> float:
+        """The DP re-clip factor of an update seen in plain (1.0 without --dp-clip).
+
+        The sensitivity bound, and so the reported ε, must not depend on clients clipping
+        honestly: the decoded delta (after fp16/int8/top-k decoding, before the unweighted
+        fold) is scaled to norm C here. An update an honest client clipped is within C
+        (factor 1.0: nothing multiplied); fp16/int8 rounding may lift it ~1e-5 over C.
+        """
+        if self.dp is None:
+            return 1.0
+        factor = self.dp.reclip_factor(staged.norm)
+        if factor < 1.0:
+            # fp16/int8 rounding can lift an honestly clipped update a hair over C: not news.
+            clear = staged.norm is not None and staged.norm > 1.001 * self.dp.config.clip
+            log.log(
+                logging.INFO if clear else logging.DEBUG,
+                "round %d: update from %s has L2 norm %.6g > --dp-clip %g; clipped by the "
+                "coordinator (factor %.6g)",
+                h.round,
+                h.client_id,
+                staged.norm,
+                self.dp.config.clip,
+                factor,
+            )
+        return factor
 
     def _known_digest(self: Coordinator, round_number: int, client_id: str) -> str | None:
         """Digest of the update already counted for (round, client), if any."""

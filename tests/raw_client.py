@@ -62,6 +62,7 @@ class Joined:
     stub: pb_grpc.CoordinatorStub
     header: pb.ModelHeader  # of the round the client was selected for
     model: FlatModel  # that round's base model
+    port: int = 0  # the coordinator's
 
 
 @contextmanager
@@ -77,6 +78,6 @@ def lone_client(tmp: Path, client_id: str, *flags: str) -> Iterator[Joined]:
             stub.Join(pb.JoinRequest(client_id=client_id), timeout=10)
             header, model = pull(stub, client_id)
             assert header.selected and model is not None
-            yield Joined(channel, stub, header, model)
+            yield Joined(channel, stub, header, model, port)
     finally:
         server.kill()

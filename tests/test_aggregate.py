@@ -2,24 +2,37 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
+from collections import Counter
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 
+from examples.digits import task as digits_task
 from fedcore import checksums
 from fedcore.codecs import get_codec
-from fedcore.tensors import flatten_state_dict, iter_chunks, to_state_dict
+from fedcore.tensors import flatten_state_dict, float_vector, iter_chunks, to_state_dict
 from fedserver.aggregate import (
     Accumulator,
     BadUpdate,
+    SpillCorrupted,
+    SpillFile,
     StagedUpdate,
     UpdateReceiver,
     UpdateTooLarge,
     spill_key,
 )
+from fedserver.coordinator import Coordinator
+from fedserver.evaluate import initial_model
+from fedserver.messages import SubmitHeader
+from fedserver.rounds import RoundPolicy
+from fedserver.rpc import status_for
+from fedserver.store import StateStore
 from fedserver.strategies import STRATEGIES, AggregateInput, build_strategy
 from fedserver.strategies.fedavg import FedAvg
 
@@ -288,3 +301,113 @@ def test_encrypted_spill_holds_no_plaintext_and_folds_the_same(tmp_path: Path) -
         staged.discard()
     assert folded[0] == folded[1]
     assert spill_key(False) is None
+
+
+# ---------------------------------------------------------------- spills read back authenticated
+
+BIG = (5 << 20) // 8  # 2.5 MiB of float32: three spill blocks, the last one partial
+
+
+def _big_payload() -> tuple[np.ndarray, bytes]:
+    values = np.random.default_rng(11).normal(size=BIG).astype(np.float32)
+    return values, _payload(values.tolist())
+
+
+def _staged_big(tmp_path: Path, payload: bytes, key: bytes | None) -> StagedUpdate:
+    receiver = UpdateReceiver(FP32, BIG, len(payload), tmp_path / "spill", "sha256", key)
+    for chunk in iter_chunks(payload, 300_000):  # chunks that straddle the 1 MiB blocks
+        receiver.add(bytes(chunk))
+    return receiver.finish(hashlib.sha256(payload).hexdigest())
+
+
+def _tamper(spill: SpillFile, offset: int) -> None:
+    """What someone with write access to the coordinator's disk could do to a spill."""
+    spill._file.flush()
+    fd = spill._file.fileno()
+    (byte,) = os.pread(fd, 1, offset)
+    os.pwrite(fd, bytes([byte ^ 0x01]), offset)  # one bit: CTR would decrypt it to one bit
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+@pytest.mark.parametrize("offset", [0, (2 << 20) + 5], ids=["first-block", "last-block"])
+def test_spill_changed_after_verification_is_refused_and_nothing_is_folded(
+    tmp_path: Path, encrypted: bool, offset: int
+) -> None:
+    _, payload = _big_payload()
+    staged = _staged_big(tmp_path, payload, spill_key(encrypted))
+    _tamper(staged.file, offset)  # after the stream's checksum matched, before the fold
+    acc = Accumulator(BIG)
+    with pytest.raises(SpillCorrupted, match="changed on disk") as e:
+        staged.verify()  # what the coordinator does before folding (submissions._count)
+    assert (e.value.reason, status_for(e.value)) == ("spill_corrupt", grpc.StatusCode.INTERNAL)
+    assert _snapshot(acc) == (bytes(BIG * 4), 0.0, 0)
+    # Every reader verifies the whole spill first, whether verify() was called or not.
+    with pytest.raises(SpillCorrupted):
+        acc.fold(staged, 1.0)
+    with pytest.raises(SpillCorrupted):
+        staged.payload()
+    staged.discard()
+
+
+@pytest.mark.parametrize("size", [0, 100, (5 << 20) + 1], ids=["emptied", "truncated", "extended"])
+def test_spill_of_another_length_is_refused(tmp_path: Path, size: int) -> None:
+    _, payload = _big_payload()
+    staged = _staged_big(tmp_path, payload, None)
+    os.ftruncate(staged.file._file.fileno(), size)
+    with pytest.raises(SpillCorrupted, match="bytes on disk"):
+        staged.verify()
+    staged.discard()
+
+
+def test_untouched_spill_verifies_and_folds_bit_exactly(tmp_path: Path) -> None:
+    values, payload = _big_payload()
+    for key in (None, spill_key(True)):
+        staged = _staged_big(tmp_path, payload, key)
+        staged.verify()
+        acc = Accumulator(BIG)
+        acc.fold(staged, 1.0)
+        assert acc.total.tobytes() == values.tobytes()
+        staged.discard()
+
+
+def _submit(coord: Coordinator, client: str, delta: np.ndarray, tamper: bool = False) -> None:
+    payload = delta.tobytes()
+    wire = FP32.wire_manifest(coord.model.manifest.floats())
+    header = SubmitHeader(client, 1, coord.model.version, 10, {}, "fp32", wire, len(payload))
+    pending = coord.begin_submit(header)
+    pending.receiver.add(payload)
+    if tamper:  # the stream arrived intact; its spill is changed before it is folded
+        _tamper(pending.receiver._file, len(payload) // 2)
+    coord.finish_submit(pending, hashlib.sha256(payload).hexdigest())
+
+
+async def _one_round(state: Path, tamper: bool) -> tuple[bytes, Counter[str]]:
+    base = initial_model(digits_task, 0)
+    store = StateStore(state)
+    policy = RoundPolicy(total_rounds=1, min_clients=2, round_timeout=30.0)
+    coord = Coordinator(store, build_strategy("fedavg"), policy, base)
+    coord.initialize_store("examples.digits:task")
+    for c in ("client-0", "client-1"):
+        coord.touch(c, {})
+    rng = np.random.default_rng(5)
+    deltas = [rng.normal(0, 0.01, float_vector(base).size).astype(np.float32) for _ in range(2)]
+    if tamper:
+        with pytest.raises(SpillCorrupted) as e:
+            _submit(coord, "client-0", deltas[0], tamper=True)
+        assert status_for(e.value) is grpc.StatusCode.INTERNAL  # fedclient retries it
+        assert coord._accumulator.count == 0 and coord.failure is None
+    _submit(coord, "client-0", deltas[0])  # the client's retry is counted
+    _submit(coord, "client-1", deltas[1])
+    await asyncio.wait_for(coord.done.wait(), 60)
+    assert coord.failure is None
+    store.close()
+    return coord.model.buffer.tobytes(), coord.rejections
+
+
+def test_coordinator_refuses_a_tampered_spill_and_the_round_ends_as_without_it(
+    tmp_path: Path,
+) -> None:
+    clean, _ = asyncio.run(_one_round(tmp_path / "clean", tamper=False))
+    tampered, rejections = asyncio.run(_one_round(tmp_path / "tampered", tamper=True))
+    assert rejections["spill_corrupt"] == 1
+    assert tampered == clean  # bit for bit: nothing of the refused copy was folded

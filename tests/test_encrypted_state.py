@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ def _windows(tensor: torch.Tensor, width: int = 32) -> list[bytes]:
     return [raw[i : i + width] for i in range(0, len(raw) - width, width * 8)]
 
 
+@pytest.mark.usefixtures("open_umask")  # the processes inherit it: files must be private anyway
 def test_encrypted_state_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
     state, logs, key = tmp_path / "state", tmp_path / "logs", tmp_path / "state.key"
     made = fedserver("keygen", str(key))
@@ -51,6 +53,9 @@ def test_encrypted_state_end_to_end(tmp_path: Path, procs: list[Proc]) -> None:
         "export", "--state-dir", str(state), "--out", str(out), "--decrypt", "--key", str(key)
     )
     assert exported.returncode == 0, exported.stderr
+    modes = {p: stat.S_IMODE(p.stat().st_mode) for p in [state, *state.rglob("*"), out]}
+    wrong = {str(p): oct(m) for p, m in modes.items() if m != (0o700 if p.is_dir() else 0o600)}
+    assert not wrong, f"state dir and export must be owner-only: {wrong}"
     current = load_file(out)
     round0 = to_state_dict(initial_model(task, 0))
     needles = [w for t in (*current.values(), *round0.values()) for w in _windows(t)]

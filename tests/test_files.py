@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
-from fedcore.files import atomic_link, atomic_write, read_safetensors, write_safetensors
+from fedcore.files import SHARED, atomic_link, atomic_write, read_safetensors, write_safetensors
 from fedcore.tensors import ManifestError, flatten_state_dict, to_state_dict
 from tests.state_checks import assert_same_state
 
@@ -112,6 +113,33 @@ def test_atomic_write_failing_midway_creates_nothing(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "new.bin", parts())
     assert _files(tmp_path) == []
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_atomic_write_is_owner_only_and_never_keeps_an_old_mode(tmp_path: Path) -> None:
+    path = tmp_path / "secret.bin"
+    atomic_write(path, [b"one"])
+    assert _mode(path) == 0o600  # not the umask's 0644
+    path.chmod(0o644)
+    atomic_write(path, [b"two"])  # a new inode: the loosened mode is not inherited
+    assert (path.read_bytes(), _mode(path)) == (b"two", 0o600)
+    write_safetensors(tmp_path / "m.safetensors", flatten_state_dict(_state()))
+    assert _mode(tmp_path / "m.safetensors") == 0o600
+    atomic_write(tmp_path / "report.csv", [b"x"], SHARED)  # meant to be read: the umask's
+    assert _mode(tmp_path / "report.csv") == 0o644
+
+
+def test_atomic_write_without_overwrite_refuses_an_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    atomic_write(path, [b"first"], overwrite=False)
+    with pytest.raises(FileExistsError):
+        atomic_write(path, [b"second"], overwrite=False)
+    assert path.read_bytes() == b"first"
+    assert _files(tmp_path) == ["key"]  # no temp file left behind
 
 
 # ---------------------------------------------------------------- damaged files

@@ -99,3 +99,24 @@ def test_he_keygen_command(tmp_path: Path) -> None:
     assert HEClient(secret).ctx.is_private()
     assert not HEAggregator(public, 1).ctx.is_private()
     assert (secret.stat().st_mode & 0o777) == 0o600
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_he_keygen_refuses_to_overwrite_and_force_always_writes_0600(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedserver.cli import main
+
+    out = tmp_path / "keys"
+    assert main(["he-keygen", str(out)]) == 0
+    secret, public = out / "he-secret.ctx", out / "he-public.ctx"
+    before = secret.read_bytes(), public.read_bytes()
+    assert main(["he-keygen", str(out)]) == 2
+    assert "already exist" in capsys.readouterr().err
+    assert (secret.read_bytes(), public.read_bytes()) == before
+    secret.chmod(0o644)  # the bug: a re-run kept this mode for the new secret
+    public.unlink()  # one file left is still refused: the pair belongs together
+    assert main(["he-keygen", str(out)]) == 2
+    assert main(["he-keygen", str(out), "--force"]) == 0
+    assert secret.read_bytes() != before[0]
+    assert {p.stat().st_mode & 0o777 for p in (secret, public)} == {0o600}

@@ -117,3 +117,21 @@ def test_key_file_checks(tmp_path: Path) -> None:
     bad.chmod(0o600)
     with pytest.raises(ManifestError, match="not a fedgrpc state key"):
         StateCipher.from_key_file(bad)
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_keygen_refuses_to_overwrite_and_force_always_writes_0600(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedserver.cli import main
+
+    path = tmp_path / "state.key"
+    assert main(["keygen", str(path)]) == 0
+    first = path.read_text()
+    assert main(["keygen", str(path)]) == 2  # a usage error, like the CLI's others
+    assert "already exists" in capsys.readouterr().err
+    assert path.read_text() == first
+    os.chmod(path, 0o644)  # a loosened key file is not "kept" by --force
+    assert main(["keygen", str(path), "--force"]) == 0
+    assert path.read_text() != first
+    assert (path.stat().st_mode & 0o777) == 0o600

@@ -34,10 +34,12 @@ from tests.procs import (
     scrape,
     start_coordinator,
     wait_serving,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 DENIED = grpc.StatusCode.PERMISSION_DENIED
+UNAUTHENTICATED_TLS = "WITHOUT CLIENT AUTHENTICATION"
 
 
 @dataclass
@@ -168,6 +170,7 @@ def test_tokens_authenticate_and_bind_the_client_id(tmp_path: Path, procs: list[
         stub = pb_grpc.CoordinatorStub(channel)
         forged = iter([pb.UpdateChunk(header=pb.UpdateHeader(client_id="client-1", round=1))])
         assert _code(lambda: stub.SubmitUpdate(forged, timeout=10)) is DENIED
+    assert UNAUTHENTICATED_TLS not in server.log()  # tokens authenticate: no warning
     refused = scrape(metrics_port)
     name = 'fedgrpc_auth_refused_total{code="%s",method="%s"}'
     assert refused[name % ("UNAUTHENTICATED", "Join")] == 2
@@ -234,3 +237,22 @@ def test_operator_cannot_act_as_an_he_client(tmp_path: Path, procs: list[Proc]) 
         assert live_clients() == 0
         assert _join(channel, "client-0").client_id == "client-0"
     assert live_clients() == 1  # GetStatus does show a client that passed every check
+
+
+def test_tls_without_client_authentication_warns_loudly(tmp_path: Path, procs: list[Proc]) -> None:
+    certs = _certs(tmp_path / "certs", clients=0)
+    port = free_port()
+    # Server-side TLS, no --tls-ca and no --tokens: encrypted, but open to anyone.
+    server = start_coordinator(
+        tmp_path / "logs", port, tmp_path / "state", "--rounds", "1", "--min-clients", "2",
+        "--tls-cert", str(certs / "server.crt"), "--tls-key", str(certs / "server.key"),
+    )  # fmt: skip
+    procs.append(server)
+    ca_only = TlsFiles(ca=certs / "ca.crt")
+    wait_serving(port, server, tls=ca_only)
+    # The warning is true: a caller with no identity at all joins as whoever it claims to be.
+    with open_channel(f"127.0.0.1:{port}", ca_only) as channel:
+        assert _join(channel, "anyone").client_id == "anyone"
+    wait_until(lambda: UNAUTHENTICATED_TLS in server.log(), 30, "the start-up warning")
+    line = next(x for x in server.log().splitlines() if UNAUTHENTICATED_TLS in x)
+    assert "WARNING" in line and "--tls-ca" in line and "--tokens" in line, line

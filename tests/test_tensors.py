@@ -432,3 +432,13 @@ def test_flat_model_rejects_wrong_buffers() -> None:
         FlatModel(manifest, np.zeros(7, dtype=np.uint8))
     with pytest.raises(ManifestError, match="1-D uint8"):
         FlatModel(manifest, np.zeros(2, dtype=np.float32))
+
+
+@pytest.mark.timeout(60)
+def test_duplicate_check_is_linear_in_the_manifest() -> None:
+    """450,000 copies of one name (the audit's header) are refused at once, not in O(n^2)."""
+    spec = TensorSpec("w", "float32", ())
+    with pytest.raises(ManifestError, match=r"duplicate tensor names in manifest \(1\): \['w'\]"):
+        Manifest((spec,) * 450_000)
+    many = Manifest(tuple(TensorSpec(f"t{i}", "float32", (1,)) for i in range(50_000)))
+    assert many.spec("t49999").name == "t49999"

@@ -7,18 +7,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcore import limits
+from fedcore.limits import clip_message, excerpt
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import (
     FlatModel,
     Manifest,
+    ManifestError,
     TensorSpec,
     float_vector,
     iter_chunks,
     with_float_vector,
 )
 from fedcore.wire import (
+    check_manifest_bounds,
     data_message,
     data_view,
+    manifest_from_proto,
     parse_model_chunk,
     parse_update_chunk,
     serialize_message,
@@ -79,3 +84,25 @@ def test_add_to_floats_equals_whole_vector_arithmetic() -> None:
     got = add_to_floats(model, delta)
     assert bytes(got.buffer) == bytes(expected.buffer)
     assert got.raw("steps") == model.raw("steps")
+
+
+def test_untrusted_manifests_are_bounded_before_conversion() -> None:
+    spec = pb.TensorSpec(name="w", dtype="float32", shape=[1])
+    with pytest.raises(ManifestError, match=r"lists 3 tensors; .* at most 2"):
+        manifest_from_proto(pb.Manifest(tensors=[spec] * 3), max_tensors=2)
+    long_name = pb.TensorSpec(name="n" * (limits.MAX_TENSOR_NAME + 1), dtype="float32")
+    with pytest.raises(ManifestError, match="at most 1024 characters") as e:
+        check_manifest_bounds(pb.Manifest(tensors=[long_name]), 5)
+    assert len(str(e.value)) < 300
+    deep = pb.TensorSpec(name="w", dtype="float32", shape=[1] * (limits.MAX_TENSOR_DIMS + 1))
+    with pytest.raises(ManifestError, match="33 dimensions"):
+        check_manifest_bounds(pb.Manifest(tensors=[deep]), 5)
+
+
+def test_messages_and_excerpts_are_clipped_on_character_boundaries() -> None:
+    assert clip_message("short") == "short"
+    clipped = clip_message("é" * 5000, 1024)  # 2 bytes each: the cut must not split one
+    assert len(clipped.encode()) <= 1024 and clipped.endswith("(truncated)")
+    assert excerpt("ab") == "'ab'"
+    assert excerpt("x" * 10_000).endswith("... (10000 characters)")
+    assert len(excerpt("x" * 10_000)) < 100

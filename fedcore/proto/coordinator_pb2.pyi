@@ -267,7 +267,7 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., participants: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., duration_seconds: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetStatusReply(_message.Message):
-    __slots__ = ("state", "current_round", "total_rounds", "rounds_completed", "live_clients", "updates_received", "updates_expected", "rounds", "federation_id", "rejections")
+    __slots__ = ("state", "current_round", "total_rounds", "rounds_completed", "live_clients", "updates_received", "updates_expected", "rounds", "federation_id", "rejections", "rounds_omitted")
     class RejectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +285,7 @@ class GetStatusReply(_message.Message):
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_OMITTED_FIELD_NUMBER: _ClassVar[int]
     state: FederationState
     current_round: int
     total_rounds: int
@@ -295,7 +296,8 @@ class GetStatusReply(_message.Message):
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     federation_id: str
     rejections: _containers.ScalarMap[str, int]
-    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., live_clients: _Optional[int] = ..., updates_received: _Optional[int] = ..., updates_expected: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., federation_id: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    rounds_omitted: int
+    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., live_clients: _Optional[int] = ..., updates_received: _Optional[int] = ..., updates_expected: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., federation_id: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., rounds_omitted: _Optional[int] = ...) -> None: ...
 
 class AdvertiseKeysRequest(_message.Message):
     __slots__ = ("client_id", "round", "channel_public_key", "mask_public_key")

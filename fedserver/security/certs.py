@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcore.files import atomic_write
+from fedcore.files import PRIVATE, atomic_write
 
 CA_NAME = "fedgrpc CA"
 ROLE_CLIENT, ROLE_OPERATOR = "client", "operator"
@@ -58,7 +58,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    atomic_write(path, [pem], mode=0o600)  # private keys: owner only, before any byte lands
+    atomic_write(path, [pem], PRIVATE)  # private keys: owner only, before any byte lands
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:

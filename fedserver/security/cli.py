@@ -91,7 +91,7 @@ def _tokens(args: argparse.Namespace) -> int:
             print(f"fedserver tokens {args.action}: NAME is required", file=sys.stderr)
             return 2
         if args.action == "add":
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # often the state dir
             print(add_token(path, args.name, args.role))
             print(
                 f"fedserver tokens: token for {args.name!r} ({args.role}) stored hashed in {path}; "
