@@ -82,7 +82,9 @@ class InProcessServicer:
         """SubmitUpdate without the socket; None when counted, else why it was refused."""
         c = self.coordinator
         try:
-            parsed = _parse_header(pb.UpdateHeader.FromString(header))
+            parsed = _parse_header(
+                pb.UpdateHeader.FromString(header), self._servicer._max_update_tensors()
+            )
         except BadUpdate as e:
             c.reject(e)
             return str(e)
