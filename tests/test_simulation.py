@@ -31,12 +31,12 @@ from tests.procs import (
 )
 
 DIGITS = "examples.digits:task"
-SYNTHETIC = "examples.synthetic:task"
-# Synthetic(0.5, 0.5) on the held-out set (test splits of devices 0-199): chance is 0.10 and
-# the all-zeros round-0 model's loss is ln(10) = 2.303. Devices disagree by design, so one
-# global model learns slowly: measured 10 rounds of 50 of 1,000 clients, accuracy 0.10-0.18 and
-# loss 2.290 -> 2.241. Asserted: the loss falls below the round-0 model's and round 1's.
-UNIFORM_LOSS = 2.3026
+# Synthetic with one W, b for all devices, inputs (B_k ~ N(0, 0.5)) and sizes non-IID: on the
+# held-out set (test splits of devices 0-199) chance is 0.10 and the majority class 0.28.
+# Measured, 10 rounds of 50 of 1,000 clients: accuracy 0.54 after round 1, 0.61 after round 10.
+# (Synthetic(0.5, 0.5) proper learns a few points a round from 0.10: docs/simulation.md.)
+SYNTHETIC_LEARNABLE = "examples.synthetic:synthetic_iid_05"
+MAJORITY_CLASS = 0.28
 
 
 @pytest.fixture
@@ -160,13 +160,15 @@ def test_same_seed_same_model_on_one_and_two_workers(tmp_path: Path, ray_dir: Pa
 def test_thousand_virtual_clients_learn_synthetic(tmp_path: Path, ray_dir: Path) -> None:
     state = tmp_path / "state"
     args = ("--clients", "1000", "--clients-per-round", "50", "--rounds", "10")
-    _simulate(state, ray_dir, SYNTHETIC, *args, "--workers", "2")
+    _simulate(state, ray_dir, SYNTHETIC_LEARNABLE, *args, "--workers", "2")
     status = status_json(state)
     assert status["rounds_completed"] == 10
     assert all(r["participants"] == 50 for r in status["rounds"])
     first, last = status["rounds"][0]["metrics"], status["rounds"][-1]["metrics"]
-    assert last["loss"] < first["loss"] < UNIFORM_LOSS
-    assert last["accuracy"] > 0.10
+    assert last["loss"] < first["loss"]
+    assert last["accuracy"] > first["accuracy"]
+    # Five times chance, well above always answering the majority class.
+    assert last["accuracy"] >= 0.5 > MAJORITY_CLASS + 0.2
     # Only clients that ran are recorded: at most 10 x 50 of the 1,000.
     assert status["clients"] <= 500
 
