@@ -9,12 +9,17 @@ seconds are the median of the coordinator's recorded round durations after round
 
 Also measured: the in-process intake (seam.InProcessServicer.submit) per update.
 
-    python -m bench.simulation                      # the grid, 5 rounds per cell
+    python -m bench.simulation                      # the fedgrpc grid, 3 rounds per cell
     python -m bench.simulation --clients 1000 --rounds 3 --only noop
     python -m bench.simulation --intake             # only the per-update intake cost
 
-The Flower 1.41 side of the comparison (flwr[simulation], ray 2.55) is not written yet; see
-docs/simulation.md.
+With `--engines fedgrpc flower` each cell runs on Flower 1.41's simulation engine first
+(bench/flower_app/flower_bench/simulation.py in .venv-flower, `make flower-venv`: the same
+Synthetic data and SGD in numpy, a local Ray of 2 CPUs with one per ClientApp, Message API FedAvg
+on 10% of the nodes), memory sampled the same way, and the fedgrpc row carries the ratios.
+
+    python -m bench.simulation --engines fedgrpc flower --clients 1000 10000 \
+        --flower-max-clients 1000
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +44,9 @@ from fedclient.task import TrainConfig, TrainResult
 from tests.procs import REPO, child_env
 
 RESULTS = REPO / "bench" / "results"
+FLOWER_PY = REPO / ".venv-flower" / "bin" / "python"
+CELL_TIMEOUT = 1800
+FEDSERVER = (sys.executable, "-m", "fedserver.cli")
 
 
 class NoTrainTask(SyntheticTask):
@@ -72,6 +81,39 @@ def _ray_pids(ray_dir: str) -> list[str]:
     return out.stdout.split()
 
 
+def _run_watched(
+    args: list[str], env: dict[str, str], ray_dir: str, what: str
+) -> tuple[float, int]:
+    """Run `args` to the end; (wall seconds, peak KiB of RSS summed over it and its Ray)."""
+    started = time.monotonic()
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stderr=subprocess.PIPE)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.2):
+            pids = {str(proc.pid), *_ray_pids(ray_dir)}
+            peak = max(peak, sum(_rss_kb(p) for p in pids))
+
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        _, err = proc.communicate(timeout=CELL_TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        proc.kill()  # ray.shutdown never ran: the cell's Ray processes must go too
+        _, err = proc.communicate()
+        for pid in _ray_pids(ray_dir):
+            subprocess.run(["kill", "-9", pid], check=False)
+        raise RuntimeError(f"{what}: no result in {CELL_TIMEOUT} s:\n{err.decode()[-3000:]}") from e
+    finally:
+        done.set()
+        watcher.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{err.decode()[-3000:]}")
+    return time.monotonic() - started, peak
+
+
 def run_cell(task: str, clients: int, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="simb") as tmp:
         ray_dir = tempfile.mkdtemp(prefix="rayb", dir="/tmp")
@@ -80,45 +122,48 @@ def run_cell(task: str, clients: int, rounds: int) -> dict[str, Any]:
         args += ["--clients", str(clients), "--clients-per-round", str(clients // 10)]
         args += ["--rounds", str(rounds), "--state-dir", str(state), "--workers", "2"]
         args += ["--ray-temp-dir", ray_dir, "--log-level", "warning"]
-        started = time.monotonic()
-        proc = subprocess.Popen(args, env=child_env(), cwd=REPO, stderr=subprocess.PIPE)
-        peak = 0
-        done = threading.Event()
-
-        def sample() -> None:
-            nonlocal peak
-            while not done.wait(0.2):
-                pids = {str(proc.pid), *_ray_pids(ray_dir)}
-                peak = max(peak, sum(_rss_kb(p) for p in pids))
-
-        watcher = threading.Thread(target=sample, daemon=True)
-        watcher.start()
-        _, err = proc.communicate(timeout=3600)
-        done.set()
-        watcher.join()
-        wall = time.monotonic() - started
-        if proc.returncode != 0:
-            raise RuntimeError(f"{task} N={clients} failed:\n{err.decode()[-3000:]}")
+        wall, peak = _run_watched(args, child_env(), ray_dir, f"fedgrpc {task} N={clients}")
         status = json.loads(
             subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "fedserver.cli",
-                    "status",
-                    "--state-dir",
-                    str(state),
-                    "--json",
-                ],
+                [*FEDSERVER, "status", "--state-dir", str(state), "--json"],
                 capture_output=True,
                 env=child_env(),
                 cwd=REPO,
                 check=True,
             ).stdout
         )
-    durations = [r["duration"] for r in status["rounds"]]
+    durations = [r["duration_seconds"] for r in status["rounds"]]
+    return _row("fedgrpc", task, clients, rounds, durations, wall, peak) | {
+        "accuracy": status["rounds"][-1]["metrics"].get("accuracy")
+    }
+
+
+def run_flower_cell(task: str, clients: int, rounds: int) -> dict[str, Any]:
+    """The same cell on Flower 1.41's simulation engine (bench/flower_app/.../simulation.py)."""
+    with tempfile.TemporaryDirectory(prefix="simf") as tmp:
+        ray_dir = tempfile.mkdtemp(prefix="rayf", dir="/tmp")
+        out = Path(tmp) / "rounds.json"
+        args = [str(FLOWER_PY), "-m", "flower_bench.simulation", "--task", task]
+        args += ["--clients", str(clients), "--rounds", str(rounds), "--ray-dir", ray_dir]
+        args += ["--out", str(out)]
+        env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO / "bench" / "flower_app"), str(REPO)])
+        wall, peak = _run_watched(args, env, ray_dir, f"flower {task} N={clients}")
+        durations = json.loads(out.read_text())["round_seconds"]
+    return _row("flower", task, clients, rounds, durations, wall, peak) | {"accuracy": None}
+
+
+def _row(
+    engine: str,
+    task: str,
+    clients: int,
+    rounds: int,
+    durations: list[float],
+    wall: float,
+    peak: int,
+) -> dict[str, Any]:
     return {
-        "engine": "fedgrpc",
+        "engine": engine,
         "task": task,
         "clients": clients,
         "per_round": clients // 10,
@@ -127,7 +172,6 @@ def run_cell(task: str, clients: int, rounds: int) -> dict[str, Any]:
         "first_round_s": durations[0],
         "wall_s": wall,
         "peak_mb": peak / 1024,
-        "accuracy": status["rounds"][-1]["metrics"].get("accuracy"),
     }
 
 
@@ -179,6 +223,17 @@ def intake(updates: int = 1000) -> float:
     return asyncio.run(measure())
 
 
+def _print(r: dict[str, Any]) -> None:
+    acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
+    ratios = f"{r['round_ratio']:.2f} | {r['memory_ratio']:.2f}" if "round_ratio" in r else "- | -"
+    print(
+        f"| {r['engine']} | {r['task']} | {r['clients']} | {r['per_round']} | "
+        f"{r['round_s']:.2f} | {r['first_round_s']:.2f} | {r['wall_s']:.1f} | "
+        f"{r['peak_mb']:.0f} | {acc} | {ratios} |",
+        flush=True,
+    )
+
+
 def main() -> None:
     import logging
 
@@ -186,27 +241,38 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--clients", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--only", choices=sorted(TASKS), nargs="+", default=sorted(TASKS))
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--engines", choices=["fedgrpc", "flower"], nargs="+", default=["fedgrpc"])
+    p.add_argument(
+        "--flower-max-clients", type=int, default=10**9, help="skip Flower cells above this N"
+    )
     p.add_argument("--intake", action="store_true", help="only the per-update intake cost")
     args = p.parse_args()
+    if "flower" in args.engines and not FLOWER_PY.exists():
+        sys.exit("Flower is not installed: `make flower-venv` builds .venv-flower")
     load = Path("/proc/loadavg").read_text().split()[0]
     per_update = intake()
     print(f"in-process intake: {per_update * 1e3:.2f} ms per update (load {load})")
     rows = []
     if not args.intake:
-        print("| engine | client | N | K | round s | first round s | wall s | peak MB | acc |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print(
+            "| engine | client | N | K | round s | first round s | wall s | peak MB | acc "
+            "| round ratio fedgrpc/flower | memory ratio |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for clients in args.clients:
             for task in args.only:
-                r = run_cell(task, clients, args.rounds)
-                rows.append(r)
-                acc = f"{r['accuracy']:.3f}" if r["accuracy"] is not None else "-"
-                print(
-                    f"| {r['engine']} | {task} | {clients} | {r['per_round']} | "
-                    f"{r['round_s']:.2f} | {r['first_round_s']:.2f} | {r['wall_s']:.1f} | "
-                    f"{r['peak_mb']:.0f} | {acc} |",
-                    flush=True,
-                )
+                cell: dict[str, dict[str, Any]] = {}
+                if "flower" in args.engines and clients <= args.flower_max_clients:
+                    cell["flower"] = run_flower_cell(task, clients, args.rounds)
+                    _print(cell["flower"])
+                if "fedgrpc" in args.engines:
+                    r = cell["fedgrpc"] = run_cell(task, clients, args.rounds)
+                    if "flower" in cell:
+                        r["round_ratio"] = r["round_s"] / cell["flower"]["round_s"]
+                        r["memory_ratio"] = r["peak_mb"] / cell["flower"]["peak_mb"]
+                    _print(r)
+                rows.extend(cell.values())
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "simulation.json"
     out.write_text(json.dumps({"load": load, "intake_s": per_update, "cells": rows}, indent=2))
