@@ -91,7 +91,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = sim.add_argument_group("simulation")
-    g.add_argument("--clients", type=run_cli._positive_int, required=True, help="virtual clients N")
+    g.add_argument("--clients", type=run_cli.positive_int, required=True, help="virtual clients N")
     g.add_argument(
         "--ray-address",
         help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: start a local one",
@@ -104,12 +104,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     g.add_argument(
         "--workers",
-        type=run_cli._positive_int,
+        type=run_cli.positive_int,
         help="Ray workers (one model replica each); default: as many as the resources allow",
     )
     g.add_argument(
         "--object-store-mb",
-        type=run_cli._positive_int,
+        type=run_cli.positive_int,
         default=128,
         help="local Ray only: object store size in MiB (128)",
     )
@@ -130,7 +130,7 @@ def run_simulation(args: argparse.Namespace) -> int:
     log = logging.getLogger("fedserver")
     try:
         cpus, gpus = parse_resources(args.client_resources)
-        server = run_cli._settings(args)
+        server = run_cli.server_settings(args)
         if args.clients_per_round is None and math.isclose(args.fraction_fit, 1.0):
             log.info("every virtual client trains every round (see --clients-per-round)")
         settings = SimSettings(
