@@ -3,8 +3,8 @@
 Grid: N in {1,000, 10,000} virtual clients, 10% per round, two clients: `noop` (trains nothing,
 sends a zero delta: the engine's own cost) and the Synthetic(0.5, 0.5) logistic regression of
 examples/synthetic.py. Each cell is one real `fedserver simulate` process with a local Ray of 2
-workers; peak memory is the largest sampled sum of RSS over the driver and every process whose
-command line names the cell's Ray temp dir (raylet, GCS, workers), sampled every 0.2 s. Round
+workers; peak memory is the largest sampled sum of RSS over the driver and all its descendants
+(GCS, raylet, Ray's agents and workers), sampled every 0.2 s. Round
 seconds are the median of the coordinator's recorded round durations after round 1.
 
 Also measured: the in-process intake (seam.InProcessServicer.submit) per update.
@@ -77,8 +77,29 @@ def _rss_kb(pid: str) -> int:
 
 
 def _ray_pids(ray_dir: str) -> list[str]:
+    """Processes naming the cell's Ray temp dir (raylet, GCS): those left behind are killed."""
     out = subprocess.run(["pgrep", "-f", ray_dir], capture_output=True, text=True)
     return out.stdout.split()
+
+
+def _tree(root: int) -> list[str]:
+    """`root` and all its descendants. Ray workers retitle themselves `ray::...`, so their
+    command lines do not name the temp dir; but a local Ray's processes all descend from the
+    driver (GCS, raylet and its workers and agents)."""
+    children: dict[str, list[str]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
+            ppid = stat.read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(stat.parent.name)
+    found, todo = [], [str(root)]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
 
 
 def _run_watched(
@@ -93,7 +114,7 @@ def _run_watched(
     def sample() -> None:
         nonlocal peak
         while not done.wait(0.2):
-            pids = {str(proc.pid), *_ray_pids(ray_dir)}
+            pids = {*_tree(proc.pid), *_ray_pids(ray_dir)}
             peak = max(peak, sum(_rss_kb(p) for p in pids))
 
     watcher = threading.Thread(target=sample, daemon=True)
