@@ -38,9 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import TensorDataset
 
 from examples.synthetic import SyntheticTask
-from fedclient.task import TrainConfig, TrainResult
+from examples.synthetic_data import DIMENSION
+from fedclient.task import LocalData, TrainConfig, TrainResult
 from tests.procs import REPO, child_env
 
 RESULTS = REPO / "bench" / "results"
@@ -52,8 +54,8 @@ FEDSERVER = (sys.executable, "-m", "fedserver.cli")
 class NoTrainTask(SyntheticTask):
     """The Synthetic model and data shape, but local training is a no-op (a zero delta)."""
 
-    def load_partition(self, partition: Any) -> Any:
-        return None
+    def load_partition(self, partition: Any) -> LocalData:
+        return LocalData(TensorDataset(torch.zeros(1, DIMENSION), torch.zeros(1, dtype=torch.long)))
 
     def train(self, model: torch.nn.Module, data: Any, config: TrainConfig) -> TrainResult:
         return TrainResult(1, {})
