@@ -11,7 +11,7 @@ FLOWER_STAMP := $(FLOWER_VENV)/.installed
 PROTO_SRC := protos/fedgrpc/v1/coordinator.proto
 
 .PHONY: install demo demo-multihost test test-fast lint format proto bench bench-flower flower-venv \
-	docker-demo clean help
+	docker-demo docker-e2e clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -66,13 +66,23 @@ bench-flower: install flower-venv ## fedgrpc vs Flower 1.41 at N=8, P=10M (see d
 demo-multihost: install ## coordinator + 3 clients, each in its own network namespace, mTLS (root)
 	$(PY) -m examples.multihost
 
+# `docker compose` (the plugin) where it exists, else Debian's docker-compose (v1.29).
+COMPOSE = $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
 docker-demo: ## coordinator + 3 clients in containers, mTLS + state volume (needs Docker)
 	@command -v docker >/dev/null 2>&1 || { echo "docker-demo: no docker CLI on this machine;" \
 	  "install Docker Engine with the compose plugin, or run 'make demo' (processes)" >&2; exit 1; }
-	docker compose up --build --detach
-	docker compose wait client-0 client-1 client-2
-	docker compose logs coordinator | tail -n 25
-	docker compose run --rm --no-deps coordinator fedserver status --state-dir /state
+	$(COMPOSE) up --build --detach
+	docker wait $$($(COMPOSE) ps -q client-0 client-1 client-2)
+	$(COMPOSE) logs coordinator | tail -n 25
+	$(COMPOSE) run --rm --no-deps coordinator fedserver status --state-dir /state
+
+# As root on Debian without a container registry, docker/host-setup.sh installs docker.io and
+# docker-compose, starts dockerd --iptables=false and builds a python:3.11-slim stand-in
+# (docs/deploy.md). Not part of `make test`.
+docker-e2e: install ## docker-compose.yml under real Docker: certs, mTLS, 20 rounds, restart
+	base=$$(PYTHON=$(PY) sh docker/host-setup.sh) && \
+	  FEDGRPC_BASE_IMAGE=$$base $(PY) -m pytest -m docker -s tests/test_docker_e2e.py
 
 clean:
 	rm -rf $(VENV) $(FLOWER_VENV) build *.egg-info .pytest_cache

@@ -1,12 +1,16 @@
-"""Many clients: >= 1000 virtual clients in a few processes through rounds of a small model.
+"""Many clients: thousands of virtual clients in a few processes through rounds of a small model.
 
-Each worker process runs hundreds of asyncio gRPC clients, each with its own channel (its own
-TCP connection to the coordinator, as separate machines would have): Join, long-poll
-GetGlobalModel, verify the model's version, SubmitUpdate a fixed delta, until FINISHED. Reports
-p50/p99 latency per RPC and the coordinator's round times.
+Each worker process runs hundreds to thousands of asyncio clients (bench/virtual_clients.py),
+each with its own TCP connection to the coordinator, as separate devices would have. Reports
+p50/p99 latency of Join, model pull and submit, the coordinator's round times, peak RSS, CPU
+and open files, and the load average around the run (the machine is shared); prints a table and
+writes JSON to --out.
 
-    python -m bench.many_clients                          # 1000 clients, 4 processes, 3 rounds
-    python -m bench.many_clients --clients 200 --procs 2
+    python -m bench.many_clients                                  # 1000 clients, 3 rounds
+    python -m bench.many_clients --clients 10000 --clients-per-round 100 --rounds 5
+    python -m bench.many_clients --clients 10000 --rounds 2 --kill-restart
+        # kill -9 the coordinator after round 1, restart it on the same state; all clients
+        # must come back (--min-clients = --clients) and round 2 complete
 """
 
 from __future__ import annotations
@@ -14,58 +18,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import grpc
-
-from bench.client import BenchClient
 from bench.round_overhead import ProcWatch
-from fedcore.proto import coordinator_pb2 as pb
-from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.wire import CHANNEL_OPTIONS, ModelCalls
+from bench.virtual_clients import run_worker
 from fedserver.store import read_status
-from tests.procs import REPO, free_port, spawn, start_coordinator, wait_serving
-
-
-async def _client(address: str, client_id: str, lat: dict[str, list[float]]) -> None:
-    async with grpc.aio.insecure_channel(address, options=list(CHANNEL_OPTIONS)) as channel:
-        stub = pb_grpc.CoordinatorStub(channel)
-        calls = ModelCalls(channel)
-        t = time.perf_counter()
-        join = await stub.Join(
-            pb.JoinRequest(client_id=client_id), timeout=300, wait_for_ready=True
-        )
-        lat["join"].append(time.perf_counter() - t)
-        client = BenchClient(client_id, join.chunk_size, 1e-4, poll=30)
-        while True:
-            t_header = 0.0
-            async for msg in calls.pull(client.request(), timeout=330):
-                if not t_header:
-                    t_header = time.perf_counter()
-                client.take(msg)
-            outcome = client.outcome()
-            if outcome == client.FINISHED:
-                return
-            if client.downloaded():
-                lat["download"].append(time.perf_counter() - t_header)
-            if outcome != client.SUBMIT:
-                continue
-            t = time.perf_counter()
-            await calls.submit(client.upload(), timeout=300)
-            lat["submit"].append(time.perf_counter() - t)
-
-
-async def _worker(address: str, first: int, count: int) -> dict[str, list[float]]:
-    lat: dict[str, list[float]] = defaultdict(list)
-    await asyncio.gather(*(_client(address, f"v{first + i:05d}", lat) for i in range(count)))
-    return lat
+from tests.procs import REPO, Proc, free_port, spawn, start_coordinator, wait_serving
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -75,26 +43,88 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"n": len(values), "p50": q[49], "p99": q[98], "max": max(values)}
 
 
-def run(clients: int, procs: int, params: int, rounds: int, work: Path) -> dict[str, Any]:
-    port = free_port()
-    server = start_coordinator(
-        work,
-        port,
-        work / "state",
-        "--rounds",
-        str(rounds),
-        "--min-clients",
-        str(clients),
-        "--round-timeout",
-        "600",
-        "--linger",
-        "60",
-        task=f"bench.synthetic:params_{params}",
-    )
-    watch = ProcWatch(server.popen.pid)
-    workers = []
-    try:
+class FilesWatch:
+    """Peak number of open file descriptors of a process (one per connected client)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak = pid, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.peak = max(self.peak, len(os.listdir(f"/proc/{self.pid}/fd")))
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _wait_rounds(state: Path, server: Proc, rounds: int, timeout: float) -> None:
+    """Until `rounds` rounds are committed (polling the read-only status, as an operator would)."""
+    until = time.monotonic() + timeout
+    while time.monotonic() < until:
+        if server.popen.poll() is not None:
+            raise RuntimeError(f"coordinator exited early:\n{server.log()[-3000:]}")
+        if (state / "state.db").exists() and read_status(state)["rounds_completed"] >= rounds:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"round {rounds} not committed within {timeout:.0f}s")
+
+
+def _wait_workers(workers: list[Proc], timeout: float) -> None:
+    """Until every worker exited 0; the first one to fail fails the run at once (the others
+    would wait for its clients until the round deadline)."""
+    until = time.monotonic() + timeout
+    running = list(workers)
+    while running:
+        for p in list(running):
+            code = p.popen.poll()
+            if code is None:
+                continue
+            if code != 0:
+                raise RuntimeError(f"{p.name} failed:\n{p.log()[-3000:]}")
+            running.remove(p)
+        if time.monotonic() > until:
+            raise RuntimeError(f"{[p.name for p in running]} still running after {timeout:.0f}s")
+        time.sleep(0.2)
+
+
+def run(
+    clients: int,
+    procs: int,
+    params: int,
+    rounds: int,
+    work: Path,
+    per_round: int | None = None,
+    kill_restart: bool = False,
+    timeout: float = 1800,
+) -> dict[str, Any]:
+    port, state = free_port(), work / "state"
+    flags = ["--rounds", str(rounds), "--min-clients", str(clients), "--round-timeout", "900"]
+    flags += ["--linger", "120"]
+    if per_round:
+        flags += ["--clients-per-round", str(per_round)]
+
+    def start() -> Proc:
+        task = f"bench.synthetic:params_{params}"
+        server = start_coordinator(work, port, state, *flags, task=task)
         wait_serving(port, server)
+        return server
+
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    server = start()
+    watches = [ProcWatch(server.popen.pid)]
+    files = [FilesWatch(server.popen.pid)]
+    baseline_rss = watches[0].peak
+    restart: dict[str, float] = {}
+    workers: list[Proc] = []
+    worker_watches: list[ProcWatch] = []
+    try:
         per = -(-clients // procs)
         for w in range(procs):
             first, count = w * per, min(per, clients - w * per)
@@ -102,31 +132,87 @@ def run(clients: int, procs: int, params: int, rounds: int, work: Path) -> dict[
             args += ["--first", str(first), "--count", str(count)]
             args += ["--stats", str(work / f"lat-{w}.json")]
             workers.append(spawn(f"worker-{w}", args, work))
-        for p in workers:
-            if p.wait(1200) != 0:
-                raise RuntimeError(f"{p.name} failed:\n{p.log()[-3000:]}")
-        watch.read()
-        if server.wait(120) != 0:
+        worker_watches += [ProcWatch(p.popen.pid, interval=0.5) for p in workers]
+        if kill_restart:
+            _wait_rounds(state, server, 1, timeout)
+            server.kill()  # SIGKILL: no goodbye to the clients, no flush
+            t = time.monotonic()
+            server = start()
+            restart["restart_seconds"] = time.monotonic() - t
+            watches.append(ProcWatch(server.popen.pid))
+            files.append(FilesWatch(server.popen.pid))
+            _wait_rounds(state, server, 2, timeout)
+            restart["next_round_committed_after_kill_seconds"] = time.monotonic() - t
+        _wait_workers(workers, timeout)
+        for watch in watches:
+            watch.read()
+        if server.wait(180) != 0:
             raise RuntimeError(f"coordinator failed:\n{server.log()[-3000:]}")
     finally:
         for p in [server, *workers]:
             p.kill()
-        watch.stop()
+        for watch in [*watches, *worker_watches]:
+            watch.stop()
+        for f in files:
+            f.stop()
     lat: dict[str, list[float]] = defaultdict(list)
     for w in range(procs):
         for k, v in json.loads((work / f"lat-{w}.json").read_text()).items():
             lat[k] += v
-    status = read_status(work / "state")
+    status = read_status(state)
+    counts = {k: len(lat.pop(k, [])) for k in ("transient_errors", "refused_after_restart")}
+    peak = max(w.peak for w in watches)
     return {
         "clients": clients,
+        "clients_per_round": per_round,
         "procs": procs,
         "params": params,
+        "kill_restart": kill_restart,
         "rounds": [r["duration_seconds"] for r in status["rounds"]],
         "participants": [r["participants"] for r in status["rounds"]],
         "latency": {k: percentiles(v) for k, v in sorted(lat.items())},
-        "coordinator_peak_rss_bytes": watch.peak,
-        "coordinator_cpu_seconds": watch.cpu,
+        "coordinator_baseline_rss_bytes": baseline_rss,
+        "coordinator_peak_rss_bytes": peak,
+        "coordinator_rss_per_client_bytes": (peak - baseline_rss) / clients,
+        "coordinator_cpu_seconds": sum(w.cpu for w in watches),
+        "coordinator_peak_open_files": max(f.peak for f in files),
+        # The clients share the machine's cores with the coordinator: their CPU is the rest.
+        "workers_cpu_seconds": sum(w.cpu for w in worker_watches),
+        "wall_seconds": time.monotonic() - started,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        **counts,
+        **restart,
     }
+
+
+def print_table(r: dict[str, Any]) -> None:
+    k = r["clients_per_round"] or r["clients"]
+    print(f"{r['clients']} clients ({k} per round) in {r['procs']} processes, {r['params']} params")
+    print("round seconds:", " ".join(f"{s:.2f}" for s in r["rounds"]))
+    print("participants:", r["participants"])
+    print(f"{'':>9} {'n':>6} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
+    for kind, q in r["latency"].items():
+        ms = [q.get(x, 0) * 1e3 for x in ("p50", "p99", "max")]
+        print(f"{kind:>9} {q['n']:>6} {ms[0]:>9.1f} {ms[1]:>9.1f} {ms[2]:>9.1f}")
+    print(
+        f"coordinator: peak RSS {r['coordinator_peak_rss_bytes'] / 1e6:.0f} MB "
+        f"({r['coordinator_rss_per_client_bytes'] / 1e3:.1f} kB/client over an idle "
+        f"{r['coordinator_baseline_rss_bytes'] / 1e6:.0f} MB), "
+        f"CPU {r['coordinator_cpu_seconds']:.1f} s (clients {r['workers_cpu_seconds']:.1f} s), "
+        f"peak open files "
+        f"{r['coordinator_peak_open_files']}"
+    )
+    print(f"transient errors {r['transient_errors']}, wall {r['wall_seconds']:.0f} s")
+    if r["kill_restart"]:
+        print(
+            f"kill -9 after round 1: restarted in {r['restart_seconds']:.1f} s, round 2 "
+            f"committed {r['next_round_committed_after_kill_seconds']:.1f} s after the kill"
+        )
+    before, after = r["load_average_before"], r["load_average_after"]
+    print(
+        f"load average before {before[0]:.2f} {before[1]:.2f}, after {after[0]:.2f} {after[1]:.2f}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -141,23 +227,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--params", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients-per-round", type=int, help="sample K of the clients (all)")
+    parser.add_argument("--kill-restart", action="store_true", help="kill -9 after round 1")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--keep", type=Path, help="work (logs, state) here instead of a temp dir")
     args = parser.parse_args(argv)
     if args.command == "worker":
-        lat = asyncio.run(_worker(args.server, args.first, args.count))
+        lat = asyncio.run(run_worker(args.server, args.first, args.count))
         args.stats.write_text(json.dumps(lat))
         return 0
+    if args.kill_restart and args.rounds < 2:
+        parser.error("--kill-restart needs --rounds 2 or more")
     with tempfile.TemporaryDirectory(prefix="fedgrpc-many-") as tmp:
-        result = run(args.clients, args.procs, args.params, args.rounds, Path(tmp))
-    print(f"{args.clients} clients in {args.procs} processes, {args.params} params")
-    print("round seconds:", " ".join(f"{s:.2f}" for s in result["rounds"]))
-    print("participants:", result["participants"])
-    for kind, q in result["latency"].items():
-        print(
-            f"{kind:>9}: n={q['n']} p50={q.get('p50', 0) * 1e3:.1f} ms "
-            f"p99={q.get('p99', 0) * 1e3:.1f} ms max={q.get('max', 0) * 1e3:.1f} ms"
+        if args.keep:
+            shutil.rmtree(args.keep, ignore_errors=True)
+        result = run(
+            args.clients,
+            args.procs,
+            args.params,
+            args.rounds,
+            args.keep or Path(tmp),
+            args.clients_per_round,
+            args.kill_restart,
         )
-    print(f"coordinator peak RSS {result['coordinator_peak_rss_bytes'] / 1e6:.0f} MB")
+    print_table(result)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"many_clients-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))

@@ -28,6 +28,8 @@ RECONNECT_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 JOIN_TIMEOUT = 30.0
+# Trailing metadata of an UNAVAILABLE refusal: how long the coordinator asks us to stay away.
+RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class PermanentError(RuntimeError):
@@ -49,7 +51,9 @@ class Backoff:
     attempt: int = 0
     failing_since: float | None = None
 
-    def next_delay(self) -> float:
+    def next_delay(self, at_least: float = 0.0) -> float:
+        """The next wait; `at_least` is the coordinator's retry-after, which becomes a floor
+        jittered over [at_least, 2 * at_least) so a refused crowd does not return at once."""
         now = time.monotonic()
         if self.failing_since is None:
             self.failing_since = now
@@ -57,8 +61,26 @@ class Backoff:
             raise TimeoutError
         delay = self.rng.uniform(0, min(self.maximum, self.initial * 2**self.attempt))
         self.attempt += 1
+        if at_least > 0:
+            delay = max(delay, self.rng.uniform(at_least, 2 * at_least))
         return delay
 
     def reset(self) -> None:
         self.attempt = 0
         self.failing_since = None
+
+
+def retry_after(error: grpc.RpcError) -> float:
+    """Seconds the coordinator asked us to wait (trailing metadata retry-after-ms), or 0."""
+    trailing = getattr(error, "trailing_metadata", None)
+    try:
+        metadata = trailing() if callable(trailing) else None
+    except Exception:  # a channel-level failure may carry no call to read metadata from
+        metadata = None
+    for key, value in metadata or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(0.0, min(float(value) / 1000, 300.0))
+            except (TypeError, ValueError):
+                return 0.0
+    return 0.0

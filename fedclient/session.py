@@ -29,6 +29,7 @@ from fedclient.retry import (
     Backoff,
     PermanentError,
     Stopped,
+    retry_after,
 )
 from fedclient.secagg import SecAggClient, SecAggExchange, run_secagg_step
 from fedclient.task import LocalData, Task, TrainConfig
@@ -122,7 +123,7 @@ class ClientSession:
                     raise
                 self.joined = False
                 try:
-                    delay = self.backoff.next_delay()
+                    delay = self.backoff.next_delay(retry_after(e))
                 except TimeoutError:
                     raise PermanentError(
                         f"coordinator at {self.settings.server} unreachable for "

@@ -10,7 +10,6 @@ evaluation_rounds.py (both mixed into Coordinator).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -18,7 +17,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from fedserver.secure_rounds import SecureRounds
 from fedserver.store import ClientReceipt, RoundRecord, StateStore
 from fedserver.strategies import AggregateInput, Strategy, UpdateSet
 from fedserver.submissions import UpdateIntake
+from fedserver.wakeups import Wakeups
 
 log = logging.getLogger("fedserver")
 
@@ -98,7 +98,10 @@ class Coordinator(UpdateIntake, EvaluationRounds):
                 raise ValueError("--secure he needs the public context (--he-public-key)")
             self.secure_rounds = HERounds(self, self.he_public_key, self.secagg_stage_timeout)
         self._streams: Counter[str] = Counter()
-        self._changed = asyncio.Event()
+        self._uploads = 0  # SubmitUpdate streams being received (submissions.py)
+        self._changed = asyncio.Event()  # secure-aggregation stages wait on this
+        self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
+        self._flush_joins: asyncio.TimerHandle | None = None
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._aggregating: asyncio.Task[None] | None = None
         self.shutting_down = False
@@ -134,9 +137,15 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         )
 
     # ------------------------------------------------------------------ events
-    def _notify(self) -> None:
+    def _notify(self, clients: Collection[str] | None = None) -> None:
+        """Something changed: wake the long-polls of `clients` (whose answer changed), or of
+        everyone when None. Secure-stage waiters are always woken (only K of them)."""
         event, self._changed = self._changed, asyncio.Event()
         event.set()
+        if clients is None:
+            self._wakeups.wake_all()
+        else:
+            self._wakeups.wake(clients)
 
     def _advance(self) -> None:
         """Let the round machine react to the current time and clients."""
@@ -166,11 +175,12 @@ class Coordinator(UpdateIntake, EvaluationRounds):
                 self._accumulator = Accumulator(self._num_values(), self._tensor_sizes())
                 self._open_spool()
                 self._client_metrics = {}
-                self._available = len(m.live_clients())
+                self._available = m.live_count()
             if self.secure_rounds is not None:
                 self.secure_rounds.on_open(fresh=action == "opened")
             self._schedule_deadline()
-            self._notify()
+            # Only the selected clients' answer changed: the other N - K keep sleeping.
+            self._notify(m.selected)
         elif action == "close":
             closed = self.machine.close()
             self._aggregating = asyncio.get_running_loop().create_task(self._finish_round(closed))
@@ -193,7 +203,14 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         self.machine.touch(client_id)
         if properties is not None:
             self.store.record_client(client_id, properties)
+            if self._flush_joins is None:  # one write per 0.2 s of Joins, not one per Join
+                loop = asyncio.get_running_loop()
+                self._flush_joins = loop.call_later(0.2, self._write_joins)
         self._advance()
+
+    def _write_joins(self) -> None:
+        self._flush_joins = None
+        self.store.flush_clients()
 
     # ------------------------------------------------------------------ pulling the model
     def state_name(self) -> str:
@@ -260,7 +277,7 @@ class Coordinator(UpdateIntake, EvaluationRounds):
     def idle_offer(self, client_id: str) -> Offer:
         m = self.machine
         if m.phase is Phase.WAITING:
-            msg = f"waiting for clients: {len(m.live_clients())} of {self.policy.min_clients} live"
+            msg = f"waiting for clients: {m.live_count()} of {self.policy.min_clients} live"
         elif client_id in m.receipts:
             msg = f"update for round {m.round} received; waiting for the round to close"
         else:
@@ -273,13 +290,11 @@ class Coordinator(UpdateIntake, EvaluationRounds):
         loop = asyncio.get_running_loop()
         until = loop.time() + max(0.0, wait)
         while True:
-            changed = self._changed
             offer = self.offer(client_id, known_version)
             remaining = until - loop.time()
             if offer is not None or remaining <= 0:
                 return offer or self.idle_offer(client_id)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), remaining)
+            await self._wakeups.wait(client_id, remaining)
             self.touch(client_id)
 
     # ------------------------------------------------------------------ closing rounds
@@ -358,8 +373,10 @@ class Coordinator(UpdateIntake, EvaluationRounds):
             self.store.set_meta(status="finished")
             log.info("training finished: %d rounds", self.machine.rounds_completed)
             self.done.set()
-        self._advance()
-        self._notify()
+        self._advance()  # opens the next round: wakes its selected clients
+        # Everyone else's answer changes only if training ended or an evaluation was asked for.
+        everyone = self.campaign is not None or self.machine.phase is Phase.FINISHED
+        self._notify(None if everyone else ())
 
     def _aggregate_and_save(
         self, agg: AggregateInput, closed: ClosedRound

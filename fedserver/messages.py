@@ -24,6 +24,17 @@ class TooManyStreams(SubmitRefused):
     reason = "too_many_streams"
 
 
+class CoordinatorBusy(SubmitRefused):
+    """Transient: too many uploads in flight (→ UNAVAILABLE with trailing metadata
+    retry-after-ms; clients come back after a jittered delay of at least that)."""
+
+    reason = "busy"
+
+    def __init__(self, message: str, retry_after_ms: int) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 @dataclass(frozen=True)
 class TrainingDefaults:
     """Round settings sent to clients; None means "the task's default_config()"."""

@@ -22,7 +22,7 @@ async def show_progress(coordinator: Coordinator) -> None:
             m = coordinator.machine
             total = coordinator.policy.total_rounds
             if m.phase is Phase.WAITING:
-                live = len(m.live_clients())
+                live = m.live_count()
                 description = f"round {m.round}/{total}"
                 detail = f"waiting for clients: {live}/{coordinator.policy.min_clients} live"
                 done, expected = 0, max(1, len(m.selected))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import math
 import random
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -115,7 +116,10 @@ class RoundMachine:
     opened_at: float = 0.0
     attempts: int = 0
     required: int = 1
-    last_seen: dict[str, float] = field(default_factory=dict)
+    # Oldest first: touch() moves a client to the end, so expiry pops from the front and every
+    # event costs O(1) amortized whatever the number of connected clients (10,000 waiting
+    # clients re-touch on every long-poll; a scan per touch made a join storm O(N^2)).
+    last_seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         if self.round > self.policy.total_rounds:
@@ -124,13 +128,30 @@ class RoundMachine:
     # ------------------------------------------------------------------ clients
     def touch(self, client_id: str) -> None:
         self.last_seen[client_id] = self.clock()
+        self.last_seen.move_to_end(client_id)
 
     def forget(self, client_id: str) -> None:
         self.last_seen.pop(client_id, None)
 
-    def live_clients(self) -> list[str]:
+    def _expire(self) -> None:
         cutoff = self.clock() - self.policy.client_ttl
-        return sorted(c for c, t in self.last_seen.items() if t >= cutoff)
+        seen = self.last_seen
+        while seen:
+            oldest = next(iter(seen))
+            if seen[oldest] >= cutoff:
+                return
+            del seen[oldest]
+
+    def live_count(self) -> int:
+        """How many clients are live: O(1) amortized (use this, not len(live_clients()))."""
+        self._expire()
+        return len(self.last_seen)
+
+    def live_clients(self) -> list[str]:
+        """The live clients, sorted (seeded selection is reproducible): O(N log N), so only
+        when a round opens or a sample is drawn, never per event."""
+        self._expire()
+        return sorted(self.last_seen)
 
     def expects_update_from(self, client_id: str) -> bool:
         return (
@@ -146,14 +167,15 @@ class RoundMachine:
         "close" means the coordinator should call close() and aggregate.
         """
         if self.phase is Phase.WAITING:
-            live = self.live_clients()
-            if len(live) >= self.policy.min_clients:
-                self._open(live, fresh=True)
+            if self.live_count() >= self.policy.min_clients:
+                self._open(self.live_clients(), fresh=True)
                 return "opened"
             return None
         if self.phase is not Phase.COLLECTING:
             return None
-        everyone_reported = self.selected and self.selected <= self.receipts.keys()
+        # Receipts are only ever taken from selected clients (check_submit), so comparing sizes
+        # says whether all reported in O(1); a subset test was O(K) on every long-poll touch.
+        everyone_reported = bool(self.selected) and len(self.receipts) >= len(self.selected)
         if everyone_reported and len(self.receipts) >= self.required:
             return "close"
         if self.clock() < self.deadline:

@@ -21,7 +21,7 @@ from fedcore import limits
 from fedcore.limits import MAX_CLIENT_ID, clip_message, excerpt
 from fedcore.proto import coordinator_pb2 as pb
 from fedserver.aggregate import BadUpdate, SpillCorrupted, UpdateTooLarge
-from fedserver.messages import SubmitResult, TooManyStreams
+from fedserver.messages import CoordinatorBusy, SubmitResult, TooManyStreams
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound
 from fedserver.secagg import SecAggFailed
 
@@ -33,6 +33,7 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     # Order matters: subclasses before their bases.
     for kind, code in (
         (TooManyStreams, grpc.StatusCode.ABORTED),
+        (CoordinatorBusy, grpc.StatusCode.UNAVAILABLE),
         (UpdateTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (SpillCorrupted, grpc.StatusCode.INTERNAL),  # our disk, not the client's bytes: retry
         (BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),
@@ -44,6 +45,13 @@ def status_for(exc: Exception) -> grpc.StatusCode:
         if isinstance(exc, kind):
             return code
     return grpc.StatusCode.INTERNAL
+
+
+def trailers_for(exc: Exception) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata of a refusal: how long a shed client should stay away."""
+    if isinstance(exc, CoordinatorBusy):
+        return (("retry-after-ms", str(exc.retry_after_ms)),)
+    return ()
 
 
 def submit_reply(result: SubmitResult) -> pb.SubmitReply:

@@ -26,6 +26,7 @@ from fedserver.coordinator import Coordinator
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.fedeval import EvalPolicy
+from fedserver.limits import OpenFilesWatch, raise_open_files_limit
 from fedserver.messages import TrainingDefaults
 from fedserver.progress import show_progress
 from fedserver.rounds import RoundPolicy
@@ -53,6 +54,15 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *CHANNEL_OPTIONS,
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 256 << 10),
+    # gRPC core cancels calls that arrived but that the application has not picked up yet: at
+    # random beyond 1,000 of them, all beyond 3,000, and any older than 30 s; the client sees
+    # a bare CANCELLED. A storm of 10,000 Joins (a restart), and 10,000 selected clients pulling
+    # and submitting at once, broke that way (issue 16). A waiting call costs a few hundred
+    # bytes and the event loop drains them in order, so let them queue: the client's own
+    # deadline bounds the wait (docs/performance.md, Connections).
+    ("grpc.server.max_pending_requests", 1 << 20),
+    ("grpc.server.max_pending_requests_hard_limit", 1 << 20),
+    ("grpc.server_max_unrequested_time_in_server", 3600),
 )
 
 
@@ -221,6 +231,7 @@ def limit_malloc_arenas(arenas: int = 1) -> None:
 
 async def serve(s: ServerSettings) -> int:
     limit_malloc_arenas()
+    files = OpenFilesWatch(raise_open_files_limit())  # one descriptor per connected client
     coordinator = build_coordinator(s)
     try:
         credentials = s.tls.server_credentials() if s.tls else None
@@ -267,7 +278,7 @@ async def serve(s: ServerSettings) -> int:
         )
         log.info("security: %s", _describe_security(s))
         if s.metrics_port is not None:
-            coordinator.metrics.watch(lambda: _live_state(coordinator))
+            coordinator.metrics.watch(lambda: _live_state(coordinator, files))
             try:
                 bound = coordinator.metrics.serve(s.metrics_host, s.metrics_port)
             except OSError as e:
@@ -298,6 +309,7 @@ async def serve(s: ServerSettings) -> int:
             loop.add_signal_handler(sig, stop.set)
 
         bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
+        watch = asyncio.create_task(_watch_open_files(files))
         done = asyncio.create_task(coordinator.done.wait())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -313,6 +325,7 @@ async def serve(s: ServerSettings) -> int:
             code = EXIT_FAILED if coordinator.failure else EXIT_OK
         done.cancel()
         stopped.cancel()
+        watch.cancel()
         if bar is not None:
             bar.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -330,12 +343,20 @@ async def serve(s: ServerSettings) -> int:
     return code
 
 
-def _live_state(c: Coordinator) -> dict[str, float]:
+async def _watch_open_files(files: OpenFilesWatch, every: float = 10.0) -> None:
+    while True:
+        files.check()
+        await asyncio.sleep(every)
+
+
+def _live_state(c: Coordinator, files: OpenFilesWatch) -> dict[str, float]:
     m = c.machine
     return {
+        "open_files": files.check(),
+        "open_files_limit": files.limit,
         "current_round": m.round,
         "total_rounds": c.policy.total_rounds,
-        "live_clients": len(m.live_clients()),
+        "live_clients": m.live_count(),
         "updates_received": len(m.receipts),
         "updates_expected": len(m.selected),
         "finished": float(c.state_name() == "finished"),

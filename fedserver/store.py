@@ -181,6 +181,7 @@ class StateStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(_SCHEMA)
+        self._joined: dict[str, tuple[float, str]] = {}  # Joins not yet written (record_client)
 
     def _take_lock(self) -> int:
         """One coordinator per state dir; the kernel drops the lock when its holder dies."""
@@ -198,6 +199,7 @@ class StateStore:
         return fd
 
     def close(self) -> None:
+        self.flush_clients()
         self.db.close()
         os.close(self._lock_file)
 
@@ -371,12 +373,22 @@ class StateStore:
         return row[0] if row else None
 
     def record_client(self, client_id: str, properties: dict[str, str]) -> None:
-        now = time.time()
-        with self.lock:
-            self.db.execute(
+        """Buffered until flush_clients(): one durable commit per Join (an fsync, 1.5 ms on
+        ext4) held the event loop 15 s in a storm of 10,000 Joins; a batch costs one."""
+        self._joined[client_id] = (time.time(), json.dumps(properties))
+
+    def flush_clients(self) -> None:
+        """Write the buffered Joins in one transaction."""
+        if not self._joined:
+            return
+        rows = [(c, t, t, p) for c, (t, p) in self._joined.items()]
+        self._joined = {}
+        with self.lock, self.db:
+            self.db.execute("BEGIN")
+            self.db.executemany(
                 "INSERT INTO clients VALUES (?, ?, ?, ?) ON CONFLICT(client_id) DO UPDATE SET "
                 "last_seen = excluded.last_seen, properties = excluded.properties",
-                (client_id, now, now, json.dumps(properties)),
+                rows,
             )
 
     def known_clients(self) -> list[str]:

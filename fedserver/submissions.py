@@ -21,6 +21,7 @@ from fedserver.aggregate import (
 )
 from fedserver.messages import (
     BaseVersionMismatch,
+    CoordinatorBusy,
     PendingSubmit,
     SubmitHeader,
     SubmitResult,
@@ -37,6 +38,11 @@ log = logging.getLogger("fedserver")
 
 MAX_NUM_EXAMPLES = 10**9
 MAX_STREAMS_PER_CLIENT = 2
+# Uploads received at once. Each holds a spill file (a descriptor next to its connection's) and
+# decoder state; 10,000 selected clients uploading together ran the coordinator towards twice
+# its connections in open files. Beyond this, refuse with a retry delay (docs/protocol.md).
+MAX_UPLOADS_IN_FLIGHT = 1024
+BUSY_RETRY_AFTER_MS = 2000
 
 
 class UpdateIntake:
@@ -59,6 +65,13 @@ class UpdateIntake:
                     "uploads in flight"
                 )
             )
+        if self._uploads >= MAX_UPLOADS_IN_FLIGHT:
+            raise self._refuse(
+                CoordinatorBusy(
+                    f"{self._uploads} uploads in flight; retry in {BUSY_RETRY_AFTER_MS} ms",
+                    BUSY_RETRY_AFTER_MS,
+                )
+            )
         self.touch(header.client_id)
         num_values = selection.num_values if selection else self._num_values()
         receiver = UpdateReceiver(
@@ -72,6 +85,7 @@ class UpdateIntake:
             track_norm=self.dp is not None and self.secure_rounds is None,
         )
         self._streams[header.client_id] += 1
+        self._uploads += 1
         return PendingSubmit(header, receiver, selection)
 
     def _check_header(self: Coordinator, h: SubmitHeader) -> tuple[Codec, Selection | None]:
@@ -157,6 +171,7 @@ class UpdateIntake:
         pending.receiver.abort()
         self.metrics.received(pending.receiver.received)
         self._streams[pending.header.client_id] -= 1
+        self._uploads -= 1
 
     def reject(self: Coordinator, exc: Exception) -> Exception:
         return self._refuse(exc)
@@ -170,6 +185,7 @@ class UpdateIntake:
             self.abort_submit(pending)
             raise self._refuse(e) from None
         self._streams[h.client_id] -= 1
+        self._uploads -= 1
         self.metrics.received(pending.receiver.received)
         try:
             return self._count(h, staged, pending.selection)

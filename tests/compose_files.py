@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,67 @@ def parse(argv: list[str], where: str) -> argparse.Namespace:
         return PARSERS[argv[0]]().parse_args(argv[1:])
     except SystemExit:
         pytest.fail(f"{where}: {argv[0]} rejects {shlex.join(argv[1:])!r}")
+
+
+def local_init(argv: list[str]) -> list[str]:
+    """The init service's argv for this machine: its bundles go to this user, not uid 10001.
+
+    Docker's part (running the service as root so it may chown) is all that changes.
+    """
+    out = list(argv)
+    if "--owner" in out:
+        out[out.index("--owner") + 1] = f"{os.getuid()}:{os.getgid()}"
+    return out
+
+
+class Containers:
+    """Each service's filesystem as a folder under root, its named volumes as symlinks.
+
+    root/volumes/NAME is one folder per named volume, shared by every service that mounts it;
+    root/containers/SERVICE/TARGET links to it. A path in a service's command becomes the same
+    path under that service's folder, so a file lands in (and is read from) the volume Docker
+    would use, and a service sees nothing it does not mount.
+    """
+
+    def __init__(self, root: Path, services: dict[str, dict[str, Any]]) -> None:
+        self.root = root
+        self.targets: dict[str, list[str]] = {}
+        for name, service in services.items():
+            self.targets[name] = []
+            for target, (kind, source, _ro) in mounts(service).items():
+                assert kind == "volume" and source, f"{name}: {target} is a {kind} mount"
+                volume = self.volume(source)
+                volume.mkdir(parents=True, exist_ok=True)
+                link = self.path(name, target)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(volume, target_is_directory=True)
+                self.targets[name].append(target)
+
+    def volume(self, name: str) -> Path:
+        return self.root / "volumes" / name
+
+    def path(self, service: str, container_path: str) -> Path:
+        return self.root / "containers" / service / container_path.lstrip("/")
+
+    def localize(self, service: str, argv: list[str]) -> list[str]:
+        """Rewrite every argument that is a path into (or above) one of the service's mounts."""
+        out = []
+        for word in argv:
+            for target in self.targets[service]:
+                if word == target or word.startswith(target + "/") or target.startswith(word + "/"):
+                    word = str(self.path(service, word))
+                    break
+            out.append(word)
+        return out
+
+    def visible_files(self, service: str) -> set[str]:
+        """Names of the files in every volume the service mounts."""
+        return {
+            path.name
+            for target in self.targets[service]
+            for path in self.path(service, target).resolve().rglob("*")
+            if path.is_file()
+        }
 
 
 def mounts(service: dict[str, Any]) -> dict[str, tuple[str, str | None, bool]]:

@@ -1,4 +1,8 @@
-"""Shared fixtures: a log folder per test whose contents are shown when the test fails."""
+"""Shared fixtures: a log folder per test whose contents are shown when the test fails.
+
+Tests marked `docker` (a real Docker engine, minutes of image build) run only when selected by
+name in -m (`make docker-e2e`, `pytest -m docker`); `make test` and CI skip them.
+"""
 
 from __future__ import annotations
 
@@ -27,3 +31,12 @@ def open_umask() -> Iterator[None]:
     previous = os.umask(0o022)
     yield
     os.umask(previous)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if "docker" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="needs Docker: run `make docker-e2e` or `pytest -m docker`")
+    for item in items:
+        if item.get_closest_marker("docker") is not None:
+            item.add_marker(skip)

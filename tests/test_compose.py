@@ -2,8 +2,10 @@
 
 No Docker engine here: every service command and healthcheck is parsed by the same argparse
 parser the console script uses (a renamed flag breaks this test, not a `docker compose up`), and
-the certificate files the services use are the ones the init service's `fedserver certs`
-creates. tests/test_compose_topology.py runs the same topology as processes.
+the init service's `fedserver certs` really runs, into one folder per named volume, so the
+certificate files each service uses are the ones it writes, and what each service can read is
+what its volumes hold. tests/test_compose_topology.py runs the same topology as processes,
+tests/test_docker_e2e.py under Docker.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import pytest
 
 from fedclient.partition import Partition
+from fedserver import cli as server_cli
 from fedserver.security.certs import OPERATOR_NAME, client_names
 from fedserver.server import SERVICE_NAME
 from tests.compose_files import (
@@ -27,9 +30,11 @@ from tests.compose_files import (
     INIT,
     PLAINTEXT,
     REPO,
+    Containers,
     command,
     healthcheck,
     load,
+    local_init,
     mounts,
     parse,
 )
@@ -72,15 +77,20 @@ def _pyproject() -> dict[str, Any]:
     return tomllib.loads((REPO / "pyproject.toml").read_text())
 
 
-def _made_by_init(init_args: argparse.Namespace) -> set[Path]:
-    """The files `fedserver certs` writes for the init service's arguments."""
-    stems = [
-        "ca",
-        "server",
-        OPERATOR_NAME,
-        *client_names(init_args.clients, init_args.client_prefix),
-    ]
-    return {init_args.out / f"{stem}.{ext}" for stem in stems for ext in ("crt", "key")}
+@pytest.fixture(scope="module")
+def containers(
+    services: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> Containers:
+    """Every service's volumes after the init service's real `fedserver certs` has run."""
+    made = Containers(tmp_path_factory.mktemp("compose"), services)
+    argv = made.localize(INIT, local_init(command(services[INIT])))
+    assert server_cli.main(argv[1:]) == 0
+    return made
+
+
+def _files(containers: Containers, service: str, *paths: Path | str) -> None:
+    for path in paths:
+        assert containers.path(service, str(path)).is_file(), f"{service} has no {path}"
 
 
 def _dockerfile() -> list[tuple[str, str]]:
@@ -147,28 +157,71 @@ def test_init_service_runs_once_before_everything(services: dict[str, dict[str, 
 
 def test_mtls_is_on_by_default_with_the_generated_files(
     services: dict[str, dict[str, Any]],
+    containers: Containers,
     init_args: argparse.Namespace,
     server_args: argparse.Namespace,
     client_args: dict[str, argparse.Namespace],
 ) -> None:
-    made = _made_by_init(init_args)
-    out = init_args.out.as_posix()
-    assert mounts(services[INIT])[out][:2] == ("volume", "fedgrpc-certs")
+    assert mounts(services[INIT])[init_args.out.as_posix()][:2] == ("volume", "fedgrpc-certs")
     # The coordinator requires client certificates (--tls-ca) and uses the server pair.
     assert all(getattr(server_args, f) is not None for f in TLS_FLAGS), "mTLS must be on"
-    assert server_args.tls_cert == init_args.out / "server.crt"
-    assert server_args.tls_key == init_args.out / "server.key"
-    assert {server_args.tls_cert, server_args.tls_key, server_args.tls_ca} <= made
+    assert (server_args.tls_cert.name, server_args.tls_key.name) == ("server.crt", "server.key")
+    _files(containers, COORDINATOR, server_args.tls_cert, server_args.tls_key, server_args.tls_ca)
     for name, args in client_args.items():
         # Each client presents its own certificate, named like its --client-id.
         assert args.client_id in client_names(init_args.clients, init_args.client_prefix)
-        assert args.tls_cert == init_args.out / f"{args.client_id}.crt", name
-        assert args.tls_key == init_args.out / f"{args.client_id}.key", name
-        assert args.tls_ca == init_args.out / "ca.crt", name
+        assert args.tls_cert.name == f"{args.client_id}.crt", name
+        assert args.tls_key.name == f"{args.client_id}.key", name
+        _files(containers, name, args.tls_cert, args.tls_key, args.tls_ca)
         assert args.token is None
+    # Whatever `certs` wrote is read-only for everyone else.
     for name in (COORDINATOR, *CLIENTS):
-        kind, source, read_only = mounts(services[name])[out]
-        assert (kind, source, read_only) == ("volume", "fedgrpc-certs", True), name
+        for target, (kind, _source, read_only) in mounts(services[name]).items():
+            assert kind == "volume", f"{name}: {target} is a {kind} mount"
+            assert read_only or target == server_args.state_dir.as_posix(), (name, target)
+
+
+def test_each_client_mounts_only_ca_crt_and_its_own_pair(
+    services: dict[str, dict[str, Any]],
+    containers: Containers,
+    client_args: dict[str, argparse.Namespace],
+) -> None:
+    """ca.key, server.key, operator.key or another client's key would let a client be anyone."""
+    for name, args in client_args.items():
+        own = {"ca.crt", f"{args.client_id}.crt", f"{args.client_id}.key"}
+        assert containers.visible_files(name) == own, name
+        # ...and stays so: no service but `certs` mounts a client's volumes.
+        for _target, (_kind, volume, _ro) in mounts(services[name]).items():
+            sharing = {
+                other
+                for other, service in services.items()
+                if volume in {v for _k, v, _r in mounts(service).values()}
+            }
+            assert sharing == {name, INIT}, f"{name} shares {volume} with {sharing - {name}}"
+
+
+def test_the_ca_key_stays_in_the_certs_service(
+    services: dict[str, dict[str, Any]], containers: Containers
+) -> None:
+    holders = {name for name in services if "ca.key" in containers.visible_files(name)}
+    assert holders == {INIT}
+    # The coordinator holds its own pair and, for its healthcheck, the operator's; no client's.
+    seen = containers.visible_files(COORDINATOR)
+    assert {f for f in seen if f.endswith(".key")} == {"server.key", f"{OPERATOR_NAME}.key"}
+
+
+def test_the_bundles_belong_to_the_images_user(
+    services: dict[str, dict[str, Any]], init_args: argparse.Namespace
+) -> None:
+    """`certs` runs as root to write into fresh volumes and hands them to the image's user."""
+    assert services[INIT].get("user") in ("root", "0", "0:0")
+    useradd = next(r for r in _instructions("RUN") if "useradd" in r)
+    uid = re.search(r"useradd [^&]*--uid (\d+)", useradd)
+    gid = re.search(r"groupadd [^&]*--gid (\d+)", useradd)
+    assert uid and gid, "the Dockerfile must create its user with a fixed uid and gid"
+    assert init_args.owner == f"{uid[1]}:{gid[1]}"
+    for name in (COORDINATOR, *CLIENTS):
+        assert services[name].get("user") in (None, "fed"), f"{name} must not run as root"
 
 
 def test_certificate_names_cover_how_the_coordinator_is_reached(
@@ -233,7 +286,7 @@ def test_state_dir_is_a_named_volume(
 
 def test_healthcheck_is_a_grpc_health_check_over_mtls(
     services: dict[str, dict[str, Any]],
-    init_args: argparse.Namespace,
+    containers: Containers,
     server_args: argparse.Namespace,
 ) -> None:
     check = services[COORDINATOR]["healthcheck"]
@@ -241,9 +294,9 @@ def test_healthcheck_is_a_grpc_health_check_over_mtls(
     probe = parse(healthcheck(services[COORDINATOR]), "coordinator healthcheck")
     assert probe.command == "health" and probe.service == SERVICE_NAME
     assert probe.server == f"127.0.0.1:{server_args.port}"
-    assert probe.tls_cert == init_args.out / f"{OPERATOR_NAME}.crt"
-    assert probe.tls_key == init_args.out / f"{OPERATOR_NAME}.key"
-    assert probe.tls_ca == init_args.out / "ca.crt"
+    assert probe.tls_cert.name == f"{OPERATOR_NAME}.crt"
+    assert probe.tls_key.name == f"{OPERATOR_NAME}.key"
+    _files(containers, COORDINATOR, probe.tls_cert, probe.tls_key, probe.tls_ca)
 
 
 def test_plaintext_is_an_explicit_override() -> None:
@@ -276,10 +329,13 @@ def test_dockerfile_installs_the_pinned_cpu_torch() -> None:
         if "==" in line and not line.lstrip().startswith("#")
     )
     torch_runs = [r for r in _instructions("RUN") if re.search(r"\btorch==", r)]
-    assert torch_runs, "the Dockerfile must install torch explicitly"
-    for run in torch_runs:
-        assert f"torch=={pins['torch']}" in shlex.split(run)
-        assert "https://download.pytorch.org/whl/cpu" in run
+    assert len(torch_runs) == 1, "the Dockerfile must install torch explicitly, once"
+    run = torch_runs[0]
+    # From a CPU wheel in the build context when there is one, else from PyTorch's CPU index.
+    assert f"torch=={pins['torch']}" in shlex.split(run)
+    assert f"torch=={pins['torch']}+cpu" in run and "--find-links /tmp/wheels" in run
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in DOCKERFILE.read_text()
+    assert '--index-url "$TORCH_INDEX_URL"' in run
 
 
 def test_dockerfile_pip_installs_use_the_constraints() -> None:
@@ -297,6 +353,16 @@ def test_dockerfile_pip_installs_use_the_constraints() -> None:
         )
 
 
+def test_dockerfile_base_is_a_build_arg(services: dict[str, dict[str, Any]]) -> None:
+    """python:3.11-slim by default; `make docker-e2e` swaps in a stand-in where it can't pull."""
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS base$", text, re.M)
+    for name, service in services.items():
+        arg = service["build"]["args"]["BASE_IMAGE"]
+        assert arg == "${FEDGRPC_BASE_IMAGE:-python:3.11-slim}", name
+
+
 def test_dockerfile_runs_as_a_non_root_user() -> None:
     users = _instructions("USER")
     assert users, "the image must switch to a non-root USER"
@@ -307,6 +373,8 @@ def test_dockerfile_runs_as_a_non_root_user() -> None:
 def test_dockerfile_copies_what_pip_install_needs() -> None:
     sources = []
     for copy in _instructions("COPY") + _instructions("ADD"):
+        if "--from=" in copy:
+            continue  # from an earlier build stage, not from the repo
         words = [w for w in shlex.split(copy) if not w.startswith("--")]
         sources += words[:-1]
     # Every package directory (and file) the Dockerfile copies exists in the repo.
@@ -326,12 +394,17 @@ def test_dockerfile_copies_what_pip_install_needs() -> None:
 def test_dockerfile_matches_the_coordinator_service(server_args: argparse.Namespace) -> None:
     exposed = {w.split("/")[0] for e in _instructions("EXPOSE") for w in e.split()}
     assert str(server_args.port) in exposed
-    volumes = {w.strip('[]",') for v in _instructions("VOLUME") for w in v.split()}
-    assert server_args.state_dir.as_posix() in volumes
+    _owned_by_the_user(server_args.state_dir.as_posix())
 
 
 def test_dockerfile_prepares_the_certs_volume(init_args: argparse.Namespace) -> None:
-    volumes = {w.strip('[]",') for v in _instructions("VOLUME") for w in v.split()}
-    assert init_args.out.as_posix() in volumes
+    _owned_by_the_user(init_args.out.as_posix())
+    # A VOLUME would hand every container, clients included, anonymous volumes of its own.
+    assert not _instructions("VOLUME"), "compose names the volumes; the image declares none"
+
+
+def _owned_by_the_user(path: str) -> None:
+    """A fresh named volume mounted there starts out owned by the image's user."""
     runs = " ".join(_instructions("RUN"))
-    assert re.search(rf"chown fed:fed [^&]*{init_args.out.as_posix()}", runs)
+    assert re.search(rf"mkdir -p [^&]*{path}\b", runs), f"the image does not make {path}"
+    assert re.search(rf"chown fed:fed [^&]*{path}\b", runs), f"{path} is not fed's"

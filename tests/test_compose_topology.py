@@ -4,9 +4,11 @@ init (`fedserver certs`) -> coordinator (mTLS, state volume) -> its healthcheck 
 then `docker compose restart coordinator` (SIGTERM, start again with the same command) in the
 middle of the run, which must resume from the state dir and finish all rounds.
 
-Only what Docker itself provides is substituted: volume paths become folders under tmp, the
-service name `coordinator` and the container's 0.0.0.0 become 127.0.0.1 (this machine offers
-only loopback), and ports become free ones. Every other argument is the compose file's.
+Only what Docker itself provides is substituted: each named volume becomes a folder under tmp
+and each service sees only the volumes it mounts (tests/compose_files.Containers), the init
+service's bundles go to this user instead of the image's uid, the service name `coordinator`
+and the container's 0.0.0.0 become 127.0.0.1 (this machine offers only loopback), and ports
+become free ones. Every other argument is the compose file's.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from tests.compose_files import (
     COMPOSE,
     COORDINATOR,
     INIT,
+    Containers,
     command,
     healthcheck,
     load,
-    mounts,
+    local_init,
+    parse,
 )
 from tests.procs import Proc, child_env, free_port, spawn, wait_serving, wait_until
 
@@ -41,13 +45,9 @@ class Localizer:
 
     def __init__(self, tmp: Path, services: dict[str, dict]) -> None:
         self.port, self.metrics_port = free_port(), free_port()
-        self.paths = {
-            target: tmp / (source or target.strip("/"))
-            for service in services.values()
-            for target, (_kind, source, _ro) in mounts(service).items()
-        }
+        self.containers = Containers(tmp, services)
 
-    def __call__(self, argv: list[str]) -> list[str]:
+    def __call__(self, service: str, argv: list[str]) -> list[str]:
         flags = {
             "--port": str(self.port),
             "--host": "127.0.0.1",
@@ -62,10 +62,8 @@ class Localizer:
             host, _, port = word.rpartition(":")
             if host in (COORDINATOR, "127.0.0.1") and port.isdigit():
                 word = f"127.0.0.1:{self.port}"
-            for target, local in self.paths.items():
-                if word == target or word.startswith(target + "/"):
-                    word = str(local) + word[len(target) :]
             out.append(word)
+        out = self.containers.localize(service, local_init(out) if service == INIT else out)
         return ["-m", MODULES[out[0]], *out[1:]]
 
 
@@ -74,30 +72,35 @@ def test_compose_topology_runs_as_processes(tmp_path: Path, procs: list[Proc]) -
     local = Localizer(tmp_path, services)
     logs = tmp_path / "logs"
 
-    def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    def run(service: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, *local(argv)], capture_output=True, text=True, env=child_env(),
-            timeout=120,
+            [sys.executable, *local(service, argv)], capture_output=True, text=True,
+            env=child_env(), timeout=120,
         )  # fmt: skip
 
-    init = run(command(services[INIT]))
+    init = run(INIT, command(services[INIT]))
     assert init.returncode == 0, init.stderr
     # The init service runs on every `up`; the second run must keep the CA and certificates.
-    again = run(command(services[INIT]))
+    again = run(INIT, command(services[INIT]))
     assert again.returncode == 0 and "nothing new" in again.stdout
 
-    server_argv = local(command(services[COORDINATOR]))
+    server_argv = local(COORDINATOR, command(services[COORDINATOR]))
     server = spawn("coordinator", server_argv, logs)
     procs.append(server)
-    certs = local.paths["/certs"]
-    operator = TlsFiles(certs / "operator.crt", certs / "operator.key", certs / "ca.crt")
+    probe_argv = parse(healthcheck(services[COORDINATOR]), "coordinator healthcheck")
+    operator = TlsFiles(
+        *(
+            local.containers.path(COORDINATOR, str(path))
+            for path in (probe_argv.tls_cert, probe_argv.tls_key, probe_argv.tls_ca)
+        )
+    )
     wait_serving(local.port, server, tls=operator)
-    probe = run(healthcheck(services[COORDINATOR]))
+    probe = run(COORDINATOR, healthcheck(services[COORDINATOR]))
     assert (probe.returncode, probe.stdout.strip()) == (0, "SERVING"), probe.stderr
 
-    clients = [spawn(name, local(command(services[name])), logs) for name in CLIENTS]
+    clients = [spawn(name, local(name, command(services[name])), logs) for name in CLIENTS]
     procs.extend(clients)
-    state = local.paths["/state"]
+    state = local.containers.path(COORDINATOR, "/state")
     wait_until(
         lambda: (state / "state.db").exists() and read_status(state)["rounds_completed"] >= 1,
         120,

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from fedserver.security.certs import CertPlan, client_names, make_certs
+from fedserver.security.bundles import parse_owner, write_bundles
+from fedserver.security.certs import OPERATOR_NAME, CertPlan, client_names, make_certs
 from fedserver.security.tokens import (
     ROLES,
     TokenFileError,
@@ -40,6 +41,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
         "--client-prefix", default="client-", help="client ids are PREFIX0..PREFIX{N-1} (client-)"
     )
     certs.add_argument("--force", action="store_true", help="replace existing CA and certificates")
+    certs.add_argument(
+        "--bundles",
+        type=Path,
+        help="also write DIR/NAME/ with ca.crt, NAME.crt and NAME.key for server, operator and "
+        "each client: the one folder each machine gets (no CA key, no other identity's key)",
+    )
+    certs.add_argument(
+        "--owner",
+        metavar="UID[:GID]",
+        help="chown the --bundles folders to this user (as root, e.g. into container volumes)",
+    )
     certs.set_defaults(handler=_certs)
 
     tokens = sub.add_parser(
@@ -66,9 +78,14 @@ def _certs(args: argparse.Namespace) -> int:
     if args.clients < 0:
         print("fedserver certs: --clients must be >= 0", file=sys.stderr)
         return 2
-    plan = CertPlan(args.out, args.server_name, client_names(args.clients, args.client_prefix))
+    if args.owner and not args.bundles:
+        print("fedserver certs: --owner applies to --bundles only", file=sys.stderr)
+        return 2
+    clients = client_names(args.clients, args.client_prefix)
+    plan = CertPlan(args.out, args.server_name, clients)
     plan.force = args.force
     try:
+        owner = parse_owner(args.owner) if args.owner else None
         written = make_certs(plan)
     except ValueError as e:
         print(f"fedserver certs: {e}", file=sys.stderr)
@@ -77,6 +94,16 @@ def _certs(args: argparse.Namespace) -> int:
     print(f"fedserver certs: {kept} in {args.out}")
     for path in written:
         print(f"  {path}")
+    if args.bundles:
+        try:
+            folders = write_bundles(
+                args.out, args.bundles, ["server", OPERATOR_NAME, *clients], owner
+            )
+        except OSError as e:
+            print(f"fedserver certs: --bundles {args.bundles}: {e}", file=sys.stderr)
+            return 1
+        print(f"fedserver certs: one folder per identity in {args.bundles}:")
+        print("  " + " ".join(f.name for f in folders))
     return 0
 
 
