@@ -58,10 +58,10 @@ $(FLOWER_STAMP): bench/flower-constraints.txt
 	rm -rf $(FLOWER_VENV)
 	$(PYTHON) -m venv $(FLOWER_VENV)
 	$(FLOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(FLOWER_VENV)/bin/python -m pip install --quiet -c bench/flower-constraints.txt flwr numpy
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -c bench/flower-constraints.txt 'flwr[simulation]' numpy psutil
 	touch $(FLOWER_STAMP)
 
-flower-venv: $(FLOWER_STAMP) ## Flower 1.41 in .venv-flower (only for bench-flower; not in make test)
+flower-venv: $(FLOWER_STAMP) ## Flower 1.41 + its Ray simulation in .venv-flower (benchmarks only; not in make test)
 
 bench-flower: install flower-venv ## fedgrpc vs Flower 1.41 at N=8, P=10M (see docs/performance.md)
 	$(PY) -m bench.compare_flower

@@ -13,7 +13,8 @@ from types import FrameType
 
 import grpc
 
-from fedclient.partition import SCHEMES, Partition
+from fedclient.flags import add_data_flags
+from fedclient.partition import Partition
 from fedclient.retry import PermanentError, Stopped
 from fedclient.session import ClientSession, ClientSettings
 from fedcore.codecs import get_codec
@@ -62,18 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="0/1",
         help="which slice of the task's data this client holds, I/N with 0 <= I < N (0/1)",
     )
-    run.add_argument(
-        "--partitioner",
-        default="iid",
-        choices=SCHEMES,
-        help="how the task's data is split across the N partitions (iid)",
-    )
-    run.add_argument(
-        "--alpha",
-        type=float,
-        default=0.5,
-        help="Dirichlet concentration for non-IID partitioners (0.5)",
-    )
+    add_data_flags(run)
     run.add_argument(
         "--client-id",
         default="",
@@ -101,12 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERNS",
         help="FedPer: tensors matching these comma-separated patterns are trained here but "
         "never sent, and keep their local values across rounds (the task's personal_tensors)",
-    )
-    run.add_argument(
-        "--encoding",
-        default="",
-        help="update encoding: fp32, fp16, int8 or topk[:FRACTION] (top-k with error feedback, "
-        "10%% by default); default: the one the coordinator's round config names",
     )
     run.add_argument(
         "--he-key",

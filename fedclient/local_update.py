@@ -1,5 +1,7 @@
 """What a client computes locally around training: which parameters train, the gradient
-vector (FedSGD), client-level DP, and the per-round training seed. Pure torch/numpy, no gRPC."""
+vector (FedSGD), client-level DP, the per-round training seed, and the local update itself
+(`local_update`, shared by `fedclient` sessions and simulated clients). Pure torch/numpy, no
+gRPC."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from fedclient.task import LocalData, Task, TrainConfig, TrainResult
 from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.selection import Selection
-from fedcore.tensors import Manifest
+from fedcore.tensors import FlatModel, Manifest, flatten_state_dict, float_vector, to_state_dict
 
 
 @contextlib.contextmanager
@@ -62,3 +65,37 @@ def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:
 def round_seed(seed: int, client_id: str, round_number: int) -> int:
     digest = hashlib.sha256(f"{seed}:{client_id}:{round_number}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
+
+
+def local_update(
+    task: Task,
+    model: Any,
+    data: LocalData,
+    base: FlatModel,
+    config: TrainConfig,
+    train_sel: Selection,
+    personal: dict[str, Any] | None = None,
+) -> tuple[TrainResult, np.ndarray]:
+    """Train `model` from `base` (or take one gradient under FedSGD); the float32 update
+    vector over every float tensor in manifest order, and what the task reported.
+
+    Deterministic given `config.seed`: the global torch RNG is seeded here and the default
+    loop shuffles with its own generator, so the same (client, round) gives the same bytes
+    wherever it runs (a `fedclient` process or a simulation worker).
+    """
+    import torch
+
+    torch.manual_seed(config.seed)
+    model.load_state_dict(to_state_dict(base))
+    if personal:
+        model.load_state_dict(personal, strict=False)  # FedPer: keep our own layers
+    with trainable_only(model, train_sel):
+        if config.mode == "fedsgd":
+            result = task.compute_gradient(model, data.train, config)
+        else:
+            result = task.train(model, data.train, config)
+    if config.mode == "fedsgd":
+        # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
+        # server_lr x its mean, i.e. plain SGD on the averaged gradient.
+        return result, -gradient_vector(model, base.manifest.floats())
+    return result, float_vector(flatten_state_dict(model.state_dict())) - float_vector(base)

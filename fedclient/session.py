@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import grpc
 
 from fedclient.he import decrypt_aggregate
-from fedclient.local_update import gradient_vector, privatize, round_seed, trainable_only
+from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.partition import Partition
 from fedclient.protocols import handler_for
 from fedclient.retry import (
@@ -47,8 +47,6 @@ from fedcore.tensors import (
     FlatModel,
     Manifest,
     ManifestError,
-    flatten_state_dict,
-    float_vector,
     to_state_dict,
 )
 from fedcore.wire import (
@@ -328,14 +326,8 @@ class ClientSession:
         )
         if not handler.prepare(header):
             return
-        import torch
-
         floats = base.manifest.floats()
         train_sel, sent, personal = self._selections(floats, config)
-        torch.manual_seed(config.seed)
-        model.load_state_dict(to_state_dict(base))
-        if personal is not None and self._personal:
-            model.load_state_dict(self._personal, strict=False)  # FedPer: keep our own layers
         started = time.monotonic()
         with live_progress(self.settings.progress) as progress:
             if progress is not None:
@@ -345,11 +337,10 @@ class ClientSession:
                 config = dataclasses.replace(
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
-            with trainable_only(model, train_sel):
-                if config.mode == "fedsgd":
-                    result = self.task.compute_gradient(model, data.train, config)
-                else:
-                    result = self.task.train(model, data.train, config)
+            kept = self._personal if personal is not None else None
+            result, update_vector = local_update(
+                self.task, model, data, base, config, train_sel, kept
+            )
         if self.settings.slowdown > 1.0 and self.stop.wait(
             (self.settings.slowdown - 1.0) * (time.monotonic() - started)
         ):
@@ -361,13 +352,6 @@ class ClientSession:
         # must stay masked-u64, homomorphic ones he-ckks.
         wanted = "" if handler.fixed_encoding else self.settings.encoding
         codec = get_codec(wanted or cfg.encoding or "fp32")
-        if config.mode == "fedsgd":
-            # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
-            # server_lr x its mean, i.e. plain SGD on the averaged gradient.
-            update_vector = -gradient_vector(model, base.manifest.floats())
-        else:
-            local = flatten_state_dict(model.state_dict())
-            update_vector = float_vector(local) - float_vector(base)
         if personal is not None:
             state = model.state_dict()
             self._personal = {n: state[n].detach().clone() for n in personal.names}

@@ -1,7 +1,8 @@
 """`fedserver COMMAND`: the coordinator's entry point; wires every subcommand's parser.
 
-`run` lives in run_cli.py; certs/tokens in security/cli.py, health in remote.py, report in
-report.py. The small state-dir commands (keygen, he-keygen, export, status) stay here.
+`run` lives in run_cli.py, `simulate` in simulation/cli.py; certs/tokens in security/cli.py,
+health in remote.py, report in report.py. The small state-dir commands (keygen, he-keygen,
+export, status) stay here.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fedcore.tensors import ManifestError
 from fedserver import remote, report, run_cli
 from fedserver.security import cli as security_cli
 from fedserver.server import EXIT_USAGE
+from fedserver.simulation import cli as simulation_cli
 from fedserver.store import export_model, read_status
 
 EPILOG = """\
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_cli.add_command(sub, epilog=EPILOG)
+    simulation_cli.add_command(sub)
 
     keygen = sub.add_parser(
         "keygen",

@@ -25,7 +25,7 @@ from fedserver.staleness import StalenessWeight
 from fedserver.strategies import STRATEGIES
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -50,7 +50,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     )
     run.add_argument("--config", type=Path, help="TOML file with a [server] table of flags")
     run.add_argument("--task", required=True, help="the model and held-out data, MODULE:ATTR")
-    run.add_argument("--rounds", type=_positive_int, default=20, help="rounds to train (20)")
+    run.add_argument("--rounds", type=positive_int, default=20, help="rounds to train (20)")
     run.add_argument(
         "--host",
         default="127.0.0.1",
@@ -65,7 +65,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     )
     run.add_argument(
         "--min-clients",
-        type=_positive_int,
+        type=positive_int,
         default=2,
         help="live clients needed before a round opens (2)",
     )
@@ -77,13 +77,13 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     )
     run.add_argument(
         "--clients-per-round",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="exact number of clients per round (overrides --fraction-fit)",
     )
     run.add_argument(
         "--min-fit",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="updates needed to close a round at its deadline (default: --min-clients)",
     )
@@ -95,17 +95,17 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     )
     run.add_argument(
         "--max-attempts",
-        type=_positive_int,
+        type=positive_int,
         default=5,
         help="times a round is re-opened without quorum before giving up (5)",
     )
     run.add_argument(
         "--local-epochs",
-        type=_positive_int,
+        type=positive_int,
         help="local epochs per round on each client (default: the task's)",
     )
     run.add_argument("--lr", type=_positive_float, help="client learning rate (the task's)")
-    run.add_argument("--batch-size", type=_positive_int, help="client batch size (the task's)")
+    run.add_argument("--batch-size", type=positive_int, help="client batch size (the task's)")
     run.add_argument(
         "--mode",
         default="fedavg",
@@ -158,7 +158,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     )
     run.add_argument(
         "--max-update-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=4 << 30,
         help="largest update accepted, in bytes (4 GiB)",
     )
@@ -251,7 +251,7 @@ def _add_async_flags(run: argparse.ArgumentParser) -> None:
     group = run.add_argument_group("asynchronous aggregation (--mode async; docs/modes.md)")
     group.add_argument(
         "--buffer-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         metavar="K",
         help="deltas folded per server step; each step publishes a new version (needed)",
@@ -307,7 +307,7 @@ def strategy_params(args: argparse.Namespace) -> dict[str, float]:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-def _settings(args: argparse.Namespace) -> ServerSettings:
+def server_settings(args: argparse.Namespace) -> ServerSettings:
     policy = RoundPolicy(
         total_rounds=args.rounds,
         min_clients=args.min_clients,
@@ -361,7 +361,7 @@ def _settings(args: argparse.Namespace) -> ServerSettings:
 def run_coordinator(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format)
     try:
-        settings = _settings(args)
+        settings = server_settings(args)
         return asyncio.run(serve(settings))
     except (SetupError, SecurityError, ValueError) as e:
         logging.getLogger("fedserver").error("%s", e)

@@ -261,12 +261,12 @@ def test_cli_refuses_bad_strategy_flags_before_touching_the_state_dir(
     flags: list[str], message: str, tmp_path: Path
 ) -> None:
     from fedserver.cli import build_parser
-    from fedserver.run_cli import _settings
+    from fedserver.run_cli import server_settings
     from fedserver.server import SetupError, build_coordinator
 
     state = tmp_path / "state"
     argv = ["run", "--task", "examples.digits:task", "--state-dir", str(state), *flags]
-    settings = _settings(build_parser().parse_args(argv))
+    settings = server_settings(build_parser().parse_args(argv))
     with pytest.raises((ValueError, SetupError), match=message):  # both exit 2 in main()
         build_coordinator(settings)
     assert not state.exists()

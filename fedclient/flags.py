@@ -1,0 +1,29 @@
+"""Client flags shared by `fedclient run` and `fedserver simulate` (torch-free to import)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fedclient.partition import SCHEMES
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    """How the task's data is split across clients, and how updates are encoded."""
+    parser.add_argument(
+        "--partitioner",
+        default="iid",
+        choices=SCHEMES,
+        help="how the task's data is split across the N partitions (iid)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=0.5,
+        help="Dirichlet concentration for non-IID partitioners (0.5)",
+    )
+    parser.add_argument(
+        "--encoding",
+        default="",
+        help="update encoding: fp32, fp16, int8 or topk[:FRACTION] (top-k with error feedback, "
+        "10%% by default); default: the one the coordinator's round config names",
+    )

@@ -1,0 +1,165 @@
+"""Virtual clients: the client-side code of `fedclient`, run for many simulated clients in turn.
+
+A simulation worker (one per Ray actor, fedserver/simulation/workers.py) holds ONE task, ONE
+torch model and at most one global model version, and serves any number of virtual clients:
+each call names the clients to run, and each client's data is cut from its id, so nothing is
+kept per virtual client between calls. What comes in and goes out is bytes only — the
+coordinator's ModelHeader and model buffer in, an UpdateHeader / EvaluationResult and the
+encoded update out — exactly what a `fedclient` process exchanges over gRPC.
+
+Virtual clients are stateless across rounds, which rules out what needs client memory:
+top-k's error-feedback residual (each round starts from zero, like a fresh process) and FedPer
+personal tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedclient.local_update import local_update, privatize, round_seed
+from fedclient.partition import Partition
+from fedclient.task import LocalData, Task, TrainConfig
+from fedcore import checksums
+from fedcore.codecs import get_codec
+from fedcore.plugins import load_object
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.selection import Selection
+from fedcore.tensors import FlatModel, to_state_dict
+from fedcore.wire import manifest_from_proto, manifest_to_proto
+
+log = logging.getLogger("fedclient")
+
+ID_PREFIX = "client-"  # the same ids tests/procs.py gives `fedclient` processes
+
+
+def client_id(index: int) -> str:
+    return f"{ID_PREFIX}{index}"
+
+
+def client_index(cid: str) -> int:
+    return int(cid.removeprefix(ID_PREFIX))
+
+
+@dataclass(frozen=True)
+class VirtualSpec:
+    """What every worker needs to impersonate any of the `num_clients` clients."""
+
+    task: str  # MODULE:ATTR
+    num_clients: int
+    partitioner: str = "iid"
+    alpha: float = 0.5
+    seed: int = 0
+    encoding: str = ""  # "" = the round's (like fedclient --encoding)
+    threads: int = 1  # torch CPU threads of this worker
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """One virtual client's update, as it would travel: header bytes, payload, digest."""
+
+    client_id: str
+    header: bytes = b""  # a serialized pb.UpdateHeader; empty when the client failed
+    payload: np.ndarray | None = None
+    digest: str = ""
+    error: str = ""
+
+
+class VirtualClients:
+    """One model replica and one task serving many virtual clients, one after another."""
+
+    def __init__(self, spec: VirtualSpec) -> None:
+        import torch
+
+        if spec.threads > 0:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.task: Task = load_object(spec.task)
+        self.model: Any = self.task.build_model()
+        self._base: tuple[str, FlatModel] | None = None
+
+    def _data(self, index: int) -> LocalData:
+        s = self.spec
+        return self.task.load_partition(
+            Partition(index, s.num_clients, s.partitioner, s.alpha, s.seed)
+        )
+
+    def _model(self, header: pb.ModelHeader, buffer: np.ndarray) -> FlatModel:
+        """The round's global model; built once per version, shared by every client here."""
+        if self._base is None or self._base[0] != header.model_version:
+            flat = FlatModel(manifest_from_proto(header.manifest), np.asarray(buffer))
+            self._base = (header.model_version, flat)
+        return self._base[1]
+
+    def fit(self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]) -> list[Fitted]:
+        header = pb.ModelHeader.FromString(header_bytes)
+        base = self._model(header, buffer)
+        out = []
+        for cid in ids:
+            try:
+                out.append(self._fit_one(header, base, cid))
+            except Exception as e:  # one bad client is a dropout, not a dead worker
+                log.warning("virtual client %s failed in round %d: %r", cid, header.round, e)
+                out.append(Fitted(cid, error=f"{type(e).__name__}: {e}"))
+        return out
+
+    def _fit_one(self, header: pb.ModelHeader, base: FlatModel, cid: str) -> Fitted:
+        cfg = header.config
+        config = TrainConfig(
+            local_epochs=cfg.local_epochs or 1,
+            lr=cfg.lr or 0.05,
+            batch_size=cfg.batch_size or 32,
+            seed=round_seed(self.spec.seed, cid, header.round),
+            extra=dict(cfg.extra),
+        )
+        if config.extra.get("secagg") == "1" or config.extra.get("he") == "1":
+            raise ValueError("secure aggregation rounds cannot be simulated")
+        floats = base.manifest.floats()
+        names = config.train_tensors
+        sent = Selection.of_names(floats, names) if names else Selection.everything(floats)
+        data = self._data(client_index(cid))
+        result, vector = local_update(self.task, self.model, data, base, config, sent)
+        codec = get_codec(self.spec.encoding or cfg.encoding or "fp32")
+        # Stateless: encode without error feedback (a fresh ErrorFeedback each round).
+        payload = codec.encode(privatize(sent.extract(vector), config.extra))
+        update = pb.UpdateHeader(
+            client_id=cid,
+            round=header.round,
+            base_version=header.model_version,
+            num_examples=result.num_examples,
+            metrics=result.metrics,
+            encoding=codec.name,
+            manifest=manifest_to_proto(codec.wire_manifest(sent.manifest)),
+            total_bytes=payload.size,
+            checksum=checksums.DEFAULT,
+        )
+        digest = checksums.hexdigest(checksums.DEFAULT, payload)
+        return Fitted(cid, update.SerializeToString(), payload, digest)
+
+    def evaluate(self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]) -> list[bytes]:
+        """Federated evaluation: serialized pb.EvaluationResult per client (as SubmitEvaluation)."""
+        header = pb.ModelHeader.FromString(header_bytes)
+        base = self._model(header, buffer)
+        out = []
+        for cid in ids:
+            data = self._data(client_index(cid))
+            metrics: dict[str, float] = {}
+            n = len(data.test) if data.test is not None else 0  # type: ignore[arg-type]
+            if n:
+                self.model.load_state_dict(to_state_dict(base))
+                metrics = {
+                    k: float(v) for k, v in self.task.evaluate(self.model, data.test).items()
+                }
+            result = pb.EvaluationResult(
+                client_id=cid,
+                round=header.evaluate_round,
+                model_version=header.model_version,
+                num_examples=n,
+                metrics=metrics,
+            )
+            out.append(result.SerializeToString())
+        return out

@@ -1,0 +1,156 @@
+"""`fedserver simulate`: the flags of `fedserver run` that mean something without a network,
+taken from run's own parser (same names, defaults, help and checks), plus the simulation's.
+
+The data-split and update-encoding flags are likewise `fedclient run`'s own definitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import math
+from dataclasses import replace
+from pathlib import Path
+
+from fedclient.flags import add_data_flags
+from fedcore.logs import setup_logging
+from fedserver import run_cli
+from fedserver.server import EXIT_USAGE, SetupError
+
+# `fedserver run` flags that only concern the network (or secure aggregation, which needs
+# clients exchanging keys through the coordinator): left out of `simulate`, run's defaults apply.
+NETWORK_ONLY = frozenset(
+    {
+        "host",
+        "port",
+        "linger",
+        "tokens",
+        "metrics_port",
+        "metrics_host",
+        "secure",
+        "he_public_key",
+        "secagg_stage_timeout",
+    }
+)
+NETWORK_GROUPS = frozenset({"security"})  # --tls-*
+
+EPILOG = """\
+Every flag can also be set as an environment variable (--clients -> FEDGRPC_CLIENTS) or in a
+TOML file given with --config (a [server] table). Precedence: flag > environment > file > default.
+
+example:
+  fedserver simulate --task examples.digits:task --clients 100 --clients-per-round 10 \\
+      --rounds 20 --partitioner dirichlet --alpha 0.3 --state-dir ./sim
+  fedserver simulate --task examples.synthetic:task --clients 10000 --clients-per-round 100 \\
+      --rounds 50 --state-dir ./sim-synthetic --ray-address auto   # on a Ray cluster
+  fedserver status --state-dir ./sim && fedserver report --state-dir ./sim --out ./sim-report
+"""
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    """A throwaway `fedserver run` parser, to take its flag definitions from."""
+    sub = argparse.ArgumentParser(add_help=False).add_subparsers()
+    run_cli.add_command(sub, epilog="")
+    return sub.choices["run"]  # type: ignore[no-any-return]
+
+
+def _copy_actions(
+    source: argparse.ArgumentParser, target: argparse.ArgumentParser, keep: object
+) -> dict[str, object]:
+    """Add `source`'s actions accepted by keep(action, group title) to `target`, group by
+    group; returns the defaults of those left out (so settings code sees every attribute)."""
+    left_out: dict[str, object] = {}
+    for group in source._action_groups:
+        dest_group: argparse._ArgumentGroup | None = None
+        for action in group._group_actions:
+            if action.dest == "help":
+                continue
+            if not keep(action, group.title):  # type: ignore[operator]
+                left_out[action.dest] = action.default
+                continue
+            if dest_group is None:
+                if group.title in ("positional arguments", "options", "optional arguments"):
+                    dest_group = target._optionals
+                else:
+                    dest_group = target.add_argument_group(group.title, group.description)
+            dest_group._add_action(action)
+    return left_out
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    sim = sub.add_parser(
+        "simulate",
+        help="simulate N virtual clients on Ray against the real coordinator",
+        description="Run a federation of --clients virtual clients: the coordinator is the one "
+        "`fedserver run` starts (rounds, strategies, DP, checkpoints, state dir); the clients "
+        "run `fedclient`'s code on Ray workers, K per round. Starts a local Ray instance unless "
+        "--ray-address names a cluster. Rerun with the same --state-dir to resume. "
+        "See docs/simulation.md.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = sim.add_argument_group("simulation")
+    g.add_argument("--clients", type=run_cli.positive_int, required=True, help="virtual clients N")
+    g.add_argument(
+        "--ray-address",
+        help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: start a local one",
+    )
+    g.add_argument(
+        "--client-resources",
+        default="cpus=1,gpus=0",
+        help="Ray resources of one worker, i.e. of one virtual client training at a time "
+        "(cpus=1,gpus=0)",
+    )
+    g.add_argument(
+        "--workers",
+        type=run_cli.positive_int,
+        help="Ray workers (one model replica each); default: as many as the resources allow",
+    )
+    g.add_argument(
+        "--object-store-mb",
+        type=run_cli.positive_int,
+        default=128,
+        help="local Ray only: object store size in MiB (128)",
+    )
+    g.add_argument("--ray-temp-dir", help="local Ray only: its session files (Ray's /tmp/ray)")
+
+    add_data_flags(sim.add_argument_group("virtual clients (as `fedclient run`)"))
+    run = _run_parser()
+    left_out = _copy_actions(
+        run, sim, lambda a, t: a.dest not in NETWORK_ONLY and t not in NETWORK_GROUPS
+    )
+    sim.set_defaults(handler=run_simulation, **left_out)
+
+
+def run_simulation(args: argparse.Namespace) -> int:
+    from fedserver.simulation.driver import RaySettings, SimSettings, parse_resources, simulate
+
+    setup_logging(args.log_level, args.log_format)
+    log = logging.getLogger("fedserver")
+    try:
+        cpus, gpus = parse_resources(args.client_resources)
+        server = run_cli.server_settings(args)
+        if args.clients_per_round is None and math.isclose(args.fraction_fit, 1.0):
+            log.info("every virtual client trains every round (see --clients-per-round)")
+        settings = SimSettings(
+            server=replace(server, port=0),
+            clients=args.clients,
+            partitioner=args.partitioner,
+            alpha=args.alpha,
+            encoding=args.encoding,
+            ray=RaySettings(
+                address=args.ray_address,
+                cpus=cpus,
+                gpus=gpus,
+                workers=args.workers,
+                object_store_mb=args.object_store_mb,
+                temp_dir=str(Path(args.ray_temp_dir).resolve()) if args.ray_temp_dir else None,
+            ),
+        )
+        return asyncio.run(simulate(settings))
+    except (SetupError, ValueError) as e:
+        log.error("%s", e)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
