@@ -11,6 +11,8 @@ import functools
 
 import numpy as np
 import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 from torch.utils.data import TensorDataset
 
 from fedclient.partition import Partition, partition_indices
@@ -27,12 +29,6 @@ SPLIT_SEED = 0
 @functools.cache
 def _arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(x_pool, y_pool, x_test, y_test), loaded once per process and shared read-only."""
-    # Imported on first use: scikit-learn (with the scipy.stats it pulls in) costs about as
-    # much CPU as torch, and a process that never reads the data (a client refused at join)
-    # need not pay it.
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     digits = load_digits()
     # Pixel intensities are 0..16; [0, 1] keeps the default lr sensible.
     x = (digits.data / 16.0).astype(np.float32)
