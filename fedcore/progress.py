@@ -11,15 +11,10 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-)
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 
 def wanted(log_format: str = "text") -> bool:
@@ -32,6 +27,11 @@ def live_progress(enabled: bool) -> Iterator[Progress | None]:
     if not enabled:
         yield None
         return
+    # Imported here, not at the top: every coordinator and client imports this module, and
+    # rich is only needed at a terminal (never in CI, docker or the test suite's processes).
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),

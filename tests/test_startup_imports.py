@@ -1,0 +1,43 @@
+"""Every coordinator and client process the suite starts pays for its imports: keep the heavy,
+flag-only ones out of a plain start (the CPU it saves is measured in bench/, not asserted here).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.procs import REPO, child_env
+
+# Needed only under a flag or subcommand: DP accounting (opacus, scipy.stats), --secure he,
+# `fedserver report`, simulate, progress bars at a terminal. scikit-learn belongs to the example
+# tasks, which load it with their data.
+OPTIONAL = ("opacus", "scipy", "tenseal", "matplotlib", "ray", "rich", "sklearn")
+
+
+def loaded_after(statement: str, modules: tuple[str, ...]) -> list[str]:
+    """Which of `modules` a fresh interpreter has imported after running `statement`."""
+    probe = f"import sys\n{statement}\nprint(' '.join(m for m in {modules!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+@pytest.mark.timeout(150)
+def test_cli_imports_leave_optional_dependencies_out() -> None:
+    assert loaded_after("import fedserver.cli, fedclient.cli", OPTIONAL) == []
+
+
+@pytest.mark.timeout(150)
+def test_coordinator_cli_does_not_import_torch() -> None:
+    # A torch-free task keeps torch out of the coordinator (fedserver/evaluate.py).
+    assert loaded_after("import fedserver.cli", ("torch",)) == []
