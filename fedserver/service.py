@@ -18,7 +18,7 @@ import grpc
 
 from fedcore import faults
 from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
-from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS, excerpt
+from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, iter_chunks
@@ -31,6 +31,7 @@ from fedcore.wire import (
 )
 from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
+from fedserver.joinlog import JoinLog
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
 from fedserver.rounds import SubmitRefused
 from fedserver.rpc import (
@@ -68,6 +69,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         # chunks in gRPC's buffers; 10,000 selected clients pulling a 40 kB model together took
         # the coordinator from 190 MB to 1 GB. The others wait their turn inside their pull.
         self._senders = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
+        self.joins = JoinLog()
 
     def _manifest_proto(self, version: str, model_manifest: Manifest) -> pb.Manifest:
         """The model's manifest as protobuf, built once per version and not per header:
@@ -84,12 +86,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         properties = dict(request.properties)
         self.coordinator.touch(request.client_id, properties)
-        log.info(
-            "client %s joined from %s (%s)",
-            request.client_id,
-            context.peer(),
-            excerpt(properties, 200) if properties else "-",
-        )
+        self.joins.joined(request.client_id, context.peer, properties)
         return pb.JoinReply(
             client_id=request.client_id,
             federation_id=self.coordinator.federation_id,
