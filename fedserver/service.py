@@ -33,6 +33,7 @@ from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
 from fedserver.joinlog import JoinLog
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
+from fedserver.pacing import UploadPacer
 from fedserver.rounds import SubmitRefused
 from fedserver.rpc import (
     CORRUPT,
@@ -70,6 +71,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         # the coordinator from 190 MB to 1 GB. The others wait their turn inside their pull.
         self._senders = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
         self.joins = JoinLog()
+        self.pacer = UploadPacer()
 
     def _manifest_proto(self, version: str, model_manifest: Manifest) -> pb.Manifest:
         """The model's manifest as protobuf, built once per version and not per header:
@@ -103,6 +105,8 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
         yield pb.ModelChunk(header=self._header(offer))
         if not offer.send_bytes:
             return
+        if offer.selected:
+            await self.pacer.before_send(request.client_id, offer.round)
         async with self._senders:
             # Framed straight from the model buffer: one copy per chunk into a ready-to-send
             # message (gRPC copies it once more into its send buffer), no protobuf round trips.
@@ -169,6 +173,7 @@ class CoordinatorService(SecureAggregationService, HomomorphicService, pb_grpc.C
             if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("payload") != "header":
                 raise BadUpdate("the first message must be an UpdateHeader", "bad_stream")
             header = _parse_header(first.header, self._max_update_tensors())
+            self.pacer.upload_started(header.client_id)
         except BadUpdate as e:
             coordinator.reject(e)
             await context.abort(status_for(e), str(e))

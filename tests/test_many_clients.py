@@ -21,6 +21,7 @@ import pytest
 from bench.many_clients import run
 from fedclient.retry import RETRY_AFTER_KEY, Backoff, retry_after
 from fedserver.joinlog import JoinLog
+from fedserver.pacing import UploadPacer
 from fedserver.rounds import Receipt, RoundMachine, RoundPolicy
 from fedserver.wakeups import Wakeups
 from tests.test_rounds import FakeClock
@@ -113,6 +114,42 @@ def test_a_join_storm_logs_a_few_lines_and_a_count(caplog: pytest.LogCaptureFixt
     assert lines[4] == "client late joined from ipv4:127.0.0.1:1 ({'os': 'x'})"
     assert len(lines) == 5
     assert len(peers) == 4  # the peer of an unlogged Join is not even asked for
+
+
+def test_model_sends_wait_for_uploads_first_come_first_served() -> None:
+    async def scenario() -> list[object]:
+        pacer = UploadPacer(limit=2, max_wait=60)
+        seen: list[object] = []
+        await pacer.before_send("a", 1)
+        await pacer.before_send("b", 1)
+        c = asyncio.ensure_future(pacer.before_send("c", 1))
+        d = asyncio.ensure_future(pacer.before_send("d", 1))
+        await asyncio.sleep(0)  # both register (no timing involved)
+        seen.append((c.done(), d.done(), pacer.waiting()))
+        pacer.upload_started("x")  # never sent the model: frees nothing
+        pacer.upload_started("a")
+        await asyncio.wait_for(c, 5)
+        seen.append((d.done(), sorted(pacer.owed)))
+        await pacer.before_send("e", 2)  # a new round starts over and lets everyone through
+        await asyncio.wait_for(d, 5)
+        seen.append(sorted(pacer.owed))
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        (False, False, 2),
+        (False, ["b", "c"]),
+        ["d", "e"],
+    ]
+
+
+def test_a_vanished_client_delays_a_send_by_max_wait_only() -> None:
+    async def scenario() -> set[str]:
+        pacer = UploadPacer(limit=1, max_wait=0)
+        await pacer.before_send("gone", 1)  # downloads and is never heard of again
+        await asyncio.wait_for(pacer.before_send("next", 1), 5)
+        return pacer.owed
+
+    assert asyncio.run(scenario()) == {"gone", "next"}
 
 
 class _Refusal(grpc.RpcError):
