@@ -70,12 +70,18 @@ class FilesWatch:
         self._stop.set()
 
 
-def _wait_rounds(state: Path, server: Proc, rounds: int, timeout: float) -> None:
-    """Until `rounds` rounds are committed (polling the read-only status, as an operator would)."""
+def _wait_rounds(
+    state: Path, server: Proc, rounds: int, timeout: float, workers: Sequence[Proc] = ()
+) -> None:
+    """Until `rounds` rounds are committed (polling the read-only status, as an operator would);
+    a failed worker fails the run at once (the round would wait for its clients)."""
     until = time.monotonic() + timeout
     while time.monotonic() < until:
         if server.popen.poll() is not None:
             raise RuntimeError(f"coordinator exited early:\n{server.log()[-3000:]}")
+        for p in workers:
+            if p.popen.poll() not in (None, 0):
+                raise RuntimeError(f"{p.name} failed:\n{p.log()[-3000:]}")
         if (state / "state.db").exists() and read_status(state)["rounds_completed"] >= rounds:
             return
         time.sleep(0.2)
@@ -142,14 +148,14 @@ def run(
             workers.append(spawn(f"worker-{w}", args, work))
         worker_watches += [ProcWatch(p.popen.pid, interval=0.5) for p in workers]
         if kill_restart:
-            _wait_rounds(state, server, 1, timeout)
+            _wait_rounds(state, server, 1, timeout, workers)
             server.kill()  # SIGKILL: no goodbye to the clients, no flush
             t = time.monotonic()
             server = start()
             restart["restart_seconds"] = time.monotonic() - t
             watches.append(ProcWatch(server.popen.pid))
             files.append(FilesWatch(server.popen.pid))
-            _wait_rounds(state, server, 2, timeout)
+            _wait_rounds(state, server, 2, timeout, workers)
             restart["next_round_committed_after_kill_seconds"] = time.monotonic() - t
         _wait_workers(workers, timeout)
         for watch in watches:

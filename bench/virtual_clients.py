@@ -27,6 +27,17 @@ from fedserver.limits import raise_open_files_limit
 OPTIONS = [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 # The coordinator restarting, or shedding a storm: come back. Anything else fails the bench.
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# An upload whose connection dies (kill -9) while the client is writing reaches grpc.aio as this,
+# not UNAVAILABLE (grpc/grpc#36066); fedclient retries INTERNAL too.
+CORE_WRITE_FAILED = "Internal error from Core"
+
+
+def _transient(e: grpc.aio.AioRpcError) -> bool:
+    if e.code() == grpc.StatusCode.INTERNAL:
+        return e.details() == CORE_WRITE_FAILED
+    return e.code() in TRANSIENT
+
+
 # An upload cut by a restart may be refused by the new process: pull again.
 RESUBMIT = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED}
 
@@ -104,7 +115,7 @@ async def virtual_client(address: str, client_id: str, lat: Latencies, seed: int
                 if await _session(calls, client, lat, rng):
                     return
             except grpc.aio.AioRpcError as e:
-                if e.code() not in TRANSIENT:
+                if not _transient(e):
                     raise
                 lat["transient_errors"].append(0.0)
                 await asyncio.sleep(backoff.next_delay(retry_after(e)))
