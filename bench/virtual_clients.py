@@ -27,6 +27,17 @@ from fedserver.limits import raise_open_files_limit
 OPTIONS = [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 # The coordinator restarting, or shedding a storm: come back. Anything else fails the bench.
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+# An upload whose connection dies (kill -9) while the client is writing reaches grpc.aio as this,
+# not UNAVAILABLE (grpc/grpc#36066); fedclient retries INTERNAL too.
+CORE_WRITE_FAILED = "Internal error from Core"
+
+
+def _transient(e: grpc.aio.AioRpcError) -> bool:
+    if e.code() == grpc.StatusCode.INTERNAL:
+        return e.details() == CORE_WRITE_FAILED
+    return e.code() in TRANSIENT
+
+
 # An upload cut by a restart may be refused by the new process: pull again.
 RESUBMIT = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED}
 
@@ -83,20 +94,28 @@ async def virtual_client(address: str, client_id: str, lat: Latencies, seed: int
         stub = pb_grpc.CoordinatorStub(channel)
         calls = ModelCalls(channel)
         client: BenchClient | None = None
+        # The first Join in two parts: the connection (TCP and HTTP/2 set-up, which in a storm
+        # also waits for this process's CPU), then the RPC alone on the ready channel.
+        t_start = time.perf_counter()
+        await asyncio.wait_for(channel.channel_ready(), 300)
+        lat["connect"].append(time.perf_counter() - t_start)
         while True:
             try:
                 t = time.perf_counter()
                 join = await stub.Join(
                     pb.JoinRequest(client_id=client_id), timeout=300, wait_for_ready=True
                 )
-                lat["join" if client is None else "rejoin"].append(time.perf_counter() - t)
                 if client is None:
+                    lat["join_rpc"].append(time.perf_counter() - t)
+                    lat["join"].append(time.perf_counter() - t_start)  # connect + Join RPC
                     client = BenchClient(client_id, join.chunk_size, 1e-4, poll=30)
+                else:
+                    lat["rejoin"].append(time.perf_counter() - t)
                 backoff.reset()
                 if await _session(calls, client, lat, rng):
                     return
             except grpc.aio.AioRpcError as e:
-                if e.code() not in TRANSIENT:
+                if not _transient(e):
                     raise
                 lat["transient_errors"].append(0.0)
                 await asyncio.sleep(backoff.next_delay(retry_after(e)))

@@ -27,6 +27,7 @@ from fedserver.coordinator import PROTOCOL_STATE, Coordinator
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.fedeval import EvalPolicy
+from fedserver.joinlog import JoinLog
 from fedserver.limits import OpenFilesWatch, raise_open_files_limit
 from fedserver.messages import TrainingDefaults
 from fedserver.progress import show_progress
@@ -271,7 +272,8 @@ async def serve(s: ServerSettings) -> int:
     # authentication, a Coordinator RPC with no entry in its authorization table is refused.
     interceptors = [BoundedReplies(), LenientDecoding(), AuthInterceptor(auth)]
     server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
-    add_to_server(CoordinatorService(coordinator, s.chunk_size), server)
+    service = CoordinatorService(coordinator, s.chunk_size)
+    add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -335,7 +337,7 @@ async def serve(s: ServerSettings) -> int:
             loop.add_signal_handler(sig, stop.set)
 
         bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
-        watch = asyncio.create_task(_watch_open_files(files))
+        watch = asyncio.create_task(_every_10s(files, service.joins))
         done = asyncio.create_task(coordinator.done.wait())
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -369,9 +371,11 @@ async def serve(s: ServerSettings) -> int:
     return code
 
 
-async def _watch_open_files(files: OpenFilesWatch, every: float = 10.0) -> None:
+async def _every_10s(files: OpenFilesWatch, joins: JoinLog, every: float = 10.0) -> None:
+    """Open files against their limit; the count of Joins a storm logged at DEBUG only."""
     while True:
         files.check()
+        joins.flush()
         await asyncio.sleep(every)
 
 

@@ -19,7 +19,7 @@ import grpc
 
 from fedcore import faults
 from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
-from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS, excerpt
+from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, iter_chunks
@@ -32,7 +32,9 @@ from fedcore.wire import (
 )
 from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
+from fedserver.joinlog import JoinLog
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
+from fedserver.pacing import UploadPacer
 from fedserver.rounds import SubmitRefused
 from fedserver.rpc import (
     CORRUPT,
@@ -73,6 +75,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         protocol = coordinator.protocol
         self.secagg = SecureAggregationRPCs(protocol)
         self.he = HomomorphicRPCs(protocol, self._receive, coordinator.metrics, chunk_size)
+        self.joins = JoinLog()
+        self.pacer = UploadPacer()
 
     def _manifest_proto(self, version: str, model_manifest: Manifest) -> pb.Manifest:
         """The model's manifest as protobuf, built once per version and not per header:
@@ -121,12 +125,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         properties = dict(request.properties)
         self.coordinator.touch(request.client_id, properties)
-        log.info(
-            "client %s joined from %s (%s)",
-            request.client_id,
-            context.peer(),
-            excerpt(properties, 200) if properties else "-",
-        )
+        self.joins.joined(request.client_id, context.peer, properties)
         return pb.JoinReply(
             client_id=request.client_id,
             federation_id=self.coordinator.federation_id,
@@ -143,6 +142,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         yield pb.ModelChunk(header=self._header(offer))
         if not offer.send_bytes:
             return
+        if offer.selected:
+            await self.pacer.before_send(request.client_id, offer.round)
         async with self._senders:
             # Framed straight from the model buffer: one copy per chunk into a ready-to-send
             # message (gRPC copies it once more into its send buffer), no protobuf round trips.
@@ -209,6 +210,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("payload") != "header":
                 raise BadUpdate("the first message must be an UpdateHeader", "bad_stream")
             header = _parse_header(first.header, self._max_update_tensors())
+            self.pacer.upload_started(header.client_id)
         except BadUpdate as e:
             coordinator.reject(e)
             await context.abort(status_for(e), str(e))

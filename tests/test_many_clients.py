@@ -11,6 +11,7 @@ bookkeeping that lets N - K clients wait for free: liveness expiry and targeted 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import pytest
 
 from bench.many_clients import run
 from fedclient.retry import RETRY_AFTER_KEY, Backoff, retry_after
+from fedserver.joinlog import JoinLog
+from fedserver.pacing import UploadPacer
 from fedserver.rounds import Receipt, RoundMachine, RoundPolicy
 from fedserver.wakeups import Wakeups
 from tests.test_rounds import FakeClock
@@ -87,6 +90,66 @@ def test_wait_times_out_and_leaves_nothing_behind() -> None:
         return len(w)
 
     assert asyncio.run(scenario()) == 0
+
+
+def test_a_join_storm_logs_a_few_lines_and_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock(0.0)
+    joins = JoinLog(clock, interval=10.0, lines=3)
+    peers: list[str] = []
+
+    def peer() -> str:
+        peers.append("p")
+        return "ipv4:127.0.0.1:1"
+
+    with caplog.at_level(logging.INFO, logger="fedserver.service"):
+        for i in range(1000):
+            joins.joined(f"c{i}", peer, {})
+        joins.flush()  # the interval is not over: nothing to count yet
+        clock.advance(10.0)
+        joins.flush()
+        joins.joined("late", peer, {"os": "x"})
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:3] == [f"client c{i} joined from ipv4:127.0.0.1:1 (-)" for i in range(3)]
+    assert lines[3] == "997 more client(s) joined within 10 s (one line each at DEBUG)"
+    assert lines[4] == "client late joined from ipv4:127.0.0.1:1 ({'os': 'x'})"
+    assert len(lines) == 5
+    assert len(peers) == 4  # the peer of an unlogged Join is not even asked for
+
+
+def test_model_sends_wait_for_uploads_first_come_first_served() -> None:
+    async def scenario() -> list[object]:
+        pacer = UploadPacer(limit=2, max_wait=60)
+        seen: list[object] = []
+        await pacer.before_send("a", 1)
+        await pacer.before_send("b", 1)
+        c = asyncio.ensure_future(pacer.before_send("c", 1))
+        d = asyncio.ensure_future(pacer.before_send("d", 1))
+        await asyncio.sleep(0)  # both register (no timing involved)
+        seen.append((c.done(), d.done(), pacer.waiting()))
+        pacer.upload_started("x")  # never sent the model: frees nothing
+        pacer.upload_started("a")
+        await asyncio.wait_for(c, 5)
+        seen.append((d.done(), sorted(pacer.owed)))
+        await pacer.before_send("e", 2)  # a new round starts over and lets everyone through
+        await asyncio.wait_for(d, 5)
+        seen.append(sorted(pacer.owed))
+        return seen
+
+    assert asyncio.run(scenario()) == [
+        (False, False, 2),
+        (False, ["b", "c"]),
+        ["d", "e"],
+    ]
+
+
+def test_a_vanished_client_delays_a_send_by_max_wait_only() -> None:
+    async def scenario() -> set[str]:
+        pacer = UploadPacer(limit=1, max_wait=0)
+        await pacer.before_send("gone", 1)  # downloads and is never heard of again
+        await asyncio.wait_for(pacer.before_send("next", 1), 5)
+        return pacer.owed
+
+    assert asyncio.run(scenario()) == {"gone", "next"}
 
 
 class _Refusal(grpc.RpcError):
