@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fedserver.cli import build_parser
-from fedserver.simulation.driver import parse_resources
+from fedserver.simulation.settings import parse_resources
 from tests.procs import (
     Proc,
     fedserver,

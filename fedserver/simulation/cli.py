@@ -124,7 +124,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def run_simulation(args: argparse.Namespace) -> int:
-    from fedserver.simulation.driver import RaySettings, SimSettings, parse_resources, simulate
+    from fedserver.simulation.driver import SimSettings, simulate
+    from fedserver.simulation.settings import RaySettings, parse_resources
 
     setup_logging(args.log_level, args.log_format)
     log = logging.getLogger("fedserver")

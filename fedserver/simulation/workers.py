@@ -19,7 +19,7 @@ import ray
 
 from fedclient.virtual import VirtualClients, VirtualSpec
 from fedcore.tensors import FlatModel
-from fedserver.simulation.driver import RaySettings
+from fedserver.simulation.settings import RaySettings
 
 log = logging.getLogger("fedserver")
 
