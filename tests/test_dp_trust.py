@@ -161,7 +161,9 @@ def test_epsilon_is_computed_off_the_event_loop(
     async def scenario() -> tuple[int, dict[str, float]]:
         loop_thread = threading.get_ident()
         coord, store = _coordinator(tmp_path / "state", DPServer(DPConfig(CLIP, 1.0), seed=0), 2)
-        zeros = get_codec("fp32").encode(np.zeros(coord._num_values(), np.float32)).tobytes()
+        zeros = (
+            get_codec("fp32").encode(np.zeros(float_vector(coord.model).size, np.float32)).tobytes()
+        )
         for c in ("a", "b"):
             coord.touch(c, {})
         for c in ("a", "b"):
@@ -194,6 +196,7 @@ def test_he_with_dp_noises_on_the_clients_so_the_key_holder_never_sees_a_clean_s
     tmp_path: Path, he_keys: tuple[Path, Path]
 ) -> None:
     from fedcore.he import HEClient
+    from fedserver.protocols.he import HEProtocol
 
     secret, public = he_keys
     z = 2.0
@@ -219,14 +222,14 @@ def test_he_with_dp_noises_on_the_clients_so_the_key_holder_never_sees_a_clean_s
         assert isinstance(extra, dict)
         # Each client's share of the noise: the n shares sum to std z*C.
         assert float(extra["dp_client_noise_std"]) == pytest.approx(z * CLIP / math.sqrt(2))
-        n = coord._num_values()
+        n = float_vector(coord.model).size
         for c in ids:
             # What fedclient does: clip, add its noise share, encrypt (unweighted under DP).
             assert extra["he_weighted"] == "0"
             delta = privatize(np.zeros(n, np.float32), {k: str(v) for k, v in extra.items()})
             _submit(coord, c, he.encrypt_update(delta, 1.0).tobytes(), encoding="he-ckks")
-        secure = coord.secure_rounds
-        assert secure is not None
+        secure = coord.protocol
+        assert isinstance(secure, HEProtocol)
 
         # The key holder: decrypt what the coordinator hands over and return it.
         async def asked() -> str:
