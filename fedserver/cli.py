@@ -21,10 +21,11 @@ from fedcore.sealed import KeyExists, StateCipher, generate_key_file
 from fedcore.security import SecurityError, add_tls_arguments
 from fedcore.tensors import ManifestError
 from fedserver import remote, report, run_cli
+from fedserver.history import read_status
 from fedserver.security import cli as security_cli
 from fedserver.server import EXIT_USAGE
 from fedserver.simulation import cli as simulation_cli
-from fedserver.store import export_model, read_status
+from fedserver.store import export_model
 
 EPILOG = """\
 Every flag can also be set as an environment variable (--round-timeout -> FEDGRPC_ROUND_TIMEOUT)

@@ -5,7 +5,8 @@ evaluation) runs in a worker thread on immutable inputs and is applied back on t
 The servicer (service.py) validates messages and translates the exceptions raised here into
 gRPC status codes. The Coordinator owns, and hands each only what it needs: one round protocol
 (fedserver/protocols: how contributions become the aggregate), the update intake
-(submissions.py) and federated evaluation (evaluation_rounds.py).
+(submissions.py), federated evaluation (evaluation_rounds.py) and the publisher that turns a
+closed round into the next model (publishing.py).
 """
 
 from __future__ import annotations
@@ -22,9 +23,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from fedcore import faults
 from fedcore.logs import format_metrics
 from fedcore.selection import Selection, round_selection
 from fedcore.tensors import FlatModel
@@ -37,15 +35,15 @@ from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult,
 from fedserver.metrics import Metrics
 from fedserver.protocols.base import Opening, ProtocolEnv, ProtocolSettings, RoundProtocol
 from fedserver.protocols.registry import build_protocol
-from fedserver.rounds import ClosedRound, Phase, Receipt, RoundPolicy, RoundsExhausted
-from fedserver.store import ClientReceipt, RoundRecord, StateStore
-from fedserver.strategies import AggregateInput, Strategy
+from fedserver.publishing import Participation, RoundPublisher
+from fedserver.rounds import ClosedRound, Phase, RoundPolicy, RoundsExhausted
+from fedserver.store import StateStore
+from fedserver.strategies import Strategy
 from fedserver.submissions import UpdateIntake
 from fedserver.uploads import Uploads
 from fedserver.wakeups import Wakeups
 
 log = logging.getLogger("fedserver")
-PROTOCOL_STATE = "protocol."  # prefix of the protocol's arrays in the strategy-state file
 
 
 @dataclass
@@ -107,6 +105,9 @@ class Coordinator:
                 lambda: self._changed,
             ),
         )
+        self.publisher = RoundPublisher(
+            self.store, self.strategy, self.protocol, self.metrics, self.evaluate, self.dp
+        )
         self.intake = UpdateIntake(
             self.uploads,
             self.machine,
@@ -155,7 +156,7 @@ class Coordinator:
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:
         if self.store.last_round() == 0 and not self.store.checkpoint_path(0).exists():
-            self.store.write_checkpoint(0, self.model, self._state_arrays())
+            self.store.write_checkpoint(0, self.model, self.publisher.state_arrays())
             self.store.publish_model(self.model, 0)
             self.store.set_meta(initial_version=self.model.version)
         self.store.set_meta(
@@ -327,41 +328,18 @@ class Coordinator:
 
     async def _aggregate_round(self, closed: ClosedRound) -> None:
         started = time.monotonic()
-        aggregate = await self.protocol.aggregate()
-        mean, count = aggregate.mean, aggregate.count
         metrics = self.intake.metric_means(closed.receipts)
         metrics.update(self.machine.closing_metrics(closed))
-        if self.dp is not None:
-            # Off the event loop: the noise is O(model) and Opacus' ε takes up to 0.5 s.
-            mean, dp_metrics = await asyncio.to_thread(
-                self.dp.privatize, mean, count, self.machine.expected_updates, self._available
-            )
-            metrics.update(dp_metrics)
-        agg = AggregateInput(closed.round, mean, aggregate.weight, count, aggregate.updates)
-        new_model, eval_metrics = await asyncio.to_thread(self._aggregate_and_save, agg, closed)
-        metrics.update(eval_metrics)
-        record = RoundRecord(
-            closed.round,
-            new_model.version,
-            len(closed.receipts),
-            sum(r.num_examples for r in closed.receipts.values()),
-            metrics,
-            closed.opened_at,
-            closed.closed_at,
-            time.monotonic() - closed.opened_at,
-            closed.attempts,
+        receipts = self.intake.client_receipts(closed.receipts, closed.round)
+        population = Participation(self.machine.expected_updates, self._available)
+        new_model, record = await self.publisher.publish(
+            self.model, closed, metrics, receipts, population
         )
-        receipts = [
-            ClientReceipt(c, r.num_examples, r.digest, self._receipt_metrics(c, r, closed.round))
-            for c, r in sorted(closed.receipts.items())
-        ]
-        await asyncio.to_thread(self._commit, record, receipts, new_model)
         self.model = new_model
         self.evaluations.open_campaign(closed.round, new_model)
-        self.protocol.release()
         self.machine.complete()
         self.metrics.round_closed(record.participants, record.duration, time.monotonic() - started)
-        shown = format_metrics(metrics)
+        shown = format_metrics(record.metrics)
         log.info(
             "round %d/%d closed: %d update(s), %s (aggregated in %.2fs, round %.2fs)",
             closed.round,
@@ -379,36 +357,6 @@ class Coordinator:
         # Everyone else's answer changes only if training ended or an evaluation was asked for.
         everyone = self.evaluations.campaign is not None or self.machine.phase is Phase.FINISHED
         self._notify(None if everyone else ())
-
-    def _receipt_metrics(self, client: str, receipt: Receipt, round_no: int) -> dict[str, float]:
-        """The client's reported metrics, and the round it trained on if that was earlier (so a
-        retry of an update counted in a later round is recognised: store.receipt_digest)."""
-        metrics = dict(self.intake.client_metrics.get(client, {}))
-        if receipt.base_round and receipt.base_round != round_no:
-            metrics["base_round"] = float(receipt.base_round)
-        return metrics
-
-    def _aggregate_and_save(
-        self, agg: AggregateInput, closed: ClosedRound
-    ) -> tuple[FlatModel, dict[str, float]]:
-        faults.freeze("aggregate", closed.round)
-        new_model = self.strategy.apply(self.model, agg)
-        self.store.write_checkpoint(closed.round, new_model, self._state_arrays())
-        metrics = self.evaluate(new_model) if self.evaluate else {}
-        return new_model, metrics
-
-    def _commit(self, record: RoundRecord, receipts: list[ClientReceipt], model: FlatModel) -> None:
-        faults.freeze("commit", record.round)
-        self.store.commit_round(record, receipts)
-        self.store.record_traffic(
-            record.round, self.metrics.round_bytes_in, self.metrics.round_bytes_out
-        )
-        self.store.publish_model(model, record.round)
-
-    def _state_arrays(self) -> dict[str, np.ndarray]:
-        """What a checkpoint carries besides the model: the strategy's and the protocol's state."""
-        extra = {PROTOCOL_STATE + k: v for k, v in self.protocol.state_arrays().items()}
-        return self.strategy.state_arrays() | extra
 
     # ------------------------------------------------------------------ updates and evaluations
     async def settled(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.files import SHARED, atomic_write
-from fedserver.store import read_status
+from fedserver.history import read_status
 
 BASE_COLUMNS = (
     "round",

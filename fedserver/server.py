@@ -23,7 +23,7 @@ from fedcore.selection import check_spec
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.async_rounds import AsyncPolicy
-from fedserver.coordinator import PROTOCOL_STATE, Coordinator
+from fedserver.coordinator import Coordinator
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.fedeval import EvalPolicy
@@ -31,6 +31,7 @@ from fedserver.joinlog import JoinLog
 from fedserver.limits import OpenFilesWatch, raise_open_files_limit
 from fedserver.messages import TrainingDefaults
 from fedserver.progress import show_progress
+from fedserver.publishing import PROTOCOL_STATE
 from fedserver.rounds import RoundPolicy
 from fedserver.rpc import BoundedReplies, LenientDecoding
 from fedserver.security.auth import AuthInterceptor, build_authenticator

@@ -21,6 +21,7 @@ from fedcore.selection import Selection
 from fedcore.tensors import Manifest, ManifestError
 from fedserver.aggregate import BadUpdate, SpillCorrupted, StagedUpdate, UpdateTooLarge
 from fedserver.dp import DPServer
+from fedserver.history import ClientReceipt
 from fedserver.messages import (
     BaseVersionMismatch,
     CoordinatorBusy,
@@ -239,6 +240,20 @@ class UpdateIntake:
         # most examples reported (then by name), so a round's record stays bounded.
         kept = sorted((k for k in total if weight[k]), key=lambda k: (-weight[k], k))
         return {k: total[k] / weight[k] for k in kept[:MAX_ROUND_METRICS]}
+
+    def client_receipts(
+        self, receipts: Mapping[str, Receipt], round_no: int
+    ) -> list[ClientReceipt]:
+        """What the history keeps of each counted update: its digest, the client's reported
+        metrics, and the round it trained on if that was earlier (so a retry of an update
+        counted in a later round is recognised: store.receipt_digest)."""
+        kept = []
+        for client, r in sorted(receipts.items()):
+            metrics = dict(self.client_metrics.get(client, {}))
+            if r.base_round and r.base_round != round_no:
+                metrics["base_round"] = float(r.base_round)
+            kept.append(ClientReceipt(client, r.num_examples, r.digest, metrics))
+        return kept
 
     def _sees_plain(self) -> bool:
         """The protocol folds updates in plain (not masked or encrypted)."""

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fedcore.security import TlsFiles
-from fedserver.store import read_status
+from fedserver.history import read_status
 from tests.compose_files import (
     CLIENTS,
     COMPOSE,

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from fedserver.fedeval import EvalCampaign, EvalPolicy
+from fedserver.history import RoundRecord
 from fedserver.rounds import NotSelected, StaleRound
-from fedserver.store import RoundRecord, StateStore
+from fedserver.store import StateStore
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -14,7 +14,7 @@ from fedcore.selection import Selection, check_spec, round_selection
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
 from fedserver.aggregate import Accumulator
 from fedserver.evaluate import initial_model
-from fedserver.store import read_status
+from fedserver.history import read_status
 from tests.procs import Proc, free_port, start_client, start_serving, wait_finished
 
 FLOATS = Manifest(
