@@ -206,9 +206,9 @@ def intake(updates: int = 1000) -> float:
     from fedcore.codecs import get_codec
     from fedcore.proto import coordinator_pb2 as pb
     from fedcore.wire import manifest_to_proto
+    from fedserver.assembly import ServerSettings, build_coordinator
     from fedserver.messages import TrainingDefaults
     from fedserver.rounds import RoundPolicy
-    from fedserver.server import ServerSettings, build_coordinator
     from fedserver.simulation.seam import InProcessServicer
 
     async def measure() -> float:

@@ -16,7 +16,8 @@ import grpc
 from fedclient.flags import add_data_flags
 from fedclient.partition import Partition
 from fedclient.retry import PermanentError, Stopped
-from fedclient.session import ClientSession, ClientSettings
+from fedclient.session import ClientSession
+from fedclient.settings import ClientSettings
 from fedcore.codecs import get_codec
 from fedcore.config import parse_layered
 from fedcore.he import HEError

@@ -13,15 +13,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from fedclient.he import decrypt_aggregate
 from fedclient.local_update import local_update, privatize, round_seed
-from fedclient.partition import Partition
 from fedclient.protocols import handler_for
 from fedclient.retry import (
     JOIN_TIMEOUT,
@@ -32,15 +29,16 @@ from fedclient.retry import (
     Stopped,
     retry_after,
 )
+from fedclient.settings import ClientSettings
 from fedclient.task import LocalData, Task, TrainConfig
-from fedcore import checksums, faults
+from fedcore import faults
 from fedcore.codecs import ErrorFeedback, get_codec
 from fedcore.he import HEClient
 from fedcore.logs import format_metrics
 from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.security import TlsFiles, open_channel
+from fedcore.security import open_channel
 from fedcore.selection import Selection
 from fedcore.tensors import (
     ChunkAssembler,
@@ -53,35 +51,13 @@ from fedcore.wire import (
     CHANNEL_OPTIONS,
     ModelCalls,
     manifest_from_proto,
-    manifest_to_proto,
     model_data,
+    update_header,
     update_messages,
 )
 
 log = logging.getLogger("fedclient")
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ClientSettings:
-    server: str
-    partition: Partition
-    client_id: str = ""
-    seed: int = 0
-    poll_seconds: float = 20.0
-    give_up_after: float = 300.0
-    rpc_timeout: float = 600.0
-    tls: TlsFiles | None = None
-    token: str | None = field(default=None, repr=False)  # never in logs
-    progress: bool = False  # local-epoch progress bar (only when stderr is a terminal)
-    personal_tensors: str = ""  # FedPer: patterns of tensors kept here, never sent ("" = task's)
-    encoding: str = ""  # update encoding (fp32, fp16, int8, topk[:F]); "" = the round's
-    he_key: Path | None = None  # --secure he: the shared secret CKKS context
-    slowdown: float = 1.0  # testing aid: training takes this many times as long (sleeping)
-
-    def resolved_id(self) -> str:
-        p = self.partition
-        return self.client_id or f"{socket.gethostname()}-{p.index}of{p.count}"
 
 
 class ClientSession:
@@ -357,17 +333,15 @@ class ClientSession:
             self._personal = {n: state[n].detach().clone() for n in personal.names}
         delta = privatize(sent.extract(update_vector), config.extra)
         payload = handler.encode(codec, delta, result.num_examples, config.extra)
-        digest = checksums.hexdigest(checksums.DEFAULT, payload)
-        update = pb.UpdateHeader(
-            client_id=self.client_id,
-            round=header.round,
-            base_version=base.version,
-            num_examples=result.num_examples,
-            metrics=result.metrics,
-            encoding=codec.name,
-            manifest=manifest_to_proto(codec.wire_manifest(sent.manifest)),
-            total_bytes=payload.size,
-            checksum=checksums.DEFAULT,
+        update, digest = update_header(
+            self.client_id,
+            header.round,
+            base.version,
+            result.num_examples,
+            result.metrics,
+            codec.name,
+            codec.wire_manifest(sent.manifest),
+            payload,
         )
         shown = format_metrics(result.metrics, sep=" ", join=", ")
         work = (

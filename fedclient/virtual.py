@@ -24,13 +24,12 @@ import numpy as np
 from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.partition import Partition
 from fedclient.task import LocalData, Task, TrainConfig
-from fedcore import checksums
 from fedcore.codecs import get_codec
 from fedcore.plugins import load_object
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.selection import Selection
 from fedcore.tensors import FlatModel, to_state_dict
-from fedcore.wire import manifest_from_proto, manifest_to_proto
+from fedcore.wire import manifest_from_proto, update_header
 
 log = logging.getLogger("fedclient")
 
@@ -126,18 +125,16 @@ class VirtualClients:
         codec = get_codec(self.spec.encoding or cfg.encoding or "fp32")
         # Stateless: encode without error feedback (a fresh ErrorFeedback each round).
         payload = codec.encode(privatize(sent.extract(vector), config.extra))
-        update = pb.UpdateHeader(
-            client_id=cid,
-            round=header.round,
-            base_version=header.model_version,
-            num_examples=result.num_examples,
-            metrics=result.metrics,
-            encoding=codec.name,
-            manifest=manifest_to_proto(codec.wire_manifest(sent.manifest)),
-            total_bytes=payload.size,
-            checksum=checksums.DEFAULT,
+        update, digest = update_header(
+            cid,
+            header.round,
+            header.model_version,
+            result.num_examples,
+            result.metrics,
+            codec.name,
+            codec.wire_manifest(sent.manifest),
+            payload,
         )
-        digest = checksums.hexdigest(checksums.DEFAULT, payload)
         return Fitted(cid, update.SerializeToString(), payload, digest)
 
     def evaluate(self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]) -> list[bytes]:

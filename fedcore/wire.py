@@ -7,7 +7,7 @@ from typing import Any
 
 import grpc
 
-from fedcore import limits
+from fedcore import checksums, limits
 from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
 from fedcore.limits import excerpt
 from fedcore.proto import coordinator_pb2 as pb
@@ -85,6 +85,31 @@ def update_stream(
     for chunk in iter_chunks(payload, chunk_size):
         yield pb.UpdateChunk(data=bytes(chunk))
     yield update_trailer(header, digest)
+
+
+def update_header(
+    client_id: str,
+    round_number: int,
+    base_version: str,
+    num_examples: int,
+    metrics: Mapping[str, float],
+    encoding: str,
+    manifest: Manifest,
+    payload: Any,
+) -> tuple[pb.UpdateHeader, str]:
+    """The header of an encoded update and its payload's digest (the default checksum)."""
+    header = pb.UpdateHeader(
+        client_id=client_id,
+        round=round_number,
+        base_version=base_version,
+        num_examples=num_examples,
+        metrics=metrics,
+        encoding=encoding,
+        manifest=manifest_to_proto(manifest),
+        total_bytes=memoryview(payload).nbytes,
+        checksum=checksums.DEFAULT,
+    )
+    return header, checksums.hexdigest(checksums.DEFAULT, payload)
 
 
 def update_messages(

@@ -21,9 +21,9 @@ from fedcore.sealed import KeyExists, StateCipher, generate_key_file
 from fedcore.security import SecurityError, add_tls_arguments
 from fedcore.tensors import ManifestError
 from fedserver import remote, report, run_cli
+from fedserver.assembly import EXIT_USAGE
 from fedserver.history import read_status
 from fedserver.security import cli as security_cli
-from fedserver.server import EXIT_USAGE
 from fedserver.simulation import cli as simulation_cli
 from fedserver.store import export_model
 

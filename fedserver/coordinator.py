@@ -387,11 +387,13 @@ class Coordinator:
         if self._aggregating is not None:
             await asyncio.shield(self._aggregating)
 
-    def begin_shutdown(self) -> None:
+    async def shut_down(self) -> None:
+        """Ctrl-C or SIGTERM: refuse new work, commit the round being aggregated, then stop."""
+        log.info("stop requested: finishing the round being aggregated, then shutting down")
         self.shutting_down = True
         if self._deadline_timer:
             self._deadline_timer.cancel()
         self._notify()
-
-
-__all__ = ["Coordinator"]
+        await self.wait_idle()
+        if not self.done.is_set():
+            self.store.set_meta(status="stopped")

@@ -15,12 +15,13 @@ from fedcore.logs import setup_logging
 from fedcore.privacy import DPConfig
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
+from fedserver.assembly import EXIT_USAGE, ServerSettings, SetupError
 from fedserver.async_rounds import AsyncPolicy
 from fedserver.fedeval import EvalPolicy
 from fedserver.messages import TrainingDefaults
 from fedserver.protocols.registry import PROTOCOLS
 from fedserver.rounds import RoundPolicy
-from fedserver.server import EXIT_USAGE, ServerSettings, SetupError, serve
+from fedserver.server import serve
 from fedserver.staleness import StalenessWeight
 from fedserver.strategies import STRATEGIES
 

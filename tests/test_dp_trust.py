@@ -21,12 +21,12 @@ from fedcore.codecs import get_codec
 from fedcore.privacy import Accountant, DPConfig, clip_factor, l2_clip
 from fedcore.tensors import FlatModel, float_vector, iter_chunks
 from fedserver.aggregate import Accumulator, StagedUpdate, UpdateReceiver
+from fedserver.assembly import ServerSettings, build_coordinator
 from fedserver.coordinator import Coordinator
 from fedserver.dp import DPServer
 from fedserver.evaluate import initial_model
 from fedserver.messages import SubmitHeader, TrainingDefaults
 from fedserver.rounds import RoundPolicy
-from fedserver.server import ServerSettings, build_coordinator
 from fedserver.store import StateStore
 from fedserver.strategies import build_strategy
 

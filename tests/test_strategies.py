@@ -260,9 +260,9 @@ def test_resume_from_checkpoint_gives_the_same_next_model(name: str, tmp_path: P
 def test_cli_refuses_bad_strategy_flags_before_touching_the_state_dir(
     flags: list[str], message: str, tmp_path: Path
 ) -> None:
+    from fedserver.assembly import SetupError, build_coordinator
     from fedserver.cli import build_parser
     from fedserver.run_cli import server_settings
-    from fedserver.server import SetupError, build_coordinator
 
     state = tmp_path / "state"
     argv = ["run", "--task", "examples.digits:task", "--state-dir", str(state), *flags]

@@ -16,7 +16,7 @@ from pathlib import Path
 from fedclient.flags import add_data_flags
 from fedcore.logs import setup_logging
 from fedserver import run_cli
-from fedserver.server import EXIT_USAGE, SetupError
+from fedserver.assembly import EXIT_USAGE, SetupError
 
 # `fedserver run` flags that only concern the network (or secure aggregation, which needs
 # clients exchanging keys through the coordinator): left out of `simulate`, run's defaults apply.

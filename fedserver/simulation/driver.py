@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 from fedclient.partition import Partition
 from fedclient.virtual import VirtualSpec, client_id, client_index
+from fedserver.assembly import EXIT_FAILED, EXIT_OK, ServerSettings, SetupError, build_coordinator
 from fedserver.progress import show_progress
-from fedserver.server import EXIT_FAILED, EXIT_OK, ServerSettings, SetupError, build_coordinator
 from fedserver.simulation.seam import InProcessServicer
 from fedserver.simulation.settings import RaySettings
 
@@ -74,11 +74,7 @@ async def simulate(s: SimSettings) -> int:
         finally:
             pool.close()
         if stop.is_set():
-            log.info("stop requested: finishing the round being aggregated, then shutting down")
-            coordinator.begin_shutdown()
-            await coordinator.wait_idle()
-            if not coordinator.done.is_set():
-                coordinator.store.set_meta(status="stopped")
+            await coordinator.shut_down()
             code = EXIT_OK
         else:
             code = EXIT_FAILED if coordinator.failure else EXIT_OK

@@ -1,0 +1,32 @@
+"""What one fedclient process is told to do: the flags of `fedclient run`, resolved."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedclient.partition import Partition
+from fedcore.security import TlsFiles
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    server: str
+    partition: Partition
+    client_id: str = ""
+    seed: int = 0
+    poll_seconds: float = 20.0
+    give_up_after: float = 300.0
+    rpc_timeout: float = 600.0
+    tls: TlsFiles | None = None
+    token: str | None = field(default=None, repr=False)  # never in logs
+    progress: bool = False  # local-epoch progress bar (only when stderr is a terminal)
+    personal_tensors: str = ""  # FedPer: patterns of tensors kept here, never sent ("" = task's)
+    encoding: str = ""  # update encoding (fp32, fp16, int8, topk[:F]); "" = the round's
+    he_key: Path | None = None  # --secure he: the shared secret CKKS context
+    slowdown: float = 1.0  # testing aid: training takes this many times as long (sleeping)
+
+    def resolved_id(self) -> str:
+        p = self.partition
+        return self.client_id or f"{socket.gethostname()}-{p.index}of{p.count}"
