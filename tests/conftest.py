@@ -7,12 +7,19 @@ name in -m (`make docker-e2e`, `pytest -m docker`); `make test` and CI skip them
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.procs import Proc
+
+# A script's background job (`make test &`, `nohup ... &`) starts with SIGINT ignored and its
+# children inherit that, so the tests that press Ctrl-C on a coordinator or client would see
+# nothing happen. A handler here is reset to the default in every child at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
