@@ -17,6 +17,8 @@ With `--engines fedgrpc flower` each cell runs on Flower 1.41's simulation engin
 (bench/flower_app/flower_bench/simulation.py in .venv-flower, `make flower-venv`: the same
 Synthetic data and SGD in numpy, a local Ray of 2 CPUs with one per ClientApp, Message API FedAvg
 on 10% of the nodes), memory sampled the same way, and the fedgrpc row carries the ratios.
+`--engines ray` first measures Ray alone (bench/ray_floor.py: started as fedgrpc starts it, two
+idle actors): the memory any engine on a local Ray of 2 workers pays before its clients.
 
     python -m bench.simulation --engines fedgrpc flower --clients 1000 10000 \
         --flower-max-clients 1000
@@ -176,6 +178,14 @@ def run_flower_cell(task: str, clients: int, rounds: int) -> dict[str, Any]:
     return _row("flower", task, clients, rounds, durations, wall, peak) | {"accuracy": None}
 
 
+def run_ray_floor() -> dict[str, Any]:
+    """Ray alone, started as fedgrpc starts it, with 2 idle actors (bench/ray_floor.py)."""
+    ray_dir = tempfile.mkdtemp(prefix="rayr", dir="/tmp")
+    args = [sys.executable, "-m", "bench.ray_floor", "--ray-dir", ray_dir]
+    wall, peak = _run_watched(args, child_env(), ray_dir, "ray alone")
+    return _row("ray alone", "idle", 0, 0, [0.0], wall, peak)
+
+
 def _row(
     engine: str,
     task: str,
@@ -265,7 +275,13 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1000, 10000])
     p.add_argument("--only", choices=sorted(TASKS), nargs="+", default=sorted(TASKS))
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--engines", choices=["fedgrpc", "flower"], nargs="+", default=["fedgrpc"])
+    p.add_argument(
+        "--engines",
+        choices=["ray", "fedgrpc", "flower"],
+        nargs="+",
+        default=["fedgrpc"],
+        help="ray: Ray alone with 2 idle actors, the memory floor of any Ray engine",
+    )
     p.add_argument(
         "--flower-max-clients", type=int, default=10**9, help="skip Flower cells above this N"
     )
@@ -283,6 +299,9 @@ def main() -> None:
             "| round ratio fedgrpc/flower | memory ratio |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|---|")
+        if "ray" in args.engines:
+            rows.append(run_ray_floor())
+            _print(rows[-1])
         for clients in args.clients:
             for task in args.only:
                 cell: dict[str, dict[str, Any]] = {}

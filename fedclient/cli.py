@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         metavar="F",
-        help="testing aid: make local training take F times as long by sleeping (F-1) x the "
-        "training time after each round, to emulate a slow device (1: off)",
+        help="testing aid: make local training take F times as long by sleeping (F-1) x its "
+        "CPU time after each round, to emulate a slow device (1: off)",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])

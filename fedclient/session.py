@@ -304,7 +304,7 @@ class ClientSession:
             return
         floats = base.manifest.floats()
         train_sel, sent, personal = self._selections(floats, config)
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         with live_progress(self.settings.progress) as progress:
             if progress is not None:
                 bar = progress.add_task(
@@ -317,10 +317,12 @@ class ClientSession:
             result, update_vector = local_update(
                 self.task, model, data, base, config, train_sel, kept
             )
-        if self.settings.slowdown > 1.0 and self.stop.wait(
-            (self.settings.slowdown - 1.0) * (time.monotonic() - started)
-        ):
-            raise Stopped  # --slowdown: emulate a slow device (demos, tests, benchmarks)
+        # --slowdown: emulate a slow device (demos, tests, benchmarks). Scaled by the CPU time
+        # trained, not the wall time: on a shared host the wall time of round 1 (10 clients
+        # starting at once) was 30x that of later rounds, and a slow client multiplied it again.
+        work = time.process_time() - cpu_started
+        if self.settings.slowdown > 1.0 and self.stop.wait((self.settings.slowdown - 1.0) * work):
+            raise Stopped
         if self.stop.is_set():
             raise Stopped
         # The round's encoding unless this client asks for its own (--encoding); the coordinator
