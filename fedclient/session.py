@@ -7,6 +7,7 @@ clear message and a non-zero exit code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -157,6 +158,11 @@ class ClientSession:
     def run(self) -> int:
         data = self.task.load_partition(self.settings.partition)
         model = self.task.build_model()
+        # Before joining: the first torch optimizer imports torch._dynamo (~2 CPU s), which would
+        # otherwise land in round 1's training time, against its deadline. A warm-up only:
+        # a task whose optimizer cannot be built this way fails in training, with its context.
+        with contextlib.suppress(Exception):
+            self.task.make_optimizer(model, TrainConfig())
         while True:
             header = self._call("pull", self._pull)
             if header.decrypt_round and self.he is not None:
