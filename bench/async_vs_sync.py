@@ -12,12 +12,13 @@ coordinator evaluates every version):
     sync-all             synchronous FedAvg, every client each round, no deadline pressure
     sync-deadline-D      every client selected, round closes after D s with >= half of them
     sync-overselect-D    7 of 10 selected at random, closes after D s with >= 5 (over-selection)
-    async                --mode async --buffer-size K: a version every K deltas, staleness-weighted
+    async-K              --mode async --buffer-size K: a version every K deltas, staleness-weighted
 
-The deadline is tuned as a user would: each D of --deadlines is raced and the best time of each
-sync family is the one compared (a round that misses its quorum is re-opened, up to 50 times).
+Both are tuned as a user would: each deadline D of --deadlines and each K of --buffer-sizes is
+raced, and the best time of each family is the one compared (a synchronous round that misses
+its quorum is re-opened, up to 50 times).
 
-    .venv/bin/python -m bench.async_vs_sync [--deadlines 1,2,4] [--buffer-size 3] [--out F]
+    .venv/bin/python -m bench.async_vs_sync [--deadlines 0.5,1,2,4] [--buffer-sizes 2,3,5]
 
 Time to target = from round 1 opening (all clients joined) to the commit of the first model at
 or above the target. Updates are those counted; update bytes are the payload bytes received.
@@ -55,7 +56,7 @@ def speeds(clients: int, slow: int, sigma: float, seed: int, base: float = 1.0) 
 
 
 def settings(
-    deadlines: Sequence[float], buffer_size: int, max_staleness: int
+    deadlines: Sequence[float], buffer_sizes: Sequence[int], max_staleness: int
 ) -> dict[str, list[str]]:
     chosen = {"sync-all": ["--round-timeout", "600"]}
     retry = ["--max-attempts", "50"]
@@ -65,10 +66,10 @@ def settings(
         chosen[f"sync-overselect-{d:g}"] = [
             "--round-timeout", str(d), "--clients-per-round", "7", "--min-fit", "5", *retry
         ]  # fmt: skip
-    chosen["async"] = [
-        "--mode", "async", "--buffer-size", str(buffer_size),
-        "--max-staleness", str(max_staleness),
-    ]  # fmt: skip
+    for k in buffer_sizes:
+        chosen[f"async-{k}"] = [
+            "--mode", "async", "--buffer-size", str(k), "--max-staleness", str(max_staleness),
+        ]  # fmt: skip
     return chosen
 
 
@@ -147,8 +148,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument(
         "--deadlines",
-        default="1,2,4",
-        help="sync round timeouts to race, s; the best of each family counts (1,2,4)",
+        default="0.5,1,2,4",
+        help="sync round timeouts to race, s; the best of each family counts (0.5,1,2,4)",
     )
     p.add_argument(
         "--base-slowdown",
@@ -156,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=10.0,
         help="every client this much slower than this host, emulating devices (10)",
     )
-    p.add_argument("--buffer-size", type=int, default=3)
+    p.add_argument("--buffer-sizes", default="2,3,5", help="async buffer sizes K to race (2,3,5)")
     p.add_argument("--max-staleness", type=int, default=10)
     p.add_argument("--timeout", type=float, default=600.0, help="per setting, s (600)")
     p.add_argument("--only", default="", help="comma-separated setting prefixes to run (all)")
@@ -167,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     slowdowns = speeds(args.clients, args.slow, args.sigma, args.seed, args.base_slowdown)
     print(f"clients' --slowdown: {slowdowns}", flush=True)
     deadlines = [float(d) for d in args.deadlines.split(",")]
-    chosen = settings(deadlines, args.buffer_size, args.max_staleness)
+    sizes = [int(k) for k in args.buffer_sizes.split(",")]
+    chosen = settings(deadlines, sizes, args.max_staleness)
     if args.only:
         wanted = args.only.split(",")
         chosen = {k: v for k, v in chosen.items() if any(k.startswith(w) for w in wanted)}
@@ -179,9 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             results.append(r)
     sync = [r for r in results if r["setting"].startswith("sync") and r.get("reached")]
     best = min(sync, key=lambda r: r["seconds"]) if sync else None
+    fast = [r for r in results if r["setting"].startswith("async") and r.get("reached")]
+    best_async = min(fast, key=lambda r: r["seconds"]) if fast else None
     print(f"\ntime to {args.target} held-out accuracy on digits, {args.clients} clients")
-    if best is not None:
-        print(f"best synchronous setting: {best['setting']}")
+    if best is not None and best_async is not None:
+        print(
+            f"best synchronous: {best['setting']} ({best['seconds']} s, {best['updates']} "
+            f"updates); best asynchronous: {best_async['setting']} ({best_async['seconds']} s, "
+            f"{best_async['updates']} updates): {best['seconds'] / best_async['seconds']:.2f}x"
+        )
     print(f"{'setting':<20} {'time s':>8} {'rounds':>7} {'updates':>8} {'upd. bytes':>11} ratio")
     for r in results:
         ratio = best["seconds"] / r["seconds"] if best and r.get("reached") else float("nan")
@@ -191,12 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         r["speedup_vs_best_sync"] = ratio
     for r in results:
-        if r["setting"] == "async":
-            print(f"async staleness (versions behind: updates): {r.get('staleness')}")
+        if r["setting"].startswith("async"):
+            print(f"{r['setting']} staleness (versions behind: updates): {r.get('staleness')}")
     report = {
         "slowdowns": slowdowns,
         "target": args.target,
         "best_sync": best["setting"] if best else None,
+        "best_async": best_async["setting"] if best_async else None,
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=2, default=str))

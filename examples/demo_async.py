@@ -18,17 +18,17 @@ from bench.async_vs_sync import race, settings
 CLIENTS, SLOW, TARGET = 10, 3, 0.95
 # Every client 10x slower than this host (digits trains in milliseconds here), the slow ones
 # 10x more: compute, not the RPC round trip, dominates a round, as on real devices.
-BASE_SLOWDOWN, DEADLINE = 10.0, 2.0
+BASE_SLOWDOWN, DEADLINE, BUFFER_SIZE = 10.0, 1.0, 2
 
 
 def main() -> int:
     slowdowns = [BASE_SLOWDOWN * (10.0 if i < SLOW else 1.0) for i in range(CLIENTS)]
-    chosen = settings([DEADLINE], buffer_size=3, max_staleness=10)
-    sync_name = f"sync-deadline-{DEADLINE:g}"
+    chosen = settings([DEADLINE], [BUFFER_SIZE], max_staleness=10)
+    sync_name, async_name = f"sync-deadline-{DEADLINE:g}", f"async-{BUFFER_SIZE}"
     print(f"demo-async: {CLIENTS} clients on digits, {SLOW} of them 10x slower; target {TARGET}")
     results = {}
     with tempfile.TemporaryDirectory(prefix="demo-async-") as tmp:
-        for name in (sync_name, "async"):
+        for name in (sync_name, async_name):
             print(f"demo-async: racing {name} ({' '.join(chosen[name])}) ...", flush=True)
             r = race(name, chosen[name], slowdowns, TARGET, 600.0, Path(tmp))
             results[name] = r
@@ -37,7 +37,7 @@ def main() -> int:
                 f"demo-async: {name}: {shown}, {r.get('rounds', 0)} versions, "
                 f"{r.get('updates', 0)} updates, accuracy {r.get('accuracy', 0.0):.4f}"
             )
-    sync, fast = results[sync_name], results["async"]
+    sync, fast = results[sync_name], results[async_name]
     if sync.get("reached") and fast.get("reached"):
         print(f"demo-async: async reached {TARGET} {sync['seconds'] / fast['seconds']:.1f}x sooner")
         print(f"demo-async: async staleness (versions behind: updates): {fast['staleness']}")
