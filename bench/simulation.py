@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from bench.proctree import descendants
 from examples.synthetic import SyntheticTask
 from examples.synthetic_data import DIMENSION
 from fedclient.task import LocalData, TrainConfig, TrainResult
@@ -86,26 +87,6 @@ def _ray_pids(ray_dir: str) -> list[str]:
     return out.stdout.split()
 
 
-def _tree(root: int) -> list[str]:
-    """`root` and all its descendants. Ray workers retitle themselves `ray::...`, so their
-    command lines do not name the temp dir; but a local Ray's processes all descend from the
-    driver (GCS, raylet and its workers and agents)."""
-    children: dict[str, list[str]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces, so split after its ')'.
-            ppid = stat.read_text().rsplit(")", 1)[1].split()[1]
-        except (OSError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(stat.parent.name)
-    found, todo = [], [str(root)]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
 def _run_watched(
     args: list[str], env: dict[str, str], ray_dir: str, what: str
 ) -> tuple[float, int]:
@@ -118,7 +99,7 @@ def _run_watched(
     def sample() -> None:
         nonlocal peak
         while not done.wait(0.2):
-            pids = {*_tree(proc.pid), *_ray_pids(ray_dir)}
+            pids = {str(proc.pid), *(str(p) for p, _ in descendants(proc.pid)), *_ray_pids(ray_dir)}
             peak = max(peak, sum(_rss_kb(p) for p in pids))
 
     watcher = threading.Thread(target=sample, daemon=True)
