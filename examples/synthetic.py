@@ -69,8 +69,9 @@ class SyntheticTask(Task):
         X^T (softmax(X W^T + b) - onehot(y)) / n, in numpy on views of the model's tensors.
         For a 610-parameter model, torch's per-operation dispatch and the autograd graph cost
         more than the arithmetic (a device's 2 epochs of 12 batches: 16 ms with autograd, 3 ms
-        here, the same weights to 3e-8), and this task exists to run thousands of clients. Same semantics as the default loop: seeded shuffle, FedProx
-        term, the task's loss and accuracy."""
+        here, the same weights to 3e-8), and this task exists to run thousands of clients.
+        Same semantics as the default loop: seeded shuffle, FedProx term, the task's loss and
+        accuracy."""
         x, y = (t.numpy() for t in data.tensors)  # type: ignore[attr-defined]
         generator = torch.Generator().manual_seed(config.seed)
         mu, lr = np.float32(config.proximal_mu), np.float32(config.lr)
