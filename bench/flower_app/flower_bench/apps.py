@@ -6,38 +6,14 @@ of each round to the run config's `out-path` when the strategy returns.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
-from flower_bench.common import RoundClock, initial_arrays, updated
+from flower_bench.common import RoundClock, TimedFedAvg, initial_arrays, updated
 
 server = ServerApp()
 client = ClientApp()
-
-
-class TimedFedAvg(FedAvg):
-    def __init__(self, clock: RoundClock, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.clock = clock
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.clock.start()
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        result = super().aggregate_train(server_round, replies)
-        if result[0] is None:
-            raise RuntimeError(f"round {server_round}: no valid replies")
-        self.clock.stop()
-        return result
 
 
 @server.main()

@@ -1,4 +1,5 @@
-"""The workload both Flower paths share: the model, the client's reply, the round clock.
+"""The workload both Flower paths share: the model, the client's reply, the round clock, and the
+Message API FedAvg that reads the clock (apps.py and simulation.py).
 
 It mirrors bench/synthetic.py (P float32 values in tensors of at most 4 Mi values, the same
 seeded normal * 0.01 initialisation) and bench/client.py (every client adds a fixed 1e-4 and
@@ -9,9 +10,13 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
 
 TENSOR_VALUES = 4 << 20  # as bench/synthetic.py: 16 MiB per tensor at most
 DELTA = np.float32(1e-4)  # as bench/client.py's default --value
@@ -62,3 +67,24 @@ class RoundClock:
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps({"round_seconds": self.seconds, "spans": self.spans, **extra}))
         tmp.replace(out)
+
+
+class TimedFedAvg(FedAvg):
+    def __init__(self, clock: RoundClock, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.clock = clock
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.clock.start()
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        result = super().aggregate_train(server_round, replies)
+        if result[0] is None:
+            raise RuntimeError(f"round {server_round}: no valid replies")
+        self.clock.stop()
+        return result

@@ -20,40 +20,17 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 from flwr.simulation import run_simulation
 
 from examples.synthetic_data import DIMENSION, NUM_CLASSES, device_data
-from flower_bench.common import RoundClock
+from flower_bench.common import RoundClock, TimedFedAvg
 
 LR, BATCH, EPOCHS = 0.01, 10, 2
-
-
-class TimedFedAvg(FedAvg):
-    def __init__(self, clock: RoundClock, **kwargs: object) -> None:
-        super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.clock = clock
-
-    def configure_train(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        self.clock.start()
-        return super().configure_train(server_round, arrays, config, grid)
-
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        result = super().aggregate_train(server_round, replies)
-        if result[0] is None:
-            raise RuntimeError(f"round {server_round}: no valid replies")
-        self.clock.stop()
-        return result
 
 
 def sgd(w: np.ndarray, b: np.ndarray, x: np.ndarray, y: np.ndarray, seed: int) -> None:
