@@ -39,6 +39,10 @@ _M_ARENA_MAX = -8  # mallopt parameter number, from glibc's malloc.h
 # Clients keep BDP probing (CHANNEL_OPTIONS): their receive windows make downloads fast.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     *CHANNEL_OPTIONS,
+    # gRPC sets SO_REUSEPORT by default: a second coordinator on a busy port would then start
+    # and the kernel would split the clients between the two federations, neither reaching its
+    # quorum (seen when two test coordinators drew the same free port). Refuse to start instead.
+    ("grpc.so_reuseport", 0),
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 256 << 10),
     # gRPC core cancels calls that arrived but that the application has not picked up yet: at

@@ -55,6 +55,21 @@ def test_status_of_an_empty_dir_says_so(tmp_path: Path) -> None:
     assert "no fedgrpc state" in out.stderr
 
 
+@pytest.mark.integration
+def test_second_coordinator_on_a_busy_port_refuses_to_start(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Not both serving with the clients split between them (gRPC's default SO_REUSEPORT)."""
+    port = free_port()
+    start_serving(procs, tmp_path / "logs", port, tmp_path / "first")
+    out = run(
+        "fedserver.cli", "run", "--task", "examples.digits:task", "--port", str(port),
+        "--state-dir", str(tmp_path / "second"),
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: is the port in use?" in out.stderr
+
+
 def test_client_gives_up_on_an_unreachable_coordinator(tmp_path: Path, procs: list[Proc]) -> None:
     client = start_client(tmp_path, free_port(), "0/1", "--give-up-after", "2")
     procs.append(client)
