@@ -62,9 +62,11 @@ def test_bars_on_a_terminal(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         wait_serving(port)
+        # Three epochs of digits take milliseconds: --slowdown keeps the round open for a few
+        # seconds, so the coordinator's bar (redrawn every 0.5 s) is drawn while it is.
         client = OnTty(
             ["-m", "fedclient.cli", "run", "--server", f"127.0.0.1:{port}", "--task", TASK,
-             "--client-id", "tty-client", "--threads", "1"]
+             "--client-id", "tty-client", "--threads", "1", "--slowdown", "20"]
         )  # fmt: skip
         client_code, client_out = client.finish(120)
     finally:
