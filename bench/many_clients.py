@@ -116,6 +116,7 @@ def run(
     kill_restart: bool = False,
     timeout: float = 1800,
     client_nice: int = CLIENT_NICE,
+    arrival: float = 0.0,
 ) -> dict[str, Any]:
     port, state = free_port(), work / "state"
     flags = ["--rounds", str(rounds), "--min-clients", str(clients), "--round-timeout", "900"]
@@ -145,6 +146,7 @@ def run(
             args = ["-m", "bench.many_clients", "worker", "--server", f"127.0.0.1:{port}"]
             args += ["--first", str(first), "--count", str(count)]
             args += ["--stats", str(work / f"lat-{w}.json"), "--nice", str(client_nice)]
+            args += ["--arrival-seconds", str(arrival)]
             workers.append(spawn(f"worker-{w}", args, work))
         worker_watches += [ProcWatch(p.popen.pid, interval=0.5) for p in workers]
         if kill_restart:
@@ -183,6 +185,7 @@ def run(
         "params": params,
         "kill_restart": kill_restart,
         "client_nice": client_nice,
+        "arrival_seconds": arrival,
         "rounds": [r["duration_seconds"] for r in status["rounds"]],
         "participants": [r["participants"] for r in status["rounds"]],
         "latency": {k: percentiles(v) for k, v in sorted(lat.items())},
@@ -206,7 +209,9 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{r['clients']} clients ({k} per round) in {r['procs']} processes, {r['params']} params")
     print("round seconds:", " ".join(f"{s:.2f}" for s in r["rounds"]))
     print("participants:", r["participants"])
-    print(f"client processes at nice {r['client_nice']}")
+    print(f"client processes at nice {r['client_nice']}", end="")
+    arrival = r["arrival_seconds"]
+    print(f", clients arriving within {arrival:g} s" if arrival else ", all clients at once")
     print(f"{'':>9} {'n':>6} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
     for kind, q in r["latency"].items():
         ms = [q.get(x, 0) * 1e3 for x in ("p50", "p99", "max")]
@@ -240,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker.add_argument("--count", type=int, required=True)
     worker.add_argument("--stats", type=Path, required=True)
     worker.add_argument("--nice", type=int, default=0)
+    worker.add_argument("--arrival-seconds", type=float, default=0.0)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--params", type=int, default=10_000)
@@ -253,12 +259,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"CPU priority of the client processes (default {CLIENT_NICE}: below the "
         "coordinator's, standing in for clients on machines of their own; 0: same priority)",
     )
+    parser.add_argument(
+        "--arrival-seconds",
+        type=float,
+        default=0.0,
+        help="each client starts at a random time within this many seconds, as clients do "
+        "after a restart with their jittered backoff; its latencies count from its own start "
+        "(default 0: all clients at the same instant)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--keep", type=Path, help="work (logs, state) here instead of a temp dir")
     args = parser.parse_args(argv)
     if args.command == "worker":
         os.nice(args.nice)
-        lat = asyncio.run(run_worker(args.server, args.first, args.count))
+        lat = asyncio.run(run_worker(args.server, args.first, args.count, args.arrival_seconds))
         args.stats.write_text(json.dumps(lat))
         return 0
     if args.kill_restart and args.rounds < 2:
@@ -275,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.clients_per_round,
             args.kill_restart,
             client_nice=args.client_nice,
+            arrival=args.arrival_seconds,
         )
     print_table(result)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from fedclient.retry import RECONNECT_OPTIONS, Backoff, retry_after
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.wire import CHANNEL_OPTIONS, ModelCalls
-from fedserver.limits import raise_open_files_limit
+from fedserver.limits import raise_open_files_limit, tune_garbage_collector
 
 OPTIONS = [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 # The coordinator restarting, or shedding a storm: come back. Anything else fails the bench.
@@ -87,8 +87,11 @@ async def _submit(
             await asyncio.sleep(backoff.next_delay(delay))
 
 
-async def virtual_client(address: str, client_id: str, lat: Latencies, seed: int) -> None:
+async def virtual_client(
+    address: str, client_id: str, lat: Latencies, seed: int, arrival: float = 0.0
+) -> None:
     rng = random.Random(seed)  # each client its own jitter: a shared seed would march in step
+    await asyncio.sleep(rng.uniform(0.0, arrival))
     backoff = Backoff(initial=0.5, maximum=5.0, give_up_after=600, rng=rng)
     async with grpc.aio.insecure_channel(address, options=OPTIONS) as channel:
         stub = pb_grpc.CoordinatorStub(channel)
@@ -121,10 +124,19 @@ async def virtual_client(address: str, client_id: str, lat: Latencies, seed: int
                 await asyncio.sleep(backoff.next_delay(retry_after(e)))
 
 
-async def run_worker(address: str, first: int, count: int) -> Latencies:
+async def run_worker(address: str, first: int, count: int, arrival: float = 0.0) -> Latencies:
+    """Runs `count` clients; each arrives at a uniformly random time within `arrival` seconds
+    (0: all at once) and measures its latencies from its own arrival."""
     raise_open_files_limit()  # one socket per virtual client
+    # Each virtual client stands in for a device of its own, whose collector would not walk
+    # 2,500 clients' objects: settings of a process with thousands of connections, as the
+    # coordinator's.
+    tune_garbage_collector()
     lat: Latencies = defaultdict(list)
     await asyncio.gather(
-        *(virtual_client(address, f"v{first + i:05d}", lat, first + i) for i in range(count))
+        *(
+            virtual_client(address, f"v{first + i:05d}", lat, first + i, arrival)
+            for i in range(count)
+        )
     )
     return lat

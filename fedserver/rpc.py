@@ -21,6 +21,7 @@ from fedcore import limits
 from fedcore.limits import MAX_CLIENT_ID, clip_message, excerpt
 from fedcore.proto import coordinator_pb2 as pb
 from fedserver.aggregate import BadUpdate, SpillCorrupted, UpdateTooLarge
+from fedserver.interceptor import WrapOnce
 from fedserver.messages import CoordinatorBusy, SubmitResult, TooManyStreams
 from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound
 from fedserver.secagg import SecAggFailed
@@ -122,20 +123,15 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return field.label == FieldDescriptor.LABEL_REPEATED
 
 
-class LenientDecoding(grpc.aio.ServerInterceptor):
+class LenientDecoding(WrapOnce):
     """Hand undecodable protobuf to the servicer as None instead of failing with UNKNOWN.
 
     gRPC answers a request its deserializer cannot parse with UNKNOWN and logs a traceback; a
     hostile or broken peer must get INVALID_ARGUMENT like any other bad input, and be counted.
     """
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or handler.request_deserializer is None:
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
 
@@ -176,20 +172,12 @@ class BoundedContext:
 UNEXPECTED = "unexpected error in the coordinator (see its log)"
 
 
-class BoundedReplies(grpc.aio.ServerInterceptor):
+class BoundedReplies(WrapOnce):
     """Run every handler with a BoundedContext, and answer an unexpected exception with a short
     UNKNOWN instead of gRPC's default, which puts the exception's text (maybe client input,
     maybe megabytes) into the status message."""
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None:
-            return handler
-        method = details.method
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         for kind in ("unary_unary", "stream_unary", "unary_stream", "stream_stream"):
             behaviour = getattr(handler, kind)
             if behaviour is None:

@@ -18,7 +18,7 @@ from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.assembly import EXIT_FAILED, EXIT_OK, ServerSettings, SetupError, build_coordinator
 from fedserver.coordinator import Coordinator
 from fedserver.joinlog import JoinLog
-from fedserver.limits import OpenFilesWatch, raise_open_files_limit
+from fedserver.limits import OpenFilesWatch, raise_open_files_limit, tune_garbage_collector
 from fedserver.progress import show_progress
 from fedserver.rpc import BoundedReplies, LenientDecoding
 from fedserver.security.auth import AuthInterceptor, build_authenticator
@@ -74,6 +74,7 @@ async def serve(s: ServerSettings) -> int:
     limit_malloc_arenas()
     files = OpenFilesWatch(raise_open_files_limit())  # one descriptor per connected client
     coordinator = build_coordinator(s)
+    tune_garbage_collector()
     try:
         credentials = s.tls.server_credentials() if s.tls else None
         auth = build_authenticator(s.tls is not None and s.tls.ca is not None, s.tokens_file)

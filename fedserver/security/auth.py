@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import grpc
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.security import TOKEN_METADATA, TOKEN_SCHEME
+from fedserver.interceptor import WrapOnce
 from fedserver.security.certs import ROLE_CLIENT, ROLE_OPERATOR, peer_role
 from fedserver.security.tokens import TokenFileError, TokenStore
 
@@ -156,24 +157,19 @@ class Authenticator:
             )
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrapOnce):
     """Wraps every Coordinator handler so each call is authenticated and each message checked.
 
     Installed whether or not authentication is configured: without it, methods in ACCESS pass
     through unwrapped (no per-message cost) and any other Coordinator method is refused."""
 
     def __init__(self, auth: Authenticator) -> None:
+        super().__init__()
         self.auth = auth
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method_path: str = details.method  # type: ignore[attr-defined]
-        if handler is None or not method_path.startswith(SERVICE_PREFIX):
-            return handler  # health, reflection, unknown methods (UNIMPLEMENTED)
+    def wrap(self, handler: grpc.RpcMethodHandler, method_path: str) -> grpc.RpcMethodHandler:
+        if not method_path.startswith(SERVICE_PREFIX):
+            return handler  # health, reflection
         method = method_path[len(SERVICE_PREFIX) :]
         if not self.auth.enabled and method in ACCESS:
             return handler
