@@ -61,7 +61,10 @@ def speeds(clients: int, slow: int, sigma: float, seed: int, base: float = 1.0) 
 
 
 def settings(
-    deadlines: Sequence[float], buffer_sizes: Sequence[int], max_staleness: int
+    deadlines: Sequence[float],
+    buffer_sizes: Sequence[int],
+    max_staleness: int,
+    weights: Sequence[str] = ("poly:0.5",),
 ) -> dict[str, list[str]]:
     chosen = {"sync-all": ["--round-timeout", "600"]}
     retry = ["--max-attempts", "50"]
@@ -72,9 +75,12 @@ def settings(
             "--round-timeout", str(d), "--clients-per-round", "7", "--min-fit", "5", *retry
         ]  # fmt: skip
     for k in buffer_sizes:
-        chosen[f"async-{k}"] = [
-            "--mode", "async", "--buffer-size", str(k), "--max-staleness", str(max_staleness),
-        ]  # fmt: skip
+        for w in weights:
+            name = f"async-{k}" if len(weights) == 1 else f"async-{k}-{w}"
+            chosen[name] = [
+                "--mode", "async", "--buffer-size", str(k), "--max-staleness", str(max_staleness),
+                "--staleness-weight", w,
+            ]  # fmt: skip
     return chosen
 
 
@@ -177,6 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--buffer-sizes", default="2,3,5", help="async buffer sizes K to race (2,3,5)")
     p.add_argument("--max-staleness", type=int, default=10)
+    p.add_argument(
+        "--staleness-weights",
+        default="poly:0.5",
+        help="async staleness weights to race, separated by ';' (poly:0.5)",
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="per setting, s (600)")
     p.add_argument("--only", default="", help="comma-separated setting prefixes to run (all)")
     p.add_argument("--seed", type=int, default=0)
@@ -190,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"clients' --slowdown: {slowdowns}", flush=True)
     deadlines = [float(d) for d in args.deadlines.split(",")]
     sizes = [int(k) for k in args.buffer_sizes.split(",")]
-    chosen = settings(deadlines, sizes, args.max_staleness)
+    chosen = settings(deadlines, sizes, args.max_staleness, args.staleness_weights.split(";"))
     if args.only:
         wanted = args.only.split(",")
         chosen = {k: v for k, v in chosen.items() if any(k.startswith(w) for w in wanted)}
