@@ -46,9 +46,11 @@ from typing import Any
 
 import numpy as np
 
+from fedserver.staleness import StalenessWeight
 from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
 
 _TICK = threading.Event()
+DEFAULT_WEIGHT = str(StalenessWeight())  # the coordinator's --staleness-weight default
 REFUSED = "update not counted"  # fedclient's log line for an upload the coordinator refused
 
 
@@ -64,7 +66,7 @@ def settings(
     deadlines: Sequence[float],
     buffer_sizes: Sequence[int],
     max_staleness: int,
-    weights: Sequence[str] = ("poly:0.5",),
+    weights: Sequence[str] = (DEFAULT_WEIGHT,),
 ) -> dict[str, list[str]]:
     chosen = {"sync-all": ["--round-timeout", "600"]}
     retry = ["--max-attempts", "50"]
@@ -185,8 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-staleness", type=int, default=10)
     p.add_argument(
         "--staleness-weights",
-        default="poly:0.5",
-        help="async staleness weights to race, separated by ';' (poly:0.5)",
+        default=DEFAULT_WEIGHT,
+        help=f"async staleness weights to race, separated by ';' ({DEFAULT_WEIGHT})",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="per setting, s (600)")
     p.add_argument("--only", default="", help="comma-separated setting prefixes to run (all)")

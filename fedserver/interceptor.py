@@ -9,6 +9,7 @@ running the inner ones (their wrapping is already inside the cached handler). In
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -22,8 +23,9 @@ class WrapOnce(grpc.aio.ServerInterceptor):
         # client made up: an unknown method is answered UNIMPLEMENTED and not remembered.
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
+    @abc.abstractmethod
     def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        raise NotImplementedError
+        """The handler to serve `method` with, built from the server's own `handler`."""
 
     async def intercept_service(
         self,
