@@ -147,3 +147,26 @@ def test_personal_tensors_are_refused(tmp_path: Path) -> None:
     s = _settings(tmp_path / "state", "tests.sim_tasks:personal", "--clients", "4")
     with pytest.raises(SetupError, match=re.escape("personal_tensors '2.bias'")):
         check_settings(s)
+
+
+def test_a_lost_ray_worker_fails_its_batch_not_the_run() -> None:
+    """After Ray's own retries, a worker that died on a batch makes its clients failed
+    clients of the round (reported at once, as above) instead of an exception ending the run."""
+    import ray.exceptions
+
+    from fedclient.virtual import Evaluated, Fitted
+    from fedserver.simulation.workers import Batch
+
+    async def lost() -> list[Any]:
+        raise ray.exceptions.RayActorError()
+
+    async def results(failed: Any) -> list[Any]:
+        return await Batch(lost(), ["client-0", "client-1"], failed)
+
+    fitted = asyncio.run(results(lambda c, e: Fitted(c, error=e)))
+    assert [(f.client_id, f.error.split(":")[0]) for f in fitted] == [
+        ("client-0", "RayActorError"),
+        ("client-1", "RayActorError"),
+    ]
+    evaluated = asyncio.run(results(lambda c, e: Evaluated(c, error=e)))
+    assert all(isinstance(e, Evaluated) and e.error for e in evaluated)

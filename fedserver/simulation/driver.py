@@ -65,7 +65,10 @@ async def simulate(s: SimSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     bar = asyncio.create_task(show_progress(coordinator)) if s.server.progress else None
     try:
-        workers.start_ray(s.ray)
+        try:
+            workers.start_ray(s.ray)
+        except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
+            raise SetupError(f"cannot start or reach Ray: {e}") from None
         spec = VirtualSpec(
             s.server.task, s.clients, s.partitioner, s.alpha, s.server.seed, s.encoding
         )
