@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -67,6 +68,22 @@ def round_seed(seed: int, client_id: str, round_number: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def seed_rngs(seed: int) -> None:
+    """Seed every global generator a Task may draw from: torch's, numpy's and `random`'s.
+
+    Called before each local update with the (seed, client, round) seed: a simulation worker
+    trains many clients one after another, so a generator left unseeded would carry one
+    client's draws into the next and make the model depend on the number of workers.
+    (A Task's own `np.random.default_rng()` without a seed stays unseeded: seed it from
+    `config.seed`.)
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # the legacy global state: what `np.random.normal()` etc. draw from
+    random.seed(seed)
+
+
 def local_update(
     task: Task,
     model: Any,
@@ -79,13 +96,12 @@ def local_update(
     """Train `model` from `base` (or take one gradient under FedSGD); the float32 update
     vector over every float tensor in manifest order, and what the task reported.
 
-    Deterministic given `config.seed`: the global torch RNG is seeded here and the default
-    loop shuffles with its own generator, so the same (client, round) gives the same bytes
-    wherever it runs (a `fedclient` process or a simulation worker).
+    Deterministic given `config.seed`: the global torch, numpy and `random` generators are
+    seeded here (seed_rngs) and the default loop shuffles with its own generator, so the same
+    (client, round) gives the same bytes wherever it runs (a `fedclient` process or a
+    simulation worker, after any other clients).
     """
-    import torch
-
-    torch.manual_seed(config.seed)
+    seed_rngs(config.seed)
     model.load_state_dict(to_state_dict(base))
     if personal:
         model.load_state_dict(personal, strict=False)  # FedPer: keep our own layers

@@ -2,12 +2,17 @@
 
 Every client process computes the *whole* split from the shared seed and then keeps its own
 slice, so clients never need to talk to each other to agree on who owns which example: the
-slices are disjoint and cover the dataset by construction.
+slices are disjoint and cover the dataset by construction. The whole split is computed once
+per process and kept (a few of them, most recently used): a simulation worker serves every
+client of every round from the same split (Dirichlet at N = 1,000 took 0.9 s per client when it
+was recomputed for each).
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +22,10 @@ SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "shards", "quantity")
 _PARSE_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 # Dirichlet draws occasionally starve a client; redraw this many times before repairing.
 _MAX_DIRICHLET_DRAWS = 100
+# Whole splits kept per process, most recently used first out: a task may split two label
+# arrays (train and test), and a worker serves one simulation at a time.
+SPLIT_CACHE_SIZE = 4
+_SPLITS: OrderedDict[tuple[object, ...], list[np.ndarray]] = OrderedDict()
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,27 @@ def partition_indices(labels: np.ndarray, partition: Partition) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
-    return np.sort(_assign(labels, partition)[partition.index])
+    return np.sort(_split(labels, partition)[partition.index])
+
+
+def _split(labels: np.ndarray, p: Partition) -> list[np.ndarray]:
+    """`_assign`, computed once per (labels, count, scheme, alpha, seed) and then reused: the
+    split does not depend on `p.index`, so every client's slice comes from one computation."""
+    if labels.dtype.hasobject:  # no stable bytes to key on: compute every time
+        return _assign(labels, p)
+    digest = hashlib.blake2b(np.ascontiguousarray(labels).tobytes(), digest_size=16).digest()
+    key = (digest, labels.dtype.str, len(labels), p.count, p.scheme, p.alpha, p.seed)
+    parts = _SPLITS.get(key)
+    if parts is not None:
+        _SPLITS.move_to_end(key)
+        return parts
+    parts = _assign(labels, p)
+    for part in parts:
+        part.setflags(write=False)  # shared by every later caller
+    _SPLITS[key] = parts
+    while len(_SPLITS) > SPLIT_CACHE_SIZE:
+        _SPLITS.popitem(last=False)
+    return parts
 
 
 def _assign(labels: np.ndarray, p: Partition) -> list[np.ndarray]:

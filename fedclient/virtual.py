@@ -9,7 +9,10 @@ encoded update out — exactly what a `fedclient` process exchanges over gRPC.
 
 Virtual clients are stateless across rounds, which rules out what needs client memory:
 top-k's error-feedback residual (each round starts from zero, like a fresh process) and FedPer
-personal tensors.
+personal tensors (`fedserver simulate` refuses a Task that has them).
+
+A client whose task raises is a failed client (`Fitted.error`, `Evaluated.error`), never an
+exception out of the worker: the driver reports it to the round at once.
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ class VirtualSpec:
     seed: int = 0
     encoding: str = ""  # "" = the round's (like fedclient --encoding)
     threads: int = 1  # torch CPU threads of this worker
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One virtual client's federated evaluation: a serialized pb.EvaluationResult (what
+    SubmitEvaluation carries), or why the client failed."""
+
+    client_id: str
+    result: bytes = b""
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,26 +150,39 @@ class VirtualClients:
         )
         return Fitted(cid, update.SerializeToString(), payload, digest)
 
-    def evaluate(self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]) -> list[bytes]:
-        """Federated evaluation: serialized pb.EvaluationResult per client (as SubmitEvaluation)."""
+    def evaluate(
+        self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]
+    ) -> list[Evaluated]:
+        """Federated evaluation, one result per client; a client whose task raises is reported
+        as failed (as in fit), not raised: it would end the whole simulation."""
         header = pb.ModelHeader.FromString(header_bytes)
         base = self._model(header, buffer)
         out = []
         for cid in ids:
-            data = self._data(client_index(cid))
-            metrics: dict[str, float] = {}
-            n = len(data.test) if data.test is not None else 0  # type: ignore[arg-type]
-            if n:
-                self.model.load_state_dict(to_state_dict(base))
-                metrics = {
-                    k: float(v) for k, v in self.task.evaluate(self.model, data.test).items()
-                }
-            result = pb.EvaluationResult(
-                client_id=cid,
-                round=header.evaluate_round,
-                model_version=header.model_version,
-                num_examples=n,
-                metrics=metrics,
-            )
-            out.append(result.SerializeToString())
+            try:
+                out.append(Evaluated(cid, self._evaluate_one(header, base, cid)))
+            except Exception as e:
+                log.warning(
+                    "virtual client %s failed to evaluate round %d: %r",
+                    cid,
+                    header.evaluate_round,
+                    e,
+                )
+                out.append(Evaluated(cid, error=f"{type(e).__name__}: {e}"))
         return out
+
+    def _evaluate_one(self, header: pb.ModelHeader, base: FlatModel, cid: str) -> bytes:
+        data = self._data(client_index(cid))
+        metrics: dict[str, float] = {}
+        n = len(data.test) if data.test is not None else 0  # type: ignore[arg-type]
+        if n:
+            self.model.load_state_dict(to_state_dict(base))
+            metrics = {k: float(v) for k, v in self.task.evaluate(self.model, data.test).items()}
+        result = pb.EvaluationResult(
+            client_id=cid,
+            round=header.evaluate_round,
+            model_version=header.model_version,
+            num_examples=n,
+            metrics=metrics,
+        )
+        return result.SerializeToString()

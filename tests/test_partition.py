@@ -129,3 +129,39 @@ def test_parse_error_quotes_input() -> None:
 def test_invalid_partition(kw: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Partition(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_split_computed_once_across_clients_and_rounds(
+    scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A simulation worker cuts every client's slice, every round, from one computed split."""
+    from fedclient import partition
+
+    labels, count, kw = _labels(), 20, {"scheme": scheme, "alpha": 0.3, "seed": 7}
+    expected = [
+        np.sort(part)
+        for part in partition._assign(labels, Partition(0, count, **kw))  # type: ignore[arg-type]
+    ]
+    monkeypatch.setattr(partition, "_SPLITS", type(partition._SPLITS)())
+    calls: list[Partition] = []
+    real = partition._assign
+
+    def counting(labels: np.ndarray, p: Partition) -> list[np.ndarray]:
+        calls.append(p)
+        return real(labels, p)
+
+    monkeypatch.setattr(partition, "_assign", counting)
+    for _round in range(3):
+        got = _split(labels, count, **kw)
+        assert all(np.array_equal(g, e) for g, e in zip(got, expected, strict=True))
+    assert len(calls) == 1
+    # Another seed, count or label array is another split; the cached one stays read-only.
+    _split(labels, count, **{**kw, "seed": 8})
+    _split(labels[:-1], count, **kw)
+    _split(labels, count + 1, **kw)
+    assert len(calls) == 4
+    partition_indices(labels, Partition(0, count, **kw))[0] = -1  # callers get a copy
+    cached = partition._SPLITS[next(reversed(partition._SPLITS))]
+    with pytest.raises(ValueError, match="read-only"):
+        cached[0][0] = 0

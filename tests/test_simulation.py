@@ -118,6 +118,16 @@ def test_too_few_clients_is_a_usage_error_before_ray(tmp_path: Path, ray_dir: Pa
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.timeout(120)
+def test_async_mode_is_refused_at_start_up(tmp_path: Path, ray_dir: Path) -> None:
+    """It used to start Ray and wait forever: asynchronous rounds select no one to dispatch."""
+    args = ("--clients", "4", "--mode", "async", "--buffer-size", "2")
+    out = fedserver(*_sim_args(tmp_path / "s", ray_dir, DIGITS, *args), timeout=60)
+    assert out.returncode == 2, out.stderr[-4000:]
+    assert "--mode async cannot be simulated yet" in out.stderr
+    assert not (tmp_path / "s").exists()
+
+
 # ---------------------------------------------------------------------------- runs (slow)
 @pytest.mark.slow
 @pytest.mark.integration
@@ -146,13 +156,34 @@ def test_digits_simulation_matches_fedclient_processes(
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_same_seed_same_model_on_one_and_two_workers(tmp_path: Path, ray_dir: Path) -> None:
+    """The task also draws from numpy's and random's global generators while training: they
+    are seeded per (seed, client, round) like torch's, not left to each worker's history."""
     models = []
     for workers in ("1", "2"):
         state = tmp_path / f"w{workers}"
         args = ("--clients", "10", "--clients-per-round", "5", "--rounds", "2", "--seed", "3")
-        _simulate(state, ray_dir, DIGITS, *args, "--workers", workers)
+        _simulate(state, ray_dir, "tests.sim_tasks:noisy", *args, "--workers", workers)
         models.append((state / "model.safetensors").read_bytes())
     assert models[0] == models[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_failing_clients_neither_stall_nor_end_the_run(tmp_path: Path, ray_dir: Path) -> None:
+    """Client 1's training and client 2's evaluation raise ValueError every round: each round
+    closes on the other 3 updates without waiting out --round-timeout (600 s, far beyond this
+    test's timeout), and the run finishes (a client's ValueError once exited 2, a usage error)."""
+    state = tmp_path / "state"
+    args = ("--clients", "4", "--clients-per-round", "4", "--min-clients", "2", "--rounds", "2")
+    args += ("--eval-every", "1", "--round-timeout", "600", "--workers", "1")
+    out = fedserver(*_sim_args(state, ray_dir, "tests.sim_tasks:failing", *args), timeout=140)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "virtual client client-1 failed: ValueError" in out.stderr
+    assert "virtual client client-2 failed to evaluate round 2: ValueError" in out.stderr
+    status = status_json(state)
+    assert status["status"] == "finished"
+    assert [r["participants"] for r in status["rounds"]] == [3, 3]
+    assert [r["metrics"]["fed_clients"] for r in status["rounds"]] == [3, 3]
 
 
 @pytest.mark.slow

@@ -12,11 +12,15 @@ import logging
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedclient.flags import add_data_flags
 from fedcore.logs import setup_logging
 from fedserver import run_cli
 from fedserver.assembly import EXIT_USAGE, SetupError
+
+if TYPE_CHECKING:
+    from fedserver.simulation.driver import SimSettings
 
 # `fedserver run` flags that only concern the network (or secure aggregation, which needs
 # clients exchanging keys through the coordinator): left out of `simulate`, run's defaults apply.
@@ -124,34 +128,49 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
 
 def run_simulation(args: argparse.Namespace) -> int:
-    from fedserver.simulation.driver import SimSettings, simulate
-    from fedserver.simulation.settings import RaySettings, parse_resources
+    from fedserver.simulation.driver import simulate
 
     setup_logging(args.log_level, args.log_format)
     log = logging.getLogger("fedserver")
     try:
-        cpus, gpus = parse_resources(args.client_resources)
-        server = run_cli.server_settings(args)
-        if args.clients_per_round is None and math.isclose(args.fraction_fit, 1.0):
-            log.info("every virtual client trains every round (see --clients-per-round)")
-        settings = SimSettings(
-            server=replace(server, port=0),
-            clients=args.clients,
-            partitioner=args.partitioner,
-            alpha=args.alpha,
-            encoding=args.encoding,
-            ray=RaySettings(
-                address=args.ray_address,
-                cpus=cpus,
-                gpus=gpus,
-                workers=args.workers,
-                object_store_mb=args.object_store_mb,
-                temp_dir=str(Path(args.ray_temp_dir).resolve()) if args.ray_temp_dir else None,
-            ),
-        )
+        settings = sim_settings(args)
+    except (SetupError, ValueError) as e:  # a flag's value
+        log.error("%s", e)
+        return EXIT_USAGE
+    try:
+        # Only SetupError (refused at start-up) is a usage error from here on: a ValueError
+        # raised later comes from running code (a task, a client), not from a flag.
         return asyncio.run(simulate(settings))
-    except (SetupError, ValueError) as e:
+    except SetupError as e:
         log.error("%s", e)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def sim_settings(args: argparse.Namespace) -> SimSettings:
+    """The settings of one simulation from its flags (ValueError: a flag's value)."""
+    from fedserver.simulation.driver import SimSettings
+    from fedserver.simulation.settings import RaySettings, parse_resources
+
+    cpus, gpus = parse_resources(args.client_resources)
+    server = run_cli.server_settings(args)
+    if args.clients_per_round is None and math.isclose(args.fraction_fit, 1.0):
+        logging.getLogger("fedserver").info(
+            "every virtual client trains every round (see --clients-per-round)"
+        )
+    return SimSettings(
+        server=replace(server, port=0),
+        clients=args.clients,
+        partitioner=args.partitioner,
+        alpha=args.alpha,
+        encoding=args.encoding,
+        ray=RaySettings(
+            address=args.ray_address,
+            cpus=cpus,
+            gpus=gpus,
+            workers=args.workers,
+            object_store_mb=args.object_store_mb,
+            temp_dir=str(Path(args.ray_temp_dir).resolve()) if args.ray_temp_dir else None,
+        ),
+    )

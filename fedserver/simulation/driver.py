@@ -5,6 +5,10 @@ the round and selects K of them exactly as it would select processes, the K sele
 the workers in batches, and their updates are submitted one by one in client-id order through
 the in-process servicer (seam.py). Aggregation, checkpoints, DP accounting, evaluation and the
 state dir are the coordinator's own, so `fedserver status` / `report` / resume work unchanged.
+
+A virtual client whose task raises is a dropped client of that round: once every selected
+client has run, the round is decided at once (quorum rules as at its deadline), not after
+--round-timeout. A failed federated evaluation is counted as failed and not retried.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from fedclient.partition import Partition
 from fedclient.virtual import VirtualSpec, client_id, client_index
+from fedcore.plugins import load_object
 from fedserver.assembly import EXIT_FAILED, EXIT_OK, ServerSettings, SetupError, build_coordinator
 from fedserver.progress import show_progress
 from fedserver.simulation.seam import InProcessServicer
@@ -28,8 +33,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedserver")
 
-# How long to sleep on the coordinator when no virtual client has work: only while a round
-# waits for its deadline (some virtual client failed) or a re-open.
+# How long to sleep on the coordinator when no virtual client has work and no round can be
+# decided: only while no round is collecting (aggregating, stopping).
 IDLE_WAIT = 1.0
 
 
@@ -47,15 +52,11 @@ async def simulate(s: SimSettings) -> int:
     """Run the simulation to the end (or a signal); the exit code `fedserver run` would give."""
     from fedserver.simulation import workers  # imports ray
 
-    if s.clients < s.server.policy.min_clients:
-        raise SetupError(
-            f"--clients {s.clients} is below --min-clients {s.server.policy.min_clients}: "
-            "no round could ever open"
-        )
-    if s.server.secure != "none":
-        raise SetupError("--secure cannot be simulated: run real clients (fedserver run)")
-    Partition(0, s.clients, s.partitioner, s.alpha, s.server.seed)  # ValueError: usage
-    coordinator = build_coordinator(s.server)
+    check_settings(s)
+    try:
+        coordinator = build_coordinator(s.server)
+    except ValueError as e:  # a flag's value (strategy parameters...), as for `fedserver run`
+        raise SetupError(str(e)) from None
     seam = InProcessServicer(coordinator)
     ids = [client_id(i) for i in range(s.clients)]
     stop = asyncio.Event()
@@ -64,7 +65,10 @@ async def simulate(s: SimSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     bar = asyncio.create_task(show_progress(coordinator)) if s.server.progress else None
     try:
-        workers.start_ray(s.ray)
+        try:
+            workers.start_ray(s.ray)
+        except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
+            raise SetupError(f"cannot start or reach Ray: {e}") from None
         spec = VirtualSpec(
             s.server.task, s.clients, s.partitioner, s.alpha, s.server.seed, s.encoding
         )
@@ -93,23 +97,59 @@ async def simulate(s: SimSettings) -> int:
     return code
 
 
+def check_settings(s: SimSettings) -> None:
+    """What cannot be simulated, refused before Ray starts or the state dir is touched."""
+    if s.clients < s.server.policy.min_clients:
+        raise SetupError(
+            f"--clients {s.clients} is below --min-clients {s.server.policy.min_clients}: "
+            "no round could ever open"
+        )
+    if s.server.secure != "none":
+        raise SetupError("--secure cannot be simulated: run real clients (fedserver run)")
+    if s.server.buffering is not None:
+        # The seam hands work to the clients a round selects; asynchronous rounds select no
+        # one (clients pull whenever they are free), so nothing would ever run. Simulating
+        # them needs virtual clients that finish at different (virtual) times.
+        raise SetupError(
+            "--mode async cannot be simulated yet (virtual clients have no notion of "
+            "finishing at different times): use --mode fedavg or fedsgd here, or run real "
+            "clients against `fedserver run --mode async`"
+        )
+    try:
+        Partition(0, s.clients, s.partitioner, s.alpha, s.server.seed)
+        task = load_object(s.server.task)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    personal = getattr(task, "personal_tensors", "")
+    if personal:
+        # Virtual clients keep nothing between rounds, so personal layers would be reset to
+        # the global model's each round and, worse, sent and averaged like any other tensor.
+        raise SetupError(
+            f"task {s.server.task} has personal_tensors {personal!r} (FedPer), which needs "
+            "per-client state that virtual clients do not keep: run real clients "
+            "(fedclient run), or simulate a task without personal_tensors"
+        )
+
+
 async def _run(
     seam: InProcessServicer, pool: WorkerPool, ids: list[str], stop: asyncio.Event
 ) -> None:
     coordinator = seam.coordinator
-    dispatched: set[str] = set()
-    attempt: tuple[int, int] = (0, 0)
+    ran = _PerKey()  # clients that ran in this attempt of this round, counted or not
+    failed_evaluations = _PerKey()
     while not stop.is_set():
-        await _evaluate(seam, pool)
+        await _evaluate(seam, pool, failed_evaluations.of(seam.evaluation_round()))
         if coordinator.done.is_set():
             return
         seam.touch_all(ids)  # opens the round once enough clients are live (all of them are)
         m = coordinator.machine
-        if (m.round, m.attempts) != attempt:
-            attempt, dispatched = (m.round, m.attempts), set()
+        dispatched = ran.of((m.round, m.attempts))
         work = seam.training_work(exclude=dispatched)
         if work is None:
-            await seam.wait_change(IDLE_WAIT)
+            # Every selected client has run: with some failed or refused, the round would
+            # otherwise wait out --round-timeout for updates that cannot come.
+            if not seam.decide_now(dispatched):
+                await seam.wait_change(IDLE_WAIT)
             continue
         dispatched.update(work.client_ids)
         count = len(ids)
@@ -131,13 +171,38 @@ async def _run(
         await seam.wait_aggregated()
 
 
-async def _evaluate(seam: InProcessServicer, pool: WorkerPool) -> None:
-    """Federated evaluation of the last published model, when the coordinator asks for one."""
-    work = seam.evaluation_work()
+@dataclass
+class _PerKey:
+    """A set of client ids that starts empty again whenever its key (a round's attempt, an
+    evaluation campaign) changes."""
+
+    key: object = None
+    ids: set[str] = field(default_factory=set)
+
+    def of(self, key: object) -> set[str]:
+        if key != self.key:
+            self.key, self.ids = key, set()
+        return self.ids
+
+
+async def _evaluate(seam: InProcessServicer, pool: WorkerPool, failed: set[str]) -> None:
+    """Federated evaluation of the last published model, when the coordinator asks for one.
+    A client that fails (or whose result is refused) is not asked again for this model."""
+    work = seam.evaluation_work(exclude=failed)
     if work is None:
         return
     for ref in pool.evaluate_refs(work.header, work.model, work.client_ids):
-        for result in await ref:
-            refused = seam.submit_evaluation(result)
+        for evaluated in await ref:
+            if evaluated.error:
+                failed.add(evaluated.client_id)
+                log.warning(
+                    "virtual client %s failed to evaluate round %d: %s",
+                    evaluated.client_id,
+                    work.round,
+                    evaluated.error,
+                )
+                continue
+            refused = seam.submit_evaluation(evaluated.result)
             if refused:
-                log.warning("evaluation not counted: %s", refused)
+                failed.add(evaluated.client_id)
+                log.warning("evaluation of %s not counted: %s", evaluated.client_id, refused)

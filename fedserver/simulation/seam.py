@@ -78,6 +78,24 @@ class InProcessServicer:
             return None
         return Work(self._servicer._header(offer).SerializeToString(), offer.model, m.round, todo)
 
+    def decide_now(self, ran: set[str]) -> bool:
+        """Every client selected in this attempt has reported or ran without reporting (it
+        failed, or its update was refused): nothing more can arrive. Whatever the round's
+        deadline would decide (close on a quorum, re-open for others, give up after
+        --max-attempts), decide it now instead of idling out --round-timeout. True when that
+        changed something; False, doing nothing, when no round is collecting or some selected
+        client has not run yet."""
+        c = self.coordinator
+        m = c.machine
+        if m.phase is not Phase.COLLECTING or c.shutting_down or c.failure:
+            return False
+        if any(m.expects_update_from(cid) and cid not in ran for cid in m.selected):
+            return False
+        before = (m.round, m.attempts, m.phase, c.failure)
+        m.deadline = min(m.deadline, m.clock())
+        c._advance()
+        return (m.round, m.attempts, m.phase, c.failure) != before
+
     def submit(self, header: bytes, payload: np.ndarray, digest: str) -> str | None:
         """SubmitUpdate without the socket; None when counted, else why it was refused."""
         c = self.coordinator
@@ -107,12 +125,20 @@ class InProcessServicer:
         return None
 
     # ------------------------------------------------------------------ federated evaluation
-    def evaluation_work(self) -> Work | None:
+    def evaluation_round(self) -> int:
+        """The round whose model is being evaluated by clients now, or 0."""
+        campaign = self.coordinator.evaluations.campaign
+        return campaign.round if campaign is not None else 0
+
+    def evaluation_work(self, exclude: set[str]) -> Work | None:
+        """The clients that still owe an evaluation of the current model (not in `exclude`)."""
         c = self.coordinator
         campaign = c.evaluations.campaign
         if campaign is None or campaign.version != c.model.version:
             return None
-        todo = sorted(cid for cid in campaign.selected if campaign.pending(cid))
+        todo = sorted(
+            cid for cid in campaign.selected if campaign.pending(cid) and cid not in exclude
+        )
         if not todo:
             return None
         offer = c.offer(todo[0], "")

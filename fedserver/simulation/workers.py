@@ -12,13 +12,15 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 import ray
+import ray.exceptions
 
-from fedclient.virtual import VirtualClients, VirtualSpec
+from fedclient.virtual import Evaluated, Fitted, VirtualClients, VirtualSpec
 from fedcore.tensors import FlatModel
+from fedserver.assembly import SetupError
 from fedserver.simulation.settings import RaySettings
 
 log = logging.getLogger("fedserver")
@@ -62,12 +64,32 @@ def _worker_count(s: RaySettings) -> int:
     if s.gpus > 0:
         fit = min(fit, int(resources.get("GPU", 0) // s.gpus))
     if fit < 1:
-        raise ValueError(
+        raise SetupError(
             f"the Ray cluster has {resources.get('CPU', 0)} CPU(s) and "
             f"{resources.get('GPU', 0)} GPU(s): not enough for one worker with "
             f"--client-resources cpus={s.cpus:g},gpus={s.gpus:g}"
         )
     return fit
+
+
+class Batch:
+    """One Ray call's results, awaited by the driver. A worker lost on it (Ray has already
+    retried: max_restarts, max_task_retries) fails the batch's clients, not the whole run:
+    they are dropped clients of the round, like clients whose task raised."""
+
+    def __init__(self, ref: Any, ids: Sequence[str], failed: Callable[[str, str], Any]) -> None:
+        self.ref, self.ids, self.failed = ref, ids, failed
+
+    def __await__(self) -> Generator[Any, None, list[Any]]:
+        return self._results().__await__()
+
+    async def _results(self) -> list[Any]:
+        try:
+            return list(await self.ref)
+        except ray.exceptions.RayError as e:
+            error = f"{type(e).__name__}: {e}"
+            log.warning("a Ray worker failed on %d virtual client(s): %s", len(self.ids), error)
+            return [self.failed(cid, error) for cid in self.ids]
 
 
 class WorkerPool:
@@ -98,19 +120,28 @@ class WorkerPool:
         return [list(ids[i : i + n]) for i in range(0, len(ids), n)]
 
     def _submit(
-        self, method: str, header: bytes, model: FlatModel, ids: Sequence[str]
-    ) -> list[Any]:
+        self,
+        method: str,
+        header: bytes,
+        model: FlatModel,
+        ids: Sequence[str],
+        failed: Callable[[str, str], Any],
+    ) -> list[Batch]:
         ref = self._model(model)
         return [
-            getattr(self.actors[i % len(self.actors)], method).remote(header, ref, batch)
+            Batch(
+                getattr(self.actors[i % len(self.actors)], method).remote(header, ref, batch),
+                batch,
+                failed,
+            )
             for i, batch in enumerate(self._batches(ids))
         ]
 
-    def fit_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
-        return self._submit("fit", header, model, ids)
+    def fit_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Batch]:
+        return self._submit("fit", header, model, ids, lambda c, e: Fitted(c, error=e))
 
-    def evaluate_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
-        return self._submit("evaluate", header, model, ids)
+    def evaluate_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Batch]:
+        return self._submit("evaluate", header, model, ids, lambda c, e: Evaluated(c, error=e))
 
     def close(self) -> None:
         for a in self.actors:
