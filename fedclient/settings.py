@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,10 @@ class ClientSettings:
     encoding: str = ""  # update encoding (fp32, fp16, int8, topk[:F]); "" = the round's
     he_key: Path | None = None  # --secure he: the shared secret CKKS context
     slowdown: float = 1.0  # testing aid: training takes this many times as long (sleeping)
+    task_name: str = ""  # --task, sent at Join so a refusal can name it
 
     def resolved_id(self) -> str:
+        """--client-id, else one unique to this process: clients started on one host without
+        ids (or with the same --partition) once all joined as HOST-0of1 and counted as one."""
         p = self.partition
-        return self.client_id or f"{socket.gethostname()}-{p.index}of{p.count}"
+        return self.client_id or f"{socket.gethostname()}-{p.index}of{p.count}-pid{os.getpid()}"
