@@ -11,6 +11,7 @@ live claim from another host is refused naming both addresses; from the same hos
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from urllib.parse import unquote
 
@@ -34,12 +35,16 @@ class Admission:
         if not theirs or theirs == manifest.fingerprint:
             return None  # an empty fingerprint is an older client: not checked
         task = self.coordinator.store.get_meta("task") or "?"
+        shown = theirs[:12] if re.fullmatch(r"[0-9a-f]{64}", theirs) else excerpt(theirs)
+        tensors = manifest.describe()
+        if len(tensors) > 160:
+            tensors = tensors[:160] + " ..."
         message = (
             f"client {request.client_id!r} runs task {excerpt(request.task or '(not sent)')} "
-            f"with model fingerprint {excerpt(theirs[:12])}, but this coordinator runs task "
-            f"{task} with model fingerprint {manifest.fingerprint[:12]} "
-            f"({len(manifest.tensors)} tensors: {excerpt(manifest.describe(), 160)}): start "
-            f"the client with --task {task} and the same model code as the coordinator"
+            f"with model fingerprint {shown}, but this coordinator runs task {task} with model "
+            f"fingerprint {manifest.fingerprint[:12]} ({len(manifest.tensors)} tensors: "
+            f"{tensors}): start the client with --task {task} and the same model code as the "
+            f"coordinator"
         )
         log.warning("Join refused (FAILED_PRECONDITION): %s", message)
         return message
