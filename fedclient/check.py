@@ -14,13 +14,13 @@ import time
 import numpy as np
 from torch.utils.data import Subset
 
-from fedclient.diagnose import TaskMistake, check_local_data, explained
+from fedclient.diagnose import TaskMistake, explained, load
 from fedclient.local_update import local_update
 from fedclient.partition import Partition
 from fedclient.task import LocalData, Task
 from fedcore.logs import format_metrics
 from fedcore.selection import Selection
-from fedcore.tensors import Manifest, state_manifest
+from fedcore.tensors import Manifest
 
 EVAL_EXAMPLES = 256
 
@@ -28,11 +28,8 @@ EVAL_EXAMPLES = 256
 def check_task(task: Task, partition: Partition, seed: int = 0) -> str:
     """One-paragraph summary when all is well; TaskMistake (with the fix) or the task's own
     exception otherwise."""
-    data = task.load_partition(partition)
-    check_local_data(data)
-    model = task.build_model()
+    data, model, mine = load(task, partition)
     base = task.initial_model(seed)  # what a coordinator with this task would serve
-    mine = state_manifest(model.state_dict())
     if mine.fingerprint != base.manifest.fingerprint:
         raise TaskMistake(
             "initial_model (the coordinator's model) and build_model (the client's) differ",

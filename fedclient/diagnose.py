@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from fedclient.metrics import OBJECTIVES
+from fedclient.partition import Partition
 from fedclient.task import LocalData, Task
+from fedcore.tensors import Manifest, state_manifest
 
 
 class TaskMistake(Exception):
@@ -31,10 +33,14 @@ class TaskMistake(Exception):
         super().__init__("\n".join(lines))
 
 
-def check_local_data(data: Any) -> None:
-    """load_partition's result must be a LocalData (the client reads .train and .test)."""
+def load(task: Task, partition: Partition) -> tuple[LocalData, Any, Manifest]:
+    """The partition's data, a fresh model and its manifest (whose fingerprint a client sends
+    at Join); a load_partition result of the wrong type is refused here, before any round."""
+    data = task.load_partition(partition)
     if problem := _not_local_data(data):
         raise TaskMistake("load_partition returned the wrong type", None, [problem])
+    model = task.build_model()
+    return data, model, state_manifest(model.state_dict())
 
 
 def diagnose(task: Task, data: Any, model: Any, error: BaseException | None = None) -> list[str]:

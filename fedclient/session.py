@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedclient.diagnose import check_local_data, explained
+from fedclient.diagnose import explained, load
 from fedclient.he import decrypt_aggregate
 from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.protocols import handler_for
@@ -47,7 +47,6 @@ from fedcore.tensors import (
     FlatModel,
     Manifest,
     ManifestError,
-    state_manifest,
     to_state_dict,
 )
 from fedcore.wire import (
@@ -161,10 +160,8 @@ class ClientSession:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        data = self.task.load_partition(self.settings.partition)
-        check_local_data(data)  # a wrong type fails here, not at round 1
-        model = self.task.build_model()
-        self.fingerprint = state_manifest(model.state_dict()).fingerprint
+        data, model, manifest = load(self.task, self.settings.partition)
+        self.fingerprint = manifest.fingerprint
         # Before joining: the first torch optimizer imports torch._dynamo (~2 CPU s), which would
         # otherwise land in round 1's training time, against its deadline. A warm-up only:
         # a task whose optimizer cannot be built this way fails in training, with its context.
