@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "check",
         help="try a task locally: load a partition, train and evaluate one batch",
-        description="Loads the partition, builds the model, trains one batch and evaluates "
-        "one, as `fedclient run` would, and explains common mistakes with their fix. Exit 0: "
-        "the task is ready; 1: it is not (why is printed).",
+        description="Loads the partition, builds the model, trains one batch and evaluates one,\n"
+        "as `fedclient run` would, and explains common mistakes with their fix.\n"
+        "Exit status 0: the task is ready; 1: it is not (and why); 2: bad arguments.",
         epilog="example:\n  fedclient check --task examples.digits:task --partition 0/3",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -121,14 +120,8 @@ class ClientSession:
         return max(1.0, min(JOIN_TIMEOUT, self.settings.give_up_after - spent))
 
     def _join(self) -> None:
-        p = self.settings.partition
         call = self.stub.Join.future(
-            pb.JoinRequest(
-                client_id=self.client_id,
-                properties={"hostname": socket.gethostname(), "partition": f"{p.index}/{p.count}"},
-                task=self.settings.task_name,
-                model_fingerprint=self.fingerprint,
-            ),
+            self.settings.join_request(self.client_id, self.fingerprint),
             # After a failure, wait for the channel to reconnect instead of failing fast, so the
             # client resumes as soon as the coordinator is back (within the give-up budget).
             timeout=self._join_timeout(),

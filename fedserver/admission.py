@@ -25,8 +25,8 @@ log = logging.getLogger("fedserver.service")
 class Admission:
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
-        # client id -> peer address of its last admitted Join (pruned to live ids as it grows)
-        self.peers: OrderedDict[str, str] = OrderedDict()
+        # client id -> (peer address, instance) of its last admitted Join (pruned to live ids)
+        self.peers: OrderedDict[str, tuple[str, str]] = OrderedDict()
 
     def model_mismatch(self, request: pb.JoinRequest) -> str | None:
         """Why this client's model cannot train ours (FAILED_PRECONDITION), or None."""
@@ -49,15 +49,17 @@ class Admission:
         log.warning("Join refused (FAILED_PRECONDITION): %s", message)
         return message
 
-    def claim(self, client_id: str, peer: str) -> str | None:
+    def claim(self, client_id: str, peer: str, instance: str = "") -> str | None:
         """Why `peer` may not act as `client_id` (ALREADY_EXISTS), or None after recording it.
 
-        Refused only while the id is live from another host: a client that restarts on the
-        same host (new port) rejoins at once, and after the old claimant stops answering for
-        the liveness window (90 s) the id is free for anyone."""
-        previous = self.peers.get(client_id)
+        Refused only while the id is live from another host and the Join is not from the same
+        client process (`instance`, sent by fedclient) on a new address: a client that restarts
+        on the same host (new port) rejoins at once, and after the old claimant stops answering
+        for the liveness window (90 s) the id is free for anyone."""
+        previous, previous_instance = self.peers.get(client_id, (None, ""))
         ago = self._seen_ago(client_id)
-        if previous is not None and previous != peer and ago is not None:
+        same_process = bool(instance) and instance == previous_instance
+        if previous is not None and previous != peer and ago is not None and not same_process:
             old, new = _address(previous), _address(peer)
             if _host(previous) != _host(peer):
                 ttl = self.coordinator.policy.client_ttl
@@ -78,7 +80,7 @@ class Admission:
                 old,
                 ago,
             )
-        self.peers[client_id] = peer
+        self.peers[client_id] = (peer, instance)
         self.peers.move_to_end(client_id)
         self._prune()
         return None

@@ -127,7 +127,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if problem := self.admission.model_mismatch(request):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
-        if problem := self.admission.claim(request.client_id, context.peer()):
+        if problem := self.admission.claim(request.client_id, context.peer(), request.instance):
             await context.abort(grpc.StatusCode.ALREADY_EXISTS, problem)
         properties = dict(request.properties)
         self.coordinator.touch(request.client_id, properties)

@@ -44,15 +44,18 @@ def test_join_refuses_another_model_and_a_second_host_claiming_a_live_id(
     server = start_serving(procs, tmp_path / "logs", port, tmp_path / "state", "--host", "[::]")
     v4, v6 = f"127.0.0.1:{port}", f"[::1]:{port}"
 
-    join(v4, "dup")
-    e = refusal(v6, "dup")
+    join(v4, "dup", instance="first")
+    e = refusal(v6, "dup", instance="second")
     assert e.code() == grpc.StatusCode.ALREADY_EXISTS
     assert re.search(
         r"client id 'dup' is already live from \[?(::ffff:)?127\.0\.0\.1\]?:\d+ \(seen 0 s ago\); "
         r"this Join came from \[::1\]:\d+: give each client its own --client-id",
         e.details(),
     ), e.details()
-    join(v4, "dup")  # the same host again: a restarted client rejoins at once
+    join(v4, "dup", instance="third")  # the same host again: a restarted client rejoins at once
+    join(v6, "dup", instance="third")  # the same process on a new route (IPv4, then IPv6)
+    e = refusal(v4, "dup")  # and back to IPv4 without an instance (an older client): refused
+    assert e.code() == grpc.StatusCode.ALREADY_EXISTS
     join(v6, "other")
 
     join(v6, "old-client")  # no fingerprint (an older client): not checked
@@ -65,7 +68,7 @@ def test_join_refuses_another_model_and_a_second_host_claiming_a_live_id(
     ) in e.details()
     wait_serving(port, server)  # still serving
     log = server.log()
-    assert log.count("Join refused (ALREADY_EXISTS)") == 1
+    assert log.count("Join refused (ALREADY_EXISTS)") == 2
     assert log.count("Join refused (FAILED_PRECONDITION)") == 1
     assert "Traceback" not in log
 
@@ -122,18 +125,19 @@ def test_an_id_is_free_again_once_its_holder_stopped_answering() -> None:
     last_seen = {"a": 100.0}
     assert _admission(last_seen, 100.0).claim("a", "ipv4:10.0.0.1:5000") is None
     admission = _admission(last_seen, 150.0)
-    admission.peers["a"] = "ipv4:10.0.0.1:5000"
-    refused = admission.claim("a", "ipv4:10.0.0.2:6000")
+    admission.peers["a"] = ("ipv4:10.0.0.1:5000", "one")
+    refused = admission.claim("a", "ipv4:10.0.0.2:6000", "two")
     assert refused is not None
     assert "already live from 10.0.0.1:5000 (seen 50 s ago); this Join came from 10.0.0.2:6000" in (
         refused
     )
     assert "the id is free again in 40 s" in refused
-    assert admission.claim("a", "ipv4:10.0.0.1:7000") is None  # its own host: a restart
+    assert admission.claim("a", "ipv4:10.0.0.1:7000", "two") is None  # its own host: a restart
+    assert admission.claim("a", "ipv4:10.0.0.3:7000", "two") is None  # that process, moved
     later = _admission({"a": 100.0}, 191.0)  # 91 s of silence: no longer live
-    later.peers["a"] = "ipv4:10.0.0.1:5000"
-    assert later.claim("a", "ipv4:10.0.0.2:6000") is None
-    assert later.peers["a"] == "ipv4:10.0.0.2:6000"
+    later.peers["a"] = ("ipv4:10.0.0.1:5000", "one")
+    assert later.claim("a", "ipv4:10.0.0.2:6000", "two") is None
+    assert later.peers["a"] == ("ipv4:10.0.0.2:6000", "two")
 
 
 @pytest.mark.parametrize(
