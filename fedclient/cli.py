@@ -13,6 +13,8 @@ from types import FrameType
 
 import grpc
 
+from fedclient.check import check_task
+from fedclient.diagnose import TaskMistake
 from fedclient.flags import add_data_flags
 from fedclient.partition import Partition
 from fedclient.retry import PermanentError, Stopped
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--client-id",
         default="",
-        help="stable identity of this client (default: the --tls-cert's name, else HOSTNAME-IofN)",
+        help="identity of this client (default: the --tls-cert's name, else HOSTNAME-IofN-pidPID, "
+        "unique per process); pin one to rejoin as the same client after a restart",
     )
     run.add_argument("--seed", type=int, default=0, help="seed for partitioning and training")
     run.add_argument(
@@ -111,7 +114,50 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
     add_tls_arguments(run, server=False)
+    check = sub.add_parser(
+        "check",
+        help="try a task locally: load a partition, train and evaluate one batch",
+        description="Loads the partition, builds the model, trains one batch and evaluates one,\n"
+        "as `fedclient run` would, and explains common mistakes with their fix.\n"
+        "Exit status 0: the task is ready; 1: it is not (and why); 2: bad arguments.",
+        epilog="example:\n  fedclient check --task examples.digits:task --partition 0/3",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("--config", type=Path, help="TOML file with a [client] table of flags")
+    check.add_argument("--task", required=True, help="the model and local data, MODULE:ATTR")
+    check.add_argument(
+        "--partition", default="0/1", help="the slice of the task's data to try, I/N (0/1)"
+    )
+    add_data_flags(check)
+    check.add_argument("--seed", type=int, default=0, help="seed for partitioning and training")
+    check.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    check.add_argument("--log-format", default="text", choices=["text", "json"])
     return parser
+
+
+def check_main(args: argparse.Namespace) -> int:
+    """`fedclient check`: exit 0 with a summary, 1 with the mistake explained, 2 on usage."""
+    log = logging.getLogger("fedclient")
+    try:
+        partition = Partition.parse(
+            args.partition, scheme=args.partitioner, alpha=args.alpha, seed=args.seed
+        )
+        task = load_object(args.task)
+        if args.encoding:
+            get_codec(args.encoding)
+    except ValueError as e:
+        log.error("%s", e)
+        return EXIT_USAGE
+    try:
+        summary = check_task(task, partition, args.seed)
+    except TaskMistake as e:
+        log.error("task %s is not ready: %s", args.task, e)
+        return EXIT_ERROR
+    except Exception:
+        log.exception("task %s failed (not a mistake we recognise; traceback follows)", args.task)
+        return EXIT_ERROR
+    print(f"task {args.task} is ready:\n  " + summary.replace("\n", "\n  "))
+    return EXIT_OK
 
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
@@ -122,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parse_layered(parser, argv, "client")
     setup_logging(args.log_level, args.log_format)
+    if args.command == "check":
+        return check_main(args)
     log = logging.getLogger("fedclient")
     try:
         partition = Partition.parse(
@@ -160,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         encoding=args.encoding,
         he_key=args.he_key,
         slowdown=args.slowdown,
+        task_name=args.task,
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -176,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except PermanentError as e:
         log.error("%s", e)
+        return EXIT_ERROR
+    except TaskMistake as e:
+        log.error("%s\n  (`fedclient check --task %s` tries the task in seconds)", e, args.task)
         return EXIT_ERROR
     except grpc.RpcError as e:
         log.error("coordinator refused this client (%s): %s", e.code().name, e.details())  # type: ignore[attr-defined]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from fedclient.diagnose import explained, load
 from fedclient.he import decrypt_aggregate
 from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.protocols import handler_for
@@ -75,6 +75,7 @@ class ClientSession:
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.calls = ModelCalls(self.channel)  # model pull and upload without protobuf copies
         self.federation_id = ""
+        self.fingerprint = ""  # of the model this client trains; sent at Join (run sets it)
         self.joined = False
         self.held: FlatModel | None = None
         self.rounds_trained = 0
@@ -119,12 +120,8 @@ class ClientSession:
         return max(1.0, min(JOIN_TIMEOUT, self.settings.give_up_after - spent))
 
     def _join(self) -> None:
-        p = self.settings.partition
         call = self.stub.Join.future(
-            pb.JoinRequest(
-                client_id=self.client_id,
-                properties={"hostname": socket.gethostname(), "partition": f"{p.index}/{p.count}"},
-            ),
+            self.settings.join_request(self.client_id, self.fingerprint),
             # After a failure, wait for the channel to reconnect instead of failing fast, so the
             # client resumes as soon as the coordinator is back (within the give-up budget).
             timeout=self._join_timeout(),
@@ -156,8 +153,8 @@ class ClientSession:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
-        data = self.task.load_partition(self.settings.partition)
-        model = self.task.build_model()
+        data, model, manifest = load(self.task, self.settings.partition)
+        self.fingerprint = manifest.fingerprint
         # Before joining: the first torch optimizer imports torch._dynamo (~2 CPU s), which would
         # otherwise land in round 1's training time, against its deadline. A warm-up only:
         # a task whose optimizer cannot be built this way fails in training, with its context.
@@ -256,7 +253,8 @@ class ClientSession:
             model.load_state_dict(to_state_dict(base))
             if self._personal:  # FedPer: what this client serves is global + its own layers
                 model.load_state_dict(self._personal, strict=False)
-            metrics = {k: float(v) for k, v in self.task.evaluate(model, data.test).items()}
+            with explained("evaluation failed", self.task, data, model):
+                metrics = {k: float(v) for k, v in self.task.evaluate(model, data.test).items()}
         result = pb.EvaluationResult(
             client_id=self.client_id,
             round=header.evaluate_round,
@@ -320,9 +318,10 @@ class ClientSession:
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
             kept = self._personal if personal is not None else None
-            result, update_vector = local_update(
-                self.task, model, data, base, config, train_sel, kept
-            )
+            with explained(f"round {header.round}: training failed", self.task, data, model):
+                result, update_vector = local_update(
+                    self.task, model, data, base, config, train_sel, kept
+                )
         # --slowdown: emulate a slow device (demos, tests, benchmarks). Scaled by the CPU time
         # trained, not the wall time: on a shared host the wall time of round 1 (10 clients
         # starting at once) was 30x that of later rounds, and a slow client multiplied it again.

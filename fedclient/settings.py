@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedclient.partition import Partition
+from fedcore.proto import coordinator_pb2 as pb
 from fedcore.security import TlsFiles
+
+# This process, whatever its client id: a Join from a new address with the same instance is the
+# same client reconnecting (another route, IPv4 then IPv6), never a second claimant of its id.
+INSTANCE = secrets.token_hex(8)
 
 
 @dataclass(frozen=True)
@@ -26,7 +33,21 @@ class ClientSettings:
     encoding: str = ""  # update encoding (fp32, fp16, int8, topk[:F]); "" = the round's
     he_key: Path | None = None  # --secure he: the shared secret CKKS context
     slowdown: float = 1.0  # testing aid: training takes this many times as long (sleeping)
+    task_name: str = ""  # --task, sent at Join so a refusal can name it
 
     def resolved_id(self) -> str:
+        """--client-id, else one unique to this process: clients started on one host without
+        ids (or with the same --partition) once all joined as HOST-0of1 and counted as one."""
         p = self.partition
-        return self.client_id or f"{socket.gethostname()}-{p.index}of{p.count}"
+        return self.client_id or f"{socket.gethostname()}-{p.index}of{p.count}-pid{os.getpid()}"
+
+    def join_request(self, client_id: str, fingerprint: str) -> pb.JoinRequest:
+        """What this client says about itself at every Join (docs/protocol.md, Join)."""
+        p = self.partition
+        return pb.JoinRequest(
+            client_id=client_id,
+            properties={"hostname": socket.gethostname(), "partition": f"{p.index}/{p.count}"},
+            task=self.task_name,
+            model_fingerprint=fingerprint,
+            instance=INSTANCE,
+        )

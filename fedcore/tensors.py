@@ -139,6 +139,13 @@ class Manifest:
     def describe(self) -> str:
         return ", ".join(f"{t.name}:{t.dtype}{list(t.shape)}" for t in self.tensors)
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """BLAKE3 of the canonical manifest JSON (names, dtypes, shapes; no values): equal
+        fingerprints mean a model's state_dict loads into the other's. A client sends it at
+        Join, so a coordinator running another task or model refuses it with both named."""
+        return version_hasher(self).hexdigest()
+
 
 @dataclass
 class FlatModel:
@@ -267,15 +274,22 @@ def _torch_dtype_name(t: torch.Tensor) -> str:
     return name
 
 
+def state_manifest(state: Mapping[str, torch.Tensor]) -> Manifest:
+    """The manifest of a state_dict (what flatten_state_dict's FlatModel would carry)."""
+    return Manifest(
+        tuple(
+            TensorSpec(name, _torch_dtype_name(t), tuple(int(d) for d in t.shape))
+            for name, t in state.items()
+        )
+    )
+
+
 def flatten_state_dict(state: Mapping[str, torch.Tensor]) -> FlatModel:
     """state_dict -> FlatModel, bit-exact for every supported dtype including 0-d tensors."""
     import torch
 
-    specs = tuple(
-        TensorSpec(name, _torch_dtype_name(t), tuple(int(d) for d in t.shape))
-        for name, t in state.items()
-    )
-    flat = FlatModel.zeros(Manifest(specs))
+    flat = FlatModel.zeros(state_manifest(state))
+    specs = flat.manifest.tensors
     for spec, tensor in zip(specs, state.values(), strict=True):
         off, n = flat.manifest.offsets[spec.name]
         if n:

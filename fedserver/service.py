@@ -30,6 +30,7 @@ from fedcore.wire import (
     parse_update_chunk,
     serialize_message,
 )
+from fedserver.admission import Admission
 from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
 from fedserver.joinlog import JoinLog
@@ -76,6 +77,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.secagg = SecureAggregationRPCs(protocol)
         self.he = HomomorphicRPCs(protocol, self._receive, coordinator.metrics, chunk_size)
         self.joins = JoinLog()
+        self.admission = Admission(coordinator)  # Join: matching model, one live peer per id
         self.pacer = UploadPacer()
 
     def _manifest_proto(self, version: str, model_manifest: Manifest) -> pb.Manifest:
@@ -123,6 +125,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await check_request(context, request)
         if problem := check_properties(request.properties):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        if problem := self.admission.model_mismatch(request):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        if problem := self.admission.claim(request.client_id, context.peer(), request.instance):
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS, problem)
         properties = dict(request.properties)
         self.coordinator.touch(request.client_id, properties)
         self.joins.joined(request.client_id, context.peer, properties)

@@ -96,3 +96,29 @@ def test_missing_attribute_names_it() -> None:
 def test_function_is_returned_uncalled(make_module: Callable[[str], str]) -> None:
     name = make_module("def make_task():\n    return {'made': True}\n")
     assert load_object(f"{name}:make_task")() == {"made": True}
+
+
+def test_finds_a_module_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As with the `fedserver` console script: the working directory is not on sys.path."""
+    name = f"_fedgrpc_cwd_{next(_COUNTER)}"
+    (tmp_path / f"{name}.py").write_text("task = 'found'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        assert load_object(f"{name}:task") == "found"
+    finally:
+        sys.modules.pop(name, None)
+
+
+def test_missing_module_says_where_it_looked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        ValueError,
+        match=r"looked for no_such_mod_xyz\.py or no_such_mod_xyz/ in "
+        rf"the working directory {tmp_path} and on the Python path \(",
+    ):
+        load_object("no_such_mod_xyz:task")

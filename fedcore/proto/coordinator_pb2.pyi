@@ -69,7 +69,7 @@ class RoundConfig(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., lr: _Optional[float] = ..., batch_size: _Optional[int] = ..., encoding: _Optional[str] = ..., extra: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("client_id", "properties")
+    __slots__ = ("client_id", "properties", "task", "model_fingerprint", "instance")
     class PropertiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,9 +79,15 @@ class JoinRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     properties: _containers.ScalarMap[str, str]
-    def __init__(self, client_id: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    task: str
+    model_fingerprint: str
+    instance: str
+    def __init__(self, client_id: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., task: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("client_id", "federation_id", "chunk_size", "max_update_bytes")
