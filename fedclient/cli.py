@@ -15,7 +15,7 @@ import grpc
 
 from fedclient.flags import add_data_flags
 from fedclient.partition import Partition
-from fedclient.retry import PermanentError, Stopped
+from fedclient.retry import Misconfigured, PermanentError, Stopped
 from fedclient.session import ClientSession
 from fedclient.settings import ClientSettings
 from fedcore.codecs import get_codec
@@ -174,6 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.set()
         log.info("interrupted: abandoning the current round (nothing partial was counted)")
         return EXIT_INTERRUPTED
+    except Misconfigured as e:
+        log.error("%s", e)
+        return EXIT_USAGE
     except PermanentError as e:
         log.error("%s", e)
         return EXIT_ERROR

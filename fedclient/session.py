@@ -18,14 +18,18 @@ from typing import Any, TypeVar
 
 import grpc
 
+from fedclient.diagnose import connect_failure, permanent_hint
 from fedclient.he import decrypt_aggregate
 from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.protocols import handler_for
 from fedclient.retry import (
     JOIN_TIMEOUT,
     RECONNECT_OPTIONS,
+    REPORT_EVERY,
     RETRYABLE,
+    UNREACHABLE_RETRY,
     Backoff,
+    Misconfigured,
     PermanentError,
     Stopped,
     retry_after,
@@ -81,6 +85,8 @@ class ClientSession:
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
         self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
         self.he = HEClient(settings.he_key) if settings.he_key else None  # HEError: bad key
+        self.unreachable: str | None = None  # why the last call could not connect
+        self._reported = -REPORT_EVERY  # when "unreachable" was last logged (monotonic)
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -99,6 +105,9 @@ class ClientSession:
                 if code not in RETRYABLE:
                     raise
                 self.joined = False
+                self.unreachable = (
+                    self._unreachable(e) if code == grpc.StatusCode.UNAVAILABLE else None
+                )
                 try:
                     delay = self.backoff.next_delay(retry_after(e))
                 except TimeoutError:
@@ -106,11 +115,39 @@ class ClientSession:
                         f"coordinator at {self.settings.server} unreachable for "
                         f"{self.settings.give_up_after:.0f}s ({code.name}: {e.details()})"  # type: ignore[attr-defined]
                     ) from None
-                log.warning(
-                    "%s failed (%s: %s); retrying in %.1fs", what, code.name, e.details(), delay
-                )  # type: ignore[attr-defined]
+                if self.unreachable is not None:
+                    delay = min(delay, UNREACHABLE_RETRY)
+                else:
+                    log.warning(
+                        "%s failed (%s: %s); retrying in %.1fs", what, code.name, e.details(), delay
+                    )  # type: ignore[attr-defined]
                 if self.stop.wait(delay):
                     raise Stopped from None
+
+    def _unreachable(self, error: grpc.RpcError) -> str | None:
+        """Why the coordinator cannot be reached (None: it answered); Misconfigured when
+        waiting cannot help. Says so with the address every few seconds, not once."""
+        details = error.details()  # type: ignore[attr-defined]
+        reason = connect_failure(details)
+        if reason is None:
+            return None
+        # "Socket closed" also happens while a coordinator restarts: asked only before the
+        # first Join, when it more likely means TLS settings that can never work.
+        if not self.federation_id or "Socket closed" not in details:
+            hint = permanent_hint(self.settings.server, self.settings.tls, details)
+            if hint is not None:
+                raise Misconfigured(hint) from None
+        now = time.monotonic()
+        if now - self._reported >= REPORT_EVERY:
+            self._reported = now
+            spent = now - (self.backoff.failing_since or now)
+            log.warning(
+                "coordinator %s unreachable (%s); retrying, %.0f s so far",
+                self.settings.server,
+                reason,
+                spent,
+            )
+        return reason
 
     def _join_timeout(self) -> float:
         if self.backoff.failing_since is None:
@@ -128,7 +165,8 @@ class ClientSession:
             # After a failure, wait for the channel to reconnect instead of failing fast, so the
             # client resumes as soon as the coordinator is back (within the give-up budget).
             timeout=self._join_timeout(),
-            wait_for_ready=self.backoff.failing_since is not None,
+            # Not while unreachable: a failing call brings the reason, to report and diagnose.
+            wait_for_ready=self.backoff.failing_since is not None and self.unreachable is None,
         )
         try:
             while True:  # short waits: Ctrl-C / SIGTERM must not sit out a 30 s Join
