@@ -10,11 +10,16 @@ own asks the coordinator directly.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import ssl
+import time
 from pathlib import Path
 
+from fedclient.retry import REPORT_EVERY, Misconfigured
 from fedcore.security import TlsFiles
+
+log = logging.getLogger("fedclient")
 
 # Texts of grpc-python 1.85's connection failures (UNAVAILABLE details), checked against a
 # real coordinator in tests/test_connect_hints.py.
@@ -31,6 +36,39 @@ REASONS = (
 )
 PROBE_TIMEOUT = 3.0
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+class Reachability:
+    """Says that the coordinator is unreachable, with its address, every REPORT_EVERY seconds
+    (not once and then silence); raises Misconfigured when waiting cannot help."""
+
+    def __init__(self, target: str, tls: TlsFiles | None) -> None:
+        self.target = target
+        self.tls = tls
+        self._reported = -REPORT_EVERY  # when it was last said (monotonic)
+
+    def check(self, details: str | None, failing_since: float | None, joined: str) -> str | None:
+        """The reason the last UNAVAILABLE call could not connect (None: the coordinator
+        answered). `joined`: the federation id once a Join succeeded."""
+        reason = connect_failure(details)
+        if reason is None:
+            return None
+        # "Socket closed" also happens while a coordinator restarts: taken as a TLS mismatch
+        # only before the first Join, when the settings have never worked.
+        if not joined or "Socket closed" not in (details or ""):
+            hint = permanent_hint(self.target, self.tls, details)
+            if hint is not None:
+                raise Misconfigured(hint)
+        now = time.monotonic()
+        if now - self._reported >= REPORT_EVERY:
+            self._reported = now
+            log.warning(
+                "coordinator %s unreachable (%s); retrying, %.0f s so far",
+                self.target,
+                reason,
+                now - (failing_since or now),
+            )
+        return reason
 
 
 def connect_failure(details: str | None) -> str | None:

@@ -18,18 +18,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from fedclient.diagnose import connect_failure, permanent_hint
+from fedclient.diagnose import Reachability
 from fedclient.he import decrypt_aggregate
 from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.protocols import handler_for
 from fedclient.retry import (
     JOIN_TIMEOUT,
     RECONNECT_OPTIONS,
-    REPORT_EVERY,
     RETRYABLE,
     UNREACHABLE_RETRY,
     Backoff,
-    Misconfigured,
     PermanentError,
     Stopped,
     retry_after,
@@ -85,8 +83,8 @@ class ClientSession:
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
         self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
         self.he = HEClient(settings.he_key) if settings.he_key else None  # HEError: bad key
+        self.reach = Reachability(settings.server, settings.tls)
         self.unreachable: str | None = None  # why the last call could not connect
-        self._reported = -REPORT_EVERY  # when "unreachable" was last logged (monotonic)
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -105,8 +103,10 @@ class ClientSession:
                 if code not in RETRYABLE:
                     raise
                 self.joined = False
-                self.unreachable = (
-                    self._unreachable(e) if code == grpc.StatusCode.UNAVAILABLE else None
+                self.unreachable = (  # Misconfigured when waiting cannot help
+                    self.reach.check(e.details(), self.backoff.failing_since, self.federation_id)  # type: ignore[attr-defined]
+                    if code == grpc.StatusCode.UNAVAILABLE
+                    else None
                 )
                 try:
                     delay = self.backoff.next_delay(retry_after(e))
@@ -123,31 +123,6 @@ class ClientSession:
                     )  # type: ignore[attr-defined]
                 if self.stop.wait(delay):
                     raise Stopped from None
-
-    def _unreachable(self, error: grpc.RpcError) -> str | None:
-        """Why the coordinator cannot be reached (None: it answered); Misconfigured when
-        waiting cannot help. Says so with the address every few seconds, not once."""
-        details = error.details()  # type: ignore[attr-defined]
-        reason = connect_failure(details)
-        if reason is None:
-            return None
-        # "Socket closed" also happens while a coordinator restarts: asked only before the
-        # first Join, when it more likely means TLS settings that can never work.
-        if not self.federation_id or "Socket closed" not in details:
-            hint = permanent_hint(self.settings.server, self.settings.tls, details)
-            if hint is not None:
-                raise Misconfigured(hint) from None
-        now = time.monotonic()
-        if now - self._reported >= REPORT_EVERY:
-            self._reported = now
-            spent = now - (self.backoff.failing_since or now)
-            log.warning(
-                "coordinator %s unreachable (%s); retrying, %.0f s so far",
-                self.settings.server,
-                reason,
-                spent,
-            )
-        return reason
 
     def _join_timeout(self) -> float:
         if self.backoff.failing_since is None:
