@@ -133,6 +133,8 @@ def run_simulation(args: argparse.Namespace) -> int:
     from fedserver.simulation.settings import RaySettings, parse_resources
 
     setup_logging(args.log_level, args.log_format)
+    if args.log_level != "debug":  # a line per virtual client's update: debug only
+        logging.getLogger("fedserver.updates").setLevel(logging.WARNING)
     log = logging.getLogger("fedserver")
     try:
         cpus, gpus = parse_resources(args.client_resources)
