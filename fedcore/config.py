@@ -33,18 +33,18 @@ class CliParser(argparse.ArgumentParser):
     made with add_subparsers().add_parser() are CliParsers too."""
 
     command: argparse.ArgumentParser | None = None  # the subcommand argv names (parse_layered)
+    argv: Sequence[str] = ()  # what was parsed: a typo shows up before a missing --task
 
     def error(self, message: str) -> NoReturn:
         source = self.command or self
         lines = [f"{self.prog}: error: {message}"]
-        if "unrecognized arguments" in message or "ambiguous option" in message:
-            known = [o for a in source._actions for o in a.option_strings]
-            for word in message.split(":", 1)[-1].split():
-                flag = word.split("=", 1)[0].strip(",")
-                if flag.startswith("--") and flag not in known:
-                    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
-                    if close:
-                        lines.append(f"did you mean {close[0]}?")
+        known = [o for a in source._actions for o in a.option_strings]
+        words = [*self.argv, *message.split(":", 1)[-1].split()]
+        flags = dict.fromkeys(w.split("=", 1)[0].strip(",") for w in words if w.startswith("--"))
+        for flag in flags:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            if flag not in known and close:
+                lines.append(f"{flag}: did you mean {close[0]}?")
         lines.append(f"see `{source.prog} --help`")
         self.exit(2, "\n".join(lines) + "\n")
 
@@ -152,8 +152,11 @@ def parse_layered(
         defaults = layered_defaults(target, known.config, section, sibling_keys=frozenset(siblings))
     except ConfigError as e:
         target.error(str(e))
-    if isinstance(parser, CliParser) and target is not parser:
-        parser.command = target  # a mistyped flag is looked up among this command's
+    for each in (parser, target):
+        if isinstance(each, CliParser):
+            each.argv = argv
+            if each is parser and target is not parser:
+                each.command = target  # a mistyped flag is looked up among this command's
     target.set_defaults(**defaults)
     # Values from file/env satisfy required flags.
     for action in target._actions:

@@ -43,7 +43,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
             ("fedserver.cli", "run", "--task", "examples.digits:task", "--rouns", "3"),
             [
                 "fedserver: error: unrecognized arguments: --rouns 3",
-                "did you mean --rounds?",
+                "--rouns: did you mean --rounds?",
                 "see `fedserver run --help`",
             ],
         ),
@@ -51,8 +51,16 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
             ("fedclient.cli", "run", "--server", "h:1", "--task", "m:t", "--partiton", "0/2"),
             [
                 "fedclient: error: unrecognized arguments: --partiton 0/2",
-                "did you mean --partition?",
+                "--partiton: did you mean --partition?",
                 "see `fedclient run --help`",
+            ],
+        ),
+        (
+            ("fedserver.cli", "run", "--rouns", "3"),
+            [
+                "fedserver run: error: the following arguments are required: --task",
+                "--rouns: did you mean --rounds?",
+                "see `fedserver run --help`",
             ],
         ),
         (
