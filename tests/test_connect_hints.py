@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fedclient.diagnose import connect_failure, permanent_hint
 from fedcore.security import TlsFiles
 from fedserver.security.certs import CertPlan, make_certs
 from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
@@ -126,3 +127,46 @@ def test_unreachable_coordinator_is_reported_every_few_seconds(
     assert lines[0].endswith("retrying, 0 s so far"), log
     assert len(lines) >= 2, log  # again while it waited, not once and then silence
     assert f"coordinator at 127.0.0.1:{port} unreachable for 12s" in log
+
+
+# grpc-python 1.85's UNAVAILABLE details, as recorded against real endpoints.
+REFUSED = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+    "Failed to connect to remote host: Connection refused"
+)
+NO_HOST = (
+    "errors resolving nosuchhost.invalid:1: [field:hostname lookup error:address lookup failed "
+    "for nosuchhost.invalid:1: Domain name not found]"
+)
+PLAINTEXT_PEER = (
+    "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: Tls handshake "
+    "failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: error:100000f7:SSL routines:"
+    "OPENSSL_internal:WRONG_VERSION_NUMBER: Invalid certificate verification context: OK"
+)
+CLOSED = (
+    "failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:1: Socket closed"
+)
+
+
+@pytest.mark.parametrize(
+    ("details", "reason"),
+    [
+        (REFUSED, "connection refused"),
+        (NO_HOST, "no such host name"),
+        (CLOSED, "connection closed by the coordinator"),
+        ("too many uploads in flight; retry later", None),  # the coordinator answered
+    ],
+)
+def test_connection_failures_get_a_short_reason(details: str, reason: str | None) -> None:
+    assert connect_failure(details) == reason
+
+
+def test_tls_client_against_a_plaintext_coordinator_is_told_so() -> None:
+    hint = permanent_hint("127.0.0.1:1", TlsFiles(ca=Path("ca.crt")), PLAINTEXT_PEER)
+    assert hint is not None and hint.startswith("the coordinator at 127.0.0.1:1 does not use TLS")
+
+
+def test_closed_with_nothing_listening_is_retried() -> None:
+    """ "Socket closed" with no TLS handshake possible: a restart, not a TLS mismatch."""
+    assert permanent_hint(f"127.0.0.1:{free_port()}", None, CLOSED) is None
+    assert permanent_hint("127.0.0.1:1", None, REFUSED) is None
