@@ -92,8 +92,8 @@ def permanent_hint(target: str, tls: TlsFiles | None, details: str | None) -> st
         shown = ", ".join(names) if names else "another name"
         return (
             f"the coordinator's certificate is for {shown}, not {host}: use that name in "
-            f"--server, or re-run `fedserver certs --server-name {host}` and restart the "
-            "coordinator with the new certificate"
+            f"--server, or re-run `fedserver certs --server-name {host}` (with every other name "
+            "clients dial; it replaces server.crt, same CA) and restart the coordinator"
         )
     if "CERTIFICATE_VERIFY_FAILED" in text:
         signer = f"--tls-ca {tls.ca}" if tls is not None and tls.ca else "the system's CAs"
