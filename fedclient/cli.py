@@ -72,7 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (0)")
     run.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; several clients on one host: 1 each (or cores / clients), else "
+        "each takes one thread per core and they preempt each other (0 = torch's: one per core)",
     )
     run.add_argument(
         "--give-up-after",
