@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from fedcore.durable import open_private, private_dir
+
 TARGET = 0.95
 
 
@@ -28,7 +30,7 @@ def _free_port() -> int:
 
 def _spawn(args: list[str], log: Path | None) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    out = open(log, "wb") if log else None  # noqa: SIM115 - handed to the child process
+    out = open_private(log) if log else None  # handed to the child process
     return subprocess.Popen(
         [sys.executable, *args],
         stdout=out if out else subprocess.PIPE,
@@ -49,7 +51,9 @@ def main() -> int:
         print(f"demo: removing the previous run in {args.state_dir}/")
         shutil.rmtree(args.state_dir)
     logs = args.state_dir / "logs"
-    logs.mkdir(parents=True)
+    # Owner-only like everything else in a state dir (docs/security.md), whatever the umask.
+    private_dir(args.state_dir)
+    private_dir(logs)
     port = _free_port()
     task = "examples.digits:task"
     started = time.monotonic()
@@ -88,7 +92,7 @@ def main() -> int:
     ]
     try:
         assert server.stdout is not None
-        with open(logs / "coordinator.log", "wb") as server_log:
+        with open_private(logs / "coordinator.log") as server_log:
             for line in server.stdout:
                 server_log.write(line)
                 text = line.decode(errors="replace").rstrip()

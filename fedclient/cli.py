@@ -17,11 +17,11 @@ from fedclient.check import check_task
 from fedclient.diagnose import TaskMistake
 from fedclient.flags import add_data_flags
 from fedclient.partition import Partition
-from fedclient.retry import PermanentError, Stopped
+from fedclient.retry import Misconfigured, PermanentError, Stopped
 from fedclient.session import ClientSession
 from fedclient.settings import ClientSettings
 from fedcore.codecs import get_codec
-from fedcore.config import parse_layered
+from fedcore.config import CliParser, parse_layered, quiet_broken_pipe
 from fedcore.he import HEError
 from fedcore.logs import setup_logging
 from fedcore.plugins import load_object
@@ -37,14 +37,14 @@ TOML file given with --config (a [client] table). Precedence: flag > environment
 example:
   fedclient run --server coordinator.example.org:50051 --task examples.digits:task --partition 0/3
   # with mTLS (files from `fedserver certs`; the certificate's name is the client id):
-  fedclient run --server coordinator.example.org:50051 --task examples.digits:task --partition 0/3 \
-      --client-id client-0 --tls-ca certs/ca.crt --tls-cert certs/client-0.crt \
+  fedclient run --server coordinator.example.org:50051 --task examples.digits:task \\
+      --partition 0/3 --tls-ca certs/ca.crt --tls-cert certs/client-0.crt \\
       --tls-key certs/client-0.key
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="fedclient",
         description="fedgrpc client: pulls the global model, trains on local data, "
         "pushes the update; repeats until the coordinator says training is finished.",
@@ -73,9 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="identity of this client (default: the --tls-cert's name, else HOSTNAME-IofN-pidPID, "
         "unique per process); pin one to rejoin as the same client after a restart",
     )
-    run.add_argument("--seed", type=int, default=0, help="seed for partitioning and training")
+    run.add_argument("--seed", type=int, default=0, help="seed for partitioning and training (0)")
     run.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads; several clients on one host: 1 each (or cores / clients), else "
+        "each takes one thread per core and they preempt each other (0 = torch's: one per core)",
     )
     run.add_argument(
         "--give-up-after",
@@ -111,8 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="testing aid: make local training take F times as long by sleeping (F-1) x its "
         "CPU time after each round, to emulate a slow device (1: off)",
     )
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    run.add_argument("--log-format", default="text", choices=["text", "json"])
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log lines shown (info)",
+    )
+    run.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text for people, json lines for log shippers (text)",
+    )
     add_tls_arguments(run, server=False)
     check = sub.add_parser(
         "check",
@@ -165,6 +179,10 @@ def _raise_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    return quiet_broken_pipe(lambda: _main(argv))
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parse_layered(parser, argv, "client")
     setup_logging(args.log_level, args.log_format)
@@ -223,6 +241,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop.set()
         log.info("interrupted: abandoning the current round (nothing partial was counted)")
         return EXIT_INTERRUPTED
+    except Misconfigured as e:
+        log.error("%s", e)
+        return EXIT_USAGE
     except PermanentError as e:
         log.error("%s", e)
         return EXIT_ERROR

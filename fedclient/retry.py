@@ -28,12 +28,21 @@ RECONNECT_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 JOIN_TIMEOUT = 30.0
+# While the coordinator cannot be reached at all: try again within 2 s (gRPC's own reconnect
+# pace, so no extra load) and say so with the address every 5 s.
+UNREACHABLE_RETRY = 2.0
+REPORT_EVERY = 5.0
 # Trailing metadata of an UNAVAILABLE refusal: how long the coordinator asks us to stay away.
 RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class PermanentError(RuntimeError):
     """The coordinator refused us for a reason retrying cannot fix."""
+
+
+class Misconfigured(PermanentError):
+    """This client's settings can never work with the coordinator (TLS mismatch): the message
+    says what to change."""
 
 
 class Stopped(RuntimeError):

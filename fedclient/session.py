@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
 from fedclient.he import decrypt_aggregate
 from fedclient.local_update import local_update, privatize, round_seed
@@ -25,6 +26,7 @@ from fedclient.retry import (
     JOIN_TIMEOUT,
     RECONNECT_OPTIONS,
     RETRYABLE,
+    UNREACHABLE_RETRY,
     Backoff,
     PermanentError,
     Stopped,
@@ -82,6 +84,8 @@ class ClientSession:
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
         self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
         self.he = HEClient(settings.he_key) if settings.he_key else None  # HEError: bad key
+        self.reach = Reachability(settings.server, settings.tls)
+        self.unreachable: str | None = None  # why the last call could not connect
 
     # ------------------------------------------------------------------ plumbing
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -100,6 +104,11 @@ class ClientSession:
                 if code not in RETRYABLE:
                     raise
                 self.joined = False
+                self.unreachable = (  # Misconfigured when waiting cannot help
+                    self.reach.check(e.details(), self.backoff.failing_since, self.federation_id)  # type: ignore[attr-defined]
+                    if code == grpc.StatusCode.UNAVAILABLE
+                    else None
+                )
                 try:
                     delay = self.backoff.next_delay(retry_after(e))
                 except TimeoutError:
@@ -107,9 +116,12 @@ class ClientSession:
                         f"coordinator at {self.settings.server} unreachable for "
                         f"{self.settings.give_up_after:.0f}s ({code.name}: {e.details()})"  # type: ignore[attr-defined]
                     ) from None
-                log.warning(
-                    "%s failed (%s: %s); retrying in %.1fs", what, code.name, e.details(), delay
-                )  # type: ignore[attr-defined]
+                if self.unreachable is not None:
+                    delay = min(delay, UNREACHABLE_RETRY)
+                else:
+                    log.warning(
+                        "%s failed (%s: %s); retrying in %.1fs", what, code.name, e.details(), delay
+                    )  # type: ignore[attr-defined]
                 if self.stop.wait(delay):
                     raise Stopped from None
 
@@ -125,7 +137,8 @@ class ClientSession:
             # After a failure, wait for the channel to reconnect instead of failing fast, so the
             # client resumes as soon as the coordinator is back (within the give-up budget).
             timeout=self._join_timeout(),
-            wait_for_ready=self.backoff.failing_since is not None,
+            # Not while unreachable: a failing call brings the reason, to report and diagnose.
+            wait_for_ready=self.backoff.failing_since is not None and self.unreachable is None,
         )
         try:
             while True:  # short waits: Ctrl-C / SIGTERM must not sit out a 30 s Join

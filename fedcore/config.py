@@ -10,12 +10,13 @@ one [server] table serves every subcommand.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 ENV_PREFIX = "FEDGRPC_"
 _TRUE = {"1", "true", "yes", "on"}
@@ -24,6 +25,45 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 class ConfigError(ValueError):
     pass
+
+
+class CliParser(argparse.ArgumentParser):
+    """argparse's parser with errors a person can act on: the error line first, the closest
+    flag to a mistyped one, and a pointer to --help instead of 30 lines of usage. Subcommands
+    made with add_subparsers().add_parser() are CliParsers too."""
+
+    command: argparse.ArgumentParser | None = None  # the subcommand argv names (parse_layered)
+    argv: Sequence[str] = ()  # what was parsed: a typo shows up before a missing --task
+
+    def error(self, message: str) -> NoReturn:
+        source = self.command or self
+        lines = [f"{self.prog}: error: {message}"]
+        known = [o for a in source._actions for o in a.option_strings]
+        words = [*self.argv, *message.split(":", 1)[-1].split()]
+        flags = dict.fromkeys(w.split("=", 1)[0].strip(",") for w in words if w.startswith("--"))
+        for flag in flags:
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+            if flag not in known and close:
+                lines.append(f"{flag}: did you mean {close[0]}?")
+        lines.append(f"see `{source.prog} --help`")
+        self.exit(2, "\n".join(lines) + "\n")
+
+
+def quiet_broken_pipe(main: Callable[[], int]) -> int:
+    """Run a CLI's main; a reader that stops early (`fedserver status | head -2`) ends it
+    quietly, with the status of a process killed by SIGPIPE, instead of a traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that cannot fail too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
+
+
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`'s yes
 
 
 def _settable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -112,6 +152,11 @@ def parse_layered(
         defaults = layered_defaults(target, known.config, section, sibling_keys=frozenset(siblings))
     except ConfigError as e:
         target.error(str(e))
+    for each in (parser, target):
+        if isinstance(each, CliParser):
+            each.argv = argv
+            if each is parser and target is not parser:
+                each.command = target  # a mistyped flag is looked up among this command's
     target.set_defaults(**defaults)
     # Values from file/env satisfy required flags.
     for action in target._actions:

@@ -6,11 +6,16 @@ sealed.py for key files, he.py for contexts) can use it without importing the ot
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger("fedcore.durable")
 
 
 def _umask() -> int:
@@ -29,6 +34,39 @@ def fsync_dir(path: Path) -> None:
 
 PRIVATE = 0o600  # what atomic_write gives a file unless told otherwise (docs/security.md)
 SHARED = None  # mode=SHARED: as the umask allows (reports, certificates: meant to be read)
+PRIVATE_DIR = 0o700
+
+
+def private_dir(path: Path) -> None:
+    """Make `path` (and missing parents) a folder only its owner can enter.
+
+    An existing folder open to group or others is tightened to 0700 and a warning says so: a
+    state dir holds the model, checkpoints and client ids, and files written before this check
+    (or by other tools) may still be readable by others. If it is not ours to change, warn.
+    """
+    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        path.chmod(mode & PRIVATE_DIR)
+    except PermissionError:
+        log.warning(
+            "%s is mode %o and not owned by this user: other users may read the model and "
+            "checkpoints in it; use a folder only the coordinator's user can open (chmod 700)",
+            path,
+            mode,
+        )
+        return
+    log.warning("%s was mode %o (open to other users); changed it to 700", path, mode)
+
+
+def open_private(path: Path) -> BinaryIO:
+    """`path` opened for writing (truncated), mode 0600 whatever the umask: for logs kept in a
+    state dir, which may quote client ids and metrics."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE)
+    os.fchmod(fd, PRIVATE)  # an existing file keeps its mode through O_CREAT
+    return os.fdopen(fd, "wb")
 
 
 def atomic_write(

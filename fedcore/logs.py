@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Mapping
@@ -42,6 +43,17 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+# gRPC's C core logs through absl to stderr (a refused TLS handshake: one "Handshake failed"
+# line per attempt), read once when grpc is imported. Quiet unless the user set it: our own
+# lines say what went wrong; GRPC_VERBOSITY=ERROR (or INFO, DEBUG) brings gRPC's back.
+GRPC_VERBOSITY_DEFAULT = "NONE"
+
+
+def quiet_grpc() -> None:
+    """Called by both packages' __init__, before anything imports grpc."""
+    os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY_DEFAULT)
 
 
 def setup_logging(level: str = "info", fmt: str = "text") -> None:

@@ -40,6 +40,9 @@ def live_progress(enabled: bool) -> Iterator[Progress | None]:
         TextColumn("{task.fields[detail]}"),
         console=Console(stderr=True),
         redirect_stderr=True,
+        # Erased when stopped: a bar left behind reads as stale ("round 29/30 ... 2/3" under
+        # "training finished"); the log lines above it tell how it ended.
+        transient=True,
     )
     progress.start()
     # Our log handlers hold the real stderr; point them at rich's proxy so lines land above

@@ -56,6 +56,10 @@ class ServerSettings:
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     secagg_stage_timeout: float = 30.0
     buffering: AsyncPolicy | None = None  # --mode async: buffered asynchronous rounds
+    # A finished run started again with its own --rounds: `run` serves "finished" for --linger
+    # (a coordinator restarted after its last commit tells late clients); `simulate` has no one
+    # to tell and refuses.
+    serve_finished: bool = True
 
 
 class SetupError(RuntimeError):
@@ -100,6 +104,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
                 f"{s.state_dir} holds a run of strategy {recorded!r}, not {s.strategy!r}; "
                 "resume with the same --strategy or use another --state-dir"
             )
+        check_rounds_left(s, last, int(store.get_meta("total_rounds", "0") or 0))
         try:
             model, strategy_state = store.load_checkpoint(last)
         except ManifestError as e:  # wrong key, tampered or truncated file: refuse to start
@@ -165,6 +170,34 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     coordinator.initialize_store(s.task)
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     return coordinator
+
+
+def check_rounds_left(s: ServerSettings, done: int, planned: int) -> None:
+    """A resumed run must have rounds left; the stored total is never lowered below `done`."""
+    wanted = s.policy.total_rounds
+    if done < wanted:
+        if planned > wanted:
+            log.warning(
+                "--rounds %d ends the run in %s before the %d rounds it was started with",
+                wanted,
+                shown_path(s.state_dir),
+                planned,
+            )
+        return
+    message = (
+        f"nothing to do: {done} rounds already completed in {shown_path(s.state_dir)} (use "
+        f"--rounds > {done} to continue, or another --state-dir)"
+    )
+    if wanted == planned and s.serve_finished:
+        log.warning("%s; telling clients that training is finished", message)
+        return
+    raise SetupError(message)
+
+
+def shown_path(path: Path) -> str:
+    """`./state` rather than `state`: a bare word does not read as a folder in a message."""
+    text = str(path)
+    return text if path.is_absolute() or text.startswith(".") else f"./{text}"
 
 
 def check_async_settings(s: ServerSettings, needs_all_updates: bool) -> None:

@@ -12,11 +12,11 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 
-from fedcore.config import parse_layered
-from fedcore.logs import format_metrics
+from fedcore.config import CliParser, parse_layered, quiet_broken_pipe
 from fedcore.sealed import KeyExists, StateCipher, generate_key_file
 from fedcore.security import SecurityError, add_tls_arguments
 from fedcore.tensors import ManifestError
@@ -36,7 +36,7 @@ example:
   fedserver run --task examples.digits:task --rounds 20 --min-clients 3 --state-dir ./state
   fedserver status --state-dir ./state --json
   fedserver certs --out ./certs --server-name coord.example.org --clients 3   # then, with mTLS:
-  fedserver run --task examples.digits:task --host 0.0.0.0 \
+  fedserver run --task examples.digits:task --host 0.0.0.0 \\
       --tls-cert certs/server.crt --tls-key certs/server.key --tls-ca certs/ca.crt
   fedserver keygen state.key && fedserver run ... --encrypt-state state.key
   fedserver export --state-dir ./state --out model.safetensors --decrypt --key state.key
@@ -44,7 +44,7 @@ example:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CliParser(
         prog="fedserver",
         description="fedgrpc coordinator: serves the global model and aggregates client updates.",
         epilog=EPILOG,
@@ -148,10 +148,24 @@ def _print_status(args: argparse.Namespace) -> int:
             f"privacy: (epsilon {last['epsilon']:.4g}, delta {last['dp_delta']:g})-DP after "
             f"{status['rounds_completed']} rounds (client-level, Opacus RDP accountant)"
         )
-    for r in status["rounds"]:
-        shown = format_metrics(r["metrics"], sep=" ", join="  ")
-        print(f"  round {r['round']:4d}  {r['participants']} clients  {shown}")
+    for line in round_table(status["rounds"]):
+        print(line)
     return 0
+
+
+def round_table(rounds: Sequence[dict[str, Any]]) -> list[str]:
+    """One row per round under a header, every column right-aligned to its widest cell; a
+    metric a round lacks (evaluation every K rounds, DP) shows as '-'."""
+    if not rounds:
+        return []
+    names = sorted({name for r in rounds for name in r["metrics"]})
+    rows = [["round", "clients", *names]]
+    for r in rounds:
+        metrics = r["metrics"]
+        cells = [f"{metrics[n]:.4g}" if n in metrics else "-" for n in names]
+        rows.append([str(r["round"]), str(r["participants"]), *cells])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
 
 
 def _keygen(args: argparse.Namespace) -> int:
@@ -199,7 +213,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_layered(build_parser(), argv, "server")
-    return int(args.handler(args))
+    return quiet_broken_pipe(lambda: int(args.handler(args)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""The coordinator's progress bar: updates received of expected, and time to the deadline."""
+"""The coordinator's progress: at a terminal a bar (updates received of expected, and time to
+the deadline); otherwise a log line every WAITING_LOG_EVERY seconds while it waits for clients,
+so a quiet log file is not mistaken for a hang."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 
@@ -11,6 +14,24 @@ from fedserver.coordinator import Coordinator
 from fedserver.rounds import Phase
 
 REFRESH_SECONDS = 0.5
+WAITING_LOG_EVERY = 10.0
+log = logging.getLogger("fedserver")
+
+
+async def log_waiting(coordinator: Coordinator, every: float = WAITING_LOG_EVERY) -> None:
+    """Without a bar: `round 1/3: waiting for clients: 1/3 live` every `every` s while the
+    coordinator waits for --min-clients; silent while rounds run (they log their own lines)."""
+    while True:
+        await asyncio.sleep(every)
+        m = coordinator.machine
+        if coordinator.state_name() == "waiting_for_clients":
+            log.info(
+                "round %d/%d: waiting for clients: %d/%d live",
+                m.round,
+                coordinator.policy.total_rounds,
+                m.live_count(),
+                coordinator.policy.min_clients,
+            )
 
 
 async def show_progress(coordinator: Coordinator) -> None:

@@ -19,7 +19,7 @@ from fedserver.assembly import EXIT_USAGE, ServerSettings, SetupError
 from fedserver.async_rounds import AsyncPolicy
 from fedserver.fedeval import EvalPolicy
 from fedserver.messages import TrainingDefaults
-from fedserver.protocols.registry import PROTOCOLS
+from fedserver.protocols.registry import SECURE_CHOICES
 from fedserver.rounds import RoundPolicy
 from fedserver.server import serve
 from fedserver.staleness import StalenessWeight
@@ -150,7 +150,9 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         default=1.0,
         help="fraction of live clients asked to evaluate (1.0)",
     )
-    run.add_argument("--seed", type=int, default=0, help="seed for the initial model and sampling")
+    run.add_argument(
+        "--seed", type=int, default=0, help="seed for the initial model and sampling (0)"
+    )
     run.add_argument(
         "--linger",
         type=float,
@@ -184,9 +186,10 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     run.add_argument(
         "--secure",
         default="none",
-        choices=list(PROTOCOLS),
-        help="secure aggregation: 'secagg' = the coordinator only sees masked updates; 'he' = "
-        "only CKKS ciphertexts, summed without the secret key (needs --he-public-key) (none)",
+        choices=SECURE_CHOICES,
+        help="secure aggregation: 'none' = the coordinator sees each update; 'secagg' = it "
+        "only sees masked updates, whose sum is the plain sum; 'he' = only CKKS ciphertexts, "
+        "summed without the secret key (needs --he-public-key) (none)",
     )
     run.add_argument(
         "--he-public-key",
@@ -208,7 +211,12 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         default=30.0,
         help="seconds each secure-aggregation stage waits for slow clients (30)",
     )
-    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log lines shown; debug adds one line per update and per Join (info)",
+    )
     run.add_argument(
         "--log-format",
         default="text",
@@ -237,7 +245,12 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
 # (flag, type, help); unset flags keep the strategy's own default (docs/algorithms.md).
 STRATEGY_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("proximal-mu", float, "fedprox: proximal term strength mu (0.01)"),
-    ("server-lr", float, "server learning rate eta (fedavg, fedprox, fedavgm, fedopt family)"),
+    (
+        "server-lr",
+        float,
+        "server learning rate eta (1.0 for fedavg, fedprox, fedavgm; 0.03 "
+        "for fedadam, fedyogi; 0.1 for fedadagrad)",
+    ),
     ("server-momentum", float, "fedavgm: server momentum beta (0.9)"),
     ("beta1", float, "fedadam/fedyogi/fedadagrad: first-moment decay (0.9)"),
     ("beta2", float, "fedadam/fedyogi: second-moment decay (0.99)"),

@@ -19,7 +19,7 @@ from fedserver.assembly import EXIT_FAILED, EXIT_OK, ServerSettings, SetupError,
 from fedserver.coordinator import Coordinator
 from fedserver.joinlog import JoinLog
 from fedserver.limits import OpenFilesWatch, raise_open_files_limit, tune_garbage_collector
-from fedserver.progress import show_progress
+from fedserver.progress import log_waiting, show_progress
 from fedserver.rpc import BoundedReplies, LenientDecoding
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
@@ -151,7 +151,9 @@ async def serve(s: ServerSettings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
 
-        bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
+        bar = asyncio.create_task(  # a bar at a terminal, else "waiting for clients" lines
+            show_progress(coordinator) if s.progress else log_waiting(coordinator)
+        )
         watch = asyncio.create_task(_every_10s(files, service.joins))
         done = asyncio.create_task(coordinator.done.wait())
         stopped = asyncio.create_task(stop.wait())
@@ -165,10 +167,9 @@ async def serve(s: ServerSettings) -> int:
         done.cancel()
         stopped.cancel()
         watch.cancel()
-        if bar is not None:
-            bar.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await bar
+        bar.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await bar
     finally:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sqlite3
-import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcore import faults
+from fedcore.durable import private_dir
 from fedcore.files import (
     atomic_link,
     atomic_write,
@@ -49,7 +49,6 @@ from fedcore.tensors import FlatModel, flatten_arrays
 from fedserver.history import RoundHistory
 
 log = logging.getLogger("fedserver")
-PRIVATE_DIR = 0o700
 
 MODEL_ROLE = "model"
 
@@ -64,30 +63,6 @@ def strategy_role(round_number: int) -> str:
 
 class StateDirBusy(RuntimeError):
     """Another live coordinator holds this state dir."""
-
-
-def private_dir(path: Path) -> None:
-    """Make `path` (and missing parents) a folder only its owner can enter.
-
-    An existing folder open to group or others is tightened to 0700 and a warning says so: a
-    state dir holds the model, checkpoints and client ids, and files written before this check
-    (or by other tools) may still be readable by others. If it is not ours to change, warn.
-    """
-    path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if not mode & 0o077:
-        return
-    try:
-        path.chmod(mode & PRIVATE_DIR)
-    except PermissionError:
-        log.warning(
-            "%s is mode %o and not owned by this user: other users may read the model and "
-            "checkpoints in it; use a folder only the coordinator's user can open (chmod 700)",
-            path,
-            mode,
-        )
-        return
-    log.warning("%s was mode %o (open to other users); changed it to 700", path, mode)
 
 
 class StateStore(RoundHistory):

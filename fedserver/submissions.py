@@ -36,6 +36,9 @@ from fedserver.rounds import AlreadySubmitted, Receipt, RoundMachine, SubmitRefu
 from fedserver.uploads import Uploads
 
 log = logging.getLogger("fedserver")
+# One line per counted update: `fedserver simulate` turns it down to DEBUG-only (thousands of
+# virtual clients), where the round's closing line is the summary people read.
+update_log = logging.getLogger("fedserver.updates")
 
 MAX_NUM_EXAMPLES = 10**9
 MAX_STREAMS_PER_CLIENT = 2
@@ -213,7 +216,7 @@ class UpdateIntake:
         self.uploads.metrics.accepted(staleness=self.machine.round - h.round)
         faults.freeze("collect", h.round)  # tests: crash with an update counted only in memory
         m = self.machine
-        log.info(
+        update_log.info(
             "round %d: update %d/%d from %s (%d examples%s)",
             m.round,
             len(m.receipts),

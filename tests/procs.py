@@ -57,6 +57,9 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("FEDGRPC_CONFIG", None)
     env.pop("FEDGRPC_FAULT", None)  # fault injection only where a test asks for it
+    # Importing fedserver/fedclient here set gRPC's quiet default in this process; each child
+    # must choose its own, as it does started from a user's shell.
+    env.pop("GRPC_VERBOSITY", None)
     return env
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import subprocess
 import sys
 import threading
@@ -53,6 +54,49 @@ class OnTty:
         return code, b"".join(self.chunks).decode(errors="replace")
 
 
+CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
+
+
+def screen(output: str) -> list[str]:
+    """The terminal's lines after `output`, for the few controls rich's live display uses
+    (cursor up/down/column, erase line/below); colours and cursor visibility are ignored."""
+    lines: list[list[str]] = [[]]
+    row = col = 0
+    pos = 0
+    while pos < len(output):
+        match = CSI.match(output, pos)
+        if match:
+            params, command = match.groups()
+            n = int(params) if params.isdigit() else None
+            if command == "A":
+                row = max(0, row - (n or 1))
+            elif command == "B":
+                row += n or 1
+            elif command == "G":
+                col = (n or 1) - 1
+            elif command == "K":
+                lines[row] = [] if n == 2 else lines[row][:col]
+            elif command == "J":
+                del lines[row + 1 :]
+                lines[row] = lines[row][:col]
+            pos = match.end()
+            continue
+        char = output[pos]
+        pos += 1
+        if char == "\r":
+            col = 0
+        elif char == "\n":
+            row, col = row + 1, 0
+        elif char >= " ":
+            line = lines[row]
+            line.extend(" " * (col + 1 - len(line)))
+            line[col] = char
+            col += 1
+        while len(lines) <= row:
+            lines.append([])
+    return ["".join(line).rstrip() for line in lines]
+
+
 def test_bars_on_a_terminal(tmp_path: Path) -> None:
     port = free_port()
     server = OnTty(
@@ -78,3 +122,9 @@ def test_bars_on_a_terminal(tmp_path: Path) -> None:
     # Log lines still reach the terminal while the bar is live.
     assert "round 1/1 closed" in server_out
     assert "training is finished" in client_out
+    # Once done, no bar is left on either screen: it would read as stale ("round 1/1 updates
+    # 0/1" under "training finished").
+    for out, last in ((server_out, "coordinator stopped"), (client_out, "training is finished")):
+        shown = [line for line in screen(out) if line]
+        assert not any("━" in line for line in shown), "\n".join(shown)
+        assert last in shown[-1], "\n".join(shown)

@@ -63,6 +63,23 @@ def test_certs_rerun_keeps_existing_files_and_adds_new_clients(tmp_path: Path) -
     assert len(forced) == 8 and (tmp_path / "client-0.crt").read_bytes() != before
 
 
+def test_certs_rerun_with_other_server_names_replaces_only_the_server_pair(
+    tmp_path: Path,
+) -> None:
+    """What a client told "the coordinator's certificate is for 127.0.0.1, not localhost" is
+    asked to do: re-run with the name; clients keep their certificates (same CA)."""
+    make_certs(CertPlan(tmp_path, ["127.0.0.1"], ["client-0"]))
+    client = (tmp_path / "client-0.crt").read_bytes()
+    written = make_certs(CertPlan(tmp_path, ["127.0.0.1", "localhost"], ["client-0"]))
+    assert sorted(p.name for p in written) == ["server.crt", "server.key"]
+    server = _cert(tmp_path / "server.crt")
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    server.verify_directly_issued_by(_cert(tmp_path / "ca.crt"))
+    assert (tmp_path / "client-0.crt").read_bytes() == client
+    assert make_certs(CertPlan(tmp_path, ["127.0.0.1", "localhost"], ["client-0"])) == []
+
+
 def test_certs_refuse_client_ids_that_cannot_be_certificate_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="client id 'bad id'"):
         make_certs(CertPlan(tmp_path, ["localhost"], ["bad id"]))

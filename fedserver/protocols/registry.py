@@ -17,6 +17,8 @@ PROTOCOLS: dict[str, Callable[[ProtocolSettings, ProtocolEnv], RoundProtocol]] =
     "he": HEProtocol,
     "async": BufferedProtocol,  # --mode async (FedBuff); not a --secure choice
 }
+# What --secure offers: the protocols that protect updates (async is chosen by --mode).
+SECURE_CHOICES = ["none", "secagg", "he"]
 
 
 def build_protocol(settings: ProtocolSettings, env: ProtocolEnv) -> RoundProtocol:

@@ -83,6 +83,15 @@ def _general_names(names: Sequence[str]) -> list[x509.GeneralName]:
     return out
 
 
+def _names(crt: Path) -> set[x509.GeneralName]:
+    """The subject alternative names of an existing certificate file."""
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return set()
+
+
 def _builder(
     subject: x509.Name, issuer: x509.Name, public_key: object, days: int
 ) -> x509.CertificateBuilder:
@@ -169,7 +178,10 @@ def make_certs(plan: CertPlan) -> list[Path]:
         stem: str, cn: str, sans: Sequence[str], usage: x509.ObjectIdentifier, unit: str | None
     ) -> None:
         crt, key = out / f"{stem}.crt", out / f"{stem}.key"
-        if crt.exists() and key.exists() and not fresh_ca and not plan.force:
+        kept = crt.exists() and key.exists() and not fresh_ca and not plan.force
+        # Other --server-name values replace the server's pair (same CA: clients keep theirs),
+        # the fix for a client told "the coordinator's certificate is for X, not Y".
+        if kept and _names(crt) == set(_general_names(sans)):
             return
         k, c = _make_leaf(ca_key, ca_cert, cn, sans, usage, unit)
         _write_key(key, k)

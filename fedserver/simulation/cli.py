@@ -38,6 +38,7 @@ NETWORK_ONLY = frozenset(
     }
 )
 NETWORK_GROUPS = frozenset({"security"})  # --tls-*
+SIM_STATE_DIR = Path("sim-state")
 
 EPILOG = """\
 Every flag can also be set as an environment variable (--clients -> FEDGRPC_CLIENTS) or in a
@@ -124,6 +125,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     left_out = _copy_actions(
         run, sim, lambda a, t: a.dest not in NETWORK_ONLY and t not in NETWORK_GROUPS
     )
+    # A folder of its own: `simulate` in the folder of a deployment must not resume its ./state.
+    state_dir = next(a for a in sim._actions if a.dest == "state_dir")
+    state_dir.default = SIM_STATE_DIR
+    state_dir.help = f"checkpoints, model and history live here (./{SIM_STATE_DIR})"
     sim.set_defaults(handler=run_simulation, **left_out)
 
 
@@ -131,6 +136,8 @@ def run_simulation(args: argparse.Namespace) -> int:
     from fedserver.simulation.driver import simulate
 
     setup_logging(args.log_level, args.log_format)
+    if args.log_level != "debug":  # a line per virtual client's update: debug only
+        logging.getLogger("fedserver.updates").setLevel(logging.WARNING)
     log = logging.getLogger("fedserver")
     try:
         settings = sim_settings(args)
@@ -160,7 +167,7 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
             "every virtual client trains every round (see --clients-per-round)"
         )
     return SimSettings(
-        server=replace(server, port=0),
+        server=replace(server, port=0, serve_finished=False),
         clients=args.clients,
         partitioner=args.partitioner,
         alpha=args.alpha,
