@@ -23,7 +23,7 @@ from fedclient.settings import ClientSettings
 from fedcore.codecs import get_codec
 from fedcore.config import CliParser, parse_layered, quiet_broken_pipe
 from fedcore.he import HEError
-from fedcore.logs import setup_logging
+from fedcore.logs import add_log_flags, setup_logging
 from fedcore.plugins import load_object
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
@@ -115,18 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="testing aid: make local training take F times as long by sleeping (F-1) x its "
         "CPU time after each round, to emulate a slow device (1: off)",
     )
-    run.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="least severe log lines shown (info)",
-    )
-    run.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="text for people, json lines for log shippers (text)",
-    )
+    add_log_flags(run)
     add_tls_arguments(run, server=False)
     check = sub.add_parser(
         "check",
@@ -144,8 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_data_flags(check)
     check.add_argument("--seed", type=int, default=0, help="seed for partitioning and training")
-    check.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    check.add_argument("--log-format", default="text", choices=["text", "json"])
+    add_log_flags(check)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -74,3 +75,22 @@ def format_metrics(metrics: Mapping[str, float], sep: str = "=", join: str = " "
     """`accuracy=0.9722 dp_delta=1e-05 loss=0.1516`: sorted, 4 significant digits, so small
     values (a DP delta, a learning rate) do not print as 0.0000."""
     return join.join(f"{k}{sep}{v:.4g}" for k, v in sorted(metrics.items()))
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def add_log_flags(parser: argparse.ArgumentParser, level_help: str = "") -> None:
+    """--log-level and --log-format, the same on every command that logs."""
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=LOG_LEVELS,
+        help=level_help or "least severe log lines shown (info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="text for people, json lines for log shippers (text)",
+    )

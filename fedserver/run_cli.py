@@ -11,7 +11,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from fedcore.logs import setup_logging
+from fedcore.logs import add_log_flags, setup_logging
 from fedcore.privacy import DPConfig
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
@@ -211,17 +211,8 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         default=30.0,
         help="seconds each secure-aggregation stage waits for slow clients (30)",
     )
-    run.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="least severe log lines shown; debug adds one line per update and per Join (info)",
-    )
-    run.add_argument(
-        "--log-format",
-        default="text",
-        choices=["text", "json"],
-        help="text for people, json lines for log shippers (text)",
+    add_log_flags(
+        run, "least severe log lines shown; debug adds one line per update and per Join (info)"
     )
     add_tls_arguments(run, server=True)
     run.add_argument(
