@@ -53,6 +53,14 @@ def excerpt(text: object, limit: int = MAX_EXCERPT) -> str:
     return f"{shown[:limit]}... ({len(str(text))} characters)"
 
 
+def excerpts(items: object, count: int = 5) -> str:
+    """`[a, b, ...]`: the first `count` of `items`, each an excerpt, and how many there are."""
+    listed = list(items)  # type: ignore[call-overload]
+    shown = ", ".join(excerpt(i) for i in listed[:count])
+    more = f", ... ({len(listed)} in all)" if len(listed) > count else ""
+    return f"[{shown}{more}]"
+
+
 def reserved_metric(names: object) -> str | None:
     """Why a client's metric names include a reserved one (RESERVED_METRIC_NAMES), or None."""
     for name in names:  # type: ignore[attr-defined]

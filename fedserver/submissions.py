@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fedcore import faults
 from fedcore.checksums import new_hasher
 from fedcore.codecs import Codec, get_codec
-from fedcore.limits import CLIENT_METRIC_PREFIX, MAX_ROUND_METRICS
+from fedcore.limits import CLIENT_METRIC_PREFIX, MAX_ROUND_METRICS, excerpt
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest, ManifestError
 from fedserver.aggregate import BadUpdate, SpillCorrupted, StagedUpdate, UpdateTooLarge
@@ -73,7 +73,7 @@ class UpdateIntake:
         if self.uploads.streams[header.client_id] >= MAX_STREAMS_PER_CLIENT:
             raise self._refuse(
                 TooManyStreams(
-                    f"client {header.client_id!r} already has {MAX_STREAMS_PER_CLIENT} "
+                    f"client {excerpt(header.client_id)} already has {MAX_STREAMS_PER_CLIENT} "
                     "uploads in flight"
                 )
             )
@@ -188,7 +188,7 @@ class UpdateIntake:
                 return SubmitResult(h.round, True, "duplicate of an update already counted")
             raise self._refuse(
                 AlreadySubmitted(
-                    f"client {h.client_id!r} already submitted a different update for "
+                    f"client {excerpt(h.client_id)} already submitted a different update for "
                     f"round {h.round}; updates cannot be replaced",
                     known,
                 )
