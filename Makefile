@@ -83,9 +83,13 @@ docker-demo: ## coordinator + 3 clients in containers, mTLS + state volume (need
 # As root on Debian without a container registry, docker/host-setup.sh installs docker.io and
 # docker-compose, starts dockerd --iptables=false and builds a python:3.11-slim stand-in
 # (docs/deploy.md). Not part of `make test`.
+# The test's own Docker daemon (docker/host-setup.sh starts it); the host's is left alone.
+DOCKER_E2E_HOST ?= unix:///run/fedgrpc-docker/docker.sock
+
 docker-e2e: install ## docker-compose.yml under real Docker: certs, mTLS, 20 rounds, restart
-	base=$$(PYTHON=$(PY) sh docker/host-setup.sh) && \
-	  FEDGRPC_BASE_IMAGE=$$base $(PY) -m pytest -m docker -s tests/test_docker_e2e.py
+	base=$$(FEDGRPC_DOCKER_HOST=$(DOCKER_E2E_HOST) PYTHON=$(PY) sh docker/host-setup.sh) && \
+	  DOCKER_HOST=$(DOCKER_E2E_HOST) FEDGRPC_BASE_IMAGE=$$base \
+	  $(PY) -m pytest -m docker -s tests/test_docker_e2e.py
 
 clean:
 	rm -rf $(VENV) $(FLOWER_VENV) build *.egg-info .pytest_cache

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import blake3
 
+from fedcore.limits import excerpt
 from fedcore.tensors import ManifestError
 
 DEFAULT = "blake3"
@@ -40,7 +41,7 @@ def new_hasher(algorithm: str) -> Hasher:
         return _ALGORITHMS[algorithm or LEGACY]()
     except KeyError:
         raise ManifestError(
-            f"unknown update checksum {algorithm!r}; supported: {', '.join(ALGORITHMS)}"
+            f"unknown update checksum {excerpt(algorithm)}; supported: {', '.join(ALGORITHMS)}"
         ) from None
 
 

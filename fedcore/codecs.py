@@ -15,6 +15,7 @@ import numpy as np
 
 from fedcore.codec_base import Codec, Piece, StreamDecoder
 from fedcore.he import CKKSCodec
+from fedcore.limits import excerpt
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
 
 __all__ = ["CODECS", "Codec", "ErrorFeedback", "Piece", "StreamDecoder", "get_codec"]
@@ -278,7 +279,8 @@ def get_codec(name: str) -> Codec:
         try:
             return TopKCodec(float(arg))
         except ValueError as e:
-            raise ManifestError(f"bad top-k encoding {name!r}: {e}") from None
+            raise ManifestError(f"bad top-k encoding {excerpt(name)}: {e}") from None
     raise ManifestError(
-        f"unknown update encoding {name!r}; supported: {', '.join(CODECS)}, topk:FRACTION, he-ckks"
+        f"unknown update encoding {excerpt(name)}; supported: {', '.join(CODECS)}, "
+        "topk:FRACTION, he-ckks"
     )

@@ -14,6 +14,24 @@ MAX_TENSOR_DIMS = 32  # entries of TensorSpec.shape
 MAX_METRICS = 64  # keys per UpdateHeader.metrics / EvaluationResult.metrics
 MAX_METRIC_KEY = 64  # characters per metric name
 MAX_ROUND_METRICS = 128  # distinct client metric names folded into one round's record
+# A round's record names the clients' mean of each training metric CLIENT_METRIC_PREFIX + name
+# (federated evaluation: "fed_" + name), so a client's `accuracy` or `epsilon` never reads as the
+# coordinator's held-out accuracy or ε. Names the coordinator writes itself, bare or behind
+# those prefixes, are refused in client metrics (INVALID_ARGUMENT): docs/protocol.md.
+CLIENT_METRIC_PREFIX = "client_"
+RESERVED_METRIC_NAMES = frozenset(
+    {
+        "base_round",  # a receipt's base model (history.py; its own column)
+        "epsilon",  # fedserver/dp.py METRIC_*
+        "dp_delta",
+        "dp_noise_multiplier",
+        "dp_sample_rate",
+        "staleness_mean",  # fedserver/async_rounds.py closing_metrics
+        "staleness_max",
+        "examples",  # fedserver/fedeval.py: fed_examples, fed_clients
+        "clients",
+    }
+)
 
 MAX_PROPERTIES = 32  # entries of JoinRequest.properties
 MAX_PROPERTY_KEY = 64  # characters
@@ -33,6 +51,26 @@ def excerpt(text: object, limit: int = MAX_EXCERPT) -> str:
     if len(shown) <= limit:
         return shown
     return f"{shown[:limit]}... ({len(str(text))} characters)"
+
+
+def excerpts(items: object, count: int = 5) -> str:
+    """`[a, b, ...]`: the first `count` of `items`, each an excerpt, and how many there are."""
+    listed = list(items)  # type: ignore[call-overload]
+    shown = ", ".join(excerpt(i) for i in listed[:count])
+    more = f", ... ({len(listed)} in all)" if len(listed) > count else ""
+    return f"[{shown}{more}]"
+
+
+def reserved_metric(names: object) -> str | None:
+    """Why a client's metric names include a reserved one (RESERVED_METRIC_NAMES), or None."""
+    for name in names:  # type: ignore[attr-defined]
+        if name in RESERVED_METRIC_NAMES:
+            return (
+                f"metric name {excerpt(name)} is reserved for the coordinator's own records "
+                f"(reserved: {', '.join(sorted(RESERVED_METRIC_NAMES))}); rename it in the "
+                "Task's train() or evaluate() results"
+            )
+    return None
 
 
 def clip_message(message: str, limit: int = MAX_REFUSAL_MESSAGE) -> str:

@@ -21,6 +21,7 @@ from functools import cached_property
 import numpy as np
 
 from fedcore.codecs import Piece
+from fedcore.limits import excerpts
 from fedcore.tensors import Manifest, ManifestError
 
 
@@ -134,7 +135,9 @@ class Selection:
         own = set(self.names)
         outside = [n for n in names if n not in own]
         if outside:
-            raise ManifestError(f"update carries tensors not trained this round: {outside[:5]}")
+            raise ManifestError(
+                f"update carries tensors not trained this round: {excerpts(outside)}"
+            )
         picked = Selection.of_names(self.floats, names)
         if list(picked.names) != names:
             raise ManifestError("update tensors are not in the model's order")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import numpy as np
 
-from fedcore.limits import excerpt
+from fedcore.limits import excerpt, excerpts
 
 if TYPE_CHECKING:
     import torch
@@ -106,8 +106,9 @@ class Manifest:
         for t in self.tensors:
             (dupes if t.name in seen else seen).add(t.name)
         if dupes:
-            shown = ", ".join(excerpt(n) for n in sorted(dupes)[:5])
-            raise ManifestError(f"duplicate tensor names in manifest ({len(dupes)}): [{shown}]")
+            raise ManifestError(
+                f"duplicate tensor names in manifest ({len(dupes)}): {excerpts(sorted(dupes))}"
+            )
 
     @cached_property
     def offsets(self) -> dict[str, tuple[int, int]]:

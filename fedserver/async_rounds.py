@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from fedcore.limits import excerpt
 from fedserver.rounds import (
     AlreadySubmitted,
     ClosedRound,
@@ -144,7 +145,7 @@ class BufferMachine(RoundMachine):
             )
         if client_id in self.receipts:
             raise AlreadySubmitted(
-                f"client {client_id!r} already has an update in the buffer of round "
+                f"client {excerpt(client_id)} already has an update in the buffer of round "
                 f"{self.round}; wait for it to be applied",
                 self.receipts[client_id].digest,
             )

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from fedcore.limits import MAX_ROUND_METRICS
+from fedcore.limits import MAX_ROUND_METRICS, excerpt
 from fedserver.rounds import NotSelected, StaleRound
 
 PREFIX = "fed_"
@@ -73,7 +73,7 @@ class EvalCampaign:
             )
         if client_id not in self.selected:
             raise NotSelected(
-                f"client {client_id!r} is not selected to evaluate round {self.round}"
+                f"client {excerpt(client_id)} is not selected to evaluate round {self.round}"
             )
         if client_id in self.reports:
             return False

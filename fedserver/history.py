@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# PRAGMA user_version of a state.db this code writes. 1: receipts gained their own base_round
+# column (before, the coordinator wrote it into the client's metrics JSON, where a client could
+# put its own value and so have one update counted twice on the same version).
+SCHEMA_VERSION = 1
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rounds (
@@ -33,6 +38,7 @@ CREATE TABLE IF NOT EXISTS receipts (
     num_examples INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     metrics TEXT NOT NULL,
+    base_round INTEGER NOT NULL,
     PRIMARY KEY (round, client_id)
 );
 CREATE TABLE IF NOT EXISTS traffic (
@@ -78,7 +84,8 @@ class ClientReceipt:
     client_id: str
     num_examples: int
     sha256: str
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # what the client reported, nothing else
+    base_round: int  # the round whose model the update was computed on (server-owned)
 
 
 class RoundHistory:
@@ -88,6 +95,7 @@ class RoundHistory:
         self._joined: dict[str, tuple[float, str]] = {}  # Joins not yet written (record_client)
         if create:
             db.executescript(_SCHEMA)
+            _migrate(db)
 
     # ------------------------------------------------------------------ metadata
     def get_meta(self, key: str, default: str | None = None) -> str | None:
@@ -124,9 +132,18 @@ class RoundHistory:
                 ),
             )
             self.db.executemany(
-                "INSERT OR REPLACE INTO receipts VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO receipts"
+                "(round, client_id, num_examples, sha256, metrics, base_round) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (record.round, r.client_id, r.num_examples, r.sha256, json.dumps(r.metrics))
+                    (
+                        record.round,
+                        r.client_id,
+                        r.num_examples,
+                        r.sha256,
+                        json.dumps(r.metrics),
+                        r.base_round,
+                    )
                     for r in receipts
                 ],
             )
@@ -188,11 +205,12 @@ class RoundHistory:
         """The digest of the client's committed update based on `round_number`'s model.
 
         Synchronous rounds count an update in the round it was based on; asynchronous ones may
-        count it in a later round and record that round's `base_round` in the receipt."""
+        count it in a later round. The receipt's own base_round column says which (never the
+        client's metrics: those are the client's to fill)."""
         with self.lock:
             row = self.db.execute(
                 "SELECT sha256 FROM receipts WHERE client_id = ? AND round >= ? AND "
-                "coalesce(json_extract(metrics, '$.base_round'), round) = ? ORDER BY round",
+                "base_round = ? ORDER BY round",
                 (client_id, round_number, round_number),
             ).fetchone()
         return row[0] if row else None
@@ -255,6 +273,31 @@ def read_status(state_dir: Path) -> dict[str, Any]:
         }
     finally:
         db.close()
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a state.db written by an older fedgrpc to SCHEMA_VERSION, in one transaction.
+
+    Version 0 kept an asynchronous update's base round inside the receipt's metrics JSON,
+    next to the client's own names. It moves to its own column; a value only counts if the
+    coordinator could have written it (a whole round before the receipt's), since a client
+    could put any number there; every other receipt was based on its own round."""
+    if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    with db:
+        db.execute("BEGIN IMMEDIATE")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(receipts)")}
+        if "base_round" not in columns:
+            db.execute("ALTER TABLE receipts ADD COLUMN base_round INTEGER NOT NULL DEFAULT 0")
+            db.execute(
+                "UPDATE receipts SET base_round = CASE "
+                "WHEN json_type(metrics, '$.base_round') IN ('integer', 'real') "
+                "AND json_extract(metrics, '$.base_round') = "
+                "CAST(json_extract(metrics, '$.base_round') AS INTEGER) "
+                "AND json_extract(metrics, '$.base_round') BETWEEN 1 AND round - 1 "
+                "THEN CAST(json_extract(metrics, '$.base_round') AS INTEGER) ELSE round END"
+            )
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _record(r: tuple[Any, ...]) -> RoundRecord:

@@ -40,7 +40,7 @@ class JoinLog:
         self.count += 1
         level = logging.INFO if self.count <= self.lines else logging.DEBUG
         if log.isEnabledFor(level):  # the peer and the excerpt only when the line is written
-            props = excerpt(properties, 200) if properties else "-"
+            props = excerpt(properties) if properties else "-"
             log.log(level, "client %s joined from %s (%s)", client_id, peer(), props)
 
     def flush(self, now: float | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedcore.limits import excerpt, excerpts
 from fedcore.selection import Selection
 from fedcore.tensors import FlatModel, Manifest
 from fedserver.aggregate import UpdateReceiver
@@ -118,12 +119,15 @@ def manifest_difference(got: Manifest, want: Manifest) -> str:
     extra = sorted(gotd.keys() - wantd.keys())
     if missing or extra:
         return (
-            f"update tensors do not match the model: missing {missing[:5]}, unexpected {extra[:5]}"
+            "update tensors do not match the model: "
+            f"missing {excerpts(missing)}, unexpected {excerpts(extra)}"
         )
     for name, w in wantd.items():
         g = gotd[name]
         if g.shape != w.shape:
-            return f"tensor {name!r} has shape {list(g.shape)}, the model has {list(w.shape)}"
+            return (
+                f"tensor {excerpt(name)} has shape {list(g.shape)}, the model has {list(w.shape)}"
+            )
         if g.dtype != w.dtype:
-            return f"tensor {name!r} is {g.dtype}, this encoding requires {w.dtype}"
+            return f"tensor {excerpt(name)} is {g.dtype}, this encoding requires {w.dtype}"
     return "update tensors are not in the model's order"

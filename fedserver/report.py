@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcore.files import SHARED, atomic_write
+from fedcore.limits import CLIENT_METRIC_PREFIX
 from fedserver.history import read_status
 
 BASE_COLUMNS = (
@@ -75,14 +76,28 @@ def _metric_names(rounds: Sequence[dict[str, Any]]) -> list[str]:
     return sorted({k for r in rounds for k in r["metrics"]})
 
 
+# A cell a spreadsheet would read as a formula (OWASP "CSV injection"): metric names come from
+# clients, and a name like `=HYPERLINK(...)` must stay text when rounds.csv is opened.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """`value` safe for a spreadsheet: text starting like a formula gets a leading `'`.
+
+    Numbers are written as they are (a negative loss is a number, not a formula)."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _write_csv(path: Path, rounds: Sequence[dict[str, Any]]) -> Path:
     names = _metric_names(rounds)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([*BASE_COLUMNS, *names])
+    writer.writerow([csv_cell(c) for c in (*BASE_COLUMNS, *names)])
     for r in rounds:
-        base = [r.get(c, "") for c in BASE_COLUMNS]
-        writer.writerow([*base, *(r["metrics"].get(n, "") for n in names)])
+        cells = [*(r.get(c, "") for c in BASE_COLUMNS), *(r["metrics"].get(n, "") for n in names)]
+        writer.writerow([csv_cell(c) for c in cells])
     atomic_write(path, [buf.getvalue().encode()], SHARED)
     return path
 
@@ -139,9 +154,19 @@ def _plots(out: Path, rounds: Sequence[dict[str, Any]], title: str) -> list[Path
         figure(
             "accuracy",
             "accuracy",
-            {"accuracy": "held-out (coordinator)", "train_accuracy": "train (clients, mean)"},
+            {
+                "accuracy": "held-out (coordinator)",
+                CLIENT_METRIC_PREFIX + "train_accuracy": "train (clients, mean)",
+            },
         ),
-        figure("loss", "loss", {"loss": "held-out (coordinator)", "train_loss": "train (clients)"}),
+        figure(
+            "loss",
+            "loss",
+            {
+                "loss": "held-out (coordinator)",
+                CLIENT_METRIC_PREFIX + "train_loss": "train (clients)",
+            },
+        ),
         figure("participants", "updates per round", {"participants": "participants"}, bars=True),
         figure(
             "bytes",

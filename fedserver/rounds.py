@@ -18,6 +18,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fedcore.limits import excerpt
+
 
 class Phase(enum.Enum):
     WAITING = "waiting_for_clients"
@@ -256,11 +258,13 @@ class RoundMachine:
             raise StaleRound(f"round {round_number} is not open yet (waiting for clients)")
         if client_id in self.receipts:
             raise AlreadySubmitted(
-                f"client {client_id!r} already submitted for round {round_number}",
+                f"client {excerpt(client_id)} already submitted for round {round_number}",
                 self.receipts[client_id].digest,
             )
         if client_id not in self.selected:
-            raise NotSelected(f"client {client_id!r} is not selected for round {round_number}")
+            raise NotSelected(
+                f"client {excerpt(client_id)} is not selected for round {round_number}"
+            )
 
     def record(self, client_id: str, receipt: Receipt) -> None:
         self.check_submit(client_id, receipt.base_round or self.round)

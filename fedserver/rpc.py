@@ -101,8 +101,10 @@ def check_strings(message: Any, skip: tuple[str, ...] = ("client_id",)) -> str |
 
 
 def check_metrics(metrics: Any) -> str | None:
-    """Why a client's metrics map breaks the limits (count, name length), or None."""
-    return limits.check_string_map(metrics, "metrics", limits.MAX_METRICS, limits.MAX_METRIC_KEY)
+    """Why a client's metrics map breaks the limits (count, name length) or uses a name the
+    coordinator keeps for itself, or None."""
+    problem = limits.check_string_map(metrics, "metrics", limits.MAX_METRICS, limits.MAX_METRIC_KEY)
+    return problem or limits.reserved_metric(metrics)
 
 
 def check_properties(properties: Any) -> str | None:

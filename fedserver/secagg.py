@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedcore.limits import excerpt
 from fedcore.secagg import quantize, shamir
 from fedcore.secagg.keys import PUBLIC_KEY_BYTES, KeyPair
 from fedcore.secagg.masking import unmask
@@ -111,7 +112,7 @@ class SecAggRound:
                 f"not {stage.name}; pull the current round and start again"
             )
         if client_id not in self.selected:
-            raise NotSelected(f"client {client_id!r} is not selected for round {self.round}")
+            raise NotSelected(f"client {excerpt(client_id)} is not selected for round {self.round}")
 
     # ------------------------------------------------------------------ client messages
     def advertise(self, client_id: str, channel_public: bytes, mask_public: bytes) -> None:
@@ -121,7 +122,7 @@ class SecAggRound:
             return  # a retry
         self._expect(Stage.KEYS, client_id)
         if client_id in self.keys:
-            raise BadUpdate(f"client {client_id!r} already advertised different keys")
+            raise BadUpdate(f"client {excerpt(client_id)} already advertised different keys")
         self.keys[client_id] = (channel_public, mask_public)
 
     def post_shares(self, client_id: str, shares: Mapping[str, bytes]) -> None:
@@ -129,7 +130,7 @@ class SecAggRound:
             return  # a retry
         self._expect(Stage.SHARES, client_id)
         if client_id not in self.roster:
-            raise SecAggRefused(f"client {client_id!r} advertised no keys in time")
+            raise SecAggRefused(f"client {excerpt(client_id)} advertised no keys in time")
         want = self.roster.keys() - {client_id}
         if set(shares) != want:
             raise BadUpdate(
@@ -143,7 +144,9 @@ class SecAggRound:
     def check_masked(self, client_id: str, weight: float) -> None:
         self._expect(Stage.MASKED, client_id)
         if client_id not in self.shared:
-            raise SecAggRefused(f"client {client_id!r} did not take part in the key exchange")
+            raise SecAggRefused(
+                f"client {excerpt(client_id)} did not take part in the key exchange"
+            )
         if self.total_weight + weight > quantize.MAX_TOTAL_WEIGHT:
             raise BadUpdate(
                 f"round weight would exceed {quantize.MAX_TOTAL_WEIGHT} examples, the most a "
@@ -176,7 +179,7 @@ class SecAggRound:
     ) -> None:
         self._expect(Stage.UNMASK, client_id)
         if client_id not in self.survivors:
-            raise SecAggRefused(f"client {client_id!r} sent no masked update this round")
+            raise SecAggRefused(f"client {excerpt(client_id)} sent no masked update this round")
         if set(seed_shares) != set(self.survivors) or set(key_shares) != set(self.dropped):
             raise BadUpdate("reveal shares for exactly the survivors and the dropped clients")
         if any(
@@ -222,19 +225,19 @@ class SecAggRound:
     def stage_view(self, client_id: str, want: str) -> dict[str, object] | None:
         """What a client polling for "roster", "inbox" or "unmask" may see now (None: not yet)."""
         if client_id not in self.selected:
-            raise NotSelected(f"client {client_id!r} is not selected for round {self.round}")
+            raise NotSelected(f"client {excerpt(client_id)} is not selected for round {self.round}")
         ready_at = {"roster": Stage.SHARES, "inbox": Stage.MASKED, "unmask": Stage.UNMASK}[want]
         if self.stage.value < ready_at.value:
             return None
         if want == "roster":
             if client_id not in self.roster:
-                raise SecAggRefused(f"client {client_id!r} missed the key stage")
+                raise SecAggRefused(f"client {excerpt(client_id)} missed the key stage")
             return {"roster": self.roster, "threshold": self.threshold}
         if want == "inbox":
             if client_id not in self.shared:
-                raise SecAggRefused(f"client {client_id!r} missed the share stage")
+                raise SecAggRefused(f"client {excerpt(client_id)} missed the share stage")
             inbox = {s: self.posted[s][client_id] for s in sorted(self.shared) if s != client_id}
             return {"inbox": inbox, "threshold": self.threshold}
         if client_id not in self.survivors:
-            raise SecAggRefused(f"client {client_id!r} sent no masked update")
+            raise SecAggRefused(f"client {excerpt(client_id)} sent no masked update")
         return {"survivors": self.survivors, "dropped": self.dropped}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from fedcore import faults
 from fedcore.checksums import new_hasher
 from fedcore.codecs import Codec, get_codec
-from fedcore.limits import MAX_ROUND_METRICS
+from fedcore.limits import CLIENT_METRIC_PREFIX, MAX_ROUND_METRICS, excerpt
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest, ManifestError
 from fedserver.aggregate import BadUpdate, SpillCorrupted, StagedUpdate, UpdateTooLarge
@@ -76,7 +76,7 @@ class UpdateIntake:
         if self.uploads.streams[header.client_id] >= MAX_STREAMS_PER_CLIENT:
             raise self._refuse(
                 TooManyStreams(
-                    f"client {header.client_id!r} already has {MAX_STREAMS_PER_CLIENT} "
+                    f"client {excerpt(header.client_id)} already has {MAX_STREAMS_PER_CLIENT} "
                     "uploads in flight"
                 )
             )
@@ -191,7 +191,7 @@ class UpdateIntake:
                 return SubmitResult(h.round, True, "duplicate of an update already counted")
             raise self._refuse(
                 AlreadySubmitted(
-                    f"client {h.client_id!r} already submitted a different update for "
+                    f"client {excerpt(h.client_id)} already submitted a different update for "
                     f"round {h.round}; updates cannot be replaced",
                     known,
                 )
@@ -232,7 +232,9 @@ class UpdateIntake:
         return SubmitResult(h.round, False, f"update counted for round {h.round}")
 
     def metric_means(self, receipts: Mapping[str, Receipt]) -> dict[str, float]:
-        """The counted clients' reported metrics, averaged weighted by their examples."""
+        """The counted clients' reported metrics, averaged weighted by their examples, each
+        named CLIENT_METRIC_PREFIX + the client's name: what clients say about themselves never
+        shares a name with what the coordinator measured (its held-out `accuracy`, ε)."""
         total: Counter[str] = Counter()
         weight: Counter[str] = Counter()
         for client, receipt in receipts.items():
@@ -242,21 +244,24 @@ class UpdateIntake:
         # Each client sends at most MAX_METRICS names, but they may all differ: keep the names
         # most examples reported (then by name), so a round's record stays bounded.
         kept = sorted((k for k in total if weight[k]), key=lambda k: (-weight[k], k))
-        return {k: total[k] / weight[k] for k in kept[:MAX_ROUND_METRICS]}
+        return {CLIENT_METRIC_PREFIX + k: total[k] / weight[k] for k in kept[:MAX_ROUND_METRICS]}
 
     def client_receipts(
         self, receipts: Mapping[str, Receipt], round_no: int
     ) -> list[ClientReceipt]:
         """What the history keeps of each counted update: its digest, the client's reported
-        metrics, and the round it trained on if that was earlier (so a retry of an update
+        metrics, and, in a column of its own, the round it trained on (so a retry of an update
         counted in a later round is recognised: store.receipt_digest)."""
-        kept = []
-        for client, r in sorted(receipts.items()):
-            metrics = dict(self.client_metrics.get(client, {}))
-            if r.base_round and r.base_round != round_no:
-                metrics["base_round"] = float(r.base_round)
-            kept.append(ClientReceipt(client, r.num_examples, r.digest, metrics))
-        return kept
+        return [
+            ClientReceipt(
+                client,
+                r.num_examples,
+                r.digest,
+                dict(self.client_metrics.get(client, {})),
+                r.base_round or round_no,
+            )
+            for client, r in sorted(receipts.items())
+        ]
 
     def _sees_plain(self) -> bool:
         """The protocol folds updates in plain (not masked or encrypted)."""

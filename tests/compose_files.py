@@ -133,6 +133,17 @@ class Containers:
         }
 
 
+def networks(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Network name -> its per-service settings (aliases, ...), as Compose reads `networks:`;
+    a service with neither `networks` nor `network_mode` is on the project's `default`."""
+    if "network_mode" in service:
+        return {}
+    given = service.get("networks", ["default"])
+    if isinstance(given, list):
+        return {name: {} for name in given}
+    return {name: settings or {} for name, settings in given.items()}
+
+
 def mounts(service: dict[str, Any]) -> dict[str, tuple[str, str | None, bool]]:
     """target -> (kind, source, read_only)."""
     out = {}

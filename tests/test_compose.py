@@ -36,6 +36,7 @@ from tests.compose_files import (
     load,
     local_init,
     mounts,
+    networks,
     parse,
 )
 
@@ -259,6 +260,50 @@ def test_clients_reach_the_coordinator(
         assert host == COORDINATOR, f"{name} talks to {host!r}"
         assert int(port) == server_args.port, f"{name} uses port {port}"
         assert args.task == server_args.task, f"{name} trains a different task"
+
+
+def test_clients_share_only_an_internal_network_with_the_coordinator(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    declared = compose.get("networks") or {}
+    coordinator = networks(services[COORDINATOR])
+    for name in CLIENTS:
+        joined = networks(services[name])
+        assert joined, f"{name} is on no network"
+        for net in joined:
+            assert net in coordinator, f"{name} is on {net}, where the coordinator is not"
+            # No gateway: a client reaches its own subnet and nothing else, so no route leads
+            # to the coordinator's other addresses (its /metrics) or off the host.
+            assert (declared.get(net) or {}).get("internal") is True, f"{net} is not internal"
+    assert services[INIT].get("network_mode") == "none", "certs needs no network"
+
+
+def test_metrics_are_served_off_the_clients_network(
+    compose: dict[str, Any],
+    services: dict[str, dict[str, Any]],
+    server_args: argparse.Namespace,
+) -> None:
+    """/metrics is plaintext and unauthenticated: it binds to an address of the coordinator's on
+    a network no client joins (an alias Docker's DNS resolves there only), never 0.0.0.0, and
+    that network is where the host's published ports arrive."""
+    assert server_args.metrics_port, "the coordinator serves no metrics"
+    host = server_args.metrics_host
+    assert host not in ("0.0.0.0", "::", ""), f"--metrics-host {host} is every interface"
+    coordinator = networks(services[COORDINATOR])
+    carrying = [n for n, cfg in coordinator.items() if host in (cfg.get("aliases") or [])]
+    assert len(carrying) == 1, f"--metrics-host {host} is no alias of one coordinator network"
+    ops = carrying[0]
+    assert host not in (COORDINATOR, *services), "a service name resolves on every network"
+    for name, service in services.items():
+        if name != COORDINATOR:
+            assert ops not in networks(service), f"{name} joins {ops}, where /metrics is"
+    # The ports reach the coordinator through the one network that has a gateway: ops.
+    assert not (compose["networks"].get(ops) or {}).get("internal")
+    published = [str(p) for p in services[COORDINATOR]["ports"]]
+    metrics = [p for p in published if p.endswith(f":{server_args.metrics_port}")]
+    assert metrics and all(p.startswith("127.0.0.1:") for p in metrics), published
+    merged = load(COMPOSE, PLAINTEXT)["services"][COORDINATOR]
+    assert parse(command(merged), "plaintext coordinator").metrics_host == host
 
 
 def test_clients_wait_for_a_healthy_coordinator(services: dict[str, dict[str, Any]]) -> None:

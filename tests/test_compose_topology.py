@@ -7,7 +7,8 @@ middle of the run, which must resume from the state dir and finish all rounds.
 Only what Docker itself provides is substituted: each named volume becomes a folder under tmp
 and each service sees only the volumes it mounts (tests/compose_files.Containers), the init
 service's bundles go to this user instead of the image's uid, the service name `coordinator`
-and the container's 0.0.0.0 become 127.0.0.1 (this machine offers only loopback), and ports
+the container's 0.0.0.0 and the coordinator's `ops` alias for /metrics become 127.0.0.1 (this
+machine offers only loopback; tests/test_compose.py checks the networks statically), and ports
 become free ones. Every other argument is the compose file's.
 """
 
@@ -34,7 +35,7 @@ from tests.compose_files import (
     local_init,
     parse,
 )
-from tests.procs import Proc, child_env, free_port, spawn, wait_serving, wait_until
+from tests.procs import Proc, child_env, free_port, scrape, spawn, wait_serving, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240)]
 MODULES = {"fedserver": "fedserver.cli", "fedclient": "fedclient.cli"}
@@ -97,6 +98,8 @@ def test_compose_topology_runs_as_processes(tmp_path: Path, procs: list[Proc]) -
     wait_serving(local.port, server, tls=operator)
     probe = run(COORDINATOR, healthcheck(services[COORDINATOR]))
     assert (probe.returncode, probe.stdout.strip()) == (0, "SERVING"), probe.stderr
+    # The flags compose passes serve /metrics (on the address the host's port leads to).
+    assert scrape(local.metrics_port)["fedgrpc_current_round"] >= 0
 
     clients = [spawn(name, local(name, command(services[name])), logs) for name in CLIENTS]
     procs.extend(clients)

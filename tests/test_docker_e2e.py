@@ -5,10 +5,15 @@ three clients, each holding only ca.crt and its own pair -> `compose restart coo
 middle of the run, which resumes from the state volume at the next round -> 20 rounds, held-out
 accuracy >= 0.95, every container exits 0.
 
+/metrics (plaintext) answers on the host's published port and not from a client container,
+by the coordinator's name or its `ops` alias (docker-compose.yml "Networks").
+
 Runs only when selected (`make docker-e2e`, which prepares a registry-less Debian host, or
 `pytest -m docker` where Docker and compose exist) and skips without a Docker engine. The
 project name is unique and `down -v` removes its containers, network and volumes at the end.
-Environment: FEDGRPC_BASE_IMAGE (a stand-in for python:3.11-slim) is passed to the build.
+Environment: FEDGRPC_BASE_IMAGE (a stand-in for python:3.11-slim) is passed to the build;
+DOCKER_HOST picks the engine (`make docker-e2e` sets it to the daemon docker/host-setup.sh
+started for the test, never the host's own).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import secrets
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -166,6 +172,23 @@ def test_compose_up_trains_with_mtls_and_resumes_after_restart(project: Project)
     )
     assert "security: mTLS (client certificates required)" in project.logs(COORDINATOR)
     progress(f"coordinator healthy over mTLS at {time.monotonic() - started:.0f}s")
+
+    # /metrics: the host reads it through its published port; no client container reaches it.
+    metrics_port = int(project.env["FEDGRPC_METRICS_PORT"])
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        assert b"fedgrpc_current_round" in r.read()
+    reach = (
+        "import socket, sys\n"
+        "for host in sys.argv[1:]:\n"
+        "    try:\n"
+        "        socket.create_connection((host, 9100), timeout=5).close()\n"
+        "        print(host, 'REACHED')\n"
+        "    except OSError as e:\n"
+        "        print(host, 'refused:', e)\n"
+    )
+    tried = docker("exec", project.container(CLIENTS[0]), "python", "-c", reach,
+                   COORDINATOR, "coordinator-ops")  # fmt: skip
+    assert "REACHED" not in tried and tried.count("refused:") == 2, tried
 
     # Keys: each client container mounts one volume, holding ca.crt and its own pair.
     for name in CLIENTS:

@@ -107,4 +107,6 @@ def test_diabetes_regression_end_to_end(tmp_path: Path, procs: list[Proc]) -> No
     assert metrics["mse"] <= TARGET_MSE
     last = read_status(state)["rounds"][-1]["metrics"]
     assert last["r2"] == pytest.approx(metrics["r2"], abs=1e-6)
-    assert {"train_loss", "train_mse", "train_mae", "train_r2"} <= set(last)
+    assert {"client_train_loss", "client_train_mse", "client_train_mae", "client_train_r2"} <= set(
+        last
+    )

@@ -32,6 +32,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedcore.codecs import get_codec
+from fedcore.limits import excerpt
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest
 from fedserver.aggregate import BadUpdate, StagedUpdate
@@ -120,12 +121,12 @@ class RoundProtocol(ABC):
         if self.encoding is not None and encoding != self.encoding:
             raise BadUpdate(
                 f"this coordinator runs secure aggregation: updates must use encoding "
-                f"{self.encoding!r}, got {encoding!r}",
+                f"{self.encoding!r}, got {excerpt(encoding)}",
                 reason="bad_encoding",
             )
         if self.encoding is None and get_codec(encoding).secure_only:
             raise BadUpdate(
-                f"encoding {encoding!r} is for --secure aggregation, which this coordinator "
+                f"encoding {excerpt(encoding)} is for --secure aggregation, which this coordinator "
                 "does not run",
                 reason="bad_encoding",
             )

@@ -19,6 +19,7 @@ import numpy as np
 
 from fedcore.codecs import get_codec
 from fedcore.he import ENCODING, HEAggregator, HEError
+from fedcore.limits import excerpt
 from fedcore.tensors import Manifest
 from fedserver.aggregate import BadUpdate
 from fedserver.messages import PendingSubmit, SubmitHeader, SubmitResult, manifest_difference
@@ -141,7 +142,7 @@ class HEProtocol(RoundProtocol):
             )
         if client_id != d.asked:
             raise NotSelected(
-                f"client {client_id!r} was not asked to decrypt the aggregate of round "
+                f"client {excerpt(client_id)} was not asked to decrypt the aggregate of round "
                 f"{round_number}"
             )
         return d
@@ -165,7 +166,7 @@ class HEProtocol(RoundProtocol):
             self._pending(h.client_id, h.round)
             if h.encoding != "fp32":
                 raise BadUpdate(
-                    f"a decrypted aggregate must use encoding 'fp32', got {h.encoding!r}",
+                    f"a decrypted aggregate must use encoding 'fp32', got {excerpt(h.encoding)}",
                     reason="bad_encoding",
                 )
             codec = get_codec("fp32")

@@ -29,6 +29,7 @@ from typing import Any
 
 import grpc
 
+from fedcore.limits import excerpt
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.security import TOKEN_METADATA, TOKEN_SCHEME
 from fedserver.interceptor import WrapOnce
@@ -153,7 +154,7 @@ class Authenticator:
             raise Denied(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"authenticated as {identity.name!r} ({identity.source}) but acting as client "
-                f"{claimed!r}; a client can only act as itself",
+                f"{excerpt(claimed)}; a client can only act as itself",
             )
 
 
