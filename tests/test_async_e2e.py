@@ -76,7 +76,10 @@ def test_stale_delta_is_refused_and_counted_and_late_retries_are_acknowledged(
         assert "--max-staleness 1" in stale.value.details()  # type: ignore[attr-defined]
         assert scrape(metrics_port)['fedgrpc_updates_rejected_total{reason="too_stale"}'] == 1
 
-        # One version old is allowed: counted in round 3, weighted, and recorded with its base.
+        # One version old is allowed: counted in round 3, weighted, and recorded with its base
+        # (b joins and pulls first: only a client handed the model holds a lease to submit).
+        stub.Join(pb.JoinRequest(client_id="b"), timeout=10)
+        assert pull(stub, "b", wait_seconds=20, timeout=60)[0].selected
         assert not submit(stub, "b", 2, models[2], 0.002).duplicate
         wait_until(lambda: scrape(metrics_port)[ROUNDS] == 3, 60, "version 3")
         # Retries of counted updates are acknowledged, also when counted in a later round.
