@@ -119,6 +119,27 @@ def test_async_refuses_what_it_cannot_do_at_startup(
     assert not (state / "state.db").exists()
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--max-staleness", "3"),
+        ("--staleness-weight", "constant"),
+        ("--max-concurrency", "4"),
+        ("--max-contributions", "2"),
+        ("--max-weight-ratio", "2"),
+    ],
+)
+def test_async_flags_without_mode_async_are_refused_not_ignored(
+    tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    state = tmp_path / "state"
+    args = ["run", "--task", "examples.digits:task", "--state-dir", str(state), "--port", "0"]
+    out = fedserver(*args, *flags)
+    assert out.returncode == 2, out.stderr
+    assert f"{flags[0]} is for --mode async (this run is --mode fedavg)" in out.stderr
+    assert not (state / "state.db").exists()
+
+
 CLIENTS, SLOW = 10, 3
 VERSIONS = 30
 TARGET = 0.95

@@ -40,6 +40,7 @@ from fedserver.staleness import StalenessWeight
 log = logging.getLogger("fedserver")
 RECENT_CLIENTS = 64  # distinct clients whose latest weight makes the median
 
+
 class BufferedProtocol(PlainProtocol):
     def __init__(self, settings: ProtocolSettings, env: ProtocolEnv) -> None:
         if settings.keep_updates:
