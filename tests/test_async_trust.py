@@ -13,6 +13,7 @@ import pytest
 from examples.digits import task
 from fedcore.codecs import get_codec
 from fedcore.privacy import Accountant, DPConfig
+from fedcore.selection import round_selection
 from fedcore.tensors import float_vector, iter_chunks
 from fedserver.assembly import ServerSettings, SetupError, build_coordinator
 from fedserver.async_rounds import AsyncPolicy
@@ -43,9 +44,10 @@ def _coordinator(
     rounds: int = 3,
     dp: DPServer | None = None,
     train_tensors: str = "",
+    min_clients: int = 1,
 ) -> tuple[Coordinator, StateStore]:
     store = StateStore(state)
-    policy = RoundPolicy(total_rounds=rounds, min_clients=1, round_timeout=60.0)
+    policy = RoundPolicy(total_rounds=rounds, min_clients=min_clients, round_timeout=60.0)
     coord = Coordinator(
         store,
         build_strategy("fedavg"),
@@ -70,7 +72,7 @@ def _pull(coord: Coordinator, client: str) -> int:
 def _submit(
     coord: Coordinator, client: str, base: int, value: float, num_examples: int = 10
 ) -> None:
-    selection = coord.round_selection(base)
+    selection = round_selection(coord.model.manifest.floats(), coord.defaults.train_tensors, base)
     payload = np.full(selection.num_values, value, np.float32).tobytes()
     wire = get_codec("fp32").wire_manifest(selection.manifest)
     version = coord.base_version(base) or ""
@@ -94,7 +96,7 @@ def test_one_client_claiming_huge_num_examples_weighs_at_most_r_times_the_median
     tmp_path: Path,
 ) -> None:
     async def scenario() -> tuple[np.ndarray, np.ndarray]:
-        coord, store = _coordinator(tmp_path / "s", AsyncPolicy(3, max_weight_ratio=4.0))
+        coord, store = _coordinator(tmp_path / "s", AsyncPolicy(3))  # default ratio R = 4
         base = float_vector(coord.model).astype(np.float64)
         for c in ("a", "b", "liar"):
             _pull(coord, c)
@@ -114,7 +116,7 @@ def test_one_client_claiming_huge_num_examples_weighs_at_most_r_times_the_median
 def test_async_dp_epsilon_is_accounted_with_sample_rate_one(tmp_path: Path) -> None:
     async def scenario() -> dict[str, float]:
         dp = DPServer(DPConfig(1.0, 1.0, 1e-5), seed=0)
-        coord, store = _coordinator(tmp_path / "s", AsyncPolicy(2), rounds=1, dp=dp)
+        coord, store = _coordinator(tmp_path / "s", AsyncPolicy(2), 1, dp, min_clients=10)
         for i in range(10):  # 10 live clients: q would be 2/10 if buffers were a random draw
             coord.touch(f"c{i}", {})
         for c in ("c0", "c1"):
