@@ -208,6 +208,20 @@ class BufferMachine(RoundMachine):
                 self._freed += dropped
         self._wait_slot.pop(client_id, None)
 
+    def waiting_reason(self, client_id: str) -> str | None:
+        b = self.buffering
+        if client_id in self._wait_slot:
+            return (
+                f"all {b.max_concurrency} training slots are taken (--max-concurrency); "
+                "waiting for one to come free"
+            )
+        if self.phase is Phase.COLLECTING and self._at_limit(client_id):
+            return (
+                f"contributed to {b.max_contributions} of the last {b.contribution_window} "
+                "versions (--max-contributions); waiting for the next version"
+            )
+        return None
+
     def woken(self) -> list[str]:
         """The long-pollers whose answer changed since the last step()."""
         woken, self._to_wake = self._to_wake, []

@@ -308,6 +308,8 @@ class Coordinator:
             msg = f"waiting for clients: {m.live_count()} of {self.policy.min_clients} live"
         elif client_id in m.receipts:
             msg = f"update for round {m.round} received; waiting for the round to close"
+        elif reason := m.waiting_reason(client_id):
+            msg = reason
         else:
             msg = f"not selected for round {m.round}; waiting for the next round"
         return Offer(self.state_name(), m.round, False, self.model, False, {}, 0.0, msg)

@@ -177,6 +177,10 @@ class RoundMachine:
         """The client was just handed the model to train (asynchronous rounds track this)."""
         return None
 
+    def waiting_reason(self, client_id: str) -> str | None:
+        """Why a live client with nothing to do waits, when the generic answer would mislead."""
+        return None
+
     def woken(self) -> Collection[str]:
         """The long-pollers whose answer changed at the last step() that opened a round (or
         returned "wake"): here the selected clients; the other N - K keep sleeping."""

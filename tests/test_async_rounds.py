@@ -239,6 +239,7 @@ def test_a_lapsed_lease_frees_its_slot_and_its_late_update_is_refused_with_a_ret
     bm.lease("a")
     bm.touch("b")
     assert not bm.expects_update_from("b")  # the one slot is a's
+    assert "training slots are taken (--max-concurrency)" in str(bm.waiting_reason("b"))
     clock.now += 61  # a's lease lapses (--round-timeout 60): its slot is b's now
     bm.touch("a")
     assert bm.step() == "wake" and bm.woken() == ["b"]
@@ -314,6 +315,7 @@ def test_one_client_contributes_to_at_most_l_of_w_versions_while_enough_are_live
     assert bm.round == 3 and bm.expects_update_from("a")
     bm.touch("b")  # now two are live: a has 2 of the last 4 versions and must wait
     assert not bm.expects_update_from("a")
+    assert "--max-contributions" in str(bm.waiting_reason("a"))
     bm.lease("a")  # (a lease taken anyway does not help)
     with pytest.raises(OverContributionLimit) as over:
         bm.check_submit("a", 3)
