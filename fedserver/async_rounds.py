@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,8 @@ class BufferMachine(RoundMachine):
     # update; it lapses after `lease_seconds` and then frees its concurrency slot.
     leases: OrderedDict[str, float] = field(default_factory=OrderedDict)
     lease_seconds: float = 0.0  # 0: the round timeout (--round-timeout)
+    # Did this id ever Join (the coordinator passes the state dir's record)? None: is it live.
+    joined: Callable[[str], bool] | None = None
     # Long-pollers, by what they wait for: a buffer to open (the machine was not collecting,
     # their update is in the open buffer, or they are at their contribution limit), or a free
     # training slot (--max-concurrency). Only those whose answer changed are woken.
@@ -300,8 +303,11 @@ class BufferMachine(RoundMachine):
         self._expire_leases()
         if client_id in self.leases:
             return
+        # A client that joined but trained past its lease (or past its liveness) is honest:
+        # FAILED_PRECONDITION, and it pulls again. Only an id that never joined is a stranger.
         self.live_count()  # expire clients that went quiet
-        if client_id not in self.last_seen:
+        joined = client_id in self.last_seen or (self.joined is not None and self.joined(client_id))
+        if not joined:
             raise NotSelected(
                 f"client {client_id!r} has not joined: call Join and pull the model "
                 "(GetGlobalModel) before submitting an update"
@@ -327,8 +333,14 @@ class BufferMachine(RoundMachine):
         return {"staleness_mean": sum(taus) / len(taus), "staleness_max": float(max(taus))}
 
 
-def build_machine(policy: object, buffering: AsyncPolicy | None, **kwargs: object) -> RoundMachine:
-    """The round machine for the flags: synchronous rounds, or buffers under --mode async."""
+def build_machine(
+    policy: object,
+    buffering: AsyncPolicy | None,
+    joined: Callable[[str], bool] | None = None,
+    **kwargs: object,
+) -> RoundMachine:
+    """The round machine for the flags: synchronous rounds, or buffers under --mode async
+    (`joined`: did an id ever Join, to tell a stranger's upload from a lapsed lease)."""
     if buffering is None:
         return RoundMachine(policy, **kwargs)  # type: ignore[arg-type]
-    return BufferMachine(policy, buffering=buffering, **kwargs)  # type: ignore[arg-type]
+    return BufferMachine(policy, buffering=buffering, joined=joined, **kwargs)  # type: ignore[arg-type]

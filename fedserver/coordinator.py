@@ -77,6 +77,7 @@ class Coordinator:
             clock=time.monotonic,
             rng=random.Random(self.seed + start),
             round=start,
+            joined=self.store.has_joined,
         )
         self._changed = asyncio.Event()  # secure-aggregation stages wait on this
         self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client

@@ -76,6 +76,12 @@ def test_stale_delta_is_refused_and_counted_and_late_retries_are_acknowledged(
         assert "--max-staleness 1" in stale.value.details()  # type: ignore[attr-defined]
         assert scrape(metrics_port)['fedgrpc_updates_rejected_total{reason="too_stale"}'] == 1
 
+        # An id that never joined is refused like an unselected client of a synchronous round.
+        with pytest.raises(grpc.RpcError) as stranger:
+            submit(stub, "ghost", 2, models[2], 0.002)
+        assert stranger.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert "has not joined" in stranger.value.details()  # type: ignore[attr-defined]
+
         # One version old is allowed: counted in round 3, weighted, and recorded with its base
         # (b joins and pulls first: only a client handed the model holds a lease to submit).
         stub.Join(pb.JoinRequest(client_id="b"), timeout=10)

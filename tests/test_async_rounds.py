@@ -262,6 +262,21 @@ def test_an_update_from_an_id_that_never_joined_is_refused_like_an_unselected_on
     assert not bm.receipts
 
 
+def test_a_joined_client_that_trained_past_its_lease_and_liveness_is_told_to_pull_again() -> None:
+    clock = Clock()
+    policy = RoundPolicy(total_rounds=10, min_clients=1, round_timeout=60, client_ttl=30)
+    bm = BufferMachine(policy, clock, buffering=AsyncPolicy(2), joined={"a"}.__contains__)
+    bm.touch("a")
+    bm.step()
+    bm.lease("a")
+    clock.now += 61  # no longer live, lease lapsed: but it joined, so it is not a stranger
+    bm.touch("other")
+    with pytest.raises(NoLease):
+        bm.check_submit("a", 1)
+    with pytest.raises(NotSelected):
+        bm.check_submit("stranger", 1)
+
+
 def test_leases_of_ids_that_went_quiet_are_bounded_by_the_live_clients() -> None:
     bm, clock = machine(k=5)  # round timeout 60 s; liveness 90 s by default
     policy = RoundPolicy(total_rounds=10, min_clients=1, round_timeout=600, client_ttl=30)
