@@ -92,7 +92,8 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         "--round-timeout",
         type=_positive_float,
         default=120.0,
-        help="seconds a round stays open (120)",
+        help="seconds a round stays open; under --mode async, the lease: how long a client may "
+        "train between its pull and its submit (120)",
     )
     run.add_argument(
         "--max-attempts",
