@@ -130,7 +130,10 @@ class BufferMachine(RoundMachine):
     # ------------------------------------------------------------------ clients
     def forget(self, client_id: str) -> None:
         super().forget(client_id)
-        self.leases.pop(client_id, None)
+        if self.leases.pop(client_id, None) is not None and self.buffering.max_concurrency:
+            self._freed += 1  # its slot is free now
+        self._wait_open.pop(client_id, None)
+        self._wait_slot.pop(client_id, None)
 
     def _expire_leases(self) -> int:
         """Drop lapsed leases (O(1) amortized: oldest first); returns how many are held."""
