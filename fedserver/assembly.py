@@ -105,6 +105,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
                 "resume with the same --strategy or use another --state-dir"
             )
         check_rounds_left(s, last, int(store.get_meta("total_rounds", "0") or 0))
+        check_resumed_mode(s, store)
         try:
             model, strategy_state = store.load_checkpoint(last)
         except ManifestError as e:  # wrong key, tampered or truncated file: refuse to start
@@ -168,6 +169,8 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     )
     coordinator.protocol.load_state_arrays(protocol_state)
     coordinator.initialize_store(s.task)
+    mode, k = run_mode(s)
+    store.set_meta(mode=mode, buffer_size=k)
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     return coordinator
 
@@ -198,6 +201,27 @@ def shown_path(path: Path) -> str:
     """`./state` rather than `state`: a bare word does not read as a folder in a message."""
     text = str(path)
     return text if path.is_absolute() or text.startswith(".") else f"./{text}"
+
+
+def check_resumed_mode(s: ServerSettings, store: StateStore) -> None:
+    """A resumed run keeps its --mode and --buffer-size: a version's meaning (a round of the
+    selected clients, or a buffer of K deltas) and its DP accounting would change mid-run."""
+    mode, k = run_mode(s)
+    for key, flag, now in (("mode", "--mode", mode), ("buffer_size", "--buffer-size", k)):
+        recorded = store.get_meta(key)
+        if recorded is not None and recorded != now:
+            raise SetupError(
+                f"{shown_path(s.state_dir)} holds a run with {flag} {recorded or '(unset)'}, not "
+                f"{now or '(unset)'}; resume with {flag} {recorded or '(unset)'} or use another "
+                "--state-dir"
+            )
+
+
+def run_mode(s: ServerSettings) -> tuple[str, str]:
+    """(--mode, --buffer-size) as the state dir's meta records them ("" when unset)."""
+    if s.buffering is not None:
+        return "async", str(s.buffering.buffer_size)
+    return s.defaults.mode, ""
 
 
 def check_async_settings(s: ServerSettings, needs_all_updates: bool) -> None:

@@ -9,20 +9,26 @@ Nobody is selected: every live client may pull the current version, train and su
 it is done. An update names the round it was based on (the header's `round`: the buffer that
 was open when the client pulled); its staleness is the number of versions published since,
 `round - base`. Updates staler than `max_staleness` are refused (TooStale); a client has at
-most one update in a buffer and is told to wait until that buffer is applied. `max_concurrency`
-caps how many clients hold a lease (were handed the model and have not submitted) at once; a
-lease lapses after `lease_seconds` so a vanished client does not hold a slot forever.
+most one update in a buffer and is told to wait until that buffer is applied. A client may
+submit only while it holds a lease: it was handed the model and has not submitted since.
+`max_concurrency` caps how many hold one at once; a lease lapses after `lease_seconds`
+(--round-timeout) so a vanished client does not hold a slot forever. `max_contributions` of
+any `contribution_window` versions bound one client's share (docs/security.md).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedcore.limits import excerpt
 from fedserver.rounds import (
     AlreadySubmitted,
     ClosedRound,
+    NotSelected,
     Phase,
     Receipt,
     RoundMachine,
@@ -37,12 +43,30 @@ class TooStale(StaleRound):
     reason = "too_stale"
 
 
+class NoLease(StaleRound):
+    """A live client submits without holding a lease: it lapsed (--round-timeout), the
+    coordinator restarted, or the client never pulled. FAILED_PRECONDITION: it pulls again."""
+
+    reason = "no_lease"
+
+
+class OverContributionLimit(StaleRound):
+    """A client already in --max-contributions of the last --contribution-window versions."""
+
+    reason = "contribution_limit"
+
+
 @dataclass(frozen=True)
 class AsyncPolicy:
     buffer_size: int  # K: contributions per server step (one published version)
     max_staleness: int = 10  # S: older deltas are refused
     max_concurrency: int = 0  # M: clients training at once (0: no cap)
     weight: StalenessWeight = field(default_factory=StalenessWeight)
+    # One client's share: at most L of any W consecutive versions (0: no limit), and (in
+    # protocols/buffered.py) a weight of at most R x the median of recent clients' weights.
+    max_contributions: int = 5  # L
+    contribution_window: int = 10  # W
+    max_weight_ratio: float = 4.0  # R (0: no cap)
 
     def __post_init__(self) -> None:
         if self.buffer_size < 1:
@@ -51,18 +75,54 @@ class AsyncPolicy:
             raise ValueError("--max-staleness must be >= 0")
         if self.max_concurrency < 0:
             raise ValueError("--max-concurrency must be >= 0 (0: no cap)")
+        if self.max_contributions < 0:
+            raise ValueError("--max-contributions must be >= 0 (0: no limit)")
+        if self.contribution_window < 1:
+            raise ValueError("--contribution-window must be at least 1")
+        if self.max_contributions > self.contribution_window:
+            raise ValueError(
+                f"--max-contributions {self.max_contributions} is more than "
+                f"--contribution-window {self.contribution_window} versions"
+            )
+        if not (self.max_weight_ratio == 0 or self.max_weight_ratio >= 1):
+            raise ValueError("--max-weight-ratio must be at least 1 (0: no cap)")
+
+    @property
+    def limit_needs(self) -> int:
+        """Live clients needed to fill every buffer without anyone beyond the limit:
+        ceil(K W / L). With fewer the limit is not applied (it would stall the federation)."""
+        if not self.max_contributions:
+            return 0
+        return -(-self.buffer_size * self.contribution_window // self.max_contributions)
 
 
 @dataclass
 class BufferMachine(RoundMachine):
+    """Every per-client structure here is O(1) per event and bounded by live identities:
+    `leases` is oldest first (lapsed ones pop from the front), waiters are drained, and maps
+    keyed by client are pruned to live clients once they outgrow them (amortized O(1))."""
+
     buffering: AsyncPolicy = field(default_factory=lambda: AsyncPolicy(1))
-    leases: dict[str, float] = field(default_factory=dict)  # client -> when it got the model
-    lease_seconds: float = 0.0  # 0: the round timeout
-    _freed: bool = False
+    # client -> when it was handed the model; oldest first. A lease is the right to submit one
+    # update; it lapses after `lease_seconds` and then frees its concurrency slot.
+    leases: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    lease_seconds: float = 0.0  # 0: the round timeout (--round-timeout)
+    # Did this id ever Join (the coordinator passes the state dir's record)? None: is it live.
+    joined: Callable[[str], bool] | None = None
+    # Long-pollers, by what they wait for: a buffer to open (the machine was not collecting,
+    # their update is in the open buffer, or they are at their contribution limit), or a free
+    # training slot (--max-concurrency). Only those whose answer changed are woken.
+    _wait_open: dict[str, None] = field(default_factory=dict)
+    _wait_slot: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    _to_wake: list[str] = field(default_factory=list)
+    _freed: int = 0  # training slots freed since the last step()
+    # client -> the versions it contributed to within the window, oldest first
+    _contributed: dict[str, deque[int]] = field(default_factory=dict)
     # While a buffer is applied the next one cannot take updates yet; the servicer holds them
     # for those few milliseconds instead of refusing work that will count a moment later.
     holds_submits_while_aggregating = True
-    offers_to_selected_only = False
+    # Buffers are filled by whoever finishes first, not by a random draw: no DP amplification.
+    samples_clients_at_random = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -71,35 +131,108 @@ class BufferMachine(RoundMachine):
     # ------------------------------------------------------------------ clients
     def forget(self, client_id: str) -> None:
         super().forget(client_id)
-        self.leases.pop(client_id, None)
+        if self.leases.pop(client_id, None) is not None and self.buffering.max_concurrency:
+            self._freed += 1  # its slot is free now
+        self._wait_open.pop(client_id, None)
+        self._wait_slot.pop(client_id, None)
 
-    def _active_leases(self) -> int:
+    def _expire_leases(self) -> int:
+        """Drop lapsed leases (O(1) amortized: oldest first); returns how many are held."""
         cutoff = self.clock() - self.lease_seconds
-        for client in [c for c, t in self.leases.items() if t < cutoff]:
-            del self.leases[client]
-        return len(self.leases)
+        leases = self.leases
+        while leases:
+            oldest = next(iter(leases))
+            if leases[oldest] >= cutoff:
+                break
+            del leases[oldest]
+            if self.buffering.max_concurrency:
+                self._freed += 1
+        return len(leases)
+
+    def _prune(self, by_client: dict[str, Any], extra: int = 0) -> int:
+        """Keep a per-client map within twice the live clients: once it outgrows that, drop
+        the entries of clients no longer live (O(size), at most once per doubling); returns
+        how many were dropped."""
+        if len(by_client) <= 2 * self.live_count() + extra + 16:
+            return 0
+        live = self.last_seen
+        gone = [c for c in by_client if c not in live]
+        for client in gone:
+            del by_client[client]
+        return len(gone)
 
     def describe(self) -> str:
         b = self.buffering
         cap = f", at most {b.max_concurrency} training" if b.max_concurrency else ""
+        limit = (
+            f", at most {b.max_contributions} of {b.contribution_window} versions per client"
+            if b.max_contributions
+            else ""
+        )
         return (
             f"buffer of {b.buffer_size} update(s), staleness <= {b.max_staleness} "
-            f"weighted {b.weight}{cap}"
+            f"weighted {b.weight}{cap}{limit}"
         )
 
     @property
     def expected_updates(self) -> int:
         return self.buffering.buffer_size
 
+    def _at_limit(self, client_id: str) -> bool:
+        b = self.buffering
+        past = self._contributed.get(client_id)
+        if not b.max_contributions or not past:
+            return False
+        oldest = self.round - b.contribution_window
+        while past and past[0] <= oldest:
+            past.popleft()
+        return len(past) >= b.max_contributions and self.live_count() >= b.limit_needs
+
     def expects_update_from(self, client_id: str) -> bool:
-        if self.phase is not Phase.COLLECTING or client_id in self.receipts:
+        """May this client be handed the model to train now? Records what a refused client
+        waits for, so that only the clients whose answer changes are woken."""
+        # At its contribution limit a client waits too: the window moves with the next version.
+        if (
+            self.phase is not Phase.COLLECTING
+            or client_id in self.receipts
+            or self._at_limit(client_id)
+        ):
+            self._wait_open[client_id] = None
+            self._prune(self._wait_open)
             return False
         cap = self.buffering.max_concurrency
-        return not cap or client_id in self.leases or self._active_leases() < cap
+        if client_id in self.leases or not cap or self._expire_leases() < cap:
+            return True
+        self._wait_slot[client_id] = None
+        self._prune(self._wait_slot)
+        return False
 
     def lease(self, client_id: str) -> None:
-        self.leases.setdefault(client_id, self.clock())
-        self.selected = frozenset(self.leases)
+        if client_id not in self.leases:
+            self.leases[client_id] = self.clock()
+            dropped = self._prune(self.leases, self.buffering.max_concurrency)
+            if self.buffering.max_concurrency:
+                self._freed += dropped
+        self._wait_slot.pop(client_id, None)
+
+    def waiting_reason(self, client_id: str) -> str | None:
+        b = self.buffering
+        if client_id in self._wait_slot:
+            return (
+                f"all {b.max_concurrency} training slots are taken (--max-concurrency); "
+                "waiting for one to come free"
+            )
+        if self.phase is Phase.COLLECTING and self._at_limit(client_id):
+            return (
+                f"contributed to {b.max_contributions} of the last {b.contribution_window} "
+                "versions (--max-contributions); waiting for the next version"
+            )
+        return None
+
+    def woken(self) -> list[str]:
+        """The long-pollers whose answer changed since the last step()."""
+        woken, self._to_wake = self._to_wake, []
+        return woken
 
     # ------------------------------------------------------------------ lifecycle
     def step(self) -> str | None:
@@ -112,9 +245,17 @@ class BufferMachine(RoundMachine):
             return None
         if len(self.receipts) >= self.buffering.buffer_size:
             return "close"
-        if self._freed:  # a training slot came free: capped clients may get work now
-            self._freed = False
-            return "wake"
+        self._expire_leases()
+        if self._freed:  # training slots came free: wake as many slot waiters, oldest first
+            waiters = self._wait_slot
+            while self._freed and waiters:
+                client = next(iter(waiters))
+                del waiters[client]
+                self._to_wake.append(client)
+                self._freed -= 1
+            self._freed = 0
+            if self._to_wake:
+                return "wake"
         return None
 
     def _open_buffer(self) -> None:
@@ -123,8 +264,10 @@ class BufferMachine(RoundMachine):
         self.opened_at = self.clock()
         self.deadline = math.inf  # a buffer closes when full, never on time
         self.required = self.buffering.buffer_size
-        self.selected = frozenset(self.leases)
         self.phase = Phase.COLLECTING
+        # Whoever waited for a buffer to open; those waiting for a slot still wait.
+        self._to_wake.extend(self._wait_open)
+        self._wait_open = {}
 
     def staleness(self, base_round: int) -> int:
         return self.round - base_round
@@ -149,16 +292,43 @@ class BufferMachine(RoundMachine):
                 f"{self.round}; wait for it to be applied",
                 self.receipts[client_id].digest,
             )
+        self._check_lease(client_id)
+        if self._at_limit(client_id):
+            b = self.buffering
+            raise OverContributionLimit(
+                f"client {client_id!r} already contributed to {b.max_contributions} of the "
+                f"last {b.contribution_window} versions (--max-contributions); wait for the "
+                "next version and pull the model again"
+            )
+
+    def _check_lease(self, client_id: str) -> None:
+        """Only a client handed the model may submit (what --max-concurrency counts): one that
+        never joined is refused like an unselected one in a synchronous round."""
+        self._expire_leases()
+        if client_id in self.leases:
+            return
+        # A client that joined but trained past its lease (or past its liveness) is honest:
+        # FAILED_PRECONDITION, and it pulls again. Only an id that never joined is a stranger.
+        self.live_count()  # expire clients that went quiet
+        joined = client_id in self.last_seen or (self.joined is not None and self.joined(client_id))
+        if not joined:
+            raise NotSelected(
+                f"client {client_id!r} has not joined: call Join and pull the model "
+                "(GetGlobalModel) before submitting an update"
+            )
+        raise NoLease(
+            f"client {client_id!r} holds no lease on round {self.round}: a lease is given with "
+            f"the model and lapses after {self.lease_seconds:.0f} s (--round-timeout), and a "
+            "restarted coordinator holds none; pull the current model and train again"
+        )
 
     def record(self, client_id: str, receipt: Receipt) -> None:
         super().record(client_id, receipt)
         if self.leases.pop(client_id, None) is not None and self.buffering.max_concurrency:
-            self._freed = True
-        self.selected = frozenset(self.leases)
-
-    def complete(self) -> None:
-        super().complete()
-        self.selected = frozenset(self.leases)  # still training on older versions
+            self._freed += 1
+        if self.buffering.max_contributions:
+            self._contributed.setdefault(client_id, deque()).append(self.round)
+            self._prune(self._contributed)
 
     def closing_metrics(self, closed: ClosedRound) -> dict[str, float]:
         taus = [closed.round - (r.base_round or closed.round) for r in closed.receipts.values()]
@@ -167,8 +337,14 @@ class BufferMachine(RoundMachine):
         return {"staleness_mean": sum(taus) / len(taus), "staleness_max": float(max(taus))}
 
 
-def build_machine(policy: object, buffering: AsyncPolicy | None, **kwargs: object) -> RoundMachine:
-    """The round machine for the flags: synchronous rounds, or buffers under --mode async."""
+def build_machine(
+    policy: object,
+    buffering: AsyncPolicy | None,
+    joined: Callable[[str], bool] | None = None,
+    **kwargs: object,
+) -> RoundMachine:
+    """The round machine for the flags: synchronous rounds, or buffers under --mode async
+    (`joined`: did an id ever Join, to tell a stranger's upload from a lapsed lease)."""
     if buffering is None:
         return RoundMachine(policy, **kwargs)  # type: ignore[arg-type]
-    return BufferMachine(policy, buffering=buffering, **kwargs)  # type: ignore[arg-type]
+    return BufferMachine(policy, buffering=buffering, joined=joined, **kwargs)  # type: ignore[arg-type]

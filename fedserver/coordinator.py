@@ -77,6 +77,7 @@ class Coordinator:
             clock=time.monotonic,
             rng=random.Random(self.seed + start),
             round=start,
+            joined=self.store.has_joined,
         )
         self._changed = asyncio.Event()  # secure-aggregation stages wait on this
         self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
@@ -92,6 +93,7 @@ class Coordinator:
                 stage_timeout=self.secagg_stage_timeout,
                 he_public_key=self.he_public_key,
                 staleness=self.buffering.weight if self.buffering else None,
+                max_weight_ratio=self.buffering.max_weight_ratio if self.buffering else 0.0,
             ),
             ProtocolEnv(
                 self.model.manifest.floats(),
@@ -148,10 +150,12 @@ class Coordinator:
             return self.model.version
         return self.store.model_version_after(round_number - 1)
 
-    def round_selection(self) -> Selection:
-        """The tensors trained and sent this round (--train-tensors; all by default)."""
+    def round_selection(self, round_number: int | None = None) -> Selection:
+        """The tensors trained and sent in a round (--train-tensors; all by default): the
+        current one, or an update's base round (under async the group it was trained on)."""
         spec = self.defaults.train_tensors
-        return round_selection(self.model.manifest.floats(), spec, self.machine.round)
+        at = self.machine.round if round_number is None else round_number
+        return round_selection(self.model.manifest.floats(), spec, at)
 
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:
@@ -201,10 +205,11 @@ class Coordinator:
                 self._available = m.live_count()
             self.protocol.open(Opening(m.round, m.selected, fresh=action == "opened"))
             self._schedule_deadline()
-            # Only the selected clients' answer changed: the other N - K keep sleeping.
-            self._notify(m.selected if m.offers_to_selected_only else None)
-        elif action == "wake":
-            self._notify()
+            # Only these clients' answer changed (the selected ones; under async those that
+            # waited for a buffer to open): the others keep sleeping.
+            self._notify(m.woken())
+        elif action == "wake":  # training slots came free: as many waiters as slots
+            self._notify(self.machine.woken())
         elif action == "close" and self.protocol.can_close():
             closed = self.machine.close()
             self._aggregating = asyncio.get_running_loop().create_task(self._finish_round(closed))
@@ -263,7 +268,7 @@ class Coordinator:
         evaluate = 0 if self.shutting_down else self.evaluations.evaluation_for(client_id)
         decrypt = self.protocol.decryption_for(client_id)
         if state == "finished":
-            self.told_finished.add(client_id)
+            self._told_finished(client_id)
             msg = self.failure or f"training finished after {self.machine.rounds_completed} rounds"
         elif state == "shutting_down":
             msg = "coordinator is shutting down; retry later"
@@ -289,12 +294,23 @@ class Coordinator:
             decrypt,
         )
 
+    def _told_finished(self, client_id: str) -> None:
+        """Remember who heard that training finished (the linger waits for the live rest),
+        bounded by the live clients: ids that went quiet are dropped once the set outgrows
+        twice their number (amortized O(1) per call, however many ids an attacker makes up)."""
+        told = self.told_finished
+        told.add(client_id)
+        if len(told) > 2 * self.machine.live_count() + 16:
+            told.intersection_update(self.machine.last_seen.keys())
+
     def idle_offer(self, client_id: str) -> Offer:
         m = self.machine
         if m.phase is Phase.WAITING:
             msg = f"waiting for clients: {m.live_count()} of {self.policy.min_clients} live"
         elif client_id in m.receipts:
             msg = f"update for round {m.round} received; waiting for the round to close"
+        elif reason := m.waiting_reason(client_id):
+            msg = reason
         else:
             msg = f"not selected for round {m.round}; waiting for the next round"
         return Offer(self.state_name(), m.round, False, self.model, False, {}, 0.0, msg)
@@ -331,7 +347,11 @@ class Coordinator:
         metrics = self.intake.metric_means(closed.receipts)
         metrics.update(self.machine.closing_metrics(closed))
         receipts = self.intake.client_receipts(closed.receipts, closed.round)
-        population = Participation(self.machine.expected_updates, self._available)
+        # DP amplification by sampling holds only for a random draw; a buffer filled by whoever
+        # finishes first is accounted with q = 1 (available = the buffer's own size).
+        m = self.machine
+        available = self._available if m.samples_clients_at_random else m.expected_updates
+        population = Participation(m.expected_updates, available)
         new_model, record = await self.publisher.publish(
             self.model, closed, metrics, receipts, population
         )

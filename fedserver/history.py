@@ -244,6 +244,16 @@ class RoundHistory:
                 rows,
             )
 
+    def has_joined(self, client_id: str) -> bool:
+        """This client called Join on this state dir at some point (one indexed lookup)."""
+        if client_id in self._joined:
+            return True
+        with self.lock:
+            row = self.db.execute(
+                "SELECT 1 FROM clients WHERE client_id = ?", (client_id,)
+            ).fetchone()
+        return row is not None
+
     def known_clients(self) -> list[str]:
         with self.lock:
             rows = self.db.execute("SELECT client_id FROM clients ORDER BY client_id").fetchall()

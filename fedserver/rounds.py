@@ -15,7 +15,7 @@ import enum
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from fedcore.limits import excerpt
@@ -128,9 +128,9 @@ class RoundMachine:
     # Submits that arrive while a round is aggregated are refused (stale round) here; a machine
     # whose updates may span rounds (async_rounds.py) asks the servicer to hold them instead.
     holds_submits_while_aggregating = False
-    # Opening a round changes only the selected clients' offer; a machine that offers every
-    # client the new version (async_rounds.py) wakes everyone.
-    offers_to_selected_only = True
+    # Selection is a seeded random draw (DP sampling amplification applies); buffers filled
+    # by whoever finishes first (async_rounds.py) are not.
+    samples_clients_at_random = True
 
     def __post_init__(self) -> None:
         if self.round > self.policy.total_rounds:
@@ -178,6 +178,15 @@ class RoundMachine:
     def lease(self, client_id: str) -> None:
         """The client was just handed the model to train (asynchronous rounds track this)."""
         return None
+
+    def waiting_reason(self, client_id: str) -> str | None:
+        """Why a live client with nothing to do waits, when the generic answer would mislead."""
+        return None
+
+    def woken(self) -> Collection[str]:
+        """The long-pollers whose answer changed at the last step() that opened a round (or
+        returned "wake"): here the selected clients; the other N - K keep sleeping."""
+        return self.selected
 
     def closing_metrics(self, closed: ClosedRound) -> dict[str, float]:
         """Round-history metrics the machine itself knows about a closed round."""

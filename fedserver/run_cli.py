@@ -92,7 +92,8 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         "--round-timeout",
         type=_positive_float,
         default=120.0,
-        help="seconds a round stays open (120)",
+        help="seconds a round stays open; under --mode async, the lease: how long a client may "
+        "train between its pull and its submit (120)",
     )
     run.add_argument(
         "--max-attempts",
@@ -264,13 +265,13 @@ def _add_async_flags(run: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-staleness",
         type=int,
-        default=10,
+        default=None,
         metavar="S",
         help="refuse deltas based on a version more than S versions old (10)",
     )
     group.add_argument(
         "--staleness-weight",
-        default="poly:0.5",
+        default=None,
         metavar="FN",
         help="weight of a delta by its staleness t: constant, poly:A = (1+t)^-A, or hinge:A,B "
         "= 1 up to t=B, then 1/(A(t-B)+1) (poly:0.5)",
@@ -278,26 +279,65 @@ def _add_async_flags(run: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-concurrency",
         type=int,
-        default=0,
+        default=None,
         metavar="M",
         help="at most M clients training at once; the others wait in their long-poll (0: all)",
     )
+    group.add_argument(
+        "--max-contributions",
+        type=int,
+        default=None,
+        metavar="L",
+        help="a client contributes to at most L of any --contribution-window versions, while "
+        "enough clients are live to fill the buffers without it (5; 0: no limit)",
+    )
+    group.add_argument(
+        "--contribution-window",
+        type=positive_int,
+        default=None,
+        metavar="W",
+        help="the window of versions --max-contributions counts in (10)",
+    )
+    group.add_argument(
+        "--max-weight-ratio",
+        type=float,
+        default=None,
+        metavar="R",
+        help="a delta weighs at most R times the median num_examples of recent clients "
+        "(4; 0: no cap)",
+    )
+
+
+# --mode async's own flags: (argparse dest, flag). None = not set anywhere (flag, env, TOML).
+ASYNC_FLAGS = (
+    ("buffer_size", "--buffer-size"),
+    ("max_staleness", "--max-staleness"),
+    ("staleness_weight", "--staleness-weight"),
+    ("max_concurrency", "--max-concurrency"),
+    ("max_contributions", "--max-contributions"),
+    ("contribution_window", "--contribution-window"),
+    ("max_weight_ratio", "--max-weight-ratio"),
+)
 
 
 def _async_policy(args: argparse.Namespace) -> AsyncPolicy | None:
     """--mode async's buffer policy (ValueError: a usage error), or None for synchronous rounds."""
     if args.mode != "async":
-        if args.buffer_size is not None:
-            raise ValueError("--buffer-size is for --mode async")
+        for dest, flag in ASYNC_FLAGS:
+            if getattr(args, dest) is not None:
+                # Silently ignored it would look like it worked: say so instead.
+                raise ValueError(f"{flag} is for --mode async (this run is --mode {args.mode})")
         return None
     if args.buffer_size is None:
         raise ValueError("--mode async needs --buffer-size K (deltas per server step, e.g. 5)")
-    return AsyncPolicy(
-        args.buffer_size,
-        args.max_staleness,
-        args.max_concurrency,
-        StalenessWeight.parse(args.staleness_weight),
-    )
+    given = {
+        dest: getattr(args, dest)
+        for dest, _ in ASYNC_FLAGS[1:]
+        if getattr(args, dest) is not None and dest != "staleness_weight"
+    }
+    if args.staleness_weight is not None:
+        given["weight"] = StalenessWeight.parse(args.staleness_weight)
+    return AsyncPolicy(args.buffer_size, **given)
 
 
 def _add_strategy_flags(run: argparse.ArgumentParser) -> None:

@@ -55,7 +55,9 @@ class UpdateIntake:
     machine: RoundMachine
     protocol: RoundProtocol
     base_version: Callable[[int], str | None]  # the model an update for round r must be based on
-    round_selection: Callable[[], Selection]  # the tensors trained this round
+    # The tensors trained in round r (--train-tensors rotates groups by round): an update is
+    # checked against its base round's group, which under async may be an earlier one.
+    round_selection: Callable[[int], Selection]
     past_digest: Callable[[int, str], str | None]  # the store's receipt of an earlier round
     touch: Callable[[str], None]
     advance: Callable[[], None]  # let the round machine react (an update may close the round)
@@ -88,7 +90,9 @@ class UpdateIntake:
                 )
             )
         self.touch(header.client_id)
-        num_values = selection.num_values if selection else self.round_selection().num_values
+        num_values = (
+            selection.num_values if selection else self.round_selection(header.round).num_values
+        )
         # --dp-clip: the coordinator re-clips what it sees in plain, so it needs the norm.
         track_norm = self.dp is not None and self._sees_plain()
         return self.uploads.open(header, codec, num_values, selection, track_norm)
@@ -153,7 +157,7 @@ class UpdateIntake:
         A round that trains a subset (--train-tensors) expects exactly that subset; a client
         keeping personal tensors (FedPer) may send any part of it, in model order.
         """
-        round_sel = self.round_selection()
+        round_sel = self.round_selection(h.round)
         full = None if round_sel.is_everything else round_sel
         expected = codec.wire_manifest(round_sel.manifest)
         names = [t.name for t in h.manifest.tensors]

@@ -76,7 +76,16 @@ def test_stale_delta_is_refused_and_counted_and_late_retries_are_acknowledged(
         assert "--max-staleness 1" in stale.value.details()  # type: ignore[attr-defined]
         assert scrape(metrics_port)['fedgrpc_updates_rejected_total{reason="too_stale"}'] == 1
 
-        # One version old is allowed: counted in round 3, weighted, and recorded with its base.
+        # An id that never joined is refused like an unselected client of a synchronous round.
+        with pytest.raises(grpc.RpcError) as stranger:
+            submit(stub, "ghost", 2, models[2], 0.002)
+        assert stranger.value.code() is grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        assert "has not joined" in stranger.value.details()  # type: ignore[attr-defined]
+
+        # One version old is allowed: counted in round 3, weighted, and recorded with its base
+        # (b joins and pulls first: only a client handed the model holds a lease to submit).
+        stub.Join(pb.JoinRequest(client_id="b"), timeout=10)
+        assert pull(stub, "b", wait_seconds=20, timeout=60)[0].selected
         assert not submit(stub, "b", 2, models[2], 0.002).duplicate
         wait_until(lambda: scrape(metrics_port)[ROUNDS] == 3, 60, "version 3")
         # Retries of counted updates are acknowledged, also when counted in a later round.
@@ -113,6 +122,27 @@ def test_async_refuses_what_it_cannot_do_at_startup(
     out = fedserver(*args, "--mode", "async", "--buffer-size", "2", *flags)
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
+    assert not (state / "state.db").exists()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--max-staleness", "3"),
+        ("--staleness-weight", "constant"),
+        ("--max-concurrency", "4"),
+        ("--max-contributions", "2"),
+        ("--max-weight-ratio", "2"),
+    ],
+)
+def test_async_flags_without_mode_async_are_refused_not_ignored(
+    tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    state = tmp_path / "state"
+    args = ["run", "--task", "examples.digits:task", "--state-dir", str(state), "--port", "0"]
+    out = fedserver(*args, *flags)
+    assert out.returncode == 2, out.stderr
+    assert f"{flags[0]} is for --mode async (this run is --mode fedavg)" in out.stderr
     assert not (state / "state.db").exists()
 
 

@@ -51,6 +51,7 @@ class ProtocolSettings:
     stage_timeout: float = 30.0  # --secagg-stage-timeout: each extra stage's wait
     he_public_key: Path | None = None  # --he-public-key
     staleness: StalenessWeight | None = None  # --mode async: s(staleness) weighs each update
+    max_weight_ratio: float = 0.0  # --mode async: weight <= R x recent clients' median (0: off)
 
 
 @dataclass(frozen=True)
