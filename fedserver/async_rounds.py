@@ -72,6 +72,15 @@ class BufferMachine(RoundMachine):
         super().forget(client_id)
         self.leases.pop(client_id, None)
 
+    def renew(self, client_id: str) -> bool:
+        """A Heartbeat also renews the client's lease: a long local training keeps its slot
+        (and its update is awaited) instead of lapsing after `lease_seconds`."""
+        if not super().renew(client_id):
+            return False
+        if client_id in self.leases:
+            self.leases[client_id] = self.clock()
+        return True
+
     def _active_leases(self) -> int:
         cutoff = self.clock() - self.lease_seconds
         for client in [c for c, t in self.leases.items() if t < cutoff]:

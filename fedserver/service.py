@@ -53,6 +53,7 @@ from fedserver.secure_service import HomomorphicRPCs, SecureAggregationRPCs
 
 log = logging.getLogger("fedserver.service")
 MAX_CONCURRENT_SENDS = 256
+NOT_LIVE = "client is not live (never joined, or not heard from for --client-timeout); Join again"
 
 _STATES = {
     "waiting_for_clients": pb.WAITING_FOR_CLIENTS,
@@ -131,7 +132,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             federation_id=self.coordinator.federation_id,
             chunk_size=self.chunk_size,
             max_update_bytes=self.coordinator.max_update_bytes,
+            heartbeat_seconds=self.coordinator.liveness.heartbeat_interval(),
         )
+
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatReply:
+        await check_request(context, request)
+        if not self.coordinator.liveness.heartbeat(request.client_id):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_LIVE)
+        return pb.HeartbeatReply(live=True)
+
+    async def ReportFailure(
+        self, request: pb.FailureReport, context: grpc.aio.ServicerContext
+    ) -> pb.FailureReply:
+        await check_request(context, request)
+        if not self.coordinator.liveness.failed(request.client_id, request.round, request.reason):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_LIVE)
+        return pb.FailureReply(message="failure recorded; the client is no longer live")
 
     async def GetGlobalModel(
         self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
@@ -300,6 +318,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             updates_expected=m.expected_updates,
             federation_id=c.federation_id,
             rejections=dict(c.rejections),
+            failure=c.failure or "",
         )
         # Bounded whatever the history holds: the latest MAX_STATUS_ROUNDS rounds, newest
         # first until MAX_STATUS_BYTES, listed oldest first; rounds_omitted counts the rest.

@@ -170,3 +170,23 @@ def test_bad_async_policies_are_refused() -> None:
     for args in ((0,), (2, -1), (2, 1, -1)):
         with pytest.raises(ValueError):
             AsyncPolicy(*args)
+
+
+def test_heartbeats_keep_a_long_training_lease_and_the_client_live() -> None:
+    """A training longer than both the lease (the round timeout, 60 s) and the client timeout
+    (90 s) keeps its slot while the client heartbeats; a silent lease holder loses its."""
+    bm, clock = machine(k=5, m=1)
+    bm.touch("a")
+    bm.step()
+    bm.lease("a")
+    for _ in range(10):  # 300 s of local training, a heartbeat every 30 s
+        clock.now += 30
+        assert bm.renew("a")
+        assert not bm.expects_update_from("b")  # the one slot is still a's
+    assert bm.live_clients() == ["a"]
+    bm.check_submit("a", 1)  # its finished update is taken
+    fill(bm, "a")
+    bm.touch("b")
+    bm.lease("b")  # b never heartbeats: its slot lapses after the lease time
+    clock.now += 61
+    assert bm.expects_update_from("c")

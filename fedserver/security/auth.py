@@ -59,6 +59,8 @@ ACCESS: dict[str, frozenset[str]] = {
     "SubmitEvaluation": CLIENTS,
     "GetEncryptedAggregate": CLIENTS,
     "SubmitDecryption": CLIENTS,
+    "Heartbeat": CLIENTS,
+    "ReportFailure": CLIENTS,
 }
 
 
