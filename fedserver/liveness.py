@@ -114,8 +114,12 @@ class LivenessWatch:
         due = self.machine.next_expiry()
         if not math.isfinite(due):
             return  # nobody live: the next call (which makes someone live) arms it
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # driven without an event loop (unit tests): expiry stays lazy
         delay = max(MIN_SWEEP_SECONDS, due - self.clock() + 0.01)
-        self._sweep = asyncio.get_running_loop().call_later(delay, self._fire)
+        self._sweep = loop.call_later(delay, self._fire)
 
     def _fire(self) -> None:
         self._sweep = None
