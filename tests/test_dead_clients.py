@@ -23,9 +23,11 @@ from tests.procs import (
     status_json,
     wait_until,
 )
+from tests.raw_client import lone_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
+LONG = "x" * 300  # over the 256-character limit of a free string field
 FAILURE = "ValueError: loss is NaN at batch 3: check the learning rate"
 
 
@@ -115,3 +117,36 @@ def test_a_training_longer_than_the_client_timeout_stays_live(
     text = server.log()
     assert "nothing heard" not in text and "re-opened" not in text, text
     assert status_json(state)["status"] == "finished"
+
+
+def test_heartbeat_and_failure_report_are_validated(tmp_path: Path) -> None:
+    with lone_client(tmp_path, "c-0", "--client-timeout", "60") as joined:
+        stub = joined.stub
+        assert stub.Join(pb.JoinRequest(client_id="c-0"), timeout=10).heartbeat_seconds == 20.0
+        assert stub.Heartbeat(pb.HeartbeatRequest(client_id="c-0", round=1), timeout=10).live
+        refusals = [
+            (stub.Heartbeat, pb.HeartbeatRequest(client_id="stranger"), "FAILED_PRECONDITION"),
+            (stub.Heartbeat, pb.HeartbeatRequest(client_id=""), "INVALID_ARGUMENT"),
+            (stub.ReportFailure, pb.FailureReport(client_id="stranger"), "FAILED_PRECONDITION"),
+            (stub.ReportFailure, pb.FailureReport(client_id="c", reason=LONG), "INVALID_ARGUMENT"),
+        ]  # fmt: skip
+        for call, request, code in refusals:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(request, timeout=10)
+            assert refused.value.code().name == code  # type: ignore[attr-defined]
+        assert (
+            "Join again"
+            in stub.Heartbeat.future(  # type: ignore[attr-defined]
+                pb.HeartbeatRequest(client_id="stranger"), timeout=10
+            )
+            .exception()
+            .details()
+        )
+        stub.ReportFailure(pb.FailureReport(client_id="c-0", round=1, reason="boom"), timeout=10)
+        reply = stub.GetStatus(pb.GetStatusRequest(), timeout=10)
+        assert (reply.live_clients, reply.updates_expected) == (0, 1)
+        with pytest.raises(grpc.RpcError) as gone:  # no longer live: must Join again
+            stub.Heartbeat(pb.HeartbeatRequest(client_id="c-0"), timeout=10)
+        assert gone.value.code() is grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        log = (tmp_path / "logs" / "server.log").read_text()
+        assert "client c-0 failed in round 1 and left: 'boom'; round 1 stops waiting for it" in log
