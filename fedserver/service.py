@@ -33,6 +33,7 @@ from fedcore.wire import (
 from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
 from fedserver.joinlog import JoinLog
+from fedserver.liveness_service import LivenessRPCs
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
 from fedserver.pacing import UploadPacer
 from fedserver.rounds import SubmitRefused
@@ -53,7 +54,6 @@ from fedserver.secure_service import HomomorphicRPCs, SecureAggregationRPCs
 
 log = logging.getLogger("fedserver.service")
 MAX_CONCURRENT_SENDS = 256
-NOT_LIVE = "client is not live (never joined, or not heard from for --client-timeout); Join again"
 
 _STATES = {
     "waiting_for_clients": pb.WAITING_FOR_CLIENTS,
@@ -76,6 +76,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         protocol = coordinator.protocol
         self.secagg = SecureAggregationRPCs(protocol)
         self.he = HomomorphicRPCs(protocol, self._receive, coordinator.metrics, chunk_size)
+        self.liveness = LivenessRPCs(coordinator.liveness)
         self.joins = JoinLog()
         self.pacer = UploadPacer()
 
@@ -107,6 +108,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.SecAggStage:
         return await self.secagg.GetSecAggStage(request, context)
 
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatReply:
+        return await self.liveness.Heartbeat(request, context)
+
+    async def ReportFailure(
+        self, request: pb.FailureReport, context: grpc.aio.ServicerContext
+    ) -> pb.FailureReply:
+        return await self.liveness.ReportFailure(request, context)
+
     async def SubmitDecryption(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitReply:
@@ -134,22 +145,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             max_update_bytes=self.coordinator.max_update_bytes,
             heartbeat_seconds=self.coordinator.liveness.heartbeat_interval(),
         )
-
-    async def Heartbeat(
-        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
-    ) -> pb.HeartbeatReply:
-        await check_request(context, request)
-        if not self.coordinator.liveness.heartbeat(request.client_id):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_LIVE)
-        return pb.HeartbeatReply(live=True)
-
-    async def ReportFailure(
-        self, request: pb.FailureReport, context: grpc.aio.ServicerContext
-    ) -> pb.FailureReply:
-        await check_request(context, request)
-        if not self.coordinator.liveness.failed(request.client_id, request.round, request.reason):
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, NOT_LIVE)
-        return pb.FailureReply(message="failure recorded; the client is no longer live")
 
     async def GetGlobalModel(
         self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
