@@ -166,7 +166,7 @@ class RoundMachine:
         """The client is gone (it reported a failure): no longer live; True if the open round
         was waiting for its update, which it now stops doing."""
         self.forget(client_id)
-        awaited = self.expects_update_from(client_id)
+        awaited = self._awaited(client_id)
         if awaited:
             self.departed.add(client_id)
         return awaited
@@ -179,9 +179,18 @@ class RoundMachine:
             if seen[oldest] >= cutoff:
                 return
             del seen[oldest]
-            if self.expects_update_from(oldest):  # selected, silent past the timeout
+            if self._awaited(oldest):  # selected, silent past the timeout
                 self.departed.add(oldest)
                 self.lapsed.append(oldest)
+
+    def _awaited(self, client_id: str) -> bool:
+        """The open round waits for this client's update: O(1), whatever the machine (an
+        asynchronous machine's expects_update_from also counts training slots)."""
+        return (
+            self.phase is Phase.COLLECTING
+            and client_id in self.selected
+            and client_id not in self.receipts
+        )
 
     def next_expiry(self) -> float:
         """When the least recently seen client expires (inf: nobody is live); O(1)."""
@@ -219,11 +228,7 @@ class RoundMachine:
         return {}
 
     def expects_update_from(self, client_id: str) -> bool:
-        return (
-            self.phase is Phase.COLLECTING
-            and client_id in self.selected
-            and client_id not in self.receipts
-        )
+        return self._awaited(client_id)
 
     # ------------------------------------------------------------------ lifecycle
     def step(self) -> str | None:
