@@ -186,14 +186,15 @@ class ClientSession:
         while True:
             header = self._call("pull", self._pull)
             if header.decrypt_round and self.he is not None:
-                decrypt_aggregate(
-                    self.stub,
-                    self._call,
-                    self.he,
-                    self.client_id,
-                    header.decrypt_round,
-                    self.settings.rpc_timeout,
-                )
+                with self._busy(header.decrypt_round):
+                    decrypt_aggregate(
+                        self.stub,
+                        self._call,
+                        self.he,
+                        self.client_id,
+                        header.decrypt_round,
+                        self.settings.rpc_timeout,
+                    )
             if header.evaluate_round:
                 with self._busy(header.evaluate_round):
                     self._evaluate_and_submit(header, model, data)
