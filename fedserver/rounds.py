@@ -246,6 +246,7 @@ class RoundMachine:
             return None
         # Receipts are only ever taken from selected clients (check_submit), so comparing sizes
         # says whether all reported in O(1); a subset test was O(K) on every long-poll touch.
+        self.missed = []  # set below when the round moves on without someone
         everyone_reported = bool(self.selected) and len(self.receipts) >= len(self.selected)
         if everyone_reported and len(self.receipts) >= self.required:
             return "close"
