@@ -20,6 +20,7 @@ import grpc
 from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
 from fedclient.he import decrypt_aggregate
+from fedclient.liveness import Heartbeat, report_failure
 from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.protocols import handler_for
 from fedclient.retry import (
@@ -79,6 +80,8 @@ class ClientSession:
         self.federation_id = ""
         self.fingerprint = ""  # of the model this client trains; sent at Join (run sets it)
         self.joined = False
+        self.heartbeat_seconds = 0.0  # JoinReply's; 0: the coordinator takes no heartbeats
+        self.round = 0  # the round being worked on, for a failure report
         self.held: FlatModel | None = None
         self.rounds_trained = 0
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
@@ -162,10 +165,27 @@ class ClientSession:
                 self.client_id,
             )
         self.federation_id = reply.federation_id
+        self.heartbeat_seconds = reply.heartbeat_seconds
         self.joined = True
+
+    def _busy(self, round_number: int) -> Heartbeat:
+        """Heartbeats while training or evaluating (no RPC is made for as long as it takes)."""
+        self.round = round_number
+        beat = self.stub.Heartbeat
+        return Heartbeat(beat, self.client_id, round_number, self.heartbeat_seconds)
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> int:
+        try:
+            return self._run()
+        except (Stopped, PermanentError, grpc.RpcError):
+            raise
+        except Exception as e:  # the user's Task raised: say so before exiting, then re-raise
+            if self.joined:
+                report_failure(self.stub.ReportFailure, self.client_id, self.round, e)
+            raise
+
+    def _run(self) -> int:
         data, model, manifest = load(self.task, self.settings.partition)
         self.fingerprint = manifest.fingerprint
         # Before joining: the first torch optimizer imports torch._dynamo (~2 CPU s), which would
@@ -176,16 +196,18 @@ class ClientSession:
         while True:
             header = self._call("pull", self._pull)
             if header.decrypt_round and self.he is not None:
-                decrypt_aggregate(
-                    self.stub,
-                    self._call,
-                    self.he,
-                    self.client_id,
-                    header.decrypt_round,
-                    self.settings.rpc_timeout,
-                )
+                with self._busy(header.decrypt_round):
+                    decrypt_aggregate(
+                        self.stub,
+                        self._call,
+                        self.he,
+                        self.client_id,
+                        header.decrypt_round,
+                        self.settings.rpc_timeout,
+                    )
             if header.evaluate_round:
-                self._evaluate_and_submit(header, model, data)
+                with self._busy(header.evaluate_round):
+                    self._evaluate_and_submit(header, model, data)
             if header.state == pb.FINISHED:
                 log.info(
                     "coordinator says training is finished (%s); trained %d round(s)",
@@ -200,7 +222,8 @@ class ClientSession:
                     raise Stopped
                 continue
             if header.selected:
-                self._train_and_submit(header, model, data)
+                with self._busy(header.round):
+                    self._train_and_submit(header, model, data)
 
     def _pull(self) -> pb.ModelHeader:
         request = pb.GetGlobalModelRequest(

@@ -136,6 +136,17 @@ class BufferMachine(RoundMachine):
         self._wait_open.pop(client_id, None)
         self._wait_slot.pop(client_id, None)
 
+    def renew(self, client_id: str) -> bool:
+        """A Heartbeat also renews the client's lease: a long local training keeps its slot
+        (and its update is awaited) instead of lapsing after `lease_seconds`; a client that
+        stops heartbeating loses its slot `lease_seconds` after its last sign of life."""
+        if not super().renew(client_id):
+            return False
+        if client_id in self.leases:
+            self.leases[client_id] = self.clock()
+            self.leases.move_to_end(client_id)  # oldest first stays true
+        return True
+
     def _expire_leases(self) -> int:
         """Drop lapsed leases (O(1) amortized: oldest first); returns how many are held."""
         cutoff = self.clock() - self.lease_seconds

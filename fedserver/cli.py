@@ -142,6 +142,8 @@ def _print_status(args: argparse.Namespace) -> int:
             f"{head}, task {status['task']}, strategy {status['strategy']}, "
             f"{status['clients']} client(s)"
         )
+    if status.get("failure"):
+        print(f"gave up: {status['failure']}")
     last = status["rounds"][-1]["metrics"] if status["rounds"] else {}
     if "epsilon" in last:
         print(

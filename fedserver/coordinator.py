@@ -31,6 +31,7 @@ from fedserver.async_rounds import AsyncPolicy, build_machine
 from fedserver.dp import DPServer
 from fedserver.evaluation_rounds import EvaluationRounds
 from fedserver.fedeval import EvalPolicy
+from fedserver.liveness import LivenessWatch
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult, TrainingDefaults
 from fedserver.metrics import Metrics
 from fedserver.protocols.base import Opening, ProtocolEnv, ProtocolSettings, RoundProtocol
@@ -67,6 +68,7 @@ class Coordinator:
     buffering: AsyncPolicy | None = None
     rejections: Counter[str] = field(default_factory=Counter)
     metrics: Metrics = field(default_factory=Metrics)
+    clock: Callable[[], float] = time.monotonic  # round deadlines and liveness (tests inject)
 
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
@@ -74,7 +76,7 @@ class Coordinator:
         self.machine = build_machine(
             self.policy,
             self.buffering,
-            clock=time.monotonic,
+            clock=self.clock,
             rng=random.Random(self.seed + start),
             round=start,
             joined=self.store.has_joined,
@@ -99,7 +101,7 @@ class Coordinator:
                 self.model.manifest.floats(),
                 self.federation_id,
                 self.uploads,
-                time.monotonic,
+                self.clock,
                 lambda: self.machine.round,
                 self.machine.live_clients,
                 self.touch,
@@ -132,6 +134,9 @@ class Coordinator:
             lambda: self.model.version,
             self.uploads.refuse,
             self._notify,
+        )
+        self.liveness = LivenessWatch(
+            self.machine, self.clock, self._advance, self.policy.total_rounds
         )
         self._available = 0  # live clients when the round opened (DP sample rate)
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -170,6 +175,7 @@ class Coordinator:
             strategy=self.strategy.name,
             strategy_params=json.dumps(self.strategy.params(), sort_keys=True),
             status="finished" if self.machine.phase is Phase.FINISHED else "running",
+            failure="",  # a resumed run that gave up before is running again
         )
 
     # ------------------------------------------------------------------ events
@@ -190,11 +196,10 @@ class Coordinator:
         try:
             action = self.machine.step()
         except RoundsExhausted as e:
-            self.failure = str(e)
-            log.error("%s", e)
-            self.done.set()
-            self._notify()
+            self.liveness.after_step("exhausted")  # who sent nothing, before giving up
+            self._fail(str(e))
             return
+        self.liveness.after_step(action)
         if action in ("opened", "reopened"):
             m = self.machine
             verb = "opened" if action == "opened" else f"re-opened (attempt {m.attempts})"
@@ -217,7 +222,7 @@ class Coordinator:
     def _schedule_deadline(self) -> None:
         if self._deadline_timer:
             self._deadline_timer.cancel()
-        delay = max(0.0, self.machine.deadline - time.monotonic()) + 0.01
+        delay = max(0.0, self.machine.deadline - self.clock()) + 0.01
         self._deadline_timer = asyncio.get_running_loop().call_later(delay, self._advance)
 
     def touch(self, client_id: str, properties: dict[str, str] | None = None) -> None:
@@ -280,7 +285,7 @@ class Coordinator:
             msg = f"asked to decrypt the encrypted aggregate of round {decrypt}"
         else:
             return None
-        deadline = max(0.0, self.machine.deadline - time.monotonic()) if selected else 0.0
+        deadline = max(0.0, self.machine.deadline - self.clock()) if selected else 0.0
         return Offer(
             state,
             self.machine.round,
@@ -325,7 +330,8 @@ class Coordinator:
             remaining = until - loop.time()
             if offer is not None or remaining <= 0:
                 return offer or self.idle_offer(client_id)
-            await self._wakeups.wait(client_id, remaining)
+            # A waiting client stays live: it is re-touched at least every third of the timeout.
+            await self._wakeups.wait(client_id, min(remaining, self.liveness.heartbeat_interval()))
             self.touch(client_id)
 
     # ------------------------------------------------------------------ closing rounds
@@ -336,9 +342,7 @@ class Coordinator:
             # Disk full, a strategy bug...: stop rather than hang; the last committed round is
             # intact on disk and a restart resumes from it.
             log.exception("aggregating round %d failed", closed.round)
-            self.failure = f"aggregating round {closed.round} failed: {e}"
-            self.done.set()
-            self._notify()
+            self._fail(f"aggregating round {closed.round} failed: {e}")
         finally:
             self._aggregating = None
 
@@ -378,6 +382,16 @@ class Coordinator:
         everyone = self.evaluations.campaign is not None or self.machine.phase is Phase.FINISHED
         self._notify(None if everyone else ())
 
+    def _fail(self, why: str) -> None:
+        """Give up: `failed` (and why) in the state dir, so `fedserver status` says so after
+        the process is gone; clients are told on their next poll."""
+        self.failure = why
+        log.error("%s", why)
+        self.liveness.close()
+        self.store.set_meta(status="failed", failure=why)
+        self.done.set()
+        self._notify()
+
     # ------------------------------------------------------------------ updates and evaluations
     async def settled(self) -> None:
         """Under asynchronous aggregation, wait out a buffer being applied: an update arriving
@@ -413,6 +427,7 @@ class Coordinator:
         self.shutting_down = True
         if self._deadline_timer:
             self._deadline_timer.cancel()
+        self.liveness.close()
         self._notify()
         await self.wait_idle()
         if not self.done.is_set():

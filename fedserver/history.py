@@ -273,6 +273,7 @@ def read_status(state_dir: Path) -> dict[str, Any]:
         total = int(store.get_meta("total_rounds", "0") or 0)
         return {
             "status": store.get_meta("status", "unknown"),
+            "failure": store.get_meta("failure", ""),  # why a `failed` run gave up
             "federation_id": store.get_meta("federation_id", ""),
             "task": store.get_meta("task", ""),
             "strategy": store.get_meta("strategy", ""),

@@ -68,7 +68,8 @@ def live_status(args: argparse.Namespace) -> dict[str, Any]:
     with _channel(args) as channel:
         reply = pb_grpc.CoordinatorStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10)
     return {
-        "status": _STATES.get(reply.state, "unknown"),
+        "status": "failed" if reply.failure else _STATES.get(reply.state, "unknown"),
+        "failure": reply.failure,  # why the run gave up ("" unless it did)
         "federation_id": reply.federation_id,
         "total_rounds": reply.total_rounds,
         "rounds_completed": reply.rounds_completed,

@@ -7,6 +7,10 @@ drive it deterministically.
     WAITING --enough live clients--> COLLECTING --all selected reported, or deadline + quorum-->
     AGGREGATING --complete()--> WAITING (next round) ... --> FINISHED
     COLLECTING --deadline without quorum--> COLLECTING again (re-opened, up to max_attempts)
+
+A selected client that departs (left, reported a failure, or was not heard from for
+`client_ttl` seconds) is not waited for: once every selected client has reported or departed,
+the round acts at once as it would at its deadline.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ class RoundPolicy:
     min_fit: int | None = None
     round_timeout: float = 120.0
     max_attempts: int = 5
-    client_ttl: float = 90.0
+    client_ttl: float = 90.0  # --client-timeout: a client not heard from this long is not live
 
     def __post_init__(self) -> None:
         if self.total_rounds < 1:
@@ -80,6 +84,8 @@ class RoundPolicy:
             raise ValueError("min-fit must be at least 1")
         if self.round_timeout <= 0:
             raise ValueError("round-timeout must be positive")
+        if not self.client_ttl > 0:
+            raise ValueError("client-timeout must be positive")
 
     def sample_size(self, live: int) -> int:
         want = self.clients_per_round or max(1, math.ceil(self.fraction_fit * live))
@@ -131,6 +137,12 @@ class RoundMachine:
     # Selection is a seeded random draw (DP sampling amplification applies); buffers filled
     # by whoever finishes first (async_rounds.py) are not.
     samples_clients_at_random = True
+    # Selected clients of the open attempt that departed without an update (expired, left or
+    # failed), and who sent nothing when the round last closed or re-opened without them.
+    departed: set[str] = field(default_factory=set)
+    missed: list[str] = field(default_factory=list)
+    missed_deadline: bool = False  # `missed` at the deadline (not: all departed before it)
+    lapsed: list[str] = field(default_factory=list)  # departed by expiry, not yet logged
 
     def __post_init__(self) -> None:
         if self.round > self.policy.total_rounds:
@@ -144,6 +156,23 @@ class RoundMachine:
     def forget(self, client_id: str) -> None:
         self.last_seen.pop(client_id, None)
 
+    def renew(self, client_id: str) -> bool:
+        """A Heartbeat: a live client is still at work (training or evaluating). Returns
+        False for a client that is not live (never joined, or expired): it must Join again."""
+        if client_id not in self.last_seen:
+            return False
+        self.touch(client_id)
+        return True
+
+    def depart(self, client_id: str) -> bool:
+        """The client is gone (it reported a failure): no longer live; True if the open round
+        was waiting for its update, which it now stops doing."""
+        self.forget(client_id)
+        awaited = self._awaited(client_id)
+        if awaited:
+            self.departed.add(client_id)
+        return awaited
+
     def _expire(self) -> None:
         cutoff = self.clock() - self.policy.client_ttl
         seen = self.last_seen
@@ -152,6 +181,23 @@ class RoundMachine:
             if seen[oldest] >= cutoff:
                 return
             del seen[oldest]
+            if self._awaited(oldest):  # selected, silent past the timeout
+                self.departed.add(oldest)
+                self.lapsed.append(oldest)
+
+    def _awaited(self, client_id: str) -> bool:
+        """The open round waits for this client's update: O(1), whatever the machine (an
+        asynchronous machine's expects_update_from also counts training slots)."""
+        return (
+            self.phase is Phase.COLLECTING
+            and client_id in self.selected
+            and client_id not in self.receipts
+        )
+
+    def next_expiry(self) -> float:
+        """When the least recently seen client expires (inf: nobody is live); O(1)."""
+        seen = self.last_seen
+        return seen[next(iter(seen))] + self.policy.client_ttl if seen else math.inf
 
     def live_count(self) -> int:
         """How many clients are live: O(1) amortized (use this, not len(live_clients()))."""
@@ -193,11 +239,7 @@ class RoundMachine:
         return {}
 
     def expects_update_from(self, client_id: str) -> bool:
-        return (
-            self.phase is Phase.COLLECTING
-            and client_id in self.selected
-            and client_id not in self.receipts
-        )
+        return self._awaited(client_id)
 
     # ------------------------------------------------------------------ lifecycle
     def step(self) -> str | None:
@@ -215,11 +257,18 @@ class RoundMachine:
             return None
         # Receipts are only ever taken from selected clients (check_submit), so comparing sizes
         # says whether all reported in O(1); a subset test was O(K) on every long-poll touch.
+        self.missed = []  # set below when the round moves on without someone
         everyone_reported = bool(self.selected) and len(self.receipts) >= len(self.selected)
         if everyone_reported and len(self.receipts) >= self.required:
             return "close"
-        if self.clock() < self.deadline:
+        self._expire()  # O(1) amortized: notices selected clients that went silent
+        # Nobody left to wait for: every selected client reported or departed (departed clients
+        # never reported, so the sizes add up), or a re-open found nobody new to select.
+        nobody_left = len(self.receipts) + len(self.departed) >= len(self.selected)
+        if self.clock() < self.deadline and not nobody_left:
             return None
+        self.missed = sorted(self.selected.difference(self.receipts))
+        self.missed_deadline = self.clock() >= self.deadline
         if len(self.receipts) >= self.required:
             return "close"
         if self.attempts >= self.policy.max_attempts:
@@ -229,6 +278,8 @@ class RoundMachine:
                 "are enough clients running? see --min-fit and --round-timeout"
             )
         candidates = [c for c in self.live_clients() if c not in self.receipts]
+        if self.clock() < self.deadline and not candidates:
+            return None  # everyone left early, nobody to ask: wait for clients or the deadline
         self._open(candidates, fresh=False)
         return "reopened"
 
@@ -247,6 +298,7 @@ class RoundMachine:
             # must not lower the bar.
             self.required = self.policy.quorum(len(self.selected))
         self.attempts += 1
+        self.departed = set()
         self.deadline = self.clock() + self.policy.round_timeout
         self.phase = Phase.COLLECTING
 
@@ -278,6 +330,7 @@ class RoundMachine:
     def record(self, client_id: str, receipt: Receipt) -> None:
         self.check_submit(client_id, receipt.base_round or self.round)
         self.receipts[client_id] = receipt
+        self.departed.discard(client_id)  # back in time after all (a restarted client)
         self.touch(client_id)
 
     def close(self) -> ClosedRound:
@@ -295,6 +348,7 @@ class RoundMachine:
         self.round += 1
         self.selected = frozenset()
         self.receipts = {}
+        self.departed = set()
         self.deadline = math.inf
         self.phase = Phase.FINISHED if self.round > self.policy.total_rounds else Phase.WAITING
 

@@ -96,6 +96,14 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         "train between its pull and its submit (120)",
     )
     run.add_argument(
+        "--client-timeout",
+        type=_positive_float,
+        default=90.0,
+        metavar="SECONDS",
+        help="a client not heard from this long is no longer live: not selected, and a round "
+        "stops waiting for it; clients send a heartbeat every third of it while training (90)",
+    )
+    run.add_argument(
         "--max-attempts",
         type=positive_int,
         default=5,
@@ -361,6 +369,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         min_fit=args.min_fit,
         round_timeout=args.round_timeout,
         max_attempts=args.max_attempts,
+        client_ttl=args.client_timeout,
     )
     if args.gradient_batch < 0:
         raise ValueError(f"--gradient-batch must be >= 0, got {args.gradient_batch}")

@@ -34,6 +34,7 @@ from fedserver.admission import Admission
 from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
 from fedserver.joinlog import JoinLog
+from fedserver.liveness_service import LivenessRPCs
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
 from fedserver.pacing import UploadPacer
 from fedserver.rounds import SubmitRefused
@@ -76,6 +77,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         protocol = coordinator.protocol
         self.secagg = SecureAggregationRPCs(protocol)
         self.he = HomomorphicRPCs(protocol, self._receive, coordinator.metrics, chunk_size)
+        self.liveness = LivenessRPCs(coordinator.liveness)
         self.joins = JoinLog()
         self.admission = Admission(coordinator)  # Join: matching model, one live peer per id
         self.pacer = UploadPacer()
@@ -108,6 +110,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.SecAggStage:
         return await self.secagg.GetSecAggStage(request, context)
 
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatReply:
+        return await self.liveness.Heartbeat(request, context)
+
+    async def ReportFailure(
+        self, request: pb.FailureReport, context: grpc.aio.ServicerContext
+    ) -> pb.FailureReply:
+        return await self.liveness.ReportFailure(request, context)
+
     async def SubmitDecryption(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
     ) -> pb.SubmitReply:
@@ -137,6 +149,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             federation_id=self.coordinator.federation_id,
             chunk_size=self.chunk_size,
             max_update_bytes=self.coordinator.max_update_bytes,
+            heartbeat_seconds=self.coordinator.liveness.heartbeat_interval(),
         )
 
     async def GetGlobalModel(
@@ -306,6 +319,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             updates_expected=m.expected_updates,
             federation_id=c.federation_id,
             rejections=dict(c.rejections),
+            failure=c.failure or "",
         )
         # Bounded whatever the history holds: the latest MAX_STATUS_ROUNDS rounds, newest
         # first until MAX_STATUS_BYTES, listed oldest first; rounds_omitted counts the rest.

@@ -8,6 +8,8 @@ FLAKY_DIR records each death: a client restarted in the same round does not die 
 
 `gated` (GatedDigits): the GATE_CALL-th call of train() writes FLAKY_DIR/gate-waiting and
 blocks until the test creates FLAKY_DIR/gate-open, so the test can act while it is mid-round.
+
+`broken` (BrokenDigits): train() raises, as a bug in the user's training code would.
 """
 
 from __future__ import annotations
@@ -48,5 +50,11 @@ class GatedDigits(DigitsTask):
         return super().train(model, data, config)
 
 
+class BrokenDigits(DigitsTask):
+    def train(self, model: torch.nn.Module, data: Dataset, config: TrainConfig) -> TrainResult:
+        raise ValueError("loss is NaN at batch 3: check the learning rate")
+
+
 task = FlakyDigits()
+broken = BrokenDigits()
 gated = GatedDigits()

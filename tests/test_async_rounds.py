@@ -342,3 +342,23 @@ def test_one_client_contributes_to_at_most_l_of_w_versions_while_enough_are_live
         bm.complete()
         bm.step()
     assert bm.round == 5 and "a" in bm.woken() and bm.expects_update_from("a")
+
+
+def test_heartbeats_keep_a_long_training_lease_and_the_client_live() -> None:
+    """A training longer than both the lease (the round timeout, 60 s) and the client timeout
+    (90 s) keeps its slot while the client heartbeats; a silent lease holder loses its."""
+    bm, clock = machine(k=5, m=1)
+    bm.touch("a")
+    bm.step()
+    bm.lease("a")
+    for _ in range(10):  # 300 s of local training, a heartbeat every 30 s
+        clock.now += 30
+        assert bm.renew("a")
+        assert not bm.expects_update_from("b")  # the one slot is still a's
+    assert bm.live_clients() == ["a"]
+    bm.check_submit("a", 1)  # its finished update is taken
+    fill(bm, "a")
+    bm.touch("b")
+    bm.lease("b")  # b never heartbeats: its slot lapses after the lease time
+    clock.now += 61
+    assert bm.expects_update_from("c")

@@ -201,3 +201,13 @@ def test_refused_he_calls_do_not_mark_the_caller_live(tmp_path: Path) -> None:
         assert "stranger" in coord.machine.live_clients()
 
     asyncio.run(scenario())
+
+
+def test_liveness_rpcs_act_only_as_the_caller() -> None:
+    auth = Authenticator(mtls=True, tokens=None)
+    me = Identity("client-0", ROLE_CLIENT, "certificate")
+    auth.authorize(me, "Heartbeat", pb.HeartbeatRequest(client_id="client-0"))
+    with pytest.raises(Denied, match="can only act as itself"):
+        auth.authorize(me, "Heartbeat", pb.HeartbeatRequest(client_id="client-1"))
+    with pytest.raises(Denied, match="can only act as itself"):  # nobody else's failure
+        auth.authorize(me, "ReportFailure", pb.FailureReport(client_id="client-1", reason="x"))

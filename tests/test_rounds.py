@@ -384,3 +384,65 @@ def test_policy_quorum() -> None:
     assert RoundPolicy(1, min_clients=3).quorum(2) == 2
     assert RoundPolicy(1, min_clients=3, min_fit=4).quorum(5) == 4
     assert RoundPolicy(1, min_clients=1).quorum(0) == 1
+
+
+# ---------------------------------------------------------------- liveness (--client-timeout)
+
+
+def test_heartbeats_keep_a_training_client_live_past_the_timeout() -> None:
+    clock = FakeClock()
+    machine = _open(clock, ["a", "b"], client_ttl=30.0, round_timeout=1000.0, min_clients=1)
+    for _ in range(9):  # 90 s of training, a heartbeat every 10 s (a third of the timeout)
+        clock.advance(10)
+        assert machine.renew("a")
+        assert machine.step() is None
+    assert machine.live_clients() == ["a"]  # b said nothing for 90 s: expired
+    assert machine.expects_update_from("a")
+    assert machine.departed == {"b"}
+    assert not machine.renew("b")  # not live: it must Join again
+    machine.record("a", _receipt("a"))
+    assert machine.step() == "close"  # b's slot is not waited for: it departed
+    assert machine.missed == ["b"]
+
+
+def test_round_stops_waiting_when_every_selected_client_left() -> None:
+    clock = FakeClock()
+    machine = _open(clock, ["a", "b", "c"], clients_per_round=2, min_clients=2)
+    chosen = sorted(machine.selected)
+    other = ({"a", "b", "c"} - machine.selected).pop()
+    assert machine.depart(chosen[0])
+    assert machine.step() is None  # the other selected client may still report
+    assert machine.depart(chosen[1])
+    assert machine.step() == "reopened"  # at once, not at the deadline 120 s out
+    assert machine.missed == chosen
+    assert machine.attempts == 2
+    assert machine.selected == {other}
+    assert not machine.depart("stranger")  # never selected: nothing to stop waiting for
+
+
+def test_silent_selected_clients_expire_and_the_round_waits_for_new_ones() -> None:
+    clock = FakeClock()
+    machine = _open(clock, ["a", "b"], client_ttl=30.0, round_timeout=100.0, max_attempts=2)
+    clock.advance(31)
+    assert machine.step() is None  # both silent past the timeout, nobody else to ask
+    assert machine.lapsed == ["a", "b"] and machine.live_count() == 0
+    machine.touch("c")
+    machine.touch("d")
+    assert machine.step() == "reopened"  # new clients: asked now, not at the deadline
+    assert machine.selected == {"c", "d"}
+    assert machine.deadline == clock.now + 100.0
+
+
+def test_a_last_attempt_with_nobody_left_gives_up_without_waiting_out_the_deadline() -> None:
+    clock = FakeClock()
+    machine = _open(clock, ["a", "b"], max_attempts=1)
+    machine.depart("a")
+    machine.depart("b")
+    with pytest.raises(RoundsExhausted, match="no quorum in 1 attempts"):
+        machine.step()
+    assert machine.missed == ["a", "b"]
+
+
+def test_client_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="client-timeout must be positive"):
+        RoundPolicy(total_rounds=1, client_ttl=0.0)

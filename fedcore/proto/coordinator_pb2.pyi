@@ -90,16 +90,18 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., task: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "federation_id", "chunk_size", "max_update_bytes")
+    __slots__ = ("client_id", "federation_id", "chunk_size", "max_update_bytes", "heartbeat_seconds")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     federation_id: str
     chunk_size: int
     max_update_bytes: int
-    def __init__(self, client_id: _Optional[str] = ..., federation_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_update_bytes: _Optional[int] = ...) -> None: ...
+    heartbeat_seconds: float
+    def __init__(self, client_id: _Optional[str] = ..., federation_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
 
 class GetGlobalModelRequest(_message.Message):
     __slots__ = ("client_id", "known_version", "wait_seconds")
@@ -273,7 +275,7 @@ class RoundSummary(_message.Message):
     def __init__(self, round: _Optional[int] = ..., participants: _Optional[int] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., duration_seconds: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetStatusReply(_message.Message):
-    __slots__ = ("state", "current_round", "total_rounds", "rounds_completed", "live_clients", "updates_received", "updates_expected", "rounds", "federation_id", "rejections", "rounds_omitted")
+    __slots__ = ("state", "current_round", "total_rounds", "rounds_completed", "live_clients", "updates_received", "updates_expected", "rounds", "federation_id", "rejections", "rounds_omitted", "failure")
     class RejectionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +294,7 @@ class GetStatusReply(_message.Message):
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     REJECTIONS_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_OMITTED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     state: FederationState
     current_round: int
     total_rounds: int
@@ -303,7 +306,8 @@ class GetStatusReply(_message.Message):
     federation_id: str
     rejections: _containers.ScalarMap[str, int]
     rounds_omitted: int
-    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., live_clients: _Optional[int] = ..., updates_received: _Optional[int] = ..., updates_expected: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., federation_id: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., rounds_omitted: _Optional[int] = ...) -> None: ...
+    failure: str
+    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., current_round: _Optional[int] = ..., total_rounds: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., live_clients: _Optional[int] = ..., updates_received: _Optional[int] = ..., updates_expected: _Optional[int] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., federation_id: _Optional[str] = ..., rejections: _Optional[_Mapping[str, int]] = ..., rounds_omitted: _Optional[int] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class AdvertiseKeysRequest(_message.Message):
     __slots__ = ("client_id", "round", "channel_public_key", "mask_public_key")
@@ -404,3 +408,33 @@ class SecAggStage(_message.Message):
     dropped: _containers.RepeatedScalarFieldContainer[str]
     message: str
     def __init__(self, ready: _Optional[bool] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., threshold: _Optional[int] = ..., roster: _Optional[_Iterable[_Union[RosterEntry, _Mapping]]] = ..., inbox: _Optional[_Iterable[_Union[EncryptedShare, _Mapping]]] = ..., survivors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("client_id", "round")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("live",)
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    live: bool
+    def __init__(self, live: _Optional[bool] = ...) -> None: ...
+
+class FailureReport(_message.Message):
+    __slots__ = ("client_id", "round", "reason")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    round: int
+    reason: str
+    def __init__(self, client_id: _Optional[str] = ..., round: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class FailureReply(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...

@@ -89,6 +89,16 @@ class CoordinatorStub:
                 request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.UpdateChunk.SerializeToString,
                 response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/Heartbeat',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
+        self.ReportFailure = channel.unary_unary(
+                '/fedgrpc.v1.Coordinator/ReportFailure',
+                request_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.FailureReport.SerializeToString,
+                response_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.FailureReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -180,6 +190,23 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Liveness (docs/reliability.md, "Liveness"). A client in local training (or evaluation)
+        sends a Heartbeat every JoinReply.heartbeat_seconds, so a training longer than
+        --client-timeout neither expires it nor lapses its --mode async lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportFailure(self, request, context):
+        """A client that is about to exit because the user's Task raised says so (best effort): the
+        coordinator marks it not live and stops waiting for it in the open round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +264,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.SubmitDecryption,
                     request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.UpdateChunk.FromString,
                     response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.SubmitReply.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'ReportFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportFailure,
+                    request_deserializer=fedgrpc_dot_v1_dot_coordinator__pb2.FailureReport.FromString,
+                    response_serializer=fedgrpc_dot_v1_dot_coordinator__pb2.FailureReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -536,6 +573,60 @@ class Coordinator:
             '/fedgrpc.v1.Coordinator/SubmitDecryption',
             fedgrpc_dot_v1_dot_coordinator__pb2.UpdateChunk.SerializeToString,
             fedgrpc_dot_v1_dot_coordinator__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/Heartbeat',
+            fedgrpc_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedgrpc.v1.Coordinator/ReportFailure',
+            fedgrpc_dot_v1_dot_coordinator__pb2.FailureReport.SerializeToString,
+            fedgrpc_dot_v1_dot_coordinator__pb2.FailureReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,6 +60,8 @@ ACCESS: dict[str, frozenset[str]] = {
     "SubmitEvaluation": CLIENTS,
     "GetEncryptedAggregate": CLIENTS,
     "SubmitDecryption": CLIENTS,
+    "Heartbeat": CLIENTS,
+    "ReportFailure": CLIENTS,
 }
 
 

@@ -73,9 +73,11 @@ async def simulate(s: SimSettings) -> int:
             s.server.task, s.clients, s.partitioner, s.alpha, s.server.seed, s.encoding
         )
         pool = workers.WorkerPool(spec, s.ray)
+        alive = asyncio.create_task(seam.keep_alive(ids))  # virtual clients never go silent
         try:
             await _run(seam, pool, ids, stop)
         finally:
+            alive.cancel()
             pool.close()
         if stop.is_set():
             await coordinator.shut_down()

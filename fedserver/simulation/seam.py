@@ -57,6 +57,15 @@ class InProcessServicer:
         if last is not None:
             self.coordinator.touch(last)
 
+    async def keep_alive(self, client_ids: list[str], every: float | None = None) -> None:
+        """Every virtual client's heartbeat: touch them all every third of --client-timeout,
+        for as long as the simulation runs. A round (training, aggregation, evaluation) longer
+        than the timeout would otherwise expire the N - K clients that did not train, and the
+        next round, opened as the last one commits, would select among the last K only."""
+        while True:
+            self.touch_all(client_ids)
+            await asyncio.sleep(every or self.coordinator.liveness.heartbeat_interval())
+
     def joined(self, client_id: str, properties: dict[str, str]) -> None:
         """A Join: recorded in the state dir's clients table (only for clients that ran)."""
         self.coordinator.touch(client_id, properties)
