@@ -135,7 +135,7 @@ class VirtualClients:
         sent = Selection.of_names(floats, names) if names else Selection.everything(floats)
         data = self._data(client_index(cid))
         result, vector = local_update(self.task, self.model, data, base, config, sent)
-        codec = get_codec(self.spec.encoding or cfg.encoding or "fp32")
+        codec = get_codec(self.spec.encoding or cfg.encoding or "fp32").bind(sent.manifest)
         # Stateless: encode without error feedback (a fresh ErrorFeedback each round).
         payload = codec.encode(privatize(sent.extract(vector), config.extra))
         update, digest = update_header(

@@ -14,7 +14,7 @@ from fedcore.codecs import ErrorFeedback, Int8Codec, TopKCodec, get_codec
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
 from fedserver.aggregate import Accumulator, UpdateReceiver, UpdateSpool
 
-FLOATS = Manifest((TensorSpec("w", "float32", (40, 25)), TensorSpec("b", "float16", (7,))))
+FLOATS = Manifest((TensorSpec("w", "float32", (40, 25)), TensorSpec("b", "float64", (7,))))
 N = 1007
 
 
