@@ -24,8 +24,9 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--encoding",
         default="",
-        help="update encoding: fp32, fp16, int8 or topk[:FRACTION] (top-k with error feedback, "
-        "10%% by default); default: the one the coordinator's round config names",
+        help="update encoding: fp32, fp16, int8, int4 (4-bit, per-64-value scale, with error "
+        "feedback) or topk[:FRACTION] (top-k with error feedback, 10%% by default); default: "
+        "the one the coordinator's round config names",
     )
 
 

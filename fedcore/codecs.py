@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from fedcore.codec_base import Codec, FixedWidthDecoder, Piece, StreamDecoder, TwoPartDecoder
+from fedcore.codec_int4 import Int4Codec
 from fedcore.he import CKKSCodec
 from fedcore.tensors import (
     Manifest,
@@ -21,7 +22,15 @@ from fedcore.tensors import (
     float32_to_bfloat16_bits,
 )
 
-__all__ = ["CODECS", "Codec", "ErrorFeedback", "Piece", "StreamDecoder", "get_codec"]
+__all__ = [
+    "CODECS",
+    "Codec",
+    "ErrorFeedback",
+    "Int4Codec",
+    "Piece",
+    "StreamDecoder",
+    "get_codec",
+]
 
 
 # A float tensor's dtype on the wire under fp32: bfloat16 and float16 tensors travel as
@@ -298,7 +307,15 @@ class ErrorFeedback:
 
 
 CODECS: dict[str, Codec] = {
-    c.name: c for c in (Float32Codec(), Float16Codec(), Int8Codec(), TopKCodec(), MaskedRingCodec())
+    c.name: c
+    for c in (
+        Float32Codec(),
+        Float16Codec(),
+        Int8Codec(),
+        Int4Codec(),
+        TopKCodec(),
+        MaskedRingCodec(),
+    )
 }
 
 
