@@ -111,3 +111,23 @@ def test_device_and_precision_come_from_the_environment_too(
     argv = ["run", "--server", "h:1", "--task", "examples.digits:task"]
     args = parse_layered(build_parser(), argv, "client")
     assert (args.device, args.precision) == ("cpu", "bf16")
+
+
+def test_simulate_gives_virtual_clients_the_device_its_resources_grant(tmp_path: Path) -> None:
+    from fedclient.virtual import VirtualClients, VirtualSpec
+    from fedserver.cli import build_parser
+    from fedserver.simulation.cli import sim_settings
+
+    def settings(*flags: str) -> tuple[str, str]:
+        base = ["simulate", "--task", "examples.digits:task", "--state-dir", str(tmp_path)]
+        s = sim_settings(build_parser().parse_args([*base, "--clients", "2", *flags]))
+        return s.device, s.precision
+
+    assert settings() == ("cpu", "fp32")  # auto with gpus=0: the CPU, whatever the host has
+    assert settings("--client-resources", "cpus=1,gpus=0.5") == ("auto", "fp32")
+    assert settings("--device", "cuda:1", "--precision", "bf16") == ("cuda:1", "bf16")
+    clients = VirtualClients(VirtualSpec("examples.digits:task", 2, precision="bf16"))
+    try:
+        assert clients.task.placement == Placement(torch.device("cpu"), "bf16")
+    finally:  # the module-level task is shared with the other tests of this process
+        configure(clients.task, "cpu", "fp32")

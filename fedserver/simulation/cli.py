@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedclient.flags import add_data_flags
+from fedclient.flags import add_data_flags, add_device_flags
 from fedcore.logs import setup_logging
 from fedserver import run_cli
 from fedserver.assembly import EXIT_USAGE, SetupError
@@ -119,7 +119,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     g.add_argument("--ray-temp-dir", help="local Ray only: its session files (Ray's /tmp/ray)")
 
-    add_data_flags(sim.add_argument_group("virtual clients (as `fedclient run`)"))
+    clients = sim.add_argument_group("virtual clients (as `fedclient run`)")
+    add_data_flags(clients)
+    add_device_flags(clients)
     run = _run_parser()
     left_out = _copy_actions(
         run, sim, lambda a, t: a.dest not in NETWORK_ONLY and t not in NETWORK_GROUPS
@@ -165,6 +167,10 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
         partitioner=args.partitioner,
         alpha=args.alpha,
         encoding=args.encoding,
+        # auto: the GPU --client-resources grants each worker (Ray sets its
+        # CUDA_VISIBLE_DEVICES), and the CPU when it grants none.
+        device="cpu" if args.device == "auto" and gpus == 0 else args.device,
+        precision=args.precision,
         ray=RaySettings(
             address=args.ray_address,
             cpus=cpus,
