@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from examples.digits import task
 from fedcore.codecs import ErrorFeedback, Int4Codec, get_codec
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
 from fedserver.aggregate import Accumulator, BadUpdate, UpdateReceiver
+from fedserver.history import read_status
+from tests.procs import Proc, free_port, start_clients, start_serving, wait_finished
 
 BLOCK = Int4Codec.BLOCK
 
@@ -145,3 +148,20 @@ def test_receiver_refuses_a_nan_scale_and_folds_a_good_update(tmp_path: Path) ->
     acc.fold(staged, 2.0)
     staged.discard()
     np.testing.assert_allclose(acc.total, 2 * codec.decode(payload, n), rtol=1e-6)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(240)
+def test_int4_federation_on_digits(tmp_path: Path, procs: list[Proc]) -> None:
+    port = free_port()
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    server = start_serving(procs, logs, port, state, "--rounds", "4", "--min-clients", "2")
+    clients = start_clients(procs, logs, port, 2, "--encoding", "int4")
+    wait_finished(server, clients, 200)
+    status = read_status(state)
+    assert status["rounds_completed"] == 4
+    assert status["rounds"][-1]["metrics"]["accuracy"] >= 0.85
+    size = get_codec("int4").wire_manifest(task.initial_model(0).manifest.floats()).total_bytes
+    assert size == 2709
+    for client in clients:
+        assert client.log().count(f"update accepted ({size} bytes)") == 4
