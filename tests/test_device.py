@@ -125,7 +125,12 @@ def test_simulate_gives_virtual_clients_the_device_its_resources_grant(tmp_path:
 
     assert settings() == ("cpu", "fp32")  # auto with gpus=0: the CPU, whatever the host has
     assert settings("--client-resources", "cpus=1,gpus=0.5") == ("auto", "fp32")
-    assert settings("--device", "cuda:1", "--precision", "bf16") == ("cuda:1", "bf16")
+    assert settings("--precision", "bf16") == ("cpu", "bf16")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available on this machine"):
+            settings("--device", "cuda")
+    # On a cluster the workers' devices are theirs to check.
+    assert settings("--device", "cuda:1", "--ray-address", "auto") == ("cuda:1", "fp32")
     clients = VirtualClients(VirtualSpec("examples.digits:task", 2, precision="bf16"))
     try:
         assert clients.task.placement == Placement(torch.device("cpu"), "bf16")

@@ -156,6 +156,11 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
     from fedserver.simulation.settings import RaySettings, parse_resources
 
     cpus, gpus = parse_resources(args.client_resources)
+    device = "cpu" if args.device == "auto" and gpus == 0 else args.device
+    if args.ray_address is None:  # local workers see this machine's devices: check them now
+        from fedclient.device import resolve_device
+
+        resolve_device(device)
     server = run_cli.server_settings(args)
     if args.clients_per_round is None and math.isclose(args.fraction_fit, 1.0):
         logging.getLogger("fedserver").info(
@@ -169,7 +174,7 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
         encoding=args.encoding,
         # auto: the GPU --client-resources grants each worker (Ray sets its
         # CUDA_VISIBLE_DEVICES), and the CPU when it grants none.
-        device="cpu" if args.device == "auto" and gpus == 0 else args.device,
+        device=device,
         precision=args.precision,
         ray=RaySettings(
             address=args.ray_address,
