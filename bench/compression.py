@@ -4,7 +4,7 @@ For each encoding it runs a real coordinator and 3 real `fedclient` processes (I
 task's default config) with `--encoding E`, and reports the coordinator's held-out accuracy
 after the last round and the bytes of one update relative to fp32.
 
-    python -m bench.compression                       # fp32 fp16 int8 topk topk:0.01, 20 rounds
+    python -m bench.compression                  # fp32 fp16 int8 int4 topk topk:0.01, 20 rounds
     python -m bench.compression --encodings int8 --rounds 5
 """
 
@@ -24,7 +24,7 @@ from fedcore.codecs import get_codec
 from fedserver.history import read_status
 from tests.procs import REPO, free_port, start_client, start_coordinator, wait_serving
 
-ENCODINGS = ("fp32", "fp16", "int8", "topk", "topk:0.01")
+ENCODINGS = ("fp32", "fp16", "int8", "int4", "topk", "topk:0.01")
 
 
 def run_encoding(encoding: str, rounds: int, clients: int, work: Path) -> dict[str, Any]:

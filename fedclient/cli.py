@@ -14,8 +14,9 @@ from types import FrameType
 import grpc
 
 from fedclient.check import check_task
+from fedclient.device import configure
 from fedclient.diagnose import TaskMistake
-from fedclient.flags import add_data_flags
+from fedclient.flags import add_data_flags, add_device_flags
 from fedclient.partition import Partition
 from fedclient.retry import Misconfigured, PermanentError, Stopped
 from fedclient.session import ClientSession
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="which slice of the task's data this client holds, I/N with 0 <= I < N (0/1)",
     )
     add_data_flags(run)
+    add_device_flags(run)
     run.add_argument(
         "--client-id",
         default="",
@@ -186,6 +188,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise ValueError(f"--slowdown must be at least 1, got {args.slowdown}")
         if args.encoding:
             get_codec(args.encoding)  # unknown names are a usage error, before connecting
+        configure(task, args.device, args.precision)  # --device cuda without CUDA: exit 2
         tls = TlsFiles.from_args(args)
         client_id = args.client_id
         if tls is not None and tls.cert is not None:

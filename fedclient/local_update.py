@@ -46,7 +46,7 @@ def gradient_vector(model: Any, floats: Manifest) -> np.ndarray:
     for spec in floats.tensors:
         param = params.get(spec.name)
         if param is not None and param.grad is not None:
-            out[pos : pos + spec.numel] = param.grad.detach().reshape(-1).float().numpy()
+            out[pos : pos + spec.numel] = param.grad.detach().reshape(-1).float().cpu().numpy()
         pos += spec.numel
     return out
 

@@ -370,7 +370,7 @@ class ClientSession:
         # accepts any codec it knows, declared in the update header. Secure aggregation rounds
         # must stay masked-u64, homomorphic ones he-ckks.
         wanted = "" if handler.fixed_encoding else self.settings.encoding
-        codec = get_codec(wanted or cfg.encoding or "fp32")
+        codec = get_codec(wanted or cfg.encoding or "fp32").bind(sent.manifest)
         if personal is not None:
             state = model.state_dict()
             self._personal = {n: state[n].detach().clone() for n in personal.names}

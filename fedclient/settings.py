@@ -30,7 +30,7 @@ class ClientSettings:
     token: str | None = field(default=None, repr=False)  # never in logs
     progress: bool = False  # local-epoch progress bar (only when stderr is a terminal)
     personal_tensors: str = ""  # FedPer: patterns of tensors kept here, never sent ("" = task's)
-    encoding: str = ""  # update encoding (fp32, fp16, int8, topk[:F]); "" = the round's
+    encoding: str = ""  # update encoding (fp32, fp16, int8, int4, topk[:F]); "" = the round's
     he_key: Path | None = None  # --secure he: the shared secret CKKS context
     slowdown: float = 1.0  # testing aid: training takes this many times as long (sleeping)
     task_name: str = ""  # --task, sent at Join so a refusal can name it

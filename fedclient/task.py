@@ -17,6 +17,7 @@ from types import MappingProxyType
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from fedclient.device import Placement
 from fedclient.metrics import MetricSums, align, default_loss
 from fedclient.partition import Partition
 from fedcore.tensors import FlatModel, flatten_state_dict
@@ -99,6 +100,15 @@ class LocalData:
     test: Dataset | None = None
 
 
+def input_dtype(model: torch.nn.Module) -> torch.dtype | None:
+    """The dtype floating inputs are cast to: the model's own when it is not float32 (a
+    bfloat16-native model), else None (inputs left as the data set makes them)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return None if p.dtype == torch.float32 else p.dtype
+    return None
+
+
 class Task(abc.ABC):
     """Subclass, implement build_model and load_partition; the rest has good defaults."""
 
@@ -106,6 +116,13 @@ class Task(abc.ABC):
     # FedPer: patterns of tensors that stay on the client (trained, never sent); the client's
     # --personal-tensors overrides it.
     personal_tensors: str = ""
+    # Where and at what precision the loops run: `fedclient run --device/--precision` set it
+    # (fedclient/device.configure). Tasks that override train/evaluate read it too.
+    placement: Placement = Placement(torch.device("cpu"))
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
 
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
@@ -160,8 +177,18 @@ class Task(abc.ABC):
         heterogeneous clients from drifting too far from the model they were sent.
         """
         generator = torch.Generator().manual_seed(config.seed)
-        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, generator=generator)
+        place = self.placement
+        loader = DataLoader(
+            data,
+            batch_size=config.batch_size,
+            shuffle=True,
+            generator=generator,
+            pin_memory=place.pin_memory,
+        )
+        model.to(place.device)
+        dtype = input_dtype(model)
         optimizer = self.make_optimizer(model, config)
+        scaler = place.grad_scaler()
         criterion = self.loss_fn()
         mu = config.proximal_mu
         params = [p for p in model.parameters() if p.requires_grad]
@@ -171,18 +198,21 @@ class Task(abc.ABC):
         sums = self.new_metrics()
         for epoch in range(config.local_epochs):
             sums = self.new_metrics()
-            for inputs, raw_targets in loader:
+            for raw_inputs, raw_targets in loader:
                 optimizer.zero_grad()
-                outputs, targets = self.align(model(inputs), raw_targets)
-                loss = criterion(outputs, targets)
+                inputs, raw_targets = place.batch(raw_inputs, dtype), place.batch(raw_targets)
+                with place.autocast():
+                    outputs, targets = self.align(model(inputs), raw_targets)
+                    loss = criterion(outputs, targets)
                 objective = loss
                 if mu > 0:
                     drift = sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
                     objective = loss + (mu / 2) * drift
-                objective.backward()
-                optimizer.step()
+                scaler.scale(objective).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 # Report the task loss, not the proximal objective, so runs stay comparable.
-                sums.add(outputs, targets, loss.item())
+                sums.add(outputs.float(), targets, loss.item())
             if config.on_epoch is not None:
                 config.on_epoch(epoch + 1, config.local_epochs)
         if sums.seen == 0:
@@ -207,14 +237,22 @@ class Task(abc.ABC):
         if total == 0:
             raise ValueError("cannot compute a gradient on an empty dataset")
         criterion = self.loss_fn()
+        place = self.placement
+        model.to(place.device)
+        dtype = input_dtype(model)
         model.train()
         model.zero_grad(set_to_none=True)
         sums = self.new_metrics()
-        for inputs, raw_targets in DataLoader(data, batch_size=config.batch_size):
-            outputs, targets = self.align(model(inputs), raw_targets)
-            loss = criterion(outputs, targets)
+        loader = DataLoader(data, batch_size=config.batch_size, pin_memory=place.pin_memory)
+        for raw_inputs, raw_targets in loader:
+            inputs, raw_targets = place.batch(raw_inputs, dtype), place.batch(raw_targets)
+            with place.autocast():
+                outputs, targets = self.align(model(inputs), raw_targets)
+                loss = criterion(outputs, targets)
+            # Unscaled even at fp16: one gradient, summed over slices, is what is sent; bf16
+            # (same range as fp32) is the precision to use with FedSGD on a GPU.
             (loss * (len(targets) / total)).backward()  # slices add up to the mean gradient
-            sums.add(outputs, targets, loss.item())
+            sums.add(outputs.float(), targets, loss.item())
         return TrainResult(num_examples=total, metrics=sums.result("train_"))
 
     def evaluate(
@@ -223,14 +261,21 @@ class Task(abc.ABC):
         """Example-weighted metrics ({"loss", "accuracy"} for classification, {"loss", "mse",
         "mae", "r2"} for regression); the model's train/eval mode is restored."""
         criterion = self.loss_fn()
+        place = self.placement
+        model.to(place.device)
+        dtype = input_dtype(model)
         was_training = model.training
         model.eval()
         sums = self.new_metrics()
+        loader = DataLoader(data, batch_size=batch_size, pin_memory=place.pin_memory)
         try:
             with torch.no_grad():
-                for inputs, raw_targets in DataLoader(data, batch_size=batch_size):
-                    outputs, targets = self.align(model(inputs), raw_targets)
-                    sums.add(outputs, targets, criterion(outputs, targets).item())
+                for raw_inputs, raw_targets in loader:
+                    inputs, raw_targets = place.batch(raw_inputs, dtype), place.batch(raw_targets)
+                    with place.autocast():
+                        outputs, targets = self.align(model(inputs), raw_targets)
+                        loss = criterion(outputs, targets).item()
+                    sums.add(outputs.float(), targets, loss)
         finally:
             model.train(was_training)
         if sums.seen == 0:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fedclient.device import configure
 from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.partition import Partition
 from fedclient.task import LocalData, Task, TrainConfig
@@ -58,6 +59,8 @@ class VirtualSpec:
     seed: int = 0
     encoding: str = ""  # "" = the round's (like fedclient --encoding)
     threads: int = 1  # torch CPU threads of this worker
+    device: str = "cpu"  # fedclient --device: cpu unless --client-resources grants a GPU
+    precision: str = "fp32"  # fedclient --precision
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class VirtualClients:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.task: Task = load_object(spec.task)
+        configure(self.task, spec.device, spec.precision)
         self.model: Any = self.task.build_model()
         self._base: tuple[str, FlatModel] | None = None
 
@@ -135,7 +139,7 @@ class VirtualClients:
         sent = Selection.of_names(floats, names) if names else Selection.everything(floats)
         data = self._data(client_index(cid))
         result, vector = local_update(self.task, self.model, data, base, config, sent)
-        codec = get_codec(self.spec.encoding or cfg.encoding or "fp32")
+        codec = get_codec(self.spec.encoding or cfg.encoding or "fp32").bind(sent.manifest)
         # Stateless: encode without error feedback (a fresh ErrorFeedback each round).
         payload = codec.encode(privatize(sent.extract(vector), config.extra))
         update, digest = update_header(

@@ -1,7 +1,7 @@
 """What every update encoding is: a Codec (encode / streaming decode) yielding Pieces.
 
-The base types only, so that codecs.py (the registry of encodings) and he.py (the CKKS
-encoding) can both build on them without importing each other.
+The base types and the stream decoders codecs share, so that codecs.py (the registry of
+encodings), codec_int4.py and he.py (the CKKS encoding) build on them without import cycles.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcore.tensors import Manifest
+from fedcore.tensors import Manifest, ManifestError, bfloat16_bits_to_float32
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,12 @@ class Codec(ABC):
     @abstractmethod
     def decoder(self, num_values: int) -> StreamDecoder: ...
 
+    def bind(self, floats: Manifest) -> Codec:
+        """This codec for one model's float tensors (or for their wire manifest: the same
+        answer). Itself, unless its wire format follows the tensors' dtypes: fp32 sends a
+        bfloat16 or float16 tensor at its own dtype, so encode/decode must know where each is."""
+        return self
+
     def max_bytes(self, num_values: int) -> int | None:
         """For encodings whose size varies (ciphertexts): the most an update may take.
         None: the size is exactly wire_manifest(...).total_bytes."""
@@ -68,3 +74,76 @@ class Codec(ABC):
                 out[piece.indices] = piece.values
         decoder.finish()
         return out
+
+
+class FixedWidthDecoder(StreamDecoder):
+    """Values of one fixed-width little-endian dtype back to back; carries split values."""
+
+    def __init__(
+        self, dtype: np.dtype, num_values: int, as_float32: bool = True, bf16: bool = False
+    ) -> None:
+        self.dtype = dtype
+        self.as_float32 = as_float32
+        self.bf16 = bf16  # uint16 storage holding bfloat16 bit patterns
+        self.expected = num_values
+        self.decoded = 0
+        self._carry = b""
+
+    def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
+        if self._carry:
+            data = self._carry + bytes(data)
+        width = self.dtype.itemsize
+        usable = len(data) - len(data) % width
+        self._carry = bytes(data[usable:])
+        n = usable // width
+        if self.decoded + n > self.expected:
+            raise ManifestError(f"update carries more than the {self.expected} values declared")
+        if n:
+            values = np.frombuffer(data, dtype=self.dtype, count=n)
+            if self.bf16:
+                values = bfloat16_bits_to_float32(values)
+            elif self.as_float32 and values.dtype != np.float32:
+                values = values.astype(np.float32)
+            yield Piece(self.decoded, values)
+            self.decoded += n
+
+    def finish(self) -> None:
+        if self._carry or self.decoded != self.expected:
+            raise ManifestError(
+                f"update stream ended after {self.decoded} of {self.expected} values (truncated)"
+            )
+
+
+class TwoPartDecoder(StreamDecoder):
+    """A small header array (kept whole, O(values / block)) followed by streamed values."""
+
+    def __init__(self, head_dtype: str, head_count: int, dtype: str, num_values: int) -> None:
+        self.head_dtype = np.dtype(head_dtype)
+        self.head_bytes = head_count * self.head_dtype.itemsize
+        self._head = bytearray()
+        self.head: np.ndarray | None = None
+        self.values = FixedWidthDecoder(np.dtype(dtype), num_values, as_float32=False)
+
+    def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
+        data = memoryview(data).cast("B")
+        if self.head is None:
+            take = self.head_bytes - len(self._head)
+            self._head += data[:take]
+            data = data[take:]
+            if len(self._head) < self.head_bytes:
+                return
+            self.head = np.frombuffer(bytes(self._head), dtype=self.head_dtype)
+            self._check_head(self.head)
+        for piece in self.values.feed(data):
+            yield self._piece(piece)
+
+    def finish(self) -> None:
+        if self.head is None:
+            raise ManifestError("update stream ended inside its header part (truncated)")
+        self.values.finish()
+
+    def _check_head(self, head: np.ndarray) -> None:
+        pass
+
+    @abstractmethod
+    def _piece(self, raw: Piece) -> Piece: ...

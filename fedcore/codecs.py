@@ -8,63 +8,143 @@ align with values) and gets dense float32 pieces to fold into its accumulator.
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
 from collections.abc import Iterator
 
 import numpy as np
 
-from fedcore.codec_base import Codec, Piece, StreamDecoder
+from fedcore.codec_base import Codec, FixedWidthDecoder, Piece, StreamDecoder, TwoPartDecoder
+from fedcore.codec_int4 import Int4Codec
 from fedcore.he import CKKSCodec
 from fedcore.limits import excerpt
-from fedcore.tensors import Manifest, ManifestError, TensorSpec
+from fedcore.tensors import (
+    Manifest,
+    ManifestError,
+    TensorSpec,
+    float32_to_bfloat16_bits,
+)
 
-__all__ = ["CODECS", "Codec", "ErrorFeedback", "Piece", "StreamDecoder", "get_codec"]
+__all__ = [
+    "CODECS",
+    "Codec",
+    "ErrorFeedback",
+    "Int4Codec",
+    "Piece",
+    "StreamDecoder",
+    "get_codec",
+]
 
 
-class _FixedWidthDecoder(StreamDecoder):
-    """Values of one fixed-width little-endian dtype back to back; carries split values."""
+# A float tensor's dtype on the wire under fp32: bfloat16 and float16 tensors travel as
+# themselves (upcasting them would double the bytes for no precision the model can keep),
+# everything else (float32, float64) as float32. Value: (numpy storage, is bfloat16).
+_HALF = {"float16": ("<f2", False), "bfloat16": ("<u2", True)}
+_F16_MAX = float(np.finfo(np.float16).max)
 
-    def __init__(self, dtype: np.dtype, num_values: int, as_float32: bool = True) -> None:
-        self.dtype = dtype
-        self.as_float32 = as_float32
-        self.expected = num_values
-        self.decoded = 0
-        self._carry = b""
 
-    def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
-        if self._carry:
-            data = self._carry + bytes(data)
-        width = self.dtype.itemsize
-        usable = len(data) - len(data) % width
-        self._carry = bytes(data[usable:])
-        n = usable // width
-        if self.decoded + n > self.expected:
-            raise ManifestError(f"update carries more than the {self.expected} values declared")
-        if n:
-            values = np.frombuffer(data, dtype=self.dtype, count=n)
-            if self.as_float32 and values.dtype != np.float32:
-                values = values.astype(np.float32)
-            yield Piece(self.decoded, values)
-            self.decoded += n
-
-    def finish(self) -> None:
-        if self._carry or self.decoded != self.expected:
-            raise ManifestError(
-                f"update stream ended after {self.decoded} of {self.expected} values (truncated)"
-            )
+def _native(floats: Manifest) -> Manifest:
+    return Manifest(
+        tuple(
+            t if t.dtype in _HALF else TensorSpec(t.name, "float32", t.shape)
+            for t in floats.tensors
+        )
+    )
 
 
 class Float32Codec(Codec):
+    """Float32, or a half-precision tensor's own dtype (see _native): lossless for the model."""
+
     name = "fp32"
 
     def wire_manifest(self, floats: Manifest) -> Manifest:
-        return floats.with_dtype("float32")
+        return _native(floats)
+
+    def bind(self, floats: Manifest) -> Codec:
+        wire = _native(floats)
+        if all(t.dtype == "float32" for t in wire.tensors):
+            return self
+        return _NativeFloatCodec(wire)
 
     def encode(self, delta: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(delta, dtype="<f4").view(np.uint8)
 
     def decoder(self, num_values: int) -> StreamDecoder:
-        return _FixedWidthDecoder(np.dtype("<f4"), num_values)
+        return FixedWidthDecoder(np.dtype("<f4"), num_values)
+
+
+class _NativeFloatCodec(Float32Codec):
+    """fp32 bound to a model with bfloat16/float16 tensors: runs of equal dtype, in order."""
+
+    def __init__(self, wire: Manifest) -> None:
+        self.runs: list[tuple[str, int, int]] = []  # (dtype, first value, count)
+        pos = 0
+        for t in wire.tensors:
+            if self.runs and self.runs[-1][0] == t.dtype:
+                dtype, start, count = self.runs[-1]
+                self.runs[-1] = (dtype, start, count + t.numel)
+            else:
+                self.runs.append((t.dtype, pos, t.numel))
+            pos += t.numel
+        self.num_values = pos
+
+    def encode(self, delta: np.ndarray) -> np.ndarray:
+        x = np.asarray(delta, dtype=np.float32)
+        if x.size != self.num_values:
+            raise ValueError(f"delta has {x.size} values, the model's floats {self.num_values}")
+        parts = []
+        for dtype, start, count in self.runs:
+            part = x[start : start + count]
+            if dtype == "bfloat16":
+                parts.append(float32_to_bfloat16_bits(part).astype("<u2").view(np.uint8))
+            elif dtype == "float16":
+                parts.append(np.clip(part, -_F16_MAX, _F16_MAX).astype("<f2").view(np.uint8))
+            else:
+                parts.append(np.ascontiguousarray(part, dtype="<f4").view(np.uint8))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+
+    def decoder(self, num_values: int) -> StreamDecoder:
+        if num_values != self.num_values:
+            raise ManifestError(f"{num_values} values declared, the model has {self.num_values}")
+        return _RunsDecoder(self.runs)
+
+
+class _RunsDecoder(StreamDecoder):
+    """Consecutive fixed-width runs (float32 / float16 / bfloat16), each decoded as it streams."""
+
+    def __init__(self, runs: list[tuple[str, int, int]]) -> None:
+        self.runs = runs
+        self.index = 0
+        self.current = self._open(0)
+
+    def _open(self, index: int) -> FixedWidthDecoder | None:
+        if index >= len(self.runs):
+            return None
+        dtype, _, count = self.runs[index]
+        storage, bf16 = _HALF.get(dtype, ("<f4", False))
+        return FixedWidthDecoder(np.dtype(storage), count, bf16=bf16)
+
+    def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
+        view = memoryview(data).cast("B")
+        while True:
+            run = self.current
+            if run is None:
+                if len(view):
+                    raise ManifestError("update carries more bytes than its manifest declares")
+                return
+            start = self.runs[self.index][1]
+            wanted = (run.expected - run.decoded) * run.dtype.itemsize - len(run._carry)
+            for piece in run.feed(view[:wanted]):
+                yield Piece(start + piece.offset, piece.values)
+            view = view[wanted:]
+            if run.decoded < run.expected:
+                return  # the rest of this run is in the next chunk
+            run.finish()
+            self.index += 1
+            self.current = self._open(self.index)
+
+    def finish(self) -> None:
+        if self.current is not None:
+            self.current.finish()  # names how far the stream got
+            raise ManifestError("update stream ended before its last tensors (truncated)")
 
 
 class MaskedRingCodec(Codec):
@@ -86,59 +166,23 @@ class MaskedRingCodec(Codec):
         return np.ascontiguousarray(delta, dtype="<u8").view(np.uint8)
 
     def decoder(self, num_values: int) -> StreamDecoder:
-        return _FixedWidthDecoder(np.dtype("<u8"), num_values, as_float32=False)
+        return FixedWidthDecoder(np.dtype("<u8"), num_values, as_float32=False)
 
 
 class Float16Codec(Codec):
     """Half precision: half the bytes; values beyond float16's range are clipped, not inf."""
 
     name = "fp16"
-    _MAX = float(np.finfo(np.float16).max)
 
     def wire_manifest(self, floats: Manifest) -> Manifest:
         return floats.with_dtype("float16")
 
     def encode(self, delta: np.ndarray) -> np.ndarray:
-        clipped = np.clip(delta, -self._MAX, self._MAX)
+        clipped = np.clip(delta, -_F16_MAX, _F16_MAX)
         return clipped.astype("<f2").view(np.uint8)
 
     def decoder(self, num_values: int) -> StreamDecoder:
-        return _FixedWidthDecoder(np.dtype("<f2"), num_values)
-
-
-class _TwoPartDecoder(StreamDecoder):
-    """A small header array (kept whole, O(values / block)) followed by streamed values."""
-
-    def __init__(self, head_dtype: str, head_count: int, dtype: str, num_values: int) -> None:
-        self.head_dtype = np.dtype(head_dtype)
-        self.head_bytes = head_count * self.head_dtype.itemsize
-        self._head = bytearray()
-        self.head: np.ndarray | None = None
-        self.values = _FixedWidthDecoder(np.dtype(dtype), num_values, as_float32=False)
-
-    def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
-        data = memoryview(data).cast("B")
-        if self.head is None:
-            take = self.head_bytes - len(self._head)
-            self._head += data[:take]
-            data = data[take:]
-            if len(self._head) < self.head_bytes:
-                return
-            self.head = np.frombuffer(bytes(self._head), dtype=self.head_dtype)
-            self._check_head(self.head)
-        for piece in self.values.feed(data):
-            yield self._piece(piece)
-
-    def finish(self) -> None:
-        if self.head is None:
-            raise ManifestError("update stream ended inside its header part (truncated)")
-        self.values.finish()
-
-    def _check_head(self, head: np.ndarray) -> None:
-        pass
-
-    @abstractmethod
-    def _piece(self, raw: Piece) -> Piece: ...
+        return FixedWidthDecoder(np.dtype("<f2"), num_values)
 
 
 class Int8Codec(Codec):
@@ -177,7 +221,7 @@ class Int8Codec(Codec):
     def decoder(self, num_values: int) -> StreamDecoder:
         codec = self
 
-        class _Decoder(_TwoPartDecoder):
+        class _Decoder(TwoPartDecoder):
             def _piece(self, raw: Piece) -> Piece:
                 assert self.head is not None
                 first, last = raw.offset // codec.BLOCK, (raw.offset + raw.values.size - 1)
@@ -228,7 +272,7 @@ class TopKCodec(Codec):
         return np.concatenate([top.view(np.uint8), x[top].astype("<f4").view(np.uint8)])
 
     def decoder(self, num_values: int) -> StreamDecoder:
-        class _Decoder(_TwoPartDecoder):
+        class _Decoder(TwoPartDecoder):
             def _check_head(self, head: np.ndarray) -> None:
                 if head.size and (
                     head[0] < 0 or head[-1] >= num_values or np.any(np.diff(head) <= 0)
@@ -264,7 +308,15 @@ class ErrorFeedback:
 
 
 CODECS: dict[str, Codec] = {
-    c.name: c for c in (Float32Codec(), Float16Codec(), Int8Codec(), TopKCodec(), MaskedRingCodec())
+    c.name: c
+    for c in (
+        Float32Codec(),
+        Float16Codec(),
+        Int8Codec(),
+        Int4Codec(),
+        TopKCodec(),
+        MaskedRingCodec(),
+    )
 }
 
 

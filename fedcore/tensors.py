@@ -179,7 +179,7 @@ class FlatModel:
         spec = self.manifest.spec(name)
         raw = self.raw(name)
         if spec.dtype == "bfloat16":
-            return (raw.astype(np.uint32) << 16).view(np.float32)
+            return bfloat16_bits_to_float32(raw)
         return raw.astype(np.float32)
 
     def assign_float32(self, name: str, values: np.ndarray) -> None:
@@ -201,6 +201,11 @@ class FlatModel:
 
     def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[memoryview]:
         return iter_chunks(self.buffer, chunk_size)
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32, exactly (a bfloat16 is a truncated float32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:

@@ -117,6 +117,7 @@ class UpdateIntake:
             raise BadUpdate(str(e), reason="bad_checksum") from None
         self.protocol.check_encoding(h.encoding)
         expected, selection = self._expected_manifest(h, codec)
+        codec = codec.bind(expected)  # fp32 of a bfloat16/float16 model: each at its own dtype
         if h.manifest != expected:
             raise BadUpdate(manifest_difference(h.manifest, expected), reason="bad_manifest")
         most = codec.max_bytes(sum(t.numel for t in expected.tensors))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from fedcore import checksums
+from fedcore.codecs import get_codec
 from fedcore.files import read_safetensors
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
@@ -209,6 +210,37 @@ def test_unknown_checksum_algorithm(live: Live) -> None:
     payload = delta_bytes(live)
     code, msg = refused(live, stream(update(live, payload, checksum="md5"), payload))
     assert code == INVALID and "unknown update checksum 'md5'" in msg and "blake3" in msg
+
+
+@pytest.mark.parametrize("scale", [np.nan, np.inf, -1.0])
+def test_int4_bad_block_scale(live: Live, scale: float) -> None:
+    codec = get_codec("int4")
+    floats = live.model.manifest.floats()
+    payload = codec.encode(np.full(float_vector(live.model).size, 0.01, dtype=np.float32))
+    payload[4:8] = np.frombuffer(np.array([scale], dtype="<f4").tobytes(), dtype=np.uint8)
+    header = update(
+        live,
+        payload.tobytes(),
+        encoding="int4",
+        manifest=manifest_to_proto(codec.wire_manifest(floats)),
+    )
+    code, msg = refused(live, stream(header, payload.tobytes()))
+    assert code == INVALID and "int4 block scales must be finite and >= 0" in msg
+
+
+def test_int4_truncated_and_oversized(live: Live) -> None:
+    codec = get_codec("int4")
+    floats = live.model.manifest.floats()
+    payload = codec.encode(np.full(float_vector(live.model).size, 0.01)).tobytes()
+    manifest = manifest_to_proto(codec.wire_manifest(floats))
+    header = update(live, payload, encoding="int4", manifest=manifest)
+    code, msg = refused(live, stream(header, payload[:-3]))
+    assert code == INVALID and "truncated" in msg
+    code, msg = refused(live, stream(header, payload + b"\x88"))  # more than declared
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds" in msg
+    wrong = update(live, payload + b"\x88", encoding="int4", manifest=manifest)
+    code, msg = refused(live, stream(wrong, payload + b"\x88"))
+    assert code == INVALID and "int4 update of this model has" in msg
 
 
 def test_valid_update_after_all_refusals_is_exact(live: Live) -> None:

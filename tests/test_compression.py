@@ -1,4 +1,4 @@
-"""Lossy update encodings: fp16, int8 (per-block scale), top-k with error feedback."""
+"""Lossy update encodings: fp16, int8 and int4 (per-block scale), top-k with error feedback."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fedcore.codecs import ErrorFeedback, Int8Codec, TopKCodec, get_codec
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
 from fedserver.aggregate import Accumulator, UpdateReceiver, UpdateSpool
 
-FLOATS = Manifest((TensorSpec("w", "float32", (40, 25)), TensorSpec("b", "float16", (7,))))
+FLOATS = Manifest((TensorSpec("w", "float32", (40, 25)), TensorSpec("b", "float64", (7,))))
 N = 1007
 
 
@@ -41,7 +41,13 @@ def _streamed(name: str, payload: np.ndarray, cuts: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("name", "ratio", "tolerance"),
-    [("fp32", 1.0, 0.0), ("fp16", 0.5, 2e-3), ("int8", 0.254, 0.02), ("topk", 0.2, None)],
+    [
+        ("fp32", 1.0, 0.0),
+        ("fp16", 0.5, 2e-3),
+        ("int8", 0.254, 0.02),
+        ("int4", 0.141, 0.15),
+        ("topk", 0.2, None),
+    ],
 )
 def test_wire_size_and_reconstruction(name: str, ratio: float, tolerance: float | None) -> None:
     codec = get_codec(name)
@@ -61,7 +67,7 @@ def test_wire_size_and_reconstruction(name: str, ratio: float, tolerance: float 
 
 
 @given(
-    st.sampled_from(["fp16", "int8", "topk", "topk:0.01"]),
+    st.sampled_from(["fp16", "int8", "int4", "topk", "topk:0.01"]),
     st.lists(st.integers(0, 10**6), max_size=6),
 )
 @settings(max_examples=60, deadline=None)
@@ -117,7 +123,7 @@ def test_bad_top_k_positions_and_names_are_refused() -> None:
     assert get_codec("topk:0.1").name == "topk" and get_codec("topk:0.02").name == "topk:0.02"
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "topk"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "topk"])
 def test_receiver_accumulator_and_spool_fold_what_the_codec_decodes(
     name: str, tmp_path: Path
 ) -> None:

@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedclient.flags import add_data_flags
+from fedclient.flags import add_data_flags, add_device_flags
 from fedcore.logs import setup_logging
 from fedserver import run_cli
 from fedserver.assembly import EXIT_USAGE, SetupError
@@ -120,7 +120,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     g.add_argument("--ray-temp-dir", help="local Ray only: its session files (Ray's /tmp/ray)")
 
-    add_data_flags(sim.add_argument_group("virtual clients (as `fedclient run`)"))
+    clients = sim.add_argument_group("virtual clients (as `fedclient run`)")
+    add_data_flags(clients)
+    add_device_flags(clients)
     run = _run_parser()
     left_out = _copy_actions(
         run, sim, lambda a, t: a.dest not in NETWORK_ONLY and t not in NETWORK_GROUPS
@@ -161,6 +163,11 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
     from fedserver.simulation.settings import RaySettings, parse_resources
 
     cpus, gpus = parse_resources(args.client_resources)
+    device = "cpu" if args.device == "auto" and gpus == 0 else args.device
+    if args.ray_address is None:  # local workers see this machine's devices: check them now
+        from fedclient.device import resolve_device
+
+        resolve_device(device)
     server = run_cli.server_settings(args)
     if args.clients_per_round is None and math.isclose(args.fraction_fit, 1.0):
         logging.getLogger("fedserver").info(
@@ -172,6 +179,10 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
         partitioner=args.partitioner,
         alpha=args.alpha,
         encoding=args.encoding,
+        # auto: the GPU --client-resources grants each worker (Ray sets its
+        # CUDA_VISIBLE_DEVICES), and the CPU when it grants none.
+        device=device,
+        precision=args.precision,
         ray=RaySettings(
             address=args.ray_address,
             cpus=cpus,

@@ -45,6 +45,8 @@ class SimSettings:
     partitioner: str = "iid"
     alpha: float = 0.5
     encoding: str = ""
+    device: str = "cpu"  # of the virtual clients (fedclient --device); cpu unless gpus > 0
+    precision: str = "fp32"
     ray: RaySettings = field(default_factory=RaySettings)
 
 
@@ -70,7 +72,14 @@ async def simulate(s: SimSettings) -> int:
         except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
             raise SetupError(f"cannot start or reach Ray: {e}") from None
         spec = VirtualSpec(
-            s.server.task, s.clients, s.partitioner, s.alpha, s.server.seed, s.encoding
+            s.server.task,
+            s.clients,
+            s.partitioner,
+            s.alpha,
+            s.server.seed,
+            s.encoding,
+            device=s.device,
+            precision=s.precision,
         )
         pool = workers.WorkerPool(spec, s.ray)
         alive = asyncio.create_task(seam.keep_alive(ids))  # virtual clients never go silent
