@@ -225,6 +225,30 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             header.round,
             header.total_bytes,
         )
+        # From here the stream holds an upload slot (its client's and one of all): whatever ends
+        # it (a refusal, the client cancelling, its deadline, a lost link, an error, the server
+        # stopping, or success) the `finally` gives it back; after `finish` that is a no-op.
+        try:
+            digest = await self._read_stream(request_iterator, header, pending)
+            await coordinator.settled()  # a buffer may have started being applied meanwhile
+            return finish(pending, digest)
+        except (BadUpdate, SubmitRefused) as e:
+            await context.abort(status_for(e), str(e), trailers_for(e))
+            raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            _log_broken_upload(header, pending.receiver.received, "connection lost")
+            raise
+        finally:
+            coordinator.abort_submit(pending)
+
+    async def _read_stream(
+        self,
+        request_iterator: AsyncIterator[pb.UpdateChunk],
+        header: SubmitHeader,
+        pending: PendingSubmit,
+    ) -> str:
+        """The data chunks into `pending`; returns the trailer's digest. Raises BadUpdate
+        (counted) for a malformed or truncated stream."""
         digest = None
         try:
             async for msg in request_iterator:
@@ -246,20 +270,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 raise BadUpdate("update stream ended without a trailer (truncated)", "truncated")
         except BadUpdate as e:
             _log_broken_upload(header, pending.receiver.received, str(e))
-            coordinator.abort_submit(pending)
-            coordinator.reject(e)
-            await context.abort(status_for(e), str(e))
-        except BaseException:
-            # Client went away (cancelled) or the server is stopping: nothing was counted.
-            _log_broken_upload(header, pending.receiver.received, "connection lost")
-            coordinator.abort_submit(pending)
-            raise
-        await coordinator.settled()
-        try:
-            return finish(pending, digest)
-        except (BadUpdate, SubmitRefused) as e:
-            await context.abort(status_for(e), str(e))
-            raise  # unreachable: abort raises
+            self.coordinator.abort_submit(pending)
+            raise self.coordinator.reject(e) from None
+        return digest
 
     def _max_update_tensors(self) -> int:
         """No update lists more tensors than the model has (codecs pack into 2 at least)."""
