@@ -16,9 +16,11 @@ from fedcore.selection import check_spec
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 from fedserver.async_rounds import AsyncPolicy
 from fedserver.coordinator import Coordinator
+from fedserver.downloads import DownloadLimits
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.fedeval import EvalPolicy
+from fedserver.limits import CallQueue
 from fedserver.messages import TrainingDefaults
 from fedserver.publishing import PROTOCOL_STATE
 from fedserver.rounds import RoundPolicy
@@ -56,6 +58,8 @@ class ServerSettings:
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     secagg_stage_timeout: float = 30.0
     buffering: AsyncPolicy | None = None  # --mode async: buffered asynchronous rounds
+    call_queue: CallQueue = field(default_factory=CallQueue)  # gRPC's, before authentication
+    downloads: DownloadLimits = field(default_factory=DownloadLimits)
 
 
 class SetupError(RuntimeError):

@@ -200,7 +200,7 @@ def _bounded_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Cal
             raise
         except Exception:
             log.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.UNKNOWN, UNEXPECTED)
+            await _abort_unexpected(context)
 
     return run
 
@@ -214,6 +214,13 @@ def _bounded_stream(behaviour: Callable[..., AsyncIterator[Any]], method: str) -
             raise
         except Exception:
             log.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.UNKNOWN, UNEXPECTED)
+            await _abort_unexpected(context)
 
     return run
+
+
+async def _abort_unexpected(context: grpc.aio.ServicerContext) -> None:
+    """UNKNOWN for an unexpected exception, unless a status was already sent or attempted
+    (aborting twice is gRPC's UsageError, logged with a second traceback by gRPC itself)."""
+    if not context.done():
+        await context.abort(grpc.StatusCode.UNKNOWN, UNEXPECTED)

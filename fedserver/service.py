@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -32,6 +32,13 @@ from fedcore.wire import (
 )
 from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
+from fedserver.downloads import (
+    DownloadLimits,
+    Downloads,
+    Stalled,
+    TooManyPulls,
+    end_stalled,
+)
 from fedserver.joinlog import JoinLog
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
 from fedserver.pacing import UploadPacer
@@ -52,7 +59,6 @@ from fedserver.rpc import (
 from fedserver.secure_service import HomomorphicRPCs, SecureAggregationRPCs
 
 log = logging.getLogger("fedserver.service")
-MAX_CONCURRENT_SENDS = 256
 
 _STATES = {
     "waiting_for_clients": pb.WAITING_FOR_CLIENTS,
@@ -63,14 +69,17 @@ _STATES = {
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        downloads: DownloadLimits | None = None,
+    ) -> None:
         self.coordinator = coordinator
         self.chunk_size = chunk_size
         self._manifest: tuple[str, pb.Manifest] | None = None  # (model version, its manifest)
-        # Model streams sending at once: each holds up to a flow-control window of framed
-        # chunks in gRPC's buffers; 10,000 selected clients pulling a 40 kB model together took
-        # the coordinator from 190 MB to 1 GB. The others wait their turn inside their pull.
-        self._senders = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
+        # Per-client open downloads, send slots, stalled writes (fedserver/downloads.py).
+        self.downloads = Downloads(downloads or DownloadLimits())
         # The round protocol's own stages: served if it has them, refused otherwise.
         protocol = coordinator.protocol
         self.secagg = SecureAggregationRPCs(protocol)
@@ -135,23 +144,42 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def GetGlobalModel(
         self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelChunk]:
+    ) -> None:
         await check_request(context, request)
+        try:
+            held = self.downloads.pull(request.client_id)
+        except TooManyPulls as e:
+            self.coordinator.reject(e)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        with held:  # counts against its client until it ends, however it ends
+            await self._pull(request, context)
+
+    async def _pull(
+        self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
         offer = await self.coordinator.poll(request.client_id, request.known_version, wait)
-        yield pb.ModelChunk(header=self._header(offer))
+        await context.write(pb.ModelChunk(header=self._header(offer)))
         if not offer.send_bytes:
             return
         if offer.selected:
             await self.pacer.before_send(request.client_id, offer.round)
-        async with self._senders:
-            # Framed straight from the model buffer: one copy per chunk into a ready-to-send
-            # message (gRPC copies it once more into its send buffer), no protobuf round trips.
-            # Caching the framed chunks per version would save that copy (~2% of a round) at
-            # the price of a second model-sized buffer; memory is the scarcer resource.
-            for chunk in iter_chunks(offer.model.buffer, self.chunk_size):
-                yield data_message(chunk)
-                self.coordinator.metrics.sent(len(chunk))
+        try:
+            await self.downloads.send(context, self._framed(offer.model.buffer))
+        except Stalled as e:
+            # The peer stopped reading: its send slot is free again (one line, no traceback).
+            self.coordinator.reject(e)
+            log.info("model download to %s dropped: %s", request.client_id, e)
+            await end_stalled(context, str(e))
+
+    def _framed(self, buffer: memoryview) -> Iterator[bytes]:
+        """Framed straight from the model buffer: one copy per chunk into a ready-to-send
+        message (gRPC copies it once more into its send buffer), no protobuf round trips.
+        Caching the framed chunks per version would save that copy (~2% of a round) at the
+        price of a second model-sized buffer; memory is the scarcer resource."""
+        for chunk in iter_chunks(buffer, self.chunk_size):
+            yield data_message(chunk)
+            self.coordinator.metrics.sent(len(chunk))  # asked for the next: this one went out
 
     def _header(self, offer: Offer) -> pb.ModelHeader:
         cfg = offer.config
