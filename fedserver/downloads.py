@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-
-log = logging.getLogger("fedserver.downloads")
 
 MAX_CONCURRENT_SENDS = 256
 MAX_PULLS_PER_CLIENT = 2
@@ -104,17 +101,3 @@ class Downloads:
                         f"model download stalled: no progress for {timeout:g} s "
                         "(the coordinator's --send-stall-timeout); pull the model again"
                     ) from None
-
-
-async def end_stalled(context: grpc.aio.ServicerContext, message: str) -> None:
-    """End a stalled download with DEADLINE_EXCEEDED. gRPC either queues the status behind the
-    bytes it already holds (this call then waits until the peer reads them or goes away, still
-    counted against its client) or fails the status batch because the stream cannot take it
-    now; both end the call, the second one without a status to send (and without a traceback:
-    gRPC finishes a call whose abort was attempted quietly)."""
-    try:
-        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
-    except grpc.aio.AbortError:
-        raise
-    except Exception as e:  # ExecuteBatchError: the stream is already gone or cannot take it
-        log.debug("status of a stalled download not sent: %s", e)

@@ -37,7 +37,6 @@ from fedserver.downloads import (
     Downloads,
     Stalled,
     TooManyPulls,
-    end_stalled,
 )
 from fedserver.joinlog import JoinLog
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
@@ -168,9 +167,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self.downloads.send(context, self._framed(offer.model.buffer))
         except Stalled as e:
             # The peer stopped reading: its send slot is free again (one line, no traceback).
+            # (One line: the refusal's. If the peer is gone, gRPC ends the call as cancelled.)
             self.coordinator.reject(e)
-            log.info("model download to %s dropped: %s", request.client_id, e)
-            await end_stalled(context, str(e))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
 
     def _framed(self, buffer: memoryview) -> Iterator[bytes]:
         """Framed straight from the model buffer: one copy per chunk into a ready-to-send
@@ -296,8 +295,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     raise BadUpdate("empty UpdateChunk", "bad_stream")
             if digest is None:
                 raise BadUpdate("update stream ended without a trailer (truncated)", "truncated")
-        except BadUpdate as e:
-            _log_broken_upload(header, pending.receiver.received, str(e))
+        except BadUpdate as e:  # logged as the refusal (one line)
             self.coordinator.abort_submit(pending)
             raise self.coordinator.reject(e) from None
         return digest

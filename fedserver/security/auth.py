@@ -186,7 +186,7 @@ async def _check(
         auth.authorize(identity, method, message)
         return identity
     except Denied as e:
-        log.warning("%s refused (%s): %s [peer %s]", method, e.code.name, e, context.peer())
+        # Logged (one line, with the peer) by the BoundedContext that aborts the call.
         if auth.on_denied is not None:
             auth.on_denied(method, e.code)
         await context.abort(e.code, str(e))
