@@ -20,10 +20,11 @@ from fedserver.coordinator import Coordinator
 from fedserver.joinlog import JoinLog
 from fedserver.limits import OpenFilesWatch, raise_open_files_limit, tune_garbage_collector
 from fedserver.progress import show_progress
+from fedserver.registration import add_to_server
 from fedserver.rpc import BoundedReplies, LenientDecoding
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
-from fedserver.service import CoordinatorService, add_to_server
+from fedserver.service import CoordinatorService
 
 log = logging.getLogger("fedserver")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name

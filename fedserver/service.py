@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -22,22 +22,14 @@ from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
 from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, iter_chunks
+from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError
 from fedcore.wire import (
-    data_message,
     manifest_from_proto,
     manifest_to_proto,
-    parse_update_chunk,
-    serialize_message,
 )
 from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
-from fedserver.downloads import (
-    DownloadLimits,
-    Downloads,
-    Stalled,
-    TooManyPulls,
-)
+from fedserver.downloads import DownloadLimits, Downloads, framed
 from fedserver.joinlog import JoinLog
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
 from fedserver.pacing import UploadPacer
@@ -78,11 +70,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.chunk_size = chunk_size
         self._manifest: tuple[str, pb.Manifest] | None = None  # (model version, its manifest)
         # Per-client open downloads, send slots, stalled writes (fedserver/downloads.py).
-        self.downloads = Downloads(downloads or DownloadLimits())
+        self.downloads = Downloads(downloads or DownloadLimits(), coordinator.reject)
         # The round protocol's own stages: served if it has them, refused otherwise.
         protocol = coordinator.protocol
         self.secagg = SecureAggregationRPCs(protocol)
-        self.he = HomomorphicRPCs(protocol, self._receive, coordinator.metrics, chunk_size)
+        self.he = HomomorphicRPCs(
+            protocol, self._receive, coordinator.metrics, chunk_size, self.downloads
+        )
         self.joins = JoinLog()
         self.pacer = UploadPacer()
 
@@ -121,9 +115,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def GetEncryptedAggregate(
         self, request: pb.EncryptedAggregateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelChunk]:
-        async for message in self.he.GetEncryptedAggregate(request, context):
-            yield message
+    ) -> None:
+        await self.he.GetEncryptedAggregate(request, context)
 
     async def Join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
@@ -145,12 +138,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
     ) -> None:
         await check_request(context, request)
-        try:
-            held = self.downloads.pull(request.client_id)
-        except TooManyPulls as e:
-            self.coordinator.reject(e)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        with held:  # counts against its client until it ends, however it ends
+        with await self.downloads.open(context, request.client_id):  # until it ends, however
             await self._pull(request, context)
 
     async def _pull(
@@ -163,22 +151,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         if offer.selected:
             await self.pacer.before_send(request.client_id, offer.round)
-        try:
-            await self.downloads.send(context, self._framed(offer.model.buffer))
-        except Stalled as e:
-            # The peer stopped reading: its send slot is free again (one line, no traceback).
-            # (One line: the refusal's. If the peer is gone, gRPC ends the call as cancelled.)
-            self.coordinator.reject(e)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-
-    def _framed(self, buffer: memoryview) -> Iterator[bytes]:
-        """Framed straight from the model buffer: one copy per chunk into a ready-to-send
-        message (gRPC copies it once more into its send buffer), no protobuf round trips.
-        Caching the framed chunks per version would save that copy (~2% of a round) at the
-        price of a second model-sized buffer; memory is the scarcer resource."""
-        for chunk in iter_chunks(buffer, self.chunk_size):
-            yield data_message(chunk)
-            self.coordinator.metrics.sent(len(chunk))  # asked for the next: this one went out
+        await self.downloads.stream(
+            context, framed(offer.model.buffer, self.chunk_size, self.coordinator.metrics)
+        )
 
     def _header(self, offer: Offer) -> pb.ModelHeader:
         cfg = offer.config
@@ -229,7 +204,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """Read one header/data/trailer stream: `begin` checks the header, `finish` the whole
         stream; both count their own refusals."""
         coordinator = self.coordinator
-        # Data chunks arrive as memoryviews of the received bytes (see add_to_server).
+        # Data chunks arrive as memoryviews of the received bytes (see registration.add_to_server).
         first = await anext(aiter(request_iterator), ...)  # ... = the stream was empty
         try:
             if first is None:
@@ -361,40 +336,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         reply.rounds.extend(reversed(summaries))
         reply.rounds_omitted = total - len(summaries)
         return reply
-
-
-def add_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:
-    """Register the service like the generated add_CoordinatorServicer_to_server, with
-    serializers swapped for copy-free ones: GetGlobalModel and GetEncryptedAggregate may yield
-    pre-serialized bytes, and SubmitUpdate's and SubmitDecryption's data chunks are delivered as
-    views of the received message. Every other RPC
-    (including ones added to the proto later) keeps its generated handler."""
-
-    class _Capture:
-        name = ""
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-        def add_generic_rpc_handlers(self, handlers: object) -> None:
-            pass
-
-        def add_registered_method_handlers(
-            self, name: str, handlers: dict[str, grpc.RpcMethodHandler]
-        ) -> None:
-            self.name, self.handlers = name, dict(handlers)
-
-    capture = _Capture()
-    pb_grpc.add_CoordinatorServicer_to_server(service, capture)
-    handlers = capture.handlers
-    for name in ("GetGlobalModel", "GetEncryptedAggregate"):
-        handlers[name] = handlers[name]._replace(  # type: ignore[attr-defined]
-            response_serializer=serialize_message
-        )
-    for name in ("SubmitUpdate", "SubmitDecryption"):
-        handlers[name] = handlers[name]._replace(  # type: ignore[attr-defined]
-            request_deserializer=parse_update_chunk
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
-    server.add_registered_method_handlers(capture.name, handlers)
 
 
 def _log_broken_upload(header: SubmitHeader, received: int, why: str) -> None:
