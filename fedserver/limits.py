@@ -15,6 +15,7 @@ import argparse
 import gc
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedserver.downloads import (
@@ -130,40 +131,45 @@ class CallQueue:
         )
 
 
-def add_limit_arguments(run: argparse.ArgumentParser) -> None:
-    """The flags of the limits above and of fedserver/downloads.py (docs/reliability.md)."""
+def add_limit_arguments(
+    run: argparse.ArgumentParser,
+    positive_int: Callable[[str], int],
+    positive_float: Callable[[str], float],
+) -> None:
+    """The flags of the limits above and of fedserver/downloads.py (docs/reliability.md),
+    checked by run_cli's converters like every other flag."""
     g = run.add_argument_group("connection limits (docs/reliability.md, Limits)")
     g.add_argument(
         "--max-queued-calls",
-        type=int,
+        type=positive_int,
         default=MAX_QUEUED_CALLS,
         help="calls gRPC holds before the coordinator picks them up (and before "
         f"authentication); beyond this new calls are refused ({MAX_QUEUED_CALLS})",
     )
     g.add_argument(
         "--queued-call-timeout",
-        type=int,
+        type=positive_int,
         default=QUEUED_CALL_TIMEOUT,
         metavar="SECONDS",
         help=f"a call queued this long is refused; the client retries ({QUEUED_CALL_TIMEOUT})",
     )
     g.add_argument(
         "--max-model-sends",
-        type=int,
+        type=positive_int,
         default=MAX_CONCURRENT_SENDS,
         help="model downloads sending bytes at once; the others wait their turn "
         f"({MAX_CONCURRENT_SENDS})",
     )
     g.add_argument(
         "--max-pulls-per-client",
-        type=int,
+        type=positive_int,
         default=MAX_PULLS_PER_CLIENT,
         help="model downloads (GetGlobalModel) one client may have open at once; more are "
         f"refused with RESOURCE_EXHAUSTED ({MAX_PULLS_PER_CLIENT})",
     )
     g.add_argument(
         "--send-stall-timeout",
-        type=float,
+        type=positive_float,
         default=SEND_STALL_TIMEOUT,
         metavar="SECONDS",
         help="a model download whose next chunk cannot be written for this long (the client "

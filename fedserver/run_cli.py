@@ -209,7 +209,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         default=30.0,
         help="seconds each secure-aggregation stage waits for slow clients (30)",
     )
-    add_limit_arguments(run)
+    add_limit_arguments(run, positive_int, _positive_float)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument(
         "--log-format",
