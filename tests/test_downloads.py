@@ -1,7 +1,8 @@
 """One client identity cannot hold the model downloads of everyone else: at most
 --max-pulls-per-client open at once (RESOURCE_EXHAUSTED beyond), and a download that stops
-reading loses its send slot after --send-stall-timeout. A real coordinator with a 4.9 MB model
-and the send slots lowered to 2; an attacker that reads only the header of each stream."""
+reading loses its send slot after --send-stall-timeout. A real coordinator with a 4.9 MB model,
+bearer tokens (the identity is the token's name) and the send slots lowered to 2; an attacker
+that reads only the header of each stream."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import pytest
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.security import TOKEN_METADATA, TOKEN_SCHEME
 from fedcore.wire import CHANNEL_OPTIONS
+from fedserver.security.tokens import add_token
 from tests.procs import Proc, free_port, start_coordinator, wait_serving
 from tests.raw_client import pull
 
@@ -29,6 +32,9 @@ STREAMS = 20
 def test_one_identity_opening_many_stalled_pulls_cannot_stall_an_honest_client(
     tmp_path: Path, procs: list[Proc]
 ) -> None:
+    tokens = tmp_path / "tokens.json"
+    as_attacker = [(TOKEN_METADATA, TOKEN_SCHEME + add_token(tokens, "attacker"))]
+    as_honest = [(TOKEN_METADATA, TOKEN_SCHEME + add_token(tokens, "honest"))]
     port = free_port()
     server = start_coordinator(
         tmp_path / "logs",
@@ -36,7 +42,7 @@ def test_one_identity_opening_many_stalled_pulls_cannot_stall_an_honest_client(
         tmp_path / "state",
         *("--min-clients", "2", "--rounds", "1", "--round-timeout", "600"),
         *("--max-model-sends", "2", "--max-pulls-per-client", "2"),
-        *("--send-stall-timeout", "2"),
+        *("--send-stall-timeout", "2", "--tokens", str(tokens)),
         task="tests.big_task:task",
     )
     procs.append(server)
@@ -47,15 +53,15 @@ def test_one_identity_opening_many_stalled_pulls_cannot_stall_an_honest_client(
         grpc.insecure_channel(address, options=[*CHANNEL_OPTIONS, OWN_CONNECTION]) as good,
     ):
         attacker, honest = pb_grpc.CoordinatorStub(bad), pb_grpc.CoordinatorStub(good)
-        attacker.Join(pb.JoinRequest(client_id="attacker"), timeout=30)
-        honest.Join(pb.JoinRequest(client_id="honest"), timeout=30)
+        attacker.Join(pb.JoinRequest(client_id="attacker"), timeout=30, metadata=as_attacker)
+        honest.Join(pb.JoinRequest(client_id="honest"), timeout=30, metadata=as_honest)
 
         # Open streams, read each one's header and never read on: two are served (and stall),
         # the rest are refused at once.
         request = pb.GetGlobalModelRequest(client_id="attacker", wait_seconds=30)
         held, refused = [], []
         for _ in range(STREAMS):
-            call = attacker.GetGlobalModel(request, timeout=240)
+            call = attacker.GetGlobalModel(request, timeout=240, metadata=as_attacker)
             try:
                 first = next(call)
             except grpc.RpcError as e:
@@ -72,11 +78,11 @@ def test_one_identity_opening_many_stalled_pulls_cannot_stall_an_honest_client(
 
         # The honest client gets the whole model, exact (the assembler checks its version),
         # once the stalled streams lost their send slots.
-        header, model = pull(honest, "honest", wait_seconds=30, timeout=120)
+        header, model = pull(honest, "honest", wait_seconds=30, timeout=120, metadata=as_honest)
         assert header.selected and model is not None
         assert model.version == header.model_version
 
-        status = honest.GetStatus(pb.GetStatusRequest(), timeout=30)
+        status = honest.GetStatus(pb.GetStatusRequest(), timeout=30, metadata=as_honest)
         assert status.rejections["too_many_pulls"] == STREAMS - 2
         assert status.rejections["download_stalled"] >= 1
         for call in held:

@@ -21,6 +21,7 @@ the coordinator (in particular it never marks the caller live).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -205,6 +206,15 @@ def _wrap(h: grpc.RpcMethodHandler, method: str, auth: Authenticator) -> grpc.Rp
             return await h.unary_unary(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, **kw)
+    if h.unary_stream and inspect.iscoroutinefunction(h.unary_stream):
+        # gRPC's writer API (the handler calls context.write itself: model downloads, whose
+        # writes are timed in fedserver/downloads.py); gRPC tells the kinds apart by the
+        # outermost function, so the wrapper must be a coroutine function too.
+        async def unary_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await _check(auth, method, context, request)
+            await h.unary_stream(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(unary_writer, **kw)
     if h.unary_stream:
 
         async def unary_stream(
