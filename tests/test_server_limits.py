@@ -10,6 +10,7 @@ import pytest
 
 from fedcore.config import parse_layered
 from fedserver.cli import build_parser
+from fedserver.downloads import DownloadLimits, Downloads, TooManyPulls
 from fedserver.limits import CallQueue
 from fedserver.run_cli import server_settings
 from fedserver.server import SERVER_OPTIONS
@@ -69,3 +70,16 @@ def test_out_of_range_limits_are_usage_errors(
         parse_layered(build_parser(), ["run", "--task", TASK, flag, value], "server")
     err = capsys.readouterr().err
     assert flag in err and message in err
+
+
+def test_download_counts_are_per_client_and_leave_no_zero_entries() -> None:
+    refused: list[Exception] = []
+    downloads = Downloads(DownloadLimits(pulls_per_client=2), refused.append)
+    with downloads.pull("a"), downloads.pull("a"), downloads.pull("b"):
+        assert dict(downloads.pulls) == {"a": 2, "b": 1}
+        with pytest.raises(TooManyPulls, match="already has 2 model downloads open"):
+            downloads.pull("a")
+    assert dict(downloads.pulls) == {}
+    with pytest.raises(RuntimeError), downloads.pull("a"):
+        raise RuntimeError("the handler failed")  # released however the download ends
+    assert dict(downloads.pulls) == {}
