@@ -16,9 +16,11 @@ from fedcore.selection import check_spec
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 from fedserver.async_rounds import AsyncPolicy
 from fedserver.coordinator import Coordinator
+from fedserver.downloads import DownloadLimits
 from fedserver.dp import DPServer
 from fedserver.evaluate import Evaluator, initial_model
 from fedserver.fedeval import EvalPolicy
+from fedserver.limits import CallQueue
 from fedserver.messages import TrainingDefaults
 from fedserver.publishing import PROTOCOL_STATE
 from fedserver.rounds import RoundPolicy
@@ -60,6 +62,8 @@ class ServerSettings:
     # (a coordinator restarted after its last commit tells late clients); `simulate` has no one
     # to tell and refuses.
     serve_finished: bool = True
+    call_queue: CallQueue = field(default_factory=CallQueue)  # gRPC's, before authentication
+    downloads: DownloadLimits = field(default_factory=DownloadLimits)
 
 
 class SetupError(RuntimeError):

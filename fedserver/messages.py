@@ -103,6 +103,7 @@ class PendingSubmit:
     header: SubmitHeader
     receiver: UpdateReceiver
     selection: Selection | None = None  # the tensors a partial update carries (None: all)
+    released: bool = False  # its upload slots were given back (Uploads.abort/finish)
 
 
 @dataclass

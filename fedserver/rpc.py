@@ -150,14 +150,21 @@ CORRUPT = "message is not valid protobuf for this RPC (corrupt or wrong type)"
 
 
 class BoundedContext:
-    """A ServicerContext whose status messages are cut to limits.MAX_REFUSAL_MESSAGE bytes.
+    """A ServicerContext whose status messages are cut to limits.MAX_REFUSAL_MESSAGE bytes, and
+    that logs each refusal as one line.
 
     Refusals quote client input; gRPC sends the message as trailing metadata, and a peer whose
     metadata limit (8 KiB by default) is exceeded sees a local RESOURCE_EXHAUSTED instead of
-    our code. Every handler gets this context (BoundedReplies), so no refusal path escapes."""
+    our code. Every handler gets this context (BoundedReplies), so no refusal path escapes.
 
-    def __init__(self, inner: grpc.aio.ServicerContext) -> None:
+    Anything a client sends is an expected event: its refusal is one log line (method, status,
+    reason, peer), never a traceback. A refusal of a call the client already cancelled (or
+    whose stream cannot take a status any more) fails inside gRPC; it is ended as a cancelled
+    call, which gRPC finishes quietly, instead of surfacing gRPC's ExecuteBatchError."""
+
+    def __init__(self, inner: grpc.aio.ServicerContext, method: str = "") -> None:
         self._inner = inner
+        self._method = method.rsplit("/", 1)[-1]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -165,10 +172,30 @@ class BoundedContext:
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
     ) -> None:
-        await self._inner.abort(code, clip_message(details), trailing_metadata)
+        details = clip_message(details)
+        level = logging.WARNING if code in _SECURITY_CODES else logging.INFO
+        log.log(
+            level,
+            "%s refused (%s): %s [peer %s]",
+            self._method,
+            code.name,
+            details.replace("\n", "\\n"),
+            self._inner.peer(),
+        )
+        try:
+            await self._inner.abort(code, details, trailing_metadata)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # ExecuteBatchError: the call is gone (cancelled, deadline)
+            log.debug("%s: status not sent, the call is gone (%s)", self._method, e)
+            raise asyncio.CancelledError from None
 
     def set_details(self, details: str) -> None:
         self._inner.set_details(clip_message(details))
+
+
+# Refusals an operator should notice (credentials, a caller doing what it may not).
+_SECURITY_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 UNEXPECTED = "unexpected error in the coordinator (see its log)"
@@ -197,12 +224,12 @@ class BoundedReplies(WrapOnce):
 def _bounded_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            return await behaviour(request, BoundedContext(context))
+            return await behaviour(request, BoundedContext(context, method))
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception:
             log.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.UNKNOWN, UNEXPECTED)
+            await _abort_unexpected(context)
 
     return run
 
@@ -210,12 +237,19 @@ def _bounded_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Cal
 def _bounded_stream(behaviour: Callable[..., AsyncIterator[Any]], method: str) -> Any:
     async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            async for item in behaviour(request, BoundedContext(context)):
+            async for item in behaviour(request, BoundedContext(context, method)):
                 yield item
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception:
             log.exception("%s failed", method)
-            await context.abort(grpc.StatusCode.UNKNOWN, UNEXPECTED)
+            await _abort_unexpected(context)
 
     return run
+
+
+async def _abort_unexpected(context: grpc.aio.ServicerContext) -> None:
+    """UNKNOWN for an unexpected exception, unless a status was already sent or attempted
+    (aborting twice is gRPC's UsageError, logged with a second traceback by gRPC itself)."""
+    if not context.done():
+        await context.abort(grpc.StatusCode.UNKNOWN, UNEXPECTED)

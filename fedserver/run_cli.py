@@ -18,6 +18,7 @@ from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 from fedserver.assembly import EXIT_USAGE, ServerSettings, SetupError
 from fedserver.async_rounds import AsyncPolicy
 from fedserver.fedeval import EvalPolicy
+from fedserver.limits import add_limit_arguments, limits_from_args
 from fedserver.messages import TrainingDefaults
 from fedserver.protocols.registry import SECURE_CHOICES
 from fedserver.rounds import RoundPolicy
@@ -220,6 +221,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         default=30.0,
         help="seconds each secure-aggregation stage waits for slow clients (30)",
     )
+    add_limit_arguments(run, positive_int, _positive_float)
     add_log_flags(
         run, "least severe log lines shown; debug adds one line per update and per Join (info)"
     )
@@ -385,6 +387,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
     dp = None
     if args.dp_clip is not None:
         dp = DPConfig(args.dp_clip, args.dp_noise_multiplier, args.dp_delta)  # ValueError: usage
+    call_queue, downloads = limits_from_args(args)  # ValueError: usage
     return ServerSettings(
         task=args.task,
         state_dir=args.state_dir,
@@ -409,6 +412,8 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         progress=progress_wanted(args.log_format),
         secagg_stage_timeout=args.secagg_stage_timeout,
         buffering=buffering,
+        call_queue=call_queue,
+        downloads=downloads,
     )
 
 

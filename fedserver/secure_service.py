@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 
 from fedcore.proto import coordinator_pb2 as pb
-from fedcore.tensors import iter_chunks
-from fedcore.wire import data_message, manifest_to_proto
+from fedcore.wire import manifest_to_proto
 from fedserver.aggregate import BadUpdate
+from fedserver.downloads import Downloads, framed
 from fedserver.messages import PendingSubmit, SubmitHeader, SubmitResult
 from fedserver.metrics import Metrics
 from fedserver.protocols.base import RoundProtocol
@@ -141,13 +141,19 @@ class HomomorphicRPCs:
     """The homomorphic-aggregation RPCs: validate, delegate to the protocol's "he" stage, map."""
 
     def __init__(
-        self, protocol: RoundProtocol, receive: Receive, metrics: Metrics, chunk_size: int
+        self,
+        protocol: RoundProtocol,
+        receive: Receive,
+        metrics: Metrics,
+        chunk_size: int,
+        downloads: Downloads,
     ) -> None:
         stage = protocol.stage("he")
         self.stage = stage if isinstance(stage, HEProtocol) else None
         self._receive = receive  # CoordinatorService's stream reader
         self.metrics = metrics
         self.chunk_size = chunk_size
+        self.downloads = downloads  # the model's: per-client cap, send slots, stalled writes
 
     async def SubmitDecryption(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
@@ -160,15 +166,16 @@ class HomomorphicRPCs:
 
     async def GetEncryptedAggregate(
         self, request: pb.EncryptedAggregateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelChunk]:
+    ) -> None:
         await check_request(context, request)
         he = await self._he(context)
         try:
             payload = he.encrypted_aggregate(request.client_id, request.round)
         except SubmitRefused as e:
             await context.abort(status_for(e), str(e))
-        yield pb.ModelChunk(
-            header=pb.ModelHeader(
+        # Streamed like the model: counted against the key holder's downloads, a send slot.
+        with await self.downloads.open(context, request.client_id):
+            header = pb.ModelHeader(
                 state=pb.TRAINING,
                 round=request.round,
                 manifest=manifest_to_proto(he.sum_manifest()),
@@ -176,10 +183,8 @@ class HomomorphicRPCs:
                 decrypt_round=request.round,
                 message=f"encrypted aggregate of round {request.round}",
             )
-        )
-        for chunk in iter_chunks(payload, self.chunk_size):
-            yield data_message(chunk)
-            self.metrics.sent(len(chunk))
+            await context.write(pb.ModelChunk(header=header))
+            await self.downloads.stream(context, framed(payload, self.chunk_size, self.metrics))
 
     async def _he(self, context: grpc.aio.ServicerContext) -> HEProtocol:
         he = self.stage

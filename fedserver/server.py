@@ -20,10 +20,11 @@ from fedserver.coordinator import Coordinator
 from fedserver.joinlog import JoinLog
 from fedserver.limits import OpenFilesWatch, raise_open_files_limit, tune_garbage_collector
 from fedserver.progress import log_waiting, show_progress
+from fedserver.registration import add_to_server
 from fedserver.rpc import BoundedReplies, LenientDecoding
 from fedserver.security.auth import AuthInterceptor, build_authenticator
 from fedserver.security.tokens import TokenFileError
-from fedserver.service import CoordinatorService, add_to_server
+from fedserver.service import CoordinatorService
 
 log = logging.getLogger("fedserver")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
@@ -45,15 +46,7 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 0),
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 256 << 10),
-    # gRPC core cancels calls that arrived but that the application has not picked up yet: at
-    # random beyond 1,000 of them, all beyond 3,000, and any older than 30 s; the client sees
-    # a bare CANCELLED. A storm of 10,000 Joins (a restart), and 10,000 selected clients pulling
-    # and submitting at once, broke that way (issue 16). A waiting call costs a few hundred
-    # bytes and the event loop drains them in order, so let them queue: the client's own
-    # deadline bounds the wait (docs/performance.md, Connections).
-    ("grpc.server.max_pending_requests", 1 << 20),
-    ("grpc.server.max_pending_requests_hard_limit", 1 << 20),
-    ("grpc.server_max_unrequested_time_in_server", 3600),
+    # The queue of calls not picked up yet comes from ServerSettings.call_queue (limits.py).
 )
 
 
@@ -86,8 +79,9 @@ async def serve(s: ServerSettings) -> int:
     # servicer as None and are refused there. The auth interceptor always runs: even without
     # authentication, a Coordinator RPC with no entry in its authorization table is refused.
     interceptors = [BoundedReplies(), LenientDecoding(), AuthInterceptor(auth)]
-    server = grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=interceptors)
-    service = CoordinatorService(coordinator, s.chunk_size)
+    options = [*SERVER_OPTIONS, *s.call_queue.server_options()]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    service = CoordinatorService(coordinator, s.chunk_size, s.downloads)
     add_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

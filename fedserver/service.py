@@ -22,17 +22,15 @@ from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
 from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError, iter_chunks
+from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError
 from fedcore.wire import (
-    data_message,
     manifest_from_proto,
     manifest_to_proto,
-    parse_update_chunk,
-    serialize_message,
 )
 from fedserver.admission import Admission
 from fedserver.aggregate import BadUpdate
 from fedserver.coordinator import Coordinator
+from fedserver.downloads import DownloadLimits, Downloads, framed
 from fedserver.joinlog import JoinLog
 from fedserver.liveness_service import LivenessRPCs
 from fedserver.messages import Offer, PendingSubmit, SubmitHeader, SubmitResult
@@ -54,7 +52,6 @@ from fedserver.rpc import (
 from fedserver.secure_service import HomomorphicRPCs, SecureAggregationRPCs
 
 log = logging.getLogger("fedserver.service")
-MAX_CONCURRENT_SENDS = 256
 
 _STATES = {
     "waiting_for_clients": pb.WAITING_FOR_CLIENTS,
@@ -65,18 +62,23 @@ _STATES = {
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        downloads: DownloadLimits | None = None,
+    ) -> None:
         self.coordinator = coordinator
         self.chunk_size = chunk_size
         self._manifest: tuple[str, pb.Manifest] | None = None  # (model version, its manifest)
-        # Model streams sending at once: each holds up to a flow-control window of framed
-        # chunks in gRPC's buffers; 10,000 selected clients pulling a 40 kB model together took
-        # the coordinator from 190 MB to 1 GB. The others wait their turn inside their pull.
-        self._senders = asyncio.Semaphore(MAX_CONCURRENT_SENDS)
+        # Per-client open downloads, send slots, stalled writes (fedserver/downloads.py).
+        self.downloads = Downloads(downloads or DownloadLimits(), coordinator.reject)
         # The round protocol's own stages: served if it has them, refused otherwise.
         protocol = coordinator.protocol
         self.secagg = SecureAggregationRPCs(protocol)
-        self.he = HomomorphicRPCs(protocol, self._receive, coordinator.metrics, chunk_size)
+        self.he = HomomorphicRPCs(
+            protocol, self._receive, coordinator.metrics, chunk_size, self.downloads
+        )
         self.liveness = LivenessRPCs(coordinator.liveness)
         self.joins = JoinLog()
         self.admission = Admission(coordinator)  # Join: matching model, one live peer per id
@@ -127,9 +129,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def GetEncryptedAggregate(
         self, request: pb.EncryptedAggregateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelChunk]:
-        async for message in self.he.GetEncryptedAggregate(request, context):
-            yield message
+    ) -> None:
+        await self.he.GetEncryptedAggregate(request, context)
 
     async def Join(
         self, request: pb.JoinRequest, context: grpc.aio.ServicerContext
@@ -154,23 +155,24 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def GetGlobalModel(
         self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelChunk]:
+    ) -> None:
         await check_request(context, request)
+        with await self.downloads.open(context, request.client_id):  # until it ends, however
+            await self._pull(request, context)
+
+    async def _pull(
+        self, request: pb.GetGlobalModelRequest, context: grpc.aio.ServicerContext
+    ) -> None:
         wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
         offer = await self.coordinator.poll(request.client_id, request.known_version, wait)
-        yield pb.ModelChunk(header=self._header(offer))
+        await context.write(pb.ModelChunk(header=self._header(offer)))
         if not offer.send_bytes:
             return
         if offer.selected:
             await self.pacer.before_send(request.client_id, offer.round)
-        async with self._senders:
-            # Framed straight from the model buffer: one copy per chunk into a ready-to-send
-            # message (gRPC copies it once more into its send buffer), no protobuf round trips.
-            # Caching the framed chunks per version would save that copy (~2% of a round) at
-            # the price of a second model-sized buffer; memory is the scarcer resource.
-            for chunk in iter_chunks(offer.model.buffer, self.chunk_size):
-                yield data_message(chunk)
-                self.coordinator.metrics.sent(len(chunk))
+        await self.downloads.stream(
+            context, framed(offer.model.buffer, self.chunk_size, self.coordinator.metrics)
+        )
 
     def _header(self, offer: Offer) -> pb.ModelHeader:
         cfg = offer.config
@@ -221,7 +223,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """Read one header/data/trailer stream: `begin` checks the header, `finish` the whole
         stream; both count their own refusals."""
         coordinator = self.coordinator
-        # Data chunks arrive as memoryviews of the received bytes (see add_to_server).
+        # Data chunks arrive as memoryviews of the received bytes (see registration.add_to_server).
         first = await anext(aiter(request_iterator), ...)  # ... = the stream was empty
         try:
             if first is None:
@@ -244,6 +246,30 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             header.round,
             header.total_bytes,
         )
+        # From here the stream holds an upload slot (its client's and one of all): whatever ends
+        # it (a refusal, the client cancelling, its deadline, a lost link, an error, the server
+        # stopping, or success) the `finally` gives it back; after `finish` that is a no-op.
+        try:
+            digest = await self._read_stream(request_iterator, header, pending)
+            await coordinator.settled()  # a buffer may have started being applied meanwhile
+            return finish(pending, digest)
+        except (BadUpdate, SubmitRefused) as e:
+            await context.abort(status_for(e), str(e), trailers_for(e))
+            raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            _log_broken_upload(header, pending.receiver.received, "connection lost")
+            raise
+        finally:
+            coordinator.abort_submit(pending)
+
+    async def _read_stream(
+        self,
+        request_iterator: AsyncIterator[pb.UpdateChunk],
+        header: SubmitHeader,
+        pending: PendingSubmit,
+    ) -> str:
+        """The data chunks into `pending`; returns the trailer's digest. Raises BadUpdate
+        (counted) for a malformed or truncated stream."""
         digest = None
         try:
             async for msg in request_iterator:
@@ -263,22 +289,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     raise BadUpdate("empty UpdateChunk", "bad_stream")
             if digest is None:
                 raise BadUpdate("update stream ended without a trailer (truncated)", "truncated")
-        except BadUpdate as e:
-            _log_broken_upload(header, pending.receiver.received, str(e))
-            coordinator.abort_submit(pending)
-            coordinator.reject(e)
-            await context.abort(status_for(e), str(e))
-        except BaseException:
-            # Client went away (cancelled) or the server is stopping: nothing was counted.
-            _log_broken_upload(header, pending.receiver.received, "connection lost")
-            coordinator.abort_submit(pending)
-            raise
-        await coordinator.settled()
-        try:
-            return finish(pending, digest)
-        except (BadUpdate, SubmitRefused) as e:
-            await context.abort(status_for(e), str(e))
-            raise  # unreachable: abort raises
+        except BadUpdate as e:  # logged as the refusal (one line)
+            self.coordinator.abort_submit(pending)
+            raise self.coordinator.reject(e) from None
+        return digest
 
     def _max_update_tensors(self) -> int:
         """No update lists more tensors than the model has (codecs pack into 2 at least)."""
@@ -342,40 +356,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         reply.rounds.extend(reversed(summaries))
         reply.rounds_omitted = total - len(summaries)
         return reply
-
-
-def add_to_server(service: CoordinatorService, server: grpc.aio.Server) -> None:
-    """Register the service like the generated add_CoordinatorServicer_to_server, with
-    serializers swapped for copy-free ones: GetGlobalModel and GetEncryptedAggregate may yield
-    pre-serialized bytes, and SubmitUpdate's and SubmitDecryption's data chunks are delivered as
-    views of the received message. Every other RPC
-    (including ones added to the proto later) keeps its generated handler."""
-
-    class _Capture:
-        name = ""
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-        def add_generic_rpc_handlers(self, handlers: object) -> None:
-            pass
-
-        def add_registered_method_handlers(
-            self, name: str, handlers: dict[str, grpc.RpcMethodHandler]
-        ) -> None:
-            self.name, self.handlers = name, dict(handlers)
-
-    capture = _Capture()
-    pb_grpc.add_CoordinatorServicer_to_server(service, capture)
-    handlers = capture.handlers
-    for name in ("GetGlobalModel", "GetEncryptedAggregate"):
-        handlers[name] = handlers[name]._replace(  # type: ignore[attr-defined]
-            response_serializer=serialize_message
-        )
-    for name in ("SubmitUpdate", "SubmitDecryption"):
-        handlers[name] = handlers[name]._replace(  # type: ignore[attr-defined]
-            request_deserializer=parse_update_chunk
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.name, handlers),))
-    server.add_registered_method_handlers(capture.name, handlers)
 
 
 def _log_broken_upload(header: SubmitHeader, received: int, why: str) -> None:

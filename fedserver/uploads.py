@@ -54,10 +54,11 @@ class Uploads:
         return PendingSubmit(header, receiver, selection)
 
     def abort(self, pending: PendingSubmit) -> None:
-        pending.receiver.abort()
-        self.metrics.received(pending.receiver.received)
-        self.streams[pending.header.client_id] -= 1
-        self.in_flight -= 1
+        """Give the stream's slots back and drop its bytes. Idempotent, so every exit path of
+        a stream (a refusal, cancellation, a deadline, a lost link, an error) may call it in a
+        `finally`, also after `finish` released the slots: no path can leak them."""
+        if self._release(pending):
+            pending.receiver.abort()
 
     def finish(self, pending: PendingSubmit, digest: str) -> StagedUpdate:
         """The verified stream, spilled; raises BadUpdate (counted, stream aborted) otherwise."""
@@ -66,7 +67,24 @@ class Uploads:
         except BadUpdate as e:
             self.abort(pending)
             raise self.refuse(e) from None
-        self.streams[pending.header.client_id] -= 1
+        except BaseException:  # our disk failed, or the task was cancelled: not counted
+            self.abort(pending)
+            raise
+        self._release(pending)
+        return staged
+
+    def _release(self, pending: PendingSubmit) -> bool:
+        """Free the stream's place in `streams` and `in_flight` once; False if already done.
+        A client whose count returns to zero leaves `streams`: the map holds only clients with
+        an upload in flight, not every id that ever sent one."""
+        if pending.released:
+            return False
+        pending.released = True
+        client = pending.header.client_id
+        if self.streams[client] > 1:
+            self.streams[client] -= 1
+        else:
+            del self.streams[client]
         self.in_flight -= 1
         self.metrics.received(pending.receiver.received)
-        return staged
+        return True

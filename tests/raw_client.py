@@ -6,7 +6,7 @@ points). The coordinator they talk to is a real process from tests/procs.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +21,16 @@ from tests.procs import free_port, start_coordinator, wait_serving
 
 
 def pull(
-    stub: pb_grpc.CoordinatorStub, client_id: str, wait_seconds: float = 10, timeout: float = 30
+    stub: pb_grpc.CoordinatorStub,
+    client_id: str,
+    wait_seconds: float = 10,
+    timeout: float = 30,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> tuple[pb.ModelHeader, FlatModel | None]:
     """Long-poll GetGlobalModel and assemble the model (None when only a header came)."""
     header, assembler = None, None
     request = pb.GetGlobalModelRequest(client_id=client_id, wait_seconds=wait_seconds)
-    for msg in stub.GetGlobalModel(request, timeout=timeout):
+    for msg in stub.GetGlobalModel(request, timeout=timeout, metadata=metadata):
         if header is None:
             header = msg.header
             if header.total_bytes:
