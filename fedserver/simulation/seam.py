@@ -121,16 +121,18 @@ class InProcessServicer:
             return str(e)
         data = memoryview(np.ascontiguousarray(payload).view(np.uint8))
         try:
-            for start in range(0, len(data), DEFAULT_CHUNK_SIZE):
-                pending.receiver.add(data[start : start + DEFAULT_CHUNK_SIZE])
-        except BadUpdate as e:
-            c.abort_submit(pending)
-            c.reject(e)
-            return str(e)
-        try:
-            c.finish_submit(pending, digest)
-        except (BadUpdate, SubmitRefused) as e:
-            return str(e)
+            try:
+                for start in range(0, len(data), DEFAULT_CHUNK_SIZE):
+                    pending.receiver.add(data[start : start + DEFAULT_CHUNK_SIZE])
+            except BadUpdate as e:
+                c.reject(e)
+                return str(e)
+            try:
+                c.finish_submit(pending, digest)  # counts its own refusals
+            except (BadUpdate, SubmitRefused) as e:
+                return str(e)
+        finally:
+            c.abort_submit(pending)  # idempotent: a no-op after a finish; frees slots otherwise
         return None
 
     # ------------------------------------------------------------------ federated evaluation
