@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from fedserver.staleness import StalenessWeight
+from fedserver.rounds.staleness import StalenessWeight
 from tests.procs import Proc, free_port, start_client, start_coordinator, wait_serving
 
 _TICK = threading.Event()

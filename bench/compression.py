@@ -21,7 +21,7 @@ from typing import Any
 
 from examples.digits import task
 from fedcore.codecs import get_codec
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from tests.procs import REPO, free_port, start_client, start_coordinator, wait_serving
 
 ENCODINGS = ("fp32", "fp16", "int8", "int4", "topk", "topk:0.01")

@@ -25,7 +25,7 @@ from fedclient.local_update import gradient_vector
 from fedclient.partition import Partition
 from fedclient.task import TrainConfig
 from fedcore.tensors import flatten_state_dict, float_vector, to_state_dict
-from fedserver.evaluate import initial_model
+from fedserver.coordinator.central_eval import initial_model
 from fedserver.strategies import AggregateInput, build_strategy
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from bench.round_overhead import ProcWatch
 from bench.virtual_clients import run_worker
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from tests.procs import REPO, Proc, free_port, spawn, start_coordinator, wait_serving
 
 # Real clients bring their own CPUs; here 10,000 of them share the coordinator's 2 cores, and a

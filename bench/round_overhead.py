@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import floor
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from tests.procs import REPO, free_port, spawn, start_coordinator, wait_serving
 
 GRID_CLIENTS = (2, 4, 8, 16)

@@ -197,9 +197,9 @@ def intake(updates: int = 1000) -> float:
     from fedcore.codecs import get_codec
     from fedcore.proto import coordinator_pb2 as pb
     from fedcore.wire import manifest_to_proto
-    from fedserver.assembly import ServerSettings, build_coordinator
-    from fedserver.messages import TrainingDefaults
-    from fedserver.rounds import RoundPolicy
+    from fedserver.coordinator.assembly import ServerSettings, build_coordinator
+    from fedserver.coordinator.offers import TrainingDefaults
+    from fedserver.rounds.synchronous import RoundPolicy
     from fedserver.simulation.seam import InProcessServicer
 
     async def measure() -> float:

@@ -22,7 +22,7 @@ from fedclient.retry import RECONNECT_OPTIONS, Backoff, retry_after
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.wire import CHANNEL_OPTIONS, ModelCalls
-from fedserver.limits import raise_open_files_limit, tune_garbage_collector
+from fedserver.transport.limits import raise_open_files_limit, tune_garbage_collector
 
 OPTIONS = [*CHANNEL_OPTIONS, *RECONNECT_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
 # The coordinator restarting, or shedding a storm: come back. Anything else fails the bench.

@@ -19,10 +19,10 @@ import grpc
 
 from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
-from fedclient.he import decrypt_aggregate
 from fedclient.liveness import Heartbeat, report_failure
 from fedclient.local_update import local_update, privatize, round_seed
-from fedclient.protocols import handler_for
+from fedclient.protocols.handlers import handler_for
+from fedclient.protocols.he import decrypt_aggregate
 from fedclient.retry import (
     JOIN_TIMEOUT,
     RECONNECT_OPTIONS,

@@ -22,13 +22,13 @@ CLIENT_METRIC_PREFIX = "client_"
 RESERVED_METRIC_NAMES = frozenset(
     {
         "base_round",  # a receipt's base model (history.py; its own column)
-        "epsilon",  # fedserver/dp.py METRIC_*
+        "epsilon",  # fedserver/protocols/dp.py METRIC_*
         "dp_delta",
         "dp_noise_multiplier",
         "dp_sample_rate",
-        "staleness_mean",  # fedserver/async_rounds.py closing_metrics
+        "staleness_mean",  # fedserver/rounds/buffered.py closing_metrics
         "staleness_max",
-        "examples",  # fedserver/fedeval.py: fed_examples, fed_clients
+        "examples",  # fedserver/rounds/eval_campaign.py: fed_examples, fed_clients
         "clients",
     }
 )

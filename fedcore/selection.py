@@ -3,7 +3,7 @@
 A `Selection` is an ordered subset of the model's float tensors (manifest order). An update that
 carries a selection is the float32 vector of just those tensors; `to_full` maps its decoded
 pieces back to offsets in the model's whole float vector, so the coordinator folds partial and
-full updates into the same accumulator (with per-tensor weights, see fedserver/aggregate.py).
+full updates into the same accumulator (with per-tensor weights, see fedserver/updates/receiver.py).
 
 The coordinator names a round's trained tensors with `--train-tensors` (shell-style patterns,
 comma-separated; groups separated by ';' rotate round by round). Clients may keep personal

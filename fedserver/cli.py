@@ -20,12 +20,13 @@ from fedcore.config import CliParser, parse_layered, quiet_broken_pipe
 from fedcore.sealed import KeyExists, StateCipher, generate_key_file
 from fedcore.security import SecurityError, add_tls_arguments
 from fedcore.tensors import ManifestError
-from fedserver import remote, report, run_cli
-from fedserver.assembly import EXIT_USAGE
-from fedserver.history import read_status
-from fedserver.security import cli as security_cli
+from fedserver.commands import certs as security_cli
+from fedserver.commands import remote, report
+from fedserver.commands import run as run_cli
+from fedserver.coordinator.assembly import EXIT_USAGE
 from fedserver.simulation import cli as simulation_cli
-from fedserver.store import export_model
+from fedserver.state.history import read_status
+from fedserver.state.store import export_model
 
 EPILOG = """\
 Every flag can also be set as an environment variable (--round-timeout -> FEDGRPC_ROUND_TIMEOUT)

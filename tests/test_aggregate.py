@@ -17,8 +17,16 @@ from examples.digits import task as digits_task
 from fedcore import checksums
 from fedcore.codecs import get_codec
 from fedcore.tensors import flatten_state_dict, float_vector, iter_chunks, to_state_dict
-from fedserver.aggregate import (
-    Accumulator,
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.rounds.synchronous import RoundPolicy
+from fedserver.state.store import StateStore
+from fedserver.strategies import STRATEGIES, AggregateInput, build_strategy
+from fedserver.strategies.fedavg import FedAvg
+from fedserver.transport.rpc import status_for
+from fedserver.updates.accumulator import Accumulator
+from fedserver.updates.messages import SubmitHeader
+from fedserver.updates.receiver import (
     BadUpdate,
     SpillCorrupted,
     SpillFile,
@@ -27,14 +35,6 @@ from fedserver.aggregate import (
     UpdateTooLarge,
     spill_key,
 )
-from fedserver.coordinator import Coordinator
-from fedserver.evaluate import initial_model
-from fedserver.messages import SubmitHeader
-from fedserver.rounds import RoundPolicy
-from fedserver.rpc import status_for
-from fedserver.store import StateStore
-from fedserver.strategies import STRATEGIES, AggregateInput, build_strategy
-from fedserver.strategies.fedavg import FedAvg
 
 FP32 = get_codec("fp32")
 

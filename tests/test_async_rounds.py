@@ -9,14 +9,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from fedserver.async_rounds import (
+from fedserver.rounds.buffered import (
     AsyncPolicy,
     BufferMachine,
     NoLease,
     OverContributionLimit,
     TooStale,
 )
-from fedserver.rounds import (
+from fedserver.rounds.staleness import StalenessWeight
+from fedserver.rounds.synchronous import (
     AlreadySubmitted,
     NotSelected,
     Phase,
@@ -24,7 +25,6 @@ from fedserver.rounds import (
     RoundPolicy,
     StaleRound,
 )
-from fedserver.staleness import StalenessWeight
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -15,16 +15,17 @@ from fedcore.codecs import get_codec
 from fedcore.privacy import Accountant, DPConfig
 from fedcore.selection import round_selection
 from fedcore.tensors import float_vector, iter_chunks
-from fedserver.assembly import ServerSettings, SetupError, build_coordinator
-from fedserver.async_rounds import AsyncPolicy
-from fedserver.coordinator import Coordinator
-from fedserver.dp import DPServer
-from fedserver.evaluate import initial_model
-from fedserver.messages import SubmitHeader, TrainingDefaults
-from fedserver.rounds import Phase, RoundPolicy
-from fedserver.run_cli import ASYNC_FLAGS
-from fedserver.store import StateStore
+from fedserver.commands.run import ASYNC_FLAGS
+from fedserver.coordinator.assembly import ServerSettings, SetupError, build_coordinator
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.coordinator.offers import TrainingDefaults
+from fedserver.protocols.dp import DPServer
+from fedserver.rounds.buffered import AsyncPolicy
+from fedserver.rounds.synchronous import Phase, RoundPolicy
+from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
+from fedserver.updates.messages import SubmitHeader
 
 pytestmark = pytest.mark.timeout(120)
 TASK = "examples.digits:task"

@@ -1,4 +1,4 @@
-"""Authorization is one explicit table (fedserver/security/auth.py ACCESS) that every Coordinator
+"""Authorization is one explicit table (fedserver/transport/auth.py ACCESS) that every Coordinator
 RPC goes through, and a refused caller never becomes a live client.
 
 The table must name every RPC of the service (read from the protobuf descriptor, so a new RPC
@@ -18,9 +18,9 @@ import grpc
 import pytest
 
 from fedcore.proto import coordinator_pb2 as pb
-from fedserver.aggregate import BadUpdate
-from fedserver.rounds import RoundPolicy, SubmitRefused
-from fedserver.security.auth import (
+from fedserver.rounds.synchronous import RoundPolicy, SubmitRefused
+from fedserver.security.certs import ROLE_CLIENT, ROLE_OPERATOR
+from fedserver.transport.auth import (
     ACCESS,
     CLIENTS,
     SERVICE_PREFIX,
@@ -29,7 +29,7 @@ from fedserver.security.auth import (
     Denied,
     Identity,
 )
-from fedserver.security.certs import ROLE_CLIENT, ROLE_OPERATOR
+from fedserver.updates.receiver import BadUpdate
 
 pytestmark = pytest.mark.timeout(60)
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -39,7 +39,7 @@ COORDINATOR_RPCS = [m.name for m in pb.DESCRIPTOR.services_by_name["Coordinator"
 def test_every_coordinator_rpc_has_an_authorization_entry() -> None:
     assert len(COORDINATOR_RPCS) >= 11
     missing = [m for m in COORDINATOR_RPCS if m not in ACCESS]
-    assert not missing, f"add these RPCs to fedserver/security/auth.py ACCESS: {missing}"
+    assert not missing, f"add these RPCs to fedserver/transport/auth.py ACCESS: {missing}"
     stale = sorted(set(ACCESS) - set(COORDINATOR_RPCS))
     assert not stale, f"ACCESS names RPCs the proto does not have: {stale}"
     assert all(roles <= {ROLE_CLIENT, ROLE_OPERATOR} and roles for roles in ACCESS.values())
@@ -134,9 +134,9 @@ def test_docs_security_table_lists_every_rpc_with_its_roles() -> None:
 # ---------------------------------------------------------------- never live before the checks
 def _coordinator(tmp: Path, secure: str, **kw: object):  # type: ignore[no-untyped-def]
     from examples.digits import task
-    from fedserver.coordinator import Coordinator
-    from fedserver.evaluate import initial_model
-    from fedserver.store import StateStore
+    from fedserver.coordinator.central_eval import initial_model
+    from fedserver.coordinator.lifecycle import Coordinator
+    from fedserver.state.store import StateStore
     from fedserver.strategies import build_strategy
 
     policy = RoundPolicy(total_rounds=1, min_clients=3, round_timeout=60.0)
@@ -178,8 +178,8 @@ def test_refused_he_calls_do_not_mark_the_caller_live(tmp_path: Path) -> None:
     import numpy as np
 
     from fedcore.he import generate_keys
-    from fedserver.messages import SubmitHeader
     from fedserver.protocols.he import Decryption
+    from fedserver.updates.messages import SubmitHeader
 
     _, public = generate_keys(tmp_path / "keys")
 

@@ -11,7 +11,7 @@ import grpc
 
 from fedcore import limits
 from fedcore.logs import ClipMessages
-from fedserver.rpc import UNEXPECTED, BoundedReplies
+from fedserver.transport.rpc import UNEXPECTED, BoundedReplies
 
 
 def test_no_status_message_escapes_the_cap() -> None:

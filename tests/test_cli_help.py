@@ -22,9 +22,9 @@ from fedcore.config import BROKEN_PIPE
 from fedcore.tensors import flatten_state_dict
 from fedserver.cli import build_parser as server_parser
 from fedserver.cli import round_table
-from fedserver.history import RoundRecord
 from fedserver.simulation.cli import run_simulation
-from fedserver.store import StateStore
+from fedserver.state.history import RoundRecord
+from fedserver.state.store import StateStore
 from tests.procs import REPO, Proc, child_env, free_port, start_serving, wait_until
 
 pytestmark = pytest.mark.timeout(120)

@@ -22,7 +22,7 @@ import pytest
 from fedclient.partition import Partition
 from fedserver import cli as server_cli
 from fedserver.security.certs import OPERATOR_NAME, client_names
-from fedserver.server import SERVICE_NAME
+from fedserver.transport.server import SERVICE_NAME
 from tests.compose_files import (
     CLIENTS,
     COMPOSE,

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from fedcore.security import TlsFiles
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from tests.compose_files import (
     CLIENTS,
     COMPOSE,

@@ -12,7 +12,9 @@ from hypothesis import strategies as st
 
 from fedcore.codecs import ErrorFeedback, Int8Codec, TopKCodec, get_codec
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
-from fedserver.aggregate import Accumulator, UpdateReceiver, UpdateSpool
+from fedserver.updates.accumulator import Accumulator
+from fedserver.updates.receiver import UpdateReceiver
+from fedserver.updates.spool import UpdateSpool
 
 FLOATS = Manifest((TensorSpec("w", "float32", (40, 25)), TensorSpec("b", "float64", (7,))))
 N = 1007

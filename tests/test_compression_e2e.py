@@ -8,7 +8,7 @@ import pytest
 
 from examples.digits import task
 from fedcore.codecs import get_codec
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from tests.procs import Proc, free_port, start_client, start_serving, wait_finished
 
 ROUNDS = 12

@@ -12,7 +12,7 @@ from examples.digits import DigitsTask
 from fedclient.device import Placement, configure, resolve_device
 from fedclient.partition import Partition
 from fedclient.task import TrainConfig
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from tests.procs import Proc, free_port, run_module, start_clients, start_serving, wait_finished
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

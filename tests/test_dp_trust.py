@@ -20,15 +20,17 @@ from fedclient.local_update import privatize
 from fedcore.codecs import get_codec
 from fedcore.privacy import Accountant, DPConfig, clip_factor, l2_clip
 from fedcore.tensors import FlatModel, float_vector, iter_chunks
-from fedserver.aggregate import Accumulator, StagedUpdate, UpdateReceiver
-from fedserver.assembly import ServerSettings, build_coordinator
-from fedserver.coordinator import Coordinator
-from fedserver.dp import DPServer
-from fedserver.evaluate import initial_model
-from fedserver.messages import SubmitHeader, TrainingDefaults
-from fedserver.rounds import RoundPolicy
-from fedserver.store import StateStore
+from fedserver.coordinator.assembly import ServerSettings, build_coordinator
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.coordinator.offers import TrainingDefaults
+from fedserver.protocols.dp import DPServer
+from fedserver.rounds.synchronous import RoundPolicy
+from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
+from fedserver.updates.accumulator import Accumulator
+from fedserver.updates.messages import SubmitHeader
+from fedserver.updates.receiver import StagedUpdate, UpdateReceiver
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -65,7 +65,7 @@ def test_rounds_close_and_learn_with_30_percent_dropouts(tmp_path: Path, procs: 
     clients = [client(i, first=True) for i in range(CLIENTS)]
     restarts: Counter[int] = Counter()
 
-    receiving = "receiving from client-0 for round 2"  # fedserver/service.py, debug level
+    receiving = "receiving from client-0 for round 2"  # fedserver/transport/service.py, debug level
 
     def supervise() -> bool:
         """Restart clients that were killed; done when the coordinator has exited."""

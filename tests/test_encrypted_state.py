@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from examples.digits import task
 from fedcore.tensors import to_state_dict
-from fedserver.evaluate import initial_model
+from fedserver.coordinator.central_eval import initial_model
 from tests.procs import (
     Proc,
     fedserver,

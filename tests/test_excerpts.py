@@ -19,10 +19,10 @@ from fedcore.security import TlsFiles, open_channel
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest, TensorSpec, float_vector
 from fedcore.wire import manifest_to_proto, update_stream
-from fedserver.messages import manifest_difference
-from fedserver.rounds import Phase, RoundMachine, RoundPolicy, SubmitRefused
-from fedserver.security.auth import Authenticator, Denied, Identity
+from fedserver.rounds.synchronous import Phase, RoundMachine, RoundPolicy, SubmitRefused
 from fedserver.security.certs import ROLE_CLIENT, CertPlan, make_certs
+from fedserver.transport.auth import Authenticator, Denied, Identity
+from fedserver.updates.messages import manifest_difference
 from tests.procs import Proc, free_port, start_coordinator, wait_serving
 from tests.raw_client import pull, update_header
 

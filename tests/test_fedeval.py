@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fedserver.fedeval import EvalCampaign, EvalPolicy
-from fedserver.history import RoundRecord
-from fedserver.rounds import NotSelected, StaleRound
-from fedserver.store import StateStore
+from fedserver.rounds.eval_campaign import EvalCampaign, EvalPolicy
+from fedserver.rounds.synchronous import NotSelected, StaleRound
+from fedserver.state.history import RoundRecord
+from fedserver.state.store import StateStore
 
 pytestmark = pytest.mark.timeout(30)
 

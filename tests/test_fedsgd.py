@@ -13,7 +13,7 @@ from fedclient.local_update import gradient_vector
 from fedclient.partition import Partition
 from fedclient.task import TrainConfig
 from fedcore.tensors import flatten_state_dict
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from tests.procs import Proc, free_port, start_clients, start_serving, wait_finished
 
 ROUNDS = 50

@@ -255,7 +255,7 @@ def test_atomic_link_publishes_an_existing_file_without_copying(tmp_path: Path) 
 
 
 def test_store_publishes_an_unsealed_model_as_a_link_to_its_checkpoint(tmp_path: Path) -> None:
-    from fedserver.store import StateStore
+    from fedserver.state.store import StateStore
 
     flat = flatten_state_dict({"w": torch.arange(6, dtype=torch.float32)})
     store = StateStore(tmp_path / "state")

@@ -12,7 +12,7 @@ pytest.importorskip("tenseal")
 
 from examples.digits import task
 from fedcore.he import SLOTS, HEAggregator, HEClient, HEError, generate_keys
-from fedserver.evaluate import initial_model
+from fedserver.coordinator.central_eval import initial_model
 
 pytestmark = pytest.mark.timeout(120)
 # Stated CKKS precision bound for N=8192, scale 2^40: absolute error of a decrypted sum of

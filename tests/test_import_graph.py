@@ -3,8 +3,9 @@
 Every `import` counts, including those inside functions (a lazy import is still a dependency
 a reader has to follow) and `from package import module`. Imports under `if TYPE_CHECKING:`
 count too: a type-only back-reference is how the old mode objects reached into the Coordinator.
-Direction (docs/architecture.md): protos -> fedcore <- fedserver / fedclient; the round state
-machine and the strategies never import gRPC.
+Direction (docs/architecture.md): protos -> fedcore <- fedserver / fedclient. Inside fedserver the
+folders are floors (FEDSERVER_FLOORS): imports point down; only transport/ and the command line
+import gRPC, only simulation/ the client's code (and so torch).
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_walk_sees_function_level_and_module_imports() -> None:
     graph = _graph()
-    assert "fedserver.coordinator" in graph and "fedcore.codecs" in graph
+    assert "fedserver.coordinator.lifecycle" in graph and "fedcore.codecs" in graph
     assert "fedcore.tensors" in graph["fedcore.codecs"]
     assert "fedcore.secagg.quantize" in graph["fedserver.protocols.secagg"]  # from pkg import mod
 
@@ -142,15 +143,70 @@ def test_dependencies_point_one_way() -> None:
     assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
 
 
-def test_round_machine_and_strategies_stay_free_of_grpc() -> None:
+# fedserver's folders from the ground up (docs/architecture.md). A module may import modules of
+# its own folder and of the floors below; folders on one floor do not import each other.
+# `cli` is the module fedserver/cli.py, the entry point that wires the commands.
+FEDSERVER_FLOORS: tuple[tuple[str, ...], ...] = (
+    ("rounds", "state", "strategies", "security"),  # pure machines, records, math, identities
+    ("updates",),  # an update's way in: receive, verify, spill, fold
+    ("protocols",),  # how a round's contributions become its aggregate
+    ("coordinator",),  # the round lifecycle around one protocol
+    ("transport",),  # gRPC
+    ("commands",),  # the subcommands
+    ("simulation",),  # `fedserver simulate`: runs both sides in one program
+    ("cli",),
+)
+FLOOR = {folder: n for n, folders in enumerate(FEDSERVER_FLOORS) for folder in folders}
+# Who may import these, inside fedserver (the folders, or `cli`).
+ALLOWED = {
+    "grpc": {"transport", "commands", "cli"},
+    "torch": {"simulation"},  # only through the client's code, which needs it
+    "fedclient": {"simulation"},
+}
+
+
+def _folder(name: str) -> str | None:
+    """The fedserver folder (or `cli`) a module is in; None for the package itself."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def test_every_fedserver_module_sits_on_a_floor() -> None:
+    """A new module goes into the folder of its layer, not next to them."""
     graph = _graph()
-    pure = [
-        n
-        for n in graph
-        if n == "fedserver.rounds"
-        or n.startswith("fedserver.strategies")
-        or n.startswith("fedserver.protocols")
-    ]
-    assert "fedserver.rounds" in pure and len(pure) > 3
-    offenders = [f"{n} -> {t}" for n in sorted(pure) for t in graph[n] if t.split(".")[0] == "grpc"]
-    assert not offenders, "gRPC imported by pure modules:\n" + "\n".join(offenders)
+    homeless = [n for n in sorted(graph) if n.startswith("fedserver.") and _folder(n) not in FLOOR]
+    assert not homeless, "fedserver modules outside the layer folders:\n" + "\n".join(homeless)
+
+
+def test_fedserver_folders_point_down() -> None:
+    graph = _graph()
+    wrong = []
+    for name, targets in sorted(graph.items()):
+        here = _folder(name) if name.startswith("fedserver.") else None
+        if here not in FLOOR:
+            continue
+        for t in sorted(targets):
+            there = _folder(t) if t.startswith("fedserver.") else None
+            if there is None or there == here:
+                continue
+            if there not in FLOOR or FLOOR[there] >= FLOOR[here]:
+                wrong.append(f"{name} -> {t}")
+    assert not wrong, "fedserver imports that do not point down a floor:\n" + "\n".join(wrong)
+
+
+def test_round_machine_and_strategies_stay_free_of_grpc() -> None:
+    """grpc: transport and the command line; torch and fedclient: the simulation only."""
+    graph = _graph()
+    pure = [n for n in graph if _folder(n) in {"rounds", "strategies", "protocols"}]
+    assert "fedserver.rounds.synchronous" in pure and len(pure) > 3
+    offenders = []
+    for name, targets in sorted(graph.items()):
+        if not name.startswith("fedserver."):
+            continue
+        for t in sorted(targets):
+            top = t.split(".")[0]
+            if top in ALLOWED and _folder(name) not in ALLOWED[top]:
+                offenders.append(f"{name} -> {t}")
+    assert not offenders, "imports of grpc, torch or fedclient out of place:\n" + "\n".join(
+        offenders
+    )

@@ -11,8 +11,9 @@ import pytest
 from examples.digits import task
 from fedcore.codecs import ErrorFeedback, Int4Codec, get_codec
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
-from fedserver.aggregate import Accumulator, BadUpdate, UpdateReceiver
-from fedserver.history import read_status
+from fedserver.state.history import read_status
+from fedserver.updates.accumulator import Accumulator
+from fedserver.updates.receiver import BadUpdate, UpdateReceiver
 from tests.procs import Proc, free_port, start_clients, start_serving, wait_finished
 
 BLOCK = Int4Codec.BLOCK

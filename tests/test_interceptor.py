@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from fedserver.interceptor import WrapOnce
+from fedserver.transport.interceptor import WrapOnce
 
 
 class Details:

@@ -13,7 +13,7 @@ import pytest
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedserver.admission import Admission, _host
+from fedserver.transport.admission import Admission, _host
 from tests.procs import REPO, Proc, free_port, spawn, start_serving, wait_finished, wait_serving
 
 pytestmark = pytest.mark.timeout(240)

@@ -23,13 +23,13 @@ from fedclient.liveness import Heartbeat, report_failure
 from fedcore.config import parse_layered
 from fedcore.proto import coordinator_pb2 as pb
 from fedserver import cli
-from fedserver.coordinator import Coordinator
-from fedserver.evaluate import initial_model
-from fedserver.history import read_status
-from fedserver.rounds import Phase, RoundPolicy
-from fedserver.run_cli import server_settings
+from fedserver.commands.run import server_settings
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.rounds.synchronous import Phase, RoundPolicy
 from fedserver.simulation.seam import InProcessServicer
-from fedserver.store import StateStore
+from fedserver.state.history import read_status
+from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
 from tests.test_rounds import FakeClock
 

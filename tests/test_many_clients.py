@@ -20,10 +20,10 @@ import pytest
 
 from bench.many_clients import run
 from fedclient.retry import RETRY_AFTER_KEY, Backoff, retry_after
-from fedserver.joinlog import JoinLog
-from fedserver.pacing import UploadPacer
-from fedserver.rounds import Receipt, RoundMachine, RoundPolicy
-from fedserver.wakeups import Wakeups
+from fedserver.coordinator.wakeups import Wakeups
+from fedserver.rounds.synchronous import Receipt, RoundMachine, RoundPolicy
+from fedserver.transport.joinlog import JoinLog
+from fedserver.transport.pacing import UploadPacer
 from tests.test_rounds import FakeClock
 
 CLIENTS, PER_ROUND, ROUNDS = 2000, 50, 2

@@ -23,9 +23,10 @@ from fedcore.tensors import (
     flatten_state_dict,
     float_vector,
 )
-from fedserver.aggregate import Accumulator, UpdateReceiver
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from fedserver.strategies.base import add_to_floats
+from fedserver.updates.accumulator import Accumulator
+from fedserver.updates.receiver import UpdateReceiver
 from tests.bf16_task import Bf16Task
 from tests.procs import Proc, free_port, start_clients, start_serving, wait_finished
 

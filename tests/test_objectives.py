@@ -15,7 +15,7 @@ from examples.diabetes import task as diabetes
 from fedclient.metrics import MetricSums, align
 from fedclient.partition import Partition
 from fedclient.task import LocalData, Task, TrainConfig
-from fedserver.history import read_status
+from fedserver.state.history import read_status
 from tests.procs import Proc, free_port, start_clients, start_serving, wait_finished
 
 TASK = "examples.diabetes:task"

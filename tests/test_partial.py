@@ -12,9 +12,9 @@ from examples.digits import task
 from fedcore.codecs import Piece
 from fedcore.selection import Selection, check_spec, round_selection
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
-from fedserver.aggregate import Accumulator
-from fedserver.evaluate import initial_model
-from fedserver.history import read_status
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.state.history import read_status
+from fedserver.updates.accumulator import Accumulator
 from tests.procs import Proc, free_port, start_client, start_serving, wait_finished
 
 FLOATS = Manifest(

@@ -1,4 +1,5 @@
-"""Client-level DP math (fedcore/privacy.py) and the coordinator's DP ledger (fedserver/dp.py)."""
+"""Client-level DP math (fedcore/privacy.py) and the coordinator's DP ledger
+(fedserver/protocols/dp.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from fedcore.privacy import (
     mean_noise_std,
     sample_rate,
 )
-from fedserver.dp import DPServer
+from fedserver.protocols.dp import DPServer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -22,11 +22,11 @@ import pytest
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import FlatModel, Manifest, TensorSpec
-from fedserver.aggregate import BadUpdate, UpdateTooLarge
-from fedserver.messages import BaseVersionMismatch, TooManyStreams
-from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound
-from fedserver.rpc import status_for
-from fedserver.secagg import SecAggRefused
+from fedserver.protocols.secagg_stages import SecAggRefused
+from fedserver.rounds.synchronous import AlreadySubmitted, NotSelected, StaleRound
+from fedserver.transport.rpc import status_for
+from fedserver.updates.messages import BaseVersionMismatch, TooManyStreams
+from fedserver.updates.receiver import BadUpdate, UpdateTooLarge
 from tests.raw_client import lone_client, update_header
 
 pytestmark = pytest.mark.timeout(120)

@@ -13,15 +13,15 @@ import pytest
 from examples.digits import task
 from fedcore.codecs import get_codec
 from fedcore.tensors import float_vector
-from fedserver.coordinator import Coordinator
-from fedserver.evaluate import initial_model
-from fedserver.messages import SubmitHeader
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.protocols.base import Aggregate, Contribution, Opening
 from fedserver.protocols.plain import PlainProtocol
 from fedserver.protocols.registry import PROTOCOLS
-from fedserver.rounds import Phase, RoundPolicy
-from fedserver.store import StateStore
+from fedserver.rounds.synchronous import Phase, RoundPolicy
+from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
+from fedserver.updates.messages import SubmitHeader
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,10 +21,10 @@ from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import FlatModel, float_vector
 from fedcore.wire import update_stream
-from fedserver import dp
-from fedserver.history import SCHEMA_VERSION, ClientReceipt, RoundRecord
-from fedserver.report import _write_csv
-from fedserver.store import StateStore
+from fedserver.commands.report import _write_csv
+from fedserver.protocols import dp
+from fedserver.state.history import SCHEMA_VERSION, ClientReceipt, RoundRecord
+from fedserver.state.store import StateStore
 from tests.procs import (
     Proc,
     fedserver,

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from fedserver.rounds import (
+from fedserver.rounds.synchronous import (
     AlreadySubmitted,
     NotSelected,
     Phase,

@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 
 from examples.digits import task
-from fedclient.secagg import SecAggClient
+from fedclient.protocols.secagg import SecAggClient
 from fedcore.codecs import get_codec
 from fedcore.secagg import quantize
 from fedcore.secagg.keys import round_context
 from fedcore.tensors import float_vector
-from fedserver.coordinator import Coordinator
-from fedserver.evaluate import initial_model
-from fedserver.messages import SubmitHeader
-from fedserver.rounds import RoundPolicy
-from fedserver.store import StateStore
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.rounds.synchronous import RoundPolicy
+from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
+from fedserver.updates.messages import SubmitHeader
 
 pytestmark = pytest.mark.timeout(120)
 

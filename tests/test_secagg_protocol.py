@@ -1,5 +1,6 @@
-"""The secure-aggregation protocol, in process: the real client logic (fedclient/secagg.py)
-against the real coordinator-side round (fedserver/secagg.py), with clients dropping out.
+"""The secure-aggregation protocol, in process: the real client logic
+(fedclient/protocols/secagg.py) against the real coordinator-side round
+(fedserver/protocols/secagg_stages.py), with clients dropping out.
 
 Real-process timing of "drop exactly after masking" is fragile on a shared 2-core machine, so the
 dropout case is driven here step by step; tests/test_secagg_e2e.py runs the no-dropout case with
@@ -13,11 +14,11 @@ import itertools
 import numpy as np
 import pytest
 
-from fedclient.secagg import SecAggAbort, SecAggClient
+from fedclient.protocols.secagg import SecAggAbort, SecAggClient
 from fedcore.secagg import quantize
 from fedcore.secagg.keys import round_context
-from fedserver.aggregate import BadUpdate
-from fedserver.secagg import SecAggFailed, SecAggRefused, SecAggRound, Stage
+from fedserver.protocols.secagg_stages import SecAggFailed, SecAggRefused, SecAggRound, Stage
+from fedserver.updates.receiver import BadUpdate
 
 pytestmark = pytest.mark.timeout(120)
 DIM = 2_000

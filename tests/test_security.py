@@ -26,7 +26,7 @@ from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.security import TlsFiles, open_channel
 from fedserver.security.certs import CertPlan, make_certs
 from fedserver.security.tokens import add_token
-from fedserver.server import SERVICE_NAME
+from fedserver.transport.server import SERVICE_NAME
 from tests.procs import (
     Proc,
     fedserver,

@@ -14,9 +14,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedserver.cli import main as fedserver_main
-from fedserver.security.auth import Authenticator, Denied, Identity, claimed_client_id
 from fedserver.security.certs import CertPlan, make_certs, peer_role
 from fedserver.security.tokens import TokenStore, add_token, revoke_token
+from fedserver.transport.auth import Authenticator, Denied, Identity, claimed_client_id
 
 pytestmark = pytest.mark.timeout(60)
 

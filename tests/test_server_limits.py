@@ -10,10 +10,11 @@ import pytest
 
 from fedcore.config import parse_layered
 from fedserver.cli import build_parser
-from fedserver.downloads import DownloadLimits, Downloads, TooManyPulls
-from fedserver.limits import CallQueue
-from fedserver.run_cli import server_settings
-from fedserver.server import SERVER_OPTIONS
+from fedserver.commands.run import server_settings
+from fedserver.coordinator.call_queue import CallQueue
+from fedserver.coordinator.download_limits import DownloadLimits
+from fedserver.transport.downloads import Downloads, TooManyPulls
+from fedserver.transport.server import SERVER_OPTIONS
 
 TASK = "examples.digits:task"
 

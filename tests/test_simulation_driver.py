@@ -17,9 +17,9 @@ import pytest
 
 from fedclient.virtual import VirtualClients, VirtualSpec, client_id
 from fedcore.tensors import FlatModel
-from fedserver.assembly import SetupError, build_coordinator
 from fedserver.cli import build_parser
-from fedserver.coordinator import Coordinator
+from fedserver.coordinator.assembly import SetupError, build_coordinator
+from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.simulation.cli import sim_settings
 from fedserver.simulation.driver import SimSettings, _run, check_settings
 from fedserver.simulation.seam import InProcessServicer

@@ -39,5 +39,5 @@ def test_cli_imports_leave_optional_dependencies_out() -> None:
 
 @pytest.mark.timeout(150)
 def test_coordinator_cli_does_not_import_torch() -> None:
-    # A torch-free task keeps torch out of the coordinator (fedserver/evaluate.py).
+    # A torch-free task keeps torch out of the coordinator (fedserver/coordinator/central_eval.py).
     assert loaded_after("import fedserver.cli", ("torch",)) == []

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from fedcore.tensors import flatten_state_dict
-from fedserver.history import RoundRecord
-from fedserver.store import StateDirBusy, StateStore, export_model
+from fedserver.state.history import RoundRecord
+from fedserver.state.store import StateDirBusy, StateStore, export_model
 
 
 def test_second_store_on_the_same_dir_is_refused_until_the_first_closes(tmp_path: Path) -> None:

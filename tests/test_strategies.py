@@ -11,11 +11,13 @@ import pytest
 
 from fedcore.codecs import get_codec
 from fedcore.tensors import FlatModel, flatten_arrays, float_vector
-from fedserver.aggregate import Accumulator, UpdateReceiver, UpdateSpool
-from fedserver.store import StateStore
+from fedserver.state.store import StateStore
 from fedserver.strategies import STRATEGIES, AggregateInput, UpdateSet, build_strategy
 from fedserver.strategies import base as strategy_base
 from fedserver.strategies.krum import pairwise_sq_distances
+from fedserver.updates.accumulator import Accumulator
+from fedserver.updates.receiver import UpdateReceiver
+from fedserver.updates.spool import UpdateSpool
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -260,9 +262,9 @@ def test_resume_from_checkpoint_gives_the_same_next_model(name: str, tmp_path: P
 def test_cli_refuses_bad_strategy_flags_before_touching_the_state_dir(
     flags: list[str], message: str, tmp_path: Path
 ) -> None:
-    from fedserver.assembly import SetupError, build_coordinator
     from fedserver.cli import build_parser
-    from fedserver.run_cli import server_settings
+    from fedserver.commands.run import server_settings
+    from fedserver.coordinator.assembly import SetupError, build_coordinator
 
     state = tmp_path / "state"
     argv = ["run", "--task", "examples.digits:task", "--state-dir", str(state), *flags]

@@ -20,13 +20,13 @@ from fedcore.codecs import get_codec
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import float_vector
 from fedcore.wire import manifest_to_proto
-from fedserver.coordinator import Coordinator
-from fedserver.evaluate import initial_model
-from fedserver.rounds import RoundPolicy
-from fedserver.service import CoordinatorService
-from fedserver.store import StateStore
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.coordinator.submissions import MAX_STREAMS_PER_CLIENT
+from fedserver.rounds.synchronous import RoundPolicy
+from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
-from fedserver.submissions import MAX_STREAMS_PER_CLIENT
+from fedserver.transport.service import CoordinatorService
 
 pytestmark = pytest.mark.timeout(120)
 

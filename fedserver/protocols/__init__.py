@@ -1,2 +1,4 @@
-"""Ways a round runs (plain, secure aggregation, homomorphic): base.py is the interface,
-registry.py maps `--secure` names to implementations, one module per implementation."""
+"""Ways a round's contributions become its aggregate (plain, secure aggregation,
+homomorphic, buffered): base.py is the interface, registry.py maps names to
+implementations, one module per implementation; secagg_stages.py is SecAgg's pure
+stage machine, dp.py the DP ledger."""

@@ -35,10 +35,10 @@ from fedcore.codecs import get_codec
 from fedcore.limits import excerpt
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest
-from fedserver.aggregate import BadUpdate, StagedUpdate
-from fedserver.staleness import StalenessWeight
+from fedserver.rounds.staleness import StalenessWeight
 from fedserver.strategies import UpdateSet
-from fedserver.uploads import Uploads
+from fedserver.updates.receiver import BadUpdate, StagedUpdate
+from fedserver.updates.uploads import Uploads
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Like plain aggregation, updates fold into one float32 accumulator as they arrive (O(model)
 memory), but each is weighted by num_examples x s(staleness), where staleness = the versions
-published since the model the client trained on (fedserver/staleness.py), and the sum divides by
-the buffer's examples, not by the weights: FedBuff's rule, under which s damps the step taken
+published since the model the client trained on (fedserver/rounds/staleness.py), and the sum divides
+by the buffer's examples, not by the weights: FedBuff's rule, under which s damps the step taken
 from stale deltas instead of only reweighting them against each other (a buffer of equally
 stale deltas otherwise steps as far as a fresh one, which diverges on digits at staleness 2).
 The round machine (async_rounds.py) closes the buffer after K contributions; the strategy then
@@ -35,7 +35,7 @@ from fedserver.protocols.base import (
     ProtocolSettings,
 )
 from fedserver.protocols.plain import PlainProtocol
-from fedserver.staleness import StalenessWeight
+from fedserver.rounds.staleness import StalenessWeight
 
 log = logging.getLogger("fedserver")
 RECENT_CLIENTS = 64  # distinct clients whose latest weight makes the median

@@ -21,8 +21,6 @@ from fedcore.codecs import get_codec
 from fedcore.he import ENCODING, HEAggregator, HEError
 from fedcore.limits import excerpt
 from fedcore.tensors import Manifest
-from fedserver.aggregate import BadUpdate
-from fedserver.messages import PendingSubmit, SubmitHeader, SubmitResult, manifest_difference
 from fedserver.protocols.base import (
     Aggregate,
     Contribution,
@@ -31,8 +29,15 @@ from fedserver.protocols.base import (
     ProtocolSettings,
     RoundProtocol,
 )
-from fedserver.rounds import AlreadySubmitted, NotSelected, StaleRound, SubmitRefused
-from fedserver.secagg import SecAggFailed
+from fedserver.protocols.secagg_stages import SecAggFailed
+from fedserver.rounds.synchronous import AlreadySubmitted, NotSelected, StaleRound, SubmitRefused
+from fedserver.updates.messages import (
+    PendingSubmit,
+    SubmitHeader,
+    SubmitResult,
+    manifest_difference,
+)
+from fedserver.updates.receiver import BadUpdate
 
 log = logging.getLogger("fedserver.he")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedserver.aggregate import Accumulator, UpdateSpool
 from fedserver.protocols.base import (
     Aggregate,
     Contribution,
@@ -16,6 +15,8 @@ from fedserver.protocols.base import (
     RoundProtocol,
 )
 from fedserver.strategies import UpdateSet
+from fedserver.updates.accumulator import Accumulator
+from fedserver.updates.spool import UpdateSpool
 
 
 class PlainProtocol(RoundProtocol):

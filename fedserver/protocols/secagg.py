@@ -1,9 +1,9 @@
 """Secure aggregation (`fedserver run --secure secagg`): the coordinator only sees masked updates.
 
-A round's SecAggRound (fedserver/secagg.py) runs the key exchange and share stages while clients
-train; masked updates are summed modulo 2^64 as they arrive; at close the survivors reveal
-shares and the sum is unmasked. This module is the protocol: timers, folding, unmasking, and the
-"secagg" stage the servicer's secure-aggregation RPCs call. Asyncio only (no gRPC); the math is
+A round's SecAggRound (fedserver/protocols/secagg_stages.py) runs the key exchange and share stages
+while clients train; masked updates are summed modulo 2^64 as they arrive; at close the survivors
+reveal shares and the sum is unmasked. This module is the protocol: timers, folding, unmasking, and
+the "secagg" stage the servicer's secure-aggregation RPCs call. Asyncio only (no gRPC); the math is
 in fedcore/secagg.
 """
 
@@ -24,7 +24,7 @@ from fedserver.protocols.base import (
     ProtocolSettings,
     RoundProtocol,
 )
-from fedserver.secagg import SecAggFailed, SecAggRefused, SecAggRound
+from fedserver.protocols.secagg_stages import SecAggFailed, SecAggRefused, SecAggRound
 
 ENCODING = "masked-u64"
 log = logging.getLogger("fedserver.secagg")

@@ -1,1 +1,2 @@
-"""Coordinator security: certificates (certs), tokens (tokens), the interceptor (auth)."""
+"""Identities: certificates (certs), hashed tokens (tokens), bundles (one folder per
+identity). The interceptor that checks them is transport/auth.py."""

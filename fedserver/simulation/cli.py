@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from fedclient.flags import add_data_flags, add_device_flags
 from fedcore.logs import setup_logging
-from fedserver import run_cli
-from fedserver.assembly import EXIT_USAGE, SetupError
+from fedserver.commands import run as run_cli
+from fedserver.coordinator.assembly import EXIT_USAGE, SetupError
 
 if TYPE_CHECKING:
     from fedserver.simulation.driver import SimSettings

@@ -23,8 +23,14 @@ from typing import TYPE_CHECKING
 from fedclient.partition import Partition
 from fedclient.virtual import VirtualSpec, client_id, client_index
 from fedcore.plugins import load_object
-from fedserver.assembly import EXIT_FAILED, EXIT_OK, ServerSettings, SetupError, build_coordinator
-from fedserver.progress import show_progress
+from fedserver.coordinator.assembly import (
+    EXIT_FAILED,
+    EXIT_OK,
+    ServerSettings,
+    SetupError,
+    build_coordinator,
+)
+from fedserver.coordinator.progress import show_progress
 from fedserver.simulation.seam import InProcessServicer
 from fedserver.simulation.settings import RaySettings
 

@@ -23,10 +23,10 @@ import numpy as np
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, FlatModel
-from fedserver.aggregate import BadUpdate
-from fedserver.coordinator import Coordinator
-from fedserver.rounds import Phase, SubmitRefused
-from fedserver.service import CoordinatorService, _parse_header
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.rounds.synchronous import Phase, SubmitRefused
+from fedserver.transport.service import CoordinatorService, _parse_header
+from fedserver.updates.receiver import BadUpdate
 
 
 @dataclass(frozen=True)

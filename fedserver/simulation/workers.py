@@ -20,7 +20,7 @@ import ray.exceptions
 
 from fedclient.virtual import Evaluated, Fitted, VirtualClients, VirtualSpec
 from fedcore.tensors import FlatModel
-from fedserver.assembly import SetupError
+from fedserver.coordinator.assembly import SetupError
 from fedserver.simulation.settings import RaySettings
 
 log = logging.getLogger("fedserver")

@@ -1,0 +1,265 @@
+"""From the coordinator's settings to a ready Coordinator: checks that combine flags, the state
+dir opened or resumed, the task's model, strategy, DP and protocol. Shared by `fedserver run`
+(server.py adds the gRPC daemon) and `fedserver simulate`; no gRPC here."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedcore.plugins import load_object
+from fedcore.privacy import DPConfig
+from fedcore.sealed import StateCipher
+from fedcore.security import TlsFiles
+from fedcore.selection import check_spec
+from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
+from fedserver.coordinator.call_queue import CallQueue
+from fedserver.coordinator.central_eval import Evaluator, initial_model
+from fedserver.coordinator.download_limits import DownloadLimits
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.coordinator.offers import TrainingDefaults
+from fedserver.coordinator.publishing import PROTOCOL_STATE
+from fedserver.protocols.dp import DPServer
+from fedserver.rounds.buffered import AsyncPolicy
+from fedserver.rounds.eval_campaign import EvalPolicy
+from fedserver.rounds.synchronous import RoundPolicy
+from fedserver.state.store import StateDirBusy, StateStore
+from fedserver.strategies import build_strategy
+
+log = logging.getLogger("fedserver")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 3, 2
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    task: str
+    state_dir: Path
+    policy: RoundPolicy
+    defaults: TrainingDefaults
+    host: str = "127.0.0.1"
+    port: int = 50051
+    strategy: str = "fedavg"
+    strategy_params: dict[str, float] = field(default_factory=dict)
+    eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
+    seed: int = 0
+    linger: float = 15.0
+    max_update_bytes: int = 4 << 30
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    dp: DPConfig | None = None
+    secure: str = "none"  # "none" | "secagg" | "he"
+    he_public_key: Path | None = None  # --secure he: the public CKKS context
+    dp_seed: int | None = None  # fixed DP noise for reproducible tests; None = OS entropy
+    tls: TlsFiles | None = None  # None: plaintext (local debugging only)
+    tokens_file: Path | None = None  # bearer tokens required when set
+    metrics_port: int | None = None  # Prometheus /metrics when set (0: any free port)
+    metrics_host: str = "127.0.0.1"
+    encrypt_state: Path | None = None  # key file: seal checkpoints and the model (AES-GCM)
+    progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
+    secagg_stage_timeout: float = 30.0
+    buffering: AsyncPolicy | None = None  # --mode async: buffered asynchronous rounds
+    # A finished run started again with its own --rounds: `run` serves "finished" for --linger
+    # (a coordinator restarted after its last commit tells late clients); `simulate` has no one
+    # to tell and refuses.
+    serve_finished: bool = True
+    call_queue: CallQueue = field(default_factory=CallQueue)  # gRPC's, before authentication
+    downloads: DownloadLimits = field(default_factory=DownloadLimits)
+
+
+class SetupError(RuntimeError):
+    """A problem the operator must fix before the coordinator can start."""
+
+
+def build_coordinator(s: ServerSettings) -> Coordinator:
+    try:
+        task = load_object(s.task)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    strategy = build_strategy(s.strategy, **s.strategy_params)  # bad flags: before any disk
+    if s.buffering is not None:
+        check_async_settings(s, strategy.needs_all_updates)
+    if strategy.needs_all_updates and (s.dp is not None or s.secure != "none"):
+        # They read individual updates: that bypasses DP noise (added to the mean) and is
+        # impossible when the coordinator only holds masked updates.
+        raise SetupError(
+            f"strategy {s.strategy} reads every individual update, so it cannot be combined "
+            "with --dp-clip or --secure; use fedavg, fedprox, fedavgm or a FedOpt strategy"
+        )
+    try:
+        cipher = StateCipher.from_key_file(s.encrypt_state) if s.encrypt_state else None
+    except ManifestError as e:
+        raise SetupError(str(e)) from None
+    try:
+        store = StateStore(s.state_dir, cipher)
+    except StateDirBusy as e:
+        raise SetupError(str(e)) from None
+    fresh = initial_model(task, s.seed)
+    last = store.last_round()
+    if last or store.checkpoint_path(0).exists():
+        recorded = store.get_meta("task")
+        if recorded and recorded != s.task:
+            raise SetupError(
+                f"{s.state_dir} holds a run of task {recorded!r}, not {s.task!r}; "
+                "use another --state-dir to start a new federation"
+            )
+        recorded = store.get_meta("strategy")
+        if recorded and recorded != s.strategy:
+            raise SetupError(
+                f"{s.state_dir} holds a run of strategy {recorded!r}, not {s.strategy!r}; "
+                "resume with the same --strategy or use another --state-dir"
+            )
+        check_rounds_left(s, last, int(store.get_meta("total_rounds", "0") or 0))
+        check_resumed_mode(s, store)
+        try:
+            model, strategy_state = store.load_checkpoint(last)
+        except ManifestError as e:  # wrong key, tampered or truncated file: refuse to start
+            raise SetupError(f"cannot resume from {s.state_dir}: {e}") from None
+        if model.manifest != fresh.manifest:
+            raise SetupError(
+                f"the checkpoint in {s.state_dir} does not match the task's model architecture"
+            )
+        protocol_state = {
+            k.removeprefix(PROTOCOL_STATE): strategy_state.pop(k)
+            for k in [k for k in strategy_state if k.startswith(PROTOCOL_STATE)]
+        }
+        strategy.load_state_arrays(strategy_state)
+        # A crash between the SQLite commit and publishing would leave model.safetensors a
+        # round behind; the committed checkpoint is the truth.
+        store.publish_model(model, last)
+        log.info("resuming from %s: %d round(s) completed", s.state_dir, last)
+    else:
+        model, protocol_state = fresh, {}
+        log.info("starting a new federation in %s", s.state_dir)
+    if s.defaults.train_tensors:
+        try:
+            check_spec(model.manifest.floats(), s.defaults.train_tensors)
+        except ManifestError as e:
+            raise SetupError(f"--train-tensors: {e}") from None
+        if strategy.needs_all_updates or s.dp is not None or s.secure != "none":
+            raise SetupError(
+                "--train-tensors needs a mean-based strategy without --dp-clip or --secure "
+                "(their noise and masks cover the whole model)"
+            )
+    suggested = task.default_config() if hasattr(task, "default_config") else None
+    task_defaults = TrainingDefaults(
+        getattr(suggested, "local_epochs", None),
+        getattr(suggested, "lr", None),
+        getattr(suggested, "batch_size", None),
+    )
+    evaluator = Evaluator(task)
+    dp = None
+    if s.dp is not None:
+        # --secure secagg/he: noise on the clients, so neither the coordinator nor a key
+        # holder ever sees a sum without it.
+        dp = DPServer(s.dp, noise_on_clients=s.secure != "none", seed=s.dp_seed)
+        dp.resume(r.metrics for r in store.rounds())
+    if s.secure == "he":
+        check_he_settings(s)
+    coordinator = Coordinator(
+        store=store,
+        strategy=strategy,
+        policy=s.policy,
+        model=model,
+        defaults=s.defaults.resolved(task_defaults),
+        evaluate=evaluator if evaluator.enabled else None,
+        max_update_bytes=s.max_update_bytes,
+        seed=s.seed,
+        eval_policy=s.eval_policy,
+        dp=dp,
+        secure=s.secure,
+        secagg_stage_timeout=s.secagg_stage_timeout,
+        he_public_key=s.he_public_key,
+        buffering=s.buffering,
+    )
+    coordinator.protocol.load_state_arrays(protocol_state)
+    coordinator.initialize_store(s.task)
+    mode, k = run_mode(s)
+    store.set_meta(mode=mode, buffer_size=k)
+    store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
+    return coordinator
+
+
+def check_rounds_left(s: ServerSettings, done: int, planned: int) -> None:
+    """A resumed run must have rounds left; the stored total is never lowered below `done`."""
+    wanted = s.policy.total_rounds
+    if done < wanted:
+        if planned > wanted:
+            log.warning(
+                "--rounds %d ends the run in %s before the %d rounds it was started with",
+                wanted,
+                shown_path(s.state_dir),
+                planned,
+            )
+        return
+    message = (
+        f"nothing to do: {done} rounds already completed in {shown_path(s.state_dir)} (use "
+        f"--rounds > {done} to continue, or another --state-dir)"
+    )
+    if wanted == planned and s.serve_finished:
+        log.warning("%s; telling clients that training is finished", message)
+        return
+    raise SetupError(message)
+
+
+def shown_path(path: Path) -> str:
+    """`./state` rather than `state`: a bare word does not read as a folder in a message."""
+    text = str(path)
+    return text if path.is_absolute() or text.startswith(".") else f"./{text}"
+
+
+def check_resumed_mode(s: ServerSettings, store: StateStore) -> None:
+    """A resumed run keeps its --mode and --buffer-size: a version's meaning (a round of the
+    selected clients, or a buffer of K deltas) and its DP accounting would change mid-run."""
+    mode, k = run_mode(s)
+    for key, flag, now in (("mode", "--mode", mode), ("buffer_size", "--buffer-size", k)):
+        recorded = store.get_meta(key)
+        if recorded is not None and recorded != now:
+            raise SetupError(
+                f"{shown_path(s.state_dir)} holds a run with {flag} {recorded or '(unset)'}, not "
+                f"{now or '(unset)'}; resume with {flag} {recorded or '(unset)'} or use another "
+                "--state-dir"
+            )
+
+
+def run_mode(s: ServerSettings) -> tuple[str, str]:
+    """(--mode, --buffer-size) as the state dir's meta records them ("" when unset)."""
+    if s.buffering is not None:
+        return "async", str(s.buffering.buffer_size)
+    return s.defaults.mode, ""
+
+
+def check_async_settings(s: ServerSettings, needs_all_updates: bool) -> None:
+    """--mode async combines with what folds one update at a time into a mean; not the rest."""
+    if s.secure != "none":
+        raise SetupError(
+            f"--mode async cannot be combined with --secure {s.secure}: masks and ciphertexts "
+            "only cancel out or decrypt as the sum of one synchronous round's fixed set of "
+            "clients, while an asynchronous buffer takes whoever finishes first; use "
+            "--mode fedavg with --secure, or --mode async without it (--dp-clip still works)"
+        )
+    if needs_all_updates:
+        raise SetupError(
+            f"--mode async cannot be combined with strategy {s.strategy}: it folds each delta "
+            "into a running mean as it arrives; use fedavg, fedprox, fedavgm or a FedOpt strategy"
+        )
+
+
+def check_he_settings(s: ServerSettings) -> None:
+    """--secure he: a public context, and rounds that always sum at least two updates."""
+    from fedcore.he import HEError, load_public_context
+    from fedserver.protocols.he import MIN_UPDATES
+
+    if s.he_public_key is None:
+        raise SetupError(
+            "--secure he needs --he-public-key FILE (he-public.ctx from `fedserver he-keygen`)"
+        )
+    try:
+        load_public_context(s.he_public_key)
+    except HEError as e:
+        raise SetupError(f"--he-public-key: {e}") from None
+    p = s.policy
+    if min(p.min_clients, p.min_fit or p.min_clients) < MIN_UPDATES:
+        raise SetupError(
+            f"--secure he needs --min-clients (and --min-fit) of at least {MIN_UPDATES}: the "
+            "decrypted sum of a single update would be that update"
+        )

@@ -1,0 +1,435 @@
+"""The coordinator's brain: global model, round lifecycle, store; no gRPC here.
+
+All state changes happen on the asyncio event loop; heavy work (aggregation, checkpointing,
+evaluation) runs in a worker thread on immutable inputs and is applied back on the loop.
+The servicer (service.py) validates messages and translates the exceptions raised here into
+gRPC status codes. The Coordinator owns, and hands each only what it needs: one round protocol
+(fedserver/protocols: how contributions become the aggregate), the update intake
+(submissions.py), federated evaluation (evaluation_rounds.py) and the publisher that turns a
+closed round into the next model (publishing.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedcore.logs import format_metrics
+from fedcore.selection import Selection, round_selection
+from fedcore.tensors import FlatModel
+from fedserver.coordinator.federated_eval import EvaluationRounds
+from fedserver.coordinator.liveness import LivenessWatch
+from fedserver.coordinator.offers import Offer, TrainingDefaults
+from fedserver.coordinator.publishing import Participation, RoundPublisher
+from fedserver.coordinator.submissions import UpdateIntake
+from fedserver.coordinator.wakeups import Wakeups
+from fedserver.protocols.base import Opening, ProtocolEnv, ProtocolSettings, RoundProtocol
+from fedserver.protocols.dp import DPServer
+from fedserver.protocols.registry import build_protocol
+from fedserver.rounds.buffered import AsyncPolicy, build_machine
+from fedserver.rounds.eval_campaign import EvalPolicy
+from fedserver.rounds.synchronous import ClosedRound, Phase, RoundPolicy, RoundsExhausted
+from fedserver.state.metrics import Metrics
+from fedserver.state.store import StateStore
+from fedserver.strategies import Strategy
+from fedserver.updates.messages import PendingSubmit, SubmitHeader, SubmitResult
+from fedserver.updates.receiver import spill_key
+from fedserver.updates.uploads import Uploads
+
+log = logging.getLogger("fedserver")
+
+
+@dataclass
+class Coordinator:
+    store: StateStore
+    strategy: Strategy
+    policy: RoundPolicy
+    model: FlatModel
+    defaults: TrainingDefaults = field(default_factory=TrainingDefaults)
+    evaluate: Callable[[FlatModel], dict[str, float]] | None = None
+    max_update_bytes: int = 4 << 30
+    seed: int = 0
+    dp: DPServer | None = None
+    # The round protocol (fedserver/protocols/registry.py), from the --secure flag: "none";
+    # "secagg": the coordinator only ever sees masked updates; "he": only ciphertexts and sums
+    secure: str = "none"
+    secagg_stage_timeout: float = 30.0  # each secure stage's wait for slow clients
+    he_public_key: Path | None = None  # --secure he: the public CKKS context
+    eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
+    # --mode async: buffered asynchronous rounds (async_rounds.py, protocols/buffered.py)
+    buffering: AsyncPolicy | None = None
+    rejections: Counter[str] = field(default_factory=Counter)
+    metrics: Metrics = field(default_factory=Metrics)
+    clock: Callable[[], float] = time.monotonic  # round deadlines and liveness (tests inject)
+
+    def __post_init__(self) -> None:
+        start = self.store.last_round() + 1
+        self.federation_id = self.store.get_meta("federation_id") or uuid.uuid4().hex
+        self.machine = build_machine(
+            self.policy,
+            self.buffering,
+            clock=self.clock,
+            rng=random.Random(self.seed + start),
+            round=start,
+            joined=self.store.has_joined,
+        )
+        self._changed = asyncio.Event()  # secure-aggregation stages wait on this
+        self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
+        self._flush_joins: asyncio.TimerHandle | None = None
+        # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
+        key = spill_key(self.store.cipher is not None)
+        self.uploads = Uploads(self.store.dir / "incoming", key, self.metrics, self.rejections)
+        self.protocol: RoundProtocol = build_protocol(
+            ProtocolSettings(
+                "async" if self.buffering else self.secure,
+                dp=self.dp is not None,
+                keep_updates=self.strategy.needs_all_updates,
+                stage_timeout=self.secagg_stage_timeout,
+                he_public_key=self.he_public_key,
+                staleness=self.buffering.weight if self.buffering else None,
+                max_weight_ratio=self.buffering.max_weight_ratio if self.buffering else 0.0,
+            ),
+            ProtocolEnv(
+                self.model.manifest.floats(),
+                self.federation_id,
+                self.uploads,
+                self.clock,
+                lambda: self.machine.round,
+                self.machine.live_clients,
+                self.touch,
+                self._notify,
+                lambda: self._changed,
+            ),
+        )
+        self.publisher = RoundPublisher(
+            self.store, self.strategy, self.protocol, self.metrics, self.evaluate, self.dp
+        )
+        self.intake = UpdateIntake(
+            self.uploads,
+            self.machine,
+            self.protocol,
+            self.base_version,
+            self.round_selection,
+            self.store.receipt_digest,
+            self.touch,
+            self._advance,
+            self.max_update_bytes,
+            dp=self.dp,
+            strategy_name=self.strategy.name,
+        )
+        self.evaluations = EvaluationRounds(
+            self.eval_policy,
+            self.policy.total_rounds,
+            self.seed,
+            self.store,
+            self.machine.live_clients,
+            lambda: self.model.version,
+            self.uploads.refuse,
+            self._notify,
+        )
+        self.liveness = LivenessWatch(
+            self.machine, self.clock, self._advance, self.policy.total_rounds
+        )
+        self._available = 0  # live clients when the round opened (DP sample rate)
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._aggregating: asyncio.Task[None] | None = None
+        self.shutting_down = False
+        self.failure: str | None = None
+        self.told_finished: set[str] = set()
+        self.done = asyncio.Event()
+        if self.machine.phase is Phase.FINISHED:
+            self.done.set()
+
+    def base_version(self, round_number: int) -> str | None:
+        """The model an update for `round_number` must be based on: the one after the round
+        before (older than the current round only under asynchronous aggregation)."""
+        if round_number == self.machine.round:
+            return self.model.version
+        return self.store.model_version_after(round_number - 1)
+
+    def round_selection(self, round_number: int | None = None) -> Selection:
+        """The tensors trained and sent in a round (--train-tensors; all by default): the
+        current one, or an update's base round (under async the group it was trained on)."""
+        spec = self.defaults.train_tensors
+        at = self.machine.round if round_number is None else round_number
+        return round_selection(self.model.manifest.floats(), spec, at)
+
+    # ------------------------------------------------------------------ startup
+    def initialize_store(self, task_name: str) -> None:
+        if self.store.last_round() == 0 and not self.store.checkpoint_path(0).exists():
+            self.store.write_checkpoint(0, self.model, self.publisher.state_arrays())
+            self.store.publish_model(self.model, 0)
+            self.store.set_meta(initial_version=self.model.version)
+        self.store.set_meta(
+            federation_id=self.federation_id,
+            total_rounds=self.policy.total_rounds,
+            task=task_name,
+            strategy=self.strategy.name,
+            strategy_params=json.dumps(self.strategy.params(), sort_keys=True),
+            status="finished" if self.machine.phase is Phase.FINISHED else "running",
+            failure="",  # a resumed run that gave up before is running again
+        )
+
+    # ------------------------------------------------------------------ events
+    def _notify(self, clients: Collection[str] | None = None) -> None:
+        """Something changed: wake the long-polls of `clients` (whose answer changed), or of
+        everyone when None. Secure-stage waiters are always woken (only K of them)."""
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+        if clients is None:
+            self._wakeups.wake_all()
+        else:
+            self._wakeups.wake(clients)
+
+    def _advance(self) -> None:
+        """Let the round machine react to the current time and clients."""
+        if self.failure or self.shutting_down:
+            return
+        try:
+            action = self.machine.step()
+        except RoundsExhausted as e:
+            self.liveness.after_step("exhausted")  # who sent nothing, before giving up
+            self._fail(str(e))
+            return
+        self.liveness.after_step(action)
+        if action in ("opened", "reopened"):
+            m = self.machine
+            verb = "opened" if action == "opened" else f"re-opened (attempt {m.attempts})"
+            log.info("round %d/%d %s: %s", m.round, self.policy.total_rounds, verb, m.describe())
+            if action == "opened":
+                self.metrics.round_opened()
+                self.intake.client_metrics = {}
+                self._available = m.live_count()
+            self.protocol.open(Opening(m.round, m.selected, fresh=action == "opened"))
+            self._schedule_deadline()
+            # Only these clients' answer changed (the selected ones; under async those that
+            # waited for a buffer to open): the others keep sleeping.
+            self._notify(m.woken())
+        elif action == "wake":  # training slots came free: as many waiters as slots
+            self._notify(self.machine.woken())
+        elif action == "close" and self.protocol.can_close():
+            closed = self.machine.close()
+            self._aggregating = asyncio.get_running_loop().create_task(self._finish_round(closed))
+
+    def _schedule_deadline(self) -> None:
+        if self._deadline_timer:
+            self._deadline_timer.cancel()
+        delay = max(0.0, self.machine.deadline - self.clock()) + 0.01
+        self._deadline_timer = asyncio.get_running_loop().call_later(delay, self._advance)
+
+    def touch(self, client_id: str, properties: dict[str, str] | None = None) -> None:
+        self.machine.touch(client_id)
+        if properties is not None:
+            self.store.record_client(client_id, properties)
+            if self._flush_joins is None:  # one write per 0.2 s of Joins, not one per Join
+                loop = asyncio.get_running_loop()
+                self._flush_joins = loop.call_later(0.2, self._write_joins)
+        self._advance()
+
+    def _write_joins(self) -> None:
+        self._flush_joins = None
+        self.store.flush_clients()
+
+    # ------------------------------------------------------------------ pulling the model
+    def state_name(self) -> str:
+        if self.shutting_down:
+            return "shutting_down"
+        if self.failure or self.machine.phase is Phase.FINISHED:
+            return "finished"
+        if self.machine.phase is Phase.WAITING:
+            return "waiting_for_clients"
+        return "training"
+
+    def round_config(self) -> dict[str, object]:
+        d = self.defaults
+        extra = self.strategy.round_config(self.machine.round) | d.mode_extra()
+        if d.train_tensors:
+            extra["train_tensors"] = ",".join(self.round_selection().names)
+        if self.dp is not None:
+            extra |= self.dp.round_extra(len(self.machine.selected))
+        extra |= self.protocol.round_extra()
+        return {
+            "local_epochs": d.local_epochs,
+            "lr": d.lr,
+            "batch_size": d.batch_size,
+            "encoding": self.protocol.encoding or d.encoding,
+            "extra": extra,
+        }
+
+    def offer(self, client_id: str, known_version: str) -> Offer | None:
+        """The answer for this client now, or None if it should keep waiting."""
+        state = self.state_name()
+        selected = self.machine.expects_update_from(client_id) and state == "training"
+        if selected:
+            self.machine.lease(client_id)
+        evaluate = 0 if self.shutting_down else self.evaluations.evaluation_for(client_id)
+        decrypt = self.protocol.decryption_for(client_id)
+        if state == "finished":
+            self._told_finished(client_id)
+            msg = self.failure or f"training finished after {self.machine.rounds_completed} rounds"
+        elif state == "shutting_down":
+            msg = "coordinator is shutting down; retry later"
+        elif selected:
+            msg = f"selected for round {self.machine.round}"
+        elif evaluate:
+            msg = f"selected to evaluate the model of round {evaluate}"
+        elif decrypt:
+            msg = f"asked to decrypt the encrypted aggregate of round {decrypt}"
+        else:
+            return None
+        deadline = max(0.0, self.machine.deadline - self.clock()) if selected else 0.0
+        return Offer(
+            state,
+            self.machine.round,
+            selected,
+            self.model,
+            (selected or evaluate > 0) and known_version != self.model.version,
+            self.round_config(),
+            deadline if math.isfinite(deadline) else 0.0,
+            msg,
+            evaluate,
+            decrypt,
+        )
+
+    def _told_finished(self, client_id: str) -> None:
+        """Remember who heard that training finished (the linger waits for the live rest),
+        bounded by the live clients: ids that went quiet are dropped once the set outgrows
+        twice their number (amortized O(1) per call, however many ids an attacker makes up)."""
+        told = self.told_finished
+        told.add(client_id)
+        if len(told) > 2 * self.machine.live_count() + 16:
+            told.intersection_update(self.machine.last_seen.keys())
+
+    def idle_offer(self, client_id: str) -> Offer:
+        m = self.machine
+        if m.phase is Phase.WAITING:
+            msg = f"waiting for clients: {m.live_count()} of {self.policy.min_clients} live"
+        elif client_id in m.receipts:
+            msg = f"update for round {m.round} received; waiting for the round to close"
+        elif reason := m.waiting_reason(client_id):
+            msg = reason
+        else:
+            msg = f"not selected for round {m.round}; waiting for the next round"
+        return Offer(self.state_name(), m.round, False, self.model, False, {}, 0.0, msg)
+
+    async def poll(self, client_id: str, known_version: str, wait: float) -> Offer:
+        """Long-poll: answer as soon as there is something for the client, or after `wait`."""
+        self.touch(client_id)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + max(0.0, wait)
+        while True:
+            offer = self.offer(client_id, known_version)
+            remaining = until - loop.time()
+            if offer is not None or remaining <= 0:
+                return offer or self.idle_offer(client_id)
+            # A waiting client stays live: it is re-touched at least every third of the timeout.
+            await self._wakeups.wait(client_id, min(remaining, self.liveness.heartbeat_interval()))
+            self.touch(client_id)
+
+    # ------------------------------------------------------------------ closing rounds
+    async def _finish_round(self, closed: ClosedRound) -> None:
+        try:
+            await self._aggregate_round(closed)
+        except Exception as e:
+            # Disk full, a strategy bug...: stop rather than hang; the last committed round is
+            # intact on disk and a restart resumes from it.
+            log.exception("aggregating round %d failed", closed.round)
+            self._fail(f"aggregating round {closed.round} failed: {e}")
+        finally:
+            self._aggregating = None
+
+    async def _aggregate_round(self, closed: ClosedRound) -> None:
+        started = time.monotonic()
+        metrics = self.intake.metric_means(closed.receipts)
+        metrics.update(self.machine.closing_metrics(closed))
+        receipts = self.intake.client_receipts(closed.receipts, closed.round)
+        # DP amplification by sampling holds only for a random draw; a buffer filled by whoever
+        # finishes first is accounted with q = 1 (available = the buffer's own size).
+        m = self.machine
+        available = self._available if m.samples_clients_at_random else m.expected_updates
+        population = Participation(m.expected_updates, available)
+        new_model, record = await self.publisher.publish(
+            self.model, closed, metrics, receipts, population
+        )
+        self.model = new_model
+        self.evaluations.open_campaign(closed.round, new_model)
+        self.machine.complete()
+        self.metrics.round_closed(record.participants, record.duration, time.monotonic() - started)
+        shown = format_metrics(record.metrics)
+        log.info(
+            "round %d/%d closed: %d update(s), %s (aggregated in %.2fs, round %.2fs)",
+            closed.round,
+            self.policy.total_rounds,
+            len(closed.receipts),
+            shown or "no metrics",
+            time.monotonic() - started,
+            record.duration,
+        )
+        if self.machine.phase is Phase.FINISHED:
+            self.store.set_meta(status="finished")
+            log.info("training finished: %d rounds", self.machine.rounds_completed)
+            self.done.set()
+        self._advance()  # opens the next round: wakes its selected clients
+        # Everyone else's answer changes only if training ended or an evaluation was asked for.
+        everyone = self.evaluations.campaign is not None or self.machine.phase is Phase.FINISHED
+        self._notify(None if everyone else ())
+
+    def _fail(self, why: str) -> None:
+        """Give up: `failed` (and why) in the state dir, so `fedserver status` says so after
+        the process is gone; clients are told on their next poll."""
+        self.failure = why
+        log.error("%s", why)
+        self.liveness.close()
+        self.store.set_meta(status="failed", failure=why)
+        self.done.set()
+        self._notify()
+
+    # ------------------------------------------------------------------ updates and evaluations
+    async def settled(self) -> None:
+        """Under asynchronous aggregation, wait out a buffer being applied: an update arriving
+        meanwhile counts in the next buffer a moment later instead of being refused."""
+        while self.machine.holds_submits_while_aggregating and self._aggregating is not None:
+            await asyncio.shield(self._aggregating)
+
+    def begin_submit(self, header: SubmitHeader) -> PendingSubmit:
+        return self.intake.begin_submit(header)
+
+    def finish_submit(self, pending: PendingSubmit, digest: str) -> SubmitResult:
+        return self.intake.finish_submit(pending, digest)
+
+    def abort_submit(self, pending: PendingSubmit) -> None:
+        self.uploads.abort(pending)
+
+    def reject(self, exc: Exception) -> Exception:
+        return self.uploads.refuse(exc)
+
+    def awaiting_evaluations(self) -> bool:
+        """Some live client still owes an evaluation of the current model."""
+        return not self.shutting_down and self.evaluations.awaiting()
+
+    # ------------------------------------------------------------------ shutdown
+    async def wait_idle(self) -> None:
+        """Wait for an aggregation in progress so its round is committed before exit."""
+        if self._aggregating is not None:
+            await asyncio.shield(self._aggregating)
+
+    async def shut_down(self) -> None:
+        """Ctrl-C or SIGTERM: refuse new work, commit the round being aggregated, then stop."""
+        log.info("stop requested: finishing the round being aggregated, then shutting down")
+        self.shutting_down = True
+        if self._deadline_timer:
+            self._deadline_timer.cancel()
+        self.liveness.close()
+        self._notify()
+        await self.wait_idle()
+        if not self.done.is_set():
+            self.store.set_meta(status="stopped")

@@ -1,0 +1,100 @@
+"""From a closed round to the next published model: the protocol's aggregate, central DP, the
+strategy's server step, evaluation, checkpoint and commit. No gRPC and no round machine: the
+Coordinator hands over a closed round and gets back the new model and its record."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcore import faults
+from fedcore.tensors import FlatModel
+from fedserver.protocols.base import RoundProtocol
+from fedserver.protocols.dp import DPServer
+from fedserver.rounds.synchronous import ClosedRound
+from fedserver.state.history import ClientReceipt, RoundRecord
+from fedserver.state.metrics import Metrics
+from fedserver.state.store import StateStore
+from fedserver.strategies import AggregateInput, Strategy
+
+PROTOCOL_STATE = "protocol."  # prefix of the protocol's arrays in the strategy-state file
+
+
+@dataclass
+class Participation:
+    """What the round machine knew of the closed round's population, for DP sampling."""
+
+    expected_updates: int  # updates the round asked for
+    available: int  # live clients when the round opened
+
+
+@dataclass
+class RoundPublisher:
+    store: StateStore
+    strategy: Strategy
+    protocol: RoundProtocol
+    metrics: Metrics
+    evaluate: Callable[[FlatModel], dict[str, float]] | None = None
+    dp: DPServer | None = None
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """What a checkpoint carries besides the model: the strategy's and the protocol's state."""
+        extra = {PROTOCOL_STATE + k: v for k, v in self.protocol.state_arrays().items()}
+        return self.strategy.state_arrays() | extra
+
+    async def publish(
+        self,
+        model: FlatModel,
+        closed: ClosedRound,
+        metrics: dict[str, float],
+        receipts: list[ClientReceipt],
+        population: Participation,
+    ) -> tuple[FlatModel, RoundRecord]:
+        """Aggregate, step, checkpoint and commit `closed`; heavy work runs off the event loop."""
+        aggregate = await self.protocol.aggregate()
+        mean, count = aggregate.mean, aggregate.count
+        metrics = dict(metrics)
+        if self.dp is not None:
+            # Off the event loop: the noise is O(model) and Opacus' ε takes up to 0.5 s.
+            mean, dp_metrics = await asyncio.to_thread(
+                self.dp.privatize, mean, count, population.expected_updates, population.available
+            )
+            metrics.update(dp_metrics)
+        agg = AggregateInput(closed.round, mean, aggregate.weight, count, aggregate.updates)
+        new_model, eval_metrics = await asyncio.to_thread(self._step_and_save, model, agg)
+        metrics.update(eval_metrics)
+        record = RoundRecord(
+            closed.round,
+            new_model.version,
+            len(closed.receipts),
+            sum(r.num_examples for r in closed.receipts.values()),
+            metrics,
+            closed.opened_at,
+            closed.closed_at,
+            time.monotonic() - closed.opened_at,
+            closed.attempts,
+        )
+        await asyncio.to_thread(self._commit, record, receipts, new_model)
+        self.protocol.release()
+        return new_model, record
+
+    def _step_and_save(
+        self, model: FlatModel, agg: AggregateInput
+    ) -> tuple[FlatModel, dict[str, float]]:
+        faults.freeze("aggregate", agg.round)
+        new_model = self.strategy.apply(model, agg)
+        self.store.write_checkpoint(agg.round, new_model, self.state_arrays())
+        metrics = self.evaluate(new_model) if self.evaluate else {}
+        return new_model, metrics
+
+    def _commit(self, record: RoundRecord, receipts: list[ClientReceipt], model: FlatModel) -> None:
+        faults.freeze("commit", record.round)
+        self.store.commit_round(record, receipts)
+        self.store.record_traffic(
+            record.round, self.metrics.round_bytes_in, self.metrics.round_bytes_out
+        )
+        self.store.publish_model(model, record.round)

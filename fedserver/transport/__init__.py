@@ -1,0 +1,4 @@
+"""gRPC: server.py (the daemon), service.py and secure_service.py (the servicers),
+rpc.py (refusal -> status code), interceptor.py and auth.py (interceptors),
+pacing.py, limits.py, joinlog.py. The only package, with the command line, that
+imports grpc."""

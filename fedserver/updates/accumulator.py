@@ -1,0 +1,84 @@
+"""The float32 accumulator: verified updates folded into one running weighted sum,
+per tensor, read back from their spills in blocks (memory O(model))."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedcore.selection import Selection
+from fedcore.tensors import DEFAULT_CHUNK_SIZE
+from fedserver.updates.receiver import StagedUpdate
+
+
+class Accumulator:
+    """Running example-weighted sum of update vectors: the only O(model) state per round.
+
+    Weights are kept per tensor (`tensor_sizes`, the model's float tensors in order) so partial
+    updates (fedcore/selection.py) fold into the same sum: each tensor is averaged over the
+    updates that carried it, and a tensor nobody sent gets a zero mean delta (it stays frozen).
+    """
+
+    def __init__(self, num_values: int, tensor_sizes: Sequence[int] | None = None) -> None:
+        sizes = list(tensor_sizes) if tensor_sizes is not None else [num_values]
+        if sum(sizes) != num_values:
+            raise ValueError(f"tensor sizes add up to {sum(sizes)}, not {num_values}")
+        self.total = np.zeros(num_values, dtype=np.float32)
+        self.weight = 0.0
+        self.count = 0
+        self._bounds = np.cumsum([0, *sizes])
+        self.tensor_weight = np.zeros(len(sizes), dtype=np.float64)
+        self._scratch = np.empty(DEFAULT_CHUNK_SIZE, dtype=np.float32)
+        self._averaged = False
+
+    def fold(
+        self,
+        update: StagedUpdate,
+        weight: float,
+        selection: Selection | None = None,
+        scale: float = 1.0,
+    ) -> None:
+        """Add weight x scale x update; a partial update's pieces are mapped through `selection`.
+
+        `scale` shrinks the values without counting in the mean's weight: the DP re-clip
+        (fedcore.privacy.clip_factor; 1.0 exactly, i.e. no change, for an update within C).
+        """
+        if self._averaged:
+            raise ValueError("cannot fold into an accumulator whose mean was taken")
+        factor = np.float32(weight * scale)
+        pieces = update.pieces() if selection is None else selection.to_full(update.pieces())
+        for piece in pieces:
+            n = piece.values.size
+            if n > self._scratch.size:
+                self._scratch = np.empty(n, dtype=np.float32)
+            scaled = np.multiply(piece.values, factor, out=self._scratch[:n])
+            if piece.indices is not None:  # sparse (top-k): positions are unique
+                self.total[piece.indices] += scaled
+                continue
+            target = self.total[piece.offset : piece.offset + n]
+            np.add(target, scaled, out=target)
+        if selection is None:
+            self.tensor_weight += weight
+        else:
+            self.tensor_weight[list(selection.indices)] += weight
+        self.weight += weight
+        self.count += 1
+
+    def mean(self) -> np.ndarray:
+        """The weighted mean, computed in place: the sum is consumed (no second model-sized
+        vector at aggregation time), so call it once, when the round is closed."""
+        if self.count == 0 or self.weight <= 0:
+            raise ValueError("no updates to average")
+        if not self._averaged:
+            if np.all(self.tensor_weight == self.weight):  # every update carried every tensor
+                np.divide(self.total, np.float32(self.weight), out=self.total)
+            else:
+                for i, w in enumerate(self.tensor_weight):
+                    part = self.total[self._bounds[i] : self._bounds[i + 1]]
+                    if w > 0:
+                        np.divide(part, np.float32(w), out=part)
+                    else:
+                        part[...] = 0.0
+            self._averaged = True
+        return self.total
