@@ -26,6 +26,10 @@ RETRYABLE = {
 RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Subchannels of its own: a channel opened to replace a stuck one (session._join) would
+    # otherwise get the stuck subchannel back from gRPC's process-wide pool (same target, same
+    # arguments), hanging connection attempt and all.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 JOIN_TIMEOUT = 30.0
 # Trailing metadata of an UNAVAILABLE refusal: how long the coordinator asks us to stay away.
