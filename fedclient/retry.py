@@ -26,6 +26,10 @@ RETRYABLE = {
 RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Subchannels of its own: a channel opened to replace a stuck one (session._join) would
+    # otherwise get the stuck subchannel back from gRPC's process-wide pool (same target, same
+    # arguments), hanging connection attempt and all.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 JOIN_TIMEOUT = 30.0
 # While the coordinator cannot be reached at all: try again within 2 s (gRPC's own reconnect

@@ -73,10 +73,7 @@ class ClientSession:
         self.client_id = settings.resolved_id()
         self.stop = stop or threading.Event()
         self.backoff = Backoff(give_up_after=settings.give_up_after)
-        options = (*CHANNEL_OPTIONS, *RECONNECT_OPTIONS)
-        self.channel = open_channel(settings.server, settings.tls, settings.token, options)
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
-        self.calls = ModelCalls(self.channel)  # model pull and upload without protobuf copies
+        self._open_channel()
         self.federation_id = ""
         self.fingerprint = ""  # of the model this client trains; sent at Join (run sets it)
         self.joined = False
@@ -91,6 +88,15 @@ class ClientSession:
         self.unreachable: str | None = None  # why the last call could not connect
 
     # ------------------------------------------------------------------ plumbing
+    def _open_channel(self) -> None:
+        """A new channel and stubs; one given up on is left to close when unreferenced (a
+        round's protocol handler may still hold a stub on it)."""
+        s = self.settings
+        options = (*CHANNEL_OPTIONS, *RECONNECT_OPTIONS)
+        self.channel = open_channel(s.server, s.tls, s.token, options)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.calls = ModelCalls(self.channel)  # model pull and upload without protobuf copies
+
     def _call(self, what: str, fn: Callable[[], T]) -> T:
         """Run an RPC, retrying transient failures until the give-up budget runs out."""
         while True:
@@ -151,6 +157,13 @@ class ClientSession:
                 except grpc.FutureTimeoutError:
                     if self.stop.is_set():
                         raise Stopped from None
+        except grpc.RpcError as e:
+            if e.code() is grpc.StatusCode.DEADLINE_EXCEEDED:  # type: ignore[attr-defined]
+                # The channel may be stuck connecting (one client never reached a restarted
+                # coordinator in 120 s); a new one connects afresh (tests/test_reconnect.py).
+                log.info("no answer to Join within its deadline; reconnecting on a new channel")
+                self._open_channel()
+            raise
         except BaseException:
             call.cancel()
             raise

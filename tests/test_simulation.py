@@ -71,8 +71,22 @@ def _sim_args(state: Path, ray_dir: Path, task: str, *extra: str) -> list[str]:
     ]
 
 
+# A run here needs 15-25 s of wall time with the 2 cores shared by 15-25 runnable processes
+# (measured: Ray start 4-9 s, W actors 2-5 s, 10 rounds of 50 clients 4-6 s, shutdown 1.5 s),
+# so 170 s covers far more than a second CPU-bound process beside the suite. A run that still
+# overruns it is stuck, not slow: say where, from its log, instead of only "timed out".
+SIMULATE_BUDGET = 170.0
+
+
 def _simulate(state: Path, ray_dir: Path, task: str, *extra: str) -> None:
-    out = fedserver(*_sim_args(state, ray_dir, task, *extra), timeout=170)
+    try:
+        out = fedserver(*_sim_args(state, ray_dir, task, *extra), timeout=SIMULATE_BUDGET)
+    except subprocess.TimeoutExpired as e:
+        log = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+        raise AssertionError(
+            f"fedserver simulate still running after {SIMULATE_BUDGET:.0f}s; its log ends:\n"
+            f"{(log or '(nothing logged)')[-4000:]}"
+        ) from None
     assert out.returncode == 0, out.stderr[-4000:]
 
 

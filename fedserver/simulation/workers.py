@@ -41,8 +41,11 @@ def start_ray(s: RaySettings) -> None:
     if s.address:
         ray.init(address=s.address, **common)
         return
-    # Local workers must import the task (and fedgrpc) as this process does.
-    path = os.pathsep.join(p for p in sys.path if p)
+    # Local workers must import the task (and fedgrpc) as this process does. Through the
+    # environment the raylet and its workers inherit, not a runtime_env: Ray prestarts one
+    # worker per CPU without any runtime_env, and actors with one could not use them, so each
+    # start-up paid for W extra worker processes (Python + ray imports) it then killed unused.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     num_cpus = None
     if s.workers is not None:
         num_cpus = max(1, math.ceil(s.workers * s.cpus))
@@ -50,7 +53,6 @@ def start_ray(s: RaySettings) -> None:
     ray.init(
         num_cpus=num_cpus,
         object_store_memory=s.object_store_mb << 20,
-        runtime_env={"env_vars": {"PYTHONPATH": path}},
         _temp_dir=s.temp_dir,
         **common,
     )
