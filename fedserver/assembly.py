@@ -24,6 +24,7 @@ from fedserver.publishing import PROTOCOL_STATE
 from fedserver.rounds import RoundPolicy
 from fedserver.store import StateDirBusy, StateStore
 from fedserver.strategies import build_strategy
+from fedserver.tracking import TrackSettings, run_params, start_tracking
 
 log = logging.getLogger("fedserver")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 3, 2
@@ -60,6 +61,7 @@ class ServerSettings:
     # (a coordinator restarted after its last commit tells late clients); `simulate` has no one
     # to tell and refuses.
     serve_finished: bool = True
+    track: TrackSettings | None = None  # --track: MLflow / TensorBoard (fedserver/tracking.py)
 
 
 class SetupError(RuntimeError):
@@ -172,6 +174,19 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     mode, k = run_mode(s)
     store.set_meta(mode=mode, buffer_size=k)
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
+    params = run_params(
+        task=s.task,
+        strategy=strategy,
+        defaults=coordinator.defaults,
+        policy=s.policy,
+        eval_policy=s.eval_policy,
+        dp=s.dp,
+        buffering=s.buffering,
+        secure=s.secure,
+        seed=s.seed,
+    )
+    tracker = start_tracking(s.track, store, coordinator.federation_id, params)
+    coordinator.publisher.tracker = coordinator.evaluations.tracker = tracker
     return coordinator
 
 

@@ -20,6 +20,7 @@ from fedserver.protocols.base import RoundProtocol
 from fedserver.rounds import ClosedRound
 from fedserver.store import StateStore
 from fedserver.strategies import AggregateInput, Strategy
+from fedserver.tracking import RoundTracker
 
 PROTOCOL_STATE = "protocol."  # prefix of the protocol's arrays in the strategy-state file
 
@@ -40,6 +41,7 @@ class RoundPublisher:
     metrics: Metrics
     evaluate: Callable[[FlatModel], dict[str, float]] | None = None
     dp: DPServer | None = None
+    tracker: RoundTracker | None = None  # --track (fedserver/tracking.py)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """What a checkpoint carries besides the model: the strategy's and the protocol's state."""
@@ -94,7 +96,8 @@ class RoundPublisher:
     def _commit(self, record: RoundRecord, receipts: list[ClientReceipt], model: FlatModel) -> None:
         faults.freeze("commit", record.round)
         self.store.commit_round(record, receipts)
-        self.store.record_traffic(
-            record.round, self.metrics.round_bytes_in, self.metrics.round_bytes_out
-        )
+        bytes_in, bytes_out = self.metrics.round_bytes_in, self.metrics.round_bytes_out
+        self.store.record_traffic(record.round, bytes_in, bytes_out)
         self.store.publish_model(model, record.round)
+        if self.tracker is not None:  # queued for the tracker's thread: never waits
+            self.tracker.round_committed(record, bytes_in, bytes_out)
