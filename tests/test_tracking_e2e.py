@@ -4,9 +4,13 @@ back with the tracker's own reader and compared with `fedserver status --json`."
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +19,8 @@ import pytest
 from fedserver.tracking import ROUND_PREFIX
 from tests.procs import (
     Proc,
+    child_env,
     free_port,
-    spawn,
     start_clients,
     start_serving,
     status_json,
@@ -43,40 +47,54 @@ def expected_metrics(state_dir: Path) -> dict[int, dict[str, float]]:
     return out
 
 
-def start_mlflow(procs: list[Proc], tmp_path: Path) -> str:
-    """`mlflow server` on a free loopback port, SQLite backend, one worker; its URL once its
-    health endpoint answers."""
+@dataclass
+class MlflowServer:
+    url: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers (their own process group): the port goes dead."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[MlflowServer]:
+    """`mlflow server` on a free loopback port, SQLite backend, one worker, once its health
+    endpoint answers; killed with its workers after the test."""
     port = free_port()
-    args = [
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(tmp_path / "mlartifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    server = spawn("mlflow", args, tmp_path / "logs")
-    procs.append(server)
-    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "logs" / "mlflow.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    args = ["server", "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    args += ["--artifacts-destination", str(tmp_path / "mlartifacts")]
+    args += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(log_path, "ab") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            cwd=tmp_path,
+            start_new_session=True,  # its workers die with it (kill)
+        )
+    server = MlflowServer(f"http://127.0.0.1:{port}", popen, log_path)
 
     def healthy() -> bool:
-        if server.popen.poll() is not None:
-            raise AssertionError(f"mlflow server exited:\n{server.log()}")
+        if popen.poll() is not None:
+            raise AssertionError(f"mlflow server exited:\n{log_path.read_text()}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+            with urllib.request.urlopen(f"{server.url}/health", timeout=2) as reply:
                 return bool(reply.status == 200)
         except OSError:
             return False
 
-    wait_until(healthy, 120, "the MLflow server's /health")
-    return url
+    try:
+        wait_until(healthy, 120, "the MLflow server's /health")
+        yield server
+    finally:
+        server.kill()
 
 
 def mlflow_metrics(client: Any, run_id: str, keys: set[str]) -> dict[int, dict[str, float]]:
@@ -88,8 +106,10 @@ def mlflow_metrics(client: Any, run_id: str, keys: set[str]) -> dict[int, dict[s
     return out
 
 
-def test_mlflow_run_matches_status(procs: list[Proc], tmp_path: Path) -> None:
-    url = start_mlflow(procs, tmp_path)
+def test_mlflow_run_matches_status(
+    procs: list[Proc], tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    url = mlflow_server.url
     state = tmp_path / "state"
     port = free_port()
     logs = tmp_path / "logs"
@@ -140,3 +160,67 @@ def test_mlflow_run_matches_status(procs: list[Proc], tmp_path: Path) -> None:
     assert meta.stdout.strip() == run.info.run_id
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "model.safetensors" in artifacts
+
+
+def test_tensorboard_events_match_status(procs: list[Proc], tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = tmp_path / "board"
+    state = tmp_path / "state"
+    port = free_port()
+    logs = tmp_path / "logs"
+    server = start_serving(procs, logs, port, state, *FLAGS, "--track", f"tensorboard://{board}")
+    clients = start_clients(procs, logs, port, 2)
+    wait_finished(server, clients, 240)
+
+    events = EventAccumulator(str(board))
+    events.Reload()
+    expected = expected_metrics(state)
+    keys = {k for values in expected.values() for k in values}
+    assert set(events.Tags()["scalars"]) == keys
+    seen: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for e in events.Scalars(key):
+            assert e.step not in seen.get(key, {}), f"{key} written twice at step {e.step}"
+            seen.setdefault(e.step, {})[key] = e.value
+    # TensorBoard stores float32: compare at that precision.
+    assert seen.keys() == expected.keys()
+    for r, values in expected.items():
+        assert seen[r] == pytest.approx(values, rel=1e-6), r
+    assert "parameters" in events.Tags()["tensors"]
+
+
+def test_a_dead_tracking_server_does_not_stop_the_federation(
+    procs: list[Proc], tmp_path: Path, mlflow_server: MlflowServer
+) -> None:
+    from mlflow import MlflowClient
+
+    url = mlflow_server.url
+    state = tmp_path / "state"
+    port = free_port()
+    logs = tmp_path / "logs"
+    flags = ("--rounds", "4", "--min-clients", "2", "--seed", "7", "--track-timeout", "5")
+    server = start_serving(procs, logs, port, state, *flags, "--track", f"mlflow://{url}")
+    # Slow clients (a round takes seconds): round 1 is tracked long before the last closes.
+    clients = start_clients(procs, logs, port, 2, "--slowdown", "50")
+    client = MlflowClient(tracking_uri=url)
+
+    def round_one_tracked() -> bool:
+        experiment = client.get_experiment_by_name("fedgrpc")
+        if experiment is None:
+            return False
+        runs = client.search_runs([experiment.experiment_id])
+        return bool(runs) and bool(
+            client.get_metric_history(runs[0].info.run_id, ROUND_PREFIX + "participants")
+        )
+
+    wait_until(round_one_tracked, 120, "round 1 in MLflow")
+    mlflow_server.kill()
+    assert status_json(state)["rounds_completed"] < 4, "the tracker died after the last round"
+    wait_finished(server, clients, 240)
+    assert status_json(state)["rounds_completed"] == 4
+    log = server.log()
+    warnings = [line for line in log.splitlines() if "unreachable" in line and "tracking" in line]
+    assert len(warnings) == 1, log  # once per outage, not once per round
+    assert "WARNING" in warnings[0], warnings[0]
