@@ -4,8 +4,10 @@ back with the tracker's own reader and compared with `fedserver status --json`."
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import urllib.request
@@ -171,7 +173,8 @@ def test_tensorboard_events_match_status(procs: list[Proc], tmp_path: Path) -> N
     port = free_port()
     logs = tmp_path / "logs"
     server = start_serving(procs, logs, port, state, *FLAGS, "--track", f"tensorboard://{board}")
-    clients = start_clients(procs, logs, port, 2)
+    # The clients track their own metrics, one folder each.
+    clients = start_clients(procs, logs, port, 2, "--track", f"tensorboard://{tmp_path / 'cl'}")
     wait_finished(server, clients, 240)
 
     events = EventAccumulator(str(board))
@@ -189,6 +192,21 @@ def test_tensorboard_events_match_status(procs: list[Proc], tmp_path: Path) -> N
     for r, values in expected.items():
         assert seen[r] == pytest.approx(values, rel=1e-6), r
     assert "parameters" in events.Tags()["tensors"]
+
+    # A client's train metrics are what its receipts hold (what it reported), round by round.
+    mine = EventAccumulator(str(tmp_path / "cl" / "client-0"))
+    mine.Reload()
+    with sqlite3.connect(state / "state.db") as db:
+        rows = db.execute(
+            "SELECT round, num_examples, metrics FROM receipts WHERE client_id = 'client-0'"
+        ).fetchall()
+    assert [r for r, _, _ in rows] == [1, 2, 3]
+    for r, examples, metrics in rows:
+        want = {f"train/{k}": v for k, v in json.loads(metrics).items()}
+        want["train/num_examples"] = examples
+        got = {k: next(e.value for e in mine.Scalars(k) if e.step == r) for k in want}
+        assert got == pytest.approx(want, rel=1e-6), r
+    assert {e.step for e in mine.Scalars("eval/accuracy")} == {1, 2, 3}
 
 
 def test_a_dead_tracking_server_does_not_stop_the_federation(
