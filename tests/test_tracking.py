@@ -203,3 +203,28 @@ def test_a_round_is_its_status_row_and_evaluations_wait_for_their_campaign() -> 
     assert tracking.logged[3] == (2, {"fed_accuracy": 0.55, "fed_examples": 6})
     assert tracking.logged[4] == (-1, {"finished": 5.0})
     assert round_values(record(3, {}).to_json())["round/participants"] == 2.0
+
+
+def test_track_model_with_encrypted_state_is_refused(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from fedserver import cli
+
+    state = tmp_path / "state"
+    argv = ["run", "--task", "examples.digits:task", "--state-dir", str(state)]
+    argv += ["--track", f"tensorboard://{tmp_path / 'tb'}", "--track-model"]
+    assert cli.main([*argv, "--encrypt-state", str(tmp_path / "key")]) == 2
+    assert "--track-model cannot be combined with --encrypt-state" in capfd.readouterr().err
+    assert not state.exists()
+
+
+def test_simulate_takes_the_same_track_flags(tmp_path: Path) -> None:
+    from fedcore.config import parse_layered
+    from fedserver.cli import build_parser
+    from fedserver.simulation.cli import sim_settings
+
+    target = f"tensorboard://{tmp_path / 'tb'}"
+    argv = ["simulate", "--task", "examples.digits:task", "--clients", "4"]
+    args = parse_layered(build_parser(), [*argv, "--track", target, "--track-timeout", "5"], "s")
+    track = sim_settings(args).server.track
+    assert track is not None and track.targets == (target,) and track.timeout == 5.0
