@@ -158,6 +158,7 @@ class Dispatcher:
             try:
                 if self.run_id is None:
                     self.run_id = self.backend.open(self.run)
+                    log.info("tracking %s: run %s", self.backend.target, self.run_id)
                     if self.on_open is not None:
                         self.on_open(self.run_id)
                 if event is None:  # closing and drained

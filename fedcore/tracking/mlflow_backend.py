@@ -18,6 +18,9 @@ from fedcore.tracking.base import Backend, RunInfo
 # server is noticed, and logged, within seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# Its "View run ... at" lines go to stdout, outside the log (and its --log-format json); the
+# dispatcher logs the run id instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 from mlflow import MlflowClient  # after the settings above
 from mlflow.entities import Metric, Param, RunStatus
