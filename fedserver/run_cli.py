@@ -15,7 +15,6 @@ from fedcore.logs import add_log_flags, setup_logging
 from fedcore.privacy import DPConfig
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
-from fedcore.tracking import TrackingError, add_track_arguments, check_targets
 from fedserver.assembly import EXIT_USAGE, ServerSettings, SetupError
 from fedserver.async_rounds import AsyncPolicy
 from fedserver.fedeval import EvalPolicy
@@ -25,7 +24,7 @@ from fedserver.rounds import RoundPolicy
 from fedserver.server import serve
 from fedserver.staleness import StalenessWeight
 from fedserver.strategies import STRATEGIES
-from fedserver.tracking import TrackSettings
+from fedserver.tracking import add_track_flags, track_settings
 
 
 def positive_int(text: str) -> int:
@@ -218,19 +217,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         run, "least severe log lines shown; debug adds one line per update and per Join (info)"
     )
     add_tls_arguments(run, server=True)
-    track = run.add_argument_group("experiment tracking (docs/operations.md)")
-    add_track_arguments(track, "parameters and per-round metrics (the rows of `fedserver status`)")
-    track.add_argument(
-        "--track-model",
-        action="store_true",
-        help="when training finishes, attach model.safetensors to the tracked run (off)",
-    )
-    track.add_argument(
-        "--track-timeout",
-        type=_positive_float,
-        default=30.0,
-        help="seconds to deliver what is still queued for the trackers at exit (30)",
-    )
+    add_track_flags(run, _positive_float)
     run.add_argument(
         "--metrics-port",
         type=int,
@@ -417,23 +404,6 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         buffering=buffering,
         track=track_settings(args),
     )
-
-
-def track_settings(args: argparse.Namespace) -> TrackSettings | None:
-    """--track's targets, checked (TrackingError: a usage error, e.g. mlflow not installed)."""
-    targets = tuple(args.track or ())
-    if not targets:
-        if args.track_model:
-            raise TrackingError("--track-model needs --track mlflow://... or tensorboard://...")
-        return None
-    check_targets(targets)
-    if args.track_model and args.encrypt_state:
-        # The tracker would hold a plaintext copy of what --encrypt-state seals at rest.
-        raise TrackingError(
-            "--track-model cannot be combined with --encrypt-state: the tracked copy would be "
-            "unencrypted; export the model with `fedserver export` where that is wanted"
-        )
-    return TrackSettings(targets, args.track_model, args.track_timeout)
 
 
 def run_coordinator(args: argparse.Namespace) -> int:

@@ -5,14 +5,22 @@ nothing here blocks the event loop or can fail a round."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from fedcore.privacy import DPConfig
-from fedcore.tracking import RunInfo, Tracking
+from fedcore.tracking import (
+    RunInfo,
+    Tracking,
+    TrackingError,
+    add_track_arguments,
+    check_targets,
+)
 from fedserver.async_rounds import AsyncPolicy
 from fedserver.fedeval import EvalPolicy
 from fedserver.history import RoundRecord
@@ -150,3 +158,38 @@ def _flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
     return {
         f"{prefix}.{k}": v for k, v in values.items() if v is not None and not isinstance(v, dict)
     }
+
+
+def add_track_flags(run: argparse.ArgumentParser, seconds: Callable[[str], float]) -> None:
+    """`fedserver run`'s tracking flags (`simulate` copies them from run's parser); `seconds`:
+    run's own check of a positive number."""
+    track = run.add_argument_group("experiment tracking (docs/operations.md)")
+    add_track_arguments(track, "parameters and per-round metrics (the rows of `fedserver status`)")
+    track.add_argument(
+        "--track-model",
+        action="store_true",
+        help="when training finishes, attach model.safetensors to the tracked run (off)",
+    )
+    track.add_argument(
+        "--track-timeout",
+        type=seconds,
+        default=30.0,
+        help="seconds to deliver what is still queued for the trackers at exit (30)",
+    )
+
+
+def track_settings(args: argparse.Namespace) -> TrackSettings | None:
+    """--track's targets, checked (TrackingError: a usage error, e.g. mlflow not installed)."""
+    targets = tuple(args.track or ())
+    if not targets:
+        if args.track_model:
+            raise TrackingError("--track-model needs --track mlflow://... or tensorboard://...")
+        return None
+    check_targets(targets)
+    if args.track_model and args.encrypt_state:
+        # The tracker would hold a plaintext copy of what --encrypt-state seals at rest.
+        raise TrackingError(
+            "--track-model cannot be combined with --encrypt-state: the tracked copy would be "
+            "unencrypted; export the model with `fedserver export` where that is wanted"
+        )
+    return TrackSettings(targets, args.track_model, args.track_timeout)
