@@ -28,6 +28,7 @@ from fedcore.logs import add_log_flags, setup_logging
 from fedcore.plugins import load_object
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
+from fedcore.tracking import add_track_arguments, check_targets
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_log_flags(run)
     add_tls_arguments(run, server=False)
+    add_track_arguments(run, "this client's train and evaluation metrics, per round")
     check = sub.add_parser(
         "check",
         help="try a task locally: load a partition, train and evaluate one batch",
@@ -190,6 +192,7 @@ def _main(argv: Sequence[str] | None) -> int:
             get_codec(args.encoding)  # unknown names are a usage error, before connecting
         configure(task, args.device, args.precision)  # --device cuda without CUDA: exit 2
         tls = TlsFiles.from_args(args)
+        check_targets(args.track)
         client_id = args.client_id
         if tls is not None and tls.cert is not None:
             if tls.ca is None:
@@ -218,6 +221,7 @@ def _main(argv: Sequence[str] | None) -> int:
         he_key=args.he_key,
         slowdown=args.slowdown,
         task_name=args.task,
+        track=tuple(args.track),
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _raise_stop)
@@ -246,6 +250,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_ERROR
     finally:
         session.channel.close()
+        if session.tracker is not None:
+            session.tracker.close()
 
 
 if __name__ == "__main__":

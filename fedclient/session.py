@@ -35,6 +35,7 @@ from fedclient.retry import (
 )
 from fedclient.settings import ClientSettings
 from fedclient.task import LocalData, Task, TrainConfig
+from fedclient.tracking import ClientTracker
 from fedcore import faults
 from fedcore.codecs import ErrorFeedback, get_codec
 from fedcore.he import HEClient
@@ -86,6 +87,7 @@ class ClientSession:
         self.he = HEClient(settings.he_key) if settings.he_key else None  # HEError: bad key
         self.reach = Reachability(settings.server, settings.tls)
         self.unreachable: str | None = None  # why the last call could not connect
+        self.tracker = ClientTracker.of(settings, self.client_id)  # --track; None without
 
     # ------------------------------------------------------------------ plumbing
     def _open_channel(self) -> None:
@@ -323,6 +325,10 @@ class ClientSession:
             raise PermanentError(
                 f"coordinator refused the evaluation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
             ) from None
+        if self.tracker is not None:
+            self.tracker.log(
+                self.federation_id, header.evaluate_round, "eval", metrics, num_examples
+            )
         shown = format_metrics(metrics, sep=" ", join=", ") or "no test data"
         log.info(
             "round %d: evaluated the global model on %d local examples (%s)",
@@ -430,6 +436,9 @@ class ClientSession:
             ) from None
         self.rounds_trained += 1
         handler.after_submit(header.round)
+        if self.tracker is not None:
+            m = result.metrics
+            self.tracker.log(self.federation_id, header.round, "train", m, result.num_examples)
         log.info(
             "round %d: update %s (%d bytes)",
             header.round,

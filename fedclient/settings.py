@@ -34,12 +34,25 @@ class ClientSettings:
     he_key: Path | None = None  # --secure he: the shared secret CKKS context
     slowdown: float = 1.0  # testing aid: training takes this many times as long (sleeping)
     task_name: str = ""  # --task, sent at Join so a refusal can name it
+    track: tuple[str, ...] = ()  # --track: this client's metrics to MLflow / TensorBoard
 
     def resolved_id(self) -> str:
         """--client-id, else one unique to this process: clients started on one host without
         ids (or with the same --partition) once all joined as HOST-0of1 and counted as one."""
         p = self.partition
         return self.client_id or f"{socket.gethostname()}-{p.index}of{p.count}-pid{os.getpid()}"
+
+    def tracked_params(self) -> dict[str, str]:
+        """What --track records about this client's setup (never its data)."""
+        p = self.partition
+        return {
+            "task": self.task_name,
+            "partition": f"{p.index}/{p.count}",
+            "partitioner": p.scheme,
+            "alpha": str(p.alpha),
+            "seed": str(self.seed),
+            "encoding": self.encoding or "(the round's)",
+        }
 
     def join_request(self, client_id: str, fingerprint: str) -> pb.JoinRequest:
         """What this client says about itself at every Join (docs/protocol.md, Join)."""

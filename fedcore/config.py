@@ -66,6 +66,27 @@ def quiet_broken_pipe(main: Callable[[], int]) -> int:
 BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `yes | head -1`'s yes
 
 
+class Repeatable(argparse.Action):
+    """A flag given once per value (`--track A --track B`). The environment (values separated
+    by spaces) and the file (a TOML list) set it as a tuple; the first value on the command
+    line replaces those instead of adding to them, as every flag overrides its environment."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("default", ())
+        super().__init__(option_strings, dest, nargs=None, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        given = current if isinstance(current, list) else []  # a list: from this command line
+        setattr(namespace, self.dest, [*given, values])
+
+
 def _settable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return {
         a.dest: a
@@ -75,6 +96,13 @@ def _settable(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 
 def _convert(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    if isinstance(action, Repeatable):
+        items = value if isinstance(value, list) else str(value).split()
+        return tuple(_convert_one(action, key, v, source) for v in items)
+    return _convert_one(action, key, value, source)
+
+
+def _convert_one(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     if isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction):
         if isinstance(value, bool):
             return value

@@ -14,7 +14,10 @@ from tests.procs import REPO, child_env
 # Needed only under a flag or subcommand: DP accounting (opacus, scipy.stats), --secure he,
 # `fedserver report`, simulate, progress bars at a terminal. scikit-learn belongs to the example
 # tasks, which load it with their data.
-OPTIONAL = ("opacus", "scipy", "tenseal", "matplotlib", "ray", "rich", "sklearn")
+OPTIONAL = (
+    *("opacus", "scipy", "tenseal", "matplotlib", "ray", "rich", "sklearn"),
+    *("mlflow", "tensorboard"),  # --track's trackers (fedcore/tracking)
+)
 
 
 def loaded_after(statement: str, modules: tuple[str, ...]) -> list[str]:

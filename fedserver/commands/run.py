@@ -17,6 +17,7 @@ from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
 from fedserver.coordinator.assembly import EXIT_USAGE, ServerSettings, SetupError
 from fedserver.coordinator.offers import TrainingDefaults
+from fedserver.coordinator.tracking import add_track_flags, track_settings
 from fedserver.protocols.registry import SECURE_CHOICES
 from fedserver.rounds.buffered import AsyncPolicy
 from fedserver.rounds.eval_campaign import EvalPolicy
@@ -226,6 +227,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         run, "least severe log lines shown; debug adds one line per update and per Join (info)"
     )
     add_tls_arguments(run, server=True)
+    add_track_flags(run, _positive_float)
     run.add_argument(
         "--metrics-port",
         type=int,
@@ -414,6 +416,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
         buffering=buffering,
         call_queue=call_queue,
         downloads=downloads,
+        track=track_settings(args),
     )
 
 

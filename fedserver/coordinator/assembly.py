@@ -20,6 +20,7 @@ from fedserver.coordinator.download_limits import DownloadLimits
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.publishing import PROTOCOL_STATE
+from fedserver.coordinator.tracking import TrackSettings, run_params, start_tracking
 from fedserver.protocols.dp import DPServer
 from fedserver.rounds.buffered import AsyncPolicy
 from fedserver.rounds.eval_campaign import EvalPolicy
@@ -64,6 +65,7 @@ class ServerSettings:
     serve_finished: bool = True
     call_queue: CallQueue = field(default_factory=CallQueue)  # gRPC's, before authentication
     downloads: DownloadLimits = field(default_factory=DownloadLimits)
+    track: TrackSettings | None = None  # --track: MLflow / TensorBoard (coordinator/tracking.py)
 
 
 class SetupError(RuntimeError):
@@ -176,6 +178,19 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     mode, k = run_mode(s)
     store.set_meta(mode=mode, buffer_size=k)
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
+    params = run_params(
+        task=s.task,
+        strategy=strategy,
+        defaults=coordinator.defaults,
+        policy=s.policy,
+        eval_policy=s.eval_policy,
+        dp=s.dp,
+        buffering=s.buffering,
+        secure=s.secure,
+        seed=s.seed,
+    )
+    tracker = start_tracking(s.track, store, coordinator.federation_id, params)
+    coordinator.publisher.tracker = coordinator.evaluations.tracker = tracker
     return coordinator
 
 

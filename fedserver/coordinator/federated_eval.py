@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fedcore.logs import format_metrics
 from fedcore.tensors import FlatModel
 from fedserver.coordinator.submissions import MAX_NUM_EXAMPLES
+from fedserver.coordinator.tracking import RoundTracker
 from fedserver.rounds.eval_campaign import EvalCampaign, EvalPolicy
 from fedserver.rounds.synchronous import StaleRound, SubmitRefused
 from fedserver.state.store import StateStore
@@ -31,6 +32,7 @@ class EvaluationRounds:
     refuse: Callable[[Exception], Exception]  # count a refusal by its reason
     notify: Callable[[], None]
     campaign: EvalCampaign | None = None
+    tracker: RoundTracker | None = None  # --track (fedserver/coordinator/tracking.py)
 
     def evaluation_for(self, client_id: str) -> int:
         """The round whose model this client should evaluate now, or 0."""
@@ -81,6 +83,8 @@ class EvaluationRounds:
             return False, f"evaluation of round {round_number} was already counted"
         summary = c.summary()
         self.store.merge_round_metrics(c.round, summary)
+        if self.tracker is not None:
+            self.tracker.evaluated(c.round, summary)
         log.info(
             "round %d: federated evaluation %d/%d from %s (%d examples) %s",
             c.round,

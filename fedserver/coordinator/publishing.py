@@ -13,6 +13,7 @@ import numpy as np
 
 from fedcore import faults
 from fedcore.tensors import FlatModel
+from fedserver.coordinator.tracking import RoundTracker
 from fedserver.protocols.base import RoundProtocol
 from fedserver.protocols.dp import DPServer
 from fedserver.rounds.synchronous import ClosedRound
@@ -40,6 +41,7 @@ class RoundPublisher:
     metrics: Metrics
     evaluate: Callable[[FlatModel], dict[str, float]] | None = None
     dp: DPServer | None = None
+    tracker: RoundTracker | None = None  # --track (fedserver/coordinator/tracking.py)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """What a checkpoint carries besides the model: the strategy's and the protocol's state."""
@@ -94,7 +96,8 @@ class RoundPublisher:
     def _commit(self, record: RoundRecord, receipts: list[ClientReceipt], model: FlatModel) -> None:
         faults.freeze("commit", record.round)
         self.store.commit_round(record, receipts)
-        self.store.record_traffic(
-            record.round, self.metrics.round_bytes_in, self.metrics.round_bytes_out
-        )
+        bytes_in, bytes_out = self.metrics.round_bytes_in, self.metrics.round_bytes_out
+        self.store.record_traffic(record.round, bytes_in, bytes_out)
         self.store.publish_model(model, record.round)
+        if self.tracker is not None:  # queued for the tracker's thread: never waits
+            self.tracker.round_committed(record, bytes_in, bytes_out)

@@ -105,6 +105,8 @@ async def simulate(s: SimSettings) -> int:
             with contextlib.suppress(asyncio.CancelledError):
                 await bar
         workers.stop_ray()
+        if coordinator.publisher.tracker is not None:  # flushed within --track-timeout
+            await asyncio.to_thread(coordinator.publisher.tracker.close, coordinator.failure)
         coordinator.store.close()
     log.info(
         "simulation stopped after %d completed round(s); state in %s",

@@ -178,6 +178,8 @@ async def serve(s: ServerSettings) -> int:
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=2.0)
+        if coordinator.publisher.tracker is not None:  # flushed within --track-timeout
+            await asyncio.to_thread(coordinator.publisher.tracker.close, coordinator.failure)
         coordinator.store.close()
     log.info(
         "coordinator stopped after %d completed round(s); state in %s",
