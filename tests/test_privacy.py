@@ -4,6 +4,7 @@ puts it around a round protocol (fedserver/protocols/dp.py)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -245,6 +246,11 @@ def test_the_dp_wrapper_refuses_a_protocol_that_declares_no_noise_placement(
     assert protocol_refusal(ProtocolSettings("sealed"), []) is None
     for name in ("none", "secagg", "he", "async"):  # every shipped protocol says where
         assert protocol_refusal(ProtocolSettings(name), [dp]) is None, name
+    # The wrapper's other refusals, in the same place: what its noise would not cover.
+    robust = protocol_refusal(ProtocolSettings("none", keep_updates=True), [dp]) or ""
+    assert "reads every individual update" in robust and "--dp-clip" in robust
+    partial = protocol_refusal(ProtocolSettings("none", partial_rounds=True), [dp]) or ""
+    assert partial.startswith("--train-tensors cannot be combined with --dp-clip")
     store = StateStore(tmp_path / "state")
     try:
         with pytest.raises(ValueError, match="round protocol 'sealed': it declares no place"):
@@ -263,6 +269,12 @@ def test_the_dp_wrapper_refuses_a_protocol_that_declares_no_noise_placement(
     )
     with pytest.raises(SetupError, match="round protocol 'sealed': it declares no place"):
         build_coordinator(settings)
+    assert not (tmp_path / "fresh").exists()
+    partial_run = dataclasses.replace(
+        settings, secure="none", defaults=TrainingDefaults(train_tensors="0.*")
+    )
+    with pytest.raises(SetupError, match="--train-tensors cannot be combined with --dp-clip"):
+        build_coordinator(partial_run)
     assert not (tmp_path / "fresh").exists()
 
 

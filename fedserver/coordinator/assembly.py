@@ -91,7 +91,9 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     # wrap, here before the state dir is touched (the Coordinator's registry call checks again).
     wrappers = (DPWrapper(s.dp, s.dp_seed),) if s.dp is not None else ()
     protocol = ProtocolSettings(
-        "async" if s.buffering else s.secure, keep_updates=strategy.needs_all_updates
+        "async" if s.buffering else s.secure,
+        keep_updates=strategy.needs_all_updates,
+        partial_rounds=bool(s.defaults.train_tensors),
     )
     if why := protocol_refusal(protocol, wrappers):
         raise SetupError(why)
@@ -145,10 +147,10 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
             check_spec(model.manifest.floats(), s.defaults.train_tensors)
         except ManifestError as e:
             raise SetupError(f"--train-tensors: {e}") from None
-        if strategy.needs_all_updates or s.dp is not None or s.secure != "none":
+        if strategy.needs_all_updates or s.secure != "none":  # --dp-clip: its wrapper refuses
             raise SetupError(
-                "--train-tensors needs a mean-based strategy without --dp-clip or --secure "
-                "(their noise and masks cover the whole model)"
+                "--train-tensors needs a mean-based strategy without --secure (the masks and "
+                "the spooled rows cover the whole model)"
             )
     suggested = task.default_config() if hasattr(task, "default_config") else None
     task_defaults = TrainingDefaults(

@@ -98,6 +98,7 @@ class Coordinator:
             ProtocolSettings(
                 "async" if self.buffering else self.secure,
                 keep_updates=self.strategy.needs_all_updates,
+                partial_rounds=bool(self.defaults.train_tensors),
                 stage_timeout=self.secagg_stage_timeout,
                 he_public_key=self.he_public_key,
                 staleness=self.buffering.weight if self.buffering else None,

@@ -55,6 +55,7 @@ class ProtocolSettings:
     name: str = "none"  # the registry key (--secure none | secagg | he; "async": --mode async)
     unweighted: bool = False  # every contribution weighs 1 (set by the DP wrapper)
     keep_updates: bool = False  # the strategy reads every update (median, trimmed mean, Krum)
+    partial_rounds: bool = False  # --train-tensors: each round trains a subset of the tensors
     stage_timeout: float = 30.0  # --secagg-stage-timeout: each extra stage's wait
     he_public_key: Path | None = None  # --he-public-key
     staleness: StalenessWeight | None = None  # --mode async: s(staleness) weighs each update

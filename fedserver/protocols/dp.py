@@ -136,6 +136,11 @@ class DPWrapper(ProtocolWrapper):
                 "cannot be combined with --dp-clip, whose noise covers only the mean; use "
                 "fedavg, fedprox, fedavgm or a FedOpt strategy"
             )
+        if settings.partial_rounds:
+            return (
+                "--train-tensors cannot be combined with --dp-clip: its noise covers the whole "
+                "model, so every round must train every tensor"
+            )
         return None
 
     def inner_settings(self, settings: ProtocolSettings) -> ProtocolSettings:
