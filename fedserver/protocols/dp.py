@@ -160,7 +160,7 @@ class DifferentialPrivacy(RoundProtocol):
     def __init__(
         self, inner: RoundProtocol, env: ProtocolEnv, config: DPConfig, seed: int | None
     ) -> None:
-        if inner.noise is None:
+        if inner.noise is None:  # the registry refuses it first (DPWrapper.refuse)
             raise ValueError(f"--dp-clip cannot be combined with {type(inner).__name__}")
         self.inner = inner
         self.env = env
