@@ -20,7 +20,7 @@ from fedserver.coordinator.assembly import ServerSettings, SetupError, build_coo
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
-from fedserver.protocols.dp import DPServer
+from fedserver.protocols.dp import DPWrapper
 from fedserver.rounds.buffered import AsyncPolicy
 from fedserver.rounds.synchronous import Phase, RoundPolicy
 from fedserver.state.store import StateStore
@@ -43,7 +43,7 @@ def _coordinator(
     state: Path,
     buffering: AsyncPolicy,
     rounds: int = 3,
-    dp: DPServer | None = None,
+    dp: DPWrapper | None = None,
     train_tensors: str = "",
     min_clients: int = 1,
 ) -> tuple[Coordinator, StateStore]:
@@ -55,7 +55,7 @@ def _coordinator(
         policy,
         initial_model(task, 0),
         defaults=TrainingDefaults(1, 0.1, 32, train_tensors=train_tensors),
-        dp=dp,
+        protocol_wrappers=(dp,) if dp else (),
         buffering=buffering,
     )
     coord.initialize_store(TASK)
@@ -116,7 +116,7 @@ def test_one_client_claiming_huge_num_examples_weighs_at_most_r_times_the_median
 
 def test_async_dp_epsilon_is_accounted_with_sample_rate_one(tmp_path: Path) -> None:
     async def scenario() -> dict[str, float]:
-        dp = DPServer(DPConfig(1.0, 1.0, 1e-5), seed=0)
+        dp = DPWrapper(DPConfig(1.0, 1.0, 1e-5), seed=0)
         coord, store = _coordinator(tmp_path / "s", AsyncPolicy(2), 1, dp, min_clients=10)
         for i in range(10):  # 10 live clients: q would be 2/10 if buffers were a random draw
             coord.touch(f"c{i}", {})

@@ -24,7 +24,7 @@ from fedserver.coordinator.assembly import ServerSettings, build_coordinator
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
-from fedserver.protocols.dp import DPServer
+from fedserver.protocols.dp import DifferentialPrivacy, DPServer, DPWrapper
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
@@ -102,10 +102,11 @@ def test_reclip_bounds_a_huge_update_and_leaves_an_honest_one_bit_for_bit(
 
 
 # ---------------------------------------------------------------- through the Coordinator
-def _coordinator(state: Path, dp: DPServer, clients: int) -> tuple[Coordinator, StateStore]:
+def _coordinator(state: Path, dp: DPWrapper, clients: int) -> tuple[Coordinator, StateStore]:
     store = StateStore(state)
     policy = RoundPolicy(total_rounds=1, min_clients=clients, round_timeout=60.0)
-    coord = Coordinator(store, build_strategy("fedavg"), policy, initial_model(task, 0), dp=dp)
+    strategy = build_strategy("fedavg")
+    coord = Coordinator(store, strategy, policy, initial_model(task, 0), protocol_wrappers=(dp,))
     coord.initialize_store("examples.digits:task")
     return coord, store
 
@@ -126,7 +127,7 @@ def test_coordinator_reclips_a_dishonest_update_before_folding(tmp_path: Path) -
     """A client that skips clipping moves the model by at most C/n, like an honest one."""
 
     async def scenario() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        coord, store = _coordinator(tmp_path / "state", DPServer(DPConfig(CLIP, 0.0), seed=0), 2)
+        coord, store = _coordinator(tmp_path / "state", DPWrapper(DPConfig(CLIP, 0.0), seed=0), 2)
         base = coord.model
         for c in ("honest", "cheater"):
             coord.touch(c, {})
@@ -162,7 +163,7 @@ def test_epsilon_is_computed_off_the_event_loop(
 
     async def scenario() -> tuple[int, dict[str, float]]:
         loop_thread = threading.get_ident()
-        coord, store = _coordinator(tmp_path / "state", DPServer(DPConfig(CLIP, 1.0), seed=0), 2)
+        coord, store = _coordinator(tmp_path / "state", DPWrapper(DPConfig(CLIP, 1.0), seed=0), 2)
         zeros = (
             get_codec("fp32").encode(np.zeros(float_vector(coord.model).size, np.float32)).tobytes()
         )
@@ -230,7 +231,9 @@ def test_he_with_dp_noises_on_the_clients_so_the_key_holder_never_sees_a_clean_s
             assert extra["he_weighted"] == "0"
             delta = privatize(np.zeros(n, np.float32), {k: str(v) for k, v in extra.items()})
             _submit(coord, c, he.encrypt_update(delta, 1.0).tobytes(), encoding="he-ckks")
-        secure = coord.protocol
+        wrapper = coord.protocol
+        assert isinstance(wrapper, DifferentialPrivacy)
+        secure = wrapper.inner
         assert isinstance(secure, HEProtocol)
 
         # The key holder: decrypt what the coordinator hands over and return it.

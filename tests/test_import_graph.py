@@ -210,3 +210,24 @@ def test_round_machine_and_strategies_stay_free_of_grpc() -> None:
     assert not offenders, "imports of grpc, torch or fedclient out of place:\n" + "\n".join(
         offenders
     )
+
+
+# Differential privacy is a wrapper around the round protocol (fedserver/protocols/dp.py); the
+# coordinator hands it to the protocol registry and knows nothing else of it. Only assembly.py,
+# which turns the settings into that wrapper, may name it.
+DP_NAMES = ("DPConfig", "DPServer", "DPWrapper", "DifferentialPrivacy", "reclip", "privatize")
+DP_MODULES = ("fedserver.protocols.dp", "fedcore.privacy")
+
+
+def test_the_coordinator_knows_nothing_of_dp_but_handing_it_on() -> None:
+    graph, paths = _graph(), _modules()
+    coordinator = [n for n in graph if _folder(n) == "coordinator"]
+    assert "fedserver.coordinator.lifecycle" in coordinator
+    offenders = []
+    for name in sorted(coordinator):
+        if name == "fedserver.coordinator.assembly":
+            continue
+        offenders += [f"{name} -> {t}" for t in sorted(graph[name]) if t in DP_MODULES]
+        text = paths[name].read_text()
+        offenders += [f"{name} names {word}" for word in DP_NAMES if word in text]
+    assert not offenders, "DP outside protocols/dp.py:\n" + "\n".join(offenders)

@@ -1,9 +1,13 @@
-"""Client-level DP math (fedcore/privacy.py) and the coordinator's DP ledger
-(fedserver/protocols/dp.py)."""
+"""Client-level DP math (fedcore/privacy.py), the coordinator's DP ledger and the wrapper that
+puts it around a round protocol (fedserver/protocols/dp.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +16,9 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
+from examples.digits import task
 from fedclient.local_update import privatize
+from fedcore.codecs import get_codec
 from fedcore.privacy import (
     Accountant,
     DPConfig,
@@ -23,7 +29,26 @@ from fedcore.privacy import (
     mean_noise_std,
     sample_rate,
 )
-from fedserver.protocols.dp import DPServer
+from fedcore.tensors import float_vector
+from fedserver.coordinator.assembly import ServerSettings, SetupError, build_coordinator
+from fedserver.coordinator.central_eval import initial_model
+from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.coordinator.offers import TrainingDefaults
+from fedserver.protocols.base import (
+    Aggregate,
+    Contribution,
+    Opening,
+    ProtocolEnv,
+    ProtocolSettings,
+    RoundProtocol,
+)
+from fedserver.protocols.dp import DifferentialPrivacy, DPServer, DPWrapper
+from fedserver.protocols.plain import PlainProtocol
+from fedserver.protocols.registry import PROTOCOLS, protocol_refusal
+from fedserver.rounds.synchronous import RoundPolicy
+from fedserver.state.store import StateStore
+from fedserver.strategies import build_strategy
+from fedserver.updates.messages import SubmitHeader
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -171,3 +196,125 @@ def test_zero_noise_records_no_epsilon() -> None:
     out, metrics = server.privatize(np.ones(3, np.float32), 2, 2, 2)
     assert "epsilon" not in metrics
     assert np.array_equal(out, np.ones(3, np.float32))
+
+
+# ---------------------------------------------------------------- the wrapper
+class Sealed(RoundProtocol):
+    """A toy protocol that declares no place for DP noise (RoundProtocol.noise stays None)."""
+
+    def __init__(self, settings: ProtocolSettings, env: ProtocolEnv) -> None:
+        self.settings = settings
+
+    def open(self, opening: Opening) -> None:
+        return None
+
+    def accept(self, contribution: Contribution) -> None:
+        return None
+
+    async def aggregate(self) -> Aggregate:
+        raise AssertionError("never aggregated")
+
+
+class Seen(PlainProtocol):
+    """Plain aggregation that remembers what each contribution was handed in with."""
+
+    seen: list[tuple[str, float, float]] = []
+
+    def accept(self, c: Contribution) -> None:
+        self.seen.append((c.client_id, c.weight, c.scale))
+        super().accept(c)
+
+
+def _coordinator(store: StateStore, secure: str, dp: DPWrapper | None) -> Coordinator:
+    return Coordinator(
+        store,
+        build_strategy("fedavg"),
+        RoundPolicy(total_rounds=1, min_clients=2, round_timeout=60.0),
+        initial_model(task, 0),
+        secure=secure,
+        protocol_wrappers=(dp,) if dp else (),
+    )
+
+
+def test_the_dp_wrapper_refuses_a_protocol_that_declares_no_noise_placement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(PROTOCOLS, "sealed", Sealed)
+    dp = DPWrapper(DPConfig(1.0, 1.0), seed=0)
+    why = "--dp-clip cannot be combined with round protocol 'sealed': it declares no place"
+    assert why in (protocol_refusal(ProtocolSettings("sealed"), [dp]) or "")
+    assert protocol_refusal(ProtocolSettings("sealed"), []) is None
+    for name in ("none", "secagg", "he", "async"):  # every shipped protocol says where
+        assert protocol_refusal(ProtocolSettings(name), [dp]) is None, name
+    # The wrapper's other refusals, in the same place: what its noise would not cover.
+    robust = protocol_refusal(ProtocolSettings("none", keep_updates=True), [dp]) or ""
+    assert "reads every individual update" in robust and "--dp-clip" in robust
+    partial = protocol_refusal(ProtocolSettings("none", partial_rounds=True), [dp]) or ""
+    assert partial.startswith("--train-tensors cannot be combined with --dp-clip")
+    store = StateStore(tmp_path / "state")
+    try:
+        with pytest.raises(ValueError, match="round protocol 'sealed': it declares no place"):
+            _coordinator(store, "sealed", dp)
+        assert isinstance(_coordinator(store, "sealed", None).protocol, Sealed)  # no DP: fine
+    finally:
+        store.close()
+    # `fedserver run` refuses it in the same words, before the state dir is touched.
+    settings = ServerSettings(
+        task="examples.digits:task",
+        state_dir=tmp_path / "fresh",
+        policy=RoundPolicy(total_rounds=1),
+        defaults=TrainingDefaults(),
+        dp=DPConfig(1.0, 1.0),
+        secure="sealed",
+    )
+    with pytest.raises(SetupError, match="round protocol 'sealed': it declares no place"):
+        build_coordinator(settings)
+    assert not (tmp_path / "fresh").exists()
+    partial_run = dataclasses.replace(
+        settings, secure="none", defaults=TrainingDefaults(train_tensors="0.*")
+    )
+    with pytest.raises(SetupError, match="--train-tensors cannot be combined with --dp-clip"):
+        build_coordinator(partial_run)
+    assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("with_dp", [False, True])
+def test_the_weight_becomes_one_and_the_update_is_reclipped_only_in_the_wrapper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_dp: bool
+) -> None:
+    monkeypatch.setitem(PROTOCOLS, "seen", Seen)
+    monkeypatch.setattr(Seen, "seen", [])
+    dp = DPWrapper(DPConfig(1.0, 0.0), seed=0) if with_dp else None
+
+    async def scenario() -> Coordinator:
+        store = StateStore(tmp_path / "state")
+        coord = _coordinator(store, "seen", dp)
+        base = coord.model
+        n = float_vector(base).size
+        codec = get_codec("fp32")
+        wire = codec.wire_manifest(base.manifest.floats())
+        for client in ("small", "huge"):
+            coord.touch(client, {})
+        for client, examples, value in (("small", 30, 0.0), ("huge", 10, 50.0)):
+            payload = codec.encode(np.full(n, value, np.float32)).tobytes()
+            header = SubmitHeader(client, 1, base.version, examples, {}, "fp32", wire, len(payload))
+            pending = coord.begin_submit(header)
+            pending.receiver.add(payload)
+            coord.finish_submit(pending, hashlib.sha256(payload).hexdigest())
+        await asyncio.wait_for(coord.done.wait(), 30)
+        store.close()
+        return coord
+
+    coord = asyncio.run(scenario())
+    assert coord.failure is None and coord.machine.rounds_completed == 1
+    inner = coord.protocol
+    if with_dp:
+        assert isinstance(inner, DifferentialPrivacy)
+        inner = inner.inner
+    assert isinstance(inner, Seen) and not isinstance(inner, DifferentialPrivacy)
+    (small, small_w, small_s), (huge, huge_w, huge_s) = Seen.seen
+    assert (small, huge) == ("small", "huge")
+    if with_dp:  # unweighted, and the update above C re-clipped (an honest zero one is not)
+        assert (small_w, huge_w, small_s) == (1.0, 1.0, 1.0) and 0 < huge_s < 1e-3
+    else:  # the coordinator hands the protocol example weights and no scale
+        assert (small_w, huge_w, small_s, huge_s) == (30.0, 10.0, 1.0, 1.0)

@@ -1,6 +1,7 @@
 """From the coordinator's settings to a ready Coordinator: checks that combine flags, the state
-dir opened or resumed, the task's model, strategy, DP and protocol. Shared by `fedserver run`
-(server.py adds the gRPC daemon) and `fedserver simulate`; no gRPC here."""
+dir opened or resumed, the task's model, strategy and protocol (with --dp-clip's wrapper).
+Shared by `fedserver run` (server.py adds the gRPC daemon) and `fedserver simulate`; no gRPC
+here."""
 
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.publishing import PROTOCOL_STATE
 from fedserver.coordinator.tracking import TrackSettings, run_params, start_tracking
-from fedserver.protocols.dp import DPServer
+from fedserver.protocols.base import ProtocolSettings
+from fedserver.protocols.dp import DPWrapper
+from fedserver.protocols.registry import protocol_refusal
 from fedserver.rounds.buffered import AsyncPolicy
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy
@@ -80,13 +83,22 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     strategy = build_strategy(s.strategy, **s.strategy_params)  # bad flags: before any disk
     if s.buffering is not None:
         check_async_settings(s, strategy.needs_all_updates)
-    if strategy.needs_all_updates and (s.dp is not None or s.secure != "none"):
-        # They read individual updates: that bypasses DP noise (added to the mean) and is
-        # impossible when the coordinator only holds masked updates.
+    if strategy.needs_all_updates and s.secure != "none":
+        # They read individual updates: impossible when the coordinator only holds masked ones.
         raise SetupError(
             f"strategy {s.strategy} reads every individual update, so it cannot be combined "
-            "with --dp-clip or --secure; use fedavg, fedprox, fedavgm or a FedOpt strategy"
+            "with --secure; use fedavg, fedprox, fedavgm or a FedOpt strategy"
         )
+    # --dp-clip is a wrapper around the protocol (protocols/dp.py): it refuses what it cannot
+    # wrap, here before the state dir is touched (the Coordinator's registry call checks again).
+    wrappers = (DPWrapper(s.dp, s.dp_seed),) if s.dp is not None else ()
+    protocol = ProtocolSettings(
+        "async" if s.buffering else s.secure,
+        keep_updates=strategy.needs_all_updates,
+        partial_rounds=bool(s.defaults.train_tensors),
+    )
+    if why := protocol_refusal(protocol, wrappers):
+        raise SetupError(why)
     try:
         cipher = StateCipher.from_key_file(s.encrypt_state) if s.encrypt_state else None
     except ManifestError as e:
@@ -137,10 +149,10 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
             check_spec(model.manifest.floats(), s.defaults.train_tensors)
         except ManifestError as e:
             raise SetupError(f"--train-tensors: {e}") from None
-        if strategy.needs_all_updates or s.dp is not None or s.secure != "none":
+        if strategy.needs_all_updates or s.secure != "none":  # --dp-clip: its wrapper refuses
             raise SetupError(
-                "--train-tensors needs a mean-based strategy without --dp-clip or --secure "
-                "(their noise and masks cover the whole model)"
+                "--train-tensors needs a mean-based strategy without --secure (the masks and "
+                "the spooled rows cover the whole model)"
             )
     suggested = task.default_config() if hasattr(task, "default_config") else None
     task_defaults = TrainingDefaults(
@@ -149,12 +161,6 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         getattr(suggested, "batch_size", None),
     )
     evaluator = Evaluator(task)
-    dp = None
-    if s.dp is not None:
-        # --secure secagg/he: noise on the clients, so neither the coordinator nor a key
-        # holder ever sees a sum without it.
-        dp = DPServer(s.dp, noise_on_clients=s.secure != "none", seed=s.dp_seed)
-        dp.resume(r.metrics for r in store.rounds())
     if s.secure == "he":
         check_he_settings(s)
     coordinator = Coordinator(
@@ -167,13 +173,14 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         max_update_bytes=s.max_update_bytes,
         seed=s.seed,
         eval_policy=s.eval_policy,
-        dp=dp,
+        protocol_wrappers=wrappers,
         secure=s.secure,
         secagg_stage_timeout=s.secagg_stage_timeout,
         he_public_key=s.he_public_key,
         buffering=s.buffering,
     )
     coordinator.protocol.load_state_arrays(protocol_state)
+    coordinator.protocol.resume(r.metrics for r in store.rounds())
     coordinator.initialize_store(s.task)
     mode, k = run_mode(s)
     store.set_meta(mode=mode, buffer_size=k)
@@ -184,7 +191,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         defaults=coordinator.defaults,
         policy=s.policy,
         eval_policy=s.eval_policy,
-        dp=s.dp,
+        privacy=s.dp,
         buffering=s.buffering,
         secure=s.secure,
         seed=s.seed,

@@ -29,11 +29,16 @@ from fedcore.tensors import FlatModel
 from fedserver.coordinator.federated_eval import EvaluationRounds
 from fedserver.coordinator.liveness import LivenessWatch
 from fedserver.coordinator.offers import Offer, TrainingDefaults
-from fedserver.coordinator.publishing import Participation, RoundPublisher
+from fedserver.coordinator.publishing import RoundPublisher
 from fedserver.coordinator.submissions import UpdateIntake
 from fedserver.coordinator.wakeups import Wakeups
-from fedserver.protocols.base import Opening, ProtocolEnv, ProtocolSettings, RoundProtocol
-from fedserver.protocols.dp import DPServer
+from fedserver.protocols.base import (
+    Opening,
+    ProtocolEnv,
+    ProtocolSettings,
+    ProtocolWrapper,
+    RoundProtocol,
+)
 from fedserver.protocols.registry import build_protocol
 from fedserver.rounds.buffered import AsyncPolicy, build_machine
 from fedserver.rounds.eval_campaign import EvalPolicy
@@ -58,7 +63,8 @@ class Coordinator:
     evaluate: Callable[[FlatModel], dict[str, float]] | None = None
     max_update_bytes: int = 4 << 30
     seed: int = 0
-    dp: DPServer | None = None
+    # Around the protocol, handed to its registry as they are (--dp-clip: protocols/dp.py).
+    protocol_wrappers: tuple[ProtocolWrapper, ...] = ()
     # The round protocol (fedserver/protocols/registry.py), from the --secure flag: "none";
     # "secagg": the coordinator only ever sees masked updates; "he": only ciphertexts and sums
     secure: str = "none"
@@ -91,8 +97,8 @@ class Coordinator:
         self.protocol: RoundProtocol = build_protocol(
             ProtocolSettings(
                 "async" if self.buffering else self.secure,
-                dp=self.dp is not None,
                 keep_updates=self.strategy.needs_all_updates,
+                partial_rounds=bool(self.defaults.train_tensors),
                 stage_timeout=self.secagg_stage_timeout,
                 he_public_key=self.he_public_key,
                 staleness=self.buffering.weight if self.buffering else None,
@@ -108,10 +114,14 @@ class Coordinator:
                 self.touch,
                 self._notify,
                 lambda: self._changed,
+                lambda: self.machine.selected,
+                lambda: self.machine.expected_updates,
+                self._drawn_from,
             ),
+            self.protocol_wrappers,
         )
         self.publisher = RoundPublisher(
-            self.store, self.strategy, self.protocol, self.metrics, self.evaluate, self.dp
+            self.store, self.strategy, self.protocol, self.metrics, self.evaluate
         )
         self.intake = UpdateIntake(
             self.uploads,
@@ -123,7 +133,6 @@ class Coordinator:
             self.touch,
             self._advance,
             self.max_update_bytes,
-            dp=self.dp,
             strategy_name=self.strategy.name,
         )
         self.evaluations = EvaluationRounds(
@@ -139,7 +148,7 @@ class Coordinator:
         self.liveness = LivenessWatch(
             self.machine, self.clock, self._advance, self.policy.total_rounds
         )
-        self._available = 0  # live clients when the round opened (DP sample rate)
+        self._available = 0  # live clients when the round opened (drawn_from)
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._aggregating: asyncio.Task[None] | None = None
         self.shutting_down = False
@@ -254,8 +263,6 @@ class Coordinator:
         extra = self.strategy.round_config(self.machine.round) | d.mode_extra()
         if d.train_tensors:
             extra["train_tensors"] = ",".join(self.round_selection().names)
-        if self.dp is not None:
-            extra |= self.dp.round_extra(len(self.machine.selected))
         extra |= self.protocol.round_extra()
         return {
             "local_epochs": d.local_epochs,
@@ -347,19 +354,19 @@ class Coordinator:
         finally:
             self._aggregating = None
 
+    def _drawn_from(self) -> int:
+        """How many clients the round's participants were drawn from at random (ProtocolEnv).
+        A buffer filled by whoever finishes first was not drawn at random: its own size, so
+        DP amplification by sampling is not claimed for it (q = 1)."""
+        m = self.machine
+        return self._available if m.samples_clients_at_random else m.expected_updates
+
     async def _aggregate_round(self, closed: ClosedRound) -> None:
         started = time.monotonic()
         metrics = self.intake.metric_means(closed.receipts)
         metrics.update(self.machine.closing_metrics(closed))
         receipts = self.intake.client_receipts(closed.receipts, closed.round)
-        # DP amplification by sampling holds only for a random draw; a buffer filled by whoever
-        # finishes first is accounted with q = 1 (available = the buffer's own size).
-        m = self.machine
-        available = self._available if m.samples_clients_at_random else m.expected_updates
-        population = Participation(m.expected_updates, available)
-        new_model, record = await self.publisher.publish(
-            self.model, closed, metrics, receipts, population
-        )
+        new_model, record = await self.publisher.publish(self.model, closed, metrics, receipts)
         self.model = new_model
         self.evaluations.open_campaign(closed.round, new_model)
         self.machine.complete()

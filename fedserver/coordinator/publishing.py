@@ -1,6 +1,7 @@
-"""From a closed round to the next published model: the protocol's aggregate, central DP, the
-strategy's server step, evaluation, checkpoint and commit. No gRPC and no round machine: the
-Coordinator hands over a closed round and gets back the new model and its record."""
+"""From a closed round to the next published model: the protocol's aggregate (with what it
+records, e.g. DP's ε), the strategy's server step, evaluation, checkpoint and commit. No gRPC
+and no round machine: the Coordinator hands over a closed round and gets back the new model
+and its record."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from fedcore import faults
 from fedcore.tensors import FlatModel
 from fedserver.coordinator.tracking import RoundTracker
 from fedserver.protocols.base import RoundProtocol
-from fedserver.protocols.dp import DPServer
 from fedserver.rounds.synchronous import ClosedRound
 from fedserver.state.history import ClientReceipt, RoundRecord
 from fedserver.state.metrics import Metrics
@@ -26,21 +26,12 @@ PROTOCOL_STATE = "protocol."  # prefix of the protocol's arrays in the strategy-
 
 
 @dataclass
-class Participation:
-    """What the round machine knew of the closed round's population, for DP sampling."""
-
-    expected_updates: int  # updates the round asked for
-    available: int  # live clients when the round opened
-
-
-@dataclass
 class RoundPublisher:
     store: StateStore
     strategy: Strategy
     protocol: RoundProtocol
     metrics: Metrics
     evaluate: Callable[[FlatModel], dict[str, float]] | None = None
-    dp: DPServer | None = None
     tracker: RoundTracker | None = None  # --track (fedserver/coordinator/tracking.py)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -54,18 +45,12 @@ class RoundPublisher:
         closed: ClosedRound,
         metrics: dict[str, float],
         receipts: list[ClientReceipt],
-        population: Participation,
     ) -> tuple[FlatModel, RoundRecord]:
         """Aggregate, step, checkpoint and commit `closed`; heavy work runs off the event loop."""
         aggregate = await self.protocol.aggregate()
         mean, count = aggregate.mean, aggregate.count
         metrics = dict(metrics)
-        if self.dp is not None:
-            # Off the event loop: the noise is O(model) and Opacus' ε takes up to 0.5 s.
-            mean, dp_metrics = await asyncio.to_thread(
-                self.dp.privatize, mean, count, population.expected_updates, population.available
-            )
-            metrics.update(dp_metrics)
+        metrics.update(aggregate.metrics)
         agg = AggregateInput(closed.round, mean, aggregate.weight, count, aggregate.updates)
         new_model, eval_metrics = await asyncio.to_thread(self._step_and_save, model, agg)
         metrics.update(eval_metrics)

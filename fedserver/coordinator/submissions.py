@@ -20,7 +20,6 @@ from fedcore.limits import CLIENT_METRIC_PREFIX, MAX_ROUND_METRICS, excerpt
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest, ManifestError
 from fedserver.protocols.base import Contribution, RoundProtocol
-from fedserver.protocols.dp import DPServer
 from fedserver.rounds.synchronous import AlreadySubmitted, Receipt, RoundMachine, SubmitRefused
 from fedserver.state.history import ClientReceipt
 from fedserver.updates.messages import (
@@ -35,7 +34,6 @@ from fedserver.updates.messages import (
 from fedserver.updates.receiver import BadUpdate, SpillCorrupted, StagedUpdate, UpdateTooLarge
 from fedserver.updates.uploads import Uploads
 
-log = logging.getLogger("fedserver")
 # One line per counted update: `fedserver simulate` turns it down to DEBUG-only (thousands of
 # virtual clients), where the round's closing line is the summary people read.
 update_log = logging.getLogger("fedserver.updates")
@@ -62,7 +60,6 @@ class UpdateIntake:
     touch: Callable[[str], None]
     advance: Callable[[], None]  # let the round machine react (an update may close the round)
     max_update_bytes: int
-    dp: DPServer | None  # --dp-clip: each client weighs 1, updates seen in plain are re-clipped
     strategy_name: str
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # this round's
 
@@ -93,8 +90,8 @@ class UpdateIntake:
         num_values = (
             selection.num_values if selection else self.round_selection(header.round).num_values
         )
-        # --dp-clip: the coordinator re-clips what it sees in plain, so it needs the norm.
-        track_norm = self.dp is not None and self._sees_plain()
+        # The protocol may need each update's norm (the DP wrapper re-clips by it).
+        track_norm = self.protocol.needs_norm
         return self.uploads.open(header, codec, num_values, selection, track_norm)
 
     def _check_header(self, h: SubmitHeader) -> tuple[Codec, Selection | None]:
@@ -206,12 +203,9 @@ class UpdateIntake:
             staged.verify()  # bytes changed on disk since they were verified: refused, unfolded
         except (SubmitRefused, SpillCorrupted) as e:
             raise self._refuse(e) from None
-        # DP-FedAvg bounds each client's influence only for an unweighted mean.
-        weight = 1.0 if self.dp else float(h.num_examples)
-        scale = self._reclip(h, staged) if self._sees_plain() else 1.0
-        contribution = Contribution(
-            h.client_id, h.round, staged, weight, h.num_examples, selection, scale
-        )
+        # Example-weighted; a wrapper may reweigh (DP: 1 each) and scale (DP: re-clip).
+        weight = float(h.num_examples)
+        contribution = Contribution(h.client_id, h.round, staged, weight, h.num_examples, selection)
         try:
             self.protocol.accept(contribution)
         except (SubmitRefused, BadUpdate) as e:
@@ -267,36 +261,6 @@ class UpdateIntake:
             )
             for client, r in sorted(receipts.items())
         ]
-
-    def _sees_plain(self) -> bool:
-        """The protocol folds updates in plain (not masked or encrypted)."""
-        return self.protocol.encoding is None
-
-    def _reclip(self, h: SubmitHeader, staged: StagedUpdate) -> float:
-        """The DP re-clip factor of an update seen in plain (1.0 without --dp-clip).
-
-        The sensitivity bound, and so the reported ε, must not depend on clients clipping
-        honestly: the decoded delta (after fp16/int8/top-k decoding, before the unweighted
-        fold) is scaled to norm C here. An update an honest client clipped is within C
-        (factor 1.0: nothing multiplied); fp16/int8 rounding may lift it ~1e-5 over C.
-        """
-        if self.dp is None:
-            return 1.0
-        factor = self.dp.reclip_factor(staged.norm)
-        if factor < 1.0:
-            # fp16/int8 rounding can lift an honestly clipped update a hair over C: not news.
-            clear = staged.norm is not None and staged.norm > 1.001 * self.dp.config.clip
-            log.log(
-                logging.INFO if clear else logging.DEBUG,
-                "round %d: update from %s has L2 norm %.6g > --dp-clip %g; clipped by the "
-                "coordinator (factor %.6g)",
-                h.round,
-                h.client_id,
-                staged.norm,
-                self.dp.config.clip,
-                factor,
-            )
-        return factor
 
     def _known_digest(self, round_number: int, client_id: str) -> str | None:
         """Digest of the client's update based on `round_number` already counted, if any (in

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fedcore.privacy import DPConfig
 from fedcore.tracking import (
     RunInfo,
     Tracking,
@@ -128,7 +127,7 @@ def run_params(
     defaults: TrainingDefaults,
     policy: RoundPolicy,
     eval_policy: EvalPolicy,
-    dp: DPConfig | None,
+    privacy: Any,
     buffering: AsyncPolicy | None,
     secure: str,
     seed: int,
@@ -144,10 +143,10 @@ def run_params(
         **_flat("rounds", dataclasses.asdict(policy)),
         **_flat("train", dataclasses.asdict(defaults)),
         **_flat("eval", dataclasses.asdict(eval_policy)),
-        "dp": dp is not None,
+        "dp": privacy is not None,
     }
-    if dp is not None:
-        params.update(_flat("dp", dataclasses.asdict(dp)))
+    if privacy is not None:  # --dp-clip's settings (a dataclass), handed on by assembly
+        params.update(_flat("dp", dataclasses.asdict(privacy)))
     if buffering is not None:
         params.update(_flat("async", dataclasses.asdict(buffering)))
         params["async.weight"] = str(buffering.weight)

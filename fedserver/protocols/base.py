@@ -15,6 +15,13 @@ through these verbs; the protocol never sees the Coordinator, only what `Protoco
     release()              the aggregate was applied (or abandoned): drop per-round resources
     state_arrays()         what must survive a restart, written with each checkpoint
     stage(kind)            the protocol's own client-facing stage ("secagg", "he") or None
+    resume(past_metrics)   a restarted coordinator: what the committed rounds recorded
+
+A protocol also declares where client-level DP noise can go (`noise`): "server" (the
+coordinator sees the sum in plain and noises the mean), "clients" (it sees only masked or
+encrypted sums, so each client adds its share) or None (no DP). Differential privacy is not a
+protocol of its own but a wrapper around one (protocols/dp.py, a `ProtocolWrapper`), like
+TFF's differential_privacy factory around an inner aggregation factory.
 
 Like TFF's AggregationProcess (explicit state, initialize/next) and NVFlare's Aggregator
 (accept/aggregate/reset). No gRPC here: the servicer maps a stage's RPCs (secure_service.py).
@@ -24,10 +31,10 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 
@@ -46,8 +53,9 @@ class ProtocolSettings:
     """What the flags say about how rounds run; fixed for the life of the process."""
 
     name: str = "none"  # the registry key (--secure none | secagg | he; "async": --mode async)
-    dp: bool = False  # --dp-clip: an unweighted mean of clipped updates
+    unweighted: bool = False  # every contribution weighs 1 (set by the DP wrapper)
     keep_updates: bool = False  # the strategy reads every update (median, trimmed mean, Krum)
+    partial_rounds: bool = False  # --train-tensors: each round trains a subset of the tensors
     stage_timeout: float = 30.0  # --secagg-stage-timeout: each extra stage's wait
     he_public_key: Path | None = None  # --he-public-key
     staleness: StalenessWeight | None = None  # --mode async: s(staleness) weighs each update
@@ -67,6 +75,12 @@ class ProtocolEnv:
     touch: Callable[[str], None]  # a client was seen (may open or close a round)
     notify: Callable[[], None]  # wake long-polling clients: an offer or a stage changed
     changed: Callable[[], asyncio.Event]  # the event the next notify() sets
+    # The round's population, read when a round opens and closes (the DP wrapper's sample rate).
+    selected: Callable[[], Collection[str]] = frozenset  # the clients the open round selected
+    expected_updates: Callable[[], int] = int  # updates the round asks for
+    # Clients the round's participants were drawn from at random; a round not drawn at random
+    # (an async buffer: whoever finishes first) returns its own size, i.e. a sample rate of 1.
+    drawn_from: Callable[[], int] = int
 
     @property
     def num_values(self) -> int:
@@ -95,10 +109,10 @@ class Contribution:
     # under asynchronous aggregation, where it may be up to --max-staleness rounds older.
     round: int
     staged: StagedUpdate
-    weight: float  # num_examples, or 1.0 for an unweighted (DP) mean
+    weight: float  # num_examples (the DP wrapper makes it 1.0: an unweighted mean)
     num_examples: int
     selection: Selection | None  # the tensors a partial update carries (None: all)
-    scale: float = 1.0  # --dp-clip: the coordinator's re-clip factor for an update seen in plain
+    scale: float = 1.0  # the DP wrapper's re-clip factor for an update seen in plain
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,7 @@ class Aggregate:
     count: int
     weight: float
     updates: UpdateSet | None = None  # every update, for strategies that read them all
+    metrics: dict[str, float] = field(default_factory=dict)  # recorded with the round (DP's ε)
 
 
 class RoundProtocol(ABC):
@@ -116,6 +131,15 @@ class RoundProtocol(ABC):
     encoding: ClassVar[str | None] = None
     # Partial updates (FedPer personal tensors) fold per tensor; not every protocol can.
     partial_updates = False
+    # Where client-level DP noise can be added (see the module docstring); None: refuse DP.
+    noise: ClassVar[Literal["server", "clients"] | None] = None
+    # The intake measures each update's L2 norm as it arrives (the DP wrapper re-clips by it).
+    needs_norm = False
+
+    @property
+    def sees_plain(self) -> bool:
+        """The protocol folds updates in plain (not masked or encrypted)."""
+        return self.encoding is None
 
     def check_encoding(self, encoding: str) -> None:
         """Masked/encrypted updates only under their protocol, and only its encoding then."""
@@ -172,6 +196,26 @@ class RoundProtocol(ABC):
         if arrays:
             raise ValueError(f"protocol state {sorted(arrays)} not expected by this protocol")
 
+    def resume(self, past_metrics: Iterable[Mapping[str, float]]) -> None:
+        """A restarted coordinator: the metrics each committed round recorded, oldest first."""
+        return None
+
+
+class ProtocolWrapper(ABC):
+    """Something that wraps whichever protocol the registry builds (differential privacy:
+    protocols/dp.py). It may refuse a protocol, change the settings the inner one is built
+    with, and then wraps the built protocol; the Coordinator only hands it to the registry."""
+
+    def refuse(self, protocol: type[RoundProtocol], settings: ProtocolSettings) -> str | None:
+        """Why this wrapper cannot go around `protocol` with these settings, or None."""
+        return None
+
+    def inner_settings(self, settings: ProtocolSettings) -> ProtocolSettings:
+        return settings
+
+    @abstractmethod
+    def wrap(self, inner: RoundProtocol, env: ProtocolEnv) -> RoundProtocol: ...
+
 
 __all__ = [
     "Aggregate",
@@ -179,5 +223,6 @@ __all__ = [
     "Opening",
     "ProtocolEnv",
     "ProtocolSettings",
+    "ProtocolWrapper",
     "RoundProtocol",
 ]

@@ -13,9 +13,10 @@ One client's weight (its self-reported num_examples) is capped at --max-weight-r
 median weight of the last RECENT_CLIENTS other clients that contributed, so a client claiming
 1e9 examples moves a buffer like one R times the typical size, not like all the others together.
 
-Under --dp-clip every contribution weighs s(staleness) <= 1 instead of its examples, so the
-same rule divides by K: one client moves the mean by at most C/K and the noise of a
-synchronous round of K clients (std z C / K) covers it (docs/algorithms.md).
+Under --dp-clip the DP wrapper (protocols/dp.py) hands every contribution weight 1, so each
+weighs s(staleness) <= 1 instead of its examples and the same rule divides by K: one client
+moves the mean by at most C/K and the noise of a synchronous round of K clients (std z C / K)
+covers it (docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -94,4 +95,4 @@ class BufferedProtocol(PlainProtocol):
         agg = await super().aggregate()
         scale = np.float32(agg.weight / self._unweighted)
         mean = np.multiply(agg.mean, scale, out=agg.mean)
-        return Aggregate(mean, agg.count, self._unweighted)
+        return Aggregate(mean, agg.count, self._unweighted, metrics=agg.metrics)

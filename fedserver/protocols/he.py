@@ -58,6 +58,8 @@ class Decryption:
 
 class HEProtocol(RoundProtocol):
     encoding = ENCODING
+    # Noise on the clients: the key holder decrypts the sum, and must never see it clean.
+    noise = "clients"
 
     def __init__(self, settings: ProtocolSettings, env: ProtocolEnv) -> None:
         public_context = settings.he_public_key
@@ -65,7 +67,7 @@ class HEProtocol(RoundProtocol):
             raise ValueError("--secure he needs the public context (--he-public-key)")
         self.env = env
         self.stage_timeout = settings.stage_timeout
-        self.weighted = not settings.dp
+        self.weighted = not settings.unweighted
         # Loading here refuses a secret context (or a missing file) before the daemon serves.
         self.aggregator = HEAggregator(public_context, env.num_values)
         self.round = 0

@@ -1,6 +1,6 @@
 """Plain aggregation (`--secure none`): updates folded into one float32 accumulator as they
-arrive, example-weighted (unweighted under --dp-clip); strategies that read every update
-(median, trimmed mean, Krum) also get each one kept as a row of a disk-backed spool."""
+arrive, example-weighted (unweighted under the DP wrapper, protocols/dp.py); strategies that read
+every update (median, trimmed mean, Krum) also get each one kept as a row of a disk-backed spool."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ from fedserver.updates.spool import UpdateSpool
 
 
 class PlainProtocol(RoundProtocol):
+    noise = "server"  # the coordinator sees the mean in plain and noises it
+
     def __init__(self, settings: ProtocolSettings, env: ProtocolEnv) -> None:
         self.env = env
         self.keep_updates = settings.keep_updates
-        # Noise (DP) and the spool's rows cover the whole model: only the plain mean folds
-        # partial updates per tensor.
-        self.partial_updates = not (settings.dp or settings.keep_updates)
+        # The spool's rows cover the whole model: only the plain mean folds partial updates per
+        # tensor (the DP wrapper refuses them too: its noise covers the whole model).
+        self.partial_updates = not settings.keep_updates
         self._accumulator = Accumulator(env.num_values, env.tensor_sizes)
         self._spool: UpdateSpool | None = None
 

@@ -1,17 +1,18 @@
 """Which round protocol a name (the `--secure` flag) stands for. Adding a protocol: write its
-module (a RoundProtocol subclass taking (ProtocolSettings, ProtocolEnv)) and add one line here."""
+module (a RoundProtocol subclass taking (ProtocolSettings, ProtocolEnv)) and add one line here.
+Wrappers (differential privacy, protocols/dp.py) go around whichever protocol is built here."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 
-from fedserver.protocols.base import ProtocolEnv, ProtocolSettings, RoundProtocol
+from fedserver.protocols.base import ProtocolEnv, ProtocolSettings, ProtocolWrapper, RoundProtocol
 from fedserver.protocols.buffered import BufferedProtocol
 from fedserver.protocols.he import HEProtocol
 from fedserver.protocols.plain import PlainProtocol
 from fedserver.protocols.secagg import SecAggProtocol
 
-PROTOCOLS: dict[str, Callable[[ProtocolSettings, ProtocolEnv], RoundProtocol]] = {
+PROTOCOLS: dict[str, type[RoundProtocol]] = {
     "none": PlainProtocol,
     "secagg": SecAggProtocol,
     "he": HEProtocol,
@@ -21,11 +22,32 @@ PROTOCOLS: dict[str, Callable[[ProtocolSettings, ProtocolEnv], RoundProtocol]] =
 SECURE_CHOICES = ["none", "secagg", "he"]
 
 
-def build_protocol(settings: ProtocolSettings, env: ProtocolEnv) -> RoundProtocol:
+def protocol_refusal(
+    settings: ProtocolSettings, wrappers: Sequence[ProtocolWrapper] = ()
+) -> str | None:
+    """Why these wrappers cannot go around this protocol (checked before anything is built)."""
+    protocol = _protocol_class(settings.name)
+    return next((why for w in wrappers if (why := w.refuse(protocol, settings))), None)
+
+
+def build_protocol(
+    settings: ProtocolSettings, env: ProtocolEnv, wrappers: Sequence[ProtocolWrapper] = ()
+) -> RoundProtocol:
+    if why := protocol_refusal(settings, wrappers):
+        raise ValueError(why)
+    inner = settings
+    for w in wrappers:
+        inner = w.inner_settings(inner)
+    protocol = _protocol_class(settings.name)(inner, env)
+    for w in wrappers:
+        protocol = w.wrap(protocol, env)
+    return protocol
+
+
+def _protocol_class(name: str) -> type[RoundProtocol]:
     try:
-        factory = PROTOCOLS[settings.name]
+        return PROTOCOLS[name]
     except KeyError:
         raise ValueError(
-            f"unknown round protocol {settings.name!r}; known: {', '.join(PROTOCOLS)}"
+            f"unknown round protocol {name!r}; known: {', '.join(PROTOCOLS)}"
         ) from None
-    return factory(settings, env)

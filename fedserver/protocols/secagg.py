@@ -32,11 +32,12 @@ log = logging.getLogger("fedserver.secagg")
 
 class SecAggProtocol(RoundProtocol):
     encoding = ENCODING
+    noise = "clients"  # the coordinator only sees the unmasked sum: each client adds its share
 
     def __init__(self, settings: ProtocolSettings, env: ProtocolEnv) -> None:
         self.env = env
         self.stage_timeout = settings.stage_timeout
-        self.weighted = not settings.dp
+        self.weighted = not settings.unweighted
         self.current: SecAggRound | None = None
         self._timer: asyncio.TimerHandle | None = None
 
