@@ -20,8 +20,10 @@ from fedserver.coordinator.download_limits import DownloadLimits
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.publishing import PROTOCOL_STATE
+from fedserver.modes.base import RoundMode
+from fedserver.modes.registry import pinned
+from fedserver.modes.synchronous import FedAvg
 from fedserver.protocols.dp import DPServer
-from fedserver.rounds.buffered import AsyncPolicy
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.state.store import StateDirBusy, StateStore
@@ -57,7 +59,7 @@ class ServerSettings:
     encrypt_state: Path | None = None  # key file: seal checkpoints and the model (AES-GCM)
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     secagg_stage_timeout: float = 30.0
-    buffering: AsyncPolicy | None = None  # --mode async: buffered asynchronous rounds
+    mode: RoundMode = field(default_factory=FedAvg)  # --mode: how rounds run (fedserver/modes)
     # A finished run started again with its own --rounds: `run` serves "finished" for --linger
     # (a coordinator restarted after its last commit tells late clients); `simulate` has no one
     # to tell and refuses.
@@ -76,8 +78,8 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     except ValueError as e:
         raise SetupError(str(e)) from None
     strategy = build_strategy(s.strategy, **s.strategy_params)  # bad flags: before any disk
-    if s.buffering is not None:
-        check_async_settings(s, strategy.needs_all_updates)
+    if why := s.mode.refuse(s.secure, strategy):
+        raise SetupError(why)
     if strategy.needs_all_updates and (s.dp is not None or s.secure != "none"):
         # They read individual updates: that bypasses DP noise (added to the mean) and is
         # impossible when the coordinator only holds masked updates.
@@ -169,12 +171,11 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         secure=s.secure,
         secagg_stage_timeout=s.secagg_stage_timeout,
         he_public_key=s.he_public_key,
-        buffering=s.buffering,
+        mode=s.mode,
     )
     coordinator.protocol.load_state_arrays(protocol_state)
     coordinator.initialize_store(s.task)
-    mode, k = run_mode(s)
-    store.set_meta(mode=mode, buffer_size=k)
+    store.set_meta(**{key: value for key, _, value in pinned(s.mode)})
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     return coordinator
 
@@ -208,10 +209,10 @@ def shown_path(path: Path) -> str:
 
 
 def check_resumed_mode(s: ServerSettings, store: StateStore) -> None:
-    """A resumed run keeps its --mode and --buffer-size: a version's meaning (a round of the
-    selected clients, or a buffer of K deltas) and its DP accounting would change mid-run."""
-    mode, k = run_mode(s)
-    for key, flag, now in (("mode", "--mode", mode), ("buffer_size", "--buffer-size", k)):
+    """A resumed run keeps its --mode and the mode's pinned flags (--buffer-size): a version's
+    meaning (a round of the selected clients, or a buffer of K deltas) and its DP accounting
+    would change mid-run."""
+    for key, flag, now in pinned(s.mode):
         recorded = store.get_meta(key)
         if recorded is not None and recorded != now:
             raise SetupError(
@@ -219,29 +220,6 @@ def check_resumed_mode(s: ServerSettings, store: StateStore) -> None:
                 f"{now or '(unset)'}; resume with {flag} {recorded or '(unset)'} or use another "
                 "--state-dir"
             )
-
-
-def run_mode(s: ServerSettings) -> tuple[str, str]:
-    """(--mode, --buffer-size) as the state dir's meta records them ("" when unset)."""
-    if s.buffering is not None:
-        return "async", str(s.buffering.buffer_size)
-    return s.defaults.mode, ""
-
-
-def check_async_settings(s: ServerSettings, needs_all_updates: bool) -> None:
-    """--mode async combines with what folds one update at a time into a mean; not the rest."""
-    if s.secure != "none":
-        raise SetupError(
-            f"--mode async cannot be combined with --secure {s.secure}: masks and ciphertexts "
-            "only cancel out or decrypt as the sum of one synchronous round's fixed set of "
-            "clients, while an asynchronous buffer takes whoever finishes first; use "
-            "--mode fedavg with --secure, or --mode async without it (--dp-clip still works)"
-        )
-    if needs_all_updates:
-        raise SetupError(
-            f"--mode async cannot be combined with strategy {s.strategy}: it folds each delta "
-            "into a running mean as it arrives; use fedavg, fedprox, fedavgm or a FedOpt strategy"
-        )
 
 
 def check_he_settings(s: ServerSettings) -> None:

@@ -45,7 +45,7 @@ from fedserver.updates.uploads import Uploads
 class ProtocolSettings:
     """What the flags say about how rounds run; fixed for the life of the process."""
 
-    name: str = "none"  # the registry key (--secure none | secagg | he; "async": --mode async)
+    name: str = "none"  # the registry key: RoundMode.protocol(--secure none | secagg | he)
     dp: bool = False  # --dp-clip: an unweighted mean of clipped updates
     keep_updates: bool = False  # the strategy reads every update (median, trimmed mean, Krum)
     stage_timeout: float = 30.0  # --secagg-stage-timeout: each extra stage's wait

@@ -1,5 +1,6 @@
-"""Which round protocol a name (the `--secure` flag) stands for. Adding a protocol: write its
-module (a RoundProtocol subclass taking (ProtocolSettings, ProtocolEnv)) and add one line here."""
+"""Which round protocol a name stands for: the `--secure` flag, or the one a round mode picks
+(fedserver/modes). Adding a protocol: write its module (a RoundProtocol subclass taking
+(ProtocolSettings, ProtocolEnv)) and add one line here."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ PROTOCOLS: dict[str, Callable[[ProtocolSettings, ProtocolEnv], RoundProtocol]] =
     "none": PlainProtocol,
     "secagg": SecAggProtocol,
     "he": HEProtocol,
-    "async": BufferedProtocol,  # --mode async (FedBuff); not a --secure choice
+    "buffered": BufferedProtocol,  # chosen by --mode async (modes/buffered.py), not --secure
 }
-# What --secure offers: the protocols that protect updates (async is chosen by --mode).
+# What --secure offers: the protocols that protect updates (a mode may pick another one).
 SECURE_CHOICES = ["none", "secagg", "he"]
 
 

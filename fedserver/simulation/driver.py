@@ -123,15 +123,8 @@ def check_settings(s: SimSettings) -> None:
         )
     if s.server.secure != "none":
         raise SetupError("--secure cannot be simulated: run real clients (fedserver run)")
-    if s.server.buffering is not None:
-        # The seam hands work to the clients a round selects; asynchronous rounds select no
-        # one (clients pull whenever they are free), so nothing would ever run. Simulating
-        # them needs virtual clients that finish at different (virtual) times.
-        raise SetupError(
-            "--mode async cannot be simulated yet (virtual clients have no notion of "
-            "finishing at different times): use --mode fedavg or fedsgd here, or run real "
-            "clients against `fedserver run --mode async`"
-        )
+    if s.server.mode.not_simulated:
+        raise SetupError(s.server.mode.not_simulated)
     try:
         Partition(0, s.clients, s.partitioner, s.alpha, s.server.seed)
         task = load_object(s.server.task)
