@@ -94,7 +94,7 @@ class Coordinator:
                 keep_updates=self.strategy.needs_all_updates,
                 stage_timeout=self.secagg_stage_timeout,
                 he_public_key=self.he_public_key,
-                **self.mode.protocol_settings(),  # type: ignore[arg-type]
+                **self.mode.protocol_settings(),
             ),
             ProtocolEnv(
                 self.model.manifest.floats(),

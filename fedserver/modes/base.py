@@ -11,7 +11,7 @@ import argparse
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from fedserver.rounds.synchronous import RoundMachine, RoundPolicy
 from fedserver.strategies import Strategy
@@ -75,7 +75,7 @@ class RoundMode:
         """The protocols/registry.py key of the protocol that folds contributions."""
         return secure
 
-    def protocol_settings(self) -> dict[str, object]:
+    def protocol_settings(self) -> dict[str, Any]:
         """Extra ProtocolSettings fields this mode sets (e.g. the staleness weight)."""
         return {}
 

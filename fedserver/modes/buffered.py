@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import random
 from collections.abc import Callable
+from typing import Any
 
 from fedcore.config import positive_int
 from fedserver.modes.base import Flag, RoundMode
@@ -130,7 +131,7 @@ class Buffered(RoundMode):
     def protocol(self, secure: str) -> str:
         return "buffered"
 
-    def protocol_settings(self) -> dict[str, object]:
+    def protocol_settings(self) -> dict[str, Any]:
         return {"staleness": self.policy.weight, "max_weight_ratio": self.policy.max_weight_ratio}
 
     def pinned_values(self) -> dict[str, str]:
