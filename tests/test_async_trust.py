@@ -15,7 +15,7 @@ from fedcore.codecs import get_codec
 from fedcore.privacy import Accountant, DPConfig
 from fedcore.selection import round_selection
 from fedcore.tensors import float_vector, iter_chunks
-from fedserver.coordinator.assembly import ServerSettings, SetupError, build_coordinator
+from fedserver.coordinator.assembly import CoordinatorSettings, SetupError, build_coordinator
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
@@ -177,8 +177,10 @@ def test_told_finished_is_bounded_by_the_live_clients(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ start-up refusals
-def _settings(state: Path, buffering: AsyncPolicy | None, mode: str = "fedavg") -> ServerSettings:
-    return ServerSettings(
+def _settings(
+    state: Path, buffering: AsyncPolicy | None, mode: str = "fedavg"
+) -> CoordinatorSettings:
+    return CoordinatorSettings(
         task=TASK,
         state_dir=state,
         policy=RoundPolicy(total_rounds=3, min_clients=1),

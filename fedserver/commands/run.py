@@ -1,4 +1,5 @@
-"""`fedserver run`: the coordinator daemon's flags and how they become ServerSettings.
+"""`fedserver run`: the coordinator daemon's flags and how they become its settings
+(CoordinatorSettings, wrapped in the daemon's ServeSettings).
 
 Every flag here can also come from FEDGRPC_* or the [server] table of --config
 (fedcore/config.py); bad combinations are refused before the state dir is touched.
@@ -16,7 +17,7 @@ from fedcore.logs import add_log_flags, setup_logging
 from fedcore.privacy import DPConfig
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
-from fedserver.coordinator.assembly import EXIT_USAGE, ServerSettings, SetupError
+from fedserver.coordinator.assembly import EXIT_USAGE, CoordinatorSettings, SetupError
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.modes.registry import add_mode_flags, mode_from_args
 from fedserver.protocols.registry import SECURE_CHOICES
@@ -24,7 +25,7 @@ from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.strategies import STRATEGIES
 from fedserver.transport.limits import add_limit_arguments, limits_from_args
-from fedserver.transport.server import serve
+from fedserver.transport.server import ServeSettings, serve
 
 
 def _positive_float(text: str) -> float:
@@ -259,7 +260,8 @@ def strategy_params(args: argparse.Namespace) -> dict[str, float]:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-def server_settings(args: argparse.Namespace) -> ServerSettings:
+def server_settings(args: argparse.Namespace) -> CoordinatorSettings:
+    """The coordinator's settings from run's flags (shared with `simulate`; ValueError: usage)."""
     policy = RoundPolicy(
         total_rounds=args.rounds,
         min_clients=args.min_clients,
@@ -284,31 +286,39 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
     dp = None
     if args.dp_clip is not None:
         dp = DPConfig(args.dp_clip, args.dp_noise_multiplier, args.dp_delta)  # ValueError: usage
-    call_queue, downloads = limits_from_args(args)  # ValueError: usage
-    return ServerSettings(
+    return CoordinatorSettings(
         task=args.task,
         state_dir=args.state_dir,
         policy=policy,
         defaults=defaults,
-        host=args.host,
-        port=args.port,
         strategy=args.strategy,
         strategy_params=strategy_params(args),
         eval_policy=EvalPolicy(args.eval_every, args.fraction_evaluate),
         seed=args.seed,
-        linger=args.linger,
         max_update_bytes=args.max_update_bytes,
         dp=dp,
         secure=args.secure,
         he_public_key=args.he_public_key,
+        encrypt_state=args.encrypt_state,
+        secagg_stage_timeout=args.secagg_stage_timeout,
+        mode=mode,
+    )
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The daemon's settings: the coordinator's, plus the network's (ValueError: usage)."""
+    coordinator = server_settings(args)
+    call_queue, downloads = limits_from_args(args)
+    return ServeSettings(
+        coordinator,
+        host=args.host,
+        port=args.port,
+        linger=args.linger,
         tls=TlsFiles.from_args(args),
         tokens_file=args.tokens,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        encrypt_state=args.encrypt_state,
         progress=progress_wanted(args.log_format),
-        secagg_stage_timeout=args.secagg_stage_timeout,
-        mode=mode,
         call_queue=call_queue,
         downloads=downloads,
     )
@@ -317,8 +327,7 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
 def run_coordinator(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format)
     try:
-        settings = server_settings(args)
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(serve_settings(args)))
     except (SetupError, SecurityError, ValueError) as e:
         logging.getLogger("fedserver").error("%s", e)
         return EXIT_USAGE

@@ -1,6 +1,7 @@
 """From the coordinator's settings to a ready Coordinator: checks that combine flags, the state
 dir opened or resumed, the task's model, strategy, DP and protocol. Shared by `fedserver run`
-(server.py adds the gRPC daemon) and `fedserver simulate`; no gRPC here."""
+(transport/server.py adds the gRPC daemon and its own ServeSettings) and `fedserver simulate`;
+no gRPC here."""
 
 from __future__ import annotations
 
@@ -11,12 +12,9 @@ from pathlib import Path
 from fedcore.plugins import load_object
 from fedcore.privacy import DPConfig
 from fedcore.sealed import StateCipher
-from fedcore.security import TlsFiles
 from fedcore.selection import check_spec
-from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
-from fedserver.coordinator.call_queue import CallQueue
+from fedcore.tensors import ManifestError
 from fedserver.coordinator.central_eval import Evaluator, initial_model
-from fedserver.coordinator.download_limits import DownloadLimits
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.publishing import PROTOCOL_STATE
@@ -34,45 +32,36 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 3, 2
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class CoordinatorSettings:
+    """What build_coordinator reads; the daemon's own settings are transport/server.py's."""
+
     task: str
     state_dir: Path
     policy: RoundPolicy
     defaults: TrainingDefaults
-    host: str = "127.0.0.1"
-    port: int = 50051
     strategy: str = "fedavg"
     strategy_params: dict[str, float] = field(default_factory=dict)
     eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
     seed: int = 0
-    linger: float = 15.0
     max_update_bytes: int = 4 << 30
-    chunk_size: int = DEFAULT_CHUNK_SIZE
     dp: DPConfig | None = None
     secure: str = "none"  # "none" | "secagg" | "he"
     he_public_key: Path | None = None  # --secure he: the public CKKS context
     dp_seed: int | None = None  # fixed DP noise for reproducible tests; None = OS entropy
-    tls: TlsFiles | None = None  # None: plaintext (local debugging only)
-    tokens_file: Path | None = None  # bearer tokens required when set
-    metrics_port: int | None = None  # Prometheus /metrics when set (0: any free port)
-    metrics_host: str = "127.0.0.1"
     encrypt_state: Path | None = None  # key file: seal checkpoints and the model (AES-GCM)
-    progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     secagg_stage_timeout: float = 30.0
     mode: RoundMode = field(default_factory=FedAvg)  # --mode: how rounds run (fedserver/modes)
     # A finished run started again with its own --rounds: `run` serves "finished" for --linger
     # (a coordinator restarted after its last commit tells late clients); `simulate` has no one
     # to tell and refuses.
     serve_finished: bool = True
-    call_queue: CallQueue = field(default_factory=CallQueue)  # gRPC's, before authentication
-    downloads: DownloadLimits = field(default_factory=DownloadLimits)
 
 
 class SetupError(RuntimeError):
     """A problem the operator must fix before the coordinator can start."""
 
 
-def build_coordinator(s: ServerSettings) -> Coordinator:
+def build_coordinator(s: CoordinatorSettings) -> Coordinator:
     try:
         task = load_object(s.task)
     except ValueError as e:
@@ -180,7 +169,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     return coordinator
 
 
-def check_rounds_left(s: ServerSettings, done: int, planned: int) -> None:
+def check_rounds_left(s: CoordinatorSettings, done: int, planned: int) -> None:
     """A resumed run must have rounds left; the stored total is never lowered below `done`."""
     wanted = s.policy.total_rounds
     if done < wanted:
@@ -208,7 +197,7 @@ def shown_path(path: Path) -> str:
     return text if path.is_absolute() or text.startswith(".") else f"./{text}"
 
 
-def check_resumed_mode(s: ServerSettings, store: StateStore) -> None:
+def check_resumed_mode(s: CoordinatorSettings, store: StateStore) -> None:
     """A resumed run keeps its --mode and the mode's pinned flags (--buffer-size): a version's
     meaning (a round of the selected clients, or a buffer of K deltas) and its DP accounting
     would change mid-run."""
@@ -222,7 +211,7 @@ def check_resumed_mode(s: ServerSettings, store: StateStore) -> None:
             )
 
 
-def check_he_settings(s: ServerSettings) -> None:
+def check_he_settings(s: CoordinatorSettings) -> None:
     """--secure he: a public context, and rounds that always sum at least two updates."""
     from fedcore.he import HEError, load_public_context
     from fedserver.protocols.he import MIN_UPDATES

@@ -26,7 +26,7 @@ from fedcore.plugins import load_object
 from fedserver.coordinator.assembly import (
     EXIT_FAILED,
     EXIT_OK,
-    ServerSettings,
+    CoordinatorSettings,
     SetupError,
     build_coordinator,
 )
@@ -46,7 +46,7 @@ IDLE_WAIT = 1.0
 
 @dataclass(frozen=True)
 class SimSettings:
-    server: ServerSettings
+    server: CoordinatorSettings
     clients: int
     partitioner: str = "iid"
     alpha: float = 0.5
@@ -54,6 +54,7 @@ class SimSettings:
     device: str = "cpu"  # of the virtual clients (fedclient --device); cpu unless gpus > 0
     precision: str = "fp32"
     ray: RaySettings = field(default_factory=RaySettings)
+    progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
 
 
 async def simulate(s: SimSettings) -> int:
@@ -71,7 +72,7 @@ async def simulate(s: SimSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    bar = asyncio.create_task(show_progress(coordinator)) if s.server.progress else None
+    bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
     try:
         try:
             workers.start_ray(s.ray)
