@@ -197,7 +197,7 @@ def intake(updates: int = 1000) -> float:
     from fedcore.codecs import get_codec
     from fedcore.proto import coordinator_pb2 as pb
     from fedcore.wire import manifest_to_proto
-    from fedserver.coordinator.assembly import ServerSettings, build_coordinator
+    from fedserver.coordinator.assembly import CoordinatorSettings, build_coordinator
     from fedserver.coordinator.offers import TrainingDefaults
     from fedserver.rounds.synchronous import RoundPolicy
     from fedserver.simulation.seam import InProcessServicer
@@ -205,7 +205,7 @@ def intake(updates: int = 1000) -> float:
     async def measure() -> float:
         with tempfile.TemporaryDirectory() as tmp:
             policy = RoundPolicy(1, min_clients=updates + 1, clients_per_round=updates + 1)
-            s = ServerSettings(TASKS["noop"], Path(tmp), policy, TrainingDefaults())
+            s = CoordinatorSettings(TASKS["noop"], Path(tmp), policy, TrainingDefaults())
             c = build_coordinator(s)
             seam = InProcessServicer(c)
             seam.touch_all(f"client-{i}" for i in range(updates + 1))

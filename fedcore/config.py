@@ -27,6 +27,14 @@ class ConfigError(ValueError):
     pass
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 class CliParser(argparse.ArgumentParser):
     """argparse's parser with errors a person can act on: the error line first, the closest
     flag to a mistyped one, and a pointer to --help instead of 30 lines of usage. Subcommands

@@ -15,11 +15,12 @@ from fedcore.codecs import get_codec
 from fedcore.privacy import Accountant, DPConfig
 from fedcore.selection import round_selection
 from fedcore.tensors import float_vector, iter_chunks
-from fedserver.commands.run import ASYNC_FLAGS
-from fedserver.coordinator.assembly import ServerSettings, SetupError, build_coordinator
+from fedserver.coordinator.assembly import CoordinatorSettings, SetupError, build_coordinator
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
+from fedserver.modes.buffered import Buffered
+from fedserver.modes.registry import MODES
 from fedserver.protocols.dp import DPWrapper
 from fedserver.rounds.buffered import AsyncPolicy
 from fedserver.rounds.synchronous import Phase, RoundPolicy
@@ -56,7 +57,7 @@ def _coordinator(
         initial_model(task, 0),
         defaults=TrainingDefaults(1, 0.1, 32, train_tensors=train_tensors),
         protocol_wrappers=(dp,) if dp else (),
-        buffering=buffering,
+        mode=Buffered(buffering),
     )
     coord.initialize_store(TASK)
     return coord, store
@@ -176,13 +177,15 @@ def test_told_finished_is_bounded_by_the_live_clients(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ start-up refusals
-def _settings(state: Path, buffering: AsyncPolicy | None, mode: str = "fedavg") -> ServerSettings:
-    return ServerSettings(
+def _settings(
+    state: Path, buffering: AsyncPolicy | None, mode: str = "fedavg"
+) -> CoordinatorSettings:
+    return CoordinatorSettings(
         task=TASK,
         state_dir=state,
         policy=RoundPolicy(total_rounds=3, min_clients=1),
         defaults=TrainingDefaults(mode="fedavg" if buffering else mode),
-        buffering=buffering,
+        mode=Buffered(buffering) if buffering else MODES[mode](),
     )
 
 
@@ -203,6 +206,9 @@ def test_a_resumed_state_dir_keeps_its_mode_and_buffer_size(
     with pytest.raises(SetupError) as refused:
         build_coordinator(_settings(state, then))
     assert message in str(refused.value) and str(state) in str(refused.value)
+
+
+ASYNC_FLAGS = [(f.dest, f.option) for f in Buffered.flags]  # --mode async's own flags
 
 
 def test_every_async_flag_has_a_policy_field() -> None:

@@ -20,7 +20,7 @@ from fedclient.local_update import privatize
 from fedcore.codecs import get_codec
 from fedcore.privacy import Accountant, DPConfig, clip_factor, l2_clip
 from fedcore.tensors import FlatModel, float_vector, iter_chunks
-from fedserver.coordinator.assembly import ServerSettings, build_coordinator
+from fedserver.coordinator.assembly import CoordinatorSettings, build_coordinator
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
@@ -203,7 +203,7 @@ def test_he_with_dp_noises_on_the_clients_so_the_key_holder_never_sees_a_clean_s
 
     secret, public = he_keys
     z = 2.0
-    settings = ServerSettings(
+    settings = CoordinatorSettings(
         task="examples.digits:task",
         state_dir=tmp_path / "state",
         policy=RoundPolicy(total_rounds=1, min_clients=2, round_timeout=60.0),

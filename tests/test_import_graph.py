@@ -150,6 +150,7 @@ FEDSERVER_FLOORS: tuple[tuple[str, ...], ...] = (
     ("rounds", "state", "strategies", "security"),  # pure machines, records, math, identities
     ("updates",),  # an update's way in: receive, verify, spill, fold
     ("protocols",),  # how a round's contributions become its aggregate
+    ("modes",),  # how rounds run: machine, protocol, flags and refusals of each --mode
     ("coordinator",),  # the round lifecycle around one protocol
     ("transport",),  # gRPC
     ("commands",),  # the subcommands

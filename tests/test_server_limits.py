@@ -10,10 +10,9 @@ import pytest
 
 from fedcore.config import parse_layered
 from fedserver.cli import build_parser
-from fedserver.commands.run import server_settings
-from fedserver.coordinator.call_queue import CallQueue
-from fedserver.coordinator.download_limits import DownloadLimits
-from fedserver.transport.downloads import Downloads, TooManyPulls
+from fedserver.commands.run import serve_settings
+from fedserver.transport.downloads import DownloadLimits, Downloads, TooManyPulls
+from fedserver.transport.limits import CallQueue
 from fedserver.transport.server import SERVER_OPTIONS
 
 TASK = "examples.digits:task"
@@ -31,7 +30,7 @@ def _options(settings_queue: CallQueue) -> dict[str, int]:
 
 
 def test_defaults_bound_the_queue_before_authentication() -> None:
-    s = server_settings(parse_layered(build_parser(), ["run", "--task", TASK], "server"))
+    s = serve_settings(parse_layered(build_parser(), ["run", "--task", TASK], "server"))
     options = _options(s.call_queue)
     assert options["grpc.server.max_pending_requests"] == 20_000
     assert options["grpc.server.max_pending_requests_hard_limit"] == 20_000
@@ -48,7 +47,7 @@ def test_limits_come_from_flags_environment_and_file(
     with open(config, "w") as f:
         f.write("[server]\nsend-stall-timeout = 5.5\nmax-queued-calls = 50000\n")
     argv = ["run", "--task", TASK, "--config", config, "--max-model-sends", "8"]
-    s = server_settings(parse_layered(build_parser(), argv, "server"))
+    s = serve_settings(parse_layered(build_parser(), argv, "server"))
     assert (s.downloads.max_sends, s.downloads.pulls_per_client) == (8, 1)
     assert s.downloads.stall_timeout == 5.5
     assert _options(s.call_queue)["grpc.server.max_pending_requests"] == 50_000

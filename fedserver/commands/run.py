@@ -1,4 +1,5 @@
-"""`fedserver run`: the coordinator daemon's flags and how they become ServerSettings.
+"""`fedserver run`: the coordinator daemon's flags and how they become its settings
+(CoordinatorSettings, wrapped in the daemon's ServeSettings).
 
 Every flag here can also come from FEDGRPC_* or the [server] table of --config
 (fedcore/config.py); bad combinations are refused before the state dir is touched.
@@ -11,28 +12,21 @@ import asyncio
 import logging
 from pathlib import Path
 
+from fedcore.config import positive_int
 from fedcore.logs import add_log_flags, setup_logging
 from fedcore.privacy import DPConfig
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
-from fedserver.coordinator.assembly import EXIT_USAGE, ServerSettings, SetupError
+from fedserver.coordinator.assembly import EXIT_USAGE, CoordinatorSettings, SetupError
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.tracking import add_track_flags, track_settings
+from fedserver.modes.registry import add_mode_flags, mode_from_args
 from fedserver.protocols.registry import SECURE_CHOICES
-from fedserver.rounds.buffered import AsyncPolicy
 from fedserver.rounds.eval_campaign import EvalPolicy
-from fedserver.rounds.staleness import StalenessWeight
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.strategies import STRATEGIES
 from fedserver.transport.limits import add_limit_arguments, limits_from_args
-from fedserver.transport.server import serve
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from fedserver.transport.server import ServeSettings, serve
 
 
 def _positive_float(text: str) -> float:
@@ -118,16 +112,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
     )
     run.add_argument("--lr", type=_positive_float, help="client learning rate (the task's)")
     run.add_argument("--batch-size", type=positive_int, help="client batch size (the task's)")
-    run.add_argument(
-        "--mode",
-        default="fedavg",
-        choices=["fedavg", "fedsgd", "async"],
-        help="fedavg: clients train locally and send a delta; fedsgd: clients send one gradient "
-        "and the strategy applies the average (plain SGD: --server-lr); async: buffered "
-        "asynchronous FedAvg (FedBuff), clients train whenever they are free and every "
-        "--buffer-size deltas make a new version (fedavg)",
-    )
-    _add_async_flags(run)
+    add_mode_flags(run)  # --mode and each mode's own flags (fedserver/modes)
     run.add_argument(
         "--train-tensors",
         default="",
@@ -265,93 +250,6 @@ STRATEGY_FLAGS: tuple[tuple[str, type, str], ...] = (
 )
 
 
-def _add_async_flags(run: argparse.ArgumentParser) -> None:
-    group = run.add_argument_group("asynchronous aggregation (--mode async; docs/modes.md)")
-    group.add_argument(
-        "--buffer-size",
-        type=positive_int,
-        default=None,
-        metavar="K",
-        help="deltas folded per server step; each step publishes a new version (needed)",
-    )
-    group.add_argument(
-        "--max-staleness",
-        type=int,
-        default=None,
-        metavar="S",
-        help="refuse deltas based on a version more than S versions old (10)",
-    )
-    group.add_argument(
-        "--staleness-weight",
-        default=None,
-        metavar="FN",
-        help="weight of a delta by its staleness t: constant, poly:A = (1+t)^-A, or hinge:A,B "
-        "= 1 up to t=B, then 1/(A(t-B)+1) (poly:0.5)",
-    )
-    group.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=None,
-        metavar="M",
-        help="at most M clients training at once; the others wait in their long-poll (0: all)",
-    )
-    group.add_argument(
-        "--max-contributions",
-        type=int,
-        default=None,
-        metavar="L",
-        help="a client contributes to at most L of any --contribution-window versions, while "
-        "enough clients are live to fill the buffers without it (5; 0: no limit)",
-    )
-    group.add_argument(
-        "--contribution-window",
-        type=positive_int,
-        default=None,
-        metavar="W",
-        help="the window of versions --max-contributions counts in (10)",
-    )
-    group.add_argument(
-        "--max-weight-ratio",
-        type=float,
-        default=None,
-        metavar="R",
-        help="a delta weighs at most R times the median num_examples of recent clients "
-        "(4; 0: no cap)",
-    )
-
-
-# --mode async's own flags: (argparse dest, flag). None = not set anywhere (flag, env, TOML).
-ASYNC_FLAGS = (
-    ("buffer_size", "--buffer-size"),
-    ("max_staleness", "--max-staleness"),
-    ("staleness_weight", "--staleness-weight"),
-    ("max_concurrency", "--max-concurrency"),
-    ("max_contributions", "--max-contributions"),
-    ("contribution_window", "--contribution-window"),
-    ("max_weight_ratio", "--max-weight-ratio"),
-)
-
-
-def _async_policy(args: argparse.Namespace) -> AsyncPolicy | None:
-    """--mode async's buffer policy (ValueError: a usage error), or None for synchronous rounds."""
-    if args.mode != "async":
-        for dest, flag in ASYNC_FLAGS:
-            if getattr(args, dest) is not None:
-                # Silently ignored it would look like it worked: say so instead.
-                raise ValueError(f"{flag} is for --mode async (this run is --mode {args.mode})")
-        return None
-    if args.buffer_size is None:
-        raise ValueError("--mode async needs --buffer-size K (deltas per server step, e.g. 5)")
-    given = {
-        dest: getattr(args, dest)
-        for dest, _ in ASYNC_FLAGS[1:]
-        if getattr(args, dest) is not None and dest != "staleness_weight"
-    }
-    if args.staleness_weight is not None:
-        given["weight"] = StalenessWeight.parse(args.staleness_weight)
-    return AsyncPolicy(args.buffer_size, **given)
-
-
 def _add_strategy_flags(run: argparse.ArgumentParser) -> None:
     group = run.add_argument_group("strategy parameters (see docs/algorithms.md)")
     for flag, kind, text in STRATEGY_FLAGS:
@@ -364,7 +262,8 @@ def strategy_params(args: argparse.Namespace) -> dict[str, float]:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
-def server_settings(args: argparse.Namespace) -> ServerSettings:
+def server_settings(args: argparse.Namespace) -> CoordinatorSettings:
+    """The coordinator's settings from run's flags (shared with `simulate`; ValueError: usage)."""
     policy = RoundPolicy(
         total_rounds=args.rounds,
         min_clients=args.min_clients,
@@ -377,54 +276,61 @@ def server_settings(args: argparse.Namespace) -> ServerSettings:
     )
     if args.gradient_batch < 0:
         raise ValueError(f"--gradient-batch must be >= 0, got {args.gradient_batch}")
-    buffering = _async_policy(args)
+    mode = mode_from_args(args)
     defaults = TrainingDefaults(  # None: the task's
         args.local_epochs,
         args.lr,
         args.batch_size,
-        mode="fedavg" if buffering else args.mode,  # async clients compute FedAvg deltas
+        mode=mode.client_update,  # what clients compute (async: FedAvg deltas)
         gradient_batch=args.gradient_batch,
         train_tensors=args.train_tensors,
     )
     dp = None
     if args.dp_clip is not None:
         dp = DPConfig(args.dp_clip, args.dp_noise_multiplier, args.dp_delta)  # ValueError: usage
-    call_queue, downloads = limits_from_args(args)  # ValueError: usage
-    return ServerSettings(
+    return CoordinatorSettings(
         task=args.task,
         state_dir=args.state_dir,
         policy=policy,
         defaults=defaults,
-        host=args.host,
-        port=args.port,
         strategy=args.strategy,
         strategy_params=strategy_params(args),
         eval_policy=EvalPolicy(args.eval_every, args.fraction_evaluate),
         seed=args.seed,
-        linger=args.linger,
         max_update_bytes=args.max_update_bytes,
         dp=dp,
         secure=args.secure,
         he_public_key=args.he_public_key,
+        encrypt_state=args.encrypt_state,
+        secagg_stage_timeout=args.secagg_stage_timeout,
+        mode=mode,
+        track=track_settings(args),
+    )
+
+
+def serve_settings(args: argparse.Namespace) -> ServeSettings:
+    """The daemon's settings: the coordinator's, plus the network's (ValueError: usage)."""
+    coordinator = server_settings(args)
+    call_queue, downloads = limits_from_args(args)
+    return ServeSettings(
+        coordinator,
+        host=args.host,
+        port=args.port,
+        linger=args.linger,
         tls=TlsFiles.from_args(args),
         tokens_file=args.tokens,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
-        encrypt_state=args.encrypt_state,
         progress=progress_wanted(args.log_format),
-        secagg_stage_timeout=args.secagg_stage_timeout,
-        buffering=buffering,
         call_queue=call_queue,
         downloads=downloads,
-        track=track_settings(args),
     )
 
 
 def run_coordinator(args: argparse.Namespace) -> int:
     setup_logging(args.log_level, args.log_format)
     try:
-        settings = server_settings(args)
-        return asyncio.run(serve(settings))
+        return asyncio.run(serve(serve_settings(args)))
     except (SetupError, SecurityError, ValueError) as e:
         logging.getLogger("fedserver").error("%s", e)
         return EXIT_USAGE

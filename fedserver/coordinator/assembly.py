@@ -1,7 +1,7 @@
 """From the coordinator's settings to a ready Coordinator: checks that combine flags, the state
 dir opened or resumed, the task's model, strategy and protocol (with --dp-clip's wrapper).
-Shared by `fedserver run` (server.py adds the gRPC daemon) and `fedserver simulate`; no gRPC
-here."""
+Shared by `fedserver run` (transport/server.py adds the gRPC daemon and its own ServeSettings)
+and `fedserver simulate`; no gRPC here."""
 
 from __future__ import annotations
 
@@ -12,20 +12,19 @@ from pathlib import Path
 from fedcore.plugins import load_object
 from fedcore.privacy import DPConfig
 from fedcore.sealed import StateCipher
-from fedcore.security import TlsFiles
 from fedcore.selection import check_spec
-from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
-from fedserver.coordinator.call_queue import CallQueue
+from fedcore.tensors import ManifestError
 from fedserver.coordinator.central_eval import Evaluator, initial_model
-from fedserver.coordinator.download_limits import DownloadLimits
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.publishing import PROTOCOL_STATE
 from fedserver.coordinator.tracking import TrackSettings, run_params, start_tracking
+from fedserver.modes.base import RoundMode
+from fedserver.modes.registry import pinned
+from fedserver.modes.synchronous import FedAvg
 from fedserver.protocols.base import ProtocolSettings
 from fedserver.protocols.dp import DPWrapper
 from fedserver.protocols.registry import protocol_refusal
-from fedserver.rounds.buffered import AsyncPolicy
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.state.store import StateDirBusy, StateStore
@@ -36,38 +35,29 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 3, 2
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class CoordinatorSettings:
+    """What build_coordinator reads; the daemon's own settings are transport/server.py's."""
+
     task: str
     state_dir: Path
     policy: RoundPolicy
     defaults: TrainingDefaults
-    host: str = "127.0.0.1"
-    port: int = 50051
     strategy: str = "fedavg"
     strategy_params: dict[str, float] = field(default_factory=dict)
     eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
     seed: int = 0
-    linger: float = 15.0
     max_update_bytes: int = 4 << 30
-    chunk_size: int = DEFAULT_CHUNK_SIZE
     dp: DPConfig | None = None
     secure: str = "none"  # "none" | "secagg" | "he"
     he_public_key: Path | None = None  # --secure he: the public CKKS context
     dp_seed: int | None = None  # fixed DP noise for reproducible tests; None = OS entropy
-    tls: TlsFiles | None = None  # None: plaintext (local debugging only)
-    tokens_file: Path | None = None  # bearer tokens required when set
-    metrics_port: int | None = None  # Prometheus /metrics when set (0: any free port)
-    metrics_host: str = "127.0.0.1"
     encrypt_state: Path | None = None  # key file: seal checkpoints and the model (AES-GCM)
-    progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     secagg_stage_timeout: float = 30.0
-    buffering: AsyncPolicy | None = None  # --mode async: buffered asynchronous rounds
+    mode: RoundMode = field(default_factory=FedAvg)  # --mode: how rounds run (fedserver/modes)
     # A finished run started again with its own --rounds: `run` serves "finished" for --linger
     # (a coordinator restarted after its last commit tells late clients); `simulate` has no one
     # to tell and refuses.
     serve_finished: bool = True
-    call_queue: CallQueue = field(default_factory=CallQueue)  # gRPC's, before authentication
-    downloads: DownloadLimits = field(default_factory=DownloadLimits)
     track: TrackSettings | None = None  # --track: MLflow / TensorBoard (coordinator/tracking.py)
 
 
@@ -75,14 +65,14 @@ class SetupError(RuntimeError):
     """A problem the operator must fix before the coordinator can start."""
 
 
-def build_coordinator(s: ServerSettings) -> Coordinator:
+def build_coordinator(s: CoordinatorSettings) -> Coordinator:
     try:
         task = load_object(s.task)
     except ValueError as e:
         raise SetupError(str(e)) from None
     strategy = build_strategy(s.strategy, **s.strategy_params)  # bad flags: before any disk
-    if s.buffering is not None:
-        check_async_settings(s, strategy.needs_all_updates)
+    if why := s.mode.refuse(s.secure, strategy):
+        raise SetupError(why)
     if strategy.needs_all_updates and s.secure != "none":
         # They read individual updates: impossible when the coordinator only holds masked ones.
         raise SetupError(
@@ -93,7 +83,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     # wrap, here before the state dir is touched (the Coordinator's registry call checks again).
     wrappers = (DPWrapper(s.dp, s.dp_seed),) if s.dp is not None else ()
     protocol = ProtocolSettings(
-        "async" if s.buffering else s.secure,
+        s.mode.protocol(s.secure),
         keep_updates=strategy.needs_all_updates,
         partial_rounds=bool(s.defaults.train_tensors),
     )
@@ -177,13 +167,12 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         secure=s.secure,
         secagg_stage_timeout=s.secagg_stage_timeout,
         he_public_key=s.he_public_key,
-        buffering=s.buffering,
+        mode=s.mode,
     )
     coordinator.protocol.load_state_arrays(protocol_state)
     coordinator.protocol.resume(r.metrics for r in store.rounds())
     coordinator.initialize_store(s.task)
-    mode, k = run_mode(s)
-    store.set_meta(mode=mode, buffer_size=k)
+    store.set_meta(**{key: value for key, _, value in pinned(s.mode)})
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     params = run_params(
         task=s.task,
@@ -192,7 +181,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
         policy=s.policy,
         eval_policy=s.eval_policy,
         privacy=s.dp,
-        buffering=s.buffering,
+        mode=s.mode,
         secure=s.secure,
         seed=s.seed,
     )
@@ -201,7 +190,7 @@ def build_coordinator(s: ServerSettings) -> Coordinator:
     return coordinator
 
 
-def check_rounds_left(s: ServerSettings, done: int, planned: int) -> None:
+def check_rounds_left(s: CoordinatorSettings, done: int, planned: int) -> None:
     """A resumed run must have rounds left; the stored total is never lowered below `done`."""
     wanted = s.policy.total_rounds
     if done < wanted:
@@ -229,11 +218,11 @@ def shown_path(path: Path) -> str:
     return text if path.is_absolute() or text.startswith(".") else f"./{text}"
 
 
-def check_resumed_mode(s: ServerSettings, store: StateStore) -> None:
-    """A resumed run keeps its --mode and --buffer-size: a version's meaning (a round of the
-    selected clients, or a buffer of K deltas) and its DP accounting would change mid-run."""
-    mode, k = run_mode(s)
-    for key, flag, now in (("mode", "--mode", mode), ("buffer_size", "--buffer-size", k)):
+def check_resumed_mode(s: CoordinatorSettings, store: StateStore) -> None:
+    """A resumed run keeps its --mode and the mode's pinned flags (--buffer-size): a version's
+    meaning (a round of the selected clients, or a buffer of K deltas) and its DP accounting
+    would change mid-run."""
+    for key, flag, now in pinned(s.mode):
         recorded = store.get_meta(key)
         if recorded is not None and recorded != now:
             raise SetupError(
@@ -243,30 +232,7 @@ def check_resumed_mode(s: ServerSettings, store: StateStore) -> None:
             )
 
 
-def run_mode(s: ServerSettings) -> tuple[str, str]:
-    """(--mode, --buffer-size) as the state dir's meta records them ("" when unset)."""
-    if s.buffering is not None:
-        return "async", str(s.buffering.buffer_size)
-    return s.defaults.mode, ""
-
-
-def check_async_settings(s: ServerSettings, needs_all_updates: bool) -> None:
-    """--mode async combines with what folds one update at a time into a mean; not the rest."""
-    if s.secure != "none":
-        raise SetupError(
-            f"--mode async cannot be combined with --secure {s.secure}: masks and ciphertexts "
-            "only cancel out or decrypt as the sum of one synchronous round's fixed set of "
-            "clients, while an asynchronous buffer takes whoever finishes first; use "
-            "--mode fedavg with --secure, or --mode async without it (--dp-clip still works)"
-        )
-    if needs_all_updates:
-        raise SetupError(
-            f"--mode async cannot be combined with strategy {s.strategy}: it folds each delta "
-            "into a running mean as it arrives; use fedavg, fedprox, fedavgm or a FedOpt strategy"
-        )
-
-
-def check_he_settings(s: ServerSettings) -> None:
+def check_he_settings(s: CoordinatorSettings) -> None:
     """--secure he: a public context, and rounds that always sum at least two updates."""
     from fedcore.he import HEError, load_public_context
     from fedserver.protocols.he import MIN_UPDATES

@@ -32,6 +32,8 @@ from fedserver.coordinator.offers import Offer, TrainingDefaults
 from fedserver.coordinator.publishing import RoundPublisher
 from fedserver.coordinator.submissions import UpdateIntake
 from fedserver.coordinator.wakeups import Wakeups
+from fedserver.modes.base import RoundMode
+from fedserver.modes.synchronous import FedAvg
 from fedserver.protocols.base import (
     Opening,
     ProtocolEnv,
@@ -40,7 +42,6 @@ from fedserver.protocols.base import (
     RoundProtocol,
 )
 from fedserver.protocols.registry import build_protocol
-from fedserver.rounds.buffered import AsyncPolicy, build_machine
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import ClosedRound, Phase, RoundPolicy, RoundsExhausted
 from fedserver.state.metrics import Metrics
@@ -71,8 +72,7 @@ class Coordinator:
     secagg_stage_timeout: float = 30.0  # each secure stage's wait for slow clients
     he_public_key: Path | None = None  # --secure he: the public CKKS context
     eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
-    # --mode async: buffered asynchronous rounds (async_rounds.py, protocols/buffered.py)
-    buffering: AsyncPolicy | None = None
+    mode: RoundMode = field(default_factory=FedAvg)  # --mode: how rounds run (fedserver/modes)
     rejections: Counter[str] = field(default_factory=Counter)
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = time.monotonic  # round deadlines and liveness (tests inject)
@@ -80,9 +80,8 @@ class Coordinator:
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
         self.federation_id = self.store.get_meta("federation_id") or uuid.uuid4().hex
-        self.machine = build_machine(
+        self.machine = self.mode.machine(
             self.policy,
-            self.buffering,
             clock=self.clock,
             rng=random.Random(self.seed + start),
             round=start,
@@ -96,13 +95,12 @@ class Coordinator:
         self.uploads = Uploads(self.store.dir / "incoming", key, self.metrics, self.rejections)
         self.protocol: RoundProtocol = build_protocol(
             ProtocolSettings(
-                "async" if self.buffering else self.secure,
+                self.mode.protocol(self.secure),
                 keep_updates=self.strategy.needs_all_updates,
                 partial_rounds=bool(self.defaults.train_tensors),
                 stage_timeout=self.secagg_stage_timeout,
                 he_public_key=self.he_public_key,
-                staleness=self.buffering.weight if self.buffering else None,
-                max_weight_ratio=self.buffering.max_weight_ratio if self.buffering else 0.0,
+                **self.mode.protocol_settings(),
             ),
             ProtocolEnv(
                 self.model.manifest.floats(),

@@ -21,7 +21,7 @@ from fedcore.tracking import (
     check_targets,
 )
 from fedserver.coordinator.offers import TrainingDefaults
-from fedserver.rounds.buffered import AsyncPolicy
+from fedserver.modes.base import RoundMode
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.state.history import RoundRecord
@@ -128,7 +128,7 @@ def run_params(
     policy: RoundPolicy,
     eval_policy: EvalPolicy,
     privacy: Any,
-    buffering: AsyncPolicy | None,
+    mode: RoundMode,
     secure: str,
     seed: int,
 ) -> dict[str, str]:
@@ -136,7 +136,7 @@ def run_params(
     params: dict[str, Any] = {
         "task": task,
         "strategy": strategy.name,
-        "mode": "async" if buffering is not None else defaults.mode,
+        "mode": mode.name,
         "secure": secure,
         "seed": seed,
         **{f"strategy.{k}": v for k, v in strategy.params().items()},
@@ -147,9 +147,11 @@ def run_params(
     }
     if privacy is not None:  # --dp-clip's settings (a dataclass), handed on by assembly
         params.update(_flat("dp", dataclasses.asdict(privacy)))
-    if buffering is not None:
-        params.update(_flat("async", dataclasses.asdict(buffering)))
-        params["async.weight"] = str(buffering.weight)
+    mode_policy = getattr(mode, "policy", None)  # a mode's own settings (async: AsyncPolicy)
+    if dataclasses.is_dataclass(mode_policy) and not isinstance(mode_policy, type):
+        params.update(_flat(mode.name, dataclasses.asdict(mode_policy)))
+        if hasattr(mode_policy, "weight"):
+            params[f"{mode.name}.weight"] = str(mode_policy.weight)
     return {k: str(v) for k, v in params.items()}
 
 

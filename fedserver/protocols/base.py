@@ -52,7 +52,7 @@ from fedserver.updates.uploads import Uploads
 class ProtocolSettings:
     """What the flags say about how rounds run; fixed for the life of the process."""
 
-    name: str = "none"  # the registry key (--secure none | secagg | he; "async": --mode async)
+    name: str = "none"  # the registry key: RoundMode.protocol(--secure none | secagg | he)
     unweighted: bool = False  # every contribution weighs 1 (set by the DP wrapper)
     keep_updates: bool = False  # the strategy reads every update (median, trimmed mean, Krum)
     partial_rounds: bool = False  # --train-tensors: each round trains a subset of the tensors

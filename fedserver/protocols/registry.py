@@ -1,6 +1,7 @@
-"""Which round protocol a name (the `--secure` flag) stands for. Adding a protocol: write its
-module (a RoundProtocol subclass taking (ProtocolSettings, ProtocolEnv)) and add one line here.
-Wrappers (differential privacy, protocols/dp.py) go around whichever protocol is built here."""
+"""Which round protocol a name stands for: the `--secure` flag, or the one a round mode picks
+(fedserver/modes). Adding a protocol: write its module (a RoundProtocol subclass taking
+(ProtocolSettings, ProtocolEnv)) and add one line here. Wrappers (differential privacy,
+protocols/dp.py) go around whichever protocol is built here."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ PROTOCOLS: dict[str, type[RoundProtocol]] = {
     "none": PlainProtocol,
     "secagg": SecAggProtocol,
     "he": HEProtocol,
-    "async": BufferedProtocol,  # --mode async (FedBuff); not a --secure choice
+    "buffered": BufferedProtocol,  # chosen by --mode async (modes/buffered.py), not --secure
 }
-# What --secure offers: the protocols that protect updates (async is chosen by --mode).
+# What --secure offers: the protocols that protect updates (a mode may pick another one).
 SECURE_CHOICES = ["none", "secagg", "he"]
 
 

@@ -346,16 +346,3 @@ class BufferMachine(RoundMachine):
         if not taus:
             return {}
         return {"staleness_mean": sum(taus) / len(taus), "staleness_max": float(max(taus))}
-
-
-def build_machine(
-    policy: object,
-    buffering: AsyncPolicy | None,
-    joined: Callable[[str], bool] | None = None,
-    **kwargs: object,
-) -> RoundMachine:
-    """The round machine for the flags: synchronous rounds, or buffers under --mode async
-    (`joined`: did an id ever Join, to tell a stranger's upload from a lapsed lease)."""
-    if buffering is None:
-        return RoundMachine(policy, **kwargs)  # type: ignore[arg-type]
-    return BufferMachine(policy, buffering=buffering, joined=joined, **kwargs)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from fedclient.flags import add_data_flags, add_device_flags
 from fedcore.logs import setup_logging
+from fedcore.progress import wanted as progress_wanted
 from fedserver.commands import run as run_cli
 from fedserver.coordinator.assembly import EXIT_USAGE, SetupError
 
@@ -174,7 +175,7 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
             "every virtual client trains every round (see --clients-per-round)"
         )
     return SimSettings(
-        server=replace(server, port=0, serve_finished=False),
+        server=replace(server, serve_finished=False),
         clients=args.clients,
         partitioner=args.partitioner,
         alpha=args.alpha,
@@ -191,4 +192,5 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
             object_store_mb=args.object_store_mb,
             temp_dir=str(Path(args.ray_temp_dir).resolve()) if args.ray_temp_dir else None,
         ),
+        progress=progress_wanted(args.log_format),
     )

@@ -26,7 +26,7 @@ from fedcore.plugins import load_object
 from fedserver.coordinator.assembly import (
     EXIT_FAILED,
     EXIT_OK,
-    ServerSettings,
+    CoordinatorSettings,
     SetupError,
     build_coordinator,
 )
@@ -46,7 +46,7 @@ IDLE_WAIT = 1.0
 
 @dataclass(frozen=True)
 class SimSettings:
-    server: ServerSettings
+    server: CoordinatorSettings
     clients: int
     partitioner: str = "iid"
     alpha: float = 0.5
@@ -54,6 +54,7 @@ class SimSettings:
     device: str = "cpu"  # of the virtual clients (fedclient --device); cpu unless gpus > 0
     precision: str = "fp32"
     ray: RaySettings = field(default_factory=RaySettings)
+    progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
 
 
 async def simulate(s: SimSettings) -> int:
@@ -71,7 +72,7 @@ async def simulate(s: SimSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    bar = asyncio.create_task(show_progress(coordinator)) if s.server.progress else None
+    bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
     try:
         try:
             workers.start_ray(s.ray)
@@ -125,15 +126,8 @@ def check_settings(s: SimSettings) -> None:
         )
     if s.server.secure != "none":
         raise SetupError("--secure cannot be simulated: run real clients (fedserver run)")
-    if s.server.buffering is not None:
-        # The seam hands work to the clients a round selects; asynchronous rounds select no
-        # one (clients pull whenever they are free), so nothing would ever run. Simulating
-        # them needs virtual clients that finish at different (virtual) times.
-        raise SetupError(
-            "--mode async cannot be simulated yet (virtual clients have no notion of "
-            "finishing at different times): use --mode fedavg or fedsgd here, or run real "
-            "clients against `fedserver run --mode async`"
-        )
+    if s.server.mode.not_simulated:
+        raise SetupError(s.server.mode.not_simulated)
     try:
         Partition(0, s.clients, s.partitioner, s.alpha, s.server.seed)
         task = load_object(s.server.task)

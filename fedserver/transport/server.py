@@ -7,18 +7,21 @@ import contextlib
 import ctypes
 import logging
 import signal
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedcore.proto import coordinator_pb2 as pb
-from fedcore.security import SecurityError, is_loopback
+from fedcore.security import SecurityError, TlsFiles, is_loopback
+from fedcore.tensors import DEFAULT_CHUNK_SIZE
 from fedcore.wire import CHANNEL_OPTIONS
 from fedserver.coordinator.assembly import (
     EXIT_FAILED,
     EXIT_OK,
-    ServerSettings,
+    CoordinatorSettings,
     SetupError,
     build_coordinator,
 )
@@ -26,8 +29,10 @@ from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.progress import log_waiting, show_progress
 from fedserver.security.tokens import TokenFileError
 from fedserver.transport.auth import AuthInterceptor, build_authenticator
+from fedserver.transport.downloads import DownloadLimits
 from fedserver.transport.joinlog import JoinLog
 from fedserver.transport.limits import (
+    CallQueue,
     OpenFilesWatch,
     raise_open_files_limit,
     tune_garbage_collector,
@@ -56,8 +61,26 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.so_reuseport", 0),
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 256 << 10),
-    # The queue of calls not picked up yet comes from ServerSettings.call_queue (limits.py).
+    # The queue of calls not picked up yet comes from ServeSettings.call_queue (limits.py).
 )
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """`fedserver run`: the coordinator's settings and what only the daemon reads."""
+
+    coordinator: CoordinatorSettings
+    host: str = "127.0.0.1"
+    port: int = 50051
+    linger: float = 15.0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    tls: TlsFiles | None = None  # None: plaintext (local debugging only)
+    tokens_file: Path | None = None  # bearer tokens required when set
+    metrics_port: int | None = None  # Prometheus /metrics when set (0: any free port)
+    metrics_host: str = "127.0.0.1"
+    progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
+    call_queue: CallQueue = field(default_factory=CallQueue)  # gRPC's, before authentication
+    downloads: DownloadLimits = field(default_factory=DownloadLimits)
 
 
 def limit_malloc_arenas(arenas: int = 1) -> None:
@@ -73,10 +96,10 @@ def limit_malloc_arenas(arenas: int = 1) -> None:
         libc.mallopt(_M_ARENA_MAX, arenas)
 
 
-async def serve(s: ServerSettings) -> int:
+async def serve(s: ServeSettings) -> int:
     limit_malloc_arenas()
     files = OpenFilesWatch(raise_open_files_limit())  # one descriptor per connected client
-    coordinator = build_coordinator(s)
+    coordinator = build_coordinator(s.coordinator)
     tune_garbage_collector()
     try:
         credentials = s.tls.server_credentials() if s.tls else None
@@ -119,9 +142,9 @@ async def serve(s: ServerSettings) -> int:
             "coordinator listening on %s:%d (task %s, %d rounds, min %d clients)",
             s.host,
             port,
-            s.task,
-            s.policy.total_rounds,
-            s.policy.min_clients,
+            s.coordinator.task,
+            s.coordinator.policy.total_rounds,
+            s.coordinator.policy.min_clients,
         )
         log.info("security: %s", _describe_security(s))
         if s.metrics_port is not None:
@@ -184,7 +207,7 @@ async def serve(s: ServerSettings) -> int:
     log.info(
         "coordinator stopped after %d completed round(s); state in %s",
         coordinator.machine.rounds_completed,
-        s.state_dir,
+        s.coordinator.state_dir,
     )
     return code
 
@@ -211,7 +234,7 @@ def _live_state(c: Coordinator, files: OpenFilesWatch) -> dict[str, float]:
     }
 
 
-def _describe_security(s: ServerSettings) -> str:
+def _describe_security(s: ServeSettings) -> str:
     if s.tls is None:
         transport = "plaintext"
     else:

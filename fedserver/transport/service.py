@@ -27,12 +27,11 @@ from fedcore.wire import (
     manifest_from_proto,
     manifest_to_proto,
 )
-from fedserver.coordinator.download_limits import DownloadLimits
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import Offer
 from fedserver.rounds.synchronous import SubmitRefused
 from fedserver.transport.admission import Admission
-from fedserver.transport.downloads import Downloads, framed
+from fedserver.transport.downloads import DownloadLimits, Downloads, framed
 from fedserver.transport.joinlog import JoinLog
 from fedserver.transport.liveness_service import LivenessRPCs
 from fedserver.transport.pacing import UploadPacer
