@@ -7,7 +7,7 @@ workers; peak memory is the largest sampled sum of RSS over the driver and all i
 (GCS, raylet, Ray's agents and workers), sampled every 0.2 s. Round
 seconds are the median of the coordinator's recorded round durations after round 1.
 
-Also measured: the in-process intake (seam.InProcessServicer.submit) per update.
+Also measured: the in-process intake (seam.InProcessTransport.submit) per update.
 
     python -m bench.simulation                      # the fedgrpc grid, 3 rounds per cell
     python -m bench.simulation --clients 1000 --rounds 3 --only noop
@@ -190,7 +190,7 @@ def _row(
 
 
 def intake(updates: int = 1000) -> float:
-    """Seconds per update through InProcessServicer.submit (610-parameter model)."""
+    """Seconds per update through InProcessTransport.submit (610-parameter model)."""
     import numpy as np
 
     from fedcore import checksums
@@ -200,14 +200,14 @@ def intake(updates: int = 1000) -> float:
     from fedserver.coordinator.assembly import ServerSettings, build_coordinator
     from fedserver.coordinator.offers import TrainingDefaults
     from fedserver.rounds.synchronous import RoundPolicy
-    from fedserver.simulation.seam import InProcessServicer
+    from fedserver.simulation.inprocess import InProcessTransport
 
     async def measure() -> float:
         with tempfile.TemporaryDirectory() as tmp:
             policy = RoundPolicy(1, min_clients=updates + 1, clients_per_round=updates + 1)
             s = ServerSettings(TASKS["noop"], Path(tmp), policy, TrainingDefaults())
             c = build_coordinator(s)
-            seam = InProcessServicer(c)
+            seam = InProcessTransport(c)
             seam.touch_all(f"client-{i}" for i in range(updates + 1))
             work = seam.training_work(set())
             assert work is not None
