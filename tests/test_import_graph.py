@@ -257,3 +257,12 @@ def test_transports_use_only_the_coordinators_public_face() -> None:
                 offenders.append(f"{path.relative_to(ROOT)}:{line}: {expr}")
     assert len([n for n in _modules() if _folder(n) == "transport"]) > 5
     assert not offenders, "private attributes read across objects:\n" + "\n".join(offenders)
+
+
+def test_headers_are_protobuf_only() -> None:
+    """transport/headers.py, shared by the gRPC servicer and the in-process transport, builds
+    and parses messages only: it imports no grpc itself."""
+    graph = _graph()
+    assert not any(t.split(".")[0] == "grpc" for t in graph["fedserver.transport.headers"])
+    users = [n for n, targets in graph.items() if "fedserver.transport.headers" in targets]
+    assert {"fedserver.transport.service", "fedserver.simulation.inprocess"} <= set(users)
