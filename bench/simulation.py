@@ -7,7 +7,7 @@ workers; peak memory is the largest sampled sum of RSS over the driver and all i
 (GCS, raylet, Ray's agents and workers), sampled every 0.2 s. Round
 seconds are the median of the coordinator's recorded round durations after round 1.
 
-Also measured: the in-process intake (seam.InProcessServicer.submit) per update.
+Also measured: the in-process intake (inprocess.InProcessTransport.submit) per update.
 
     python -m bench.simulation                      # the fedgrpc grid, 3 rounds per cell
     python -m bench.simulation --clients 1000 --rounds 3 --only noop
@@ -190,7 +190,7 @@ def _row(
 
 
 def intake(updates: int = 1000) -> float:
-    """Seconds per update through InProcessServicer.submit (610-parameter model)."""
+    """Seconds per update through InProcessTransport.submit (610-parameter model)."""
     import numpy as np
 
     from fedcore import checksums
@@ -200,16 +200,16 @@ def intake(updates: int = 1000) -> float:
     from fedserver.coordinator.assembly import CoordinatorSettings, build_coordinator
     from fedserver.coordinator.offers import TrainingDefaults
     from fedserver.rounds.synchronous import RoundPolicy
-    from fedserver.simulation.seam import InProcessServicer
+    from fedserver.simulation.inprocess import InProcessTransport
 
     async def measure() -> float:
         with tempfile.TemporaryDirectory() as tmp:
             policy = RoundPolicy(1, min_clients=updates + 1, clients_per_round=updates + 1)
             s = CoordinatorSettings(TASKS["noop"], Path(tmp), policy, TrainingDefaults())
             c = build_coordinator(s)
-            seam = InProcessServicer(c)
-            seam.touch_all(f"client-{i}" for i in range(updates + 1))
-            work = seam.training_work(set())
+            transport = InProcessTransport(c)
+            transport.touch_all(f"client-{i}" for i in range(updates + 1))
+            work = transport.training_work(set())
             assert work is not None
             codec = get_codec("fp32")
             payload = codec.encode(np.zeros(610, np.float32))
@@ -230,7 +230,7 @@ def intake(updates: int = 1000) -> float:
             ]
             t = time.perf_counter()
             for h in headers:
-                assert seam.submit(h, payload, digest) is None
+                assert transport.submit(h, payload, digest) is None
             c.store.close()
             return (time.perf_counter() - t) / updates
 

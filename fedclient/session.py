@@ -20,7 +20,6 @@ import grpc
 from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
 from fedclient.liveness import Heartbeat, report_failure
-from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.protocols.handlers import handler_for
 from fedclient.protocols.he import decrypt_aggregate
 from fedclient.retry import (
@@ -36,19 +35,18 @@ from fedclient.retry import (
 from fedclient.settings import ClientSettings
 from fedclient.task import LocalData, Task, TrainConfig
 from fedclient.tracking import ClientTracker
+from fedclient.update import encode, round_tensors, train, train_config
 from fedcore import faults
-from fedcore.codecs import ErrorFeedback, get_codec
+from fedcore.codecs import ErrorFeedback
 from fedcore.he import HEClient
 from fedcore.logs import format_metrics
 from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.security import open_channel
-from fedcore.selection import Selection
 from fedcore.tensors import (
     ChunkAssembler,
     FlatModel,
-    Manifest,
     ManifestError,
     to_state_dict,
 )
@@ -57,7 +55,6 @@ from fedcore.wire import (
     ModelCalls,
     manifest_from_proto,
     model_data,
-    update_header,
     update_messages,
 )
 
@@ -271,28 +268,6 @@ class ClientSession:
                 return pb.ModelHeader(state=pb.TRAINING, selected=False)
         return header
 
-    def _selections(
-        self, floats: Manifest, config: TrainConfig
-    ) -> tuple[Selection, Selection, Selection | None]:
-        """(tensors to train, tensors to send, personal tensors) for this round.
-
-        The round names what is trained and sent (--train-tensors on the coordinator); FedPer
-        personal tensors are trained every round but never leave this client.
-        """
-        names = config.train_tensors
-        round_sel = Selection.of_names(floats, names) if names else Selection.everything(floats)
-        patterns = self.settings.personal_tensors or getattr(self.task, "personal_tensors", "")
-        if not patterns:
-            return round_sel, round_sel, None
-        personal = Selection.matching(floats, patterns)
-        sent = round_sel.without(personal)
-        if not sent.indices:
-            raise PermanentError(
-                "every tensor trained this round is personal (--personal-tensors); "
-                "nothing would be sent"
-            )
-        return round_sel.union(personal), sent, personal
-
     def _evaluate_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
         """Federated evaluation: score the announced model on local test data and report it."""
         base = self.held
@@ -338,17 +313,12 @@ class ClientSession:
         )
 
     def _train_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
+        """fedclient/update.py's pipeline, with this process's progress bar, --slowdown, stop
+        checks, the upload and its retries around it."""
         base = self.held
         if base is None or base.version != header.model_version:
             return  # the coordinator will send the bytes on the next pull
-        cfg = header.config
-        config = TrainConfig(
-            local_epochs=cfg.local_epochs or 1,
-            lr=cfg.lr or 0.05,
-            batch_size=cfg.batch_size or 32,
-            seed=round_seed(self.settings.seed, self.client_id, header.round),
-            extra=dict(cfg.extra),
-        )
+        config = train_config(header, self.settings.seed, self.client_id)
         handler = handler_for(
             config.extra,
             feedback=self.feedback,
@@ -361,8 +331,8 @@ class ClientSession:
         )
         if not handler.prepare(header):
             return
-        floats = base.manifest.floats()
-        train_sel, sent, personal = self._selections(floats, config)
+        patterns = self.settings.personal_tensors or getattr(self.task, "personal_tensors", "")
+        tensors = round_tensors(base.manifest.floats(), config, patterns)
         started, cpu_started = time.monotonic(), time.process_time()
         with live_progress(self.settings.progress) as progress:
             if progress is not None:
@@ -372,11 +342,8 @@ class ClientSession:
                 config = dataclasses.replace(
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
-            kept = self._personal if personal is not None else None
             with explained(f"round {header.round}: training failed", self.task, data, model):
-                result, update_vector = local_update(
-                    self.task, model, data, base, config, train_sel, kept
-                )
+                trained = train(self.task, model, data, base, config, tensors, self._personal)
         # --slowdown: emulate a slow device (demos, tests, benchmarks). Scaled by the CPU time
         # trained, not the wall time: on a shared host the wall time of round 1 (10 clients
         # starting at once) was 30x that of later rounds, and a slow client multiplied it again.
@@ -385,26 +352,10 @@ class ClientSession:
             raise Stopped
         if self.stop.is_set():
             raise Stopped
-        # The round's encoding unless this client asks for its own (--encoding); the coordinator
-        # accepts any codec it knows, declared in the update header. Secure aggregation rounds
-        # must stay masked-u64, homomorphic ones he-ckks.
-        wanted = "" if handler.fixed_encoding else self.settings.encoding
-        codec = get_codec(wanted or cfg.encoding or "fp32").bind(sent.manifest)
-        if personal is not None:
-            state = model.state_dict()
-            self._personal = {n: state[n].detach().clone() for n in personal.names}
-        delta = privatize(sent.extract(update_vector), config.extra)
-        payload = handler.encode(codec, delta, result.num_examples, config.extra)
-        update, digest = update_header(
-            self.client_id,
-            header.round,
-            base.version,
-            result.num_examples,
-            result.metrics,
-            codec.name,
-            codec.wire_manifest(sent.manifest),
-            payload,
-        )
+        if trained.personal is not None:
+            self._personal = trained.personal
+        prepared = encode(trained, handler, self.client_id, header, self.settings.encoding)
+        result, payload = prepared.result, prepared.payload
         shown = format_metrics(result.metrics, sep=" ", join=", ")
         work = (
             "computed a gradient"
@@ -423,7 +374,8 @@ class ClientSession:
             reply = self._call(
                 "submit",
                 lambda: self.calls.submit(
-                    _upload(update, payload, digest), timeout=self.settings.rpc_timeout
+                    _upload(prepared.header, payload, prepared.digest),
+                    timeout=self.settings.rpc_timeout,
                 ),
             )
         except grpc.RpcError as e:

@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 
 from fedclient.device import configure
-from fedclient.local_update import local_update, privatize, round_seed
 from fedclient.partition import Partition
-from fedclient.task import LocalData, Task, TrainConfig
-from fedcore.codecs import get_codec
+from fedclient.protocols.handlers import RoundHandler
+from fedclient.task import LocalData, Task
+from fedclient.update import prepare_update
+from fedcore.codecs import ErrorFeedback
 from fedcore.plugins import load_object
 from fedcore.proto import coordinator_pb2 as pb
-from fedcore.selection import Selection
 from fedcore.tensors import FlatModel, to_state_dict
-from fedcore.wire import manifest_from_proto, update_header
+from fedcore.wire import manifest_from_proto
 
 log = logging.getLogger("fedclient")
 
@@ -124,35 +124,24 @@ class VirtualClients:
         return out
 
     def _fit_one(self, header: pb.ModelHeader, base: FlatModel, cid: str) -> Fitted:
-        cfg = header.config
-        config = TrainConfig(
-            local_epochs=cfg.local_epochs or 1,
-            lr=cfg.lr or 0.05,
-            batch_size=cfg.batch_size or 32,
-            seed=round_seed(self.spec.seed, cid, header.round),
-            extra=dict(cfg.extra),
-        )
-        if config.extra.get("secagg") == "1" or config.extra.get("he") == "1":
+        extra = header.config.extra
+        if extra.get("secagg") == "1" or extra.get("he") == "1":
             raise ValueError("secure aggregation rounds cannot be simulated")
-        floats = base.manifest.floats()
-        names = config.train_tensors
-        sent = Selection.of_names(floats, names) if names else Selection.everything(floats)
         data = self._data(client_index(cid))
-        result, vector = local_update(self.task, self.model, data, base, config, sent)
-        codec = get_codec(self.spec.encoding or cfg.encoding or "fp32").bind(sent.manifest)
-        # Stateless: encode without error feedback (a fresh ErrorFeedback each round).
-        payload = codec.encode(privatize(sent.extract(vector), config.extra))
-        update, digest = update_header(
+        # Stateless: the plain handler with a fresh ErrorFeedback (no residual carried), no
+        # personal tensors (`fedserver simulate` refuses a Task that has them).
+        update = prepare_update(
+            self.task,
+            self.model,
+            data,
+            base,
+            header,
             cid,
-            header.round,
-            header.model_version,
-            result.num_examples,
-            result.metrics,
-            codec.name,
-            codec.wire_manifest(sent.manifest),
-            payload,
+            seed=self.spec.seed,
+            handler=RoundHandler(ErrorFeedback()),
+            encoding=self.spec.encoding,
         )
-        return Fitted(cid, update.SerializeToString(), payload, digest)
+        return Fitted(cid, update.header.SerializeToString(), update.payload, update.digest)
 
     def evaluate(
         self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]

@@ -232,3 +232,59 @@ def test_the_coordinator_knows_nothing_of_dp_but_handing_it_on() -> None:
         text = paths[name].read_text()
         offenders += [f"{name} names {word}" for word in DP_NAMES if word in text]
     assert not offenders, "DP outside protocols/dp.py:\n" + "\n".join(offenders)
+
+
+# Underscore names of other objects that transport/ and simulation/ may read: namedtuple's
+# public methods (they start with `_` so as not to clash with field names), and argparse's
+# action lists, which simulation/cli.py needs to copy `fedserver run`'s flags (argparse has no
+# public way to do that).
+PUBLIC_UNDERSCORE = {"_replace", "_asdict", "_fields", "_make"}
+ARGPARSE = {"_action_groups", "_group_actions", "_optionals", "_add_action", "_actions"}
+ARGPARSE |= {"_ArgumentGroup", "_SubParsersAction"}  # its types, in annotations
+PRIVATE_ALLOWED = {"fedserver.simulation.cli": ARGPARSE}
+
+
+def _private_reads(path: Path) -> list[tuple[int, str]]:
+    """(line, `x._y`) for every `_private` attribute read on something other than self/cls."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Attribute):
+            continue
+        attr = node.attr
+        if not attr.startswith("_") or (attr.startswith("__") and attr.endswith("__")):
+            continue
+        if isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"):
+            continue
+        found.append((node.lineno, f"{ast.unparse(node.value)}.{attr}"))
+    return found
+
+
+def test_private_reads_are_seen(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text("self._ok\ncls._ok\nc._changed\nself._servicer._header\nx.__class__\n")
+    assert _private_reads(sample) == [(3, "c._changed"), (4, "self._servicer._header")]
+
+
+def test_transports_use_only_the_coordinators_public_face() -> None:
+    """transport/ and simulation/ drive the coordinator through coordinator/api.py: neither
+    reads a `_private` attribute of another object (the coordinator's `_changed`, `_advance`,
+    the servicer's `_header`...): what a transport needs becomes public there."""
+    offenders = []
+    for name, path in sorted(_modules().items()):
+        if _folder(name) not in {"transport", "simulation"}:
+            continue
+        allowed = PUBLIC_UNDERSCORE | PRIVATE_ALLOWED.get(name, set())
+        for line, expr in _private_reads(path):
+            if expr.rsplit(".", 1)[1] not in allowed:
+                offenders.append(f"{path.relative_to(ROOT)}:{line}: {expr}")
+    assert len([n for n in _modules() if _folder(n) == "transport"]) > 5
+    assert not offenders, "private attributes read across objects:\n" + "\n".join(offenders)
+
+
+def test_headers_are_protobuf_only() -> None:
+    """transport/headers.py, shared by the gRPC servicer and the in-process transport, builds
+    and parses messages only: it imports no grpc itself."""
+    graph = _graph()
+    assert not any(t.split(".")[0] == "grpc" for t in graph["fedserver.transport.headers"])
+    users = [n for n, targets in graph.items() if "fedserver.transport.headers" in targets]
+    assert {"fedserver.transport.service", "fedserver.simulation.inprocess"} <= set(users)

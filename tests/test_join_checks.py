@@ -116,8 +116,15 @@ def test_clients_started_without_ids_on_one_host_are_distinct(
 
 
 def _admission(last_seen: dict[str, float], now: float) -> Admission:
-    machine = SimpleNamespace(last_seen=last_seen, clock=lambda: now)
-    coordinator = SimpleNamespace(machine=machine, policy=SimpleNamespace(client_ttl=90.0))
+    ttl = 90.0
+
+    def seen_ago(client_id: str) -> float | None:  # as Coordinator.seen_ago, on a fixed clock
+        seen = last_seen.get(client_id)
+        return None if seen is None or now - seen > ttl else now - seen
+
+    coordinator = SimpleNamespace(
+        seen_ago=seen_ago, live_ids=lambda: set(last_seen), policy=SimpleNamespace(client_ttl=ttl)
+    )
     return Admission(coordinator)  # type: ignore[arg-type]
 
 

@@ -27,7 +27,7 @@ from fedserver.commands.run import server_settings
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.rounds.synchronous import Phase, RoundPolicy
-from fedserver.simulation.seam import InProcessServicer
+from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.state.history import read_status
 from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
@@ -136,7 +136,7 @@ def test_simulation_keeps_every_virtual_client_live_through_a_long_round(tmp_pat
 
     async def scenario() -> None:
         coord = _coordinator(tmp_path, clock, clients_per_round=2, round_timeout=1000.0)
-        seam = InProcessServicer(coord)
+        seam = InProcessTransport(coord)
         alive = asyncio.create_task(seam.keep_alive(ids, every=0.01))
         m = coord.machine
         await until(lambda: m.phase is Phase.COLLECTING)

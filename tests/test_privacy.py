@@ -30,7 +30,7 @@ from fedcore.privacy import (
     sample_rate,
 )
 from fedcore.tensors import float_vector
-from fedserver.coordinator.assembly import ServerSettings, SetupError, build_coordinator
+from fedserver.coordinator.assembly import CoordinatorSettings, SetupError, build_coordinator
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
@@ -244,7 +244,7 @@ def test_the_dp_wrapper_refuses_a_protocol_that_declares_no_noise_placement(
     why = "--dp-clip cannot be combined with round protocol 'sealed': it declares no place"
     assert why in (protocol_refusal(ProtocolSettings("sealed"), [dp]) or "")
     assert protocol_refusal(ProtocolSettings("sealed"), []) is None
-    for name in ("none", "secagg", "he", "async"):  # every shipped protocol says where
+    for name in ("none", "secagg", "he", "buffered"):  # every shipped protocol says where
         assert protocol_refusal(ProtocolSettings(name), [dp]) is None, name
     # The wrapper's other refusals, in the same place: what its noise would not cover.
     robust = protocol_refusal(ProtocolSettings("none", keep_updates=True), [dp]) or ""
@@ -259,7 +259,7 @@ def test_the_dp_wrapper_refuses_a_protocol_that_declares_no_noise_placement(
     finally:
         store.close()
     # `fedserver run` refuses it in the same words, before the state dir is touched.
-    settings = ServerSettings(
+    settings = CoordinatorSettings(
         task="examples.digits:task",
         state_dir=tmp_path / "fresh",
         policy=RoundPolicy(total_rounds=1),

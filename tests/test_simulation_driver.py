@@ -22,7 +22,7 @@ from fedserver.coordinator.assembly import SetupError, build_coordinator
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.simulation.cli import sim_settings
 from fedserver.simulation.driver import SimSettings, _run, check_settings
-from fedserver.simulation.seam import InProcessServicer
+from fedserver.simulation.inprocess import InProcessTransport
 from tests.sim_tasks import FAIL_EVALUATE, FAIL_TRAIN
 
 # A round that waited out its deadline would take this long: far beyond every test's timeout.
@@ -69,7 +69,7 @@ async def _simulate(s: SimSettings) -> Coordinator:
     coordinator = build_coordinator(s.server)
     try:
         ids = [client_id(i) for i in range(s.clients)]
-        await _run(InProcessServicer(coordinator), InlinePool(_spec(s)), ids, asyncio.Event())
+        await _run(InProcessTransport(coordinator), InlinePool(_spec(s)), ids, asyncio.Event())
     finally:
         coordinator.store.close()
     return coordinator
@@ -125,7 +125,7 @@ def test_numpy_and_random_are_seeded_per_client_and_round(tmp_path: Path) -> Non
         s = _settings(tmp_path / "state", "tests.sim_tasks:noisy", "--clients", "4")
         coordinator = build_coordinator(s.server)
         try:
-            seam = InProcessServicer(coordinator)
+            seam = InProcessTransport(coordinator)
             seam.touch_all([client_id(i) for i in range(4)])
             todo = seam.training_work(exclude=set())
             assert todo is not None and client_id(3) in todo.client_ids

@@ -30,6 +30,7 @@ from fedserver.coordinator.federated_eval import EvaluationRounds
 from fedserver.coordinator.liveness import LivenessWatch
 from fedserver.coordinator.offers import Offer, TrainingDefaults
 from fedserver.coordinator.publishing import RoundPublisher
+from fedserver.coordinator.queries import TransportQueries
 from fedserver.coordinator.submissions import UpdateIntake
 from fedserver.coordinator.wakeups import Wakeups
 from fedserver.modes.base import RoundMode
@@ -55,7 +56,7 @@ log = logging.getLogger("fedserver")
 
 
 @dataclass
-class Coordinator:
+class Coordinator(TransportQueries):  # implements coordinator/api.py's CoordinatorAPI
     store: StateStore
     strategy: Strategy
     policy: RoundPolicy

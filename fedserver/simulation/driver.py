@@ -3,7 +3,7 @@
 Each round: every virtual client is marked live (a dict entry each), the round machine opens
 the round and selects K of them exactly as it would select processes, the K selected run on
 the workers in batches, and their updates are submitted one by one in client-id order through
-the in-process servicer (seam.py). Aggregation, checkpoints, DP accounting, evaluation and the
+the in-process transport (inprocess.py). Aggregation, checkpoints, DP accounting, evaluation and the
 state dir are the coordinator's own, so `fedserver status` / `report` / resume work unchanged.
 
 A virtual client whose task raises is a dropped client of that round: once every selected
@@ -31,7 +31,7 @@ from fedserver.coordinator.assembly import (
     build_coordinator,
 )
 from fedserver.coordinator.progress import show_progress
-from fedserver.simulation.seam import InProcessServicer
+from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ async def simulate(s: SimSettings) -> int:
         coordinator = build_coordinator(s.server)
     except ValueError as e:  # a flag's value (strategy parameters...), as for `fedserver run`
         raise SetupError(str(e)) from None
-    seam = InProcessServicer(coordinator)
+    transport = InProcessTransport(coordinator)
     ids = [client_id(i) for i in range(s.clients)]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -89,9 +89,9 @@ async def simulate(s: SimSettings) -> int:
             precision=s.precision,
         )
         pool = workers.WorkerPool(spec, s.ray)
-        alive = asyncio.create_task(seam.keep_alive(ids))  # virtual clients never go silent
+        alive = asyncio.create_task(transport.keep_alive(ids))  # virtual clients never go silent
         try:
-            await _run(seam, pool, ids, stop)
+            await _run(transport, pool, ids, stop)
         finally:
             alive.cancel()
             pool.close()
@@ -145,29 +145,28 @@ def check_settings(s: SimSettings) -> None:
 
 
 async def _run(
-    seam: InProcessServicer, pool: WorkerPool, ids: list[str], stop: asyncio.Event
+    transport: InProcessTransport, pool: WorkerPool, ids: list[str], stop: asyncio.Event
 ) -> None:
-    coordinator = seam.coordinator
+    coordinator = transport.coordinator
     ran = _PerKey()  # clients that ran in this attempt of this round, counted or not
     failed_evaluations = _PerKey()
     while not stop.is_set():
-        await _evaluate(seam, pool, failed_evaluations.of(seam.evaluation_round()))
+        await _evaluate(transport, pool, failed_evaluations.of(transport.evaluation_round()))
         if coordinator.done.is_set():
             return
-        seam.touch_all(ids)  # opens the round once enough clients are live (all of them are)
-        m = coordinator.machine
-        dispatched = ran.of((m.round, m.attempts))
-        work = seam.training_work(exclude=dispatched)
+        transport.touch_all(ids)  # opens the round once enough clients are live (all of them are)
+        dispatched = ran.of(transport.round_attempt())
+        work = transport.training_work(exclude=dispatched)
         if work is None:
             # Every selected client has run: with some failed or refused, the round would
             # otherwise wait out --round-timeout for updates that cannot come.
-            if not seam.decide_now(dispatched):
-                await seam.wait_change(IDLE_WAIT)
+            if not transport.decide_now(dispatched):
+                await transport.wait_change(IDLE_WAIT)
             continue
         dispatched.update(work.client_ids)
         count = len(ids)
         for cid in work.client_ids:
-            seam.joined(
+            transport.joined(
                 cid, {"hostname": "simulation", "partition": f"{client_index(cid)}/{count}"}
             )
         for ref in pool.fit_refs(work.header, work.model, work.client_ids):
@@ -176,12 +175,12 @@ async def _run(
                     log.warning("virtual client %s failed: %s", fitted.client_id, fitted.error)
                     continue
                 assert fitted.payload is not None
-                refused = seam.submit(fitted.header, fitted.payload, fitted.digest)
+                refused = transport.submit(fitted.header, fitted.payload, fitted.digest)
                 if refused:
                     log.warning("update of %s not counted: %s", fitted.client_id, refused)
             if stop.is_set():
                 break
-        await seam.wait_aggregated()
+        await transport.wait_aggregated()
 
 
 @dataclass
@@ -198,10 +197,10 @@ class _PerKey:
         return self.ids
 
 
-async def _evaluate(seam: InProcessServicer, pool: WorkerPool, failed: set[str]) -> None:
+async def _evaluate(transport: InProcessTransport, pool: WorkerPool, failed: set[str]) -> None:
     """Federated evaluation of the last published model, when the coordinator asks for one.
     A client that fails (or whose result is refused) is not asked again for this model."""
-    work = seam.evaluation_work(exclude=failed)
+    work = transport.evaluation_work(exclude=failed)
     if work is None:
         return
     for ref in pool.evaluate_refs(work.header, work.model, work.client_ids):
@@ -215,7 +214,7 @@ async def _evaluate(seam: InProcessServicer, pool: WorkerPool, failed: set[str])
                     evaluated.error,
                 )
                 continue
-            refused = seam.submit_evaluation(evaluated.result)
+            refused = transport.submit_evaluation(evaluated.result)
             if refused:
                 failed.add(evaluated.client_id)
                 log.warning("evaluation of %s not counted: %s", evaluated.client_id, refused)

@@ -17,13 +17,13 @@ from urllib.parse import unquote
 
 from fedcore.limits import excerpt
 from fedcore.proto import coordinator_pb2 as pb
-from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.coordinator.api import CoordinatorAPI
 
 log = logging.getLogger("fedserver.service")
 
 
 class Admission:
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: CoordinatorAPI) -> None:
         self.coordinator = coordinator
         # client id -> (peer address, instance) of its last admitted Join (pruned to live ids)
         self.peers: OrderedDict[str, tuple[str, str]] = OrderedDict()
@@ -34,7 +34,7 @@ class Admission:
         manifest = self.coordinator.model.manifest
         if not theirs or theirs == manifest.fingerprint:
             return None  # an empty fingerprint is an older client: not checked
-        task = self.coordinator.store.get_meta("task") or "?"
+        task = self.coordinator.task_name()
         shown = theirs[:12] if re.fullmatch(r"[0-9a-f]{64}", theirs) else excerpt(theirs)
         tensors = manifest.describe()
         if len(tensors) > 160:
@@ -46,8 +46,7 @@ class Admission:
             f"{tensors}): start the client with --task {task} and the same model code as the "
             f"coordinator"
         )
-        log.warning("Join refused (FAILED_PRECONDITION): %s", message)
-        return message
+        return message  # logged once, as every refusal, by transport/rpc.py
 
     def claim(self, client_id: str, peer: str, instance: str = "") -> str | None:
         """Why `peer` may not act as `client_id` (ALREADY_EXISTS), or None after recording it.
@@ -57,7 +56,7 @@ class Admission:
         on the same host (new port) rejoins at once, and after the old claimant stops answering
         for the liveness window (90 s) the id is free for anyone."""
         previous, previous_instance = self.peers.get(client_id, (None, ""))
-        ago = self._seen_ago(client_id)
+        ago = self.coordinator.seen_ago(client_id)
         same_process = bool(instance) and instance == previous_instance
         if previous is not None and previous != peer and ago is not None and not same_process:
             old, new = _address(previous), _address(peer)
@@ -69,8 +68,7 @@ class Admission:
                     f"(with mTLS, its own certificate). If the client at {old} has stopped, "
                     f"the id is free again in {max(ttl - ago, 0.0):.0f} s"
                 )
-                log.warning("Join refused (ALREADY_EXISTS): %s", message)
-                return message
+                return message  # logged once, as every refusal, by transport/rpc.py
             log.warning(
                 "client %s joined again from %s while %s was seen %.0f s ago: a restarted "
                 "client, or two processes on one host sharing an id (give each its own "
@@ -85,18 +83,9 @@ class Admission:
         self._prune()
         return None
 
-    def _seen_ago(self, client_id: str) -> float | None:
-        """Seconds since `client_id` was last heard from, None unless it is live."""
-        machine = self.coordinator.machine
-        seen = machine.last_seen.get(client_id)
-        if seen is None:
-            return None
-        ago = machine.clock() - seen
-        return ago if ago <= self.coordinator.policy.client_ttl else None
-
     def _prune(self) -> None:
         # Amortized O(1) per Join: rebuilt from the live ids once it has doubled past them.
-        live = self.coordinator.machine.last_seen
+        live = self.coordinator.live_ids()
         if len(self.peers) > 2 * len(live) + 1024:
             self.peers = OrderedDict((c, p) for c, p in self.peers.items() if c in live)
 

@@ -14,14 +14,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError
 
-from fedcore import limits
-from fedcore.limits import MAX_CLIENT_ID, clip_message, excerpt
+from fedcore.limits import clip_message
 from fedcore.proto import coordinator_pb2 as pb
 from fedserver.protocols.secagg_stages import SecAggFailed
 from fedserver.rounds.synchronous import AlreadySubmitted, NotSelected, StaleRound
+from fedserver.transport.headers import check_client_id, check_strings
 from fedserver.transport.interceptor import WrapOnce
 from fedserver.updates.messages import CoordinatorBusy, SubmitResult, TooManyStreams
 from fedserver.updates.receiver import BadUpdate, SpillCorrupted, UpdateTooLarge
@@ -74,55 +73,6 @@ async def check_request(context: grpc.aio.ServicerContext, request: Any) -> None
     await check_decoded(context, request)
     if problem := check_client_id(request.client_id) or check_strings(request):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-
-
-def check_client_id(client_id: str) -> str | None:
-    if not client_id:
-        return "client_id is required"
-    if len(client_id) > MAX_CLIENT_ID or not client_id.isprintable():
-        return (
-            f"client_id must be printable and at most {MAX_CLIENT_ID} characters, got "
-            f"{excerpt(client_id)}"
-        )
-    return None
-
-
-def check_strings(message: Any, skip: tuple[str, ...] = ("client_id",)) -> str | None:
-    """Why a singular string field of `message` exceeds limits.MAX_STRING, or None."""
-    for field in message.DESCRIPTOR.fields:
-        if field.type != FieldDescriptor.TYPE_STRING or field.name in skip:
-            continue
-        if _is_repeated(field):
-            continue
-        value = getattr(message, field.name)
-        if len(value) > limits.MAX_STRING:
-            return f"{field.name} exceeds {limits.MAX_STRING} characters ({len(value)})"
-    return None
-
-
-def check_metrics(metrics: Any) -> str | None:
-    """Why a client's metrics map breaks the limits (count, name length) or uses a name the
-    coordinator keeps for itself, or None."""
-    problem = limits.check_string_map(metrics, "metrics", limits.MAX_METRICS, limits.MAX_METRIC_KEY)
-    return problem or limits.reserved_metric(metrics)
-
-
-def check_properties(properties: Any) -> str | None:
-    return limits.check_string_map(
-        properties,
-        "properties",
-        limits.MAX_PROPERTIES,
-        limits.MAX_PROPERTY_KEY,
-        limits.MAX_PROPERTY_VALUE,
-    )
-
-
-def _is_repeated(field: FieldDescriptor) -> bool:
-    # protobuf >= 5 has is_repeated; label is deprecated there but still present before.
-    flag = getattr(field, "is_repeated", None)
-    if flag is not None:
-        return bool(flag)
-    return field.label == FieldDescriptor.LABEL_REPEATED
 
 
 class LenientDecoding(WrapOnce):

@@ -22,28 +22,26 @@ from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
 from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import DEFAULT_CHUNK_SIZE, Manifest, ManifestError
-from fedcore.wire import (
-    manifest_from_proto,
-    manifest_to_proto,
-)
-from fedserver.coordinator.lifecycle import Coordinator
-from fedserver.coordinator.offers import Offer
+from fedcore.tensors import DEFAULT_CHUNK_SIZE
+from fedserver.coordinator.api import CoordinatorAPI
 from fedserver.rounds.synchronous import SubmitRefused
 from fedserver.transport.admission import Admission
 from fedserver.transport.downloads import DownloadLimits, Downloads, framed
+from fedserver.transport.headers import (
+    STATES,
+    ModelHeaders,
+    check_metrics,
+    check_properties,
+    parse_update_header,
+)
 from fedserver.transport.joinlog import JoinLog
 from fedserver.transport.liveness_service import LivenessRPCs
 from fedserver.transport.pacing import UploadPacer
 from fedserver.transport.rpc import (
     CORRUPT,
     MAX_WAIT_SECONDS,
-    check_client_id,
     check_decoded,
-    check_metrics,
-    check_properties,
     check_request,
-    check_strings,
     status_for,
     submit_reply,
     trailers_for,
@@ -54,24 +52,17 @@ from fedserver.updates.receiver import BadUpdate
 
 log = logging.getLogger("fedserver.service")
 
-_STATES = {
-    "waiting_for_clients": pb.WAITING_FOR_CLIENTS,
-    "training": pb.TRAINING,
-    "finished": pb.FINISHED,
-    "shutting_down": pb.SHUTTING_DOWN,
-}
-
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(
         self,
-        coordinator: Coordinator,
+        coordinator: CoordinatorAPI,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         downloads: DownloadLimits | None = None,
     ) -> None:
         self.coordinator = coordinator
         self.chunk_size = chunk_size
-        self._manifest: tuple[str, pb.Manifest] | None = None  # (model version, its manifest)
+        self.headers = ModelHeaders(coordinator.policy.total_rounds)  # transport/headers.py
         # Per-client open downloads, send slots, stalled writes (fedserver/transport/downloads.py).
         self.downloads = Downloads(downloads or DownloadLimits(), coordinator.reject)
         # The round protocol's own stages: served if it has them, refused otherwise.
@@ -84,13 +75,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.joins = JoinLog()
         self.admission = Admission(coordinator)  # Join: matching model, one live peer per id
         self.pacer = UploadPacer()
-
-    def _manifest_proto(self, version: str, model_manifest: Manifest) -> pb.Manifest:
-        """The model's manifest as protobuf, built once per version and not per header:
-        with every one of 10,000 clients selected, per-call conversion was 10,000 copies."""
-        if self._manifest is None or self._manifest[0] != version:
-            self._manifest = (version, manifest_to_proto(model_manifest))
-        return self._manifest[1]
 
     # The protocol stages' RPCs, forwarded (refused there unless the protocol has the stage).
     async def AdvertiseKeys(
@@ -166,7 +150,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> None:
         wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
         offer = await self.coordinator.poll(request.client_id, request.known_version, wait)
-        await context.write(pb.ModelChunk(header=self._header(offer)))
+        await context.write(pb.ModelChunk(header=self.headers.build(offer)))
         if not offer.send_bytes:
             return
         if offer.selected:
@@ -174,36 +158,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await self.downloads.stream(
             context, framed(offer.model.buffer, self.chunk_size, self.coordinator.metrics)
         )
-
-    def _header(self, offer: Offer) -> pb.ModelHeader:
-        cfg = offer.config
-        header = pb.ModelHeader(
-            state=_STATES[offer.state],
-            round=offer.round,
-            selected=offer.selected,
-            total_rounds=self.coordinator.policy.total_rounds,
-            deadline_seconds=offer.deadline_seconds,
-            message=offer.message,
-        )
-        if offer.selected or offer.evaluate_round:
-            header.model_version = offer.model.version
-            header.manifest.CopyFrom(
-                self._manifest_proto(offer.model.version, offer.model.manifest)
-            )
-            header.total_bytes = offer.model.buffer.size if offer.send_bytes else 0
-            header.evaluate_round = offer.evaluate_round
-        header.decrypt_round = offer.decrypt_round
-        if offer.selected:
-            header.config.CopyFrom(
-                pb.RoundConfig(
-                    local_epochs=int(cfg["local_epochs"]),  # type: ignore[call-overload]
-                    lr=float(cfg["lr"]),  # type: ignore[arg-type]
-                    batch_size=int(cfg["batch_size"]),  # type: ignore[call-overload]
-                    encoding=str(cfg["encoding"]),
-                    extra=dict(cfg["extra"]),  # type: ignore[call-overload]
-                )
-            )
-        return header
 
     async def SubmitUpdate(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
@@ -231,7 +185,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 raise BadUpdate(CORRUPT, "corrupt_message")
             if not isinstance(first, pb.UpdateChunk) or first.WhichOneof("payload") != "header":
                 raise BadUpdate("the first message must be an UpdateHeader", "bad_stream")
-            header = _parse_header(first.header, self._max_update_tensors())
+            header = parse_update_header(first.header, coordinator.max_update_tensors())
             self.pacer.upload_started(header.client_id)
         except BadUpdate as e:
             coordinator.reject(e)
@@ -295,10 +249,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             raise self.coordinator.reject(e) from None
         return digest
 
-    def _max_update_tensors(self) -> int:
-        """No update lists more tensors than the model has (codecs pack into 2 at least)."""
-        return max(len(self.coordinator.model.manifest.tensors), 2)
-
     async def SubmitEvaluation(
         self, request: pb.EvaluationResult, context: grpc.aio.ServicerContext
     ) -> pb.EvaluationReply:
@@ -307,7 +257,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.coordinator.reject(BadUpdate(problem, "bad_metrics"))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         try:
-            new, message = self.coordinator.evaluations.submit_evaluation(
+            new, message = self.coordinator.submit_evaluation(
                 request.client_id,
                 request.round,
                 request.model_version,
@@ -323,22 +273,22 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     ) -> pb.GetStatusReply:
         await check_decoded(context, request)
         c = self.coordinator
-        m = c.machine
+        v = c.status()
         reply = pb.GetStatusReply(
-            state=_STATES[c.state_name()],
-            current_round=m.round,
-            total_rounds=c.policy.total_rounds,
-            rounds_completed=m.rounds_completed,
-            live_clients=m.live_count(),
-            updates_received=len(m.receipts),
-            updates_expected=m.expected_updates,
-            federation_id=c.federation_id,
-            rejections=dict(c.rejections),
-            failure=c.failure or "",
+            state=STATES[v.state],
+            current_round=v.round,
+            total_rounds=v.total_rounds,
+            rounds_completed=v.rounds_completed,
+            live_clients=v.live_clients,
+            updates_received=v.updates_received,
+            updates_expected=v.updates_expected,
+            federation_id=v.federation_id,
+            rejections=v.rejections,
+            failure=v.failure,
         )
         # Bounded whatever the history holds: the latest MAX_STATUS_ROUNDS rounds, newest
         # first until MAX_STATUS_BYTES, listed oldest first; rounds_omitted counts the rest.
-        records, total = c.store.recent_rounds(MAX_STATUS_ROUNDS)
+        records, total = c.recent_rounds(MAX_STATUS_ROUNDS)
         summaries: list[pb.RoundSummary] = []
         size = 0
         for r in reversed(records):
@@ -367,29 +317,4 @@ def _log_broken_upload(header: SubmitHeader, received: int, why: str) -> None:
         received,
         header.total_bytes,
         why,
-    )
-
-
-def _parse_header(h: pb.UpdateHeader, max_tensors: int) -> SubmitHeader:
-    """Every bound is checked before the manifest or the metrics are converted."""
-    if problem := check_client_id(h.client_id):
-        raise BadUpdate(problem, "bad_client_id")
-    if problem := check_strings(h):
-        raise BadUpdate(problem, "malformed")
-    if problem := check_metrics(h.metrics):
-        raise BadUpdate(problem, "bad_metrics")
-    try:
-        manifest = manifest_from_proto(h.manifest, max_tensors)
-    except (ManifestError, ValueError) as e:
-        raise BadUpdate(f"invalid manifest: {e}", reason="bad_manifest") from None
-    return SubmitHeader(
-        client_id=h.client_id,
-        round=h.round,
-        base_version=h.base_version,
-        num_examples=h.num_examples,
-        metrics=dict(h.metrics),
-        encoding=h.encoding or "fp32",
-        manifest=manifest,
-        total_bytes=h.total_bytes,
-        checksum=h.checksum or LEGACY_CHECKSUM,
     )

@@ -1,11 +1,11 @@
-"""The one place the simulation touches the coordinator: an in-process stand-in for the gRPC
-servicer. Everything else in fedserver/simulation/ goes through this class.
+"""The simulation's transport: the coordinator driven in-process, without a socket.
 
 What a `fedclient` process does over the network (Join, a long-poll answered with a ModelHeader,
 SubmitUpdate's header/data/trailer stream, SubmitEvaluation), the simulation does here, through
-the same coordinator calls the servicer makes and the same protobuf messages: headers are built
-by the servicer's own code and parsed back by it, update bytes go through the same receiver
-(size, finiteness and checksum checks, spill, fold). Only the socket is missing.
+the coordinator's public face for transports (fedserver/coordinator/api.py), the one the gRPC
+servicer uses too, and the same protobuf messages: headers are built and parsed by
+fedserver/transport/headers.py, update bytes go through the same receiver (size, finiteness
+and checksum checks, spill, fold). Only the socket is missing.
 
 Virtual clients are "live" by being touched, a dict entry each (no connection, no long-poll);
 only the clients selected in a round run, in client-id order, so float32 folding — which sums
@@ -15,17 +15,16 @@ in arrival order — is the same on any number of workers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, FlatModel
-from fedserver.coordinator.lifecycle import Coordinator
-from fedserver.rounds.synchronous import Phase, SubmitRefused
-from fedserver.transport.service import CoordinatorService, _parse_header
+from fedserver.coordinator.api import CoordinatorAPI, Due
+from fedserver.rounds.synchronous import SubmitRefused
+from fedserver.transport.headers import ModelHeaders, parse_update_header
 from fedserver.updates.receiver import BadUpdate
 
 
@@ -40,22 +39,15 @@ class Work:
     client_ids: list[str]
 
 
-class InProcessServicer:
-    def __init__(self, coordinator: Coordinator) -> None:
+class InProcessTransport:
+    def __init__(self, coordinator: CoordinatorAPI) -> None:
         self.coordinator = coordinator
-        self._servicer = CoordinatorService(coordinator)
+        self.headers = ModelHeaders(coordinator.policy.total_rounds)
 
     # ------------------------------------------------------------------ liveness
     def touch_all(self, client_ids: Iterable[str]) -> None:
-        """Mark every virtual client live (what their polls would do), then let the round
-        machine react once: per-client `Coordinator.touch` would step the machine N times."""
-        machine = self.coordinator.machine
-        last = None
-        for cid in client_ids:
-            machine.touch(cid)
-            last = cid
-        if last is not None:
-            self.coordinator.touch(last)
+        """Mark every virtual client live (what their polls would do); the machine reacts once."""
+        self.coordinator.touch_all(client_ids)
 
     async def keep_alive(self, client_ids: list[str], every: float | None = None) -> None:
         """Every virtual client's heartbeat: touch them all every third of --client-timeout,
@@ -71,47 +63,24 @@ class InProcessServicer:
         self.coordinator.touch(client_id, properties)
 
     # ------------------------------------------------------------------ training
-    def training_work(self, exclude: set[str]) -> Work | None:
-        """The selected clients that still owe an update this round (not in `exclude`)."""
-        c = self.coordinator
-        m = c.machine
-        if m.phase is not Phase.COLLECTING or c.shutting_down:
-            return None
-        todo = sorted(
-            cid for cid in m.selected if m.expects_update_from(cid) and cid not in exclude
-        )
-        if not todo:
-            return None
-        offer = c.offer(todo[0], "")
-        if offer is None or not offer.selected:
-            return None
-        return Work(self._servicer._header(offer).SerializeToString(), offer.model, m.round, todo)
+    def round_attempt(self) -> tuple[int, int]:
+        """(round, attempt) of the round collecting now: who ran is counted per attempt."""
+        return self.coordinator.round_attempt()
 
-    def decide_now(self, ran: set[str]) -> bool:
-        """Every client selected in this attempt has reported or ran without reporting (it
-        failed, or its update was refused): nothing more can arrive. Whatever the round's
-        deadline would decide (close on a quorum, re-open for others, give up after
-        --max-attempts), decide it now instead of idling out --round-timeout. True when that
-        changed something; False, doing nothing, when no round is collecting or some selected
-        client has not run yet."""
-        c = self.coordinator
-        m = c.machine
-        if m.phase is not Phase.COLLECTING or c.shutting_down or c.failure:
-            return False
-        if any(m.expects_update_from(cid) and cid not in ran for cid in m.selected):
-            return False
-        before = (m.round, m.attempts, m.phase, c.failure)
-        m.deadline = min(m.deadline, m.clock())
-        c._advance()
-        return (m.round, m.attempts, m.phase, c.failure) != before
+    def training_work(self, exclude: Collection[str]) -> Work | None:
+        """The selected clients that still owe an update this round (not in `exclude`)."""
+        return self._work(self.coordinator.training_due(exclude))
+
+    def decide_now(self, ran: Collection[str]) -> bool:
+        """Every selected client has run: decide the round now rather than at its deadline
+        (CoordinatorAPI.decide_now)."""
+        return self.coordinator.decide_now(ran)
 
     def submit(self, header: bytes, payload: np.ndarray, digest: str) -> str | None:
         """SubmitUpdate without the socket; None when counted, else why it was refused."""
         c = self.coordinator
         try:
-            parsed = _parse_header(
-                pb.UpdateHeader.FromString(header), self._servicer._max_update_tensors()
-            )
+            parsed = parse_update_header(pb.UpdateHeader.FromString(header), c.max_update_tensors())
         except BadUpdate as e:
             c.reject(e)
             return str(e)
@@ -138,43 +107,32 @@ class InProcessServicer:
     # ------------------------------------------------------------------ federated evaluation
     def evaluation_round(self) -> int:
         """The round whose model is being evaluated by clients now, or 0."""
-        campaign = self.coordinator.evaluations.campaign
-        return campaign.round if campaign is not None else 0
+        return self.coordinator.evaluation_round()
 
-    def evaluation_work(self, exclude: set[str]) -> Work | None:
+    def evaluation_work(self, exclude: Collection[str]) -> Work | None:
         """The clients that still owe an evaluation of the current model (not in `exclude`)."""
-        c = self.coordinator
-        campaign = c.evaluations.campaign
-        if campaign is None or campaign.version != c.model.version:
-            return None
-        todo = sorted(
-            cid for cid in campaign.selected if campaign.pending(cid) and cid not in exclude
-        )
-        if not todo:
-            return None
-        offer = c.offer(todo[0], "")
-        if offer is None or not offer.evaluate_round:
-            return None
-        return Work(
-            self._servicer._header(offer).SerializeToString(), offer.model, campaign.round, todo
-        )
+        return self._work(self.coordinator.evaluation_due(exclude))
 
     def submit_evaluation(self, result: bytes) -> str | None:
         r = pb.EvaluationResult.FromString(result)
         try:
-            self.coordinator.evaluations.submit_evaluation(
+            self.coordinator.submit_evaluation(
                 r.client_id, r.round, r.model_version, r.num_examples, dict(r.metrics)
             )
         except (BadUpdate, SubmitRefused) as e:
             return str(e)
         return None
 
+    def _work(self, due: Due | None) -> Work | None:
+        if due is None:
+            return None
+        header = self.headers.build(due.offer).SerializeToString()
+        return Work(header, due.offer.model, due.round, due.client_ids)
+
     # ------------------------------------------------------------------ waiting
     async def wait_change(self, timeout: float) -> None:
         """Until the coordinator's state changes (a round opens or closes) or `timeout`."""
-        changed = self.coordinator._changed
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout)
+        await self.coordinator.wait_change(timeout)
 
     async def wait_aggregated(self) -> None:
         await self.coordinator.wait_idle()

@@ -1,0 +1,161 @@
+"""One client update, from the pulled model to the bytes that leave this client.
+
+pull (done by the caller) -> local update -> personal tensors kept -> privatize -> encode ->
+UpdateHeader. The one pipeline behind both `fedclient run` (session.py, which adds the RPCs,
+retries, progress bar and --slowdown around it) and the simulation's virtual clients
+(virtual.py), so a virtual client's update is, byte for byte, the one a `fedclient` process
+with the same seed, round header and data would send (tests/test_simulation_driver.py).
+
+Two steps, so that `fedclient run` can do its own things between them (a progress bar during
+`train`, --slowdown and stop checks before `encode`); `prepare_update` chains them for a
+stateless virtual client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedclient.local_update import local_update, privatize, round_seed
+from fedclient.protocols.handlers import RoundHandler
+from fedclient.retry import PermanentError
+from fedclient.task import LocalData, Task, TrainConfig, TrainResult
+from fedcore.codecs import get_codec
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.selection import Selection
+from fedcore.tensors import FlatModel, Manifest
+from fedcore.wire import update_header
+
+
+@dataclass(frozen=True)
+class RoundTensors:
+    """What a round trains, what it sends, and which tensors stay here (FedPer, or None)."""
+
+    trained: Selection
+    sent: Selection
+    personal: Selection | None = None
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A local update, not yet encoded."""
+
+    config: TrainConfig
+    tensors: RoundTensors
+    result: TrainResult
+    vector: np.ndarray  # float32 update over every float tensor, manifest order
+    personal: dict[str, Any] | None  # the personal tensors as trained now, to keep; None: none
+
+
+@dataclass(frozen=True)
+class PreparedUpdate:
+    """An update as it travels: UpdateHeader, encoded payload, its digest (the trailer)."""
+
+    header: pb.UpdateHeader
+    payload: np.ndarray
+    digest: str
+    result: TrainResult
+
+
+def train_config(header: pb.ModelHeader, seed: int, client_id: str) -> TrainConfig:
+    """The round's settings from its header; the task's defaults where it sends none."""
+    cfg = header.config
+    return TrainConfig(
+        local_epochs=cfg.local_epochs or 1,
+        lr=cfg.lr or 0.05,
+        batch_size=cfg.batch_size or 32,
+        seed=round_seed(seed, client_id, header.round),
+        extra=dict(cfg.extra),
+    )
+
+
+def round_tensors(floats: Manifest, config: TrainConfig, personal_patterns: str) -> RoundTensors:
+    """The round names what is trained and sent (--train-tensors on the coordinator); FedPer
+    personal tensors (`personal_patterns`) are trained every round but never leave this client.
+    """
+    names = config.train_tensors
+    round_sel = Selection.of_names(floats, names) if names else Selection.everything(floats)
+    if not personal_patterns:
+        return RoundTensors(round_sel, round_sel)
+    personal = Selection.matching(floats, personal_patterns)
+    sent = round_sel.without(personal)
+    if not sent.indices:
+        raise PermanentError(
+            "every tensor trained this round is personal (--personal-tensors); "
+            "nothing would be sent"
+        )
+    return RoundTensors(round_sel.union(personal), sent, personal)
+
+
+def train(
+    task: Task,
+    model: Any,
+    data: LocalData,
+    base: FlatModel,
+    config: TrainConfig,
+    tensors: RoundTensors,
+    kept: dict[str, Any] | None = None,
+) -> Trained:
+    """Local update from `base`; `kept`: this client's personal tensors from last round."""
+    personal = tensors.personal
+    result, vector = local_update(
+        task, model, data, base, config, tensors.trained, kept if personal is not None else None
+    )
+    now = None
+    if personal is not None:
+        state = model.state_dict()
+        now = {n: state[n].detach().clone() for n in personal.names}
+    return Trained(config, tensors, result, vector, now)
+
+
+def encode(
+    trained: Trained,
+    handler: RoundHandler,
+    client_id: str,
+    header: pb.ModelHeader,
+    encoding: str = "",
+) -> PreparedUpdate:
+    """Privatize (DP: clip, noise, as the round config says), encode, and build the header
+    (the update is based on `header.model_version`, the model the caller trained from).
+
+    The round's encoding unless this client asks for its own (`encoding`, --encoding); the
+    coordinator accepts any codec it knows, declared in the update header. Secure aggregation
+    rounds must stay masked-u64, homomorphic ones he-ckks (`handler.fixed_encoding`)."""
+    config, sent, result = trained.config, trained.tensors.sent, trained.result
+    wanted = "" if handler.fixed_encoding else encoding
+    codec = get_codec(wanted or header.config.encoding or "fp32").bind(sent.manifest)
+    delta = privatize(sent.extract(trained.vector), config.extra)
+    payload = handler.encode(codec, delta, result.num_examples, config.extra)
+    update, digest = update_header(
+        client_id,
+        header.round,
+        header.model_version,
+        result.num_examples,
+        result.metrics,
+        codec.name,
+        codec.wire_manifest(sent.manifest),
+        payload,
+    )
+    return PreparedUpdate(update, payload, digest, result)
+
+
+def prepare_update(
+    task: Task,
+    model: Any,
+    data: LocalData,
+    base: FlatModel,
+    header: pb.ModelHeader,
+    client_id: str,
+    *,
+    seed: int,
+    handler: RoundHandler,
+    encoding: str = "",
+) -> PreparedUpdate:
+    """The whole pipeline for a client that keeps nothing between rounds (no personal tensors;
+    the caller passes a handler with a fresh ErrorFeedback)."""
+    config = train_config(header, seed, client_id)
+    tensors = round_tensors(base.manifest.floats(), config, "")
+    trained = train(task, model, data, base, config, tensors)
+    return encode(trained, handler, client_id, header, encoding)

@@ -1,0 +1,110 @@
+"""One client update pipeline (fedclient/update.py) behind `fedclient run` and the simulation's
+virtual clients: the same seed, round header and data give the same bytes on the wire."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fedclient.partition import Partition
+from fedclient.session import ClientSession
+from fedclient.settings import ClientSettings
+from fedclient.virtual import VirtualClients, VirtualSpec, client_id
+from fedcore.plugins import load_object
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.tensors import FlatModel, flatten_state_dict
+from fedcore.wire import manifest_to_proto, update_messages
+
+TASK = "tests.sim_tasks:noisy"  # draws from torch's, numpy's and random's global generators
+CLIENTS, SEED = 4, 7
+
+
+class CapturedUpload:
+    """ModelCalls' submit, keeping the messages it would have sent."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+
+    def submit(self, messages: Iterator[bytes], timeout: float) -> Any:
+        self.messages = [bytes(m) for m in messages]
+        return SimpleNamespace(duplicate=False)
+
+
+def _header(base: FlatModel, encoding: str, extra: dict[str, str]) -> pb.ModelHeader:
+    return pb.ModelHeader(
+        state=pb.TRAINING,
+        round=3,
+        selected=True,
+        total_rounds=5,
+        model_version=base.version,
+        manifest=manifest_to_proto(base.manifest),
+        total_bytes=base.buffer.size,
+        config=pb.RoundConfig(
+            local_epochs=1, lr=0.05, batch_size=16, encoding=encoding, extra=extra
+        ),
+    )
+
+
+def _through_fedclient_run(base: FlatModel, header: pb.ModelHeader, index: int) -> list[bytes]:
+    task = load_object(TASK)
+    partition = Partition(index, CLIENTS, "iid", 0.5, SEED)
+    settings = ClientSettings("127.0.0.1:1", partition, client_id=client_id(index), seed=SEED)
+    session = ClientSession(settings, task)
+    try:
+        session.joined = True  # no Join: the upload is captured, nothing is dialled
+        session.held = base
+        upload = CapturedUpload()
+        session.calls = upload  # type: ignore[assignment]
+        session._train_and_submit(header, task.build_model(), task.load_partition(partition))
+    finally:
+        session.channel.close()
+    assert session.rounds_trained == 1
+    return upload.messages
+
+
+def _through_virtual_client(base: FlatModel, header: pb.ModelHeader, index: int) -> list[bytes]:
+    clients = VirtualClients(VirtualSpec(TASK, CLIENTS, "iid", 0.5, SEED))
+    [fitted] = clients.fit(header.SerializeToString(), base.buffer, [client_id(index)])
+    assert not fitted.error and fitted.payload is not None
+    update = pb.UpdateHeader.FromString(fitted.header)
+    return [bytes(m) for m in update_messages(update, fitted.payload, fitted.digest)]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """A virtual client trains on one torch thread (VirtualSpec.threads): so does the session
+    here, since float sums split over more threads may round differently."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("encoding", "extra"),
+    [
+        ("fp32", {}),
+        ("topk:0.1", {"dp_clip": "0.5"}),  # error feedback, clipping
+        ("int8", {"train_tensors": "2.weight,2.bias"}),  # a round training some tensors
+    ],
+)
+def test_fedclient_run_and_a_virtual_client_send_the_same_update(
+    encoding: str, extra: dict[str, str]
+) -> None:
+    base = flatten_state_dict(load_object(TASK).build_model().state_dict())
+    header = _header(base, encoding, extra)
+    sent = _through_fedclient_run(base, header, 2)
+    assert len(sent) >= 3  # header, data, trailer
+    assert sent == _through_virtual_client(base, header, 2)
+    update = pb.UpdateChunk.FromString(sent[0]).header
+    assert (update.client_id, update.round, update.base_version) == (
+        client_id(2),
+        3,
+        base.version,
+    )
+    assert pb.UpdateChunk.FromString(sent[-1]).trailer.digest
