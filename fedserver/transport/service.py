@@ -209,6 +209,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await coordinator.settled()  # a buffer may have started being applied meanwhile
             return finish(pending, digest)
         except (BadUpdate, SubmitRefused) as e:
+            if getattr(e, "reason", "") == "truncated":  # which upload broke: the refusal line
+                _log_broken_upload(header, pending.receiver.received, str(e))  # has no client
             await context.abort(status_for(e), str(e), trailers_for(e))
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
