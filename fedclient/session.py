@@ -44,12 +44,7 @@ from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.security import open_channel
-from fedcore.tensors import (
-    ChunkAssembler,
-    FlatModel,
-    ManifestError,
-    to_state_dict,
-)
+from fedcore.tensors import ChunkAssembler, FlatModel, ManifestError, to_state_dict
 from fedcore.wire import (
     CHANNEL_OPTIONS,
     ModelCalls,
