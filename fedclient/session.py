@@ -78,6 +78,7 @@ class ClientSession:
         self.calls = ModelCalls(self.channel)  # model pull and upload without protobuf copies
         self.federation_id = ""
         self.fingerprint = ""  # of the model this client trains; sent at Join (run sets it)
+        self.base_model = ""  # a LoRA task's frozen-base hash, also sent at Join (run sets it)
         self.joined = False
         self.held: FlatModel | None = None
         self.rounds_trained = 0
@@ -133,7 +134,7 @@ class ClientSession:
 
     def _join(self) -> None:
         call = self.stub.Join.future(
-            self.settings.join_request(self.client_id, self.fingerprint),
+            self.settings.join_request(self.client_id, self.fingerprint, self.base_model),
             # After a failure, wait for the channel to reconnect instead of failing fast, so the
             # client resumes as soon as the coordinator is back (within the give-up budget).
             timeout=self._join_timeout(),
@@ -168,6 +169,8 @@ class ClientSession:
     def run(self) -> int:
         data, model, manifest = load(self.task, self.settings.partition)
         self.fingerprint = manifest.fingerprint
+        base = getattr(self.task, "base_fingerprint", None)
+        self.base_model = base() if callable(base) else ""
         # Before joining: the first torch optimizer imports torch._dynamo (~2 CPU s), which would
         # otherwise land in round 1's training time, against its deadline. A warm-up only:
         # a task whose optimizer cannot be built this way fails in training, with its context.

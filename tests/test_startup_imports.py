@@ -13,8 +13,10 @@ from tests.procs import REPO, child_env
 
 # Needed only under a flag or subcommand: DP accounting (opacus, scipy.stats), --secure he,
 # `fedserver report`, simulate, progress bars at a terminal. scikit-learn belongs to the example
-# tasks, which load it with their data.
-OPTIONAL = ("opacus", "scipy", "tenseal", "matplotlib", "ray", "rich", "sklearn")
+# tasks, which load it with their data. The llm extra (transformers, peft, tokenizers) loads
+# when a LoRA task builds its model, never at import.
+LLM = ("transformers", "peft", "tokenizers")
+OPTIONAL = ("opacus", "scipy", "tenseal", "matplotlib", "ray", "rich", "sklearn", *LLM)
 
 
 def loaded_after(statement: str, modules: tuple[str, ...]) -> list[str]:
@@ -41,3 +43,10 @@ def test_cli_imports_leave_optional_dependencies_out() -> None:
 def test_coordinator_cli_does_not_import_torch() -> None:
     # A torch-free task keeps torch out of the coordinator (fedserver/evaluate.py).
     assert loaded_after("import fedserver.cli", ("torch",)) == []
+
+
+@pytest.mark.timeout(150)
+def test_lora_modules_import_without_the_llm_extra() -> None:
+    # fedclient/lora.py and the example import transformers/peft only inside functions.
+    statement = "import fedclient.lora, examples.stdlib_lm, fedserver.service, fedclient.session"
+    assert loaded_after(statement, LLM) == []
