@@ -58,10 +58,13 @@ class Admission:
         theirs = request.properties.get("base_model", "")
         if theirs == ours:
             return None
-        shown = theirs[:12] if re.fullmatch(r"[0-9a-f]{64}", theirs) else excerpt(theirs)
+        if not theirs:
+            shown = "(not sent)"
+        else:
+            shown = theirs[:12] if re.fullmatch(r"[0-9a-f]{64}", theirs) else excerpt(theirs)
         message = (
             f"client {request.client_id!r} fine-tunes a different frozen base model: its base "
-            f"hash is {shown or '(not sent)'}, this coordinator's is {ours[:12]} (task "
+            f"hash is {shown}, this coordinator's is {ours[:12]} (task "
             f"{self.coordinator.store.get_meta('task') or '?'}): give the client the same base "
             f"checkpoint files and LoraSpec as the coordinator (docs/llm.md)"
         )
