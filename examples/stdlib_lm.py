@@ -212,7 +212,7 @@ class StdlibLM(LoraTask):
         self.server_eval = server_eval
 
     def default_config(self) -> TrainConfig:
-        return TrainConfig(local_epochs=1, lr=3e-3, batch_size=16)
+        return TrainConfig(local_epochs=1, lr=1e-2, batch_size=16)
 
     def base_checkpoint(self) -> Path:
         return base_checkpoint(self.size)
