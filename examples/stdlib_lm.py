@@ -91,7 +91,7 @@ class Size:
 
 
 FULL = Size()
-TINY = Size(n_embd=64, n_head=2, context=64, pretrain_steps=60, train_blocks=48, test_blocks=16)
+TINY = Size(n_embd=64, n_head=2, context=64, pretrain_steps=40, train_blocks=96, test_blocks=16)
 
 
 def stdlib() -> Path:
@@ -201,6 +201,7 @@ class StdlibLM(LoraTask):
         size: Size = FULL,
         num_clients: int = 10,
         server_eval: bool = True,
+        local_epochs: int = 1,
     ) -> None:
         if not 1 <= num_clients <= len(CLIENT_PACKAGES):
             raise ValueError(f"num_clients must be in 1..{len(CLIENT_PACKAGES)}")
@@ -210,9 +211,10 @@ class StdlibLM(LoraTask):
         self.size = size
         self.num_clients = num_clients
         self.server_eval = server_eval
+        self.local_epochs = local_epochs
 
     def default_config(self) -> TrainConfig:
-        return TrainConfig(local_epochs=1, lr=1e-2, batch_size=16)
+        return TrainConfig(local_epochs=self.local_epochs, lr=1e-2, batch_size=16)
 
     def base_checkpoint(self) -> Path:
         return base_checkpoint(self.size)
@@ -235,5 +237,4 @@ class StdlibLM(LoraTask):
 
 task = StdlibLM()
 ffa_task = StdlibLM(scheme="ffa")
-tiny = StdlibLM(size=TINY, num_clients=2)
-tiny_ffa = StdlibLM(scheme="ffa", size=TINY, num_clients=2)
+tiny = StdlibLM(size=TINY, num_clients=2, local_epochs=4)

@@ -84,13 +84,15 @@ def test_only_adapters_travel_and_another_base_is_refused(
 
 @pytest.mark.slow
 def test_stdlib_example_federation_lowers_held_out_perplexity(
-    tmp_path: Path, procs: list[Proc]
+    tmp_path: Path, procs: list[Proc], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from examples.stdlib_lm import tiny
 
+    env = {"FEDGRPC_LLM_CACHE": str(tmp_path / "cache")}
+    monkeypatch.setenv("FEDGRPC_LLM_CACHE", env["FEDGRPC_LLM_CACHE"])
+    model = tiny.build_model()  # pre-trains the tiny base here, once, for every process
     rounds, port = 3, free_port()
     state, logs = tmp_path / "state", tmp_path / "logs"
-    env = {"FEDGRPC_LLM_CACHE": str(tmp_path / "cache")}
     args = ("--rounds", str(rounds), "--min-clients", "2")
     server = start_serving(procs, logs, port, state, *args, task="examples.stdlib_lm:tiny", env=env)
     clients = [
@@ -100,13 +102,7 @@ def test_stdlib_example_federation_lowers_held_out_perplexity(
     procs.extend(clients)
     wait_finished(server, clients, 360)
 
-    import os
-
-    os.environ.update(env)  # the base the federation pre-trained and cached
-    model = tiny.build_model()
-    model.load_state_dict(
-        {k: v for k, v in load_file(state / "checkpoints" / "round-0000.safetensors").items()}
-    )
+    model.load_state_dict(load_file(state / "checkpoints" / "round-0000.safetensors"))
     before = tiny.evaluate(model, tiny.server_test_data())["perplexity"]
     after = [r["metrics"]["perplexity"] for r in read_status(state)["rounds"]]
     print(f"stdlib_lm tiny: held-out perplexity {before:.3f} -> {after}")
