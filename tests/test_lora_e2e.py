@@ -16,6 +16,7 @@ from fedserver.history import read_status
 from tests.lora_task import other_base
 from tests.lora_task import task as tiny_lora
 from tests.procs import Proc, free_port, start_client, start_clients, start_serving, wait_finished
+from tests.test_simulation import _simulate, ray_dir  # noqa: F401 (a fixture)
 
 pytest.importorskip("peft")  # the llm extra
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -107,3 +108,14 @@ def test_stdlib_example_federation_lowers_held_out_perplexity(
     after = [r["metrics"]["perplexity"] for r in read_status(state)["rounds"]]
     print(f"stdlib_lm tiny: held-out perplexity {before:.3f} -> {after}")
     assert math.isfinite(after[-1]) and after[-1] < before * 0.98
+
+
+@pytest.mark.slow
+def test_a_lora_task_runs_in_simulate_with_adapter_only_updates(
+    tmp_path: Path,
+    ray_dir: Path,  # noqa: F811 (the fixture imported above)
+) -> None:
+    state = tmp_path / "state"
+    _simulate(state, ray_dir, TASK, "--clients", "2", "--rounds", "2", "--workers", "1")
+    size = tiny_lora.initial_model(0).buffer.size
+    assert [r["bytes_in"] for r in read_status(state)["rounds"]] == [2 * size] * 2
