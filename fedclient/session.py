@@ -69,6 +69,7 @@ class ClientSession:
         self._open_channel()
         self.federation_id = ""
         self.fingerprint = ""  # of the model this client trains; sent at Join (run sets it)
+        self.base_model = ""  # a LoRA task's frozen-base hash, also sent at Join (run sets it)
         self.joined = False
         self.heartbeat_seconds = 0.0  # JoinReply's; 0: the coordinator takes no heartbeats
         self.round = 0  # the round being worked on, for a failure report
@@ -136,7 +137,7 @@ class ClientSession:
 
     def _join(self) -> None:
         call = self.stub.Join.future(
-            self.settings.join_request(self.client_id, self.fingerprint),
+            self.settings.join_request(self.client_id, self.fingerprint, self.base_model),
             # After a failure, wait for the channel to reconnect instead of failing fast, so the
             # client resumes as soon as the coordinator is back (within the give-up budget).
             timeout=self._join_timeout(),
@@ -195,6 +196,8 @@ class ClientSession:
     def _run(self) -> int:
         data, model, manifest = load(self.task, self.settings.partition)
         self.fingerprint = manifest.fingerprint
+        base = getattr(self.task, "base_fingerprint", None)
+        self.base_model = base() if callable(base) else ""
         # Before joining: the first torch optimizer imports torch._dynamo (~2 CPU s), which would
         # otherwise land in round 1's training time, against its deadline. A warm-up only:
         # a task whose optimizer cannot be built this way fails in training, with its context.

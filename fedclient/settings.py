@@ -54,12 +54,18 @@ class ClientSettings:
             "encoding": self.encoding or "(the round's)",
         }
 
-    def join_request(self, client_id: str, fingerprint: str) -> pb.JoinRequest:
-        """What this client says about itself at every Join (docs/protocol.md, Join)."""
+    def join_request(
+        self, client_id: str, fingerprint: str, base_model: str = ""
+    ) -> pb.JoinRequest:
+        """What this client says about itself at every Join (docs/protocol.md, Join);
+        `base_model`: a LoRA task's frozen-base hash (fedclient/lora.py)."""
         p = self.partition
+        properties = {"hostname": socket.gethostname(), "partition": f"{p.index}/{p.count}"}
+        if base_model:
+            properties["base_model"] = base_model
         return pb.JoinRequest(
             client_id=client_id,
-            properties={"hostname": socket.gethostname(), "partition": f"{p.index}/{p.count}"},
+            properties=properties,
             task=self.task_name,
             model_fingerprint=fingerprint,
             instance=INSTANCE,

@@ -13,9 +13,11 @@ from tests.procs import REPO, child_env
 
 # Needed only under a flag or subcommand: DP accounting (opacus, scipy.stats), --secure he,
 # `fedserver report`, simulate, progress bars at a terminal. scikit-learn belongs to the example
-# tasks, which load it with their data.
+# tasks, which load it with their data. The llm extra (transformers, peft, tokenizers) loads
+# when a LoRA task builds its model, never at import.
+LLM = ("transformers", "peft", "tokenizers")
 OPTIONAL = (
-    *("opacus", "scipy", "tenseal", "matplotlib", "ray", "rich", "sklearn"),
+    *("opacus", "scipy", "tenseal", "matplotlib", "ray", "rich", "sklearn", *LLM),
     *("mlflow", "tensorboard"),  # --track's trackers (fedcore/tracking)
 )
 
@@ -44,3 +46,10 @@ def test_cli_imports_leave_optional_dependencies_out() -> None:
 def test_coordinator_cli_does_not_import_torch() -> None:
     # A torch-free task keeps torch out of the coordinator (fedserver/coordinator/central_eval.py).
     assert loaded_after("import fedserver.cli", ("torch",)) == []
+
+
+@pytest.mark.timeout(150)
+def test_lora_modules_import_without_the_llm_extra() -> None:
+    # fedclient/lora.py and the example import transformers/peft only inside functions.
+    statement = "import fedclient.lora, examples.stdlib_lm, fedserver.transport.service, fedclient.session"
+    assert loaded_after(statement, LLM) == []

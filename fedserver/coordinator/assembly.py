@@ -65,6 +65,20 @@ class SetupError(RuntimeError):
     """A problem the operator must fix before the coordinator can start."""
 
 
+def record_base_model(store: StateStore, task: object) -> None:
+    """A LoRA task's frozen-base hash (docs/llm.md), which Join checks; a resumed run must
+    fine-tune the same base its adapters were trained on."""
+    fingerprint = getattr(task, "base_fingerprint", None)
+    base = fingerprint() if callable(fingerprint) else ""
+    recorded = store.get_meta("base_model")
+    if recorded and recorded != base:
+        raise SetupError(
+            f"{store.dir} holds adapters trained on base model {recorded[:12]}, but the task's "
+            f"base is {base[:12] or '(none)'}; use the same base checkpoint or another --state-dir"
+        )
+    store.set_meta(base_model=base)
+
+
 def build_coordinator(s: CoordinatorSettings) -> Coordinator:
     try:
         task = load_object(s.task)
@@ -172,6 +186,7 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
     coordinator.protocol.load_state_arrays(protocol_state)
     coordinator.protocol.resume(r.metrics for r in store.rounds())
     coordinator.initialize_store(s.task)
+    record_base_model(store, task)
     store.set_meta(**{key: value for key, _, value in pinned(s.mode)})
     store.set_meta(state_encryption=f"aes-256-gcm key {cipher.key_id.hex()}" if cipher else "none")
     params = run_params(

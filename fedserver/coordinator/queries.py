@@ -58,6 +58,10 @@ class TransportQueries:
     def task_name(self) -> str:
         return self.store.get_meta("task") or "?"
 
+    def base_model(self) -> str:
+        """A LoRA task's frozen-base hash (docs/llm.md), "" when the whole model travels."""
+        return self.store.get_meta("base_model") or ""
+
     # ------------------------------------------------------------------ who owes work
     def round_attempt(self) -> tuple[int, int]:
         """(round, attempt): changes whenever a round opens or re-opens."""

@@ -33,7 +33,7 @@ class Admission:
         theirs = request.model_fingerprint
         manifest = self.coordinator.model.manifest
         if not theirs or theirs == manifest.fingerprint:
-            return None  # an empty fingerprint is an older client: not checked
+            return self.base_mismatch(request)  # an empty fingerprint is an older client
         task = self.coordinator.task_name()
         shown = theirs[:12] if re.fullmatch(r"[0-9a-f]{64}", theirs) else excerpt(theirs)
         tensors = manifest.describe()
@@ -45,6 +45,27 @@ class Admission:
             f"fingerprint {manifest.fingerprint[:12]} ({len(manifest.tensors)} tensors: "
             f"{tensors}): start the client with --task {task} and the same model code as the "
             f"coordinator"
+        )
+        return message  # logged once, as every refusal, by transport/rpc.py
+
+    def base_mismatch(self, request: pb.JoinRequest) -> str | None:
+        """A LoRA task (fedclient/lora.py): the frozen base never travels, so both sides must
+        hold the same one; the client sends its hash as the `base_model` property."""
+        ours = self.coordinator.base_model()
+        if not ours:
+            return None  # the whole model travels: the manifest fingerprint is enough
+        theirs = request.properties.get("base_model", "")
+        if theirs == ours:
+            return None
+        if not theirs:
+            shown = "(not sent)"
+        else:
+            shown = theirs[:12] if re.fullmatch(r"[0-9a-f]{64}", theirs) else excerpt(theirs)
+        message = (
+            f"client {request.client_id!r} fine-tunes a different frozen base model: its base "
+            f"hash is {shown}, this coordinator's is {ours[:12]} (task "
+            f"{self.coordinator.task_name()}): give the client the same base "
+            f"checkpoint files and LoraSpec as the coordinator (docs/llm.md)"
         )
         return message  # logged once, as every refusal, by transport/rpc.py
 
