@@ -51,5 +51,7 @@ def test_coordinator_cli_does_not_import_torch() -> None:
 @pytest.mark.timeout(150)
 def test_lora_modules_import_without_the_llm_extra() -> None:
     # fedclient/lora.py and the example import transformers/peft only inside functions.
-    statement = "import fedclient.lora, examples.stdlib_lm, fedserver.transport.service, fedclient.session"
+    statement = (
+        "import fedclient.lora, examples.stdlib_lm, fedserver.transport.service, fedclient.session"
+    )
     assert loaded_after(statement, LLM) == []
