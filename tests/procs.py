@@ -163,7 +163,9 @@ def start_clients(
 def wait_finished(server: Proc, clients: Sequence[Proc], timeout: float) -> None:
     """Every client exits 0 within `timeout` s, then the coordinator once its linger is over."""
     for client in clients:
-        assert client.wait(timeout) == 0, client.log()
+        code = client.wait(timeout)
+        # The coordinator's side too: a client that never got through is half the story.
+        assert code == 0, f"{client.log()}\n--- {server.name}, last lines:\n{server.log()[-6000:]}"
     assert server.wait(60) == 0, server.log()
 
 
