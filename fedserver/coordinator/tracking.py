@@ -147,11 +147,7 @@ def run_params(
     }
     if privacy is not None:  # --dp-clip's settings (a dataclass), handed on by assembly
         params.update(_flat("dp", dataclasses.asdict(privacy)))
-    mode_policy = getattr(mode, "policy", None)  # a mode's own settings (async: AsyncPolicy)
-    if dataclasses.is_dataclass(mode_policy) and not isinstance(mode_policy, type):
-        params.update(_flat(mode.name, dataclasses.asdict(mode_policy)))
-        if hasattr(mode_policy, "weight"):
-            params[f"{mode.name}.weight"] = str(mode_policy.weight)
+    params.update(_flat(mode.name, mode.tracked_params()))
     return {k: str(v) for k, v in params.items()}
 
 

@@ -82,3 +82,7 @@ class RoundMode:
     def pinned_values(self) -> dict[str, str]:
         """The values of the `pinned` flags, by dest, as the state dir records them."""
         return {}
+
+    def tracked_params(self) -> dict[str, Any]:
+        """Its own settings as --track records them (under the mode's name)."""
+        return {}

@@ -5,6 +5,7 @@ protocols/buffered.py, each weighed by its staleness)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 from collections.abc import Callable
 from typing import Any
@@ -136,3 +137,6 @@ class Buffered(RoundMode):
 
     def pinned_values(self) -> dict[str, str]:
         return {"buffer_size": str(self.policy.buffer_size)}
+
+    def tracked_params(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.policy), "weight": str(self.policy.weight)}
