@@ -23,7 +23,7 @@ from tests.procs import (
     status_json,
     wait_until,
 )
-from tests.raw_client import lone_client
+from tests.raw_client import lone_client, pull
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -150,3 +150,30 @@ def test_heartbeat_and_failure_report_are_validated(tmp_path: Path) -> None:
         assert gone.value.code() is grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
         log = (tmp_path / "logs" / "server.log").read_text()
         assert "client c-0 failed in round 1 and left: 'boom'; round 1 stops waiting for it" in log
+
+
+def test_a_restarted_coordinator_lingers_for_the_clients_of_the_run_before(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """A client of a killed coordinator may be in reconnect back-off while the restarted one
+    finishes without it: the linger waits for it too (CI once lost such a client to a
+    coordinator that had stopped before it reconnected)."""
+    port, state, logs = free_port(), tmp_path / "state", tmp_path / "logs"
+    flags = ("--rounds", "1", "--min-clients", "1", "--linger", "120")
+    first = start_serving(procs, logs, port, state, *flags, name="server-0")
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        pb_grpc.CoordinatorStub(channel).Join(pb.JoinRequest(client_id="earlier"), timeout=10)
+    wait_until(lambda: status_json(state)["clients"] == 1, 60, "the Join to be written")
+    first.kill()
+    first.wait(30)
+
+    server = start_serving(procs, logs, port, state, *flags, name="server-1")
+    trainer = start_client(logs, port, "0/1")
+    procs.append(trainer)
+    assert trainer.wait(120) == 0, trainer.log()
+    # Training is over and its one live client told, yet the coordinator still serves.
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        header, _ = pull(pb_grpc.CoordinatorStub(channel), "earlier", timeout=30)
+    assert header.state == pb.FINISHED
+    assert server.wait(60) == 0, server.log()
+    assert "telling 1 client(s) that training is finished" in server.log()

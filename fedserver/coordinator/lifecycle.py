@@ -53,6 +53,7 @@ from fedserver.updates.receiver import spill_key
 from fedserver.updates.uploads import Uploads
 
 log = logging.getLogger("fedserver")
+EARLIER_CLIENTS_REMEMBERED = 10_000  # newest Joins a restarted coordinator waits to tell
 
 
 @dataclass
@@ -153,6 +154,9 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         self.shutting_down = False
         self.failure: str | None = None
         self.told_finished: set[str] = set()
+        # Clients of an earlier run of this state dir (a restart): the linger tells them too,
+        # though this process has not heard from them yet (they may be in reconnect back-off).
+        self.earlier_clients: set[str] = set()
         self.done = asyncio.Event()
         if self.machine.phase is Phase.FINISHED:
             self.done.set()
@@ -173,6 +177,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
 
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:
+        self.earlier_clients = set(self.store.recent_clients(EARLIER_CLIENTS_REMEMBERED))
         if self.store.last_round() == 0 and not self.store.checkpoint_path(0).exists():
             self.store.write_checkpoint(0, self.model, self.publisher.state_arrays())
             self.store.publish_model(self.model, 0)
@@ -323,6 +328,11 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
 
     def reject(self, exc: Exception) -> Exception:
         return self.uploads.refuse(exc)
+
+    def untold_clients(self) -> set[str]:
+        """Who has not heard that training finished: the live clients and, after a restart,
+        those of the run before (the linger waits for them, up to --linger)."""
+        return (set(self.machine.live_clients()) | self.earlier_clients) - self.told_finished
 
     def awaiting_evaluations(self) -> bool:
         """Some live client still owes an evaluation of the current model."""

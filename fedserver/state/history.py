@@ -254,6 +254,15 @@ class RoundHistory:
             ).fetchone()
         return row is not None
 
+    def recent_clients(self, limit: int) -> list[str]:
+        """The `limit` clients that joined most recently (a restarted coordinator's guess at
+        who was still running when its predecessor stopped)."""
+        with self.lock:
+            rows = self.db.execute(
+                "SELECT client_id FROM clients ORDER BY last_seen DESC LIMIT ?", (limit,)
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def known_clients(self) -> list[str]:
         with self.lock:
             rows = self.db.execute("SELECT client_id FROM clients ORDER BY client_id").fetchall()

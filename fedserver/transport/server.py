@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fedcore.limits import excerpts
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.security import SecurityError, TlsFiles, is_loopback
 from fedcore.tensors import DEFAULT_CHUNK_SIZE
@@ -243,12 +244,22 @@ def _describe_security(s: ServeSettings) -> str:
 
 
 async def _linger(coordinator: Coordinator, linger: float, stop: asyncio.Event) -> None:
-    """Keep answering until every live client has heard that training is over."""
+    """Keep answering until every client that may still be running has heard that training
+    is over (the live ones and, after a restart, those of the run before), or --linger ends."""
     loop = asyncio.get_running_loop()
     until = loop.time() + linger
+    untold = coordinator.untold_clients()
+    if untold and linger > 0:
+        log.info(
+            "telling %d client(s) that training is finished (up to %.0fs)", len(untold), linger
+        )
     while loop.time() < until and not stop.is_set():
-        pending = set(coordinator.machine.live_clients()) - coordinator.told_finished
-        if not pending and not coordinator.awaiting_evaluations():
+        untold = coordinator.untold_clients()
+        if not untold and not coordinator.awaiting_evaluations():
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), min(0.2, until - loop.time()))
+    if untold:
+        log.info(
+            "%d client(s) never came back to hear it: %s", len(untold), excerpts(sorted(untold))
+        )
