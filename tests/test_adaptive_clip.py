@@ -31,9 +31,12 @@ from fedserver.coordinator.assembly import CoordinatorSettings, SetupError, buil
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
+from fedserver.coordinator.tracking import run_params
+from fedserver.modes.synchronous import FedAvg
 from fedserver.protocols.base import ProtocolSettings
 from fedserver.protocols.dp import DPServer, DPWrapper
 from fedserver.protocols.registry import protocol_refusal
+from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy, SubmitRefused
 from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
@@ -245,3 +248,21 @@ def test_client_side_bits_are_counted_never_recorded_and_required(tmp_path: Path
     assert len(receipts) == 2 and all("train_loss" in r and "dp_" not in r for r in receipts)
     refused, _, _ = _round(tmp_path / "bad", "client", [("a", 0.5, {}), ("b", 0.5, {})])
     assert refused.failure is not None and "dp_within_clip" in refused.failure
+
+
+def test_tracking_records_the_adaptive_parameters() -> None:
+    params = run_params(
+        task="examples.digits:task",
+        strategy=build_strategy("fedavg"),
+        defaults=TrainingDefaults(),
+        policy=RoundPolicy(total_rounds=1),
+        eval_policy=EvalPolicy(),
+        privacy=_adaptive("client", z=0.7, stddev=2.0, target_quantile=0.3),
+        mode=FedAvg(),
+        secure="none",
+        seed=0,
+    )
+    assert params["dp.clip"] == "0.1" and params["dp.noise_multiplier"] == "0.7"
+    assert params["dp.adaptive.side"] == "client"
+    assert params["dp.adaptive.target_quantile"] == "0.3"
+    assert params["dp.adaptive.count_stddev"] == "2.0" and params["dp.adaptive.lr"] == "0.2"
