@@ -266,3 +266,18 @@ def test_tracking_records_the_adaptive_parameters() -> None:
     assert params["dp.adaptive.side"] == "client"
     assert params["dp.adaptive.target_quantile"] == "0.3"
     assert params["dp.adaptive.count_stddev"] == "2.0" and params["dp.adaptive.lr"] == "0.2"
+
+
+def test_flowers_sign_convention_drives_the_clip_away_from_the_quantile() -> None:
+    """docs/algorithms.md, conventions 1: Flower 1.41 counts *clipped* updates (norm_bit =
+    scaling_factor < 1) into the paper's update C * exp(-lr (fraction - target)). Fed the same
+    log-normal norms (no count noise), that rule takes C towards 0 from below the median, where
+    the paper's, which counts updates within the clip, settles on the median."""
+    norms_rng = np.random.default_rng(5)
+    ours = flowers = 0.1
+    for _ in range(200):
+        norms = norms_rng.lognormal(1.0, 0.5, 100)
+        ours = next_clip(ours, float(np.mean(norms <= ours)), 0.5, 0.2)
+        flowers = next_clip(flowers, float(np.mean(norms > flowers)), 0.5, 0.2)
+    assert ours == pytest.approx(math.e, rel=0.1)  # the median of the norms
+    assert flowers < 1e-3
