@@ -177,7 +177,8 @@ class DPServer:
             z = effective_noise_multiplier(cfg.noise_multiplier, planned, contributed)
         else:
             # Adaptive: the updates carry z_delta, the count the rest of z (fedcore/privacy.py).
-            std = mean_noise_std(cfg.update_noise_multiplier, clip or self.clip, contributed)
+            clip = self.clip if clip is None else clip
+            std = mean_noise_std(cfg.update_noise_multiplier, clip, contributed)
             noised = add_gaussian_noise(mean, std, self.rng)
             z = cfg.noise_multiplier
         q = sample_rate(max(selected, contributed), available)
