@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
-from fedcore.privacy import add_gaussian_noise, l2_clip
+from fedcore.privacy import CLIP_BIT_METRIC, add_gaussian_noise, l2_clip
 from fedcore.selection import Selection
 from fedcore.tensors import FlatModel, Manifest, flatten_state_dict, float_vector, to_state_dict
 
@@ -61,6 +61,16 @@ def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:
         # Never seeded: a predictable noise draw would let the noise be subtracted again.
         delta = add_gaussian_noise(delta, std, np.random.default_rng(secrets.randbits(128)))
     return delta
+
+
+def clip_report(delta: np.ndarray, extra: dict[str, str]) -> dict[str, float]:
+    """Adaptive clipping, client side (--dp-adaptive-clip client): whether this update's norm
+    is within the round's clip before `privatize` clips it, as the metric the coordinator
+    counts (privately: it noises the round's count). Empty when the round does not ask."""
+    if extra.get("dp_report_clip_bit") != "1" or "dp_clip" not in extra:
+        return {}
+    norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
+    return {CLIP_BIT_METRIC: 1.0 if norm <= float(extra["dp_clip"]) else 0.0}
 
 
 def round_seed(seed: int, client_id: str, round_number: int) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedclient.local_update import local_update, privatize, round_seed
+from fedclient.local_update import clip_report, local_update, privatize, round_seed
 from fedclient.protocols.handlers import RoundHandler
 from fedclient.retry import PermanentError
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
@@ -126,14 +126,16 @@ def encode(
     config, sent, result = trained.config, trained.tensors.sent, trained.result
     wanted = "" if handler.fixed_encoding else encoding
     codec = get_codec(wanted or header.config.encoding or "fp32").bind(sent.manifest)
-    delta = privatize(sent.extract(trained.vector), config.extra)
+    delta = sent.extract(trained.vector)
+    reported = result.metrics | clip_report(delta, config.extra)
+    delta = privatize(delta, config.extra)
     payload = handler.encode(codec, delta, result.num_examples, config.extra)
     update, digest = update_header(
         client_id,
         header.round,
         header.model_version,
         result.num_examples,
-        result.metrics,
+        reported,
         codec.name,
         codec.wire_manifest(sent.manifest),
         payload,

@@ -26,6 +26,10 @@ RESERVED_METRIC_NAMES = frozenset(
         "dp_delta",
         "dp_noise_multiplier",
         "dp_sample_rate",
+        "dp_clip",  # adaptive clipping (protocols/dp.py); not the clients' dp_within_clip bit
+        "dp_clip_next",
+        "dp_update_noise_multiplier",
+        "dp_within_clip_fraction",
         "staleness_mean",  # fedserver/rounds/buffered.py closing_metrics
         "staleness_max",
         "examples",  # fedserver/rounds/eval_campaign.py: fed_examples, fed_clients

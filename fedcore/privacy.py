@@ -21,12 +21,26 @@ N(0, (z*C)^2). If only m < n_sel masked updates survive, the sum carries varianc
 
 The privacy loss is computed by Opacus' RDP accountant (a maintained library, not hand-written
 math) with sample rate q = clients selected / clients available when the round opened.
+
+Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with
+Adaptive Clipping", NeurIPS 2021, Algorithm 1): C follows the gamma-quantile of the update norms.
+Each round every contribution i yields b_i = [||delta_i|| <= C_t] (measured by the coordinator,
+or reported by the client), and
+
+    b_bar   = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / n + 1/2     (centred: sensitivity 1/2)
+    C_{t+1} = C_t * exp(-eta_C * (b_bar - gamma))                   (geometric update)
+
+The count and the sum of updates are one Gaussian mechanism on the vector (sum/C, count/(1/2)):
+its noise multiplier z satisfies z^-2 = z_delta^-2 + (2 sigma_b)^-2, so for the z the operator
+asks for the updates are noised with z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 (needs 2 sigma_b > z)
+and the accountant steps with z (Theorem 1 of the paper; TFF's adaptive_clip_noise_params).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -34,13 +48,45 @@ import numpy as np
 _TINY = 1e-12
 
 
+# Andrew et al.'s recommendations, as Flower's DifferentialPrivacy*AdaptiveClipping defaults.
+INITIAL_CLIP = 0.1
+TARGET_QUANTILE = 0.5
+CLIP_LR = 0.2
+COUNT_STDDEV_DIVISOR = 20  # sigma_b = expected clients per round / 20
+# The update metric a client reports under --dp-adaptive-clip client: 1.0 if its update's norm
+# was within the round's clip before it clipped, else 0.0 (fedclient/local_update.py).
+CLIP_BIT_METRIC = "dp_within_clip"
+
+
+@dataclass(frozen=True)
+class AdaptiveClip:
+    """--dp-adaptive-clip: where b_i is measured, target quantile gamma, lr eta_C, sigma_b."""
+
+    side: Literal["server", "client"]
+    count_stddev: float
+    target_quantile: float = TARGET_QUANTILE
+    lr: float = CLIP_LR
+
+    def __post_init__(self) -> None:
+        if self.side not in ("server", "client"):
+            raise ValueError(f"dp-adaptive-clip must be server or client, got {self.side!r}")
+        if not 0 <= self.target_quantile <= 1:
+            raise ValueError(f"dp-target-quantile must be in [0, 1], got {self.target_quantile}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"dp-clip-lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.count_stddev) and self.count_stddev >= 0):
+            raise ValueError(f"dp-clipped-count-stddev must be >= 0, got {self.count_stddev}")
+
+
 @dataclass(frozen=True)
 class DPConfig:
-    """Client-level DP knobs: L2 clip C, noise multiplier z, target delta."""
+    """Client-level DP knobs: L2 clip C (the initial one when adaptive), noise multiplier z (of
+    the combined mechanism when adaptive), target delta, adaptive clipping or None (fixed C)."""
 
     clip: float
     noise_multiplier: float
     delta: float = 1e-5
+    adaptive: AdaptiveClip | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip) and self.clip > 0):
@@ -49,6 +95,48 @@ class DPConfig:
             raise ValueError(f"dp-noise-multiplier must be >= 0, got {self.noise_multiplier}")
         if not 0 < self.delta < 1:
             raise ValueError(f"dp-delta must be in (0, 1), got {self.delta}")
+        if self.adaptive is not None:
+            update_noise_multiplier(self.noise_multiplier, self.adaptive.count_stddev)
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """z_delta: what the sum of updates is noised with (z itself under a fixed clip)."""
+        if self.adaptive is None:
+            return self.noise_multiplier
+        return update_noise_multiplier(self.noise_multiplier, self.adaptive.count_stddev)
+
+
+def update_noise_multiplier(noise_multiplier: float, count_stddev: float) -> float:
+    """z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2: the updates' share of a combined multiplier z
+    when the clipped count (sensitivity 1/2) carries noise sigma_b. 0 when z is 0 (no noise)."""
+    z = noise_multiplier
+    if z == 0:
+        return 0.0
+    if not 2 * count_stddev > z:
+        raise ValueError(
+            f"dp-clipped-count-stddev {count_stddev:g} is too small for dp-noise-multiplier "
+            f"{z:g}: adaptive clipping needs 2 x stddev > z (the count's noise is part of the "
+            f"budget); raise --dp-clipped-count-stddev above {z / 2:g} (Andrew et al. suggest "
+            "clients per round / 20) or lower --dp-noise-multiplier"
+        )
+    return float((z**-2 - (2 * count_stddev) ** -2) ** -0.5)
+
+
+def noised_within_fraction(
+    within: int, count: int, count_stddev: float, rng: np.random.Generator
+) -> float:
+    """b_bar: the noised fraction of `count` updates whose norm was within the clip; the sum
+    of centred bits (sensitivity 1/2) gets N(0, sigma_b^2), as in the paper and TF Privacy."""
+    if not 0 <= within <= count or count < 1:
+        raise ValueError(f"within must be in 0..{count}, got {within}")
+    noise = float(rng.normal(0.0, count_stddev)) if count_stddev > 0 else 0.0
+    return (within - count / 2 + noise) / count + 0.5
+
+
+def next_clip(clip: float, within_fraction: float, target_quantile: float, lr: float) -> float:
+    """C_{t+1} = C_t exp(-eta_C (b_bar - gamma)): down when more than gamma of the updates were
+    within C, up when fewer. It converges to the gamma-quantile of the update norms."""
+    return clip * math.exp(-lr * (within_fraction - target_quantile))
 
 
 def clip_factor(norm: float, clip: float) -> float:
@@ -142,7 +230,9 @@ class Accountant:
 
 
 __all__ = [
+    "CLIP_BIT_METRIC",
     "Accountant",
+    "AdaptiveClip",
     "DPConfig",
     "add_gaussian_noise",
     "client_noise_std",
@@ -150,5 +240,8 @@ __all__ = [
     "effective_noise_multiplier",
     "l2_clip",
     "mean_noise_std",
+    "next_clip",
+    "noised_within_fraction",
     "sample_rate",
+    "update_noise_multiplier",
 ]

@@ -124,6 +124,7 @@ def test_coordinator_names_are_all_reserved() -> None:
     """Every name the coordinator writes itself into a round's record is refused from clients,
     bare (training metrics) and behind fed_ (federated evaluation: fed_examples, fed_clients)."""
     written = {dp.METRIC_EPSILON, dp.METRIC_DELTA, dp.METRIC_Z, dp.METRIC_Q, "base_round"}
+    written |= {dp.METRIC_CLIP, dp.METRIC_CLIP_NEXT, dp.METRIC_UPDATE_Z, dp.METRIC_WITHIN}
     written |= {"staleness_mean", "staleness_max", "examples", "clients"}
     assert written <= RESERVED_METRIC_NAMES
     assert CLIENT_METRIC_PREFIX == "client_"

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from fedcore.config import positive_int
 from fedcore.logs import add_log_flags, setup_logging
-from fedcore.privacy import DPConfig
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
+from fedserver.commands.privacy_flags import add_dp_flags, dp_config
 from fedserver.coordinator.assembly import EXIT_USAGE, CoordinatorSettings, SetupError
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.tracking import add_track_flags, track_settings
@@ -161,24 +161,7 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         default=4 << 30,
         help="largest update accepted, in bytes (4 GiB)",
     )
-    dp = run.add_argument_group(
-        "differential privacy (client-level DP-FedAvg; see docs/algorithms.md)"
-    )
-    dp.add_argument(
-        "--dp-clip",
-        type=_positive_float,
-        default=None,
-        help="clip each client's update to this L2 norm C; turns DP on (off)",
-    )
-    dp.add_argument(
-        "--dp-noise-multiplier",
-        type=float,
-        default=1.0,
-        help="Gaussian noise multiplier z: noise std z*C on the sum of updates (1.0)",
-    )
-    dp.add_argument(
-        "--dp-delta", type=float, default=1e-5, help="delta at which epsilon is reported (1e-5)"
-    )
+    add_dp_flags(run, _positive_float)
     run.add_argument(
         "--secure",
         default="none",
@@ -285,9 +268,7 @@ def server_settings(args: argparse.Namespace) -> CoordinatorSettings:
         gradient_batch=args.gradient_batch,
         train_tensors=args.train_tensors,
     )
-    dp = None
-    if args.dp_clip is not None:
-        dp = DPConfig(args.dp_clip, args.dp_noise_multiplier, args.dp_delta)  # ValueError: usage
+    dp = dp_config(args, mode, policy)  # ValueError: usage
     return CoordinatorSettings(
         task=args.task,
         state_dir=args.state_dir,

@@ -205,13 +205,18 @@ class UpdateIntake:
             raise self._refuse(e) from None
         # Example-weighted; a wrapper may reweigh (DP: 1 each) and scale (DP: re-clip).
         weight = float(h.num_examples)
-        contribution = Contribution(h.client_id, h.round, staged, weight, h.num_examples, selection)
+        contribution = Contribution(
+            h.client_id, h.round, staged, weight, h.num_examples, selection, metrics=h.metrics
+        )
         try:
             self.protocol.accept(contribution)
         except (SubmitRefused, BadUpdate) as e:
             raise self._refuse(e) from None
         self.machine.record(h.client_id, Receipt(staged.digest, h.num_examples, h.round))
-        self.client_metrics[h.client_id] = dict(h.metrics)
+        # What the protocol reads from the metrics is its input, never recorded (a DP wrapper's
+        # clip bit: the round's mean of it would be an un-noised count).
+        hidden = self.protocol.private_metrics
+        self.client_metrics[h.client_id] = {k: v for k, v in h.metrics.items() if k not in hidden}
         self.uploads.metrics.accepted(staleness=self.machine.round - h.round)
         faults.freeze("collect", h.round)  # tests: crash with an update counted only in memory
         m = self.machine

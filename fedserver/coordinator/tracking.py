@@ -152,9 +152,14 @@ def run_params(
 
 
 def _flat(prefix: str, values: dict[str, Any]) -> dict[str, Any]:
-    return {
-        f"{prefix}.{k}": v for k, v in values.items() if v is not None and not isinstance(v, dict)
-    }
+    """`prefix.key` for each set value; a nested dataclass's fields as `prefix.key.field`."""
+    flat: dict[str, Any] = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            flat |= _flat(f"{prefix}.{k}", v)
+        elif v is not None:
+            flat[f"{prefix}.{k}"] = v
+    return flat
 
 
 def add_track_flags(run: argparse.ArgumentParser, seconds: Callable[[str], float]) -> None:

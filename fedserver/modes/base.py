@@ -86,3 +86,8 @@ class RoundMode:
     def tracked_params(self) -> dict[str, Any]:
         """Its own settings as --track records them (under the mode's name)."""
         return {}
+
+    def updates_per_round(self, policy: RoundPolicy) -> int:
+        """The updates a round is planned to fold, known at start-up (adaptive DP clipping's
+        default count noise): --clients-per-round, else the --min-clients a round waits for."""
+        return policy.clients_per_round or policy.min_clients

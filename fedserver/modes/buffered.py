@@ -135,6 +135,9 @@ class Buffered(RoundMode):
     def protocol_settings(self) -> dict[str, Any]:
         return {"staleness": self.policy.weight, "max_weight_ratio": self.policy.max_weight_ratio}
 
+    def updates_per_round(self, policy: RoundPolicy) -> int:
+        return self.policy.buffer_size  # a version is one buffer of K
+
     def pinned_values(self) -> dict[str, str]:
         return {"buffer_size": str(self.policy.buffer_size)}
 

@@ -113,6 +113,8 @@ class Contribution:
     num_examples: int
     selection: Selection | None  # the tensors a partial update carries (None: all)
     scale: float = 1.0  # the DP wrapper's re-clip factor for an update seen in plain
+    # What the client reported with it (UpdateHeader.metrics): the DP wrapper's clip bit.
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,9 @@ class RoundProtocol(ABC):
     noise: ClassVar[Literal["server", "clients"] | None] = None
     # The intake measures each update's L2 norm as it arrives (the DP wrapper re-clips by it).
     needs_norm = False
+    # Client metrics that are this protocol's input (Contribution.metrics), which the
+    # coordinator must not record: the DP wrapper's clip bit, whose round mean is un-noised.
+    private_metrics: frozenset[str] = frozenset()
 
     @property
     def sees_plain(self) -> bool:

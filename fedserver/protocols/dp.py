@@ -12,6 +12,15 @@ when a round closes (noise + accountant step, in a worker thread: Opacus' ε tak
 A protocol says where noise goes (`RoundProtocol.noise`): "server" (plain, buffered async) and
 the wrapper noises the mean; "clients" (secagg, he: the coordinator or a key holder sees only
 sums) and each client adds its share; None and the wrapper refuses it (`DPWrapper.refuse`).
+
+Adaptive clipping (--dp-adaptive-clip, Andrew et al. 2021; math in fedcore/privacy.py): the
+ledger's clip C_t changes every round. "server": clients send unclipped updates and the
+coordinator counts b_i = [norm <= C_t] from the norm it measured; "client": clients clip at the
+C_t of their round config and report b_i as update metric CLIP_BIT_METRIC (the coordinator
+still re-clips). Either way the round's noised count moves C_t when the round closes, and the
+round records the clip it used (METRIC_CLIP) and the next one (METRIC_CLIP_NEXT, what a resumed
+coordinator starts from). Only where the coordinator sees updates in plain: under secagg/he a
+bit beside the masked update would show the coordinator each client's bit, so it is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from fedcore.privacy import (
+    CLIP_BIT_METRIC,
     Accountant,
     DPConfig,
     add_gaussian_noise,
@@ -32,6 +42,8 @@ from fedcore.privacy import (
     clip_factor,
     effective_noise_multiplier,
     mean_noise_std,
+    next_clip,
+    noised_within_fraction,
     sample_rate,
 )
 from fedserver.protocols.base import (
@@ -43,6 +55,7 @@ from fedserver.protocols.base import (
     ProtocolWrapper,
     RoundProtocol,
 )
+from fedserver.updates.receiver import BadUpdate
 
 log = logging.getLogger("fedserver")
 
@@ -54,6 +67,13 @@ METRIC_EPSILON = "epsilon"
 METRIC_DELTA = "dp_delta"
 METRIC_Z = "dp_noise_multiplier"
 METRIC_Q = "dp_sample_rate"
+# Adaptive clipping: the clip this round used, the next round's, the updates' own multiplier
+# z_delta and the noised fraction of updates within the clip (all released: safe to record).
+METRIC_CLIP = "dp_clip"
+METRIC_CLIP_NEXT = "dp_clip_next"
+METRIC_UPDATE_Z = "dp_update_noise_multiplier"
+METRIC_WITHIN = "dp_within_clip_fraction"
+EXTRA_REPORT_BIT = "dp_report_clip_bit"  # "1": report CLIP_BIT_METRIC (client-side variant)
 
 
 class DPServer:
@@ -67,34 +87,86 @@ class DPServer:
         # DP noise must be unpredictable in production; tests pass a seed for reproducibility.
         self.rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
         self.accountant = Accountant()
+        self.clip = config.clip  # C_t: fixed, or adaptive's current one
+        self.within = 0  # adaptive: this round's updates with b_i = 1
 
     def resume(self, past_metrics: Iterable[Mapping[str, float]]) -> None:
-        """Rebuild the accountant from the committed rounds' (z, q) so ε continues exactly."""
+        """Rebuild the accountant from the committed rounds' (z, q) so ε continues exactly,
+        and an adaptive clip from the last committed round's next clip."""
+        past = list(past_metrics)
         history = [
-            (m[METRIC_Z], m[METRIC_Q], 1)
-            for m in past_metrics
-            if m.get(METRIC_Z, 0) > 0 and METRIC_Q in m
+            (m[METRIC_Z], m[METRIC_Q], 1) for m in past if m.get(METRIC_Z, 0) > 0 and METRIC_Q in m
         ]
         self.accountant = Accountant(history)
+        if self.config.adaptive is not None:
+            clips = [m[METRIC_CLIP_NEXT] for m in past if METRIC_CLIP_NEXT in m]
+            self.clip = clips[-1] if clips else self.config.clip
 
     def round_extra(self, num_selected: int) -> dict[str, str]:
-        extra = {EXTRA_CLIP: repr(self.config.clip)}
+        adaptive = self.config.adaptive
+        if adaptive is not None and adaptive.side == "server":
+            # The coordinator measures each norm against C_t: a client clip would hide it.
+            return {}
+        extra = {EXTRA_CLIP: repr(self.clip)}
+        if adaptive is not None:
+            extra[EXTRA_REPORT_BIT] = "1"
         if self.noise_on_clients and num_selected:
-            std = client_noise_std(self.config.noise_multiplier, self.config.clip, num_selected)
+            std = client_noise_std(self.config.noise_multiplier, self.clip, num_selected)
             extra[EXTRA_CLIENT_NOISE_STD] = repr(std)
         return extra
 
     def reclip_factor(self, norm: float | None) -> float:
         """What an update the coordinator sees in plain is folded with: 1.0 (no change) within
-        C, less above. `norm` is the decoded update's L2 norm, measured while it arrived."""
+        C_t, less above. `norm` is the decoded update's L2 norm, measured while it arrived."""
         if norm is None:
             raise ValueError("the update's norm was not measured (UpdateReceiver track_norm)")
-        return clip_factor(norm, self.config.clip)
+        return clip_factor(norm, self.clip)
+
+    def clip_bit(self, norm: float | None, metrics: Mapping[str, float]) -> bool:
+        """Adaptive clipping's b_i for one update: measured here (server side) or the client's
+        report (client side; BadUpdate if it is missing or not 0/1)."""
+        assert self.config.adaptive is not None
+        if self.config.adaptive.side == "server":
+            if norm is None:
+                raise ValueError("the update's norm was not measured (UpdateReceiver track_norm)")
+            return norm <= self.clip
+        bit = metrics.get(CLIP_BIT_METRIC)
+        if bit not in (0.0, 1.0):
+            raise BadUpdate(
+                "this coordinator adapts the DP clip from the clients' reports "
+                f"(--dp-adaptive-clip client): the update's metric {CLIP_BIT_METRIC!r} must be "
+                f"1 (norm within the round's clip) or 0, got {bit!r}; run a current fedclient",
+                reason="bad_metrics",
+            )
+        return bit == 1.0
+
+    def adapt(self, count: int) -> dict[str, float]:
+        """At a round's close, on the event loop before any await: C_{t+1} from the noised count
+        of this round's `count` updates. Returns the metrics to record with the round."""
+        adaptive = self.config.adaptive
+        if adaptive is None or count < 1:
+            return {}
+        within = noised_within_fraction(self.within, count, adaptive.count_stddev, self.rng)
+        used = self.clip
+        self.clip = next_clip(used, within, adaptive.target_quantile, adaptive.lr)
+        self.within = 0
+        return {
+            METRIC_CLIP: used,
+            METRIC_CLIP_NEXT: self.clip,
+            METRIC_WITHIN: within,
+            METRIC_UPDATE_Z: self.config.update_noise_multiplier,
+        }
 
     def privatize(
-        self, mean: np.ndarray, contributed: int, selected: int, available: int
+        self,
+        mean: np.ndarray,
+        contributed: int,
+        selected: int,
+        available: int,
+        clip: float | None = None,
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """Noise the unweighted mean of `contributed` clipped updates; step the accountant.
+        """Noise the unweighted mean of `contributed` updates clipped to `clip` (default: the
+        current C); step the accountant.
 
         Returns the noised mean and the metrics to store with the round.
         """
@@ -104,7 +176,9 @@ class DPServer:
             planned = max(selected, contributed)
             z = effective_noise_multiplier(cfg.noise_multiplier, planned, contributed)
         else:
-            std = mean_noise_std(cfg.noise_multiplier, cfg.clip, contributed)
+            # Adaptive: the updates carry z_delta, the count the rest of z (fedcore/privacy.py).
+            clip = self.clip if clip is None else clip
+            std = mean_noise_std(cfg.update_noise_multiplier, clip, contributed)
             noised = add_gaussian_noise(mean, std, self.rng)
             z = cfg.noise_multiplier
         q = sample_rate(max(selected, contributed), available)
@@ -128,6 +202,15 @@ class DPWrapper(ProtocolWrapper):
             return (
                 f"--dp-clip cannot be combined with round protocol {settings.name!r}: it "
                 "declares no place for the noise (RoundProtocol.noise)"
+            )
+        if self.config.adaptive is not None and protocol.noise != "server":
+            # The count must be summed and noised like the update; a bit sent beside a masked
+            # or encrypted update would show the coordinator every client's bit in the clear.
+            return (
+                f"--dp-adaptive-clip cannot be combined with --secure {settings.name}: the "
+                "coordinator sees no update's norm there, and a clipped-count bit sent beside "
+                "the masked or encrypted update would reveal each client's bit un-noised; use "
+                "--dp-clip C (a fixed clip) with --secure, or adaptive clipping without it"
             )
         if settings.keep_updates:
             # They read individual updates: that bypasses noise added to the mean.
@@ -169,20 +252,27 @@ class DifferentialPrivacy(RoundProtocol):
         self.ledger = DPServer(config, noise_on_clients=inner.noise == "clients", seed=seed)
         self.encoding = inner.encoding  # the inner protocol's wire encoding, per instance
         self.needs_norm = inner.sees_plain  # what is seen in plain is re-clipped by its norm
+        client_bits = config.adaptive is not None and config.adaptive.side == "client"
+        self.private_metrics = inner.private_metrics | ({CLIP_BIT_METRIC} if client_bits else set())
 
     def check_encoding(self, encoding: str) -> None:
         self.inner.check_encoding(encoding)
 
-    def open(self, opening: Opening) -> None:
-        self.inner.open(opening)
-
     def round_extra(self) -> dict[str, str]:
         return self.ledger.round_extra(len(self.env.selected())) | self.inner.round_extra()
 
+    def open(self, opening: Opening) -> None:
+        if opening.fresh:
+            self.ledger.within = 0  # a re-opened round keeps what it counted
+        self.inner.open(opening)
+
     def accept(self, c: Contribution) -> None:
         """Every client weighs 1; an update seen in plain is re-clipped to C before the fold."""
+        adaptive = self.ledger.config.adaptive is not None
+        bit = self.ledger.clip_bit(c.staged.norm, c.metrics) if adaptive else False
         scale = self._reclip(c) if self.inner.sees_plain else 1.0
         self.inner.accept(dataclasses.replace(c, weight=1.0, scale=scale))
+        self.ledger.within += bit  # counted once the update is
 
     def _reclip(self, c: Contribution) -> float:
         """The re-clip factor of an update seen in plain.
@@ -192,11 +282,15 @@ class DifferentialPrivacy(RoundProtocol):
         fold) is scaled to norm C here. An update an honest client clipped is within C
         (factor 1.0: nothing multiplied); fp16/int8 rounding may lift it ~1e-5 over C.
         """
-        norm, clip = c.staged.norm, self.ledger.config.clip
+        norm, clip = c.staged.norm, self.ledger.clip
         factor = self.ledger.reclip_factor(norm)
         if factor < 1.0:
             # fp16/int8 rounding can lift an honestly clipped update a hair over C: not news.
-            clear = norm is not None and norm > 1.001 * clip
+            # Adaptive server-side clipping clips about half of all updates by design.
+            server_side = (
+                self.ledger.config.adaptive and self.ledger.config.adaptive.side == "server"
+            )
+            clear = norm is not None and norm > 1.001 * clip and not server_side
             log.log(
                 logging.INFO if clear else logging.DEBUG,
                 "round %d: update from %s has L2 norm %.6g > --dp-clip %g; clipped by the "
@@ -216,12 +310,15 @@ class DifferentialPrivacy(RoundProtocol):
         """The inner aggregate, noised (or not: clients did) and accounted off the event loop."""
         # Read before awaiting: the round's population as it closed.
         expected, drawn_from = self.env.expected_updates(), self.env.drawn_from()
+        clip = self.ledger.clip  # what this round's updates were clipped to
         agg = await self.inner.aggregate()
+        # Adaptive: C_{t+1} before the next round can open (its updates are clipped to it).
+        adapted = self.ledger.adapt(agg.count)
         # Off the event loop: the noise is O(model) and Opacus' ε takes up to 0.5 s.
         mean, metrics = await asyncio.to_thread(
-            self.ledger.privatize, agg.mean, agg.count, expected, drawn_from
+            self.ledger.privatize, agg.mean, agg.count, expected, drawn_from, clip
         )
-        return dataclasses.replace(agg, mean=mean, metrics=agg.metrics | metrics)
+        return dataclasses.replace(agg, mean=mean, metrics=agg.metrics | adapted | metrics)
 
     def release(self) -> None:
         self.inner.release()
