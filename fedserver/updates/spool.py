@@ -1,5 +1,6 @@
 """Every verified update of a round as one row of an anonymous disk-backed float32
-matrix, for the strategies that read all updates (median, trimmed mean, Krum)."""
+matrix, for the strategies that read all updates (median, trimmed mean, Krum, Bulyan,
+q-FedAvg), with the client metrics such a strategy reads beside each row."""
 
 from __future__ import annotations
 
