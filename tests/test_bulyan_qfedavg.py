@@ -176,6 +176,34 @@ def test_cli_refuses_bulyan_with_too_small_rounds_before_touching_the_state_dir(
     assert not state.exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--strategy", "bulyan", "--secure", "secagg"], "cannot be combined with --secure"),
+        (["--strategy", "bulyan", "--dp-clip", "1.0"], "cannot be combined with --dp-clip"),
+        (["--strategy", "qfedavg", "--secure", "he"], "cannot be combined with --secure"),
+        (["--strategy", "qfedavg", "--dp-clip", "1.0"], "cannot be combined with --dp-clip"),
+        (
+            ["--strategy", "qfedavg", "--mode", "async", "--buffer-size", "2"],
+            "cannot be combined with strategy qfedavg",
+        ),
+    ],
+)
+def test_they_refuse_what_hides_or_merges_individual_updates(
+    flags: list[str], message: str, tmp_path: Path
+) -> None:
+    from fedserver.cli import build_parser
+    from fedserver.commands.run import server_settings
+    from fedserver.coordinator.assembly import build_coordinator
+
+    state = tmp_path / "state"
+    argv = ["run", "--task", "examples.digits:task", "--state-dir", str(state)]
+    settings = server_settings(build_parser().parse_args([*argv, "--min-clients", "7", *flags]))
+    with pytest.raises((ValueError, SetupError), match=message):
+        build_coordinator(settings)
+    assert not state.exists()
+
+
 # ---------------------------------------------------------------- q-FedAvg
 
 
