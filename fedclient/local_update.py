@@ -94,6 +94,27 @@ def seed_rngs(seed: int) -> None:
     random.seed(seed)
 
 
+# Round-config key and metric name: the loss of the received model on this client's training
+# data, before training (q-FedAvg's F_k(w^t); fedserver/strategies/qfedavg.py).
+LOSS_BEFORE_TRAINING = "loss_before_training"
+
+
+def loss_before_training(
+    task: Task, model: Any, data: LocalData, config: TrainConfig
+) -> dict[str, float]:
+    """{LOSS_BEFORE_TRAINING: loss} when the round asks for it (one evaluation pass over the
+    training data), else {}."""
+    if config.extra.get(LOSS_BEFORE_TRAINING) != "1":
+        return {}
+    metrics = task.evaluate(model, data.train)
+    if "loss" not in metrics:
+        raise ValueError(
+            "this round's strategy needs the loss of the received model on the training data, "
+            "but the task's evaluate() reports no 'loss'"
+        )
+    return {LOSS_BEFORE_TRAINING: float(metrics["loss"])}
+
+
 def local_update(
     task: Task,
     model: Any,
@@ -111,15 +132,20 @@ def local_update(
     (client, round) gives the same bytes wherever it runs (a `fedclient` process or a
     simulation worker, after any other clients).
     """
-    seed_rngs(config.seed)
     model.load_state_dict(to_state_dict(base))
     if personal:
         model.load_state_dict(personal, strict=False)  # FedPer: keep our own layers
+    before = loss_before_training(task, model, data, config)
+    # Seeded after that evaluation: its DataLoader draws from torch's global generator, and
+    # training must see the same draws whether or not the round asked for the loss.
+    seed_rngs(config.seed)
     with trainable_only(model, train_sel):
         if config.mode == "fedsgd":
             result = task.compute_gradient(model, data.train, config)
         else:
             result = task.train(model, data.train, config)
+    if before:
+        result = TrainResult(result.num_examples, result.metrics | before)
     if config.mode == "fedsgd":
         # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
         # server_lr x its mean, i.e. plain SGD on the averaged gradient.

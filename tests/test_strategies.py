@@ -32,13 +32,17 @@ def model(*values: float) -> FlatModel:
 
 
 def agg_of(
-    rows: list[list[float]], weights: list[float] | None = None, rnd: int = 1
+    rows: list[list[float]],
+    weights: list[float] | None = None,
+    rnd: int = 1,
+    metrics: dict[str, list[float]] | None = None,
 ) -> AggregateInput:
     vectors = np.array(rows, dtype=np.float32)
     w = np.array(weights or [1.0] * len(rows))
     mean = (vectors * w[:, None]).sum(axis=0) / w.sum()
+    kept = {k: np.array(v) for k, v in (metrics or {}).items()}
     return AggregateInput(
-        rnd, mean.astype(np.float32), float(w.sum()), len(rows), UpdateSet(vectors, w)
+        rnd, mean.astype(np.float32), float(w.sum()), len(rows), UpdateSet(vectors, w, kept)
     )
 
 
@@ -226,25 +230,27 @@ def test_loading_state_of_another_strategy_is_refused() -> None:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_resume_from_checkpoint_gives_the_same_next_model(name: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    rounds = [rng.normal(scale=0.1, size=(5, 9)).astype(np.float32).tolist() for _ in range(3)]
+    # 7 updates: Bulyan's 4f + 3 with f = 1; q-FedAvg reads each client's loss.
+    rounds = [rng.normal(scale=0.1, size=(7, 9)).astype(np.float32).tolist() for _ in range(3)]
+    losses = {"loss_before_training": rng.uniform(0.5, 2.0, size=7).tolist()}
     start = model(*rng.normal(size=9).tolist())
 
     straight = build_strategy(name)
     x = start
     for r, rows in enumerate(rounds, 1):
-        x = straight.apply(x, agg_of(rows, rnd=r))
+        x = straight.apply(x, agg_of(rows, rnd=r, metrics=losses))
 
     first = build_strategy(name)
     y = start
     for r, rows in enumerate(rounds[:2], 1):
-        y = first.apply(y, agg_of(rows, rnd=r))
+        y = first.apply(y, agg_of(rows, rnd=r, metrics=losses))
     store = StateStore(tmp_path / "state")
     store.write_checkpoint(2, y, first.state_arrays())
     store.close()
     model2, state = StateStore(tmp_path / "state").load_checkpoint(2)
     resumed = build_strategy(name)
     resumed.load_state_arrays(state)
-    z = resumed.apply(model2, agg_of(rounds[2], rnd=3))
+    z = resumed.apply(model2, agg_of(rounds[2], rnd=3, metrics=losses))
     assert z.version == x.version
     assert {k: v.tolist() for k, v in resumed.state_arrays().items()} == {
         k: v.tolist() for k, v in straight.state_arrays().items()

@@ -230,6 +230,35 @@ STRATEGY_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("trim-fraction", float, "trimmed_mean: fraction cut at each end per coordinate (0.2)"),
     ("krum-byzantine", int, "krum: number f of Byzantine clients tolerated (1)"),
     ("multi-krum-m", int, "krum: updates averaged; 1 = Krum, >1 = Multi-Krum (1)"),
+    (
+        "bulyan-byzantine",
+        int,
+        "bulyan: number f of Byzantine clients tolerated; every round needs at least 4f + 3 "
+        "updates, so --min-clients/--min-fit must allow it (1)",
+    ),
+    (
+        "bulyan-selection",
+        str,
+        "bulyan: krum (repeated Krum, the paper's and Flower's legacy Bulyan) or multikrum "
+        "(Krum scores once, Flower's Message-API Bulyan) (krum)",
+    ),
+    (
+        "q-param",
+        float,
+        "qfedavg: fairness q; 0 = unweighted mean, larger favours high-loss clients (0.2)",
+    ),
+    (
+        "qffl-learning-rate",
+        float,
+        "qfedavg: the clients' learning rate, 1/L for the Lipschitz estimate L (0.1)",
+    ),
+    (
+        "qffl-loss-metric",
+        str,
+        "qfedavg: the client metric used as its loss F_k: loss_before_training (the received "
+        "model on the client's training data, an extra pass; the paper's) or e.g. train_loss "
+        "(Flower's default) (loss_before_training)",
+    ),
 )
 
 
@@ -239,7 +268,7 @@ def _add_strategy_flags(run: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{flag}", type=kind, default=None, help=text)
 
 
-def strategy_params(args: argparse.Namespace) -> dict[str, float]:
+def strategy_params(args: argparse.Namespace) -> dict[str, float | str]:
     """The strategy flags the operator actually set (file, environment or command line)."""
     names = (flag.replace("-", "_") for flag, _, _ in STRATEGY_FLAGS)
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}

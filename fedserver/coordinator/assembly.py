@@ -28,7 +28,7 @@ from fedserver.protocols.registry import protocol_refusal
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.state.store import StateDirBusy, StateStore
-from fedserver.strategies import build_strategy
+from fedserver.strategies import Strategy, build_strategy
 
 log = logging.getLogger("fedserver")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 3, 2
@@ -43,7 +43,7 @@ class CoordinatorSettings:
     policy: RoundPolicy
     defaults: TrainingDefaults
     strategy: str = "fedavg"
-    strategy_params: dict[str, float] = field(default_factory=dict)
+    strategy_params: dict[str, float | str] = field(default_factory=dict)
     eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
     seed: int = 0
     max_update_bytes: int = 4 << 30
@@ -79,6 +79,24 @@ def record_base_model(store: StateStore, task: object) -> None:
     store.set_meta(base_model=base)
 
 
+def check_round_size(policy: RoundPolicy, strategy: Strategy) -> None:
+    """Refuse settings under which a round could close with fewer updates than the strategy
+    needs (Bulyan: 4f + 3). A round opens with at least --min-clients live clients and closes
+    with at least its quorum, both nondecreasing in the live count, so the fewest a round can
+    close with is the quorum of a round opened with exactly --min-clients live."""
+    needed, why = strategy.min_updates()
+    fewest = policy.quorum(policy.sample_size(policy.min_clients))
+    if fewest < needed:
+        raise SetupError(
+            f"strategy {strategy.name} needs at least {needed} updates in every round ({why}), "
+            f"but a round may close with {fewest} (--min-clients {policy.min_clients}, "
+            f"--min-fit {policy.min_fit or 'unset'}, --clients-per-round "
+            f"{policy.clients_per_round or 'unset'}, --fraction-fit {policy.fraction_fit}); "
+            f"set --min-clients to at least {needed} (and --min-fit, --clients-per-round, "
+            "if set)"
+        )
+
+
 def build_coordinator(s: CoordinatorSettings) -> Coordinator:
     try:
         task = load_object(s.task)
@@ -93,6 +111,7 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
             f"strategy {s.strategy} reads every individual update, so it cannot be combined "
             "with --secure; use fedavg, fedprox, fedavgm or a FedOpt strategy"
         )
+    check_round_size(s.policy, strategy)
     # --dp-clip is a wrapper around the protocol (protocols/dp.py): it refuses what it cannot
     # wrap, here before the state dir is touched (the Coordinator's registry call checks again).
     wrappers = (DPWrapper(s.dp, s.dp_seed),) if s.dp is not None else ()

@@ -99,6 +99,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             ProtocolSettings(
                 self.mode.protocol(self.secure),
                 keep_updates=self.strategy.needs_all_updates,
+                update_metrics=self.strategy.update_metrics,
                 partial_rounds=bool(self.defaults.train_tensors),
                 stage_timeout=self.secagg_stage_timeout,
                 he_public_key=self.he_public_key,
@@ -134,6 +135,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             self._advance,
             self.max_update_bytes,
             strategy_name=self.strategy.name,
+            check_metrics=self.strategy.check_update_metrics,
         )
         self.evaluations = EvaluationRounds(
             self.eval_policy,

@@ -61,6 +61,8 @@ class UpdateIntake:
     advance: Callable[[], None]  # let the round machine react (an update may close the round)
     max_update_bytes: int
     strategy_name: str
+    # Why the strategy cannot use an update with these client metrics (Strategy), or None.
+    check_metrics: Callable[[Mapping[str, float]], str | None] = lambda metrics: None
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # this round's
 
     def _refuse(self, exc: Exception) -> Exception:
@@ -104,6 +106,8 @@ class UpdateIntake:
             )
         if not all(math.isfinite(v) for v in h.metrics.values()):
             raise BadUpdate("update metrics contain NaN or Inf", reason="non_finite")
+        if problem := self.check_metrics(h.metrics):
+            raise BadUpdate(problem, reason="bad_metrics")
         try:
             codec = get_codec(h.encoding)
         except ManifestError as e:

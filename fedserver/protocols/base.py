@@ -55,6 +55,7 @@ class ProtocolSettings:
     name: str = "none"  # the registry key: RoundMode.protocol(--secure none | secagg | he)
     unweighted: bool = False  # every contribution weighs 1 (set by the DP wrapper)
     keep_updates: bool = False  # the strategy reads every update (median, trimmed mean, Krum)
+    update_metrics: tuple[str, ...] = ()  # client metrics kept beside each update (q-FedAvg)
     partial_rounds: bool = False  # --train-tensors: each round trains a subset of the tensors
     stage_timeout: float = 30.0  # --secagg-stage-timeout: each extra stage's wait
     he_public_key: Path | None = None  # --he-public-key
@@ -113,7 +114,8 @@ class Contribution:
     num_examples: int
     selection: Selection | None  # the tensors a partial update carries (None: all)
     scale: float = 1.0  # the DP wrapper's re-clip factor for an update seen in plain
-    # What the client reported with it (UpdateHeader.metrics): the DP wrapper's clip bit.
+    # What the client reported with it (UpdateHeader.metrics): the DP wrapper's clip bit,
+    # q-FedAvg's loss before training.
     metrics: Mapping[str, float] = field(default_factory=dict)
 
 

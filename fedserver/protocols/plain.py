@@ -25,6 +25,7 @@ class PlainProtocol(RoundProtocol):
     def __init__(self, settings: ProtocolSettings, env: ProtocolEnv) -> None:
         self.env = env
         self.keep_updates = settings.keep_updates
+        self.update_metrics = settings.update_metrics
         # The spool's rows cover the whole model: only the plain mean folds partial updates per
         # tensor (the DP wrapper refuses them too: its noise covers the whole model).
         self.partial_updates = not settings.keep_updates
@@ -37,16 +38,21 @@ class PlainProtocol(RoundProtocol):
         self._accumulator = Accumulator(self.env.num_values, self.env.tensor_sizes)
         self._close_spool()
         if self.keep_updates:
-            self._spool = UpdateSpool(self.env.num_values, self.env.uploads.incoming)
+            self._spool = UpdateSpool(
+                self.env.num_values, self.env.uploads.incoming, self.update_metrics
+            )
 
     def accept(self, c: Contribution) -> None:
         self._accumulator.fold(c.staged, c.weight, c.selection, c.scale)
         if self._spool is not None:
-            self._spool.append(c.staged, float(c.num_examples))
+            self._spool.append(c.staged, float(c.num_examples), c.metrics)
 
     async def aggregate(self) -> Aggregate:
         acc, spool = self._accumulator, self._spool
-        updates = UpdateSet(spool.matrix(), np.array(spool.weights)) if spool is not None else None
+        updates = None
+        if spool is not None:
+            kept = {k: np.array(v) for k, v in spool.metrics.items()}
+            updates = UpdateSet(spool.matrix(), np.array(spool.weights), kept)
         return Aggregate(acc.mean(), acc.count, acc.weight, updates)
 
     def release(self) -> None:

@@ -11,6 +11,7 @@ import inspect
 from typing import Any
 
 from fedserver.strategies.base import AggregateInput, Strategy, UpdateSet
+from fedserver.strategies.bulyan import Bulyan
 from fedserver.strategies.fedadagrad import FedAdagrad
 from fedserver.strategies.fedadam import FedAdam
 from fedserver.strategies.fedavg import FedAvg
@@ -19,6 +20,7 @@ from fedserver.strategies.fedprox import FedProx
 from fedserver.strategies.fedyogi import FedYogi
 from fedserver.strategies.krum import Krum
 from fedserver.strategies.median import Median
+from fedserver.strategies.qfedavg import QFedAvg
 from fedserver.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -33,6 +35,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Median,
         TrimmedMean,
         Krum,
+        Bulyan,
+        QFedAvg,
     )
 }
 

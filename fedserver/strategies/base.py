@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import numpy as np
@@ -26,10 +26,14 @@ class UpdateSet:
 
     vectors: np.ndarray
     weights: np.ndarray  # num_examples per row, as the clients reported them
+    # Per row, the client metrics the strategy asked for (Strategy.update_metrics), by name.
+    metrics: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.vectors.ndim != 2 or len(self.weights) != self.vectors.shape[0]:
             raise ValueError("UpdateSet needs a (clients, values) matrix and one weight per row")
+        if any(len(v) != len(self.weights) for v in self.metrics.values()):
+            raise ValueError("UpdateSet needs one value per row for each metric")
 
     @property
     def count(self) -> int:
@@ -70,6 +74,27 @@ class Strategy(ABC):
     name: ClassVar[str]
     # True: the coordinator keeps every verified update on disk and passes AggregateInput.updates.
     needs_all_updates: ClassVar[bool] = False
+    # Client metrics kept beside each spooled update (UpdateSet.metrics; needs_all_updates): an
+    # update without them is refused (reason missing_metric), and round_config should ask the
+    # clients for them.
+    update_metrics: tuple[str, ...] = ()
+
+    def check_update_metrics(self, metrics: Mapping[str, float]) -> str | None:
+        """Why an update with these client metrics cannot be used (refused before its bytes
+        are read, reason bad_metrics), or None."""
+        missing = [m for m in self.update_metrics if m not in metrics]
+        if missing:
+            return (
+                f"strategy {self.name} reads metric {', '.join(missing)} of every update, and "
+                "this one has none: fedclient reports it when the round config asks for it; "
+                "upgrade the client, or have a custom client report it"
+            )
+        return None
+
+    def min_updates(self) -> tuple[int, str]:
+        """The fewest updates a round may close with, and why: settings under which a round
+        could close with fewer are refused at start-up (coordinator/assembly.py)."""
+        return 1, ""
 
     def round_config(self, round_number: int) -> dict[str, str]:
         """Extra knobs sent to clients with the round config (e.g. FedProx's mu)."""
@@ -78,7 +103,7 @@ class Strategy(ABC):
     @abstractmethod
     def apply(self, global_model: FlatModel, agg: AggregateInput) -> FlatModel: ...
 
-    def params(self) -> dict[str, float]:
+    def params(self) -> dict[str, float | str]:
         """The strategy's parameters, for logs and the run's metadata."""
         return {}
 

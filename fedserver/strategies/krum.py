@@ -37,15 +37,8 @@ class Krum(Strategy):
 
     def select(self, updates: UpdateSet) -> np.ndarray:
         """Row indices of the chosen updates, best score first (ties: lower index)."""
-        n = updates.count
-        dist = pairwise_sq_distances(updates)
-        neighbours = max(1, min(n - 1, n - self.byzantine - 2))
-        if n == 1:
-            return np.array([0])
-        # Each row's own zero distance sorts first; skip it and sum the nearest others.
-        nearest = np.sort(dist, axis=1)[:, 1 : 1 + neighbours]
-        scores = nearest.sum(axis=1)
-        return np.argsort(scores, kind="stable")[: min(self.m, n)]
+        scores = krum_scores(pairwise_sq_distances(updates), self.byzantine)
+        return np.argsort(scores, kind="stable")[: min(self.m, updates.count)]
 
     def apply(self, global_model: FlatModel, agg: AggregateInput) -> FlatModel:
         updates = require_updates(agg, self.name)
@@ -54,6 +47,14 @@ class Krum(Strategy):
         for cols, block in updates.blocks():
             delta[cols] = block[chosen].mean(axis=0, dtype=np.float32)
         return add_to_floats(global_model, delta)
+
+
+def krum_scores(dist: np.ndarray, byzantine: int) -> np.ndarray:
+    """Each update's score from the (n, n) squared distances: the sum over its
+    max(1, n - f - 2) nearest other updates (0 for a lone update)."""
+    neighbours = max(1, dist.shape[0] - byzantine - 2)
+    # Each row's own zero distance sorts first; skip it and sum the nearest others.
+    return np.sort(dist, axis=1)[:, 1 : 1 + neighbours].sum(axis=1)
 
 
 def pairwise_sq_distances(updates: UpdateSet) -> np.ndarray:
