@@ -141,7 +141,9 @@ class VirtualClients:
             handler=RoundHandler(ErrorFeedback()),
             encoding=self.spec.encoding,
         )
-        return Fitted(cid, update.header.SerializeToString(), update.payload, update.digest)
+        return Fitted(
+            cid, update.header.SerializeToString(deterministic=True), update.payload, update.digest
+        )
 
     def evaluate(
         self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]

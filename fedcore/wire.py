@@ -117,10 +117,10 @@ def update_messages(
 ) -> Iterator[bytes]:
     """The upload as serialized UpdateChunks for `ModelCalls.submit`: one copy per data chunk
     (the framing) instead of three (bytes(), into the message, out of it)."""
-    yield pb.UpdateChunk(header=header).SerializeToString()
+    yield pb.UpdateChunk(header=header).SerializeToString(deterministic=True)
     for chunk in iter_chunks(payload, chunk_size):
         yield data_message(chunk)
-    yield update_trailer(header, digest).SerializeToString()
+    yield update_trailer(header, digest).SerializeToString(deterministic=True)
 
 
 # ---------------------------------------------------------------- chunks without protobuf copies
