@@ -32,6 +32,7 @@ from fedclient.retry import (
     Stopped,
     retry_after,
 )
+from fedclient.scaffold import ControlVariate
 from fedclient.settings import ClientSettings
 from fedclient.task import LocalData, Task, TrainConfig
 from fedclient.tracking import ClientTracker
@@ -77,6 +78,8 @@ class ClientSession:
         self.rounds_trained = 0
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
         self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
+        self.control = ControlVariate(settings.state_dir, self.client_id)  # SCAFFOLD's c_i
+        self.strategy_tensors: tuple[int, FlatModel] | None = None  # (round, SCAFFOLD's c)
         self.he = HEClient(settings.he_key) if settings.he_key else None  # HEError: bad key
         self.reach = Reachability(settings.server, settings.tls)
         self.unreachable: str | None = None  # why the last call could not connect
@@ -246,24 +249,34 @@ class ClientSession:
         )
         header: pb.ModelHeader | None = None
         assembler: ChunkAssembler | None = None
+        extra: ChunkAssembler | None = None  # the strategy's tensors (SCAFFOLD's c), after it
         for msg in stream:
             if header is None:
                 header = msg.header
                 if header.total_bytes:
                     assembler = ChunkAssembler(manifest_from_proto(header.manifest))
-            elif assembler is not None:
+                if header.strategy_bytes:
+                    extra = ChunkAssembler(manifest_from_proto(header.strategy_manifest))
+            else:
                 data = model_data(msg)
                 if data is None:
                     raise PermanentError("coordinator sent a second header in a model stream")
-                assembler.add(data)
+                model_done = assembler is None or assembler.received == assembler.buffer.size
+                target = extra if model_done else assembler
+                if target is None:
+                    raise PermanentError("coordinator sent more bytes than its header announced")
+                target.add(data)
         if header is None:
             raise PermanentError("coordinator sent an empty model stream")
-        if assembler is not None:
-            try:
+        try:
+            if assembler is not None:
                 self.held = assembler.finish(header.model_version)
-            except ManifestError as e:
-                log.warning("model download failed (%s); pulling again", e)
-                return pb.ModelHeader(state=pb.TRAINING, selected=False)
+            self.strategy_tensors = (
+                (header.round, extra.finish(header.strategy_version)) if extra else None
+            )
+        except ManifestError as e:
+            log.warning("model download failed (%s); pulling again", e)
+            return pb.ModelHeader(state=pb.TRAINING, selected=False)
         return header
 
     def _evaluate_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
@@ -340,8 +353,13 @@ class ClientSession:
                 config = dataclasses.replace(
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
+            control = self.control.for_round(
+                config.extra, header.round, self.strategy_tensors, base, self.federation_id
+            )
             with explained(f"round {header.round}: training failed", self.task, data, model):
-                trained = train(self.task, model, data, base, config, tensors, self._personal)
+                trained = train(
+                    self.task, model, data, base, config, tensors, self._personal, control
+                )
         # --slowdown: emulate a slow device (demos, tests, benchmarks). Scaled by the CPU time
         # trained, not the wall time: on a shared host the wall time of round 1 (10 clients
         # starting at once) was 30x that of later rounds, and a slow client multiplied it again.
@@ -385,6 +403,9 @@ class ClientSession:
                 f"coordinator refused the update ({code.name}): {e.details()}"  # type: ignore[attr-defined]
             ) from None
         self.rounds_trained += 1
+        if trained.control is not None:  # counted (or already counted): c_i ← c_i⁺
+            floats = base.manifest.floats()
+            self.control.commit(self.federation_id, floats, trained.control)
         handler.after_submit(header.round)
         if self.tracker is not None:
             m = result.metrics

@@ -105,7 +105,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
                 **self.mode.protocol_settings(),
             ),
             ProtocolEnv(
-                self.model.manifest.floats(),
+                self.strategy.exchanged(self.model.manifest.floats()),
                 self.federation_id,
                 self.uploads,
                 self.clock,
@@ -134,6 +134,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             self._advance,
             self.max_update_bytes,
             strategy_name=self.strategy.name,
+            strategy_partial=self.strategy.partial_updates,
         )
         self.evaluations = EvaluationRounds(
             self.eval_policy,
@@ -173,7 +174,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         current one, or an update's base round (under async the group it was trained on)."""
         spec = self.defaults.train_tensors
         at = self.machine.round if round_number is None else round_number
-        return round_selection(self.model.manifest.floats(), spec, at)
+        return round_selection(self.strategy.exchanged(self.model.manifest.floats()), spec, at)
 
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:
@@ -276,7 +277,9 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         metrics = self.intake.metric_means(closed.receipts)
         metrics.update(self.machine.closing_metrics(closed))
         receipts = self.intake.client_receipts(closed.receipts, closed.round)
-        new_model, record = await self.publisher.publish(self.model, closed, metrics, receipts)
+        new_model, record = await self.publisher.publish(
+            self.model, closed, metrics, receipts, population=self._drawn_from()
+        )
         self.model = new_model
         self.evaluations.open_campaign(closed.round, new_model)
         self.machine.complete()

@@ -61,6 +61,7 @@ class UpdateIntake:
     advance: Callable[[], None]  # let the round machine react (an update may close the round)
     max_update_bytes: int
     strategy_name: str
+    strategy_partial: bool = True  # Strategy.partial_updates
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # this round's
 
     def _refuse(self, exc: Exception) -> Exception:
@@ -167,7 +168,7 @@ class UpdateIntake:
             raise BadUpdate(
                 f"{e} (this round trains {len(round_sel.names)} tensors)", reason="bad_manifest"
             ) from None
-        if not self.protocol.partial_updates:
+        if not (self.protocol.partial_updates and self.strategy_partial):
             raise BadUpdate(
                 "partial updates (personal tensors) cannot be combined with --dp-clip, --secure "
                 f"or strategy {self.strategy_name}; send every tensor of the round",

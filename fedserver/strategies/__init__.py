@@ -19,6 +19,7 @@ from fedserver.strategies.fedprox import FedProx
 from fedserver.strategies.fedyogi import FedYogi
 from fedserver.strategies.krum import Krum
 from fedserver.strategies.median import Median
+from fedserver.strategies.scaffold import Scaffold
 from fedserver.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -33,6 +34,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Median,
         TrimmedMean,
         Krum,
+        Scaffold,
     )
 }
 
