@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from fedcore.tensors import FlatModel, Manifest, ManifestError, TensorSpec, float_vector
+from fedcore.tensors import FlatModel, Manifest, ManifestError, TensorSpec
 
 ROUND_KEY = "scaffold"  # RoundConfig.extra: "1" in a SCAFFOLD round
 CONTROL_PREFIX = "scaffold.delta_c:"  # ':' does not occur in torch state-dict names
