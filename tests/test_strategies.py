@@ -227,9 +227,7 @@ def test_loading_state_of_another_strategy_is_refused() -> None:
 def test_resume_from_checkpoint_gives_the_same_next_model(name: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     width = 18 if name == "scaffold" else 9  # SCAFFOLD's updates carry Δc after Δy
-    rounds = [
-        rng.normal(scale=0.1, size=(5, width)).astype(np.float32).tolist() for _ in range(3)
-    ]
+    rounds = [rng.normal(scale=0.1, size=(5, width)).astype(np.float32).tolist() for _ in range(3)]
     start = model(*rng.normal(size=9).tolist())
 
     straight = build_strategy(name)

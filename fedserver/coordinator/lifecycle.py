@@ -81,6 +81,8 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
 
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
+        # What an update carries: the model's floats, and what the strategy adds (SCAFFOLD's Δc).
+        self.update_floats = self.strategy.exchanged(self.model.manifest.floats())
         self.federation_id = self.store.get_meta("federation_id") or uuid.uuid4().hex
         self.machine = self.mode.machine(
             self.policy,
@@ -105,7 +107,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
                 **self.mode.protocol_settings(),
             ),
             ProtocolEnv(
-                self.strategy.exchanged(self.model.manifest.floats()),
+                self.update_floats,
                 self.federation_id,
                 self.uploads,
                 self.clock,
@@ -174,7 +176,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         current one, or an update's base round (under async the group it was trained on)."""
         spec = self.defaults.train_tensors
         at = self.machine.round if round_number is None else round_number
-        return round_selection(self.strategy.exchanged(self.model.manifest.floats()), spec, at)
+        return round_selection(self.update_floats, spec, at)
 
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:

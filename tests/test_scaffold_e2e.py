@@ -1,0 +1,126 @@
+"""SCAFFOLD with real processes over real gRPC: c travels beside the model, Δc beside Δy, each
+client keeps c_i in its --state-dir, and the coordinator's c (checkpointed with the strategy
+state) ends as the clients' c_i averaged by their examples, as full participation implies
+(c ← c + mean Δc from c = c_i = 0). Plus the refusals at start-up and on the client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from examples.digits import task
+from fedclient.partition import Partition
+from fedclient.scaffold import STATE_FILE
+from fedcore.files import read_safetensors
+from fedcore.tensors import float_vector
+from fedserver.state.store import StateStore
+from tests.procs import (
+    Proc,
+    fedserver,
+    free_port,
+    start_client,
+    start_serving,
+    status_json,
+    wait_finished,
+)
+
+CLIENTS = 2
+ROUNDS = 3
+NON_IID = ("--partitioner", "dirichlet", "--alpha", "0.3")
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def test_scaffold_federation_keeps_c_as_the_weighted_mean_of_the_clients_c_i(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    port = free_port()
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    server = start_serving(
+        procs,
+        logs,
+        port,
+        state,
+        "--strategy",
+        "scaffold",
+        "--rounds",
+        str(ROUNDS),
+        "--min-clients",
+        str(CLIENTS),
+        "--local-epochs",
+        "1",
+    )
+    clients = [
+        start_client(
+            logs, port, f"{i}/{CLIENTS}", *NON_IID, "--state-dir", str(tmp_path / f"client-{i}")
+        )
+        for i in range(CLIENTS)
+    ]
+    procs.extend(clients)
+    wait_finished(server, clients, 240)
+    status = status_json(state)
+    assert status["strategy"] == "scaffold" and len(status["rounds"]) == ROUNDS
+    # Each client's c_i, on disk, tagged with this federation and the client's id.
+    c_i, weights = [], []
+    for i in range(CLIENTS):
+        flat, meta = read_safetensors(tmp_path / f"client-{i}" / STATE_FILE)
+        assert meta == {"federation_id": status["federation_id"], "client_id": f"client-{i}"}
+        c_i.append(float_vector(flat))
+        partition = Partition(i, CLIENTS, "dirichlet", 0.3, 0)
+        weights.append(float(len(task.load_partition(partition).train)))  # type: ignore[arg-type]
+    assert all(np.abs(c).max() > 0 for c in c_i)
+    store = StateStore(state)
+    try:
+        _, strategy_state = store.load_checkpoint(ROUNDS)
+    finally:
+        store.close()
+    control = strategy_state["control"]
+    expected = (weights[0] * c_i[0] + weights[1] * c_i[1]) / sum(weights)
+    np.testing.assert_allclose(control, expected, rtol=1e-4, atol=1e-6)
+    assert "SCAFFOLD" not in server.log() or "Traceback" not in server.log()
+
+
+def test_a_client_without_a_state_dir_is_told_to_pass_one(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    port = free_port()
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    start_serving(procs, logs, port, state, "--strategy", "scaffold", "--min-clients", "1")
+    client = start_client(logs, port, "0/1")
+    procs.append(client)
+    assert client.wait(120) == 1
+    assert "pass --state-dir DIR" in client.log()
+    assert "Traceback" not in client.log()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dp-clip", "1.0"], "cannot be combined with --dp-clip"),
+        (["--mode", "async", "--buffer-size", "2"], "cannot be combined with --mode async"),
+        (["--mode", "fedsgd"], "cannot be combined with --mode fedsgd"),
+        (["--train-tensors", "0.*"], "cannot be combined with --train-tensors"),
+    ],
+)
+def test_unsound_combinations_are_refused_at_start_up(
+    flags: list[str], message: str, tmp_path: Path
+) -> None:
+    out = fedserver(
+        "run", "--task", "examples.digits:task", "--strategy", "scaffold",
+        "--state-dir", str(tmp_path / "state"), "--port", str(free_port()), *flags,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr
+    assert not (tmp_path / "state" / "state.db").exists()
+
+
+def test_simulate_refuses_scaffold_at_start_up(tmp_path: Path) -> None:
+    out = fedserver(
+        "simulate", "--task", "examples.digits:task", "--strategy", "scaffold",
+        "--clients", "2", "--state-dir", str(tmp_path / "sim"),
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "--strategy scaffold cannot be simulated" in out.stderr
+    assert "virtual clients keep no per-client state" in out.stderr
