@@ -32,6 +32,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedclient.retry import PermanentError
+from fedcore.durable import private_dir
 from fedcore.files import read_safetensors, write_safetensors
 from fedcore.scaffold import control_manifest, control_model, is_scaffold_round
 from fedcore.tensors import FlatModel, Manifest, ManifestError, float_vector
@@ -111,7 +112,7 @@ class ControlVariate:
         client_id = self.client_id
         flat = control_model(floats, values)
         if self.path is not None:
-            self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # type: ignore[union-attr]
+            private_dir(self.path.parent)  # c_i is derived from this client's data: 0700
             meta = {"federation_id": federation_id, "client_id": client_id}
             write_safetensors(self.path, flat, meta)
         self._held = (federation_id, client_id, flat.manifest, float_vector(flat))
