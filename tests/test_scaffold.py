@@ -197,3 +197,62 @@ def test_a_scaffold_round_needs_a_state_dir_and_c_and_no_personal_tensors(tmp_pa
     assert tensors.sent.manifest == exchanged(floats)
     with pytest.raises(PermanentError, match="personal tensors"):
         round_tensors(floats, config, "b")
+
+
+# ---------------------------------------------------------------- the client's download
+
+
+class FakeCalls:
+    def __init__(self, messages: list[object]) -> None:
+        self.messages = messages
+
+    def pull(self, request: object, timeout: float) -> list[object]:
+        return self.messages
+
+
+def pulled(session: object, header: object, *buffers: np.ndarray) -> object:
+    from fedcore.proto import coordinator_pb2 as pb
+    from fedcore.tensors import iter_chunks
+
+    data = [memoryview(c) for b in buffers for c in iter_chunks(b, 8)]  # small chunks
+    session.calls = FakeCalls([pb.ModelChunk(header=header), *data])  # type: ignore[attr-defined]
+    return session._pull()  # type: ignore[attr-defined]
+
+
+def test_the_client_reads_c_after_the_model_or_alone_when_it_holds_the_model() -> None:
+    from fedclient.partition import Partition
+    from fedclient.session import ClientSession
+    from fedclient.settings import ClientSettings
+    from fedcore.proto import coordinator_pb2 as pb
+    from fedcore.wire import manifest_to_proto
+
+    settings = ClientSettings(server="127.0.0.1:9", partition=Partition(0, 1), client_id="c")
+    session = ClientSession(settings, task=None)  # type: ignore[arg-type]
+    x = model_of([1.0, 2.0], 3.0)
+    c = control_model(x.manifest.floats(), np.array([0.5, -1.0, 2.0], np.float32))
+
+    def header(round_number: int, with_model: bool) -> pb.ModelHeader:
+        h = pb.ModelHeader(state=pb.TRAINING, round=round_number, selected=True)
+        h.model_version = x.version
+        h.manifest.CopyFrom(manifest_to_proto(x.manifest))
+        h.total_bytes = x.buffer.size if with_model else 0
+        h.strategy_manifest.CopyFrom(manifest_to_proto(c.manifest))
+        h.strategy_version = c.version
+        h.strategy_bytes = c.buffer.size
+        return h
+
+    pulled(session, header(1, True), x.buffer, c.buffer)
+    assert session.held is not None and session.held.version == x.version
+    assert session.strategy_tensors is not None
+    assert session.strategy_tensors[0] == 1 and session.strategy_tensors[1].version == c.version
+    session.strategy_tensors = None
+    pulled(session, header(2, False), c.buffer)  # the client already holds this model
+    assert session.strategy_tensors is not None and session.strategy_tensors[0] == 2
+    assert float_vector(session.strategy_tensors[1]).tolist() == [0.5, -1.0, 2.0]
+    # Bytes that do not hash to strategy_version: not used, pulled again.
+    bad = c.buffer.copy()
+    bad[0] ^= 1
+    answer = pulled(session, header(3, False), bad)
+    assert not answer.selected  # type: ignore[attr-defined]
+    assert session.strategy_tensors is None or session.strategy_tensors[0] != 3
+    session.channel.close()
