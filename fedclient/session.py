@@ -19,6 +19,7 @@ import grpc
 
 from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
+from fedclient.download import read_model_stream
 from fedclient.liveness import Heartbeat, report_failure
 from fedclient.protocols.handlers import handler_for
 from fedclient.protocols.he import decrypt_aggregate
@@ -45,12 +46,10 @@ from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.security import open_channel
-from fedcore.tensors import ChunkAssembler, FlatModel, ManifestError, to_state_dict
+from fedcore.tensors import FlatModel, ManifestError, to_state_dict
 from fedcore.wire import (
     CHANNEL_OPTIONS,
     ModelCalls,
-    manifest_from_proto,
-    model_data,
     update_messages,
 )
 
@@ -247,36 +246,16 @@ class ClientSession:
         stream = self.calls.pull(
             request, timeout=self.settings.poll_seconds + self.settings.rpc_timeout
         )
-        header: pb.ModelHeader | None = None
-        assembler: ChunkAssembler | None = None
-        extra: ChunkAssembler | None = None  # the strategy's tensors (SCAFFOLD's c), after it
-        for msg in stream:
-            if header is None:
-                header = msg.header
-                if header.total_bytes:
-                    assembler = ChunkAssembler(manifest_from_proto(header.manifest))
-                if header.strategy_bytes:
-                    extra = ChunkAssembler(manifest_from_proto(header.strategy_manifest))
-            else:
-                data = model_data(msg)
-                if data is None:
-                    raise PermanentError("coordinator sent a second header in a model stream")
-                model_done = assembler is None or assembler.received == assembler.buffer.size
-                target = extra if model_done else assembler
-                if target is None:
-                    raise PermanentError("coordinator sent more bytes than its header announced")
-                target.add(data)
-        if header is None:
-            raise PermanentError("coordinator sent an empty model stream")
         try:
-            if assembler is not None:
-                self.held = assembler.finish(header.model_version)
-            self.strategy_tensors = (
-                (header.round, extra.finish(header.strategy_version)) if extra else None
-            )
+            pulled = read_model_stream(stream)
         except ManifestError as e:
             log.warning("model download failed (%s); pulling again", e)
             return pb.ModelHeader(state=pb.TRAINING, selected=False)
+        header = pulled.header
+        if pulled.model is not None:
+            self.held = pulled.model
+        extra = pulled.strategy_tensors
+        self.strategy_tensors = (header.round, extra) if extra is not None else None
         return header
 
     def _evaluate_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
