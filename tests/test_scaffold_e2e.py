@@ -129,3 +129,47 @@ def test_simulate_refuses_scaffold_at_start_up(tmp_path: Path) -> None:
     assert out.returncode == 2, out.stderr
     assert "--strategy scaffold cannot be simulated" in out.stderr
     assert "virtual clients keep no per-client state" in out.stderr
+
+
+def test_c_comes_with_the_model_and_an_update_without_delta_c_is_refused(tmp_path: Path) -> None:
+    """Over the wire, by hand: a selected client gets c (zeros in round 1) after the model; an
+    update of the model's floats alone (an older client, or one leaving tensors out) is
+    refused INVALID_ARGUMENT and counts nothing; [Δy, Δc] is counted."""
+    import grpc
+
+    from fedclient.download import read_model_stream
+    from fedcore.checksums import new_hasher
+    from fedcore.proto import coordinator_pb2 as pb
+    from fedcore.scaffold import control_manifest, exchanged
+    from fedcore.wire import manifest_to_proto
+    from tests.raw_client import lone_client, update_header
+
+    def submit(stub: object, header: pb.UpdateHeader, payload: bytes) -> pb.SubmitReply:
+        hasher = new_hasher("blake3")
+        hasher.update(payload)
+        header.checksum = "blake3"
+        chunks = [
+            pb.UpdateChunk(header=header),
+            pb.UpdateChunk(data=payload),
+            pb.UpdateChunk(trailer=pb.UpdateTrailer(digest=hasher.hexdigest())),
+        ]
+        return stub.SubmitUpdate(iter(chunks), timeout=30)  # type: ignore[attr-defined,no-any-return]
+
+    with lone_client(tmp_path, "raw", "--strategy", "scaffold", "--rounds", "2") as joined:
+        request = pb.GetGlobalModelRequest(client_id="raw", wait_seconds=5)
+        pulled = read_model_stream(joined.stub.GetGlobalModel(request, timeout=30))
+        floats = joined.model.manifest.floats()
+        assert pulled.header.config.extra["scaffold"] == "1"
+        assert pulled.strategy_tensors is not None
+        assert pulled.strategy_tensors.manifest == control_manifest(floats)
+        assert not pulled.strategy_tensors.buffer.any()  # c = 0 before the first round
+        d = sum(t.numel for t in floats.tensors)
+        only_y = np.full(d, 0.01, dtype="<f4").tobytes()
+        with pytest.raises(grpc.RpcError) as refused:
+            submit(joined.stub, update_header("raw", 1, joined.model, len(only_y)), only_y)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "strategy scaffold" in refused.value.details()
+        both = np.full(2 * d, 0.01, dtype="<f4").tobytes()
+        manifest = manifest_to_proto(exchanged(floats))
+        header = update_header("raw", 1, joined.model, len(both), manifest=manifest)
+        assert submit(joined.stub, header, both).accepted
