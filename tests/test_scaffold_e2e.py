@@ -33,58 +33,65 @@ NON_IID = ("--partitioner", "dirichlet", "--alpha", "0.3")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-@pytest.mark.parametrize("secure", ["none", "secagg"])
-def test_scaffold_federation_keeps_c_as_the_weighted_mean_of_the_clients_c_i(
-    secure: str, tmp_path: Path, procs: list[Proc]
-) -> None:
-    """Under --secure secagg the coordinator sees only the masked sum of [Δy, Δc], which is
-    all SCAFFOLD needs (fixed point: 2^-25 per coordinate per round, docs/algorithms.md)."""
+def run_rounds(tmp: Path, procs: list[Proc], rounds: int, secure: str) -> Proc:
+    """A coordinator on tmp/state (a new run, or the run there resumed up to `rounds`) and
+    CLIENTS fresh client processes keeping c_i in tmp/client-I, until training finishes."""
     port = free_port()
-    state, logs = tmp_path / "state", tmp_path / "logs"
     server = start_serving(
-        procs,
-        logs,
-        port,
-        state,
-        "--strategy",
-        "scaffold",
-        "--rounds",
-        str(ROUNDS),
-        "--min-clients",
-        str(CLIENTS),
-        "--local-epochs",
-        "1",
-        "--secure",
-        secure,
-    )
-    clients = [
-        start_client(
-            logs, port, f"{i}/{CLIENTS}", *NON_IID, "--state-dir", str(tmp_path / f"client-{i}")
-        )
-        for i in range(CLIENTS)
-    ]
+        procs, tmp / "logs", port, tmp / "state", "--strategy", "scaffold",
+        "--rounds", str(rounds), "--min-clients", str(CLIENTS), "--local-epochs", "1",
+        "--secure", secure, name=f"server-{rounds}",
+    )  # fmt: skip
+    clients = []
+    for i in range(CLIENTS):
+        state_dir = ("--state-dir", str(tmp / f"client-{i}"))
+        name = f"client-{i}-{rounds}"
+        partition = f"{i}/{CLIENTS}"
+        clients.append(start_client(tmp / "logs", port, partition, *NON_IID, *state_dir, name=name))
     procs.extend(clients)
     wait_finished(server, clients, 240)
-    status = status_json(state)
-    assert status["strategy"] == "scaffold" and len(status["rounds"]) == ROUNDS
+    return server
+
+
+def check_c_is_the_weighted_mean_of_c_i(tmp: Path, rounds: int) -> None:
+    status = status_json(tmp / "state")
+    assert status["strategy"] == "scaffold" and len(status["rounds"]) == rounds
     # Each client's c_i, on disk, tagged with this federation and the client's id.
     c_i, weights = [], []
     for i in range(CLIENTS):
-        flat, meta = read_safetensors(tmp_path / f"client-{i}" / STATE_FILE)
+        flat, meta = read_safetensors(tmp / f"client-{i}" / STATE_FILE)
         assert meta == {"federation_id": status["federation_id"], "client_id": f"client-{i}"}
         c_i.append(float_vector(flat))
         partition = Partition(i, CLIENTS, "dirichlet", 0.3, 0)
         weights.append(float(len(task.load_partition(partition).train)))  # type: ignore[arg-type]
     assert all(np.abs(c).max() > 0 for c in c_i)
-    store = StateStore(state)
+    store = StateStore(tmp / "state")
     try:
-        _, strategy_state = store.load_checkpoint(ROUNDS)
+        _, strategy_state = store.load_checkpoint(rounds)
     finally:
         store.close()
-    control = strategy_state["control"]
     expected = (weights[0] * c_i[0] + weights[1] * c_i[1]) / sum(weights)
-    np.testing.assert_allclose(control, expected, rtol=1e-4, atol=1e-6)
-    assert "Traceback" not in server.log()
+    np.testing.assert_allclose(strategy_state["control"], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("secure", ["none", "secagg"])
+def test_c_stays_the_weighted_mean_of_the_clients_c_i_across_restarts(
+    secure: str, tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Every process is restarted between rounds 2 and 3: the coordinator resumes c from its
+    checkpoint and each new client process c_i from its state file. Were either lost (started
+    again from 0), round 3 would break the invariant (c ≠ Σ w_i c_i / Σ w_i). Under --secure
+    secagg the coordinator sees only the masked sum of [Δy, Δc], which is all SCAFFOLD needs
+    (fixed point: 2^-25 per coordinate per round, docs/algorithms.md)."""
+    first = run_rounds(tmp_path, procs, 2, secure)
+    check_c_is_the_weighted_mean_of_c_i(tmp_path, 2)
+    second = run_rounds(tmp_path, procs, 3, secure)
+    check_c_is_the_weighted_mean_of_c_i(tmp_path, 3)
+    assert "resuming from" in second.log()
+    for i in range(CLIENTS):
+        log = (tmp_path / "logs" / f"client-{i}-3.log").read_text()
+        assert "resumed this client's control variate" in log
+    assert "Traceback" not in first.log() + second.log()
 
 
 def test_a_client_without_a_state_dir_is_told_to_pass_one(
