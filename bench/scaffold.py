@@ -17,6 +17,7 @@ Prints a table and writes JSON (--out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -47,8 +48,15 @@ class Setup:
     target: float = 0.9
 
 
+DISPLACEMENT = "scaffold-displacement"  # c_i⁺ by option II's formula, for comparison
+
+
 def simulate(setup: Setup, strategy_name: str, seed: int) -> list[float]:
-    """Held-out accuracy after each round."""
+    """Held-out accuracy after each round. DISPLACEMENT: SCAFFOLD with c_i⁺ computed by the
+    paper's option II formula c_i - c + (x - y_i)/(K·η_l) (K optimizer steps) instead of the
+    mean raw gradient fedclient measures; the two agree for plain SGD, not with momentum."""
+    displacement = strategy_name == DISPLACEMENT
+    strategy_name = "scaffold" if displacement else strategy_name
     task: Task = load_object(setup.task)
     global_model = task.initial_model(seed)
     model = task.build_model()
@@ -79,6 +87,13 @@ def simulate(setup: Setup, strategy_name: str, seed: int) -> list[float]:
             tensors = round_tensors(floats, config, "")
             control = (c, c_i[i]) if c is not None else None
             trained = train(task, model, data, global_model, config, tensors, None, control)
+            if displacement and c is not None:
+                n = len(data.train)  # type: ignore[arg-type]
+                steps = config.local_epochs * -(-n // config.batch_size)
+                delta_y = trained.vector[:d]
+                c_plus = c_i[i] - c - delta_y / np.float32(steps * config.lr)
+                vector = np.concatenate([delta_y, c_plus - c_i[i]])
+                trained = dataclasses.replace(trained, vector=vector, control=c_plus)
             if trained.control is not None:
                 c_i[i] = trained.control  # counted: every update is, in-process
             w = float(trained.result.num_examples)
@@ -147,6 +162,11 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=Setup.target)
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (0,1,2)")
     parser.add_argument(
+        "--displacement",
+        action="store_true",
+        help=f"also race {DISPLACEMENT}: c_i⁺ by option II's displacement formula (in-process)",
+    )
+    parser.add_argument(
         "--processes",
         action="store_true",
         help="run real processes (fedserver run + a fedclient run per client) instead of the "
@@ -158,12 +178,13 @@ def main() -> None:
     torch.set_num_threads(1)
     print(setup)
     print(
-        f"{'strategy':<9} {'seed':>4} {'rounds to target':>17} {'acc@10':>6} {'acc@20':>6} "
+        f"{'strategy':<21} {'seed':>4} {'rounds to target':>17} {'acc@10':>6} {'acc@20':>6} "
         f"{'final':>6} {'best':>6} {'sec':>5}"
     )
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for name in ("fedavg", "scaffold"):
+        names = ("fedavg", "scaffold") + ((DISPLACEMENT,) if args.displacement else ())
+        for name in names:
             started = time.monotonic()
             if args.processes:
                 with tempfile.TemporaryDirectory(prefix="bench-scaffold-") as tmp:
@@ -173,7 +194,7 @@ def main() -> None:
             took = time.monotonic() - started
             reached = rounds_to(hist, setup.target)
             print(
-                f"{name:<9} {seed:>4} {reached if reached else '-':>17} "
+                f"{name:<21} {seed:>4} {reached if reached else '-':>17} "
                 f"{hist[min(9, len(hist) - 1)]:6.3f} {hist[min(19, len(hist) - 1)]:6.3f} "
                 f"{hist[-1]:6.3f} {max(hist):6.3f} {took:5.1f}",
                 flush=True,
