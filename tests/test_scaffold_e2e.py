@@ -33,18 +33,25 @@ NON_IID = ("--partitioner", "dirichlet", "--alpha", "0.3")
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-def run_rounds(tmp: Path, procs: list[Proc], rounds: int, secure: str) -> Proc:
+def run_rounds(
+    tmp: Path,
+    procs: list[Proc],
+    rounds: int,
+    secure: str,
+    server_extra: tuple[str, ...] = (),
+    client_extra: tuple[str, ...] = (),
+) -> Proc:
     """A coordinator on tmp/state (a new run, or the run there resumed up to `rounds`) and
     CLIENTS fresh client processes keeping c_i in tmp/client-I, until training finishes."""
     port = free_port()
     server = start_serving(
         procs, tmp / "logs", port, tmp / "state", "--strategy", "scaffold",
         "--rounds", str(rounds), "--min-clients", str(CLIENTS), "--local-epochs", "1",
-        "--secure", secure, name=f"server-{rounds}",
+        "--secure", secure, *server_extra, name=f"server-{rounds}",
     )  # fmt: skip
     clients = []
     for i in range(CLIENTS):
-        state_dir = ("--state-dir", str(tmp / f"client-{i}"))
+        state_dir = ("--state-dir", str(tmp / f"client-{i}"), *client_extra)
         name = f"client-{i}-{rounds}"
         partition = f"{i}/{CLIENTS}"
         clients.append(start_client(tmp / "logs", port, partition, *NON_IID, *state_dir, name=name))
@@ -53,7 +60,7 @@ def run_rounds(tmp: Path, procs: list[Proc], rounds: int, secure: str) -> Proc:
     return server
 
 
-def check_c_is_the_weighted_mean_of_c_i(tmp: Path, rounds: int) -> None:
+def check_c_is_the_weighted_mean_of_c_i(tmp: Path, rounds: int, atol: float = 1e-6) -> None:
     status = status_json(tmp / "state")
     assert status["strategy"] == "scaffold" and len(status["rounds"]) == rounds
     # Each client's c_i, on disk, tagged with this federation and the client's id.
@@ -71,7 +78,7 @@ def check_c_is_the_weighted_mean_of_c_i(tmp: Path, rounds: int) -> None:
     finally:
         store.close()
     expected = (weights[0] * c_i[0] + weights[1] * c_i[1]) / sum(weights)
-    np.testing.assert_allclose(strategy_state["control"], expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(strategy_state["control"], expected, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("secure", ["none", "secagg"])
@@ -92,6 +99,21 @@ def test_c_stays_the_weighted_mean_of_the_clients_c_i_across_restarts(
         log = (tmp_path / "logs" / f"client-{i}-3.log").read_text()
         assert "resumed this client's control variate" in log
     assert "Traceback" not in first.log() + second.log()
+
+
+def test_scaffold_under_homomorphic_aggregation(tmp_path: Path, procs: list[Proc]) -> None:
+    """--secure he: the coordinator adds ciphertexts of [Δy, Δc] and a client decrypts the sum;
+    c still ends as the clients' weighted mean (CKKS: 1e-5 absolute, docs/encryption.md)."""
+    pytest.importorskip("tenseal")
+    from fedcore.he import generate_keys
+
+    secret, public = generate_keys(tmp_path / "clients")
+    public = public.rename(tmp_path / public.name)  # the coordinator's, apart from the secret
+    server = run_rounds(
+        tmp_path, procs, 2, "he", ("--he-public-key", str(public)), ("--he-key", str(secret))
+    )
+    check_c_is_the_weighted_mean_of_c_i(tmp_path, 2, atol=1e-5)
+    assert "Traceback" not in server.log()
 
 
 def test_a_client_without_a_state_dir_is_told_to_pass_one(
