@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "when the coordinator runs --secure he",
     )
     run.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where this client keeps what must outlive the process: its SCAFFOLD control "
+        "variate (needed when the coordinator runs --strategy scaffold; none by default)",
+    )
+    run.add_argument(
         "--slowdown",
         type=float,
         default=1.0,
@@ -219,6 +226,7 @@ def _main(argv: Sequence[str] | None) -> int:
         personal_tensors=args.personal_tensors,
         encoding=args.encoding,
         he_key=args.he_key,
+        state_dir=args.state_dir,
         slowdown=args.slowdown,
         task_name=args.task,
         track=tuple(args.track),

@@ -19,6 +19,7 @@ import grpc
 
 from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
+from fedclient.download import read_model_stream
 from fedclient.liveness import Heartbeat, report_failure
 from fedclient.protocols.handlers import handler_for
 from fedclient.protocols.he import decrypt_aggregate
@@ -32,6 +33,7 @@ from fedclient.retry import (
     Stopped,
     retry_after,
 )
+from fedclient.scaffold import ControlVariate
 from fedclient.settings import ClientSettings
 from fedclient.task import LocalData, Task, TrainConfig
 from fedclient.tracking import ClientTracker
@@ -44,12 +46,10 @@ from fedcore.progress import live_progress
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.security import open_channel
-from fedcore.tensors import ChunkAssembler, FlatModel, ManifestError, to_state_dict
+from fedcore.tensors import FlatModel, ManifestError, to_state_dict
 from fedcore.wire import (
     CHANNEL_OPTIONS,
     ModelCalls,
-    manifest_from_proto,
-    model_data,
     update_messages,
 )
 
@@ -77,6 +77,8 @@ class ClientSession:
         self.rounds_trained = 0
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
         self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
+        self.control = ControlVariate(settings.state_dir, self.client_id)  # SCAFFOLD's c_i
+        self.strategy_tensors: tuple[int, FlatModel] | None = None  # (round, SCAFFOLD's c)
         self.he = HEClient(settings.he_key) if settings.he_key else None  # HEError: bad key
         self.reach = Reachability(settings.server, settings.tls)
         self.unreachable: str | None = None  # why the last call could not connect
@@ -244,26 +246,16 @@ class ClientSession:
         stream = self.calls.pull(
             request, timeout=self.settings.poll_seconds + self.settings.rpc_timeout
         )
-        header: pb.ModelHeader | None = None
-        assembler: ChunkAssembler | None = None
-        for msg in stream:
-            if header is None:
-                header = msg.header
-                if header.total_bytes:
-                    assembler = ChunkAssembler(manifest_from_proto(header.manifest))
-            elif assembler is not None:
-                data = model_data(msg)
-                if data is None:
-                    raise PermanentError("coordinator sent a second header in a model stream")
-                assembler.add(data)
-        if header is None:
-            raise PermanentError("coordinator sent an empty model stream")
-        if assembler is not None:
-            try:
-                self.held = assembler.finish(header.model_version)
-            except ManifestError as e:
-                log.warning("model download failed (%s); pulling again", e)
-                return pb.ModelHeader(state=pb.TRAINING, selected=False)
+        try:
+            pulled = read_model_stream(stream)
+        except ManifestError as e:
+            log.warning("model download failed (%s); pulling again", e)
+            return pb.ModelHeader(state=pb.TRAINING, selected=False)
+        header = pulled.header
+        if pulled.model is not None:
+            self.held = pulled.model
+        extra = pulled.strategy_tensors
+        self.strategy_tensors = (header.round, extra) if extra is not None else None
         return header
 
     def _evaluate_and_submit(self, header: pb.ModelHeader, model: Any, data: LocalData) -> None:
@@ -340,8 +332,13 @@ class ClientSession:
                 config = dataclasses.replace(
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
+            control = self.control.for_round(
+                config.extra, header.round, self.strategy_tensors, base, self.federation_id
+            )
             with explained(f"round {header.round}: training failed", self.task, data, model):
-                trained = train(self.task, model, data, base, config, tensors, self._personal)
+                trained = train(
+                    self.task, model, data, base, config, tensors, self._personal, control
+                )
         # --slowdown: emulate a slow device (demos, tests, benchmarks). Scaled by the CPU time
         # trained, not the wall time: on a shared host the wall time of round 1 (10 clients
         # starting at once) was 30x that of later rounds, and a slow client multiplied it again.
@@ -385,6 +382,9 @@ class ClientSession:
                 f"coordinator refused the update ({code.name}): {e.details()}"  # type: ignore[attr-defined]
             ) from None
         self.rounds_trained += 1
+        if trained.control is not None:  # counted (or already counted): c_i ← c_i⁺
+            floats = base.manifest.floats()
+            self.control.commit(self.federation_id, floats, trained.control)
         handler.after_submit(header.round)
         if self.tracker is not None:
             m = result.metrics

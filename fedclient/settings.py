@@ -32,6 +32,7 @@ class ClientSettings:
     personal_tensors: str = ""  # FedPer: patterns of tensors kept here, never sent ("" = task's)
     encoding: str = ""  # update encoding (fp32, fp16, int8, int4, topk[:F]); "" = the round's
     he_key: Path | None = None  # --secure he: the shared secret CKKS context
+    state_dir: Path | None = None  # --state-dir: what outlives the process (SCAFFOLD's c_i)
     slowdown: float = 1.0  # testing aid: training takes this many times as long (sleeping)
     task_name: str = ""  # --task, sent at Join so a refusal can name it
     track: tuple[str, ...] = ()  # --track: this client's metrics to MLflow / TensorBoard

@@ -21,9 +21,11 @@ import numpy as np
 from fedclient.local_update import clip_report, local_update, privatize, round_seed
 from fedclient.protocols.handlers import RoundHandler
 from fedclient.retry import PermanentError
+from fedclient.scaffold import corrected_steps
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
 from fedcore.codecs import get_codec
 from fedcore.proto import coordinator_pb2 as pb
+from fedcore.scaffold import exchanged, is_scaffold_round
 from fedcore.selection import Selection
 from fedcore.tensors import FlatModel, Manifest
 from fedcore.wire import update_header
@@ -45,8 +47,9 @@ class Trained:
     config: TrainConfig
     tensors: RoundTensors
     result: TrainResult
-    vector: np.ndarray  # float32 update over every float tensor, manifest order
+    vector: np.ndarray  # float32 update over every float tensor, manifest order (SCAFFOLD: + Δc)
     personal: dict[str, Any] | None  # the personal tensors as trained now, to keep; None: none
+    control: np.ndarray | None = None  # SCAFFOLD: c_i⁺, to keep once the update is counted
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,15 @@ def round_tensors(floats: Manifest, config: TrainConfig, personal_patterns: str)
     """The round names what is trained and sent (--train-tensors on the coordinator); FedPer
     personal tensors (`personal_patterns`) are trained every round but never leave this client.
     """
+    if is_scaffold_round(config.extra):
+        if personal_patterns:
+            raise PermanentError(
+                "the coordinator runs --strategy scaffold, whose control variates cover every "
+                "tensor; this client keeps personal tensors (--personal-tensors or the task's "
+                "personal_tensors), which it cannot combine with"
+            )
+        every = Selection.everything(floats)
+        return RoundTensors(every, Selection.everything(exchanged(floats)))
     names = config.train_tensors
     round_sel = Selection.of_names(floats, names) if names else Selection.everything(floats)
     if not personal_patterns:
@@ -97,12 +109,22 @@ def train(
     config: TrainConfig,
     tensors: RoundTensors,
     kept: dict[str, Any] | None = None,
+    control: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Trained:
-    """Local update from `base`; `kept`: this client's personal tensors from last round."""
+    """Local update from `base`; `kept`: this client's personal tensors from last round;
+    `control`: SCAFFOLD's (c, c_i), which correct every step (fedclient/scaffold.py)."""
     personal = tensors.personal
-    result, vector = local_update(
-        task, model, data, base, config, tensors.trained, kept if personal is not None else None
-    )
+    kept = kept if personal is not None else None
+    if control is not None:
+        c, c_i = control
+        floats = base.manifest.floats()
+        with corrected_steps(model, floats, c - c_i) as grads:
+            result, vector = local_update(task, model, data, base, config, tensors.trained, kept)
+        c_plus = grads.mean()
+        return Trained(
+            config, tensors, result, np.concatenate([vector, c_plus - c_i]), None, c_plus
+        )
+    result, vector = local_update(task, model, data, base, config, tensors.trained, kept)
     now = None
     if personal is not None:
         state = model.state_dict()

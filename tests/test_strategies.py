@@ -230,8 +230,10 @@ def test_loading_state_of_another_strategy_is_refused() -> None:
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_resume_from_checkpoint_gives_the_same_next_model(name: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
-    # 7 updates: Bulyan's 4f + 3 with f = 1; q-FedAvg reads each client's loss.
-    rounds = [rng.normal(scale=0.1, size=(7, 9)).astype(np.float32).tolist() for _ in range(3)]
+    # 7 updates: Bulyan's 4f + 3 with f = 1; q-FedAvg reads each client's loss; SCAFFOLD's
+    # updates carry Δc after Δy.
+    width = 18 if name == "scaffold" else 9
+    rounds = [rng.normal(scale=0.1, size=(7, width)).astype(np.float32).tolist() for _ in range(3)]
     losses = {"loss_before_training": rng.uniform(0.5, 2.0, size=7).tolist()}
     start = model(*rng.normal(size=9).tolist())
 

@@ -97,6 +97,31 @@ def check_round_size(policy: RoundPolicy, strategy: Strategy) -> None:
         )
 
 
+def scaffold_refusal(s: CoordinatorSettings) -> str | None:
+    """What SCAFFOLD (docs/algorithms.md) cannot be combined with, or None. Secure
+    aggregation is allowed: c needs only the sum of the Δc_i, which masks and ciphertexts give."""
+    if s.strategy != "scaffold":
+        return None
+    if s.dp is not None:
+        return (
+            "--strategy scaffold cannot be combined with --dp-clip: the control-variate deltas "
+            "Δc_i travel beside the model delta and would need their own clipping, noise and "
+            "privacy accounting, which are not implemented"
+        )
+    if s.mode.name != "fedavg":
+        return (
+            f"--strategy scaffold cannot be combined with --mode {s.mode.name}: it needs "
+            "synchronous rounds of local steps (c and the clients' c_i describe one model "
+            "version; an asynchronous delta would correct with a stale c); use --mode fedavg"
+        )
+    if s.defaults.train_tensors:
+        return (
+            "--strategy scaffold cannot be combined with --train-tensors: the control variates "
+            "cover the whole model, so every round must train and send every tensor"
+        )
+    return None
+
+
 def build_coordinator(s: CoordinatorSettings) -> Coordinator:
     try:
         task = load_object(s.task)
@@ -104,6 +129,8 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
         raise SetupError(str(e)) from None
     strategy = build_strategy(s.strategy, **s.strategy_params)  # bad flags: before any disk
     if why := s.mode.refuse(s.secure, strategy):
+        raise SetupError(why)
+    if why := scaffold_refusal(s):
         raise SetupError(why)
     if strategy.needs_all_updates and s.secure != "none":
         # They read individual updates: impossible when the coordinator only holds masked ones.

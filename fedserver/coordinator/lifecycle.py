@@ -81,6 +81,8 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
 
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
+        # What an update carries: the model's floats, and what the strategy adds (SCAFFOLD's Δc).
+        self.update_floats = self.strategy.exchanged(self.model.manifest.floats())
         self.federation_id = self.store.get_meta("federation_id") or uuid.uuid4().hex
         self.machine = self.mode.machine(
             self.policy,
@@ -106,7 +108,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
                 **self.mode.protocol_settings(),
             ),
             ProtocolEnv(
-                self.model.manifest.floats(),
+                self.update_floats,
                 self.federation_id,
                 self.uploads,
                 self.clock,
@@ -136,6 +138,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             self.max_update_bytes,
             strategy_name=self.strategy.name,
             check_metrics=self.strategy.check_update_metrics,
+            strategy_partial=self.strategy.partial_updates,
         )
         self.evaluations = EvaluationRounds(
             self.eval_policy,
@@ -175,7 +178,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         current one, or an update's base round (under async the group it was trained on)."""
         spec = self.defaults.train_tensors
         at = self.machine.round if round_number is None else round_number
-        return round_selection(self.model.manifest.floats(), spec, at)
+        return round_selection(self.update_floats, spec, at)
 
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:
@@ -278,7 +281,9 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         metrics = self.intake.metric_means(closed.receipts)
         metrics.update(self.machine.closing_metrics(closed))
         receipts = self.intake.client_receipts(closed.receipts, closed.round)
-        new_model, record = await self.publisher.publish(self.model, closed, metrics, receipts)
+        new_model, record = await self.publisher.publish(
+            self.model, closed, metrics, receipts, population=self._drawn_from()
+        )
         self.model = new_model
         self.evaluations.open_campaign(closed.round, new_model)
         self.machine.complete()

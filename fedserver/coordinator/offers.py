@@ -55,3 +55,5 @@ class Offer:
     message: str
     evaluate_round: int = 0  # > 0: evaluate `model` (the model after this round) locally
     decrypt_round: int = 0  # > 0 (--secure he): decrypt this round's encrypted aggregate
+    # Sent to a selected client beside the model (Strategy.client_tensors: SCAFFOLD's c).
+    strategy_tensors: FlatModel | None = None

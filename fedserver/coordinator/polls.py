@@ -88,6 +88,7 @@ class ModelOffers:
             msg,
             evaluate,
             decrypt,
+            self.strategy.client_tensors(self.model) if selected else None,
         )
 
     def _told_finished(self, client_id: str) -> None:

@@ -45,13 +45,17 @@ class RoundPublisher:
         closed: ClosedRound,
         metrics: dict[str, float],
         receipts: list[ClientReceipt],
+        population: int = 0,
     ) -> tuple[FlatModel, RoundRecord]:
-        """Aggregate, step, checkpoint and commit `closed`; heavy work runs off the event loop."""
+        """Aggregate, step, checkpoint and commit `closed`; heavy work runs off the event loop.
+        `population`: the live clients the round drew from (AggregateInput.population)."""
         aggregate = await self.protocol.aggregate()
         mean, count = aggregate.mean, aggregate.count
         metrics = dict(metrics)
         metrics.update(aggregate.metrics)
-        agg = AggregateInput(closed.round, mean, aggregate.weight, count, aggregate.updates)
+        agg = AggregateInput(
+            closed.round, mean, aggregate.weight, count, aggregate.updates, population
+        )
         new_model, eval_metrics = await asyncio.to_thread(self._step_and_save, model, agg)
         metrics.update(eval_metrics)
         record = RoundRecord(

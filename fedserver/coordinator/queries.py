@@ -25,6 +25,7 @@ class TransportQueries:
     evaluations: Any
     policy: Any
     model: Any
+    update_floats: Any
     failure: str | None
     shutting_down: bool
     federation_id: str
@@ -104,8 +105,9 @@ class TransportQueries:
 
     # ------------------------------------------------------------------ updates, evaluations
     def max_update_tensors(self) -> int:
-        """No update lists more tensors than the model has (codecs pack into 2 at least)."""
-        return max(len(self.model.manifest.tensors), 2)
+        """No update lists more tensors than the model has, or than the strategy adds to its
+        floats (SCAFFOLD's Δc); codecs pack into 2 at least."""
+        return max(len(self.model.manifest.tensors), len(self.update_floats.tensors), 2)
 
     def submit_evaluation(
         self,

@@ -63,6 +63,7 @@ class UpdateIntake:
     strategy_name: str
     # Why the strategy cannot use an update with these client metrics (Strategy), or None.
     check_metrics: Callable[[Mapping[str, float]], str | None] = lambda metrics: None
+    strategy_partial: bool = True  # Strategy.partial_updates
     client_metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # this round's
 
     def _refuse(self, exc: Exception) -> Exception:
@@ -171,7 +172,7 @@ class UpdateIntake:
             raise BadUpdate(
                 f"{e} (this round trains {len(round_sel.names)} tensors)", reason="bad_manifest"
             ) from None
-        if not self.protocol.partial_updates:
+        if not (self.protocol.partial_updates and self.strategy_partial):
             raise BadUpdate(
                 "partial updates (personal tensors) cannot be combined with --dp-clip, --secure "
                 f"or strategy {self.strategy_name}; send every tensor of the round",

@@ -128,6 +128,14 @@ def check_settings(s: SimSettings) -> None:
         raise SetupError("--secure cannot be simulated: run real clients (fedserver run)")
     if s.server.mode.not_simulated:
         raise SetupError(s.server.mode.not_simulated)
+    if s.server.strategy == "scaffold":
+        # Each client's control variate c_i must outlive the round; virtual clients keep
+        # nothing between rounds (no per-client state store yet).
+        raise SetupError(
+            "--strategy scaffold cannot be simulated: every client keeps its control variate "
+            "c_i across rounds, and virtual clients keep no per-client state; run real clients "
+            "(fedserver run + fedclient run --state-dir)"
+        )
     try:
         Partition(0, s.clients, s.partitioner, s.alpha, s.server.seed)
         task = load_object(s.server.task)

@@ -21,6 +21,7 @@ from fedserver.strategies.fedyogi import FedYogi
 from fedserver.strategies.krum import Krum
 from fedserver.strategies.median import Median
 from fedserver.strategies.qfedavg import QFedAvg
+from fedserver.strategies.scaffold import Scaffold
 from fedserver.strategies.trimmed_mean import TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {
@@ -37,6 +38,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         Krum,
         Bulyan,
         QFedAvg,
+        Scaffold,
     )
 }
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedcore.tensors import FlatModel, ManifestError
+from fedcore.tensors import FlatModel, Manifest, ManifestError
 
 # Coordinate blocks robust strategies read at a time: O(clients x BLOCK) memory, never the whole
 # (clients x model) matrix.
@@ -60,6 +60,8 @@ class AggregateInput:
     total_weight: float
     num_updates: int
     updates: UpdateSet | None = None
+    # Live clients the round's participants were drawn from (0: unknown); SCAFFOLD's N.
+    population: int = 0
 
 
 class Strategy(ABC):
@@ -96,9 +98,21 @@ class Strategy(ABC):
         could close with fewer are refused at start-up (coordinator/assembly.py)."""
         return 1, ""
 
+    # False: every update must carry every tensor (SCAFFOLD's Δc pairs with the whole Δy).
+    partial_updates: ClassVar[bool] = True
+
     def round_config(self, round_number: int) -> dict[str, str]:
         """Extra knobs sent to clients with the round config (e.g. FedProx's mu)."""
         return {}
+
+    def exchanged(self, floats: Manifest) -> Manifest:
+        """The float tensors an update carries, for a model whose floats are `floats`; the
+        mean handed to `apply` covers them in this order."""
+        return floats
+
+    def client_tensors(self, global_model: FlatModel) -> FlatModel | None:
+        """Tensors each selected client is sent beside the model (SCAFFOLD's c); None: none."""
+        return None
 
     @abstractmethod
     def apply(self, global_model: FlatModel, agg: AggregateInput) -> FlatModel: ...

@@ -63,6 +63,11 @@ class ModelHeaders:
             header.total_bytes = offer.model.buffer.size if offer.send_bytes else 0
             header.evaluate_round = offer.evaluate_round
         header.decrypt_round = offer.decrypt_round
+        if offer.strategy_tensors is not None:
+            extra = offer.strategy_tensors
+            header.strategy_manifest.CopyFrom(manifest_to_proto(extra.manifest))
+            header.strategy_version = extra.version
+            header.strategy_bytes = extra.buffer.size
         if offer.selected:
             header.config.CopyFrom(
                 pb.RoundConfig(

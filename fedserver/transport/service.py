@@ -151,12 +151,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         wait = min(max(request.wait_seconds, 0.0), MAX_WAIT_SECONDS)
         offer = await self.coordinator.poll(request.client_id, request.known_version, wait)
         await context.write(pb.ModelChunk(header=self.headers.build(offer)))
-        if not offer.send_bytes:
+        extra = offer.strategy_tensors  # SCAFFOLD's c: its own chunks, after the model's
+        if not offer.send_bytes and extra is None:
             return
         if offer.selected:
             await self.pacer.before_send(request.client_id, offer.round)
+        buffers = ([offer.model.buffer] if offer.send_bytes else []) + (
+            [extra.buffer] if extra is not None else []
+        )
+        metrics = self.coordinator.metrics
         await self.downloads.stream(
-            context, framed(offer.model.buffer, self.chunk_size, self.coordinator.metrics)
+            context, (m for b in buffers for m in framed(b, self.chunk_size, metrics))
         )
 
     async def SubmitUpdate(
