@@ -104,7 +104,8 @@ def scaffold_refusal(s: CoordinatorSettings) -> str | None:
         return None
     if s.dp is not None:
         return (
-            "--strategy scaffold cannot be combined with --dp-clip: the control-variate deltas "
+            "--strategy scaffold cannot be combined with DP (--dp-clip, --dp-adaptive-clip): the "
+            "control-variate deltas "
             "Δc_i travel beside the model delta and would need their own clipping, noise and "
             "privacy accounting, which are not implemented"
         )
