@@ -13,12 +13,15 @@ import os
 import re
 import statistics
 import subprocess
+import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.compare_flower import kill_tree
 from bench.floor import CHUNK
 from bench.proctree import TreeWatch
 from tests.procs import REPO, Proc
@@ -79,12 +82,44 @@ def nvflare_rounds(log: str) -> list[float]:
     return [(b - a).total_seconds() for a, b in itertools.pairwise(marks)]
 
 
+def wait_quiet(proc: Proc, timeout: float, stall: float) -> None:
+    """Wait for `proc` to exit; kill its whole tree and raise if it runs past `timeout` or its
+    log stops growing for `stall` seconds. Under load, a simulated client can lose its
+    connection at start-up ("Connection reset by peer") and the simulator then waits for it
+    forever."""
+    deadline = time.monotonic() + timeout
+    size, grew = -1, time.monotonic()
+    try:
+        while True:
+            try:
+                proc.popen.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if (current := proc.log_path.stat().st_size) != size:
+                size, grew = current, now
+            if now > deadline or now - grew > stall:
+                why = f"no output for {stall:.0f} s" if now <= deadline else "past its timeout"
+                raise RuntimeError(f"{proc.name}: {why}:\n{proc.log()[-3000:]}")
+    finally:
+        kill_tree(proc)  # the simulator's forks and workers too, whatever happened
+    if proc.popen.returncode != 0:
+        raise RuntimeError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()[-3000:]}")
+
+
 def nvflare_cell(
-    mode: str, python: Path, params: int, clients: int, rounds: int, work: Path, timeout: float
+    mode: str,
+    python: Path,
+    params: int,
+    clients: int,
+    rounds: int,
+    work: Path,
+    timeout: float,
+    stall: float,
 ) -> dict[str, Any]:
     """One NVFlare simulator run of NumpyFedAvgRecipe; its rounds and peak memory."""
-    logs = work / f"nvflare-{mode}-p{params}"
-    logs.mkdir(parents=True)
+    logs = Path(tempfile.mkdtemp(prefix=f"nvflare-{mode}-p{params}-", dir=work))
     initial = logs / "initial.npy"
     write_initial(initial, params)
     cmd = [str(python), str(NVFLARE_APP / "job.py"), "--initial", str(initial)]
@@ -98,10 +133,8 @@ def nvflare_cell(
     proc = Proc(f"nvflare-{mode}", popen, log_path)
     watch = TreeWatch(popen.pid, count_forks=True)
     try:
-        if proc.wait(timeout) != 0:
-            raise RuntimeError(f"nvflare exited {popen.returncode}:\n{proc.log()[-3000:]}")
+        wait_quiet(proc, timeout, stall)
     finally:
-        proc.kill()
         watch.stop()
         initial.unlink()
     seconds = nvflare_rounds(proc.log())
