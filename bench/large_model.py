@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +91,13 @@ def mem_available() -> int:
     raise RuntimeError("no MemAvailable in /proc/meminfo")
 
 
-def needed_bytes(params: int, fedclients: int, nvflare_clients: int = 0) -> int:
-    """About what the largest of the size's runs takes (they run one after the other)."""
-    model = params * 4
-    ours = (COORDINATOR_MODELS + FEDCLIENT_MODELS * fedclients) * model
-    theirs = (NVFLARE_SERVER_MODELS + NVFLARE_CLIENT_MODELS * nvflare_clients) * model
-    return int(max(ours, theirs if nvflare_clients else 0.0)) + FIXED_BYTES
+def needed_bytes(system: str, params: int, clients: int, fedclients: int) -> int:
+    """About what one run of `system` takes at this size (the runs go one after the other)."""
+    if system == "fedgrpc":
+        models = COORDINATOR_MODELS + FEDCLIENT_MODELS * fedclients
+    else:
+        models = NVFLARE_SERVER_MODELS + NVFLARE_CLIENT_MODELS * clients
+    return int(models * params * 4) + FIXED_BYTES
 
 
 def wait_all(procs: Sequence[Proc], timeout: float) -> None:
@@ -215,24 +217,66 @@ def budget_line(row: dict[str, Any]) -> str:
     return line + f"round {row['ratio_to_floor']:.2f} x floor (target 1.3)"
 
 
+@dataclass
+class Outcome:
+    """What the bench found: rows (printed as they come), sizes skipped, NVFlare failures."""
+
+    cells: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: list[str] = field(default_factory=list)
+
+    def add(self, row: dict[str, Any], args: argparse.Namespace, params: int) -> None:
+        mine = (c for c in self.cells if c["params"] == params and c["system"] == "fedgrpc")
+        ours = next(mine, row)
+        row.update(clients=args.clients, params=params, rounds=args.rounds)
+        row["model_bytes"] = params * 4
+        # The same bytes move in every system: one floor, measured beside fedgrpc's run.
+        row["floor_seconds"] = ours["floor_seconds"]
+        row["ratio_to_floor"] = row["round_seconds"] / ours["floor_seconds"]
+        row["loadavg_after"] = os.getloadavg()
+        if row is not ours:
+            self.verdicts.append(verdict(ours, row))
+        self.cells.append(row)
+        print(row_line(row), flush=True)
+
+    def room_for(self, system: str, params: int, args: argparse.Namespace) -> bool:
+        """MemAvailable covers the run (or --force); else the run is skipped, and says so."""
+        need = needed_bytes(system, params, args.clients, args.fedclients)
+        have = mem_available()
+        if need <= have or args.force:
+            return True
+        print(
+            f"{system} at P={params / 1e6:g}M skipped: needs about {need / 1e9:.1f} GB, "
+            f"MemAvailable {have / 1e9:.1f} GB (--force runs it anyway)",
+            flush=True,
+        )
+        entry = {"system": system, "params": params, "needed_bytes": need}
+        self.skipped.append({**entry, "available_bytes": have})
+        return False
+
+
 def run_size(
     params: int,
     args: argparse.Namespace,
     nvflare: tuple[Path, str] | None,
     work: Path,
-    floor_port: int,
-    floor_pid: int,
-    failures: list[dict[str, Any]],
-) -> list[dict[str, Any]]:
-    """fedgrpc at `params`, then NVFlare in each mode if it runs at this size; rows printed
-    as they come, NVFlare runs that failed twice added to `failures`."""
-    address = f"127.0.0.1:{floor_port}"
+    floor: Proc,
+    outcome: Outcome,
+) -> None:
+    """fedgrpc at `params`, then NVFlare in each mode if it runs at this size."""
+    if not outcome.room_for("fedgrpc", params, args):
+        return  # no floor without fedgrpc's run: NVFlare is not run alone either
+    address = f"127.0.0.1:{args.floor_port}"
     ours = fedgrpc_cell(
-        params, args.clients, args.fedclients, args.rounds, work, address, floor_pid, args.timeout
-    )
-    ours["loadavg_after"] = os.getloadavg()
-    rows = [ours]
+        params, args.clients, args.fedclients, args.rounds, work, address, floor.popen.pid,
+        args.timeout,
+    )  # fmt: skip
+    outcome.add(ours, args, params)
     for mode in args.nvflare_modes if nvflare and params in args.nvflare_params else []:
+        system = f"nvflare-{mode}"
+        if not outcome.room_for(system, params, args):
+            continue
         for attempt in (1, 2):  # its simulator sometimes loses a client at start-up, under load
             try:
                 cell = nvflare_cell(
@@ -240,34 +284,11 @@ def run_size(
                     args.nvflare_stall,
                 )  # fmt: skip
             except RuntimeError as e:
-                print(f"nvflare-{mode} attempt {attempt} failed: {str(e)[:2000]}", flush=True)
-                failures.append({"system": f"nvflare-{mode}", "params": params, "error": str(e)})
+                print(f"{system} attempt {attempt} failed: {str(e)[:2000]}", flush=True)
+                outcome.failures.append({"system": system, "params": params, "error": str(e)})
                 continue
-            cell["loadavg_after"] = os.getloadavg()
-            rows.append(cell)
+            outcome.add(cell, args, params)
             break
-    for row in rows:
-        row.update(clients=args.clients, params=params, rounds=args.rounds)
-        row["model_bytes"] = params * 4
-        # The same bytes move in every system: one floor, measured beside fedgrpc's run.
-        row["floor_seconds"] = ours["floor_seconds"]
-        row["ratio_to_floor"] = row["round_seconds"] / ours["floor_seconds"]
-        print(row_line(row), flush=True)
-    return rows
-
-
-def room_for(params: int, args: argparse.Namespace, nvflare_runs: bool) -> dict[str, Any] | None:
-    """None if MemAvailable covers the size's runs (or --force), else why it is skipped."""
-    need = needed_bytes(params, args.fedclients, args.clients if nvflare_runs else 0)
-    have = mem_available()
-    if need <= have or args.force:
-        return None
-    print(
-        f"P={params / 1e6:g}M skipped: needs about {need / 1e9:.1f} GB, MemAvailable "
-        f"{have / 1e9:.1f} GB (--force runs it anyway; fewer --fedclients need less)",
-        flush=True,
-    )
-    return {"params": params, "needed_bytes": need, "available_bytes": have}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -329,35 +350,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"warning: nvflare {nvflare[1]} (this benchmark was written for {NVFLARE_VERSION})")
     info = machine()
     print(f"load average {info['loadavg_at_start']}; nvflare {nvflare and nvflare[1]}", flush=True)
-    cells: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    verdicts: list[str] = []
-    failures: list[dict[str, Any]] = []
+    outcome = Outcome()
     with tempfile.TemporaryDirectory(prefix="fedgrpc-large-") as tmp:
         work = Path(tmp)
         if args.keep_logs:
             args.keep_logs.mkdir(parents=True, exist_ok=True)
             work = Path(tempfile.mkdtemp(prefix="run-", dir=args.keep_logs))
-        floor_port = free_port()
-        floor_proc = spawn("floor", ["-m", "bench.floor", "--port", str(floor_port)], work)
+        args.floor_port = free_port()
+        floor = spawn("floor", ["-m", "bench.floor", "--port", str(args.floor_port)], work)
         print(HEADER, flush=True)
         try:
             for params in args.params:
-                nvflare_runs = nvflare is not None and params in args.nvflare_params
-                if (skip := room_for(params, args, nvflare_runs)) is not None:
-                    skipped.append(skip)
-                    continue
-                rows = run_size(
-                    params, args, nvflare, work, floor_port, floor_proc.popen.pid, failures
-                )
-                verdicts += [verdict(rows[0], theirs) for theirs in rows[1:]]
-                cells.extend(rows)
+                run_size(params, args, nvflare, work, floor, outcome)
         finally:
-            floor_proc.kill()
-    for row in cells:
+            floor.kill()
+    for row in outcome.cells:
         if row["system"] == "fedgrpc":
             print(budget_line(row))
-    for line in verdicts:
+    for line in outcome.verdicts:
         print(line)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"large_model-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -365,14 +375,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": info,
         "command": ["python", "-m", "bench.large_model", *(argv or sys.argv[1:])],
         "nvflare_version": nvflare and nvflare[1],
-        "cells": cells,
-        "skipped": skipped,
-        "verdicts": verdicts,
-        "nvflare_failures": failures,
+        "cells": outcome.cells,
+        "skipped": outcome.skipped,
+        "verdicts": outcome.verdicts,
+        "nvflare_failures": outcome.failures,
     }
     out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")
-    return 1 if failures else 0
+    return 1 if outcome.failures else 0
 
 
 if __name__ == "__main__":
