@@ -93,7 +93,7 @@ def mem_available() -> int:
 
 def needed_bytes(system: str, params: int, clients: int, fedclients: int) -> int:
     """About what one run of `system` takes at this size (the runs go one after the other)."""
-    if system == "fedgrpc":
+    if system.startswith("fedgrpc"):
         models = COORDINATOR_MODELS + FEDCLIENT_MODELS * fedclients
     else:
         models = NVFLARE_SERVER_MODELS + NVFLARE_CLIENT_MODELS * clients
@@ -104,6 +104,11 @@ def wait_all(procs: Sequence[Proc], timeout: float) -> None:
     for p in procs:
         if p.wait(timeout) != 0:
             raise RuntimeError(f"{p.name} exited {p.popen.returncode}:\n{p.log()[-3000:]}")
+
+
+def fedgrpc_system(clients: int, fedclients: int) -> str:
+    """ "fedgrpc" with fedclients only; else how many of its clients were bench.client."""
+    return "fedgrpc" if fedclients >= clients else f"fedgrpc-{clients - fedclients}-bench"
 
 
 def fedgrpc_cell(
@@ -159,7 +164,7 @@ def fedgrpc_cell(
     model = params * 4
     client_peaks = [w.peak for w in client_watches]
     cell: dict[str, Any] = {
-        "system": "fedgrpc",
+        "system": fedgrpc_system(clients, fedclients),
         "round_seconds": statistics.median(durations[1:] or durations),
         "round_seconds_all": durations,
         "coordinator_peak_bytes": watch.peak,
@@ -209,7 +214,7 @@ def row_line(row: dict[str, Any]) -> str:
 def budget_line(row: dict[str, Any]) -> str:
     """fedgrpc's row against the issue's bounds."""
     ok = row["coordinator_peak_bytes"] <= row["coordinator_budget_bytes"]
-    line = f"P={row['params'] / 1e6:g}M fedgrpc: coordinator {'within' if ok else 'OVER'} "
+    line = f"P={row['params'] / 1e6:g}M {row['system']}: coordinator {'within' if ok else 'OVER'} "
     line += "2 x model + 200 MB, "
     if row["client_peak_bytes"] is not None:
         ok = row["client_peak_bytes"] <= row["client_budget_bytes"]
@@ -227,11 +232,12 @@ class Outcome:
     verdicts: list[str] = field(default_factory=list)
 
     def add(self, row: dict[str, Any], args: argparse.Namespace, params: int) -> None:
-        mine = (c for c in self.cells if c["params"] == params and c["system"] == "fedgrpc")
-        ours = next(mine, row)
+        """A fedgrpc row has its own floor; NVFlare's are judged against the size's first
+        fedgrpc row, with its floor (the same bytes move in every system)."""
+        mine = (c for c in self.cells if c["params"] == params and "fedclients" in c)
+        ours = row if "fedclients" in row else next(mine)
         row.update(clients=args.clients, params=params, rounds=args.rounds)
         row["model_bytes"] = params * 4
-        # The same bytes move in every system: one floor, measured beside fedgrpc's run.
         row["floor_seconds"] = ours["floor_seconds"]
         row["ratio_to_floor"] = row["round_seconds"] / ours["floor_seconds"]
         row["loadavg_after"] = os.getloadavg()
@@ -240,9 +246,11 @@ class Outcome:
         self.cells.append(row)
         print(row_line(row), flush=True)
 
-    def room_for(self, system: str, params: int, args: argparse.Namespace) -> bool:
+    def room_for(
+        self, system: str, params: int, args: argparse.Namespace, fedclients: int = 0
+    ) -> bool:
         """MemAvailable covers the run (or --force); else the run is skipped, and says so."""
-        need = needed_bytes(system, params, args.clients, args.fedclients)
+        need = needed_bytes(system, params, args.clients, fedclients)
         have = mem_available()
         if need <= have or args.force:
             return True
@@ -264,15 +272,19 @@ def run_size(
     floor: Proc,
     outcome: Outcome,
 ) -> None:
-    """fedgrpc at `params`, then NVFlare in each mode if it runs at this size."""
-    if not outcome.room_for("fedgrpc", params, args):
-        return  # no floor without fedgrpc's run: NVFlare is not run alone either
+    """fedgrpc at `params` (once per --fedclients value), then NVFlare in each mode if it
+    runs at this size."""
     address = f"127.0.0.1:{args.floor_port}"
-    ours = fedgrpc_cell(
-        params, args.clients, args.fedclients, args.rounds, work, address, floor.popen.pid,
-        args.timeout,
-    )  # fmt: skip
-    outcome.add(ours, args, params)
+    for fedclients in args.fedclients:
+        system = fedgrpc_system(args.clients, fedclients)
+        if outcome.room_for(system, params, args, fedclients):
+            ours = fedgrpc_cell(
+                params, args.clients, fedclients, args.rounds, work, address, floor.popen.pid,
+                args.timeout,
+            )  # fmt: skip
+            outcome.add(ours, args, params)
+    if not any(c["params"] == params for c in outcome.cells):
+        return  # no floor without a fedgrpc run: NVFlare is not run alone either
     for mode in args.nvflare_modes if nvflare and params in args.nvflare_params else []:
         system = f"nvflare-{mode}"
         if not outcome.room_for(system, params, args):
@@ -300,8 +312,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fedclients",
         type=int,
+        nargs="+",
         help="how many of the clients are `fedclient run` with the no-train torch Task (all); "
-        "the others are bench.client (the protocol without torch, O(chunk) memory)",
+        "the others are bench.client (the protocol without torch, O(chunk) memory). Several "
+        "values: one fedgrpc run each; NVFlare is compared with the first",
     )
     parser.add_argument(
         "--nvflare-params",
@@ -336,8 +350,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.nvflare_stall = args.nvflare_stall or 60.0
     args.nvflare_stall = args.nvflare_stall or 300.0
     args.timeout = args.timeout or CELL_TIMEOUT
-    if args.fedclients is None or args.fedclients > args.clients:
-        args.fedclients = args.clients
+    args.fedclients = [min(k, args.clients) for k in args.fedclients or [args.clients]]
     return args
 
 
@@ -365,7 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             floor.kill()
     for row in outcome.cells:
-        if row["system"] == "fedgrpc":
+        if "fedclients" in row:
             print(budget_line(row))
     for line in outcome.verdicts:
         print(line)

@@ -52,11 +52,12 @@ def check_cell(cell: dict[str, Any], system: str, measured_clients: int = QUICK[
 
 @pytest.mark.timeout(240)
 def test_quick_without_nvflare_runs_fedgrpc_and_says_how_to_install_it(tmp_path: Path) -> None:
-    """One fedclient with the no-train Task beside one bench.client: both kinds of client."""
+    """Two fedclients with the no-train Task, then one of them beside one bench.client."""
     out = run_module(
         "bench.large_model",
         "--quick",
         "--fedclients",
+        "2",
         "1",
         "--out",
         str(tmp_path),
@@ -69,11 +70,14 @@ def test_quick_without_nvflare_runs_fedgrpc_and_says_how_to_install_it(tmp_path:
     assert "ratio" in out.stdout
     data = only_result(tmp_path)
     assert data["nvflare_version"] is None and data["skipped"] == [] and data["verdicts"] == []
-    (cell,) = data["cells"]
-    check_cell(cell, "fedgrpc", measured_clients=1)
-    assert FEDGRPC_KEYS <= cell.keys() and cell["fedclients"] == 1
-    # The floor moves the same bytes: N models down, N deltas up, N deltas added.
-    assert cell["down_seconds"] > 0 and cell["up_seconds"] > 0
+    both, mixed = data["cells"]
+    check_cell(both, "fedgrpc")
+    check_cell(mixed, "fedgrpc-1-bench", measured_clients=1)
+    assert (both["fedclients"], mixed["fedclients"]) == (2, 1)
+    for cell in (both, mixed):
+        assert FEDGRPC_KEYS <= cell.keys()
+        # Each run has its floor for the same bytes: N models down, N deltas up, N added.
+        assert cell["down_seconds"] > 0 and cell["up_seconds"] > 0
 
 
 @pytest.mark.timeout(60)
