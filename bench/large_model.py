@@ -165,6 +165,9 @@ def fedgrpc_cell(
     client_peaks = [w.peak for w in client_watches]
     cell: dict[str, Any] = {
         "system": fedgrpc_system(clients, fedclients),
+        # utime + stime over each process's life, start-up included (torch's import, too)
+        "coordinator_cpu_seconds_total": sum(watch.cpu.values()),
+        "client_cpu_seconds_total": [sum(w.cpu.values()) for w in client_watches],
         "round_seconds": statistics.median(durations[1:] or durations),
         "round_seconds_all": durations,
         "coordinator_peak_bytes": watch.peak,

@@ -144,7 +144,10 @@ def nvflare_cell(
     server = {k: v for k, v in processes.items() if k.startswith("nvflare.private.fed.app.sim")}
     workers = [v for k, v in server.items() if "simulator_worker" in k]
     server = {k: v for k, v in server.items() if "simulator_worker" not in k}
+    cpu = {f"{watch.names.get(pid, '?')}[{pid}]": t for pid, t in watch.cpu.items()}
     return {
+        "coordinator_cpu_seconds_total": sum(cpu[k] for k in server),
+        "client_cpu_seconds_total": [cpu[k] for k in cpu if "simulator_worker" in k],
         "system": f"nvflare-{mode}",
         "round_seconds": statistics.median(seconds[1:] or seconds),
         "round_seconds_all": seconds,
