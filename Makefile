@@ -78,8 +78,8 @@ $(NVFLARE_STAMP): bench/nvflare-constraints.txt
 
 nvflare-venv: $(NVFLARE_STAMP) ## NVIDIA FLARE 2.9 in .venv-nvflare (benchmarks only; not in make test)
 
-bench-large: install nvflare-venv ## 3 clients x 3 rounds at 600M and 100M params, NVFlare at 100M
-	$(PY) -m bench.large_model
+bench-large: install nvflare-venv ## 3 clients x 3 rounds at 600M/100M params (fedclient, then bench.client), NVFlare at 100M
+	$(PY) -m bench.large_model --fedclients 3 0
 
 demo-multihost: install ## coordinator + 3 clients, each in its own network namespace, mTLS (root)
 	$(PY) -m examples.multihost

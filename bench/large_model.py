@@ -26,7 +26,7 @@ runs alone and the install command is printed. Before each size the bench checks
 MemAvailable covers an estimate of what the run needs, and skips the size if not (--force runs
 it anyway). The machine is shared: only ratios measured in the same run mean anything.
 
-    make bench-large                                   # 600 M and 100 M, NVFlare at 100 M
+    make bench-large                  # --fedclients 3 0: 600 M and 100 M, NVFlare at 100 M
     python -m bench.large_model --params 100000000     # one size
     python -m bench.large_model --quick                # smoke run: N=2, P=2M, 2 rounds
 """

@@ -1,9 +1,9 @@
 """NVIDIA FLARE's side of bench.large_model: its simulator on the same no-train workload.
 
 bench/nvflare_app/job.py runs NumpyFedAvgRecipe in SimEnv from NVFlare's own venv
-(.venv-nvflare, `make nvflare-venv`: nvflare 2.9 pins nothing that conflicts with fedgrpc
-today, but a venv of its own keeps its 40-odd dependencies out of fedgrpc's). This module
-starts it, follows its processes' memory through /proc and reads its rounds off its log.
+(.venv-nvflare, `make nvflare-venv`: pip resolves other grpcio and cryptography versions for it
+than fedgrpc pins, and a Flask/SQLAlchemy/aiohttp stack). This module starts it, follows its
+processes' memory through /proc and reads its rounds off its log.
 """
 
 from __future__ import annotations
