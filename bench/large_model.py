@@ -9,7 +9,9 @@ bytes measured in the same run (bench/floor.py: bare gRPC moving N models down a
 plus numpy adding N deltas), their ratio, the coordinator's peak RSS and the largest client's
 (VmHWM through /proc, every process each one starts included: bench/proctree.py), each against
 the model's size and the issue's bounds (coordinator <= 2 x model + 200 MB, client <= 2 x model
-+ 300 MB).
++ 300 MB). Each --fedclients K is one fedgrpc run in which only K of the N clients are fedclients
+and the others bench.client (the protocol without torch, O(chunk) memory): `--fedclients 3 0`
+measures the whole system, then the coordinator's path alone.
 
 At the sizes in --nvflare-params (default 100 M) NVFlare 2.9's simulator runs the same workload
 right after: NumpyFedAvgRecipe with one float32 array of P values in SimEnv with N clients,
@@ -22,8 +24,8 @@ hosts the server and starts the clients); the clients are the `simulator_worker`
 bench's driver script (job.py, which only builds the recipe) counts for neither.
 
 NVFlare lives in its own venv (.venv-nvflare, `make nvflare-venv`). Without it the fedgrpc side
-runs alone and the install command is printed. Before each size the bench checks that
-MemAvailable covers an estimate of what the run needs, and skips the size if not (--force runs
+runs alone and the install command is printed. Before each run the bench checks that
+MemAvailable covers an estimate of what the run needs, and skips the run if not (--force runs
 it anyway). The machine is shared: only ratios measured in the same run mean anything.
 
     make bench-large                  # --fedclients 3 0: 600 M and 100 M, NVFlare at 100 M
