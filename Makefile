@@ -8,10 +8,13 @@ STAMP  := $(VENV)/.installed
 # rich < 15, and fedgrpc pins protobuf 7.36 and rich 15 (constraints.txt).
 FLOWER_VENV  := .venv-flower
 FLOWER_STAMP := $(FLOWER_VENV)/.installed
+# NVIDIA FLARE 2.9 for bench/large_model.py, in its own venv too (bench/nvflare-constraints.txt).
+NVFLARE_VENV  := .venv-nvflare
+NVFLARE_STAMP := $(NVFLARE_VENV)/.installed
 PROTO_SRC := protos/fedgrpc/v1/coordinator.proto
 
 .PHONY: install demo demo-async demo-multihost test test-fast lint format proto bench \
-	bench-flower flower-venv docker-demo docker-e2e clean help
+	bench-flower flower-venv bench-large nvflare-venv docker-demo docker-e2e clean help
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -66,6 +69,18 @@ flower-venv: $(FLOWER_STAMP) ## Flower 1.41 + its Ray simulation in .venv-flower
 bench-flower: install flower-venv ## fedgrpc vs Flower 1.41 at N=8, P=10M (see docs/performance.md)
 	$(PY) -m bench.compare_flower
 
+$(NVFLARE_STAMP): bench/nvflare-constraints.txt
+	rm -rf $(NVFLARE_VENV)
+	$(PYTHON) -m venv $(NVFLARE_VENV)
+	$(NVFLARE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NVFLARE_VENV)/bin/python -m pip install --quiet -c bench/nvflare-constraints.txt nvflare psutil
+	touch $(NVFLARE_STAMP)
+
+nvflare-venv: $(NVFLARE_STAMP) ## NVIDIA FLARE 2.9 in .venv-nvflare (benchmarks only; not in make test)
+
+bench-large: install nvflare-venv ## 3 clients x 3 rounds at 600M/100M params (fedclient, then bench.client), NVFlare at 100M
+	$(PY) -m bench.large_model --fedclients 3 0
+
 demo-multihost: install ## coordinator + 3 clients, each in its own network namespace, mTLS (root)
 	$(PY) -m examples.multihost
 
@@ -92,4 +107,4 @@ docker-e2e: install ## docker-compose.yml under real Docker: certs, mTLS, 20 rou
 	  $(PY) -m pytest -m docker -s tests/test_docker_e2e.py
 
 clean:
-	rm -rf $(VENV) $(FLOWER_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(FLOWER_VENV) $(NVFLARE_VENV) build *.egg-info .pytest_cache

@@ -39,10 +39,15 @@ class TreeWatch:
     at one tick (a lower bound on the tree's true peak: it can fall between ticks). CPU time
     (utime + stime, as ProcWatch reads it) is summed over the tree and sampled with the wall
     clock, so the CPU of given rounds can be read off afterwards (`cpu_between`).
+
+    With `count_forks`, a child that runs its parent's command line is counted too: NVFlare's
+    simulator forks (multiprocessing, no exec) the process that hosts its server. Such a
+    child's VmHWM includes the pages it shares with its parent at the fork.
     """
 
-    def __init__(self, pid: int, interval: float = 0.01) -> None:
+    def __init__(self, pid: int, interval: float = 0.01, count_forks: bool = False) -> None:
         self.root = pid
+        self.count_forks = count_forks
         self.hwm: dict[int, int] = {}
         self.names: dict[int, str] = {}
         self.cmdlines: dict[int, bytes] = {}
@@ -77,7 +82,9 @@ class TreeWatch:
                 memory[pid] = (hwm, rss)
         rss_sum = 0
         for pid, parent in tree:
-            if pid not in memory or cmdlines[pid] == cmdlines.get(parent):
+            if pid not in memory or (
+                not self.count_forks and cmdlines[pid] == cmdlines.get(parent)
+            ):
                 # A child forked to exec something else (a ServerApp, `uname`) carries its
                 # parent's address space, copy-on-write, and VmHWM until the exec: not memory
                 # of its own, and counting it would add the parent's peak a second time.
