@@ -4,8 +4,8 @@ for each encoding and for a partial update, and the accuracy reached.
 For each setting it runs a real coordinator and N real `fedclient` processes (IID digits as
 12x12 images, examples/resnet_digits.py; the task's defaults: 1 local epoch, batch 32, lr 0.02)
 for a few rounds and reports: the median round time (opened to committed, over every round; each
-includes pulling the 45 MB model), the bytes one update took on the wire (the coordinator's
-`bytes_in` per round over the participants) beside what the encoding's manifest says, the
+includes pulling the 45 MB model), the payload bytes of one update as the coordinator counted
+them (`bytes_in` per round over the participants) beside what the encoding's manifest says, the
 coordinator's held-out accuracy after the last round, its peak RSS and its CPU seconds per
 round. The partial setting trains and sends only the tensors `--partial` names
 (`fedserver run --train-tensors`), the rest of the model frozen for the round.
@@ -103,7 +103,7 @@ def run_setting(s: Setting, task: str, rounds: int, clients: int, work: Path) ->
         "rounds": status["rounds_completed"],
         "round_seconds": statistics.median(r["duration_seconds"] for r in done),
         "round_seconds_each": [r["duration_seconds"] for r in done],
-        "update_bytes_wire": round(statistics.mean(per_update)) if per_update else None,
+        "update_bytes_received": round(statistics.mean(per_update)) if per_update else None,
         "update_bytes_payload": expected,
         "vs_fp32": expected / fp32,
         "accuracy": done[-1]["metrics"]["accuracy"],
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             rows.append(row)
             print(
-                f"{name:>10} {row['round_seconds']:>8.1f} {row['update_bytes_wire']:>13,} "
+                f"{name:>10} {row['round_seconds']:>8.1f} {row['update_bytes_received']:>13,} "
                 f"{row['vs_fp32']:>8.3f} {row['accuracy']:>9.4f} "
                 f"{row['coordinator_peak_rss'] / 1e6:>9.0f} "
                 f"{row['coordinator_cpu_per_round']:>12.2f}",
