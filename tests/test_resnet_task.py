@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from examples.digits import task as digits
 from examples.resnet_digits import ResNetDigitsTask, task
 from fedclient.partition import Partition
 from fedclient.task import TrainConfig
+from fedcore.device import configure
 from fedcore.selection import Selection
 from fedserver.state.history import read_status
 from tests.procs import Proc, free_port, run_module, start_clients, start_serving, wait_finished
@@ -82,6 +84,21 @@ def test_a_narrow_resnet_learns_a_small_slice_deterministically() -> None:
     assert scores["accuracy"] >= 0.4, scores  # chance is 0.1
     again = run()
     assert again[0] == losses and torch.equal(again[2], weights)  # same seeds, same bytes
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_resnet_trains_under_the_placement_it_is_given() -> None:
+    """--device/--precision reach the model through the Task's default loops: bf16 autocast
+    on the CPU here (a GPU machine runs the same code on cuda)."""
+    narrow = ResNetDigitsTask(side=8, widths=(16, 32, 32, 64), max_train=32)
+    configure(narrow, "cpu", "bf16")
+    data = narrow.load_partition(Partition(0, 3))
+    torch.manual_seed(0)
+    model = narrow.build_model()
+    result = narrow.train(model, data.train, TrainConfig(lr=0.05, batch_size=16))
+    assert result.num_examples == 32 and math.isfinite(result.metrics["train_loss"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not a cast
+    assert next(model.parameters()).device == narrow.device == torch.device("cpu")
 
 
 @pytest.mark.integration
