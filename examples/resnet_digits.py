@@ -16,7 +16,7 @@ statistics are each client's own data statistics, which averaging blends wrongly
 splits (Hsieh et al. 2020, "The Non-IID Data Quagmire"), and GroupNorm keeps every state tensor
 a trained weight.
 
-CPU cost: 12x12 inputs keep a forward + backward pass at about 0.25 GFLOP per image, so a round
+CPU cost: 12x12 inputs keep a forward + backward pass at ~0.24 G multiply-adds per image, so a round
 (one local epoch on a third of the pool: ~430 images, 14 batches of 32) takes tens of seconds
 with 3 clients on 2 cores, not minutes (docs/performance.md, "A ResNet on CPU"; `max_train`
 caps it further). `--device cuda` and `--precision bf16` apply through
