@@ -14,7 +14,6 @@ from types import FrameType
 import grpc
 
 from fedclient.check import check_task
-from fedclient.device import configure
 from fedclient.diagnose import TaskMistake
 from fedclient.flags import add_data_flags, add_device_flags
 from fedclient.partition import Partition
@@ -23,6 +22,7 @@ from fedclient.session import ClientSession
 from fedclient.settings import ClientSettings
 from fedcore.codecs import get_codec
 from fedcore.config import CliParser, parse_layered, quiet_broken_pipe
+from fedcore.device import configure
 from fedcore.he import HEError
 from fedcore.logs import add_log_flags, setup_logging
 from fedcore.plugins import load_object

@@ -31,7 +31,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def add_device_flags(parser: argparse.ArgumentParser) -> None:
-    """Where and at what precision local training and evaluation run (fedclient/device.py)."""
+    """Where and at what precision local training and evaluation run (fedcore/device.py)."""
     parser.add_argument(
         "--device",
         default="auto",

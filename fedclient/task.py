@@ -17,9 +17,9 @@ from types import MappingProxyType
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from fedclient.device import Placement
 from fedclient.metrics import MetricSums, align, default_loss
 from fedclient.partition import Partition
+from fedcore.device import Placement
 from fedcore.tensors import FlatModel, flatten_state_dict
 
 __all__ = ["LocalData", "Task", "TrainConfig", "TrainResult"]
@@ -117,7 +117,7 @@ class Task(abc.ABC):
     # --personal-tensors overrides it.
     personal_tensors: str = ""
     # Where and at what precision the loops run: `fedclient run --device/--precision` set it
-    # (fedclient/device.configure). Tasks that override train/evaluate read it too.
+    # (fedcore/device.configure). Tasks that override train/evaluate read it too.
     placement: Placement = Placement(torch.device("cpu"))
 
     @property

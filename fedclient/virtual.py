@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from fedclient.device import configure
 from fedclient.partition import Partition
 from fedclient.protocols.handlers import RoundHandler
 from fedclient.task import LocalData, Task
 from fedclient.update import prepare_update
 from fedcore.codecs import ErrorFeedback
+from fedcore.device import configure
 from fedcore.plugins import load_object
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import FlatModel, to_state_dict

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from examples.digits import DigitsTask
-from fedclient.device import Placement, configure, resolve_device
 from fedclient.partition import Partition
 from fedclient.task import TrainConfig
+from fedcore.device import Placement, configure, resolve_device
 from fedserver.state.history import read_status
 from tests.procs import Proc, free_port, run_module, start_clients, start_serving, wait_finished
 
@@ -91,7 +91,9 @@ def test_fedclient_run_device_cuda_without_cuda_exits_2() -> None:
 def test_federation_trains_at_bf16_on_cpu(tmp_path: Path, procs: list[Proc]) -> None:
     port = free_port()
     state, logs = tmp_path / "state", tmp_path / "logs"
-    server = start_serving(procs, logs, port, state, "--rounds", "3", "--min-clients", "2")
+    # The coordinator evaluates on `auto` (this machine's CUDA device where it has one).
+    flags = ("--rounds", "3", "--min-clients", "2", "--device", "auto")
+    server = start_serving(procs, logs, port, state, *flags)
     clients = start_clients(procs, logs, port, 2, "--device", "cpu", "--precision", "bf16")
     wait_finished(server, clients, 200)
     status = read_status(state)
@@ -136,3 +138,51 @@ def test_simulate_gives_virtual_clients_the_device_its_resources_grant(tmp_path:
         assert clients.task.placement == Placement(torch.device("cpu"), "bf16")
     finally:  # the module-level task is shared with the other tests of this process
         configure(clients.task, "cpu", "fp32")
+
+
+def test_fedserver_run_device_sets_where_the_held_out_evaluation_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedcore.config import parse_layered
+    from fedserver.cli import build_parser
+    from fedserver.commands.run import server_settings
+    from fedserver.coordinator.central_eval import Evaluator, placement_for
+
+    argv = ["run", "--task", "examples.digits:task"]
+    assert server_settings(parse_layered(build_parser(), argv, "server")).device == "cpu"
+    monkeypatch.setenv("FEDGRPC_DEVICE", "auto")
+    assert server_settings(parse_layered(build_parser(), argv, "server")).device == "auto"
+    assert placement_for("cpu") is None  # the task's own (CPU) placement, no torch needed
+    assert placement_for("auto") == Placement(resolve_device("auto"))
+    task = DigitsTask()
+    evaluator = Evaluator(task, placement_for("auto"))
+    assert task.placement == Placement(resolve_device("auto"))
+    scores = evaluator(task.initial_model(0))
+    assert set(scores) == {"loss", "accuracy"} and 0 <= scores["accuracy"] <= 1
+
+
+@no_cuda
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_fedserver_run_device_cuda_without_cuda_exits_2(tmp_path: Path, device: str) -> None:
+    state = tmp_path / "state"
+    out = run_module(
+        "fedserver.cli",
+        *("run", "--task", "examples.digits:task", "--state-dir", str(state)),
+        *("--port", str(free_port()), "--device", device),
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"--device {device}: CUDA is not available on this machine" in out.stderr
+    assert "use --device cpu or auto" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not state.exists()  # refused before the state dir was made
+
+
+def test_simulate_keeps_device_for_its_clients_and_evaluates_on_the_cpu(tmp_path: Path) -> None:
+    from fedserver.cli import build_parser
+    from fedserver.simulation.cli import sim_settings
+
+    base = ["simulate", "--task", "examples.digits:task", "--state-dir", str(tmp_path)]
+    args = build_parser().parse_args([*base, "--clients", "2", "--client-resources", "gpus=1"])
+    s = sim_settings(args)
+    assert (s.device, s.server.device) == ("auto", "cpu")

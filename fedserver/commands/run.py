@@ -150,6 +150,13 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         "--seed", type=int, default=0, help="seed for the initial model and sampling (0)"
     )
     run.add_argument(
+        "--device",
+        default="cpu",
+        metavar="DEVICE",
+        help="where the coordinator evaluates the global model on the task's held-out data: "
+        "cpu, auto (CUDA when available, else MPS, else CPU), cuda, cuda:N or mps (cpu)",
+    )
+    run.add_argument(
         "--linger",
         type=float,
         default=15.0,
@@ -307,6 +314,7 @@ def server_settings(args: argparse.Namespace) -> CoordinatorSettings:
         strategy_params=strategy_params(args),
         eval_policy=EvalPolicy(args.eval_every, args.fraction_evaluate),
         seed=args.seed,
+        device=args.device,
         max_update_bytes=args.max_update_bytes,
         dp=dp,
         secure=args.secure,

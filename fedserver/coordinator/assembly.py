@@ -14,7 +14,7 @@ from fedcore.privacy import DPConfig
 from fedcore.sealed import StateCipher
 from fedcore.selection import check_spec
 from fedcore.tensors import ManifestError
-from fedserver.coordinator.central_eval import Evaluator, initial_model
+from fedserver.coordinator.central_eval import Evaluator, initial_model, placement_for
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.publishing import PROTOCOL_STATE
@@ -46,6 +46,7 @@ class CoordinatorSettings:
     strategy_params: dict[str, float | str] = field(default_factory=dict)
     eval_policy: EvalPolicy = field(default_factory=EvalPolicy)
     seed: int = 0
+    device: str = "cpu"  # --device: where the task's held-out evaluation runs (central_eval.py)
     max_update_bytes: int = 4 << 30
     dp: DPConfig | None = None
     secure: str = "none"  # "none" | "secagg" | "he"
@@ -129,6 +130,10 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
     except ValueError as e:
         raise SetupError(str(e)) from None
     strategy = build_strategy(s.strategy, **s.strategy_params)  # bad flags: before any disk
+    try:
+        placement = placement_for(s.device)  # an unavailable device: before any disk too
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     if why := s.mode.refuse(s.secure, strategy):
         raise SetupError(why)
     if why := scaffold_refusal(s):
@@ -211,7 +216,7 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
         getattr(suggested, "lr", None),
         getattr(suggested, "batch_size", None),
     )
-    evaluator = Evaluator(task)
+    evaluator = Evaluator(task, placement)
     if s.secure == "he":
         check_he_settings(s)
     coordinator = Coordinator(

@@ -39,6 +39,9 @@ NETWORK_ONLY = frozenset(
     }
 )
 NETWORK_GROUPS = frozenset({"security"})  # --tls-*
+# `fedserver run` flags whose names the virtual clients' own flags take (`--device` is where
+# they train); the coordinator's held-out evaluation in a simulation runs on the CPU.
+CLIENT_NAMED = frozenset({"device"})
 SIM_STATE_DIR = Path("sim-state")
 
 EPILOG = """\
@@ -126,8 +129,12 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     add_device_flags(clients)
     run = _run_parser()
     left_out = _copy_actions(
-        run, sim, lambda a, t: a.dest not in NETWORK_ONLY and t not in NETWORK_GROUPS
+        run,
+        sim,
+        lambda a, t: a.dest not in NETWORK_ONLY | CLIENT_NAMED and t not in NETWORK_GROUPS,
     )
+    for dest in CLIENT_NAMED:  # their defaults are the clients' flags', not run's
+        left_out.pop(dest, None)
     # A folder of its own: `simulate` in the folder of a deployment must not resume its ./state.
     state_dir = next(a for a in sim._actions if a.dest == "state_dir")
     state_dir.default = SIM_STATE_DIR
@@ -166,7 +173,7 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
     cpus, gpus = parse_resources(args.client_resources)
     device = "cpu" if args.device == "auto" and gpus == 0 else args.device
     if args.ray_address is None:  # local workers see this machine's devices: check them now
-        from fedclient.device import resolve_device
+        from fedcore.device import resolve_device
 
         resolve_device(device)
     server = run_cli.server_settings(args)
@@ -175,7 +182,7 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
             "every virtual client trains every round (see --clients-per-round)"
         )
     return SimSettings(
-        server=replace(server, serve_finished=False),
+        server=replace(server, serve_finished=False, device="cpu"),
         clients=args.clients,
         partitioner=args.partitioner,
         alpha=args.alpha,

@@ -1,4 +1,9 @@
-"""Where and at what precision a client trains: `--device` and `--precision`, resolved.
+"""Where and at what precision a Task's loops run: `--device` and `--precision`, resolved.
+
+Shared by `fedclient run --device/--precision` (training and evaluation on a client) and
+`fedserver run --device` (the coordinator's held-out evaluation, fedserver/coordinator/
+central_eval.py), hence in fedcore: fedserver may not import fedclient. torch is imported only
+when a device is resolved, never by importing this module.
 
 `auto` picks CUDA when this torch sees a CUDA device, else Apple's MPS, else the CPU. Whatever
 the device, the update leaves the client as CPU-side float32 (fedclient/local_update.py): a
