@@ -1,8 +1,9 @@
-"""`fedserver simulate`: virtual clients on a local Ray instance against the real coordinator.
+"""`fedserver simulate`: virtual clients against the real coordinator, on the embedded engine
+(the default) and on a local Ray instance (--engine ray).
 
-Every run is a real `fedserver simulate` process with its own small Ray instance (2 workers at
-most, 80 MiB object store, no dashboard) in a short temp dir of its own, so a test can check
-that no Ray process outlives it.
+Every run is a real `fedserver simulate` process; a Ray one has its own small Ray instance (2
+workers at most, 80 MiB object store, no dashboard) in a short temp dir of its own, so a test
+can check that no Ray process outlives it (the Ray flags are ignored by the embedded engine).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def test_simulate_takes_runs_own_flag_definitions() -> None:
     for flag in ("--port", "--host", "--tls-cert", "--tokens", "--secure", "--linger"):
         assert flag in run_flags and flag not in sim_flags, flag
     for flag in ("--clients", "--ray-address", "--client-resources", "--partitioner",
-                 "--alpha", "--encoding", "--workers"):  # fmt: skip
+                 "--alpha", "--encoding", "--workers", "--engine"):  # fmt: skip
         assert flag in sim_flags, flag
 
 
@@ -168,17 +169,38 @@ def test_digits_simulation_matches_fedclient_processes(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_same_seed_same_model_on_one_and_two_workers(tmp_path: Path, ray_dir: Path) -> None:
-    """The task also draws from numpy's and random's global generators while training: they
-    are seeded per (seed, client, round) like torch's, not left to each worker's history."""
-    models = []
-    for workers in ("1", "2"):
-        state = tmp_path / f"w{workers}"
+@pytest.mark.timeout(400)
+def test_same_seed_same_model_on_every_engine_and_worker_count(
+    tmp_path: Path, ray_dir: Path
+) -> None:
+    """Embedded in-process, 1 and 2 worker processes, and Ray: the same model bytes. The task
+    also draws from numpy's and random's global generators while training: they are seeded per
+    (seed, client, round) like torch's, not left to each worker's history."""
+    models = {}
+    for name, flags in {
+        "embedded-0": ("--workers", "0"),
+        "embedded-1": ("--workers", "1"),
+        "embedded-2": ("--workers", "2"),
+        "ray-2": ("--workers", "2", "--engine", "ray"),
+    }.items():
+        state = tmp_path / name
         args = ("--clients", "10", "--clients-per-round", "5", "--rounds", "2", "--seed", "3")
-        _simulate(state, ray_dir, "tests.sim_tasks:noisy", *args, "--workers", workers)
-        models.append((state / "model.safetensors").read_bytes())
-    assert models[0] == models[1]
+        _simulate(state, ray_dir, "tests.sim_tasks:noisy", *args, *flags)
+        models[name] = (state / "model.safetensors").read_bytes()
+    assert len(set(models.values())) == 1, {k: hash(v) for k, v in models.items()}
+
+
+def test_ray_only_flags_are_refused_with_the_embedded_engine(tmp_path: Path) -> None:
+    for flags, message in (
+        (("--ray-address", "auto", "--engine", "embedded"), "--ray-address names a Ray cluster"),
+        (("--client-resources", "gpus=1"), "gpus=... is Ray's"),
+        (("--workers", "0", "--engine", "ray"), "--workers 0 (in-process) is the embedded"),
+    ):
+        out = fedserver("simulate", "--task", DIGITS, "--clients", "2",
+                        "--state-dir", str(tmp_path / "s"), *flags)  # fmt: skip
+        assert out.returncode == 2, (flags, out.stderr[-2000:])
+        assert message in out.stderr, (flags, out.stderr[-2000:])
+        assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow

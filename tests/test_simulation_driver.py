@@ -22,6 +22,7 @@ from fedserver.coordinator.assembly import SetupError, build_coordinator
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.simulation.cli import sim_settings
 from fedserver.simulation.driver import SimSettings, _run, check_settings
+from fedserver.simulation.embedded import EmbeddedPool
 from fedserver.simulation.inprocess import InProcessTransport
 from tests.sim_tasks import FAIL_EVALUATE, FAIL_TRAIN
 
@@ -64,13 +65,19 @@ def _spec(s: SimSettings) -> VirtualSpec:
     return VirtualSpec(s.server.task, s.clients, s.partitioner, s.alpha, s.server.seed)
 
 
-async def _simulate(s: SimSettings) -> Coordinator:
+async def _simulate(s: SimSettings, workers: int | None = None) -> Coordinator:
+    """The driver loop on InlinePool, or with `workers` on the embedded engine's processes."""
     check_settings(s)
     coordinator = build_coordinator(s.server)
+    pool: Any = InlinePool(_spec(s))
     try:
+        if workers is not None:
+            pool = await EmbeddedPool.start(_spec(s), workers)
         ids = [client_id(i) for i in range(s.clients)]
-        await _run(InProcessTransport(coordinator), InlinePool(_spec(s)), ids, asyncio.Event())
+        await _run(InProcessTransport(coordinator), pool, ids, asyncio.Event())
     finally:
+        if workers is not None and isinstance(pool, EmbeddedPool):
+            await pool.close()
         coordinator.store.close()
     return coordinator
 
@@ -114,6 +121,26 @@ def test_failed_client_below_quorum_reopens_then_gives_up_at_once(tmp_path: Path
     coordinator = asyncio.run(_simulate(s))
     assert "round 1 reached no quorum in 2 attempts (2 of 3 updates)" in coordinator.failure
     assert coordinator.machine.rounds_completed == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_lost_embedded_worker_fails_its_batch_not_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Client 1's training kills its worker process (os._exit) every round: that batch's
+    client fails at once (no --round-timeout), a fresh worker serves the next batch, and both
+    rounds close on the other 3 updates."""
+    s = _settings(
+        tmp_path / "state",
+        "tests.sim_tasks:crashing",
+        *("--clients", "4", "--clients-per-round", "4", "--min-clients", "2"),
+        *("--rounds", "2", "--round-timeout", NEVER),
+    )
+    coordinator = asyncio.run(_simulate(s, workers=1))
+    assert not coordinator.failure
+    assert coordinator.machine.rounds_completed == 2
+    assert "embedded worker 0 exited (code 3)" in caplog.text
+    assert f"virtual client {client_id(FAIL_TRAIN)} failed: embedded worker 0" in caplog.text
 
 
 # ---------------------------------------------------------------- determinism

@@ -1,4 +1,5 @@
-"""The simulation loop: the real coordinator, its round machine deciding; Ray workers training.
+"""The simulation loop: the real coordinator, its round machine deciding; an engine's workers
+(embedded.py: local processes or this one; workers.py: Ray) training.
 
 Each round: every virtual client is marked live (a dict entry each), the round machine opens
 the round and selects K of them exactly as it would select processes, the K selected run on
@@ -15,14 +16,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import signal
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from fedclient.partition import Partition
 from fedclient.virtual import VirtualSpec, client_id, client_index
 from fedcore.plugins import load_object
+from fedcore.tensors import FlatModel
 from fedserver.coordinator.assembly import (
     EXIT_FAILED,
     EXIT_OK,
@@ -33,9 +37,6 @@ from fedserver.coordinator.assembly import (
 from fedserver.coordinator.progress import show_progress
 from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
-
-if TYPE_CHECKING:
-    from fedserver.simulation.workers import WorkerPool
 
 log = logging.getLogger("fedserver")
 
@@ -55,12 +56,26 @@ class SimSettings:
     precision: str = "fp32"
     ray: RaySettings = field(default_factory=RaySettings)
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
+    engine: str = "embedded"  # or "ray" (settings.ENGINES)
+
+
+class Pool(Protocol):
+    """Where virtual clients run (embedded.py, workers.py): one awaitable per batch of the ids
+    given, each yielding Fitted / Evaluated in the order of its ids."""
+
+    def fit_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str]
+    ) -> Sequence[Awaitable[list[Any]]]: ...
+
+    def evaluate_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str]
+    ) -> Sequence[Awaitable[list[Any]]]: ...
+
+    async def close(self) -> None: ...
 
 
 async def simulate(s: SimSettings) -> int:
     """Run the simulation to the end (or a signal); the exit code `fedserver run` would give."""
-    from fedserver.simulation import workers  # imports ray
-
     check_settings(s)
     try:
         coordinator = build_coordinator(s.server)
@@ -73,11 +88,8 @@ async def simulate(s: SimSettings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
+    ray_started = False
     try:
-        try:
-            workers.start_ray(s.ray)
-        except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
-            raise SetupError(f"cannot start or reach Ray: {e}") from None
         spec = VirtualSpec(
             s.server.task,
             s.clients,
@@ -87,14 +99,16 @@ async def simulate(s: SimSettings) -> int:
             s.encoding,
             device=s.device,
             precision=s.precision,
+            threads=max(1, int(s.ray.cpus)),
         )
-        pool = workers.WorkerPool(spec, s.ray)
+        ray_started = s.engine == "ray"
+        pool = await start_pool(s, spec)
         alive = asyncio.create_task(transport.keep_alive(ids))  # virtual clients never go silent
         try:
             await _run(transport, pool, ids, stop)
         finally:
             alive.cancel()
-            pool.close()
+            await pool.close()
         if stop.is_set():
             await coordinator.shut_down()
             code = EXIT_OK
@@ -105,7 +119,10 @@ async def simulate(s: SimSettings) -> int:
             bar.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await bar
-        workers.stop_ray()
+        if ray_started:
+            from fedserver.simulation import workers
+
+            workers.stop_ray()
         if coordinator.publisher.tracker is not None:  # flushed within --track-timeout
             await asyncio.to_thread(coordinator.publisher.tracker.close, coordinator.failure)
         coordinator.store.close()
@@ -117,8 +134,33 @@ async def simulate(s: SimSettings) -> int:
     return code
 
 
+async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
+    """The engine's workers, each with its task and model built (SetupError: they cannot)."""
+    if s.engine == "ray":
+        from fedserver.simulation import workers  # imports ray: only for this engine
+
+        try:
+            workers.start_ray(s.ray)
+        except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
+            raise SetupError(f"cannot start or reach Ray: {e}") from None
+        return workers.WorkerPool(spec, s.ray)
+    from fedserver.simulation.embedded import EmbeddedPool, InProcessPool, default_workers
+
+    count = default_workers(spec.threads) if s.ray.workers is None else s.ray.workers
+    if count == 0:
+        return InProcessPool(spec)
+    return await EmbeddedPool.start(spec, count)
+
+
 def check_settings(s: SimSettings) -> None:
     """What cannot be simulated, refused before Ray starts or the state dir is touched."""
+    if s.engine == "ray" and s.ray.workers == 0:
+        raise SetupError("--workers 0 (in-process) is the embedded engine's: drop --engine ray")
+    if s.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise SetupError(
+            "--engine ray needs Ray, an optional extra: pip install 'fedgrpc[ray]' "
+            "(or leave --engine at embedded)"
+        )
     if s.clients < s.server.policy.min_clients:
         raise SetupError(
             f"--clients {s.clients} is below --min-clients {s.server.policy.min_clients}: "
@@ -145,7 +187,7 @@ def check_settings(s: SimSettings) -> None:
 
 
 async def _run(
-    transport: InProcessTransport, pool: WorkerPool, ids: list[str], stop: asyncio.Event
+    transport: InProcessTransport, pool: Pool, ids: list[str], stop: asyncio.Event
 ) -> None:
     coordinator = transport.coordinator
     ran = _PerKey()  # clients that ran in this attempt of this round, counted or not
@@ -197,7 +239,7 @@ class _PerKey:
         return self.ids
 
 
-async def _evaluate(transport: InProcessTransport, pool: WorkerPool, failed: set[str]) -> None:
+async def _evaluate(transport: InProcessTransport, pool: Pool, failed: set[str]) -> None:
     """Federated evaluation of the last published model, when the coordinator asks for one.
     A client that fails (or whose result is refused) is not asked again for this model."""
     work = transport.evaluation_work(exclude=failed)

@@ -1,0 +1,220 @@
+"""The embedded engine (the default): virtual clients in W local worker processes, or in this
+process with --workers 0. No Ray, nothing to start but the workers.
+
+The same interface as the Ray pool (workers.py): `fit_refs` / `evaluate_refs` hand a round's
+clients out in batches, round-robin over the workers, and return one awaitable per batch in
+id order, so the driver folds updates in client-id order on any number of workers — and the
+same bytes as on Ray, since each worker runs the same `fedclient.virtual.VirtualClients`.
+
+The model crosses to the workers once per version, as a file in shared memory (/dev/shm,
+else the temp dir) that each worker maps read-only (embedded_worker.py); requests and results
+are bytes in frames over each worker's pipes (frames.py), never pickles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from fedclient.virtual import Evaluated, Fitted, VirtualClients, VirtualSpec
+from fedcore.tensors import FlatModel
+from fedserver.coordinator.assembly import SetupError
+from fedserver.simulation import frames
+from fedserver.simulation.settings import batches
+
+log = logging.getLogger("fedserver")
+
+SHARED_MEMORY = Path("/dev/shm")
+# A worker that does not answer its start-up (task import, model build) within this is stuck.
+START_TIMEOUT = 600.0
+
+
+def default_workers(threads: int) -> int:
+    """As many workers as this process may use CPUs, `threads` torch threads each."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, threads))
+
+
+class InProcessPool:
+    """--workers 0: one VirtualClients in this process, run on one thread beside the event loop
+    (the coordinator keeps serving its timers while a batch trains)."""
+
+    def __init__(self, spec: VirtualSpec) -> None:
+        self.clients = VirtualClients(spec)
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="virtual-clients")
+        log.info("simulation: embedded engine, virtual clients in this process")
+
+    def _refs(self, method: str, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        run = getattr(self.clients, method)
+        # Batches as for one worker process: the driver checks for a stop between batches.
+        return [
+            loop.run_in_executor(self.thread, run, header, model.buffer, batch)
+            for batch in batches(ids, 1)
+        ]
+
+    def fit_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
+        return self._refs("fit", header, model, ids)
+
+    def evaluate_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
+        return self._refs("evaluate", header, model, ids)
+
+    async def close(self) -> None:
+        self.thread.shutdown(wait=True)
+
+
+class _Worker:
+    """One worker process; requests to it run one at a time, in the order they were made."""
+
+    def __init__(self, spec: VirtualSpec, index: int) -> None:
+        self.spec, self.index = spec, index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+        self.closed = False
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        # The worker imports the task (and fedgrpc) as this process does.
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "fedserver.simulation.embedded_worker",
+            json.dumps(asdict(self.spec)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+            limit=1 << 20,
+        )
+        assert self.proc.stdout is not None
+        try:
+            ready = await asyncio.wait_for(frames.read_async(self.proc.stdout), START_TIMEOUT)
+        except (asyncio.IncompleteReadError, TimeoutError):
+            code = await self._stop()
+            raise SetupError(
+                f"embedded worker {self.index} did not start (exit code {code}): "
+                "see its error above"
+            ) from None
+        assert ready == [b"ready"]
+
+    async def call(
+        self, message: bytes, op: str, ids: Sequence[str], failed: Callable[[str, str], Any]
+    ) -> list[Any]:
+        async with self.lock:
+            if self.closed:  # stopping: batches not started yet are not run
+                return [failed(cid, "the simulation is stopping") for cid in ids]
+            try:
+                if self.proc is None or self.proc.returncode is not None:
+                    await self.start()  # lost on an earlier batch: a fresh one
+                assert self.proc is not None and self.proc.stdin and self.proc.stdout
+                self.proc.stdin.write(message)
+                await self.proc.stdin.drain()
+                return frames.parse_results(op, await frames.read_async(self.proc.stdout))
+            except (asyncio.IncompleteReadError, ConnectionError, SetupError) as e:
+                code = await self._stop()
+                error = f"embedded worker {self.index} exited (code {code}): {type(e).__name__}"
+                log.warning("%s, failing %d virtual client(s)", error, len(ids))
+                return [failed(cid, error) for cid in ids]
+
+    async def _stop(self) -> int | None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            proc.kill()
+        return await proc.wait()
+
+    async def close(self) -> None:
+        self.closed = True
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        if self.lock.locked():  # in the middle of a batch nobody will read: no need to wait
+            await self._stop()
+            return
+        assert proc.stdin is not None
+        proc.stdin.close()  # end of file: the worker's loop returns
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            await self._stop()
+
+
+class EmbeddedPool:
+    """W worker processes, each one VirtualClients (one task, one torch model)."""
+
+    def __init__(self, spec: VirtualSpec, workers: int) -> None:
+        self.workers = [_Worker(spec, i) for i in range(workers)]
+        root = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
+        self.dir = Path(tempfile.mkdtemp(prefix="fedgrpc-sim-", dir=root))
+        self._model_ref: tuple[str, dict[str, Any]] | None = None
+        self._versions = 0
+
+    @classmethod
+    async def start(cls, spec: VirtualSpec, workers: int) -> EmbeddedPool:
+        pool = cls(spec, workers)
+        try:
+            # Every worker builds its task and model before round 1's deadline starts to count.
+            await asyncio.gather(*(w.start() for w in pool.workers))
+        except BaseException:
+            await pool.close()
+            raise
+        log.info("simulation: embedded engine, %d worker process(es)", workers)
+        return pool
+
+    def _model(self, model: FlatModel) -> dict[str, Any]:
+        """The round's model written once into shared memory; the previous version unlinked
+        (workers that still map it keep their pages until they move on)."""
+        if self._model_ref is None or self._model_ref[0] != model.version:
+            self._versions += 1
+            path = self.dir / f"model-{self._versions}.bin"
+            model.buffer.tofile(path)
+            if self._model_ref is not None:
+                Path(self._model_ref[1]["path"]).unlink(missing_ok=True)
+            self._model_ref = (model.version, {"path": str(path), "size": int(model.buffer.size)})
+        return self._model_ref[1]
+
+    def _submit(
+        self,
+        op: str,
+        header: bytes,
+        model: FlatModel,
+        ids: Sequence[str],
+        failed: Callable[[str, str], Any],
+    ) -> list[Awaitable[list[Any]]]:
+        ref = self._model(model)
+        return [
+            asyncio.ensure_future(
+                self.workers[i % len(self.workers)].call(
+                    frames.request(op, ref, header, batch), op, batch, failed
+                )
+            )
+            for i, batch in enumerate(batches(ids, len(self.workers)))
+        ]
+
+    def fit_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str]
+    ) -> list[Awaitable[list[Any]]]:
+        return self._submit("fit", header, model, ids, lambda c, e: Fitted(c, error=e))
+
+    def evaluate_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str]
+    ) -> list[Awaitable[list[Any]]]:
+        return self._submit("evaluate", header, model, ids, lambda c, e: Evaluated(c, error=e))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.close() for w in self.workers), return_exceptions=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
