@@ -15,7 +15,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from fedserver.cli import build_parser
 from fedserver.simulation.settings import parse_resources
@@ -166,6 +168,46 @@ def test_digits_simulation_matches_fedclient_processes(
     real_acc = real["rounds"][-1]["metrics"]["accuracy"]
     assert abs(sim_acc - real_acc) <= 0.01, (sim_acc, real_acc)
     assert sim_acc >= 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize(
+    ("task", "encoding"),
+    [("tests.sim_tasks:personal", ()), (DIGITS, ("--encoding", "topk:0.05"))],
+    ids=["fedper", "topk-error-feedback"],
+)
+def test_stateful_virtual_clients_match_fedclient_processes(
+    tmp_path: Path, ray_dir: Path, procs: list[Proc], task: str, encoding: tuple[str, ...]
+) -> None:
+    """FedPer (the last bias stays on each client and shapes its next update), and top-k's
+    error feedback (what a round's top-k left out is added to the next round's delta), 3
+    clients x 3 rounds: the simulated federation ends at the deployed one's model (float
+    tolerance: a deployment folds updates in arrival order). Both need per-client state
+    across rounds, which virtual clients once did not keep."""
+    rounds, common = "3", ("--clients-per-round", "3", "--min-clients", "3", "--seed", "0")
+    sim_state = tmp_path / "sim"
+    _simulate(sim_state, ray_dir, task, "--clients", "3", "--rounds", rounds, *common, *encoding)
+
+    port, real_state = free_port(), tmp_path / "real"
+    server = start_serving(
+        procs, tmp_path / "logs", port, real_state, "--rounds", rounds, *common, task=task
+    )
+    clients = start_clients(procs, tmp_path / "logs", port, 3, *encoding, task=task)
+    wait_finished(server, clients, 300)
+
+    sim, real = (
+        load_file(sim_state / "model.safetensors"),
+        load_file(real_state / "model.safetensors"),
+    )
+    assert sorted(sim) == sorted(real)
+    for name in sim:
+        np.testing.assert_allclose(sim[name], real[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # Each client's state, on disk between its rounds.
+    assert sorted(p.name for p in (sim_state / "virtual-clients").iterdir()) == [
+        f"client-{i}.safetensors" for i in range(3)
+    ]
 
 
 @pytest.mark.slow

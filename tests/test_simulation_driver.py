@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 from fedclient.virtual import VirtualClients, VirtualSpec, client_id
 from fedcore.tensors import FlatModel
 from fedserver.cli import build_parser
-from fedserver.coordinator.assembly import SetupError, build_coordinator
+from fedserver.coordinator.assembly import build_coordinator
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.simulation.cli import sim_settings
 from fedserver.simulation.driver import SimSettings, _run, check_settings
@@ -170,12 +169,6 @@ def test_numpy_and_random_are_seeded_per_client_and_round(tmp_path: Path) -> Non
 
 
 # ---------------------------------------------------------------- refused at start-up
-def test_personal_tensors_are_refused(tmp_path: Path) -> None:
-    s = _settings(tmp_path / "state", "tests.sim_tasks:personal", "--clients", "4")
-    with pytest.raises(SetupError, match=re.escape("personal_tensors '2.bias'")):
-        check_settings(s)
-
-
 def test_a_lost_ray_worker_fails_its_batch_not_the_run() -> None:
     """After Ray's own retries, a worker that died on a batch makes its clients failed
     clients of the round (reported at once, as above) instead of an exception ending the run."""

@@ -40,6 +40,8 @@ from fedserver.simulation.settings import RaySettings
 
 log = logging.getLogger("fedserver")
 
+CLIENT_STATE = "virtual-clients"  # the StateStore (fedclient/state.py) in the state dir
+
 # How long to sleep on the coordinator when no virtual client has work and no round can be
 # decided: only while no round is collecting (aggregating, stopping).
 IDLE_WAIT = 1.0
@@ -100,6 +102,9 @@ async def simulate(s: SimSettings) -> int:
             device=s.device,
             precision=s.precision,
             threads=max(1, int(s.ray.cpus)),
+            # What a fedclient process keeps in memory between rounds, on disk: beside the
+            # coordinator's state, so a resumed simulation resumes its clients too.
+            state_dir=str((s.server.state_dir / CLIENT_STATE).resolve()),
         )
         ray_started = s.engine == "ray"
         pool = await start_pool(s, spec)
@@ -172,18 +177,9 @@ def check_settings(s: SimSettings) -> None:
         raise SetupError(s.server.mode.not_simulated)
     try:
         Partition(0, s.clients, s.partitioner, s.alpha, s.server.seed)
-        task = load_object(s.server.task)
+        load_object(s.server.task)
     except ValueError as e:
         raise SetupError(str(e)) from None
-    personal = getattr(task, "personal_tensors", "")
-    if personal:
-        # Virtual clients keep nothing between rounds, so personal layers would be reset to
-        # the global model's each round and, worse, sent and averaged like any other tensor.
-        raise SetupError(
-            f"task {s.server.task} has personal_tensors {personal!r} (FedPer), which needs "
-            "per-client state that virtual clients do not keep: run real clients "
-            "(fedclient run), or simulate a task without personal_tensors"
-        )
 
 
 async def _run(

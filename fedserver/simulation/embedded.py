@@ -89,6 +89,10 @@ class _Worker:
         env = dict(os.environ)
         # The worker imports the task (and fedgrpc) as this process does.
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+        # Native thread pools (OpenMP, BLAS) sized to the worker's share, as Ray sizes its
+        # workers': W workers each spinning up a thread per core oversubscribe the CPUs.
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(name, str(self.spec.threads))
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",

@@ -43,17 +43,19 @@ class MappedModel:
 
 def serve(spec: VirtualSpec) -> int:
     # The protocol owns the real stdout; whatever a task prints goes to stderr instead.
-    wire = os.fdopen(os.dup(1), "wb", buffering=0)
+    wire = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     clients = VirtualClients(spec)
     model = MappedModel()
     wire.write(frames.pack([b"ready"]))
+    wire.flush()
     stdin = sys.stdin.buffer
     while (message := frames.read_blocking(stdin)) is not None:
         op, ref, header, ids = frames.parse_request(message)
         buffer = model.get(ref)
         run = clients.fit if op == "fit" else clients.evaluate
         wire.write(frames.results(run(header, buffer, ids)))
+        wire.flush()
     return 0
 
 
