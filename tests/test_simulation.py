@@ -135,14 +135,25 @@ def test_too_few_clients_is_a_usage_error_before_ray(tmp_path: Path, ray_dir: Pa
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.timeout(120)
-def test_async_mode_is_refused_at_start_up(tmp_path: Path, ray_dir: Path) -> None:
-    """It used to start Ray and wait forever: asynchronous rounds select no one to dispatch."""
-    args = ("--clients", "4", "--mode", "async", "--buffer-size", "2")
-    out = fedserver(*_sim_args(tmp_path / "s", ray_dir, DIGITS, *args), timeout=60)
-    assert out.returncode == 2, out.stderr[-4000:]
-    assert "--mode async cannot be simulated yet" in out.stderr
-    assert not (tmp_path / "s").exists()
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_async_mode_runs_the_same_on_any_number_of_workers(tmp_path: Path, ray_dir: Path) -> None:
+    """--mode async once waited forever (asynchronous rounds select nobody): now waves of
+    --max-concurrency clients pull each version; with 4 pulling and buffers of 2, every other
+    buffer takes the wave's late half at staleness 1. Same seed, same bytes on 0 and 2 workers."""
+    args = ("--clients", "8", "--mode", "async", "--buffer-size", "2", "--max-concurrency", "4")
+    args += ("--rounds", "4", "--seed", "5", "--round-timeout", "600")
+    models = []
+    for workers in ("0", "2"):
+        state = tmp_path / f"w{workers}"
+        _simulate(state, ray_dir, DIGITS, *args, "--workers", workers)
+        status = status_json(state)
+        assert status["status"] == "finished"
+        assert [r["participants"] for r in status["rounds"]] == [2, 2, 2, 2]
+        staleness = [r["metrics"]["staleness_max"] for r in status["rounds"]]
+        assert staleness == [0, 1, 0, 1], staleness
+        models.append((state / "model.safetensors").read_bytes())
+    assert models[0] == models[1]
 
 
 # ---------------------------------------------------------------------------- runs (slow)

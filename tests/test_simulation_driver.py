@@ -20,7 +20,7 @@ from fedserver.cli import build_parser
 from fedserver.coordinator.assembly import build_coordinator
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.simulation.cli import sim_settings
-from fedserver.simulation.driver import SimSettings, _run, check_settings
+from fedserver.simulation.driver import SimSettings, _run, _run_async, check_settings
 from fedserver.simulation.embedded import EmbeddedPool
 from fedserver.simulation.inprocess import InProcessTransport
 from tests.sim_tasks import FAIL_EVALUATE, FAIL_TRAIN
@@ -73,7 +73,11 @@ async def _simulate(s: SimSettings, workers: int | None = None) -> Coordinator:
         if workers is not None:
             pool = await EmbeddedPool.start(_spec(s), workers)
         ids = [client_id(i) for i in range(s.clients)]
-        await _run(InProcessTransport(coordinator), pool, ids, asyncio.Event())
+        transport, wave = InProcessTransport(coordinator), s.server.mode.simulation_wave()
+        if wave is None:
+            await _run(transport, pool, ids, asyncio.Event())
+        else:
+            await _run_async(transport, pool, ids, asyncio.Event(), wave, s.server.seed)
     finally:
         if workers is not None and isinstance(pool, EmbeddedPool):
             await pool.close()
@@ -120,6 +124,25 @@ def test_failed_client_below_quorum_reopens_then_gives_up_at_once(tmp_path: Path
     coordinator = asyncio.run(_simulate(s))
     assert "round 1 reached no quorum in 2 attempts (2 of 3 updates)" in coordinator.failure
     assert coordinator.machine.rounds_completed == 0
+
+
+@pytest.mark.timeout(90)
+def test_failed_clients_do_not_stall_asynchronous_rounds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--mode async: client 1 fails whenever it is drawn; the buffers fill from the others
+    without waiting out a lease (--round-timeout). (A worker process: in this one the
+    coordinator's central evaluation would share the task object that knows it is client 2.)"""
+    s = _settings(
+        tmp_path / "state",
+        "tests.sim_tasks:failing",
+        *("--clients", "4", "--mode", "async", "--buffer-size", "2", "--max-concurrency", "3"),
+        *("--rounds", "3", "--round-timeout", NEVER),
+    )
+    coordinator = asyncio.run(_simulate(s, workers=1))
+    assert not coordinator.failure
+    assert coordinator.machine.rounds_completed == 3
+    assert f"virtual client {client_id(FAIL_TRAIN)} failed: ValueError" in caplog.text
 
 
 @pytest.mark.timeout(120)

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import importlib.util
 import logging
+import random
 import signal
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -109,8 +110,12 @@ async def simulate(s: SimSettings) -> int:
         ray_started = s.engine == "ray"
         pool = await start_pool(s, spec)
         alive = asyncio.create_task(transport.keep_alive(ids))  # virtual clients never go silent
+        wave = s.server.mode.simulation_wave()
         try:
-            await _run(transport, pool, ids, stop)
+            if wave is None:
+                await _run(transport, pool, ids, stop)
+            else:
+                await _run_async(transport, pool, ids, stop, wave, s.server.seed)
         finally:
             alive.cancel()
             await pool.close()
@@ -202,23 +207,71 @@ async def _run(
                 await transport.wait_change(IDLE_WAIT)
             continue
         dispatched.update(work.client_ids)
-        count = len(ids)
-        for cid in work.client_ids:
-            transport.joined(
-                cid, {"hostname": "simulation", "partition": f"{client_index(cid)}/{count}"}
-            )
+        _joined(transport, work.client_ids, len(ids))
         for ref in pool.fit_refs(work.header, work.model, work.client_ids):
             for fitted in await ref:  # batches in id order: the fold order is fixed
-                if fitted.error:
-                    log.warning("virtual client %s failed: %s", fitted.client_id, fitted.error)
-                    continue
-                assert fitted.payload is not None
-                refused = transport.submit(fitted.header, fitted.payload, fitted.digest)
-                if refused:
-                    log.warning("update of %s not counted: %s", fitted.client_id, refused)
+                _submit(transport, fitted)
             if stop.is_set():
                 break
         await transport.wait_aggregated()
+
+
+async def _run_async(
+    transport: InProcessTransport,
+    pool: Pool,
+    ids: list[str],
+    stop: asyncio.Event,
+    wave: int,
+    seed: int,
+) -> None:
+    """Asynchronous rounds (--mode async): nobody is selected, clients pull when free. Without
+    a clock of its own the simulation plays it in waves: `wave` clients drawn at random (seeded
+    by --seed and the version) pull the current model at once, train, and arrive in client-id
+    order. The first to arrive fill the open buffer; once it is applied, the rest count in the
+    next version's, with staleness 1 or more (when `wave` exceeds --buffer-size)."""
+    coordinator = transport.coordinator
+    failed_evaluations = _PerKey()
+    waves = _PerKey()  # the waves drawn for this version so far: each draw differs
+    while not stop.is_set():
+        await _evaluate(transport, pool, failed_evaluations.of(transport.evaluation_round()))
+        if coordinator.done.is_set():
+            return
+        await transport.settled()
+        transport.touch_all(ids)
+        version = transport.round_attempt()[0]
+        drawn = waves.of(version)
+        draw = random.Random(f"{seed}:{version}:{len(drawn)}")
+        drawn.add(str(len(drawn)))
+        work = transport.pull_work(draw.sample(ids, min(wave, len(ids))))
+        if work is None:  # no buffer open, or no slot free (--max-concurrency)
+            await transport.wait_change(IDLE_WAIT)
+            continue
+        _joined(transport, work.client_ids, len(ids))
+        for ref in pool.fit_refs(work.header, work.model, work.client_ids):
+            for fitted in await ref:
+                if coordinator.done.is_set():  # the last version is out: the rest come late
+                    return
+                await transport.settled()
+                _submit(transport, fitted)
+            if stop.is_set():
+                break
+
+
+def _joined(transport: InProcessTransport, client_ids: Sequence[str], count: int) -> None:
+    for cid in client_ids:
+        partition = f"{client_index(cid)}/{count}"
+        transport.joined(cid, {"hostname": "simulation", "partition": partition})
+
+
+def _submit(transport: InProcessTransport, fitted: Any) -> None:
+    """One virtual client's result to the coordinator, as its SubmitUpdate would bring it."""
+    if fitted.error:
+        log.warning("virtual client %s failed: %s", fitted.client_id, fitted.error)
+        return
+    assert fitted.payload is not None
+    refused = transport.submit(fitted.header, fitted.payload, fitted.digest)
+    if refused:
+        log.warning("update of %s not counted: %s", fitted.client_id, refused)
 
 
 @dataclass
