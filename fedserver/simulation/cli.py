@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedclient.flags import add_data_flags, add_device_flags
+from fedcore.config import CliParser
 from fedcore.logs import setup_logging
 from fedcore.progress import wanted as progress_wanted
 from fedserver.commands import run as run_cli
@@ -155,6 +156,13 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sim.set_defaults(handler=run_simulation, **left_out)
 
 
+def parser() -> argparse.ArgumentParser:
+    """`fedserver` with only this subcommand: what api.py parses its keyword arguments with."""
+    top = CliParser(prog="fedserver")
+    add_command(top.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return top
+
+
 def run_simulation(args: argparse.Namespace) -> int:
     from fedserver.simulation.driver import simulate
 
@@ -170,7 +178,7 @@ def run_simulation(args: argparse.Namespace) -> int:
     try:
         # Only SetupError (refused at start-up) is a usage error from here on: a ValueError
         # raised later comes from running code (a task, a client), not from a flag.
-        return asyncio.run(simulate(settings))
+        return asyncio.run(simulate(settings)).code
     except SetupError as e:
         log.error("%s", e)
         return EXIT_USAGE

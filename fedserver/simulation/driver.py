@@ -38,6 +38,7 @@ from fedserver.coordinator.assembly import (
 from fedserver.coordinator.progress import show_progress
 from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
+from fedserver.state.history import RoundRecord
 
 log = logging.getLogger("fedserver")
 
@@ -77,8 +78,18 @@ class Pool(Protocol):
     async def close(self) -> None: ...
 
 
-async def simulate(s: SimSettings) -> int:
-    """Run the simulation to the end (or a signal); the exit code `fedserver run` would give."""
+@dataclass(frozen=True)
+class Outcome:
+    """How a simulation ended: the exit code `fedserver run` would give, why it failed (""),
+    and every round the state dir records."""
+
+    code: int
+    failure: str
+    rounds: list[RoundRecord]
+
+
+async def simulate(s: SimSettings) -> Outcome:
+    """Run the simulation to the end (or a signal)."""
     check_settings(s)
     try:
         coordinator = build_coordinator(s.server)
@@ -89,7 +100,9 @@ async def simulate(s: SimSettings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        # Only the main thread's loop can take signals (the Python API may run elsewhere).
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
     ray_started = False
     try:
@@ -135,13 +148,14 @@ async def simulate(s: SimSettings) -> int:
             workers.stop_ray()
         if coordinator.publisher.tracker is not None:  # flushed within --track-timeout
             await asyncio.to_thread(coordinator.publisher.tracker.close, coordinator.failure)
+        rounds = coordinator.store.recent_rounds(coordinator.policy.total_rounds + 1)[0]
         coordinator.store.close()
     log.info(
         "simulation stopped after %d completed round(s); state in %s",
         coordinator.machine.rounds_completed,
         s.server.state_dir,
     )
-    return code
+    return Outcome(code, coordinator.failure or "", rounds)
 
 
 async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
