@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,19 @@ def test_a_lost_ray_worker_fails_its_batch_not_the_run() -> None:
     ]
     evaluated = asyncio.run(results(lambda c, e: Evaluated(c, error=e)))
     assert all(isinstance(e, Evaluated) and e.error for e in evaluated)
+
+
+def test_model_files_of_a_killed_driver_are_removed(tmp_path: Path) -> None:
+    """A driver killed with -9 leaves its model file in shared memory (RAM): the next
+    embedded pool removes the files of drivers that are gone, not those of live ones."""
+    from fedserver.simulation import embedded
+
+    root = tmp_path / "shm"
+    gone = root / f"{embedded.PREFIX}999999999-abc"  # above any pid_max: never alive
+    alive = root / f"{embedded.PREFIX}{os.getpid()}-abc"
+    for path in (gone, alive):
+        path.mkdir(parents=True)
+        (path / "model-1.bin").write_bytes(b"x")
+    embedded._remove_orphans(root)
+    assert not gone.exists()
+    assert (alive / "model-1.bin").exists()

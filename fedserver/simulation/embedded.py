@@ -48,6 +48,24 @@ def default_workers(threads: int) -> int:
     return max(1, cpus // max(1, threads))
 
 
+PREFIX = "fedgrpc-sim-"  # + the driver's pid: its model files in shared memory
+
+
+def _remove_orphans(root: Path) -> None:
+    """The model files of drivers killed before they could remove them (kill -9): shared
+    memory is RAM, and nothing else would ever free it."""
+    for path in root.glob(f"{PREFIX}*-*"):
+        pid = path.name.removeprefix(PREFIX).split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 class InProcessPool:
     """--workers 0: one VirtualClients in this process, run on one thread beside the event loop
     (the coordinator keeps serving its timers while a batch trains)."""
@@ -162,8 +180,9 @@ class EmbeddedPool:
 
     def __init__(self, spec: VirtualSpec, workers: int) -> None:
         self.workers = [_Worker(spec, i) for i in range(workers)]
-        root = SHARED_MEMORY if SHARED_MEMORY.is_dir() else None
-        self.dir = Path(tempfile.mkdtemp(prefix="fedgrpc-sim-", dir=root))
+        root = SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
+        _remove_orphans(root)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
         self._model_ref: tuple[str, dict[str, Any]] | None = None
         self._versions = 0
 
