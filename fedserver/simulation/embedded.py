@@ -14,15 +14,17 @@ are bytes in frames over each worker's pipes (frames.py), never pickles.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import shutil
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,13 +96,30 @@ class InProcessPool:
         self.thread.shutdown(wait=True)
 
 
+@dataclass
+class _Request:
+    message: bytes
+    op: str
+    ids: Sequence[str]
+    failed: Callable[[str, str], Any]
+    done: asyncio.Future[list[Any]]
+
+    def fail(self, error: str) -> None:
+        if not self.done.done():
+            self.done.set_result([self.failed(cid, error) for cid in self.ids])
+
+
 class _Worker:
-    """One worker process; requests to it run one at a time, in the order they were made."""
+    """One worker process. Requests are written as soon as they are made (a queue in the
+    worker's stdin, as in a Ray actor's mailbox: it goes from one batch to the next while the
+    driver folds the last one) and answered in order, by a reader task."""
 
     def __init__(self, spec: VirtualSpec, index: int) -> None:
         self.spec, self.index = spec, index
         self.proc: asyncio.subprocess.Process | None = None
-        self.lock = asyncio.Lock()
+        self.pending: deque[_Request] = deque()  # written, not answered yet; oldest first
+        self.reader: asyncio.Task[None] | None = None
+        self.starting: asyncio.Task[None] | None = None
         self.closed = False
 
     async def start(self) -> None:
@@ -111,7 +130,7 @@ class _Worker:
         # workers': W workers each spinning up a thread per core oversubscribe the CPUs.
         for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(name, str(self.spec.threads))
-        self.proc = await asyncio.create_subprocess_exec(
+        proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "fedserver.simulation.embedded_worker",
@@ -121,58 +140,92 @@ class _Worker:
             env=env,
             limit=1 << 20,
         )
-        assert self.proc.stdout is not None
+        assert proc.stdout is not None and proc.stdin is not None
         try:
-            ready = await asyncio.wait_for(frames.read_async(self.proc.stdout), START_TIMEOUT)
+            ready = await asyncio.wait_for(frames.read_async(proc.stdout), START_TIMEOUT)
         except (asyncio.IncompleteReadError, TimeoutError):
-            code = await self._stop()
+            code = await _stop(proc)
             raise SetupError(
                 f"embedded worker {self.index} did not start (exit code {code}): "
                 "see its error above"
             ) from None
         assert ready == [b"ready"]
+        self.proc = proc
+        for request in self.pending:  # a fresh worker takes over the queue of a lost one
+            proc.stdin.write(request.message)
+        self.reader = asyncio.create_task(self._read(proc))
 
     async def call(
         self, message: bytes, op: str, ids: Sequence[str], failed: Callable[[str, str], Any]
     ) -> list[Any]:
-        async with self.lock:
-            if self.closed:  # stopping: batches not started yet are not run
-                return [failed(cid, "the simulation is stopping") for cid in ids]
-            try:
-                if self.proc is None or self.proc.returncode is not None:
-                    await self.start()  # lost on an earlier batch: a fresh one
-                assert self.proc is not None and self.proc.stdin and self.proc.stdout
-                self.proc.stdin.write(message)
-                await self.proc.stdin.drain()
-                return frames.parse_results(op, await frames.read_async(self.proc.stdout))
-            except (asyncio.IncompleteReadError, ConnectionError, SetupError) as e:
-                code = await self._stop()
-                error = f"embedded worker {self.index} exited (code {code}): {type(e).__name__}"
-                log.warning("%s, failing %d virtual client(s)", error, len(ids))
-                return [failed(cid, error) for cid in ids]
+        request = _Request(message, op, ids, failed, asyncio.get_running_loop().create_future())
+        if self.closed:  # stopping: batches not started yet are not run
+            request.fail("the simulation is stopping")
+            return await request.done
+        self.pending.append(request)
+        if self.proc is not None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(message)
+        elif self.starting is None:  # lost on an earlier batch: a fresh one takes the queue
+            self.starting = asyncio.create_task(self._restart())
+        return await request.done
 
-    async def _stop(self) -> int | None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return None
-        if proc.returncode is None:
-            proc.kill()
-        return await proc.wait()
+    async def _restart(self) -> None:
+        try:
+            await self.start()
+        except SetupError as e:
+            while self.pending:
+                self.pending.popleft().fail(str(e))
+        finally:
+            self.starting = None
+
+    async def _read(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        try:
+            while True:
+                answer = await frames.read_async(proc.stdout)
+                request = self.pending.popleft()
+                request.done.set_result(frames.parse_results(request.op, answer))
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            code = await _stop(proc)
+            self.proc = None
+            if not self.pending:
+                return
+            # The batch it was on fails (its clients are dropped clients of the round); the
+            # batches queued behind it go to a fresh worker.
+            request = self.pending.popleft()
+            error = f"embedded worker {self.index} exited (code {code}): {type(e).__name__}"
+            log.warning("%s, failing %d virtual client(s)", error, len(request.ids))
+            request.fail(error)
+            if self.closed:
+                while self.pending:
+                    self.pending.popleft().fail("the simulation is stopping")
+            elif self.pending and self.starting is None:
+                self.starting = asyncio.create_task(self._restart())
 
     async def close(self) -> None:
         self.closed = True
         proc = self.proc
         if proc is None or proc.returncode is not None:
             return
-        if self.lock.locked():  # in the middle of a batch nobody will read: no need to wait
-            await self._stop()
-            return
-        assert proc.stdin is not None
-        proc.stdin.close()  # end of file: the worker's loop returns
-        try:
-            await asyncio.wait_for(proc.wait(), 10)
-        except TimeoutError:
-            await self._stop()
+        if self.pending:  # in the middle of batches nobody will read: no need to wait
+            await _stop(proc)
+        else:
+            assert proc.stdin is not None
+            proc.stdin.close()  # end of file: the worker's loop returns
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                await _stop(proc)
+        if self.reader is not None:
+            await asyncio.gather(self.reader, return_exceptions=True)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> int:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    return await proc.wait()
 
 
 class EmbeddedPool:
