@@ -232,6 +232,7 @@ async def _run(
         for ref in pool.fit_refs(work.header, work.model, work.client_ids):
             for fitted in await ref:  # batches in id order: the fold order is fixed
                 _submit(transport, fitted)
+                await asyncio.sleep(0)  # let the engine take in the next results meanwhile
             if stop.is_set():
                 break
         await transport.wait_aggregated()

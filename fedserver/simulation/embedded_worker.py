@@ -9,6 +9,8 @@ not W, and no model bytes cross a pipe.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -41,10 +43,22 @@ class MappedModel:
         return self.buffer
 
 
+# Linux's F_SETPIPE_SZ: a batch's results (K/4W encoded updates) should fit the pipe while the
+# driver is busy folding the last batch, or the worker stops until it reads (64 KiB default).
+F_SETPIPE_SZ = 1031
+PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size for unprivileged processes
+
+
+def _widen_pipe(fd: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux, or above pipe-max-size
+        fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_BYTES)
+
+
 def serve(spec: VirtualSpec) -> int:
     # The protocol owns the real stdout; whatever a task prints goes to stderr instead.
     wire = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    _widen_pipe(wire.fileno())
     clients = VirtualClients(spec)
     model = MappedModel()
     wire.write(frames.pack([b"ready"]))
