@@ -275,6 +275,7 @@ async def _run_async(
                     return
                 await transport.settled()
                 _submit(transport, fitted)
+                await asyncio.sleep(0)  # let the engine take in the next results meanwhile
             if stop.is_set():
                 break
 
