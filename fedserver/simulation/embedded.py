@@ -37,8 +37,6 @@ from fedserver.simulation.settings import batches
 log = logging.getLogger("fedserver")
 
 SHARED_MEMORY = Path("/dev/shm")
-# A worker that does not answer its start-up (task import, model build) within this is stuck.
-START_TIMEOUT = 600.0
 
 
 def default_workers(threads: int) -> int:
@@ -141,9 +139,9 @@ class _Worker:
             limit=1 << 20,
         )
         assert proc.stdout is not None and proc.stdin is not None
-        try:
-            ready = await asyncio.wait_for(frames.read_async(proc.stdout), START_TIMEOUT)
-        except (asyncio.IncompleteReadError, TimeoutError):
+        try:  # as long as the task takes to import and build its model (as Ray waits)
+            ready = await frames.read_async(proc.stdout)
+        except asyncio.IncompleteReadError:
             code = await _stop(proc)
             raise SetupError(
                 f"embedded worker {self.index} did not start (exit code {code}): "
