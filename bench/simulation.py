@@ -1,10 +1,11 @@
-"""`fedserver simulate` at scale: round time, wall time and peak memory over the Ray processes.
+"""`fedserver simulate` at scale: round time, wall time and peak memory over its processes.
 
 Grid: N in {1,000, 10,000} virtual clients, 10% per round, two clients: `noop` (trains nothing,
 sends a zero delta: the engine's own cost) and the Synthetic(0.5, 0.5) logistic regression of
-examples/synthetic.py. Each cell is one real `fedserver simulate` process with a local Ray of 2
-workers; peak memory is the largest sampled sum of RSS over the driver and all its descendants
-(GCS, raylet, Ray's agents and workers), sampled every 0.2 s. Round
+examples/synthetic.py. Each cell is one real `fedserver simulate` process with 2 workers of the
+embedded engine (`fedgrpc`) or of a local Ray (`fedgrpc-ray`); peak memory is the largest
+sampled sum of RSS over the driver and all its descendants (workers; for Ray also GCS, raylet,
+Ray's agents), sampled every 0.2 s. Round
 seconds are the median of the coordinator's recorded round durations after round 1.
 
 Also measured: the in-process intake (inprocess.InProcessTransport.submit) per update.
@@ -120,15 +121,17 @@ def _run_watched(
     return time.monotonic() - started, peak
 
 
-def run_cell(task: str, clients: int, rounds: int) -> dict[str, Any]:
+def run_cell(task: str, clients: int, rounds: int, engine: str = "embedded") -> dict[str, Any]:
+    """One fedgrpc cell: 2 workers of `engine` (embedded: local processes; ray: a local Ray)."""
+    name = "fedgrpc" if engine == "embedded" else f"fedgrpc {engine}"
     with tempfile.TemporaryDirectory(prefix="simb") as tmp:
         ray_dir = tempfile.mkdtemp(prefix="rayb", dir="/tmp")
         state = Path(tmp) / "state"
         args = [sys.executable, "-m", "fedserver.cli", "simulate", "--task", TASKS[task]]
         args += ["--clients", str(clients), "--clients-per-round", str(clients // 10)]
         args += ["--rounds", str(rounds), "--state-dir", str(state), "--workers", "2"]
-        args += ["--ray-temp-dir", ray_dir, "--log-level", "warning"]
-        wall, peak = _run_watched(args, child_env(), ray_dir, f"fedgrpc {task} N={clients}")
+        args += ["--engine", engine, "--ray-temp-dir", ray_dir, "--log-level", "warning"]
+        wall, peak = _run_watched(args, child_env(), ray_dir, f"{name} {task} N={clients}")
         status = json.loads(
             subprocess.run(
                 [*FEDSERVER, "status", "--state-dir", str(state), "--json"],
@@ -139,7 +142,7 @@ def run_cell(task: str, clients: int, rounds: int) -> dict[str, Any]:
             ).stdout
         )
     durations = [r["duration_seconds"] for r in status["rounds"]]
-    return _row("fedgrpc", task, clients, rounds, durations, wall, peak) | {
+    return _row(name, task, clients, rounds, durations, wall, peak) | {
         "accuracy": status["rounds"][-1]["metrics"].get("accuracy")
     }
 
@@ -258,10 +261,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
         "--engines",
-        choices=["ray", "fedgrpc", "flower"],
+        choices=["ray", "fedgrpc", "fedgrpc-ray", "flower"],
         nargs="+",
         default=["fedgrpc"],
-        help="ray: Ray alone with 2 idle actors, the memory floor of any Ray engine",
+        help="fedgrpc: the embedded engine (2 worker processes); fedgrpc-ray: --engine ray "
+        "(a local Ray, 2 workers); ray: Ray alone with 2 idle actors, the memory floor of any "
+        "Ray engine",
     )
     p.add_argument(
         "--flower-max-clients", type=int, default=10**9, help="skip Flower cells above this N"
@@ -289,8 +294,10 @@ def main() -> None:
                 if "flower" in args.engines and clients <= args.flower_max_clients:
                     cell["flower"] = run_flower_cell(task, clients, args.rounds)
                     _print(cell["flower"])
-                if "fedgrpc" in args.engines:
-                    r = cell["fedgrpc"] = run_cell(task, clients, args.rounds)
+                for engine, flag in (("fedgrpc", "embedded"), ("fedgrpc-ray", "ray")):
+                    if engine not in args.engines:
+                        continue
+                    r = cell[engine] = run_cell(task, clients, args.rounds, flag)
                     if "flower" in cell:
                         r["round_ratio"] = r["round_s"] / cell["flower"]["round_s"]
                         r["memory_ratio"] = r["peak_mb"] / cell["flower"]["peak_mb"]

@@ -8,7 +8,8 @@ with the same seed, round header and data would send (tests/test_simulation_driv
 
 Two steps, so that `fedclient run` can do its own things between them (a progress bar during
 `train`, --slowdown and stop checks before `encode`); `prepare_update` chains them for a
-stateless virtual client.
+virtual client, with the state a `fedclient` process keeps in memory (personal tensors, the
+error-feedback residual) handed in and updated as the session updates its own (state.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from fedclient.local_update import clip_report, local_update, privatize, round_s
 from fedclient.protocols.handlers import RoundHandler
 from fedclient.retry import PermanentError
 from fedclient.scaffold import corrected_steps
+from fedclient.state import ClientState
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
 from fedcore.codecs import get_codec
 from fedcore.proto import coordinator_pb2 as pb
@@ -174,12 +176,17 @@ def prepare_update(
     client_id: str,
     *,
     seed: int,
-    handler: RoundHandler,
+    state: ClientState,
+    personal_patterns: str = "",
     encoding: str = "",
 ) -> PreparedUpdate:
-    """The whole pipeline for a client that keeps nothing between rounds (no personal tensors;
-    the caller passes a handler with a fresh ErrorFeedback)."""
+    """The whole pipeline of a plain round, as session.py runs it: train from `base` with this
+    client's personal tensors (`state.personal`), keep the ones trained now, encode with its
+    error feedback (`state.feedback`, whose residual the codec updates). `state` is updated
+    in place; the caller keeps it for the client's next round."""
     config = train_config(header, seed, client_id)
-    tensors = round_tensors(base.manifest.floats(), config, "")
-    trained = train(task, model, data, base, config, tensors)
-    return encode(trained, handler, client_id, header, encoding)
+    tensors = round_tensors(base.manifest.floats(), config, personal_patterns)
+    trained = train(task, model, data, base, config, tensors, state.personal)
+    if trained.personal is not None:
+        state.personal = trained.personal
+    return encode(trained, RoundHandler(state.feedback), client_id, header, encoding)

@@ -2,14 +2,15 @@
 
 A simulation worker (one per Ray actor, fedserver/simulation/workers.py) holds ONE task, ONE
 torch model and at most one global model version, and serves any number of virtual clients:
-each call names the clients to run, and each client's data is cut from its id, so nothing is
-kept per virtual client between calls. What comes in and goes out is bytes only — the
-coordinator's ModelHeader and model buffer in, an UpdateHeader / EvaluationResult and the
-encoded update out — exactly what a `fedclient` process exchanges over gRPC.
+each call names the clients to run, and each client's data is cut from its id. What comes in
+and goes out is bytes only — the coordinator's ModelHeader and model buffer in, an UpdateHeader
+/ EvaluationResult and the encoded update out — exactly what a `fedclient` process exchanges
+over gRPC.
 
-Virtual clients are stateless across rounds, which rules out what needs client memory:
-top-k's error-feedback residual (each round starts from zero, like a fresh process) and FedPer
-personal tensors (`fedserver simulate` refuses a Task that has them).
+What a `fedclient` process keeps in memory between rounds (FedPer personal tensors, top-k's
+error-feedback residual) a virtual client keeps on disk, in the simulation's StateStore
+(state.py, `VirtualSpec.state_dir`): read before it trains or evaluates, written after it
+encoded its update, so nothing is held in memory for a client that is not running.
 
 A client whose task raises is a failed client (`Fitted.error`, `Evaluated.error`), never an
 exception out of the worker: the driver reports it to the round at once.
@@ -20,15 +21,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedclient.partition import Partition
-from fedclient.protocols.handlers import RoundHandler
+from fedclient.state import ClientState, StateStore
 from fedclient.task import LocalData, Task
 from fedclient.update import prepare_update
-from fedcore.codecs import ErrorFeedback
 from fedcore.device import configure
 from fedcore.plugins import load_object
 from fedcore.proto import coordinator_pb2 as pb
@@ -61,6 +62,7 @@ class VirtualSpec:
     threads: int = 1  # torch CPU threads of this worker
     device: str = "cpu"  # fedclient --device: cpu unless --client-resources grants a GPU
     precision: str = "fp32"  # fedclient --precision
+    state_dir: str = ""  # the clients' StateStore; "": each round starts from a fresh state
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,11 @@ class VirtualClients:
         configure(self.task, spec.device, spec.precision)
         self.model: Any = self.task.build_model()
         self._base: tuple[str, FlatModel] | None = None
+        self.store = StateStore(Path(spec.state_dir)) if spec.state_dir else None
+        self.personal_patterns: str = getattr(self.task, "personal_tensors", "")
+
+    def _state(self, cid: str) -> ClientState:
+        return self.store.load(cid) if self.store is not None else ClientState()
 
     def _data(self, index: int) -> LocalData:
         s = self.spec
@@ -128,8 +135,7 @@ class VirtualClients:
         if extra.get("secagg") == "1" or extra.get("he") == "1":
             raise ValueError("secure aggregation rounds cannot be simulated")
         data = self._data(client_index(cid))
-        # Stateless: the plain handler with a fresh ErrorFeedback (no residual carried), no
-        # personal tensors (`fedserver simulate` refuses a Task that has them).
+        state = self._state(cid)
         update = prepare_update(
             self.task,
             self.model,
@@ -138,9 +144,12 @@ class VirtualClients:
             header,
             cid,
             seed=self.spec.seed,
-            handler=RoundHandler(ErrorFeedback()),
+            state=state,
+            personal_patterns=self.personal_patterns,
             encoding=self.spec.encoding,
         )
+        if self.store is not None:
+            self.store.save(cid, state)
         return Fitted(
             cid, update.header.SerializeToString(deterministic=True), update.payload, update.digest
         )
@@ -172,6 +181,9 @@ class VirtualClients:
         n = len(data.test) if data.test is not None else 0  # type: ignore[arg-type]
         if n:
             self.model.load_state_dict(to_state_dict(base))
+            personal = self._state(cid).personal
+            if personal:  # FedPer: what this client serves is global + its own layers
+                self.model.load_state_dict(personal, strict=False)
             metrics = {k: float(v) for k, v in self.task.evaluate(self.model, data.test).items()}
         result = pb.EvaluationResult(
             client_id=cid,

@@ -8,10 +8,13 @@ on how those generators were seeded.
 ValueError (a bug in a task), every round.
 
 `personal`: FedPer, its last bias stays on the client.
+
+`crashing`: client FAIL_TRAIN's training exits its worker process, every round.
 """
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -64,3 +67,16 @@ class PersonalDigits(DigitsTask):
 noisy = NoisyDigits()
 failing = FailingDigits()
 personal = PersonalDigits()
+
+
+class CrashingDigits(FailingDigits):
+    """Client FAIL_TRAIN's training ends its whole worker process (a segfault in a native
+    library, the OOM killer), every round."""
+
+    def train(self, model: torch.nn.Module, data: Dataset, config: TrainConfig) -> TrainResult:
+        if self.index == FAIL_TRAIN:
+            os._exit(3)
+        return super().train(model, data, config)
+
+
+crashing = CrashingDigits()

@@ -1,8 +1,9 @@
-"""`fedserver simulate`: virtual clients on a local Ray instance against the real coordinator.
+"""`fedserver simulate`: virtual clients against the real coordinator, on the embedded engine
+(the default) and on a local Ray instance (--engine ray).
 
-Every run is a real `fedserver simulate` process with its own small Ray instance (2 workers at
-most, 80 MiB object store, no dashboard) in a short temp dir of its own, so a test can check
-that no Ray process outlives it.
+Every run is a real `fedserver simulate` process; a Ray one has its own small Ray instance (2
+workers at most, 80 MiB object store, no dashboard) in a short temp dir of its own, so a test
+can check that no Ray process outlives it (the Ray flags are ignored by the embedded engine).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from fedserver.cli import build_parser
 from fedserver.simulation.settings import parse_resources
@@ -110,7 +113,7 @@ def test_simulate_takes_runs_own_flag_definitions() -> None:
     for flag in ("--port", "--host", "--tls-cert", "--tokens", "--secure", "--linger"):
         assert flag in run_flags and flag not in sim_flags, flag
     for flag in ("--clients", "--ray-address", "--client-resources", "--partitioner",
-                 "--alpha", "--encoding", "--workers"):  # fmt: skip
+                 "--alpha", "--encoding", "--workers", "--engine"):  # fmt: skip
         assert flag in sim_flags, flag
 
 
@@ -132,14 +135,25 @@ def test_too_few_clients_is_a_usage_error_before_ray(tmp_path: Path, ray_dir: Pa
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.timeout(120)
-def test_async_mode_is_refused_at_start_up(tmp_path: Path, ray_dir: Path) -> None:
-    """It used to start Ray and wait forever: asynchronous rounds select no one to dispatch."""
-    args = ("--clients", "4", "--mode", "async", "--buffer-size", "2")
-    out = fedserver(*_sim_args(tmp_path / "s", ray_dir, DIGITS, *args), timeout=60)
-    assert out.returncode == 2, out.stderr[-4000:]
-    assert "--mode async cannot be simulated yet" in out.stderr
-    assert not (tmp_path / "s").exists()
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_async_mode_runs_the_same_on_any_number_of_workers(tmp_path: Path, ray_dir: Path) -> None:
+    """--mode async once waited forever (asynchronous rounds select nobody): now waves of
+    --max-concurrency clients pull each version; with 4 pulling and buffers of 2, every other
+    buffer takes the wave's late half at staleness 1. Same seed, same bytes on 0 and 2 workers."""
+    args = ("--clients", "8", "--mode", "async", "--buffer-size", "2", "--max-concurrency", "4")
+    args += ("--rounds", "4", "--seed", "5", "--round-timeout", "600")
+    models = []
+    for workers in ("0", "2"):
+        state = tmp_path / f"w{workers}"
+        _simulate(state, ray_dir, DIGITS, *args, "--workers", workers)
+        status = status_json(state)
+        assert status["status"] == "finished"
+        assert [r["participants"] for r in status["rounds"]] == [2, 2, 2, 2]
+        staleness = [r["metrics"]["staleness_max"] for r in status["rounds"]]
+        assert staleness == [0, 1, 0, 1], staleness
+        models.append((state / "model.safetensors").read_bytes())
+    assert models[0] == models[1]
 
 
 # ---------------------------------------------------------------------------- runs (slow)
@@ -168,17 +182,78 @@ def test_digits_simulation_matches_fedclient_processes(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_same_seed_same_model_on_one_and_two_workers(tmp_path: Path, ray_dir: Path) -> None:
-    """The task also draws from numpy's and random's global generators while training: they
-    are seeded per (seed, client, round) like torch's, not left to each worker's history."""
-    models = []
-    for workers in ("1", "2"):
-        state = tmp_path / f"w{workers}"
+@pytest.mark.integration
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize(
+    ("task", "encoding"),
+    [("tests.sim_tasks:personal", ()), (DIGITS, ("--encoding", "topk:0.05"))],
+    ids=["fedper", "topk-error-feedback"],
+)
+def test_stateful_virtual_clients_match_fedclient_processes(
+    tmp_path: Path, ray_dir: Path, procs: list[Proc], task: str, encoding: tuple[str, ...]
+) -> None:
+    """FedPer (the last bias stays on each client and shapes its next update), and top-k's
+    error feedback (what a round's top-k left out is added to the next round's delta), 3
+    clients x 3 rounds: the simulated federation ends at the deployed one's model (float
+    tolerance: a deployment folds updates in arrival order). Both need per-client state
+    across rounds, which virtual clients once did not keep."""
+    rounds, common = "3", ("--clients-per-round", "3", "--min-clients", "3", "--seed", "0")
+    sim_state = tmp_path / "sim"
+    _simulate(sim_state, ray_dir, task, "--clients", "3", "--rounds", rounds, *common, *encoding)
+
+    port, real_state = free_port(), tmp_path / "real"
+    server = start_serving(
+        procs, tmp_path / "logs", port, real_state, "--rounds", rounds, *common, task=task
+    )
+    clients = start_clients(procs, tmp_path / "logs", port, 3, *encoding, task=task)
+    wait_finished(server, clients, 300)
+
+    sim, real = (
+        load_file(sim_state / "model.safetensors"),
+        load_file(real_state / "model.safetensors"),
+    )
+    assert sorted(sim) == sorted(real)
+    for name in sim:
+        np.testing.assert_allclose(sim[name], real[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # Each client's state, on disk between its rounds.
+    assert sorted(p.name for p in (sim_state / "virtual-clients").iterdir()) == [
+        f"client-{i}.safetensors" for i in range(3)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_same_seed_same_model_on_every_engine_and_worker_count(
+    tmp_path: Path, ray_dir: Path
+) -> None:
+    """Embedded in-process, 1 and 2 worker processes, and Ray: the same model bytes. The task
+    also draws from numpy's and random's global generators while training: they are seeded per
+    (seed, client, round) like torch's, not left to each worker's history."""
+    models = {}
+    for name, flags in {
+        "embedded-0": ("--workers", "0"),
+        "embedded-1": ("--workers", "1"),
+        "embedded-2": ("--workers", "2"),
+        "ray-2": ("--workers", "2", "--engine", "ray"),
+    }.items():
+        state = tmp_path / name
         args = ("--clients", "10", "--clients-per-round", "5", "--rounds", "2", "--seed", "3")
-        _simulate(state, ray_dir, "tests.sim_tasks:noisy", *args, "--workers", workers)
-        models.append((state / "model.safetensors").read_bytes())
-    assert models[0] == models[1]
+        _simulate(state, ray_dir, "tests.sim_tasks:noisy", *args, *flags)
+        models[name] = (state / "model.safetensors").read_bytes()
+    assert len(set(models.values())) == 1, {k: hash(v) for k, v in models.items()}
+
+
+def test_ray_only_flags_are_refused_with_the_embedded_engine(tmp_path: Path) -> None:
+    for flags, message in (
+        (("--ray-address", "auto", "--engine", "embedded"), "--ray-address names a Ray cluster"),
+        (("--client-resources", "gpus=1"), "gpus=... is Ray's"),
+        (("--workers", "0", "--engine", "ray"), "--workers 0 (in-process) is the embedded"),
+    ):
+        out = fedserver("simulate", "--task", DIGITS, "--clients", "2",
+                        "--state-dir", str(tmp_path / "s"), *flags)  # fmt: skip
+        assert out.returncode == 2, (flags, out.stderr[-2000:])
+        assert message in out.stderr, (flags, out.stderr[-2000:])
+        assert not (tmp_path / "s").exists()
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,10 +18,11 @@ import pytest
 from fedclient.virtual import VirtualClients, VirtualSpec, client_id
 from fedcore.tensors import FlatModel
 from fedserver.cli import build_parser
-from fedserver.coordinator.assembly import SetupError, build_coordinator
+from fedserver.coordinator.assembly import build_coordinator
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.simulation.cli import sim_settings
-from fedserver.simulation.driver import SimSettings, _run, check_settings
+from fedserver.simulation.driver import SimSettings, _run, _run_async, check_settings
+from fedserver.simulation.embedded import EmbeddedPool
 from fedserver.simulation.inprocess import InProcessTransport
 from tests.sim_tasks import FAIL_EVALUATE, FAIL_TRAIN
 
@@ -64,13 +65,23 @@ def _spec(s: SimSettings) -> VirtualSpec:
     return VirtualSpec(s.server.task, s.clients, s.partitioner, s.alpha, s.server.seed)
 
 
-async def _simulate(s: SimSettings) -> Coordinator:
+async def _simulate(s: SimSettings, workers: int | None = None) -> Coordinator:
+    """The driver loop on InlinePool, or with `workers` on the embedded engine's processes."""
     check_settings(s)
     coordinator = build_coordinator(s.server)
+    pool: Any = InlinePool(_spec(s))
     try:
+        if workers is not None:
+            pool = await EmbeddedPool.start(_spec(s), workers)
         ids = [client_id(i) for i in range(s.clients)]
-        await _run(InProcessTransport(coordinator), InlinePool(_spec(s)), ids, asyncio.Event())
+        transport, wave = InProcessTransport(coordinator), s.server.mode.simulation_wave()
+        if wave is None:
+            await _run(transport, pool, ids, asyncio.Event())
+        else:
+            await _run_async(transport, pool, ids, asyncio.Event(), wave, s.server.seed)
     finally:
+        if workers is not None and isinstance(pool, EmbeddedPool):
+            await pool.close()
         coordinator.store.close()
     return coordinator
 
@@ -116,6 +127,45 @@ def test_failed_client_below_quorum_reopens_then_gives_up_at_once(tmp_path: Path
     assert coordinator.machine.rounds_completed == 0
 
 
+@pytest.mark.timeout(90)
+def test_failed_clients_do_not_stall_asynchronous_rounds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--mode async: client 1 fails whenever it is drawn; the buffers fill from the others
+    without waiting out a lease (--round-timeout). (A worker process: in this one the
+    coordinator's central evaluation would share the task object that knows it is client 2.)"""
+    s = _settings(
+        tmp_path / "state",
+        "tests.sim_tasks:failing",
+        *("--clients", "4", "--mode", "async", "--buffer-size", "2", "--max-concurrency", "3"),
+        *("--rounds", "3", "--round-timeout", NEVER),
+    )
+    coordinator = asyncio.run(_simulate(s, workers=1))
+    assert not coordinator.failure
+    assert coordinator.machine.rounds_completed == 3
+    assert f"virtual client {client_id(FAIL_TRAIN)} failed: ValueError" in caplog.text
+
+
+@pytest.mark.timeout(120)
+def test_a_lost_embedded_worker_fails_its_batch_not_the_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Client 1's training kills its worker process (os._exit) every round: that batch's
+    client fails at once (no --round-timeout), a fresh worker serves the next batch, and both
+    rounds close on the other 3 updates."""
+    s = _settings(
+        tmp_path / "state",
+        "tests.sim_tasks:crashing",
+        *("--clients", "4", "--clients-per-round", "4", "--min-clients", "2"),
+        *("--rounds", "2", "--round-timeout", NEVER),
+    )
+    coordinator = asyncio.run(_simulate(s, workers=1))
+    assert not coordinator.failure
+    assert coordinator.machine.rounds_completed == 2
+    assert "embedded worker 0 exited (code 3)" in caplog.text
+    assert f"virtual client {client_id(FAIL_TRAIN)} failed: embedded worker 0" in caplog.text
+
+
 # ---------------------------------------------------------------- determinism
 def test_numpy_and_random_are_seeded_per_client_and_round(tmp_path: Path) -> None:
     """A client's update is the same whichever clients its worker ran before it: numpy's and
@@ -143,12 +193,6 @@ def test_numpy_and_random_are_seeded_per_client_and_round(tmp_path: Path) -> Non
 
 
 # ---------------------------------------------------------------- refused at start-up
-def test_personal_tensors_are_refused(tmp_path: Path) -> None:
-    s = _settings(tmp_path / "state", "tests.sim_tasks:personal", "--clients", "4")
-    with pytest.raises(SetupError, match=re.escape("personal_tensors '2.bias'")):
-        check_settings(s)
-
-
 def test_a_lost_ray_worker_fails_its_batch_not_the_run() -> None:
     """After Ray's own retries, a worker that died on a batch makes its clients failed
     clients of the round (reported at once, as above) instead of an exception ending the run."""
@@ -170,3 +214,19 @@ def test_a_lost_ray_worker_fails_its_batch_not_the_run() -> None:
     ]
     evaluated = asyncio.run(results(lambda c, e: Evaluated(c, error=e)))
     assert all(isinstance(e, Evaluated) and e.error for e in evaluated)
+
+
+def test_model_files_of_a_killed_driver_are_removed(tmp_path: Path) -> None:
+    """A driver killed with -9 leaves its model file in shared memory (RAM): the next
+    embedded pool removes the files of drivers that are gone, not those of live ones."""
+    from fedserver.simulation import embedded
+
+    root = tmp_path / "shm"
+    gone = root / f"{embedded.PREFIX}999999999-abc"  # above any pid_max: never alive
+    alive = root / f"{embedded.PREFIX}{os.getpid()}-abc"
+    for path in (gone, alive):
+        path.mkdir(parents=True)
+        (path / "model-1.bin").write_bytes(b"x")
+    embedded._remove_orphans(root)
+    assert not gone.exists()
+    assert (alive / "model-1.bin").exists()

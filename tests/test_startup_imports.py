@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,3 +56,15 @@ def test_lora_modules_import_without_the_llm_extra() -> None:
         "import fedclient.lora, examples.stdlib_lm, fedserver.transport.service, fedclient.session"
     )
     assert loaded_after(statement, LLM) == []
+
+
+@pytest.mark.timeout(150)
+def test_embedded_simulation_never_imports_ray(tmp_path: Path) -> None:
+    """`fedserver simulate` runs without Ray (an optional extra): the driver with its in-process
+    clients, and the modules its worker processes import."""
+    args = ["simulate", "--task", "examples.digits:task", "--clients", "2", "--rounds", "1"]
+    args += ["--workers", "0", "--state-dir", str(tmp_path / "s"), "--log-level", "warning"]
+    run = f"from fedserver.cli import main\nassert main({args!r}) == 0"
+    assert loaded_after(run, ("ray",)) == []
+    workers = "import fedserver.simulation.embedded_worker, fedserver.simulation.embedded"
+    assert loaded_after(workers, ("ray",)) == []

@@ -83,6 +83,20 @@ class TransportQueries:
             return None
         return Due(offer, m.round, todo)
 
+    def pull_due(self, client_ids: Collection[str]) -> Due | None:
+        """Asynchronous rounds select nobody: these clients poll for the model, as each would
+        when free; those handed it (and a lease) are due an update, in client-id order."""
+        m = self.machine
+        if m.phase is not Phase.COLLECTING or self.shutting_down:
+            return None
+        first, todo = None, []
+        for cid in sorted(client_ids):
+            offer = self.offer(cid, "")  # type: ignore[attr-defined]
+            if offer is not None and offer.selected:
+                first = first or offer
+                todo.append(cid)
+        return Due(first, m.round, todo) if first is not None else None
+
     def evaluation_round(self) -> int:
         """The round whose model clients are evaluating now, or 0."""
         campaign = self.evaluations.campaign

@@ -59,6 +59,12 @@ class RoundMode:
         """Why this mode cannot run with --secure `secure` and `strategy`; None: it can."""
         return None
 
+    def simulation_wave(self) -> int | None:
+        """`fedserver simulate`: None when the round machine selects who trains (the driver
+        runs the selected); else how many virtual clients pull the model at once, for modes
+        where nobody is selected and clients pull whenever they are free."""
+        return None
+
     def machine(
         self,
         policy: RoundPolicy,

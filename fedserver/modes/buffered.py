@@ -74,17 +74,14 @@ class Buffered(RoundMode):
         ),
     )
     pinned = ("buffer-size",)
-    # The seam hands work to the clients a round selects; asynchronous rounds select no one
-    # (clients pull whenever they are free), so nothing would ever run. Simulating them needs
-    # virtual clients that finish at different (virtual) times.
-    not_simulated = (
-        "--mode async cannot be simulated yet (virtual clients have no notion of finishing at "
-        "different times): use --mode fedavg or fedsgd here, or run real clients against "
-        "`fedserver run --mode async`"
-    )
 
     def __init__(self, policy: AsyncPolicy) -> None:
         self.policy = policy
+
+    def simulation_wave(self) -> int:
+        """Nobody is selected, so the simulation has clients pull: --max-concurrency of them
+        at once (every training slot), else one buffer's worth (--buffer-size)."""
+        return self.policy.max_concurrency or self.policy.buffer_size
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Buffered:

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fedclient.flags import add_data_flags, add_device_flags
+from fedcore.config import CliParser
 from fedcore.logs import setup_logging
 from fedcore.progress import wanted as progress_wanted
 from fedserver.commands import run as run_cli
 from fedserver.coordinator.assembly import EXIT_USAGE, SetupError
+from fedserver.simulation.settings import ENGINES
 
 if TYPE_CHECKING:
     from fedserver.simulation.driver import SimSettings
@@ -53,6 +55,7 @@ example:
       --rounds 20 --partitioner dirichlet --alpha 0.3 --state-dir ./sim
   fedserver simulate --task examples.synthetic:task --clients 10000 --clients-per-round 100 \\
       --rounds 50 --state-dir ./sim-synthetic --ray-address auto   # on a Ray cluster
+  fedserver simulate --task examples.digits:task --clients 20 --workers 0   # in this process
   fedserver status --state-dir ./sim && fedserver report --state-dir ./sim --out ./sim-report
 """
 
@@ -87,42 +90,60 @@ def _copy_actions(
     return left_out
 
 
+def _workers(text: str) -> int:
+    """argparse type of --workers: a count, 0 allowed (the embedded engine in-process)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sim = sub.add_parser(
         "simulate",
-        help="simulate N virtual clients on Ray against the real coordinator",
+        help="simulate N virtual clients against the real coordinator",
         description="Run a federation of --clients virtual clients: the coordinator is the one "
         "`fedserver run` starts (rounds, strategies, DP, checkpoints, state dir); the clients "
-        "run `fedclient`'s code on Ray workers, K per round. Starts a local Ray instance unless "
-        "--ray-address names a cluster. Rerun with the same --state-dir to resume. "
-        "See docs/simulation.md.",
+        "run `fedclient`'s code, K per round, in local worker processes (the embedded engine) "
+        "or on Ray (--engine ray, or --ray-address for a cluster). Rerun with the same "
+        "--state-dir to resume. See docs/simulation.md.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g = sim.add_argument_group("simulation")
     g.add_argument("--clients", type=run_cli.positive_int, required=True, help="virtual clients N")
     g.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="where virtual clients run: embedded (local worker processes, no Ray) or ray "
+        "(embedded; ray when --ray-address is given)",
+    )
+    g.add_argument(
         "--ray-address",
-        help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: start a local one",
+        help="an existing Ray cluster (e.g. ray://head:10001 or auto); implies --engine ray; "
+        "default: start a local one",
     )
     g.add_argument(
         "--client-resources",
         default="cpus=1,gpus=0",
-        help="Ray resources of one worker, i.e. of one virtual client training at a time "
-        "(cpus=1,gpus=0)",
+        help="resources of one worker, i.e. of one virtual client training at a time: Ray's, "
+        "and cpus = torch threads of an embedded worker (cpus=1,gpus=0)",
     )
     g.add_argument(
         "--workers",
-        type=run_cli.positive_int,
-        help="Ray workers (one model replica each); default: as many as the resources allow",
+        type=_workers,
+        help="worker processes (one model replica each); embedded: 0 runs the clients in this "
+        "process; default: as many as the CPUs (Ray: the resources) allow",
     )
     g.add_argument(
         "--object-store-mb",
         type=run_cli.positive_int,
         default=128,
-        help="local Ray only: object store size in MiB (128)",
+        help="--engine ray, local Ray only: object store size in MiB (128)",
     )
-    g.add_argument("--ray-temp-dir", help="local Ray only: its session files (Ray's /tmp/ray)")
+    g.add_argument(
+        "--ray-temp-dir", help="--engine ray, local Ray only: its session files (Ray's /tmp/ray)"
+    )
 
     clients = sim.add_argument_group("virtual clients (as `fedclient run`)")
     add_data_flags(clients)
@@ -142,6 +163,13 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     sim.set_defaults(handler=run_simulation, **left_out)
 
 
+def parser() -> argparse.ArgumentParser:
+    """`fedserver` with only this subcommand: what api.py parses its keyword arguments with."""
+    top = CliParser(prog="fedserver")
+    add_command(top.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return top
+
+
 def run_simulation(args: argparse.Namespace) -> int:
     from fedserver.simulation.driver import simulate
 
@@ -157,7 +185,7 @@ def run_simulation(args: argparse.Namespace) -> int:
     try:
         # Only SetupError (refused at start-up) is a usage error from here on: a ValueError
         # raised later comes from running code (a task, a client), not from a flag.
-        return asyncio.run(simulate(settings))
+        return asyncio.run(simulate(settings)).code
     except SetupError as e:
         log.error("%s", e)
         return EXIT_USAGE
@@ -171,6 +199,13 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
     from fedserver.simulation.settings import RaySettings, parse_resources
 
     cpus, gpus = parse_resources(args.client_resources)
+    engine = args.engine or ("ray" if args.ray_address else "embedded")
+    if args.ray_address and engine != "ray":
+        raise ValueError("--ray-address names a Ray cluster: it needs --engine ray")
+    if engine == "embedded" and gpus > 0:
+        raise ValueError(
+            "--client-resources gpus=... is Ray's: with the embedded engine give --device cuda"
+        )
     device = "cpu" if args.device == "auto" and gpus == 0 else args.device
     if args.ray_address is None:  # local workers see this machine's devices: check them now
         from fedcore.device import resolve_device
@@ -200,4 +235,5 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
             temp_dir=str(Path(args.ray_temp_dir).resolve()) if args.ray_temp_dir else None,
         ),
         progress=progress_wanted(args.log_format),
+        engine=engine,
     )

@@ -1,4 +1,5 @@
-"""The simulation loop: the real coordinator, its round machine deciding; Ray workers training.
+"""The simulation loop: the real coordinator, its round machine deciding; an engine's workers
+(embedded.py: local processes or this one; workers.py: Ray) training.
 
 Each round: every virtual client is marked live (a dict entry each), the round machine opens
 the round and selects K of them exactly as it would select processes, the K selected run on
@@ -15,14 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
+import random
 import signal
+import sys
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from fedclient.partition import Partition
 from fedclient.virtual import VirtualSpec, client_id, client_index
 from fedcore.plugins import load_object
+from fedcore.tensors import FlatModel
 from fedserver.coordinator.assembly import (
     EXIT_FAILED,
     EXIT_OK,
@@ -33,11 +39,11 @@ from fedserver.coordinator.assembly import (
 from fedserver.coordinator.progress import show_progress
 from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
-
-if TYPE_CHECKING:
-    from fedserver.simulation.workers import WorkerPool
+from fedserver.state.history import RoundRecord
 
 log = logging.getLogger("fedserver")
+
+CLIENT_STATE = "virtual-clients"  # the StateStore (fedclient/state.py) in the state dir
 
 # How long to sleep on the coordinator when no virtual client has work and no round can be
 # decided: only while no round is collecting (aggregating, stopping).
@@ -55,12 +61,36 @@ class SimSettings:
     precision: str = "fp32"
     ray: RaySettings = field(default_factory=RaySettings)
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
+    engine: str = "embedded"  # or "ray" (settings.ENGINES)
 
 
-async def simulate(s: SimSettings) -> int:
-    """Run the simulation to the end (or a signal); the exit code `fedserver run` would give."""
-    from fedserver.simulation import workers  # imports ray
+class Pool(Protocol):
+    """Where virtual clients run (embedded.py, workers.py): one awaitable per batch of the ids
+    given, each yielding Fitted / Evaluated in the order of its ids."""
 
+    def fit_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str]
+    ) -> Sequence[Awaitable[list[Any]]]: ...
+
+    def evaluate_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str]
+    ) -> Sequence[Awaitable[list[Any]]]: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a simulation ended: the exit code `fedserver run` would give, why it failed (""),
+    and every round the state dir records."""
+
+    code: int
+    failure: str
+    rounds: list[RoundRecord]
+
+
+async def simulate(s: SimSettings) -> Outcome:
+    """Run the simulation to the end (or a signal)."""
     check_settings(s)
     try:
         coordinator = build_coordinator(s.server)
@@ -71,13 +101,12 @@ async def simulate(s: SimSettings) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        # Only the main thread's loop can take signals (the Python API may run elsewhere).
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
     bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
+    ray_started = False
     try:
-        try:
-            workers.start_ray(s.ray)
-        except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
-            raise SetupError(f"cannot start or reach Ray: {e}") from None
         spec = VirtualSpec(
             s.server.task,
             s.clients,
@@ -87,14 +116,23 @@ async def simulate(s: SimSettings) -> int:
             s.encoding,
             device=s.device,
             precision=s.precision,
+            threads=max(1, int(s.ray.cpus)),
+            # What a fedclient process keeps in memory between rounds, on disk: beside the
+            # coordinator's state, so a resumed simulation resumes its clients too.
+            state_dir=str((s.server.state_dir / CLIENT_STATE).resolve()),
         )
-        pool = workers.WorkerPool(spec, s.ray)
+        ray_started = s.engine == "ray"
+        pool = await start_pool(s, spec)
         alive = asyncio.create_task(transport.keep_alive(ids))  # virtual clients never go silent
+        wave = s.server.mode.simulation_wave()
         try:
-            await _run(transport, pool, ids, stop)
+            if wave is None:
+                await _run(transport, pool, ids, stop)
+            else:
+                await _run_async(transport, pool, ids, stop, wave, s.server.seed)
         finally:
             alive.cancel()
-            pool.close()
+            await pool.close()
         if stop.is_set():
             await coordinator.shut_down()
             code = EXIT_OK
@@ -105,20 +143,55 @@ async def simulate(s: SimSettings) -> int:
             bar.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await bar
-        workers.stop_ray()
+        if ray_started:
+            from fedserver.simulation import workers
+
+            workers.stop_ray()
         if coordinator.publisher.tracker is not None:  # flushed within --track-timeout
             await asyncio.to_thread(coordinator.publisher.tracker.close, coordinator.failure)
+        rounds = coordinator.store.recent_rounds(coordinator.policy.total_rounds + 1)[0]
         coordinator.store.close()
     log.info(
         "simulation stopped after %d completed round(s); state in %s",
         coordinator.machine.rounds_completed,
         s.server.state_dir,
     )
-    return code
+    return Outcome(code, coordinator.failure or "", rounds)
+
+
+async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
+    """The engine's workers, each with its task and model built (SetupError: they cannot)."""
+    if s.engine == "ray":
+        from fedserver.simulation import workers  # imports ray: only for this engine
+
+        try:
+            workers.start_ray(s.ray)
+        except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
+            raise SetupError(f"cannot start or reach Ray: {e}") from None
+        return workers.WorkerPool(spec, s.ray)
+    from fedserver.simulation.embedded import EmbeddedPool, InProcessPool, default_workers
+
+    count = default_workers(spec.threads) if s.ray.workers is None else s.ray.workers
+    if count == 0:
+        return InProcessPool(spec)
+    torch = sys.modules.get("torch")  # imported by a torch task's central evaluation
+    if torch is not None:
+        # The workers train on the CPUs; the coordinator's torch work (central evaluation)
+        # runs between their batches. With a thread per core it spun against the workers:
+        # rounds took 2x as long (bench.simulation, 2 cores, 2 workers).
+        torch.set_num_threads(max(1, default_workers(1) - count * spec.threads))
+    return await EmbeddedPool.start(spec, count)
 
 
 def check_settings(s: SimSettings) -> None:
     """What cannot be simulated, refused before Ray starts or the state dir is touched."""
+    if s.engine == "ray" and s.ray.workers == 0:
+        raise SetupError("--workers 0 (in-process) is the embedded engine's: drop --engine ray")
+    if s.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise SetupError(
+            "--engine ray needs Ray, an optional extra: pip install 'fedgrpc[ray]' "
+            "(or leave --engine at embedded)"
+        )
     if s.clients < s.server.policy.min_clients:
         raise SetupError(
             f"--clients {s.clients} is below --min-clients {s.server.policy.min_clients}: "
@@ -138,22 +211,13 @@ def check_settings(s: SimSettings) -> None:
         )
     try:
         Partition(0, s.clients, s.partitioner, s.alpha, s.server.seed)
-        task = load_object(s.server.task)
+        load_object(s.server.task)
     except ValueError as e:
         raise SetupError(str(e)) from None
-    personal = getattr(task, "personal_tensors", "")
-    if personal:
-        # Virtual clients keep nothing between rounds, so personal layers would be reset to
-        # the global model's each round and, worse, sent and averaged like any other tensor.
-        raise SetupError(
-            f"task {s.server.task} has personal_tensors {personal!r} (FedPer), which needs "
-            "per-client state that virtual clients do not keep: run real clients "
-            "(fedclient run), or simulate a task without personal_tensors"
-        )
 
 
 async def _run(
-    transport: InProcessTransport, pool: WorkerPool, ids: list[str], stop: asyncio.Event
+    transport: InProcessTransport, pool: Pool, ids: list[str], stop: asyncio.Event
 ) -> None:
     coordinator = transport.coordinator
     ran = _PerKey()  # clients that ran in this attempt of this round, counted or not
@@ -172,23 +236,73 @@ async def _run(
                 await transport.wait_change(IDLE_WAIT)
             continue
         dispatched.update(work.client_ids)
-        count = len(ids)
-        for cid in work.client_ids:
-            transport.joined(
-                cid, {"hostname": "simulation", "partition": f"{client_index(cid)}/{count}"}
-            )
+        _joined(transport, work.client_ids, len(ids))
         for ref in pool.fit_refs(work.header, work.model, work.client_ids):
             for fitted in await ref:  # batches in id order: the fold order is fixed
-                if fitted.error:
-                    log.warning("virtual client %s failed: %s", fitted.client_id, fitted.error)
-                    continue
-                assert fitted.payload is not None
-                refused = transport.submit(fitted.header, fitted.payload, fitted.digest)
-                if refused:
-                    log.warning("update of %s not counted: %s", fitted.client_id, refused)
+                _submit(transport, fitted)
+                await asyncio.sleep(0)  # let the engine take in the next results meanwhile
             if stop.is_set():
                 break
         await transport.wait_aggregated()
+
+
+async def _run_async(
+    transport: InProcessTransport,
+    pool: Pool,
+    ids: list[str],
+    stop: asyncio.Event,
+    wave: int,
+    seed: int,
+) -> None:
+    """Asynchronous rounds (--mode async): nobody is selected, clients pull when free. Without
+    a clock of its own the simulation plays it in waves: `wave` clients drawn at random (seeded
+    by --seed and the version) pull the current model at once, train, and arrive in client-id
+    order. The first to arrive fill the open buffer; once it is applied, the rest count in the
+    next version's, with staleness 1 or more (when `wave` exceeds --buffer-size)."""
+    coordinator = transport.coordinator
+    failed_evaluations = _PerKey()
+    waves = _PerKey()  # the waves drawn for this version so far: each draw differs
+    while not stop.is_set():
+        await _evaluate(transport, pool, failed_evaluations.of(transport.evaluation_round()))
+        if coordinator.done.is_set():
+            return
+        await transport.settled()
+        transport.touch_all(ids)
+        version = transport.round_attempt()[0]
+        drawn = waves.of(version)
+        draw = random.Random(f"{seed}:{version}:{len(drawn)}")
+        drawn.add(str(len(drawn)))
+        work = transport.pull_work(draw.sample(ids, min(wave, len(ids))))
+        if work is None:  # no buffer open, or no slot free (--max-concurrency)
+            await transport.wait_change(IDLE_WAIT)
+            continue
+        _joined(transport, work.client_ids, len(ids))
+        for ref in pool.fit_refs(work.header, work.model, work.client_ids):
+            for fitted in await ref:
+                if coordinator.done.is_set():  # the last version is out: the rest come late
+                    return
+                await transport.settled()
+                _submit(transport, fitted)
+                await asyncio.sleep(0)  # let the engine take in the next results meanwhile
+            if stop.is_set():
+                break
+
+
+def _joined(transport: InProcessTransport, client_ids: Sequence[str], count: int) -> None:
+    for cid in client_ids:
+        partition = f"{client_index(cid)}/{count}"
+        transport.joined(cid, {"hostname": "simulation", "partition": partition})
+
+
+def _submit(transport: InProcessTransport, fitted: Any) -> None:
+    """One virtual client's result to the coordinator, as its SubmitUpdate would bring it."""
+    if fitted.error:
+        log.warning("virtual client %s failed: %s", fitted.client_id, fitted.error)
+        return
+    assert fitted.payload is not None
+    refused = transport.submit(fitted.header, fitted.payload, fitted.digest)
+    if refused:
+        log.warning("update of %s not counted: %s", fitted.client_id, refused)
 
 
 @dataclass
@@ -205,7 +319,7 @@ class _PerKey:
         return self.ids
 
 
-async def _evaluate(transport: InProcessTransport, pool: WorkerPool, failed: set[str]) -> None:
+async def _evaluate(transport: InProcessTransport, pool: Pool, failed: set[str]) -> None:
     """Federated evaluation of the last published model, when the coordinator asks for one.
     A client that fails (or whose result is refused) is not asked again for this model."""
     work = transport.evaluation_work(exclude=failed)

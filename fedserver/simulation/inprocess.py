@@ -71,6 +71,15 @@ class InProcessTransport:
         """The selected clients that still owe an update this round (not in `exclude`)."""
         return self._work(self.coordinator.training_due(exclude))
 
+    def pull_work(self, client_ids: Collection[str]) -> Work | None:
+        """Asynchronous rounds: these clients pull the model; those handed it (and a lease)."""
+        return self._work(self.coordinator.pull_due(client_ids))
+
+    async def settled(self) -> None:
+        """Before a submit under asynchronous rounds: a buffer being applied is waited out
+        (as the gRPC servicer holds a SubmitUpdate), so the update counts in the next one."""
+        await self.coordinator.settled()
+
     def decide_now(self, ran: Collection[str]) -> bool:
         """Every selected client has run: decide the round now rather than at its deadline
         (CoordinatorAPI.decide_now)."""
