@@ -264,7 +264,7 @@ def test_fedavg_with_zero_delta_is_bit_identical() -> None:
 def test_build_strategy() -> None:
     assert isinstance(build_strategy("fedavg"), FedAvg)
     assert "fedavg" in STRATEGIES
-    with pytest.raises(ValueError, match="unknown strategy 'nope'; choose one of: fedadagrad"):
+    with pytest.raises(ValueError, match="unknown strategy 'nope'; choose one of: bulyan, fedadagrad"):
         build_strategy("nope")
 
 
