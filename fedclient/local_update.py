@@ -17,7 +17,13 @@ import numpy as np
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
 from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.selection import Selection
-from fedcore.tensors import FlatModel, Manifest, flatten_state_dict, float_vector, to_state_dict
+from fedcore.tensors import (
+    FlatModel,
+    Manifest,
+    float_delta,
+    float_delta_in_place,
+    to_state_dict,
+)
 
 
 @contextlib.contextmanager
@@ -92,9 +98,14 @@ def local_update(
     config: TrainConfig,
     train_sel: Selection,
     personal: dict[str, Any] | None = None,
+    consume_base: bool = False,
 ) -> tuple[TrainResult, np.ndarray]:
     """Train `model` from `base` (or take one gradient under FedSGD); the float32 update
     vector over every float tensor in manifest order, and what the task reported.
+
+    `consume_base`: the caller drops `base` afterwards, so a float32 model's update is written
+    over base's buffer (no model-sized vector besides the model and the base; a 2.4 GB model
+    in a client of 2 x model). Virtual clients share one base and keep the default.
 
     Deterministic given `config.seed`: the global torch, numpy and `random` generators are
     seeded here (seed_rngs) and the default loop shuffles with its own generator, so the same
@@ -102,7 +113,7 @@ def local_update(
     simulation worker, after any other clients).
     """
     seed_rngs(config.seed)
-    model.load_state_dict(to_state_dict(base))
+    model.load_state_dict(to_state_dict(base, copy=False))  # load_state_dict copies
     if personal:
         model.load_state_dict(personal, strict=False)  # FedPer: keep our own layers
     with trainable_only(model, train_sel):
@@ -114,4 +125,6 @@ def local_update(
         # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
         # server_lr x its mean, i.e. plain SGD on the averaged gradient.
         return result, -gradient_vector(model, base.manifest.floats())
-    return result, float_vector(flatten_state_dict(model.state_dict())) - float_vector(base)
+    state = model.state_dict()
+    vector = float_delta_in_place(state, base) if consume_base else None
+    return result, vector if vector is not None else float_delta(state, base)

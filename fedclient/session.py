@@ -250,6 +250,9 @@ class ClientSession:
             if header is None:
                 header = msg.header
                 if header.total_bytes:
+                    # Another version follows: drop the one held before its successor's buffer
+                    # is allocated (two models in memory, not three).
+                    self.held = None
                     assembler = ChunkAssembler(manifest_from_proto(header.manifest))
             elif assembler is not None:
                 data = model_data(msg)
@@ -274,7 +277,7 @@ class ClientSession:
         metrics: dict[str, float] = {}
         num_examples = len(data.test) if data.test is not None else 0  # type: ignore[arg-type]
         if num_examples:
-            model.load_state_dict(to_state_dict(base))
+            model.load_state_dict(to_state_dict(base, copy=False))  # it copies
             if self._personal:  # FedPer: what this client serves is global + its own layers
                 model.load_state_dict(self._personal, strict=False)
             with explained("evaluation failed", self.task, data, model):
@@ -340,8 +343,12 @@ class ClientSession:
                 config = dataclasses.replace(
                     config, on_epoch=lambda epoch, _total: progress.update(bar, completed=epoch)
                 )
+            # The held model is consumed: a float32 model's update is written over its bytes,
+            # so a client holds two models' worth (its own and the pulled one), not three.
+            self.held = None
             with explained(f"round {header.round}: training failed", self.task, data, model):
-                trained = train(self.task, model, data, base, config, tensors, self._personal)
+                trained = train(self.task, model, data, base, config, tensors, self._personal, True)
+            del base
         # --slowdown: emulate a slow device (demos, tests, benchmarks). Scaled by the CPU time
         # trained, not the wall time: on a shared host the wall time of round 1 (10 clients
         # starting at once) was 30x that of later rounds, and a slow client multiplied it again.

@@ -97,11 +97,20 @@ def train(
     config: TrainConfig,
     tensors: RoundTensors,
     kept: dict[str, Any] | None = None,
+    consume_base: bool = False,
 ) -> Trained:
-    """Local update from `base`; `kept`: this client's personal tensors from last round."""
+    """Local update from `base`; `kept`: this client's personal tensors from last round.
+    `consume_base`: the caller drops `base` after this (see local_update)."""
     personal = tensors.personal
     result, vector = local_update(
-        task, model, data, base, config, tensors.trained, kept if personal is not None else None
+        task,
+        model,
+        data,
+        base,
+        config,
+        tensors.trained,
+        kept if personal is not None else None,
+        consume_base=consume_base,
     )
     now = None
     if personal is not None:

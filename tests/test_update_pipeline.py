@@ -55,7 +55,7 @@ def _through_fedclient_run(base: FlatModel, header: pb.ModelHeader, index: int) 
     session = ClientSession(settings, task)
     try:
         session.joined = True  # no Join: the upload is captured, nothing is dialled
-        session.held = base
+        session.held = base.copy()  # the session consumes what it holds (its update)
         upload = CapturedUpload()
         session.calls = upload  # type: ignore[assignment]
         session._train_and_submit(header, task.build_model(), task.load_partition(partition))
