@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 # Re-exported: the durable writes are used through this module across the code base.
+from fedcore.durable import DIRECT_MIN
 from fedcore.durable import PRIVATE as PRIVATE
 from fedcore.durable import SHARED as SHARED
 from fedcore.durable import atomic_link as atomic_link
@@ -63,7 +64,8 @@ def write_safetensors(
         safetensors_header(flat, metadata),
         memoryview(flat.buffer),
     ]
-    atomic_write(path, cipher.seal(parts, role) if cipher else parts)
+    big = flat.buffer.nbytes >= DIRECT_MIN  # a model's size: past the page cache (durable.py)
+    atomic_write(path, cipher.seal(parts, role) if cipher else parts, direct=big)
 
 
 def _is_int_list(value: object, length: int | None = None) -> bool:

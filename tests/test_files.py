@@ -269,3 +269,25 @@ def test_store_publishes_an_unsealed_model_as_a_link_to_its_checkpoint(tmp_path:
         assert read_safetensors(store.model_path)[0].version == other.version
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_direct_write_gives_the_same_bytes_whatever_the_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, supported: bool
+) -> None:
+    """O_DIRECT writes (checkpoints of a model's size) through an aligned buffer: parts of any
+    size, a last block padded then cut back; a file system that refuses O_DIRECT (tmpfs)
+    gets the same bytes written through the page cache."""
+    from fedcore import durable
+
+    monkeypatch.setattr(durable, "DIRECT_BLOCK", 3 * 4096)
+    if not supported:
+        monkeypatch.setattr(durable, "_set_direct", lambda fd, on: False)
+    parts = [b"h" * 100, bytes(range(256)) * 97, memoryview(b"x" * 40000), b"", b"tail"]
+    path = tmp_path / "model.safetensors"
+    atomic_write(path, parts, direct=True)
+    assert path.read_bytes() == b"".join(bytes(p) for p in parts)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    atomic_write(path, [b"a" * 4096 * 3], direct=True)  # exactly whole blocks
+    assert path.read_bytes() == b"a" * 4096 * 3
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

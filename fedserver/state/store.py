@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcore import faults
-from fedcore.durable import private_dir
+from fedcore.durable import DIRECT_MIN, private_dir
 from fedcore.files import (
     atomic_link,
     atomic_write,
@@ -124,7 +124,8 @@ class StateStore(RoundHistory):
         parts = _checkpoint_parts(model, meta)
         role = checkpoint_role(round_number)
         sealed = self.cipher.seal(parts, role) if self.cipher else parts
-        atomic_write(self.checkpoint_path(round_number), sealed)
+        big = model.buffer.nbytes >= DIRECT_MIN  # written once, never read back: skip the cache
+        atomic_write(self.checkpoint_path(round_number), sealed, direct=big)
         if strategy_state:
             write_safetensors(
                 self.strategy_path(round_number),
