@@ -424,16 +424,11 @@ def test_a_spill_is_verified_and_read_a_window_at_a_time(
     lengths: list[int] = []
     real_mmap = receiver.mmap.mmap
 
-    class Recorder:
-        ALLOCATIONGRANULARITY = receiver.mmap.ALLOCATIONGRANULARITY
-        ACCESS_READ = receiver.mmap.ACCESS_READ
+    def recording(fd: int, length: int, *args: int, **kw: int) -> object:
+        lengths.append(length)
+        return real_mmap(fd, length, *args, **kw)
 
-        @staticmethod
-        def mmap(fd: int, length: int, **kw: int) -> object:
-            lengths.append(length)
-            return real_mmap(fd, length, **kw)
-
-    monkeypatch.setattr(receiver, "mmap", Recorder)
+    monkeypatch.setattr(receiver.mmap, "mmap", recording)
     data = bytes(range(256)) * 160  # 40 KiB: 10 blocks of 4 KiB, 5 windows
     spill = SpillFile(tmp_path, block_size=4096)
     spill.write(data[:1000])
