@@ -30,7 +30,7 @@ from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 
 # Bytes of a spill mapped at once when it is verified or folded: bounds what the mapping adds
 # to the coordinator's RSS (file pages count while mapped), whatever the model's size.
-SPILL_WINDOW = 64 << 20
+SPILL_WINDOW = 16 << 20
 # Pages mapped in one call when a window is mapped (MAP_POPULATE) instead of one fault per 4
 # KiB page as they are read: the fold of a mapped spill ran ~20% faster.
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
@@ -145,8 +145,9 @@ class SpillFile:
         fd = self._file.fileno()
         for start in range(0, self._written, step):
             length = min(step, self._written - start)
-            mapped = mmap.mmap(fd, length, _MAP_FLAGS, mmap.PROT_READ, offset=start)
-            yield start, memoryview(mapped)
+            # No reference kept here: the window goes as soon as the caller is done with it,
+            # not when the next one is already mapped.
+            yield start, memoryview(mmap.mmap(fd, length, _MAP_FLAGS, mmap.PROT_READ, offset=start))
 
     def _check_blocks(self, first: int, view: memoryview) -> None:
         for n, start in enumerate(range(0, len(view), self._block_size)):
@@ -184,6 +185,7 @@ class SpillFile:
         for _, window in self._windows():
             for start in range(0, len(window), size):
                 yield window[start : start + size]
+            window.release()  # views still held keep the mapping; ours goes now
 
     def close(self) -> None:
         self._file.close()
