@@ -384,3 +384,18 @@ def test_to_state_dict_views_share_the_buffer() -> None:
     view = to_state_dict(flat, copy=False)["w"]
     assert np.shares_memory(view.numpy(), flat.buffer)
     assert not np.shares_memory(to_state_dict(flat)["w"].numpy(), flat.buffer)
+
+
+def test_a_large_model_hashed_on_every_core_has_the_version_its_chunks_give(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coordinator hashes big models on all cores; clients hash chunk by chunk as they
+    stream (ChunkAssembler): the versions must agree."""
+    from fedcore import tensors
+
+    monkeypatch.setattr(tensors, "PARALLEL_HASH_BYTES", 1024)
+    flat = flatten_arrays({"w": np.arange(300_000, dtype=np.float32)})
+    assembler = ChunkAssembler(flat.manifest)
+    for chunk in iter_chunks(flat.buffer, 4099):
+        assembler.add(chunk)
+    assert assembler.finish(flat.version).version == flat.version
