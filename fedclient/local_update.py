@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import random
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,13 +17,7 @@ import numpy as np
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
 from fedcore.privacy import add_gaussian_noise, l2_clip
 from fedcore.selection import Selection
-from fedcore.tensors import (
-    FlatModel,
-    Manifest,
-    float_delta,
-    float_delta_in_place,
-    to_state_dict,
-)
+from fedcore.tensors import FlatModel, Manifest, to_state_dict
 
 
 @contextlib.contextmanager
@@ -128,3 +122,39 @@ def local_update(
     state = model.state_dict()
     vector = float_delta_in_place(state, base) if consume_base else None
     return result, vector if vector is not None else float_delta(state, base)
+
+
+def float_delta(state: Mapping[str, Any], base: FlatModel) -> np.ndarray:
+    """state_dict minus `base` over the floating tensors, as one float32 vector in manifest
+    order: float_vector(flatten_state_dict(state)) - float_vector(base), one tensor at a time
+    (one model-sized result instead of four)."""
+    floats = base.manifest.floats()
+    out = np.empty(sum(t.numel for t in floats.tensors), dtype=np.float32)
+    pos = 0
+    for t in floats.tensors:
+        part = out[pos : pos + t.numel]
+        part[...] = _float32_numpy(state[t.name])
+        np.subtract(part, base.as_float32(t.name).reshape(-1), out=part)
+        pos += t.numel
+    return out
+
+
+def float_delta_in_place(state: Mapping[str, Any], base: FlatModel) -> np.ndarray | None:
+    """`float_delta`, written over `base`'s own buffer when every tensor is float32 (the
+    buffer is then the float vector): the base is consumed, no model-sized vector is made.
+    None, leaving `base` untouched, for a model with tensors of other dtypes."""
+    if not all(t.dtype == "float32" for t in base.manifest.tensors):
+        return None
+    vector = base.buffer.view(np.float32)
+    for t in base.manifest.tensors:
+        off, n = base.manifest.offsets[t.name]
+        part = vector[off // 4 : (off + n) // 4]
+        np.subtract(_float32_numpy(state[t.name]), part, out=part)
+    return vector
+
+
+def _float32_numpy(tensor: Any) -> np.ndarray:
+    """A tensor's values as a flat float32 numpy array (a view when already float32 on CPU)."""
+    import torch
+
+    return tensor.detach().to("cpu", torch.float32).reshape(-1).numpy()

@@ -368,42 +368,6 @@ def float_vector(flat: FlatModel) -> np.ndarray:
     return out
 
 
-def float_delta(state: Mapping[str, torch.Tensor], base: FlatModel) -> np.ndarray:
-    """state_dict minus `base` over the floating tensors, as one float32 vector in manifest
-    order: float_vector(flatten_state_dict(state)) - float_vector(base), one tensor at a time
-    (one model-sized result instead of four)."""
-    floats = base.manifest.floats()
-    out = np.empty(sum(t.numel for t in floats.tensors), dtype=np.float32)
-    pos = 0
-    for t in floats.tensors:
-        part = out[pos : pos + t.numel]
-        part[...] = _float32_numpy(state[t.name])
-        np.subtract(part, base.as_float32(t.name).reshape(-1), out=part)
-        pos += t.numel
-    return out
-
-
-def float_delta_in_place(state: Mapping[str, torch.Tensor], base: FlatModel) -> np.ndarray | None:
-    """`float_delta`, written over `base`'s own buffer when every tensor is float32 (the
-    buffer is then the float vector): the base is consumed, no model-sized vector is made.
-    None, leaving `base` untouched, for a model with tensors of other dtypes."""
-    if not all(t.dtype == "float32" for t in base.manifest.tensors):
-        return None
-    vector = base.buffer.view(np.float32)
-    for t in base.manifest.tensors:
-        off, n = base.manifest.offsets[t.name]
-        part = vector[off // 4 : (off + n) // 4]
-        np.subtract(_float32_numpy(state[t.name]), part, out=part)
-    return vector
-
-
-def _float32_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's values as a flat float32 numpy array (a view when already float32 on CPU)."""
-    import torch
-
-    return tensor.detach().to("cpu", torch.float32).reshape(-1).numpy()
-
-
 def with_float_vector(flat: FlatModel, vector: np.ndarray) -> FlatModel:
     """A copy of `flat` whose floating tensors are replaced by `vector` (rounded to each dtype)."""
     floats = flat.manifest.floats().tensors

@@ -17,8 +17,6 @@ from fedcore.tensors import (
     flatten_arrays,
     flatten_state_dict,
     float32_to_bfloat16_bits,
-    float_delta,
-    float_delta_in_place,
     float_vector,
     iter_chunks,
     to_state_dict,
@@ -354,29 +352,6 @@ def test_bfloat16_bits_keep_nan_a_nan() -> None:
     nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF], dtype=np.uint32)
     bits = float32_to_bfloat16_bits(nans.view(np.float32))
     assert all(b & 0x7F80 == 0x7F80 and b & 0x007F for b in bits.tolist())
-
-
-def test_float_delta_is_the_difference_of_float_vectors_tensor_by_tensor() -> None:
-    torch.manual_seed(0)
-    state = {
-        "a": torch.randn(3, 4),
-        "h": torch.randn(5).to(torch.float16),
-        "b": torch.randn(6).to(torch.bfloat16),
-        "n": torch.tensor([3], dtype=torch.int64),
-    }
-    base = flatten_state_dict({k: v + 1 if v.is_floating_point() else v for k, v in state.items()})
-    old = float_vector(flatten_state_dict(state)) - float_vector(base)
-    assert np.array_equal(float_delta(state, base), old)
-    assert float_delta_in_place(state, base) is None  # not float32 only: base untouched
-
-
-def test_float_delta_in_place_consumes_a_float32_base() -> None:
-    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}
-    base = flatten_state_dict({k: v * 0.5 for k, v in state.items()})
-    expected = float_vector(flatten_state_dict(state)) - float_vector(base)
-    delta = float_delta_in_place(state, base)
-    assert delta is not None and np.shares_memory(delta, base.buffer)
-    assert np.array_equal(delta, expected)
 
 
 def test_to_state_dict_views_share_the_buffer() -> None:
