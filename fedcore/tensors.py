@@ -275,9 +275,14 @@ class ChunkAssembler:
             raise ManifestError(
                 f"stream ended after {self.received} of {self.buffer.size} bytes (truncated)"
             )
-        if expected_version is not None and self._hash.hexdigest() != expected_version:
+        version = self._hash.hexdigest()
+        if expected_version is not None and version != expected_version:
             raise ManifestError("model bytes do not match the announced version (corrupted)")
-        return FlatModel(self.manifest, self.buffer)
+        flat = FlatModel(self.manifest, self.buffer)
+        # The bytes were hashed as they streamed: seed `version` (a cached_property) instead of
+        # hashing the whole model again when the client compares it (0.75 s per 2.4 GB).
+        flat.__dict__["version"] = version
+        return flat
 
 
 # ---------------------------------------------------------------- torch and numpy adapters

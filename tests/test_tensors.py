@@ -374,3 +374,19 @@ def test_a_large_model_hashed_on_every_core_has_the_version_its_chunks_give(
     for chunk in iter_chunks(flat.buffer, 4099):
         assembler.add(chunk)
     assert assembler.finish(flat.version).version == flat.version
+
+
+def test_an_assembled_model_knows_its_version_without_hashing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client hashes the model as it streams; comparing its version afterwards must not
+    hash the whole model a second time."""
+    from fedcore import tensors
+
+    flat = flatten_arrays({"w": np.arange(1000, dtype=np.float32)})
+    expected = flat.version
+    assembler = ChunkAssembler(flat.manifest)
+    for chunk in iter_chunks(flat.buffer, 777):
+        assembler.add(chunk)
+    monkeypatch.setattr(tensors, "content_hash", lambda *a: pytest.fail("hashed twice"))
+    assert assembler.finish(expected).version == expected
