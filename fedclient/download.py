@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,8 +21,11 @@ class Pulled:
     strategy_tensors: FlatModel | None  # ModelHeader.strategy_manifest's tensors, if any
 
 
-def read_model_stream(stream: Iterable[Any]) -> Pulled:
-    """PermanentError for a stream that breaks the protocol's shape; ManifestError (pull
+def read_model_stream(
+    stream: Iterable[Any], before_model: Callable[[], None] = lambda: None
+) -> Pulled:
+    """`before_model` runs before a model's buffer is allocated (the session drops the model
+    it holds). PermanentError for a stream that breaks the protocol's shape; ManifestError (pull
     again) for bytes that overflow, fall short or do not hash to their announced version."""
     header: pb.ModelHeader | None = None
     model: ChunkAssembler | None = None
@@ -31,6 +34,7 @@ def read_model_stream(stream: Iterable[Any]) -> Pulled:
         if header is None:
             header = msg.header
             if header.total_bytes:
+                before_model()
                 model = ChunkAssembler(manifest_from_proto(header.manifest))
             if header.strategy_bytes:
                 extra = ChunkAssembler(manifest_from_proto(header.strategy_manifest))

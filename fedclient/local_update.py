@@ -9,7 +9,7 @@ import contextlib
 import hashlib
 import random
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -17,7 +17,7 @@ import numpy as np
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
 from fedcore.privacy import CLIP_BIT_METRIC, add_gaussian_noise, l2_clip
 from fedcore.selection import Selection
-from fedcore.tensors import FlatModel, Manifest, flatten_state_dict, float_vector, to_state_dict
+from fedcore.tensors import FlatModel, Manifest, to_state_dict
 
 
 @contextlib.contextmanager
@@ -131,16 +131,21 @@ def local_update(
     config: TrainConfig,
     train_sel: Selection,
     personal: dict[str, Any] | None = None,
+    consume_base: bool = False,
 ) -> tuple[TrainResult, np.ndarray]:
     """Train `model` from `base` (or take one gradient under FedSGD); the float32 update
     vector over every float tensor in manifest order, and what the task reported.
+
+    `consume_base`: the caller drops `base` afterwards, so a float32 model's update is written
+    over base's buffer (no model-sized vector besides the model and the base; a 2.4 GB model
+    in a client of 2 x model). Virtual clients share one base and keep the default.
 
     Deterministic given `config.seed`: the global torch, numpy and `random` generators are
     seeded here (seed_rngs) and the default loop shuffles with its own generator, so the same
     (client, round) gives the same bytes wherever it runs (a `fedclient` process or a
     simulation worker, after any other clients).
     """
-    model.load_state_dict(to_state_dict(base))
+    model.load_state_dict(to_state_dict(base, copy=False))  # load_state_dict copies
     if personal:
         model.load_state_dict(personal, strict=False)  # FedPer: keep our own layers
     before = loss_before_training(task, model, data, config)
@@ -158,4 +163,42 @@ def local_update(
         # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
         # server_lr x its mean, i.e. plain SGD on the averaged gradient.
         return result, -gradient_vector(model, base.manifest.floats())
-    return result, float_vector(flatten_state_dict(model.state_dict())) - float_vector(base)
+    state = model.state_dict()
+    vector = float_delta_in_place(state, base) if consume_base else None
+    return result, vector if vector is not None else float_delta(state, base)
+
+
+def float_delta(state: Mapping[str, Any], base: FlatModel) -> np.ndarray:
+    """state_dict minus `base` over the floating tensors, as one float32 vector in manifest
+    order: float_vector(flatten_state_dict(state)) - float_vector(base), one tensor at a time
+    (one model-sized result instead of four)."""
+    floats = base.manifest.floats()
+    out = np.empty(sum(t.numel for t in floats.tensors), dtype=np.float32)
+    pos = 0
+    for t in floats.tensors:
+        part = out[pos : pos + t.numel]
+        part[...] = _float32_numpy(state[t.name])
+        np.subtract(part, base.as_float32(t.name).reshape(-1), out=part)
+        pos += t.numel
+    return out
+
+
+def float_delta_in_place(state: Mapping[str, Any], base: FlatModel) -> np.ndarray | None:
+    """`float_delta`, written over `base`'s own buffer when every tensor is float32 (the
+    buffer is then the float vector): the base is consumed, no model-sized vector is made.
+    None, leaving `base` untouched, for a model with tensors of other dtypes."""
+    if not all(t.dtype == "float32" for t in base.manifest.tensors):
+        return None
+    vector = base.buffer.view(np.float32)
+    for t in base.manifest.tensors:
+        off, n = base.manifest.offsets[t.name]
+        part = vector[off // 4 : (off + n) // 4]
+        np.subtract(_float32_numpy(state[t.name]), part, out=part)
+    return vector
+
+
+def _float32_numpy(tensor: Any) -> np.ndarray:
+    """A tensor's values as a flat float32 numpy array (a view when already float32 on CPU)."""
+    import torch
+
+    return tensor.detach().to("cpu", torch.float32).reshape(-1).numpy()

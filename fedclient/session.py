@@ -237,6 +237,11 @@ class ClientSession:
                 with self._busy(header.round):
                     self._train_and_submit(header, model, data)
 
+    def _drop_held(self) -> None:
+        """Another version is about to download: drop the one held before its successor's
+        buffer is allocated (two models in memory, not three)."""
+        self.held = None
+
     def _pull(self) -> pb.ModelHeader:
         request = pb.GetGlobalModelRequest(
             client_id=self.client_id,
@@ -247,7 +252,7 @@ class ClientSession:
             request, timeout=self.settings.poll_seconds + self.settings.rpc_timeout
         )
         try:
-            pulled = read_model_stream(stream)
+            pulled = read_model_stream(stream, self._drop_held)
         except ManifestError as e:
             log.warning("model download failed (%s); pulling again", e)
             return pb.ModelHeader(state=pb.TRAINING, selected=False)
@@ -266,7 +271,7 @@ class ClientSession:
         metrics: dict[str, float] = {}
         num_examples = len(data.test) if data.test is not None else 0  # type: ignore[arg-type]
         if num_examples:
-            model.load_state_dict(to_state_dict(base))
+            model.load_state_dict(to_state_dict(base, copy=False))  # it copies
             if self._personal:  # FedPer: what this client serves is global + its own layers
                 model.load_state_dict(self._personal, strict=False)
             with explained("evaluation failed", self.task, data, model):
@@ -335,10 +340,17 @@ class ClientSession:
             control = self.control.for_round(
                 config.extra, header.round, self.strategy_tensors, base, self.federation_id
             )
+            floats = base.manifest.floats()
+            # The held model is consumed: a float32 model's update is written over its bytes
+            # (not under SCAFFOLD, which reads it after), so a client holds two models' worth
+            # (its own and the pulled one), not three.
+            self.held = None
             with explained(f"round {header.round}: training failed", self.task, data, model):
                 trained = train(
-                    self.task, model, data, base, config, tensors, self._personal, control
-                )
+                    self.task, model, data, base, config, tensors, self._personal, control,
+                    consume_base=control is None,
+                )  # fmt: skip
+            del base
         # --slowdown: emulate a slow device (demos, tests, benchmarks). Scaled by the CPU time
         # trained, not the wall time: on a shared host the wall time of round 1 (10 clients
         # starting at once) was 30x that of later rounds, and a slow client multiplied it again.
@@ -383,7 +395,6 @@ class ClientSession:
             ) from None
         self.rounds_trained += 1
         if trained.control is not None:  # counted (or already counted): c_i ← c_i⁺
-            floats = base.manifest.floats()
             self.control.commit(self.federation_id, floats, trained.control)
         handler.after_submit(header.round)
         if self.tracker is not None:

@@ -112,9 +112,11 @@ def train(
     tensors: RoundTensors,
     kept: dict[str, Any] | None = None,
     control: tuple[np.ndarray, np.ndarray] | None = None,
+    consume_base: bool = False,
 ) -> Trained:
     """Local update from `base`; `kept`: this client's personal tensors from last round;
-    `control`: SCAFFOLD's (c, c_i), which correct every step (fedclient/scaffold.py)."""
+    `control`: SCAFFOLD's (c, c_i), which correct every step (fedclient/scaffold.py).
+    `consume_base`: the caller drops `base` after this (see local_update)."""
     personal = tensors.personal
     kept = kept if personal is not None else None
     if control is not None:
@@ -126,7 +128,9 @@ def train(
         return Trained(
             config, tensors, result, np.concatenate([vector, c_plus - c_i]), None, c_plus
         )
-    result, vector = local_update(task, model, data, base, config, tensors.trained, kept)
+    result, vector = local_update(
+        task, model, data, base, config, tensors.trained, kept, consume_base=consume_base
+    )
     now = None
     if personal is not None:
         state = model.state_dict()

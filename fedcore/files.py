@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 # Re-exported: the durable writes are used through this module across the code base.
+from fedcore.durable import DIRECT_MIN
 from fedcore.durable import PRIVATE as PRIVATE
 from fedcore.durable import SHARED as SHARED
 from fedcore.durable import atomic_link as atomic_link
@@ -30,17 +31,23 @@ from fedcore.tensors import (
     ManifestError,
     TensorSpec,
     safetensors_dtype,
+    version_hasher,
 )
 
 _MAX_HEADER = 100 << 20
 
 
 def safetensors_header(flat: FlatModel, metadata: Mapping[str, str] | None = None) -> bytes:
+    return manifest_header(flat.manifest, metadata)
+
+
+def manifest_header(manifest: Manifest, metadata: Mapping[str, str] | None = None) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file of `manifest`'s tensors."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    for spec in flat.manifest.tensors:
-        off, n = flat.manifest.offsets[spec.name]
+    for spec in manifest.tensors:
+        off, n = manifest.offsets[spec.name]
         header[spec.name] = {
             "dtype": safetensors_dtype(spec.dtype),
             "shape": list(spec.shape),
@@ -63,7 +70,8 @@ def write_safetensors(
         safetensors_header(flat, metadata),
         memoryview(flat.buffer),
     ]
-    atomic_write(path, cipher.seal(parts, role) if cipher else parts)
+    big = flat.buffer.nbytes >= DIRECT_MIN  # a model's size: past the page cache (durable.py)
+    atomic_write(path, cipher.seal(parts, role) if cipher else parts, direct=big)
 
 
 def _is_int_list(value: object, length: int | None = None) -> bool:
@@ -115,30 +123,7 @@ def read_safetensors(
     """
     path = Path(path)
     with _open_for_read(path, cipher, role) as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ManifestError(f"{path}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER:
-            raise ManifestError(f"{path}: header of {n} bytes is implausibly large")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{path}: header is not valid JSON ({e})") from None
-        entries, metadata = _parse_header(path, header)
-        specs, pos = [], 0
-        for name, info in entries:
-            begin, end = info["data_offsets"]
-            if info["dtype"] not in SAFETENSORS_TO_DTYPE:
-                raise ManifestError(
-                    f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}"
-                )
-            spec = TensorSpec(name, SAFETENSORS_TO_DTYPE[info["dtype"]], tuple(info["shape"]))
-            if begin != pos or end - begin != spec.nbytes:
-                raise ManifestError(f"{path}: tensor {name!r} has inconsistent data offsets")
-            specs.append(spec)
-            pos = end
-        manifest = Manifest(tuple(specs))
+        manifest, metadata = _read_header(f, path)
         buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
         got = f.readinto(memoryview(buffer))
         if got != buffer.size or f.read(1):
@@ -146,3 +131,65 @@ def read_safetensors(
                 f"{path}: data section has the wrong length (truncated or corrupt file)"
             )
     return FlatModel(manifest, buffer), metadata
+
+
+def copy_safetensors(
+    source: Path,
+    out: Path,
+    cipher: StateCipher | None = None,
+    role: str = "",
+    block: int = 16 << 20,
+) -> tuple[dict[str, str], str]:
+    """Copy a safetensors file (sealed under `role` with a cipher) to a plain one at `out`,
+    `block` bytes at a time: memory O(block) whatever the model's size. The data's version is
+    checked against the recorded one before `out` appears (ValueError; `out` untouched, as for
+    a wrong key or a tampered file). Returns the metadata and the version."""
+    source = Path(source)
+    with _open_for_read(source, cipher, role) as f:
+        manifest, metadata = _read_header(f, source)
+        hasher = version_hasher(manifest)
+
+        def parts() -> Iterator[bytes | memoryview]:
+            yield manifest_header(manifest, metadata)
+            buffer = memoryview(bytearray(min(block, manifest.total_bytes) or 1))
+            left = manifest.total_bytes
+            while left:
+                got = f.readinto(buffer[: min(len(buffer), left)])
+                if not got:
+                    raise ManifestError(f"{source}: data section is truncated")
+                hasher.update(buffer[:got])
+                yield buffer[:got]  # written before the next block is read into it
+                left -= got
+            if f.read(1):
+                raise ManifestError(f"{source}: data section has the wrong length")
+            if metadata.get("model_version") not in (None, hasher.hexdigest()):
+                raise ValueError(f"{source} does not match its recorded model version")
+
+        atomic_write(Path(out), parts(), direct=manifest.total_bytes >= DIRECT_MIN)
+    return metadata, hasher.hexdigest()
+
+
+def _read_header(f: BinaryIO, path: Path) -> tuple[Manifest, dict[str, str]]:
+    """The manifest (tensors in data-offset order) and metadata; `f` left at the data."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise ManifestError(f"{path}: too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", head)
+    if n > _MAX_HEADER:
+        raise ManifestError(f"{path}: header of {n} bytes is implausibly large")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: header is not valid JSON ({e})") from None
+    entries, metadata = _parse_header(path, header)
+    specs, pos = [], 0
+    for name, info in entries:
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in SAFETENSORS_TO_DTYPE:
+            raise ManifestError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        spec = TensorSpec(name, SAFETENSORS_TO_DTYPE[info["dtype"]], tuple(info["shape"]))
+        if begin != pos or end - begin != spec.nbytes:
+            raise ManifestError(f"{path}: tensor {name!r} has inconsistent data offsets")
+        specs.append(spec)
+        pos = end
+    return Manifest(tuple(specs)), metadata

@@ -264,7 +264,9 @@ def test_fedavg_with_zero_delta_is_bit_identical() -> None:
 def test_build_strategy() -> None:
     assert isinstance(build_strategy("fedavg"), FedAvg)
     assert "fedavg" in STRATEGIES
-    with pytest.raises(ValueError, match="unknown strategy 'nope'; choose one of: bulyan, fedadagrad"):
+    with pytest.raises(
+        ValueError, match="unknown strategy 'nope'; choose one of: bulyan, fedadagrad"
+    ):
         build_strategy("nope")
 
 
@@ -411,3 +413,32 @@ def test_coordinator_refuses_a_tampered_spill_and_the_round_ends_as_without_it(
     tampered, rejections = asyncio.run(_one_round(tmp_path / "tampered", tamper=True))
     assert rejections["spill_corrupt"] == 1
     assert tampered == clean  # bit for bit: nothing of the refused copy was folded
+
+
+def test_a_spill_is_verified_and_read_a_window_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mapped pages count in RSS: a 2.4 GB spill mapped whole added a model to the peak. Every
+    mapping is at most SPILL_WINDOW; a block changed in a later window is still refused."""
+    from fedserver.updates import receiver
+
+    monkeypatch.setattr(receiver, "SPILL_WINDOW", 2 * 4096)
+    lengths: list[int] = []
+    real_mmap = receiver.mmap.mmap
+
+    def recording(fd: int, length: int, *args: int, **kw: int) -> object:
+        lengths.append(length)
+        return real_mmap(fd, length, *args, **kw)
+
+    monkeypatch.setattr(receiver.mmap, "mmap", recording)
+    data = bytes(range(256)) * 160  # 40 KiB: 10 blocks of 4 KiB, 5 windows
+    spill = SpillFile(tmp_path, block_size=4096)
+    spill.write(data[:1000])
+    spill.write(data[1000:])
+    spill.verify()
+    assert b"".join(bytes(v) for v in spill.views(3000)) == data
+    assert lengths and all(0 < n <= 2 * 4096 for n in lengths), lengths
+    os.pwrite(spill._file.fileno(), b"\xff", 9 * 4096 + 5)  # the last window
+    with pytest.raises(SpillCorrupted, match="block 9"):
+        spill.verify()
+    spill.close()

@@ -8,6 +8,7 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import safetensors
 import torch
@@ -269,3 +270,46 @@ def test_store_publishes_an_unsealed_model_as_a_link_to_its_checkpoint(tmp_path:
         assert read_safetensors(store.model_path)[0].version == other.version
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_direct_write_gives_the_same_bytes_whatever_the_parts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, supported: bool
+) -> None:
+    """O_DIRECT writes (checkpoints of a model's size) through an aligned buffer: parts of any
+    size, a last block padded then cut back; a file system that refuses O_DIRECT (tmpfs)
+    gets the same bytes written through the page cache."""
+    from fedcore import durable
+
+    monkeypatch.setattr(durable, "DIRECT_BLOCK", 3 * 4096)
+    if not supported:
+        monkeypatch.setattr(durable, "_set_direct", lambda fd, on: False)
+    parts = [b"h" * 100, bytes(range(256)) * 97, memoryview(b"x" * 40000), b"", b"tail"]
+    path = tmp_path / "model.safetensors"
+    atomic_write(path, parts, direct=True)
+    assert path.read_bytes() == b"".join(bytes(p) for p in parts)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    atomic_write(path, [b"a" * 4096 * 3], direct=True)  # exactly whole blocks
+    assert path.read_bytes() == b"a" * 4096 * 3
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
+
+
+def test_copy_streams_a_checkpoint_and_refuses_a_wrong_version(tmp_path: Path) -> None:
+    """`fedserver export` copies block by block (a model larger than RAM exports too): the
+    same bytes as a write of the model; a data section that does not hash to the recorded
+    version leaves no output."""
+    from fedcore.files import copy_safetensors
+    from fedcore.tensors import flatten_arrays
+
+    flat = flatten_arrays({"a": np.arange(5000, dtype=np.float32), "b": np.ones(3, np.int64)})
+    src, out = tmp_path / "src.safetensors", tmp_path / "out.safetensors"
+    meta = {"round": "3", "model_version": flat.version}
+    write_safetensors(src, flat, meta)
+    got_meta, version = copy_safetensors(src, out, block=1000)
+    assert (got_meta, version) == (meta, flat.version)
+    assert out.read_bytes() == src.read_bytes()
+    write_safetensors(src, flat, {**meta, "model_version": "0" * 64})
+    out.unlink()
+    with pytest.raises(ValueError, match="recorded model version"):
+        copy_safetensors(src, out, block=1000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]

@@ -31,7 +31,7 @@ class _Staged:
     def __init__(self, values: np.ndarray, cut: int = 2) -> None:
         self.values, self.cut = values.astype(np.float32), cut
 
-    def pieces(self):  # type: ignore[no-untyped-def]
+    def pieces(self, transient: bool = False):  # type: ignore[no-untyped-def]
         for i in range(0, self.values.size, self.cut):
             yield Piece(i, self.values[i : i + self.cut])
 

@@ -102,3 +102,47 @@ def test_status_of_a_state_dir_we_may_not_read_says_why(
     err = capsys.readouterr().err
     assert f"cannot read {tmp_path / 'state.db'}: permission denied" in err
     assert "--server" in err
+
+
+def test_resuming_drops_the_fresh_model_before_reading_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the fresh model's manifest is needed to check a checkpoint: reading one while the
+    task's round-0 model is still alive held two models, and a model over half of RAM could
+    not resume."""
+    import gc
+    import weakref
+
+    from fedserver.cli import build_parser
+    from fedserver.commands.run import server_settings
+    from fedserver.coordinator import assembly
+    from fedserver.state.store import StateStore
+
+    state = tmp_path / "state"
+    argv = ["run", "--task", "bench.synthetic:params_1000", "--state-dir", str(state)]
+    settings = server_settings(build_parser().parse_args(argv))
+    first = assembly.build_coordinator(settings)
+    first.store.write_checkpoint(0, first.model, {})
+    first.store.close()
+
+    fresh: list[weakref.ref[object]] = []
+    built = assembly.initial_model
+
+    def remembered(task: object, seed: int) -> object:
+        model = built(task, seed)
+        fresh.append(weakref.ref(model))
+        return model
+
+    alive_at_load: list[bool] = []
+    load = StateStore.load_checkpoint
+
+    def checked(self: StateStore, round_number: int) -> object:
+        gc.collect()
+        alive_at_load.append(fresh[0]() is not None)
+        return load(self, round_number)
+
+    monkeypatch.setattr(assembly, "initial_model", remembered)
+    monkeypatch.setattr(StateStore, "load_checkpoint", checked)
+    second = assembly.build_coordinator(settings)
+    second.store.close()
+    assert alive_at_load == [False]

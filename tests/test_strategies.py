@@ -280,3 +280,20 @@ def test_cli_refuses_bad_strategy_flags_before_touching_the_state_dir(
     with pytest.raises((ValueError, SetupError), match=message):  # both exit 2 in main()
         build_coordinator(settings)
     assert not state.exists()
+
+
+def test_fedavg_makes_a_float32_model_in_the_rounds_mean_without_a_copy() -> None:
+    """A float32-only model: the new model's buffer is the mean's own memory (the mean is
+    consumed), so aggregating a 2.4 GB model holds two models, not three. Others: a copy."""
+    base = flatten_arrays({"a": np.array([1.0, 2.0], np.float32), "b": np.array([4.0], np.float32)})
+    mean = np.array([0.5, -1.0, 0.25], dtype=np.float32)
+    new = build_strategy("fedavg").apply(base, AggregateInput(1, mean, 1.0, 1))
+    assert np.shares_memory(new.buffer, mean)
+    assert floats(new) == [1.5, 1.0, 4.25]
+    assert floats(base) == [1.0, 2.0, 4.0]  # the old model is untouched (clients may hold it)
+    mixed = model(1.0, 2.0)  # an int64 tensor beside the floats: the vector is not the buffer
+    mean = np.array([0.5, 0.5], dtype=np.float32)
+    out = build_strategy("fedavg").apply(mixed, AggregateInput(1, mean, 1.0, 1))
+    assert not np.shares_memory(out.buffer, mean) and floats(out) == [1.5, 2.5]
+    halved = build_strategy("fedavg", server_lr=0.5).apply(base, agg_of([[2.0, 2.0, 2.0]]))
+    assert floats(halved) == [2.0, 3.0, 5.0]

@@ -352,3 +352,41 @@ def test_bfloat16_bits_keep_nan_a_nan() -> None:
     nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF], dtype=np.uint32)
     bits = float32_to_bfloat16_bits(nans.view(np.float32))
     assert all(b & 0x7F80 == 0x7F80 and b & 0x007F for b in bits.tolist())
+
+
+def test_to_state_dict_views_share_the_buffer() -> None:
+    flat = flatten_arrays({"w": np.arange(4, dtype=np.float32)})
+    view = to_state_dict(flat, copy=False)["w"]
+    assert np.shares_memory(view.numpy(), flat.buffer)
+    assert not np.shares_memory(to_state_dict(flat)["w"].numpy(), flat.buffer)
+
+
+def test_a_large_model_hashed_on_every_core_has_the_version_its_chunks_give(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The coordinator hashes big models on all cores; clients hash chunk by chunk as they
+    stream (ChunkAssembler): the versions must agree."""
+    from fedcore import tensors
+
+    monkeypatch.setattr(tensors, "PARALLEL_HASH_BYTES", 1024)
+    flat = flatten_arrays({"w": np.arange(300_000, dtype=np.float32)})
+    assembler = ChunkAssembler(flat.manifest)
+    for chunk in iter_chunks(flat.buffer, 4099):
+        assembler.add(chunk)
+    assert assembler.finish(flat.version).version == flat.version
+
+
+def test_an_assembled_model_knows_its_version_without_hashing_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client hashes the model as it streams; comparing its version afterwards must not
+    hash the whole model a second time."""
+    from fedcore import tensors
+
+    flat = flatten_arrays({"w": np.arange(1000, dtype=np.float32)})
+    expected = flat.version
+    assembler = ChunkAssembler(flat.manifest)
+    for chunk in iter_chunks(flat.buffer, 777):
+        assembler.add(chunk)
+    monkeypatch.setattr(tensors, "content_hash", lambda *a: pytest.fail("hashed twice"))
+    assert assembler.finish(expected).version == expected

@@ -7,15 +7,18 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 
+from fedclient.local_update import float_delta, float_delta_in_place
 from fedclient.partition import Partition
 from fedclient.session import ClientSession
 from fedclient.settings import ClientSettings
 from fedclient.virtual import VirtualClients, VirtualSpec, client_id
 from fedcore.plugins import load_object
 from fedcore.proto import coordinator_pb2 as pb
-from fedcore.tensors import FlatModel, flatten_state_dict
+from fedcore.tensors import FlatModel, flatten_state_dict, float_vector
 from fedcore.wire import manifest_to_proto, update_messages
 
 TASK = "tests.sim_tasks:noisy"  # draws from torch's, numpy's and random's global generators
@@ -55,7 +58,7 @@ def _through_fedclient_run(base: FlatModel, header: pb.ModelHeader, index: int) 
     session = ClientSession(settings, task)
     try:
         session.joined = True  # no Join: the upload is captured, nothing is dialled
-        session.held = base
+        session.held = base.copy()  # the session consumes what it holds (its update)
         upload = CapturedUpload()
         session.calls = upload  # type: ignore[assignment]
         session._train_and_submit(header, task.build_model(), task.load_partition(partition))
@@ -108,3 +111,26 @@ def test_fedclient_run_and_a_virtual_client_send_the_same_update(
         base.version,
     )
     assert pb.UpdateChunk.FromString(sent[-1]).trailer.digest
+
+
+def test_float_delta_is_the_difference_of_float_vectors_tensor_by_tensor() -> None:
+    torch.manual_seed(0)
+    state = {
+        "a": torch.randn(3, 4),
+        "h": torch.randn(5).to(torch.float16),
+        "b": torch.randn(6).to(torch.bfloat16),
+        "n": torch.tensor([3], dtype=torch.int64),
+    }
+    base = flatten_state_dict({k: v + 1 if v.is_floating_point() else v for k, v in state.items()})
+    old = float_vector(flatten_state_dict(state)) - float_vector(base)
+    assert np.array_equal(float_delta(state, base), old)
+    assert float_delta_in_place(state, base) is None  # not float32 only: base untouched
+
+
+def test_float_delta_in_place_consumes_a_float32_base() -> None:
+    state = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)}
+    base = flatten_state_dict({k: v * 0.5 for k, v in state.items()})
+    expected = float_vector(flatten_state_dict(state)) - float_vector(base)
+    delta = float_delta_in_place(state, base)
+    assert delta is not None and np.shares_memory(delta, base.buffer)
+    assert np.array_equal(delta, expected)

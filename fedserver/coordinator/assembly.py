@@ -164,8 +164,12 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
     except StateDirBusy as e:
         raise SetupError(str(e)) from None
     fresh = initial_model(task, s.seed)
+    architecture = fresh.manifest
     last = store.last_round()
     if last or store.checkpoint_path(0).exists():
+        # Only its manifest is needed now: dropped before the checkpoint is read, so resuming
+        # holds one model, not two (a model over half of RAM must still resume).
+        del fresh
         recorded = store.get_meta("task")
         if recorded and recorded != s.task:
             raise SetupError(
@@ -184,7 +188,7 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
             model, strategy_state = store.load_checkpoint(last)
         except ManifestError as e:  # wrong key, tampered or truncated file: refuse to start
             raise SetupError(f"cannot resume from {s.state_dir}: {e}") from None
-        if model.manifest != fresh.manifest:
+        if model.manifest != architecture:
             raise SetupError(
                 f"the checkpoint in {s.state_dir} does not match the task's model architecture"
             )

@@ -36,10 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from fedcore import faults
-from fedcore.durable import private_dir
+from fedcore.durable import DIRECT_MIN, private_dir
 from fedcore.files import (
     atomic_link,
     atomic_write,
+    copy_safetensors,
     read_safetensors,
     safetensors_header,
     write_safetensors,
@@ -124,7 +125,8 @@ class StateStore(RoundHistory):
         parts = _checkpoint_parts(model, meta)
         role = checkpoint_role(round_number)
         sealed = self.cipher.seal(parts, role) if self.cipher else parts
-        atomic_write(self.checkpoint_path(round_number), sealed)
+        big = model.buffer.nbytes >= DIRECT_MIN  # written once, never read back: skip the cache
+        atomic_write(self.checkpoint_path(round_number), sealed, direct=big)
         if strategy_state:
             write_safetensors(
                 self.strategy_path(round_number),
@@ -178,8 +180,8 @@ def export_model(
 ) -> tuple[int, str]:
     """Write the current model (or a round's checkpoint) as plain safetensors; (round, version).
 
-    Read-only on the state dir. Every byte is authenticated before anything is written, so a
-    wrong key or a tampered file leaves `out` untouched.
+    Read-only on the state dir. Every byte is authenticated (and the version checked) before
+    `out` appears, so a wrong key or a tampered file leaves `out` untouched.
     """
     state_dir = Path(state_dir)
     if round_number is None:
@@ -189,11 +191,9 @@ def export_model(
         role = checkpoint_role(round_number)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
-    model, meta = read_safetensors(path, cipher, role)
-    if meta.get("model_version") not in (None, model.version):
-        raise ValueError(f"{path} does not match its recorded model version")
-    write_safetensors(Path(out), model, meta)
-    return int(meta.get("round", round_number or 0)), model.version
+    # Streamed, block by block: exporting a model larger than RAM works too.
+    meta, version = copy_safetensors(path, Path(out), cipher, role)
+    return int(meta.get("round", round_number or 0)), version
 
 
 def _checkpoint_parts(model: FlatModel, meta: dict[str, str]) -> Iterator[bytes | memoryview]:

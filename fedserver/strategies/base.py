@@ -56,7 +56,9 @@ class AggregateInput:
     """
 
     round: int
-    mean_delta: np.ndarray  # example-weighted mean of the clients' float32 delta vectors
+    # Example-weighted mean of the clients' float32 delta vectors. The round's own: nothing
+    # reads it after `apply`, which may consume it (FedAvg sums the model into it in place).
+    mean_delta: np.ndarray
     total_weight: float
     num_updates: int
     updates: UpdateSet | None = None
@@ -129,12 +131,18 @@ class Strategy(ABC):
             raise ValueError(f"strategy {self.name} keeps no state, got {sorted(arrays)}")
 
 
-def add_to_floats(model: FlatModel, delta: np.ndarray) -> FlatModel:
+def add_to_floats(model: FlatModel, delta: np.ndarray, consume: bool = False) -> FlatModel:
     """model + delta over the floating tensors (computed in float32, rounded to each dtype).
 
     Tensor by tensor, so the only temporaries are one tensor's worth (none for float32, which
     is added in place in the copy): aggregation must not hold extra model-sized vectors.
+    With `consume` (the caller owns `delta` and drops it) a model of float32 tensors only is
+    summed into `delta` itself, which becomes the new model's buffer: no copy of the model,
+    so aggregating holds two models (old and new), not three (old, delta and new).
     """
+    if consume and _is_float32_buffer(model, delta):
+        np.add(delta, model.buffer.view(np.float32), out=delta)
+        return FlatModel(model.manifest, delta.view(np.uint8))
     out = model.copy()
     pos = 0
     for t in model.manifest.floats().tensors:
@@ -148,6 +156,21 @@ def add_to_floats(model: FlatModel, delta: np.ndarray) -> FlatModel:
     if pos != delta.size:
         raise ManifestError(f"delta has {delta.size} values, the model's floats {pos}")
     return out
+
+
+def _is_float32_buffer(model: FlatModel, delta: np.ndarray) -> bool:
+    """Whether `delta` (the float vector) has the exact layout of `model`'s buffer and may
+    hold it: every tensor float32 (so the float vector is the buffer), a writable contiguous
+    float32 array of its own (not a view of something else that lives on)."""
+    return (
+        all(t.dtype == "float32" for t in model.manifest.tensors)
+        and delta.dtype == np.float32
+        and delta.ndim == 1
+        and delta.size * 4 == model.buffer.size
+        and delta.flags.c_contiguous
+        and delta.flags.writeable
+        and delta.base is None
+    )
 
 
 def require(condition: bool, message: str) -> None:

@@ -22,9 +22,12 @@ class FedAvg(Strategy):
 
     def apply(self, global_model: FlatModel, agg: AggregateInput) -> FlatModel:
         # Averaging deltas against a common base equals averaging the models themselves.
+        # The mean is the round's (the accumulator's sum, consumed at close): summed into in
+        # place, it becomes the new model, so aggregating a large model copies nothing.
         if self.server_lr == 1.0:
-            return add_to_floats(global_model, agg.mean_delta)
-        return add_to_floats(global_model, np.float32(self.server_lr) * agg.mean_delta)
+            return add_to_floats(global_model, agg.mean_delta, consume=True)
+        delta = np.multiply(agg.mean_delta, np.float32(self.server_lr), dtype=np.float32)
+        return add_to_floats(global_model, delta, consume=True)
 
     def params(self) -> dict[str, float]:
         return {"server_lr": self.server_lr}

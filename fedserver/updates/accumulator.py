@@ -8,8 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from fedcore.selection import Selection
-from fedcore.tensors import DEFAULT_CHUNK_SIZE
 from fedserver.updates.receiver import StagedUpdate
+
+FOLD_STEP = 1 << 15  # values scaled at a time (128 KiB: stays in the L2 cache for the add)
 
 
 class Accumulator:
@@ -29,7 +30,7 @@ class Accumulator:
         self.count = 0
         self._bounds = np.cumsum([0, *sizes])
         self.tensor_weight = np.zeros(len(sizes), dtype=np.float64)
-        self._scratch = np.empty(DEFAULT_CHUNK_SIZE, dtype=np.float32)
+        self._scratch = np.empty(FOLD_STEP, dtype=np.float32)
         self._averaged = False
 
     def fold(
@@ -47,17 +48,25 @@ class Accumulator:
         if self._averaged:
             raise ValueError("cannot fold into an accumulator whose mean was taken")
         factor = np.float32(weight * scale)
-        pieces = update.pieces() if selection is None else selection.to_full(update.pieces())
+        # Transient pieces: views of the spill's page cache, each used before the next is taken.
+        pieces = update.pieces(transient=True)
+        if selection is not None:
+            pieces = selection.to_full(pieces)
         for piece in pieces:
-            n = piece.values.size
-            if n > self._scratch.size:
-                self._scratch = np.empty(n, dtype=np.float32)
-            scaled = np.multiply(piece.values, factor, out=self._scratch[:n])
+            values = piece.values
             if piece.indices is not None:  # sparse (top-k): positions are unique
-                self.total[piece.indices] += scaled
+                self.total[piece.indices] += values * factor
                 continue
-            target = self.total[piece.offset : piece.offset + n]
-            np.add(target, scaled, out=target)
+            target = self.total[piece.offset : piece.offset + values.size]
+            if factor == 1:  # exact either way; one pass over the bytes instead of two
+                np.add(target, values, out=target)
+                continue
+            # Scaled in cache-sized steps, so the add reads the scaled values from the cache.
+            for start in range(0, values.size, FOLD_STEP):
+                part = values[start : start + FOLD_STEP]
+                scaled = np.multiply(part, factor, out=self._scratch[: part.size])
+                t = target[start : start + part.size]
+                np.add(t, scaled, out=t)
         if selection is None:
             self.tensor_weight += weight
         else:

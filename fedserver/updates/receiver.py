@@ -28,6 +28,13 @@ from fedcore.checksums import new_hasher, receipt_digest
 from fedcore.codecs import Codec, Piece
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
 
+# Bytes of a spill mapped at once when it is verified or folded: bounds what the mapping adds
+# to the coordinator's RSS (file pages count while mapped), whatever the model's size.
+SPILL_WINDOW = 16 << 20
+# Pages mapped in one call when a window is mapped (MAP_POPULATE) instead of one fault per 4
+# KiB page as they are read: the fold of a mapped spill ran ~20% faster.
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
 
 class BadUpdate(ValueError):
     """The update's bytes are not acceptable (→ INVALID_ARGUMENT); `reason` labels metrics."""
@@ -119,19 +126,34 @@ class SpillFile:
                 f"update spill has {size} bytes on disk, {self._written} were written: the file "
                 "was changed after the update was verified; resend"
             )
-        if size:
-            # Mapped, not read: the MAC runs over the page cache without copying it (-30%).
-            with mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    self._check_blocks(view)
-                finally:
-                    view.release()
+        # Mapped, not read: the MAC runs over the page cache without copying it (-30%). A
+        # window at a time: mapped pages count in the process's RSS, and a whole 2.4 GB spill
+        # mapped at once added a model's size to the coordinator's peak.
+        for start, view in self._windows():
+            try:
+                self._check_blocks(start // self._block_size, view)
+            finally:
+                view.release()
         self.verified = True
 
-    def _check_blocks(self, view: memoryview) -> None:
-        for index, (key, tag) in enumerate(self._tags):
-            block = view[index * self._block_size : (index + 1) * self._block_size]
+    def _windows(self) -> Iterator[tuple[int, memoryview]]:
+        """(offset, read-only view) of the file in mapped windows of whole blocks. Each window
+        is unmapped once nothing refers to it any more (the mmap's last reference goes)."""
+        step = self._block_size * max(1, SPILL_WINDOW // self._block_size)
+        if step % mmap.ALLOCATIONGRANULARITY:  # mmap offsets must be page-aligned
+            step = self._block_size * mmap.ALLOCATIONGRANULARITY
+        fd = self._file.fileno()
+        for start in range(0, self._written, step):
+            length = min(step, self._written - start)
+            # No reference kept here: the window goes as soon as the caller is done with it,
+            # not when the next one is already mapped.
+            yield start, memoryview(mmap.mmap(fd, length, _MAP_FLAGS, mmap.PROT_READ, offset=start))
+
+    def _check_blocks(self, first: int, view: memoryview) -> None:
+        for n, start in enumerate(range(0, len(view), self._block_size)):
+            index = first + n
+            key, tag = self._tags[index]
+            block = view[start : start + self._block_size]
             try:
                 Poly1305.verify_tag(key, block, tag)
             except InvalidSignature:
@@ -150,6 +172,20 @@ class SpillFile:
         decryptor = self._cipher.decryptor() if self._cipher else None
         while block := self._file.read(size):
             yield decryptor.update(block) if decryptor else block
+
+    def views(self, size: int = DEFAULT_CHUNK_SIZE) -> Iterator[memoryview | bytes]:
+        """Like `blocks`, without copying a plain spill: read-only views of the mapped page
+        cache, each valid until the caller drops it (do not keep them: a kept view keeps its
+        window mapped). Encrypted spills are decrypted into fresh buffers as by `blocks`."""
+        if self._cipher is not None:
+            yield from self.blocks(size)
+            return
+        if not self.verified:
+            self.verify()
+        for _, window in self._windows():
+            for start in range(0, len(window), size):
+                yield window[start : start + size]
+            window.release()  # views still held keep the mapping; ours goes now
 
     def close(self) -> None:
         self._file.close()
@@ -177,10 +213,13 @@ class StagedUpdate:
         """Check the spill still holds what was verified, before any of it is used."""
         self.file.verify()
 
-    def pieces(self, block: int = DEFAULT_CHUNK_SIZE) -> Iterator[Piece]:
+    def pieces(self, block: int = DEFAULT_CHUNK_SIZE, transient: bool = False) -> Iterator[Piece]:
+        """The decoded update in pieces. By default each block is a fresh buffer, so pieces
+        stay valid if a caller keeps them; `transient` ones are views of the spill's page cache
+        (no copy), for a caller that is done with each piece before it takes the next."""
         decoder = self.codec.decoder(self.num_values)
-        # A fresh buffer per block: pieces stay valid if a caller keeps them.
-        for block_bytes in self.file.blocks(block):
+        source = self.file.views(block) if transient else self.file.blocks(block)
+        for block_bytes in source:
             yield from decoder.feed(block_bytes)
         decoder.finish()
 
