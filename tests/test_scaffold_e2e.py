@@ -132,7 +132,7 @@ def test_a_client_without_a_state_dir_is_told_to_pass_one(
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--dp-clip", "1.0"], "cannot be combined with --dp-clip"),
+        (["--dp-clip", "1.0"], "cannot be combined with DP (--dp-clip, --dp-adaptive-clip)"),
         (["--mode", "async", "--buffer-size", "2"], "cannot be combined with --mode async"),
         (["--mode", "fedsgd"], "cannot be combined with --mode fedsgd"),
         (["--train-tensors", "0.*"], "cannot be combined with --train-tensors"),
