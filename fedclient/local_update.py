@@ -77,7 +77,7 @@ def report_clip_bit(
     bit: float | None, delta: np.ndarray, manifest: Manifest, extra: dict[str, str]
 ) -> tuple[np.ndarray, Manifest, dict[str, float]]:
     """Where the clip bit goes: as the metric CLIP_BIT_METRIC (the coordinator sees updates in
-    plain and noises the count), or under secure aggregation ("masked") as the privatized
+    plain and noises the count), or under secagg/he ("masked") as the privatized
     update's last value, plus this client's share of the count noise, so the coordinator only
     unmasks the noised sum. Returns (update, its manifest, metrics to add)."""
     if bit is None:

@@ -92,17 +92,6 @@ def test_client_side_adaptive_clip_under_async(tmp_path: Path, procs: list[Proc]
             "--dp-adaptive-clip server cannot be combined with --secure secagg: the "
             "coordinator sees no update's norm there",
         ),
-        (
-            (
-                "--dp-adaptive-clip",
-                "client",
-                "--dp-clipped-count-stddev",
-                "5",
-                "--secure",
-                "he",
-            ),
-            "the clipped-count bit would need to travel inside the encrypted update",
-        ),
         (("--dp-target-quantile", "0.3"), "--dp-target-quantile is for --dp-adaptive-clip"),
         (("--dp-clip", "1", "--dp-adaptive-clip", "server"), "cannot both be set"),
         # 3 clients per round / 20 = 0.15 is too little count noise for z = 1.

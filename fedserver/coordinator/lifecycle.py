@@ -82,7 +82,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
         # What an update carries: the model's floats, what the strategy adds (SCAFFOLD's Δc),
-        # then what a protocol wrapper adds (adaptive DP clipping's masked bit under secagg).
+        # then what a protocol wrapper adds (adaptive DP clipping's masked bit under secagg/he).
         settings = ProtocolSettings(
             self.mode.protocol(self.secure),
             keep_updates=self.strategy.needs_all_updates,

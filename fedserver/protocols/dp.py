@@ -19,11 +19,11 @@ coordinator counts b_i = [norm <= C_t] from the norm it measured; "client": clie
 C_t of their round config and report b_i as update metric CLIP_BIT_METRIC (the coordinator
 still re-clips). Either way the round's noised count moves C_t when the round closes, and the
 round records the clip it used (METRIC_CLIP) and the next one (METRIC_CLIP_NEXT, what a resumed
-coordinator starts from). Under secagg a metric would show the coordinator each client's bit, so
-there ("client" only) the bit and its share of the count noise travel inside the masked update
-as its last value (fedcore/privacy.py MASKED_BIT_TENSOR, `DPWrapper.exchanged`) and the wrapper
-splits the unmasked mean. "server" needs norms the coordinator never sees there, and he is
-refused (the key holder's decryption of the longer sum is not tested end to end yet).
+coordinator starts from). Under secagg/he a metric would show the coordinator each client's
+bit, so there ("client" only) the bit and its share of the count noise travel inside the masked
+or encrypted update as its last value (fedcore/privacy.py MASKED_BIT_TENSOR,
+`DPWrapper.exchanged`) and the wrapper splits the aggregate mean; "server" needs norms the
+coordinator never sees there, so it is refused.
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ from fedserver.protocols.base import (
     ProtocolWrapper,
     RoundProtocol,
 )
-from fedserver.protocols.secagg import SecAggProtocol
 from fedserver.updates.receiver import BadUpdate
 
 log = logging.getLogger("fedserver")
@@ -80,7 +79,7 @@ METRIC_CLIP_NEXT = "dp_clip_next"
 METRIC_UPDATE_Z = "dp_update_noise_multiplier"
 METRIC_WITHIN = "dp_within_clip_fraction"
 EXTRA_REPORT_BIT = "dp_report_clip_bit"  # "1": report CLIP_BIT_METRIC (client-side variant)
-REPORT_MASKED = "masked"  # EXTRA_REPORT_BIT's value under secagg: the bit inside the update
+REPORT_MASKED = "masked"  # EXTRA_REPORT_BIT under secagg/he: the bit inside the update
 EXTRA_CLIENT_COUNT_NOISE_STD = "dp_client_count_noise_std"  # each client's share of sigma_b
 
 
@@ -220,21 +219,14 @@ class DPWrapper(ProtocolWrapper):
                 "declares no place for the noise (RoundProtocol.noise)"
             )
         adaptive = self.config.adaptive
-        if adaptive is not None and protocol.noise != "server":
-            if adaptive.side == "server":
-                return (
-                    f"--dp-adaptive-clip server cannot be combined with --secure "
-                    f"{settings.name}: the coordinator sees no update's norm there; use "
-                    "--dp-adaptive-clip client (each client's bit is summed inside the masked "
-                    "update) or --dp-clip C (a fixed clip)"
-                )
-            if not self.masks_bit(protocol):
-                # The key holder's decryption of a sum one value longer is not tested yet.
-                return (
-                    f"--dp-adaptive-clip cannot be combined with --secure {settings.name}: the "
-                    "clipped-count bit would need to travel inside the encrypted update, which "
-                    "is not supported yet; use --secure secagg, or --dp-clip C (a fixed clip)"
-                )
+        if adaptive is not None and adaptive.side == "server" and protocol.noise != "server":
+            # (Client side is sound there: the bit is summed inside the update, `masks_bit`.)
+            return (
+                f"--dp-adaptive-clip server cannot be combined with --secure {settings.name}: "
+                "the coordinator sees no update's norm there; use --dp-adaptive-clip client "
+                "(each client's bit is summed inside the masked or encrypted update) or "
+                "--dp-clip C (a fixed clip)"
+            )
         if settings.keep_updates:
             # They read individual updates: that bypasses noise added to the mean.
             return (
@@ -251,10 +243,10 @@ class DPWrapper(ProtocolWrapper):
 
     def masks_bit(self, protocol: type[RoundProtocol]) -> bool:
         """Whether adaptive clipping's bit travels inside the (masked) update: client side,
-        with secure aggregation."""
+        with secure aggregation or HE (wherever clients add the noise)."""
         adaptive = self.config.adaptive
         client_side = adaptive is not None and adaptive.side == "client"
-        return client_side and issubclass(protocol, SecAggProtocol)
+        return client_side and protocol.noise == "clients"
 
     def exchanged(self, protocol: type[RoundProtocol], floats: Manifest) -> Manifest:
         return with_masked_bit(floats) if self.masks_bit(protocol) else floats
@@ -286,8 +278,8 @@ class DifferentialPrivacy(RoundProtocol):
         self.encoding = inner.encoding  # the inner protocol's wire encoding, per instance
         self.needs_norm = inner.sees_plain  # what is seen in plain is re-clipped by its norm
         client_bits = config.adaptive is not None and config.adaptive.side == "client"
-        # Secagg: the bit is the last value of every masked update (DPWrapper.exchanged).
-        self.masked_bit = client_bits and isinstance(inner, SecAggProtocol)
+        # Secagg/he: the bit is the last value of every masked update (DPWrapper.exchanged).
+        self.masked_bit = client_bits and inner.noise == "clients"
         self.private_metrics = inner.private_metrics | ({CLIP_BIT_METRIC} if client_bits else set())
 
     def check_encoding(self, encoding: str) -> None:
@@ -349,8 +341,9 @@ class DifferentialPrivacy(RoundProtocol):
         agg = await self.inner.aggregate()
         masked_sum = None
         if self.masked_bit:
-            # The unmasked mean is sum / total weight, and every weight is 1 (unweighted): so
-            # mean x weight is the sum of exactly the survivors' bits (and noise shares).
+            # The unmasked (decrypted) mean is sum / total weight, and every weight is 1
+            # (unweighted): so mean x weight is the sum of exactly the counted clients' bits
+            # (and their noise shares).
             masked_sum = float(np.float64(agg.mean[-1]) * agg.weight)
             agg = dataclasses.replace(agg, mean=agg.mean[:-1])
         # Adaptive: C_{t+1} before the next round can open (its updates are clipped to it).

@@ -36,7 +36,7 @@ def update_manifest(
     settings: ProtocolSettings, floats: Manifest, wrappers: Sequence[ProtocolWrapper] = ()
 ) -> Manifest:
     """What an update carries: the strategy's tensors (`floats`), then what wrappers add
-    (adaptive DP clipping's masked bit under secagg)."""
+    (adaptive DP clipping's masked bit under secagg/he)."""
     protocol = _protocol_class(settings.name)
     for w in wrappers:
         floats = w.exchanged(protocol, floats)

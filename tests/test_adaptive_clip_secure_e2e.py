@@ -1,8 +1,9 @@
-"""Adaptive DP clipping (client side) under secure aggregation, end to end: real coordinator and
-client processes. Each client's bit b_i = [||delta_i|| <= C_t] travels masked as the last value
-of its update, so the coordinator only unmasks the sum of the survivors' bits. With z = 0 and
-sigma_b = 0 (no noise) every round's recorded fraction must be exactly what the clients' own
-updates imply, recomputed here from the round's base checkpoint with the clients' seeds."""
+"""Adaptive DP clipping (client side) under secure aggregation and HE, end to end: real
+coordinator and client processes. Each client's bit b_i = [||delta_i|| <= C_t] travels masked
+(or encrypted) as the last value of its update, so only the sum of the counted clients' bits is
+revealed. With z = 0 and sigma_b = 0 (no noise) every round's recorded fraction must be exactly
+what the clients' own updates imply, recomputed here from the round's base checkpoint with the
+clients' seeds."""
 
 from __future__ import annotations
 
@@ -66,36 +67,51 @@ def _norms(state: Path, round_number: int, n: int, clients: list[int]) -> list[f
     return norms
 
 
-def _check_round(state: Path, r: dict, n: int, clients: list[int]) -> int:
+def _check_round(state: Path, r: dict, n: int, clients: list[int], tolerance: float = 1e-6) -> int:
     """The round's recorded fraction and next clip are what the clients' bits imply; returns
     how many bits were 1."""
     m = r["metrics"]
     norms = _norms(state, r["round"], n, clients)
     within = sum(x <= m["dp_clip"] for x in norms)
     # The sum of exactly the survivors' bits, over their count (not the clients selected).
-    assert m["dp_within_clip_fraction"] == pytest.approx(within / len(clients), abs=1e-6), norms
+    expected = within / len(clients)
+    assert m["dp_within_clip_fraction"] == pytest.approx(expected, abs=tolerance), norms
     step = math.exp(-0.2 * (within / len(clients) - 0.5))  # default lr 0.2, quantile 0.5
-    assert m["dp_clip_next"] == pytest.approx(m["dp_clip"] * step, rel=1e-6)
+    assert m["dp_clip_next"] == pytest.approx(m["dp_clip"] * step, rel=tolerance)
     assert not [k for k in m if k.startswith("client_dp")]  # no client's bit is recorded
     return within
 
 
-def test_client_side_adaptive_clip_under_secagg_counts_the_masked_bits(
-    tmp_path: Path, procs: list[Proc]
+@pytest.mark.parametrize("secure", ["secagg", "he"])
+def test_client_side_adaptive_clip_counts_the_masked_bits(
+    tmp_path: Path, procs: list[Proc], secure: str
 ) -> None:
     port, state, logs = free_port(), tmp_path / "state", tmp_path / "logs"
+    server_extra: list[str] = []
+    client_extra: list[str] = []
+    tolerance = 1e-6  # secagg's fixed point: 2^-25 per coordinate
+    if secure == "he":
+        pytest.importorskip("tenseal")
+        from fedcore.he import PUBLIC_FILE, generate_keys
+
+        secret, public = generate_keys(tmp_path / "keys")
+        moved = tmp_path / "coordinator" / PUBLIC_FILE
+        moved.parent.mkdir()
+        public.rename(moved)
+        server_extra, client_extra = ["--he-public-key", str(moved)], ["--he-key", str(secret)]
+        tolerance = 1e-4  # CKKS noise on the decrypted sum
     server = start_serving(
         procs, logs, port, state, "--rounds", "3", "--min-clients", "3", "--local-epochs", "1",
-        "--secure", "secagg", "--dp-adaptive-clip", "client", *NO_NOISE,
+        "--secure", secure, *server_extra, "--dp-adaptive-clip", "client", *NO_NOISE,
         "--dp-initial-clip", "0.9",
     )  # fmt: skip
-    wait_finished(server, start_clients(procs, logs, port, 3), 250)
+    wait_finished(server, start_clients(procs, logs, port, 3, *client_extra), 250)
     rounds = status_json(state)["rounds"]
     assert [r["participants"] for r in rounds] == [3, 3, 3]
     assert rounds[0]["metrics"]["dp_clip"] == 0.9
     for prev, r in itertools.pairwise(rounds):
         assert r["metrics"]["dp_clip"] == pytest.approx(prev["metrics"]["dp_clip_next"])
-    within = [_check_round(state, r, 3, [0, 1, 2]) for r in rounds]
+    within = [_check_round(state, r, 3, [0, 1, 2], tolerance) for r in rounds]
     assert any(0 < k < 3 for k in within), within  # C0 = 0.9 splits round 1's norms
 
 
