@@ -31,6 +31,8 @@ from tests.procs import (
     wait_finished,
     wait_until,
 )
+from tests.test_adaptive_clip_e2e import Z
+from tests.test_adaptive_clip_e2e import _check_rounds as check_rounds
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -142,3 +144,18 @@ def test_a_client_killed_after_masking_leaves_its_bit_out_of_the_count(
     assert r["participants"] == n - 1
     within = _check_round(state, r, n, [i for i in range(n) if i != dropped])
     assert within > 0  # so that k/3 (survivors) and k/4 (selected) differ
+
+
+def test_noised_masked_count_is_accounted_as_the_combined_mechanism(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """With noise: the clients add the update's and the count's shares (the coordinator adds
+    none), ε is Opacus' for the combined z, and the clip moves every round."""
+    port, state, logs = free_port(), tmp_path / "state", tmp_path / "logs"
+    server = start_serving(
+        procs, logs, port, state, "--rounds", "3", "--min-clients", "3", "--local-epochs", "1",
+        "--secure", "secagg", "--dp-adaptive-clip", "client", "--dp-noise-multiplier", str(Z),
+        "--dp-clipped-count-stddev", "1.0",
+    )  # fmt: skip
+    wait_finished(server, start_clients(procs, logs, port, 3), 250)
+    check_rounds(status_json(state)["rounds"], 0.1, 3)
