@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
-from fedcore.privacy import CLIP_BIT_METRIC, add_gaussian_noise, l2_clip
+from fedcore.privacy import CLIP_BIT_METRIC, add_gaussian_noise, l2_clip, with_masked_bit
 from fedcore.selection import Selection
 from fedcore.tensors import FlatModel, Manifest, to_state_dict
 
@@ -63,14 +63,34 @@ def privatize(delta: np.ndarray, extra: dict[str, str]) -> np.ndarray:
     return delta
 
 
-def clip_report(delta: np.ndarray, extra: dict[str, str]) -> dict[str, float]:
-    """Adaptive clipping, client side (--dp-adaptive-clip client): whether this update's norm
-    is within the round's clip before `privatize` clips it, as the metric the coordinator
-    counts (privately: it noises the round's count). Empty when the round does not ask."""
-    if extra.get("dp_report_clip_bit") != "1" or "dp_clip" not in extra:
-        return {}
+def clip_bit(delta: np.ndarray, extra: dict[str, str]) -> float | None:
+    """Adaptive clipping, client side (--dp-adaptive-clip client): 1.0 if this update's norm
+    is within the round's clip before `privatize` clips it, else 0.0; None when the round does
+    not ask. See `report_clip_bit` for how it travels."""
+    if extra.get("dp_report_clip_bit") not in ("1", "masked") or "dp_clip" not in extra:
+        return None
     norm = float(np.linalg.norm(np.asarray(delta, dtype=np.float64)))
-    return {CLIP_BIT_METRIC: 1.0 if norm <= float(extra["dp_clip"]) else 0.0}
+    return 1.0 if norm <= float(extra["dp_clip"]) else 0.0
+
+
+def report_clip_bit(
+    bit: float | None, delta: np.ndarray, manifest: Manifest, extra: dict[str, str]
+) -> tuple[np.ndarray, Manifest, dict[str, float]]:
+    """Where the clip bit goes: as the metric CLIP_BIT_METRIC (the coordinator sees updates in
+    plain and noises the count), or under secagg/he ("masked") as the privatized
+    update's last value, plus this client's share of the count noise, so the coordinator only
+    unmasks the noised sum. Returns (update, its manifest, metrics to add)."""
+    if bit is None:
+        return delta, manifest, {}
+    if extra["dp_report_clip_bit"] != "masked":
+        return delta, manifest, {CLIP_BIT_METRIC: bit}
+    std = float(extra.get("dp_client_count_noise_std", 0.0))
+    value = np.array([bit], dtype=np.float32)
+    if std > 0:
+        # Never seeded, like privatize's noise: a predictable draw could be subtracted again.
+        value = add_gaussian_noise(value, std, np.random.default_rng(secrets.randbits(128)))
+    vector = np.concatenate([np.asarray(delta, dtype=np.float32), value])
+    return vector, with_masked_bit(manifest), {}
 
 
 def round_seed(seed: int, client_id: str, round_number: int) -> int:

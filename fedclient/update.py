@@ -19,7 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from fedclient.local_update import clip_report, local_update, privatize, round_seed
+from fedclient.local_update import (
+    clip_bit,
+    local_update,
+    privatize,
+    report_clip_bit,
+    round_seed,
+)
 from fedclient.protocols.handlers import RoundHandler
 from fedclient.retry import PermanentError
 from fedclient.scaffold import corrected_steps
@@ -153,10 +159,12 @@ def encode(
     rounds must stay masked-u64, homomorphic ones he-ckks (`handler.fixed_encoding`)."""
     config, sent, result = trained.config, trained.tensors.sent, trained.result
     wanted = "" if handler.fixed_encoding else encoding
-    codec = get_codec(wanted or header.config.encoding or "fp32").bind(sent.manifest)
     delta = sent.extract(trained.vector)
-    reported = result.metrics | clip_report(delta, config.extra)
+    bit = clip_bit(delta, config.extra)
     delta = privatize(delta, config.extra)
+    delta, manifest, report = report_clip_bit(bit, delta, sent.manifest, config.extra)
+    reported = result.metrics | report
+    codec = get_codec(wanted or header.config.encoding or "fp32").bind(manifest)
     payload = handler.encode(codec, delta, result.num_examples, config.extra)
     update, digest = update_header(
         client_id,
@@ -165,7 +173,7 @@ def encode(
         result.num_examples,
         reported,
         codec.name,
-        codec.wire_manifest(sent.manifest),
+        codec.wire_manifest(manifest),
         payload,
     )
     return PreparedUpdate(update, payload, digest, result)

@@ -34,6 +34,13 @@ The count and the sum of updates are one Gaussian mechanism on the vector (sum/C
 its noise multiplier z satisfies z^-2 = z_delta^-2 + (2 sigma_b)^-2, so for the z the operator
 asks for the updates are noised with z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 (needs 2 sigma_b > z)
 and the accountant steps with z (Theorem 1 of the paper; TFF's adaptive_clip_noise_params).
+
+Under secure aggregation or HE (client-side variant only; section 3 of the paper) the
+coordinator must not see any b_i: each client appends b_i as one more float32 value of its update
+(tensor MASKED_BIT_TENSOR, `with_masked_bit`), plus its share N(0, sigma_b^2/n_sel) of the
+count's noise, so the masks (or the encryption) hide it like the update and only the noised sum
+is revealed (mean x survivors). The m of n_sel shares that survive give sigma_b^2 m/n_sel, the
+same factor as the update's split noise: the combined z*sqrt(m/n_sel) is what gets accounted.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from fedcore.tensors import Manifest, TensorSpec
 
 # Smallest norm treated as nonzero: a zero update needs no scaling (and must not divide by 0).
 _TINY = 1e-12
@@ -56,6 +65,14 @@ COUNT_STDDEV_DIVISOR = 20  # sigma_b = expected clients per round / 20
 # The update metric a client reports under --dp-adaptive-clip client: 1.0 if its update's norm
 # was within the round's clip before it clipped, else 0.0 (fedclient/local_update.py).
 CLIP_BIT_METRIC = "dp_within_clip"
+# The same bit (plus the client's share of the count noise) as the last value of a masked
+# update under --secure secagg/he: a float32 tensor of shape (1,) after the model's floats.
+MASKED_BIT_TENSOR = "dp:within_clip"  # ':' does not occur in torch state-dict names
+
+
+def with_masked_bit(floats: Manifest) -> Manifest:
+    """What a masked adaptive-clipping update carries: `floats`, then MASKED_BIT_TENSOR."""
+    return Manifest((*floats.tensors, TensorSpec(MASKED_BIT_TENSOR, "float32", (1,))))
 
 
 @dataclass(frozen=True)
@@ -231,6 +248,7 @@ class Accountant:
 
 __all__ = [
     "CLIP_BIT_METRIC",
+    "MASKED_BIT_TENSOR",
     "Accountant",
     "AdaptiveClip",
     "DPConfig",
@@ -244,4 +262,5 @@ __all__ = [
     "noised_within_fraction",
     "sample_rate",
     "update_noise_multiplier",
+    "with_masked_bit",
 ]

@@ -15,18 +15,20 @@ from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp
 
 from examples.digits import task
-from fedclient.local_update import clip_report, privatize
+from fedclient.local_update import clip_bit, privatize, report_clip_bit
 from fedcore.codecs import get_codec
 from fedcore.privacy import (
     CLIP_BIT_METRIC,
+    MASKED_BIT_TENSOR,
     Accountant,
     AdaptiveClip,
     DPConfig,
     next_clip,
     noised_within_fraction,
     update_noise_multiplier,
+    with_masked_bit,
 )
-from fedcore.tensors import float_vector
+from fedcore.tensors import Manifest, TensorSpec, float_vector
 from fedserver.coordinator.assembly import CoordinatorSettings, SetupError, build_coordinator
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
@@ -147,10 +149,13 @@ def test_server_side_tells_clients_nothing_client_side_asks_for_the_bit() -> Non
     assert extra == {"dp_clip": "0.3", "dp_report_clip_bit": "1"}
     # The client reports the bit of its norm *before* clipping, then clips.
     big, small = np.full(4, 1.0, np.float32), np.full(4, 0.1, np.float32)  # norms 2.0, 0.2
-    assert clip_report(big, extra) == {CLIP_BIT_METRIC: 0.0}
-    assert clip_report(small, extra) == {CLIP_BIT_METRIC: 1.0}
-    assert float(np.linalg.norm(privatize(big, extra))) <= 0.3
-    assert clip_report(big, {"dp_clip": "0.3"}) == {}  # a fixed clip asks for nothing
+    assert clip_bit(big, extra) == 0.0 and clip_bit(small, extra) == 1.0
+    sent = Manifest((TensorSpec("w", "float32", (4,)),))
+    clipped = privatize(big, extra)
+    assert float(np.linalg.norm(clipped)) <= 0.3
+    out, manifest, report = report_clip_bit(0.0, clipped, sent, extra)
+    assert report == {CLIP_BIT_METRIC: 0.0} and manifest == sent and out is clipped
+    assert clip_bit(big, {"dp_clip": "0.3"}) is None  # a fixed clip asks for nothing
     assert client.clip_bit(None, {CLIP_BIT_METRIC: 1.0}) is True
     for bad in ({}, {CLIP_BIT_METRIC: 0.5}):
         with pytest.raises(BadUpdate, match=r"must be 1 .* or 0") as e:
@@ -158,16 +163,43 @@ def test_server_side_tells_clients_nothing_client_side_asks_for_the_bit() -> Non
         assert e.value.reason == "bad_metrics"
 
 
-def test_adaptive_clipping_is_refused_where_the_coordinator_sees_no_update(
-    tmp_path: Path,
-) -> None:
+def test_under_secagg_the_bit_travels_masked_with_its_share_of_the_count_noise() -> None:
+    cfg = _adaptive("client", z=1.0, stddev=2.0, clip=0.3)
+    ledger = DPServer(cfg, noise_on_clients=True, seed=0)
+    extra = ledger.round_extra(4)
+    assert extra["dp_report_clip_bit"] == "masked"  # never a metric the coordinator reads
+    # The update's share is z_delta's, the count's sigma_b / sqrt(n): both sum to the whole.
+    assert float(extra["dp_client_noise_std"]) == pytest.approx(
+        cfg.update_noise_multiplier * 0.3 / 2
+    )
+    assert float(extra["dp_client_count_noise_std"]) == pytest.approx(2.0 / 2)
+    sent = Manifest((TensorSpec("w", "float32", (4,)),))
+    big = np.full(4, 1.0, np.float32)
+    quiet = extra | {"dp_client_count_noise_std": "0", "dp_client_noise_std": "0"}
+    out, manifest, report = report_clip_bit(
+        clip_bit(big, quiet), privatize(big, quiet), sent, quiet
+    )
+    assert report == {} and out.size == 5 and out[-1] == 0.0
+    assert manifest == with_masked_bit(sent) and manifest.tensors[-1].name == MASKED_BIT_TENSOR
+    noised, _, _ = report_clip_bit(1.0, np.zeros(4, np.float32), sent, extra)
+    assert noised[-1] != 1.0  # this client's share of sigma_b is in the masked value
+    # The coordinator adapts from the unmasked sum as it is: no noise of its own on top.
+    exact = DPServer(_adaptive("client", z=0.0, stddev=3.0, clip=1.0), noise_on_clients=True)
+    metrics = exact.adapt(4, masked_sum=1.0)
+    assert metrics["dp_within_clip_fraction"] == 0.25
+    assert metrics["dp_clip_next"] == pytest.approx(math.exp(-0.2 * (0.25 - 0.5)))
+
+
+def test_adaptive_clipping_is_refused_where_it_cannot_be_sound(tmp_path: Path) -> None:
     dp = DPWrapper(_adaptive("client"), seed=0)
-    for name in ("secagg", "he"):
-        why = protocol_refusal(ProtocolSettings(name), [dp]) or ""
-        assert why.startswith(f"--dp-adaptive-clip cannot be combined with --secure {name}")
-        assert "reveal each client's bit" in why
-    for name in ("none", "buffered"):  # plain and --mode async: sound
+    # plain, --mode async, and secagg/he (the bit is masked inside the update): sound
+    for name in ("none", "buffered", "secagg", "he"):
         assert protocol_refusal(ProtocolSettings(name), [dp]) is None
+    server = DPWrapper(_adaptive("server"), seed=0)
+    for name in ("secagg", "he"):
+        why = protocol_refusal(ProtocolSettings(name), [server]) or ""
+        assert why.startswith(f"--dp-adaptive-clip server cannot be combined with --secure {name}")
+        assert "sees no update's norm" in why
     settings = CoordinatorSettings(
         task="examples.digits:task",
         state_dir=tmp_path / "fresh",
@@ -176,7 +208,7 @@ def test_adaptive_clipping_is_refused_where_the_coordinator_sees_no_update(
         dp=_adaptive("server"),
         secure="secagg",
     )
-    with pytest.raises(SetupError, match="--dp-adaptive-clip cannot be combined with --secure"):
+    with pytest.raises(SetupError, match="--dp-adaptive-clip server cannot be combined with --s"):
         build_coordinator(settings)
     assert not (tmp_path / "fresh").exists()
 

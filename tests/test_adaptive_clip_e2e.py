@@ -89,7 +89,8 @@ def test_client_side_adaptive_clip_under_async(tmp_path: Path, procs: list[Proc]
                 "--secure",
                 "secagg",
             ),
-            "--dp-adaptive-clip cannot be combined with --secure secagg",
+            "--dp-adaptive-clip server cannot be combined with --secure secagg: the "
+            "coordinator sees no update's norm there",
         ),
         (("--dp-target-quantile", "0.3"), "--dp-target-quantile is for --dp-adaptive-clip"),
         (("--dp-clip", "1", "--dp-adaptive-clip", "server"), "cannot both be set"),

@@ -45,7 +45,8 @@ def add_dp_flags(run: argparse.ArgumentParser, positive_float: Callable[[str], f
         default=None,
         help="instead of --dp-clip: the clip follows a quantile of the update norms (Andrew et "
         "al. 2021); 'server' = clients send unclipped updates and the coordinator clips and "
-        "counts, 'client' = clients clip and report whether they had to; not with --secure; "
+        "counts (not with --secure), 'client' = clients clip and report whether they had to "
+        "(under --secure: inside the masked or encrypted update); "
         "turns DP on, --dp-noise-multiplier is then the combined z (off)",
     )
     for flag, text in ADAPTIVE_FLAGS:

@@ -42,7 +42,7 @@ from fedserver.protocols.base import (
     ProtocolWrapper,
     RoundProtocol,
 )
-from fedserver.protocols.registry import build_protocol
+from fedserver.protocols.registry import build_protocol, update_manifest
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import ClosedRound, Phase, RoundPolicy, RoundsExhausted
 from fedserver.state.metrics import Metrics
@@ -81,8 +81,20 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
 
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
-        # What an update carries: the model's floats, and what the strategy adds (SCAFFOLD's Δc).
-        self.update_floats = self.strategy.exchanged(self.model.manifest.floats())
+        # What an update carries: the model's floats, what the strategy adds (SCAFFOLD's Δc),
+        # then what a protocol wrapper adds (adaptive DP clipping's masked bit under secagg/he).
+        settings = ProtocolSettings(
+            self.mode.protocol(self.secure),
+            keep_updates=self.strategy.needs_all_updates,
+            update_metrics=self.strategy.update_metrics,
+            partial_rounds=bool(self.defaults.train_tensors),
+            stage_timeout=self.secagg_stage_timeout,
+            he_public_key=self.he_public_key,
+            **self.mode.protocol_settings(),
+        )
+        self.update_floats = update_manifest(
+            settings, self.strategy.exchanged(self.model.manifest.floats()), self.protocol_wrappers
+        )
         self.federation_id = self.store.get_meta("federation_id") or uuid.uuid4().hex
         self.machine = self.mode.machine(
             self.policy,
@@ -98,15 +110,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         key = spill_key(self.store.cipher is not None)
         self.uploads = Uploads(self.store.dir / "incoming", key, self.metrics, self.rejections)
         self.protocol: RoundProtocol = build_protocol(
-            ProtocolSettings(
-                self.mode.protocol(self.secure),
-                keep_updates=self.strategy.needs_all_updates,
-                update_metrics=self.strategy.update_metrics,
-                partial_rounds=bool(self.defaults.train_tensors),
-                stage_timeout=self.secagg_stage_timeout,
-                he_public_key=self.he_public_key,
-                **self.mode.protocol_settings(),
-            ),
+            settings,
             ProtocolEnv(
                 self.update_floats,
                 self.federation_id,

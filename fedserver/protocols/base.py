@@ -220,6 +220,11 @@ class ProtocolWrapper(ABC):
     def inner_settings(self, settings: ProtocolSettings) -> ProtocolSettings:
         return settings
 
+    def exchanged(self, protocol: type[RoundProtocol], floats: Manifest) -> Manifest:
+        """What an update carries around `protocol`, given what the strategy exchanges
+        (`floats`): values the wrapper adds go last, and it strips them from the aggregate."""
+        return floats
+
     @abstractmethod
     def wrap(self, inner: RoundProtocol, env: ProtocolEnv) -> RoundProtocol: ...
 

@@ -19,8 +19,11 @@ coordinator counts b_i = [norm <= C_t] from the norm it measured; "client": clie
 C_t of their round config and report b_i as update metric CLIP_BIT_METRIC (the coordinator
 still re-clips). Either way the round's noised count moves C_t when the round closes, and the
 round records the clip it used (METRIC_CLIP) and the next one (METRIC_CLIP_NEXT, what a resumed
-coordinator starts from). Only where the coordinator sees updates in plain: under secagg/he a
-bit beside the masked update would show the coordinator each client's bit, so it is refused.
+coordinator starts from). Under secagg/he a metric would show the coordinator each client's
+bit, so there ("client" only) the bit and its share of the count noise travel inside the masked
+or encrypted update as its last value (fedcore/privacy.py MASKED_BIT_TENSOR,
+`DPWrapper.exchanged`) and the wrapper splits the aggregate mean; "server" needs norms the
+coordinator never sees there, so it is refused.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ from fedcore.privacy import (
     next_clip,
     noised_within_fraction,
     sample_rate,
+    with_masked_bit,
 )
+from fedcore.tensors import Manifest
 from fedserver.protocols.base import (
     Aggregate,
     Contribution,
@@ -74,6 +79,8 @@ METRIC_CLIP_NEXT = "dp_clip_next"
 METRIC_UPDATE_Z = "dp_update_noise_multiplier"
 METRIC_WITHIN = "dp_within_clip_fraction"
 EXTRA_REPORT_BIT = "dp_report_clip_bit"  # "1": report CLIP_BIT_METRIC (client-side variant)
+REPORT_MASKED = "masked"  # EXTRA_REPORT_BIT under secagg/he: the bit inside the update
+EXTRA_CLIENT_COUNT_NOISE_STD = "dp_client_count_noise_std"  # each client's share of sigma_b
 
 
 class DPServer:
@@ -109,10 +116,14 @@ class DPServer:
             return {}
         extra = {EXTRA_CLIP: repr(self.clip)}
         if adaptive is not None:
-            extra[EXTRA_REPORT_BIT] = "1"
+            extra[EXTRA_REPORT_BIT] = REPORT_MASKED if self.noise_on_clients else "1"
         if self.noise_on_clients and num_selected:
-            std = client_noise_std(self.config.noise_multiplier, self.clip, num_selected)
-            extra[EXTRA_CLIENT_NOISE_STD] = repr(std)
+            # Adaptive: the updates' share z_delta; the count's share is sigma_b / sqrt(n_sel).
+            z = self.config.update_noise_multiplier
+            extra[EXTRA_CLIENT_NOISE_STD] = repr(client_noise_std(z, self.clip, num_selected))
+            if adaptive is not None:
+                std = client_noise_std(adaptive.count_stddev, 1.0, num_selected)
+                extra[EXTRA_CLIENT_COUNT_NOISE_STD] = repr(std)
         return extra
 
     def reclip_factor(self, norm: float | None) -> float:
@@ -140,13 +151,17 @@ class DPServer:
             )
         return bit == 1.0
 
-    def adapt(self, count: int) -> dict[str, float]:
+    def adapt(self, count: int, masked_sum: float | None = None) -> dict[str, float]:
         """At a round's close, on the event loop before any await: C_{t+1} from the noised count
-        of this round's `count` updates. Returns the metrics to record with the round."""
+        of this round's `count` updates (`masked_sum`: the unmasked sum of the bits, already
+        noised by the clients). Returns the metrics to record with the round."""
         adaptive = self.config.adaptive
         if adaptive is None or count < 1:
             return {}
-        within = noised_within_fraction(self.within, count, adaptive.count_stddev, self.rng)
+        if masked_sum is not None:
+            within = masked_sum / count
+        else:
+            within = noised_within_fraction(self.within, count, adaptive.count_stddev, self.rng)
         used = self.clip
         self.clip = next_clip(used, within, adaptive.target_quantile, adaptive.lr)
         self.within = 0
@@ -203,14 +218,14 @@ class DPWrapper(ProtocolWrapper):
                 f"--dp-clip cannot be combined with round protocol {settings.name!r}: it "
                 "declares no place for the noise (RoundProtocol.noise)"
             )
-        if self.config.adaptive is not None and protocol.noise != "server":
-            # The count must be summed and noised like the update; a bit sent beside a masked
-            # or encrypted update would show the coordinator every client's bit in the clear.
+        adaptive = self.config.adaptive
+        if adaptive is not None and adaptive.side == "server" and protocol.noise != "server":
+            # (Client side is sound there: the bit is summed inside the update, `masks_bit`.)
             return (
-                f"--dp-adaptive-clip cannot be combined with --secure {settings.name}: the "
-                "coordinator sees no update's norm there, and a clipped-count bit sent beside "
-                "the masked or encrypted update would reveal each client's bit un-noised; use "
-                "--dp-clip C (a fixed clip) with --secure, or adaptive clipping without it"
+                f"--dp-adaptive-clip server cannot be combined with --secure {settings.name}: "
+                "the coordinator sees no update's norm there; use --dp-adaptive-clip client "
+                "(each client's bit is summed inside the masked or encrypted update) or "
+                "--dp-clip C (a fixed clip)"
             )
         if settings.keep_updates:
             # They read individual updates: that bypasses noise added to the mean.
@@ -225,6 +240,16 @@ class DPWrapper(ProtocolWrapper):
                 "model, so every round must train every tensor"
             )
         return None
+
+    def masks_bit(self, protocol: type[RoundProtocol]) -> bool:
+        """Whether adaptive clipping's bit travels inside the (masked) update: client side,
+        with secure aggregation or HE (wherever clients add the noise)."""
+        adaptive = self.config.adaptive
+        client_side = adaptive is not None and adaptive.side == "client"
+        return client_side and protocol.noise == "clients"
+
+    def exchanged(self, protocol: type[RoundProtocol], floats: Manifest) -> Manifest:
+        return with_masked_bit(floats) if self.masks_bit(protocol) else floats
 
     def inner_settings(self, settings: ProtocolSettings) -> ProtocolSettings:
         # DP-FedAvg bounds each client's influence only for an unweighted mean.
@@ -253,6 +278,8 @@ class DifferentialPrivacy(RoundProtocol):
         self.encoding = inner.encoding  # the inner protocol's wire encoding, per instance
         self.needs_norm = inner.sees_plain  # what is seen in plain is re-clipped by its norm
         client_bits = config.adaptive is not None and config.adaptive.side == "client"
+        # Secagg/he: the bit is the last value of every masked update (DPWrapper.exchanged).
+        self.masked_bit = client_bits and inner.noise == "clients"
         self.private_metrics = inner.private_metrics | ({CLIP_BIT_METRIC} if client_bits else set())
 
     def check_encoding(self, encoding: str) -> None:
@@ -268,7 +295,7 @@ class DifferentialPrivacy(RoundProtocol):
 
     def accept(self, c: Contribution) -> None:
         """Every client weighs 1; an update seen in plain is re-clipped to C before the fold."""
-        adaptive = self.ledger.config.adaptive is not None
+        adaptive = self.ledger.config.adaptive is not None and not self.masked_bit
         bit = self.ledger.clip_bit(c.staged.norm, c.metrics) if adaptive else False
         scale = self._reclip(c) if self.inner.sees_plain else 1.0
         self.inner.accept(dataclasses.replace(c, weight=1.0, scale=scale))
@@ -312,8 +339,15 @@ class DifferentialPrivacy(RoundProtocol):
         expected, drawn_from = self.env.expected_updates(), self.env.drawn_from()
         clip = self.ledger.clip  # what this round's updates were clipped to
         agg = await self.inner.aggregate()
+        masked_sum = None
+        if self.masked_bit:
+            # The unmasked (decrypted) mean is sum / total weight, and every weight is 1
+            # (unweighted): so mean x weight is the sum of exactly the counted clients' bits
+            # (and their noise shares).
+            masked_sum = float(np.float64(agg.mean[-1]) * agg.weight)
+            agg = dataclasses.replace(agg, mean=agg.mean[:-1])
         # Adaptive: C_{t+1} before the next round can open (its updates are clipped to it).
-        adapted = self.ledger.adapt(agg.count)
+        adapted = self.ledger.adapt(agg.count, masked_sum)
         # Off the event loop: the noise is O(model) and Opacus' ε takes up to 0.5 s.
         mean, metrics = await asyncio.to_thread(
             self.ledger.privatize, agg.mean, agg.count, expected, drawn_from, clip

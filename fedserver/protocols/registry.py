@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fedcore.tensors import Manifest
 from fedserver.protocols.base import ProtocolEnv, ProtocolSettings, ProtocolWrapper, RoundProtocol
 from fedserver.protocols.buffered import BufferedProtocol
 from fedserver.protocols.he import HEProtocol
@@ -29,6 +30,17 @@ def protocol_refusal(
     """Why these wrappers cannot go around this protocol (checked before anything is built)."""
     protocol = _protocol_class(settings.name)
     return next((why for w in wrappers if (why := w.refuse(protocol, settings))), None)
+
+
+def update_manifest(
+    settings: ProtocolSettings, floats: Manifest, wrappers: Sequence[ProtocolWrapper] = ()
+) -> Manifest:
+    """What an update carries: the strategy's tensors (`floats`), then what wrappers add
+    (adaptive DP clipping's masked bit under secagg/he)."""
+    protocol = _protocol_class(settings.name)
+    for w in wrappers:
+        floats = w.exchanged(protocol, floats)
+    return floats
 
 
 def build_protocol(
