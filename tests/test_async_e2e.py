@@ -8,6 +8,7 @@ must reach the target accuracy and survive a kill -9 of the coordinator mid-run.
 from __future__ import annotations
 
 import hashlib
+import statistics
 from pathlib import Path
 
 import grpc
@@ -192,7 +193,10 @@ def test_async_reaches_target_with_slow_clients_and_survives_kill9(
     assert sorted(versions) == list(range(1, VERSIONS + 1))
     assert {r: versions[r] for r in before} == before  # every published version kept
     accuracy = [r["metrics"]["accuracy"] for r in after["rounds"]]
-    assert max(accuracy) >= TARGET  # reached (a version per 3 deltas: ±0.01 noise after)
-    assert accuracy[-1] >= TARGET - 0.03
+    assert max(accuracy) >= TARGET  # reached
+    # ... and kept: one version is 3 deltas, and one of them may come from a slow client up to
+    # 8 versions stale (a loaded CI machine saw a single version dip to 0.883 after 0.95), so
+    # the last five are judged together.
+    assert statistics.median(accuracy[-5:]) >= TARGET - 0.03, accuracy
     staleness = [r["metrics"]["staleness_max"] for r in after["rounds"]]
     assert max(staleness) <= 8
