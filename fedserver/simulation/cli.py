@@ -126,8 +126,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     g.add_argument(
         "--client-resources",
         default="cpus=1,gpus=0",
-        help="resources of one worker, i.e. of one virtual client training at a time: Ray's, "
-        "and cpus = torch threads of an embedded worker (cpus=1,gpus=0)",
+        help="resources of one worker, i.e. of one virtual client training at a time: Ray's; "
+        "for an embedded worker cpus = its torch threads and gpus > 0 = train on this "
+        "machine's GPU (--device auto), as many at once as --workers (cpus=1,gpus=0)",
     )
     g.add_argument(
         "--workers",
@@ -202,10 +203,6 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
     engine = args.engine or ("ray" if args.ray_address else "embedded")
     if args.ray_address and engine != "ray":
         raise ValueError("--ray-address names a Ray cluster: it needs --engine ray")
-    if engine == "embedded" and gpus > 0:
-        raise ValueError(
-            "--client-resources gpus=... is Ray's: with the embedded engine give --device cuda"
-        )
     device = "cpu" if args.device == "auto" and gpus == 0 else args.device
     if args.ray_address is None:  # local workers see this machine's devices: check them now
         from fedcore.device import resolve_device
@@ -223,7 +220,8 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
         alpha=args.alpha,
         encoding=args.encoding,
         # auto: the GPU --client-resources grants each worker (Ray sets its
-        # CUDA_VISIBLE_DEVICES), and the CPU when it grants none.
+        # CUDA_VISIBLE_DEVICES; embedded workers share this machine's), and the CPU when it
+        # grants none.
         device=device,
         precision=args.precision,
         ray=RaySettings(
