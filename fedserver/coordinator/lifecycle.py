@@ -343,7 +343,8 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
     def untold_clients(self) -> set[str]:
         """Who has not heard that training finished: the live clients and, after a restart,
         those of the run before (the linger waits for them, up to --linger)."""
-        return (set(self.machine.live_clients()) | self.earlier_clients) - self.told_finished
+        self.machine.live_count()  # expires the silent ones; live_clients() would also sort
+        return (self.machine.last_seen.keys() | self.earlier_clients) - self.told_finished
 
     def awaiting_evaluations(self) -> bool:
         """Some live client still owes an evaluation of the current model."""
