@@ -190,6 +190,27 @@ def test_under_secagg_the_bit_travels_masked_with_its_share_of_the_count_noise()
     assert metrics["dp_clip_next"] == pytest.approx(math.exp(-0.2 * (0.25 - 0.5)))
 
 
+@pytest.mark.parametrize("masked_sum", [1e6, -1e6, -1e300, float("nan"), float("inf"), 4 + 6.6])
+def test_a_masked_bit_sum_no_honest_round_gives_keeps_the_clip_and_never_raises(
+    masked_sum: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One client under secagg/HE masks 1e6 (or -1e6...) instead of 0/1 in dp:within_clip. It
+    # drove the clip to 0 for good (every later update zeroed) or raised OverflowError in
+    # exp(), which failed the round and stopped the federation.
+    ledger = DPServer(_adaptive("client", z=1.0, stddev=1.0, clip=0.5), noise_on_clients=True)
+    metrics = ledger.adapt(4, masked_sum=masked_sum)
+    assert ledger.clip == 0.5
+    assert metrics["dp_clip"] == metrics["dp_clip_next"] == 0.5
+    assert "dp_within_clip_fraction" not in metrics
+    assert "outside what 4 updates of 0 or 1" in caplog.text and "dp:within_clip" in caplog.text
+    # What honest clients give, their count noise included (6 stddevs), still moves the clip.
+    for honest in (-5.9, 0.0, 4.0, 9.9):
+        moved = DPServer(_adaptive("client", z=1.0, stddev=1.0, clip=0.5), noise_on_clients=True)
+        assert moved.adapt(4, masked_sum=honest)["dp_clip_next"] == pytest.approx(
+            next_clip(0.5, honest / 4, 0.5, 0.2)
+        )
+
+
 def test_adaptive_clipping_is_refused_where_it_cannot_be_sound(tmp_path: Path) -> None:
     dp = DPWrapper(_adaptive("client"), seed=0)
     # plain, --mode async, and secagg/he (the bit is masked inside the update): sound
