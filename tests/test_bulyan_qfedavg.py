@@ -232,6 +232,22 @@ def test_higher_q_weighs_the_worse_off_client_more(q: float) -> None:
     np.testing.assert_allclose(c / c[0], [1.0, 4.0**q, 2.0**q], rtol=1e-9)
 
 
+@pytest.mark.parametrize(("q", "huge"), [(2.0, 1e300), (5.0, 1e80), (0.2, 1.7e308)])
+def test_a_huge_reported_loss_gets_at_most_the_whole_step_never_nan(q: float, huge: float) -> None:
+    # The loss is the client's word: F^q of a finite loss overflowed to inf, the coefficients
+    # became inf / inf = NaN and the published model NaN. Now that client gets (almost) all of
+    # the step, its coefficient at most 1: the step is at most its own delta.
+    s = build_strategy("qfedavg", q_param=q)
+    rows = [[1.0, 0.0], [0.0, 2.0]]
+    c = s.coefficients(agg(rows, [1.0, huge]))
+    assert np.isfinite(c).all() and 0 <= c[0] < 1e-12 and c[1] == pytest.approx(1.0)
+    out = s.apply(model([0.5, 0.5]), agg(rows, [1.0, huge]))
+    np.testing.assert_allclose(floats(out), [0.5, 2.5], rtol=1e-6)
+    # Every loss 0 and every delta 0: a zero step, not 0 / 0.
+    zero = s.coefficients(agg([[0.0, 0.0], [0.0, 0.0]], [0.0, 0.0]))
+    assert np.isfinite(zero).all()
+
+
 def test_qfedavg_asks_for_the_loss_only_when_it_reads_loss_before_training() -> None:
     assert build_strategy("qfedavg").round_config(1) == {LOSS: "1"}
     flower = build_strategy("qfedavg", qffl_loss_metric="train_loss")
