@@ -176,6 +176,24 @@ def test_cli_refuses_bulyan_with_too_small_rounds_before_touching_the_state_dir(
     assert not state.exists()
 
 
+@pytest.mark.parametrize(("f", "needed"), [(0, 3), (1, 5), (2, 7)])
+def test_cli_refuses_krum_where_a_round_may_close_with_n_at_most_2f_plus_2(
+    f: int, needed: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedserver.cli import main
+
+    state = tmp_path / "state"
+    argv = ["run", "--task", "examples.digits:task", "--state-dir", str(state)]
+    krum = ["--strategy", "krum", "--krum-byzantine", str(f)]
+    assert main([*argv, *krum, "--min-clients", str(needed - 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"strategy krum needs at least {needed} updates in every round" in err
+    assert f"n > 2f + 2 with --krum-byzantine {f}" in err
+    assert f"set --min-clients to at least {needed}" in err
+    assert not state.exists()
+    check_round_size(RoundPolicy(1, min_clients=needed), build_strategy("krum", krum_byzantine=f))
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
