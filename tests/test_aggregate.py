@@ -146,6 +146,11 @@ def test_a_value_beyond_max_update_value_is_rejected_and_the_bound_is_inclusive(
     acc.fold(edge, 1e9)
     acc.fold(_receive(tmp_path, _payload([1e15, 1.0, 1.0, 1.0]), 4), 1e9)
     assert np.isfinite(acc.mean()).all()
+    # Secure aggregation's masked ring elements are uniform uint64s, not values: not bounded.
+    ring = np.array([2**64 - 1, 2**63], dtype="<u8").view(np.uint8).tobytes()
+    masked = UpdateReceiver(get_codec("masked-u64"), 2, 16, tmp_path / "spill", max_value=10.0)
+    masked.add(ring)
+    masked.finish(hashlib.sha256(ring).hexdigest()).discard()
     low = UpdateReceiver(FP32, 2, 8, tmp_path / "spill", max_value=10.0)
     with pytest.raises(BadUpdate, match="--max-update-value 10;"):
         low.add(_payload([10.0, 10.5]))

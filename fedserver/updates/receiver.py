@@ -276,7 +276,9 @@ class UpdateReceiver:
             for piece in self._decoder.feed(data):
                 values, most = piece.values, self.max_value
                 # min/max are NaN when any value is: one comparison refuses NaN, Inf and huge.
-                if values.size and not (-most <= values.min() and values.max() <= most):
+                # Floats only: masked ring elements (secagg's uint64) are uniform by design.
+                floats = values.dtype.kind == "f" and values.size
+                if floats and not (-most <= values.min() and values.max() <= most):
                     self._refuse_values(values, piece.offset)
                 if self._sum_squares is not None:
                     # Sparse (top-k) positions are unique, so squares add up either way.
