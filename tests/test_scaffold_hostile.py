@@ -10,6 +10,7 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -22,6 +23,7 @@ from fedcore.tensors import Manifest, float_vector
 from fedcore.wire import manifest_to_proto
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
+from fedserver.protocols.secagg_stages import SecAggFailed
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy
@@ -186,3 +188,22 @@ def test_delta_c_sent_to_a_coordinator_without_scaffold_is_refused(tmp_path: Pat
         codes == [INVALID]
         and "manifest lists 8 tensors; an update of this model has at most 4" in message
     )
+
+
+def test_a_secure_round_clients_fail_is_one_error_line_never_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Under --secure he, a client encrypting 1e30 makes the decrypted sum out of range: every
+    # key holder's decryption is refused and the round fails (SecAggFailed). That is the
+    # clients' doing, like too few secagg survivors: it was logged with a traceback.
+    c = _service(tmp_path, "fedavg").coordinator
+    why = "no key holder returned the decrypted aggregate of round 1"
+
+    async def failing(closed: object) -> None:
+        raise SecAggFailed(why)
+
+    c._aggregate_round = failing  # type: ignore[method-assign,assignment]
+    asyncio.run(c._finish_round(SimpleNamespace(round=1)))  # type: ignore[arg-type]
+    assert c.failure == f"aggregating round 1 failed: {why}"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [c.failure]
+    assert all(r.exc_info is None for r in caplog.records)

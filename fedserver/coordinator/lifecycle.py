@@ -43,6 +43,7 @@ from fedserver.protocols.base import (
     RoundProtocol,
 )
 from fedserver.protocols.registry import build_protocol, update_manifest
+from fedserver.protocols.secagg_stages import SecAggFailed
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import ClosedRound, Phase, RoundPolicy, RoundsExhausted
 from fedserver.state.metrics import Metrics
@@ -268,6 +269,10 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
     async def _finish_round(self, closed: ClosedRound) -> None:
         try:
             await self._aggregate_round(closed)
+        except SecAggFailed as e:
+            # Clients caused it (too few survivors, no key holder's decryption accepted): an
+            # expected event, one line with the reason, never a traceback.
+            self._fail(f"aggregating round {closed.round} failed: {e}")
         except Exception as e:
             # Disk full, a strategy bug...: stop rather than hang; the last committed round is
             # intact on disk and a restart resumes from it.
