@@ -303,6 +303,30 @@ def test_client_side_bits_are_counted_never_recorded_and_required(tmp_path: Path
     assert refused.failure is not None and "dp_within_clip" in refused.failure
 
 
+@pytest.mark.parametrize("bit", [1e9, -5.0, 0.5])
+def test_a_client_bit_other_than_0_or_1_is_refused_not_counted(bit: float, tmp_path: Path) -> None:
+    # In plain mode a bit of 1e9 would be one client steering the clip by itself.
+    sent = [("a", 0.5, {CLIP_BIT_METRIC: 1.0}), ("b", 0.5, {CLIP_BIT_METRIC: bit})]
+    coord, metrics, _ = _round(tmp_path, "client", sent)
+    assert coord.failure is not None and "refused b" in coord.failure
+    assert f"must be 1 (norm within the round's clip) or 0, got {bit!r}" in coord.failure
+    assert metrics == {} and coord.protocol.ledger.within == 1  # only a's bit  # type: ignore[attr-defined]
+    with pytest.raises(BadUpdate, match="NaN or Inf") as e:  # refused at the header
+        coord.begin_submit(
+            SubmitHeader(
+                "b",
+                1,
+                coord.model.version,
+                5,
+                {CLIP_BIT_METRIC: math.nan},
+                "fp32",
+                coord.round_selection().manifest,
+                4,
+            )
+        )
+    assert e.value.reason == "non_finite"
+
+
 def test_tracking_records_the_adaptive_parameters() -> None:
     params = run_params(
         task="examples.digits:task",
