@@ -260,9 +260,9 @@ def _round(
         for client, value, metrics in sent:
             payload = codec.encode(np.full(n, value / math.sqrt(n), np.float32)).tobytes()
             header = SubmitHeader(client, 1, base.version, 5, metrics, "fp32", wire, len(payload))
-            pending = coord.begin_submit(header)
-            pending.receiver.add(payload)
-            try:
+            try:  # a bad clip bit is refused at the header, anything else after the bytes
+                pending = coord.begin_submit(header)
+                pending.receiver.add(payload)
                 coord.finish_submit(pending, hashlib.sha256(payload).hexdigest())
             except (BadUpdate, SubmitRefused) as e:
                 coord.failure = f"refused {client}: {e}"
@@ -311,6 +311,14 @@ def test_a_client_bit_other_than_0_or_1_is_refused_not_counted(bit: float, tmp_p
     assert coord.failure is not None and "refused b" in coord.failure
     assert f"must be 1 (norm within the round's clip) or 0, got {bit!r}" in coord.failure
     assert metrics == {} and coord.protocol.ledger.within == 1  # only a's bit  # type: ignore[attr-defined]
+    for bad in ({}, {CLIP_BIT_METRIC: bit}):  # missing or wrong: refused before the bytes
+        with pytest.raises(BadUpdate, match=r"must be 1 .* or 0") as e:
+            coord.begin_submit(
+                SubmitHeader(
+                    "b", 1, coord.model.version, 5, bad, "fp32", coord.round_selection().manifest, 4
+                )
+            )
+        assert e.value.reason == "bad_metrics" and coord.uploads.in_flight == 0
     with pytest.raises(BadUpdate, match="NaN or Inf") as e:  # refused at the header
         coord.begin_submit(
             SubmitHeader(

@@ -312,6 +312,14 @@ class DifferentialPrivacy(RoundProtocol):
     def check_encoding(self, encoding: str) -> None:
         self.inner.check_encoding(encoding)
 
+    def check_metrics(self, metrics: Mapping[str, float]) -> None:
+        """The client's clip bit, when it reports one in plain: refused at the header, before a
+        model's worth of bytes is read (accept checks it again)."""
+        adaptive = self.ledger.config.adaptive
+        if adaptive is not None and adaptive.side == "client" and not self.masked_bit:
+            self.ledger.clip_bit(None, metrics)
+        self.inner.check_metrics(metrics)
+
     def round_extra(self) -> dict[str, str]:
         return self.ledger.round_extra(len(self.env.selected())) | self.inner.round_extra()
 
