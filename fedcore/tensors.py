@@ -188,6 +188,12 @@ class FlatModel:
         target = self.raw(name)
         if spec.dtype == "bfloat16":
             target[...] = float32_to_bfloat16_bits(values.reshape(spec.shape))
+        elif spec.dtype == "float16":
+            # Saturated, not cast: float16 ends at 65504, so a float32 sum just above it (one
+            # client's delta of 65504, the largest float16 it can send, added twice) became inf
+            # and the published model with it. NaN stays NaN (the update checks refuse it).
+            most = float(np.finfo(np.float16).max)
+            target[...] = np.clip(values.reshape(spec.shape), -most, most)
         else:
             target[...] = values.reshape(spec.shape)
 

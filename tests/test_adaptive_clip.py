@@ -190,6 +190,27 @@ def test_under_secagg_the_bit_travels_masked_with_its_share_of_the_count_noise()
     assert metrics["dp_clip_next"] == pytest.approx(math.exp(-0.2 * (0.25 - 0.5)))
 
 
+@pytest.mark.parametrize("masked_sum", [1e6, -1e6, -1e300, float("nan"), float("inf"), 4 + 6.6])
+def test_a_masked_bit_sum_no_honest_round_gives_keeps_the_clip_and_never_raises(
+    masked_sum: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    # One client under secagg/HE masks 1e6 (or -1e6...) instead of 0/1 in dp:within_clip. It
+    # drove the clip to 0 for good (every later update zeroed) or raised OverflowError in
+    # exp(), which failed the round and stopped the federation.
+    ledger = DPServer(_adaptive("client", z=1.0, stddev=1.0, clip=0.5), noise_on_clients=True)
+    metrics = ledger.adapt(4, masked_sum=masked_sum)
+    assert ledger.clip == 0.5
+    assert metrics["dp_clip"] == metrics["dp_clip_next"] == 0.5
+    assert "dp_within_clip_fraction" not in metrics
+    assert "outside what 4 updates of 0 or 1" in caplog.text and "dp:within_clip" in caplog.text
+    # What honest clients give, their count noise included (6 stddevs), still moves the clip.
+    for honest in (-5.9, 0.0, 4.0, 9.9):
+        moved = DPServer(_adaptive("client", z=1.0, stddev=1.0, clip=0.5), noise_on_clients=True)
+        assert moved.adapt(4, masked_sum=honest)["dp_clip_next"] == pytest.approx(
+            next_clip(0.5, honest / 4, 0.5, 0.2)
+        )
+
+
 def test_adaptive_clipping_is_refused_where_it_cannot_be_sound(tmp_path: Path) -> None:
     dp = DPWrapper(_adaptive("client"), seed=0)
     # plain, --mode async, and secagg/he (the bit is masked inside the update): sound
@@ -239,9 +260,9 @@ def _round(
         for client, value, metrics in sent:
             payload = codec.encode(np.full(n, value / math.sqrt(n), np.float32)).tobytes()
             header = SubmitHeader(client, 1, base.version, 5, metrics, "fp32", wire, len(payload))
-            pending = coord.begin_submit(header)
-            pending.receiver.add(payload)
-            try:
+            try:  # a bad clip bit is refused at the header, anything else after the bytes
+                pending = coord.begin_submit(header)
+                pending.receiver.add(payload)
                 coord.finish_submit(pending, hashlib.sha256(payload).hexdigest())
             except (BadUpdate, SubmitRefused) as e:
                 coord.failure = f"refused {client}: {e}"
@@ -280,6 +301,38 @@ def test_client_side_bits_are_counted_never_recorded_and_required(tmp_path: Path
     assert len(receipts) == 2 and all("train_loss" in r and "dp_" not in r for r in receipts)
     refused, _, _ = _round(tmp_path / "bad", "client", [("a", 0.5, {}), ("b", 0.5, {})])
     assert refused.failure is not None and "dp_within_clip" in refused.failure
+
+
+@pytest.mark.parametrize("bit", [1e9, -5.0, 0.5])
+def test_a_client_bit_other_than_0_or_1_is_refused_not_counted(bit: float, tmp_path: Path) -> None:
+    # In plain mode a bit of 1e9 would be one client steering the clip by itself.
+    sent = [("a", 0.5, {CLIP_BIT_METRIC: 1.0}), ("b", 0.5, {CLIP_BIT_METRIC: bit})]
+    coord, metrics, _ = _round(tmp_path, "client", sent)
+    assert coord.failure is not None and "refused b" in coord.failure
+    assert f"must be 1 (norm within the round's clip) or 0, got {bit!r}" in coord.failure
+    assert metrics == {} and coord.protocol.ledger.within == 1  # only a's bit  # type: ignore[attr-defined]
+    for bad in ({}, {CLIP_BIT_METRIC: bit}):  # missing or wrong: refused before the bytes
+        with pytest.raises(BadUpdate, match=r"must be 1 .* or 0") as e:
+            coord.begin_submit(
+                SubmitHeader(
+                    "b", 1, coord.model.version, 5, bad, "fp32", coord.round_selection().manifest, 4
+                )
+            )
+        assert e.value.reason == "bad_metrics" and coord.uploads.in_flight == 0
+    with pytest.raises(BadUpdate, match="NaN or Inf") as e:  # refused at the header
+        coord.begin_submit(
+            SubmitHeader(
+                "b",
+                1,
+                coord.model.version,
+                5,
+                {CLIP_BIT_METRIC: math.nan},
+                "fp32",
+                coord.round_selection().manifest,
+                4,
+            )
+        )
+    assert e.value.reason == "non_finite"
 
 
 def test_tracking_records_the_adaptive_parameters() -> None:

@@ -129,6 +129,33 @@ def test_non_finite_value_is_rejected(tmp_path: Path, bad: float) -> None:
     assert "learning rate" in str(info.value)
 
 
+def test_a_value_beyond_max_update_value_is_rejected_and_the_bound_is_inclusive(
+    tmp_path: Path,
+) -> None:
+    # Finite but huge: one update of 1e30 at 1e9 examples overflowed the float32 sum to inf.
+    receiver = _receiver(tmp_path, 4)
+    with pytest.raises(
+        BadUpdate, match=r"update value 1 is -1e\+30, beyond --max-update-value"
+    ) as e:
+        receiver.add(_payload([1.0, -1e30, 3.0, 4.0]))
+    assert e.value.reason == "out_of_range"
+    assert status_for(e.value) == grpc.StatusCode.INVALID_ARGUMENT
+    receiver.abort()
+    edge = _receive(tmp_path, _payload([1e15, -1e15, 0.0, 2.0]), 4)  # at the bound: kept
+    acc = Accumulator(4)
+    acc.fold(edge, 1e9)
+    acc.fold(_receive(tmp_path, _payload([1e15, 1.0, 1.0, 1.0]), 4), 1e9)
+    assert np.isfinite(acc.mean()).all()
+    # Secure aggregation's masked ring elements are uniform uint64s, not values: not bounded.
+    ring = np.array([2**64 - 1, 2**63], dtype="<u8").view(np.uint8).tobytes()
+    masked = UpdateReceiver(get_codec("masked-u64"), 2, 16, tmp_path / "spill", max_value=10.0)
+    masked.add(ring)
+    masked.finish(hashlib.sha256(ring).hexdigest()).discard()
+    low = UpdateReceiver(FP32, 2, 8, tmp_path / "spill", max_value=10.0)
+    with pytest.raises(BadUpdate, match="--max-update-value 10;"):
+        low.add(_payload([10.0, 10.5]))
+
+
 def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
     payload = _payload([1.0, 2.0])
     with pytest.raises(BadUpdate, match="checksum mismatch") as info:

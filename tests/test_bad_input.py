@@ -135,6 +135,17 @@ def test_non_finite_values(live: Live, bad: float) -> None:
     assert code == INVALID and "NaN or Inf" in msg and "1234" in msg
 
 
+@pytest.mark.parametrize("bad", [1e30, -3.4e38])
+def test_a_finite_value_beyond_max_update_value_is_refused(live: Live, bad: float) -> None:
+    # Finite, so it passed the NaN/Inf check; at 1e9 examples its weighted sum overflowed the
+    # float32 aggregate and the round published an inf model (SCAFFOLD: an inf c).
+    values = np.frombuffer(delta_bytes(live), dtype="<f4").copy()
+    values[1234] = bad
+    payload = values.tobytes()
+    code, msg = refused(live, stream(update(live, payload, num_examples=10**9), payload))
+    assert code == INVALID and "value 1234 is" in msg and "--max-update-value 1e+15" in msg
+
+
 def test_bad_checksum(live: Live) -> None:
     payload = delta_bytes(live)
     code, msg = refused(live, stream(update(live, payload), payload, sha="0" * 64))

@@ -176,6 +176,24 @@ def test_cli_refuses_bulyan_with_too_small_rounds_before_touching_the_state_dir(
     assert not state.exists()
 
 
+@pytest.mark.parametrize(("f", "needed"), [(0, 3), (1, 5), (2, 7)])
+def test_cli_refuses_krum_where_a_round_may_close_with_n_at_most_2f_plus_2(
+    f: int, needed: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedserver.cli import main
+
+    state = tmp_path / "state"
+    argv = ["run", "--task", "examples.digits:task", "--state-dir", str(state)]
+    krum = ["--strategy", "krum", "--krum-byzantine", str(f)]
+    assert main([*argv, *krum, "--min-clients", str(needed - 1)]) == 2
+    err = capsys.readouterr().err
+    assert f"strategy krum needs at least {needed} updates in every round" in err
+    assert f"n > 2f + 2 with --krum-byzantine {f}" in err
+    assert f"set --min-clients to at least {needed}" in err
+    assert not state.exists()
+    check_round_size(RoundPolicy(1, min_clients=needed), build_strategy("krum", krum_byzantine=f))
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -230,6 +248,22 @@ def test_higher_q_weighs_the_worse_off_client_more(q: float) -> None:
     c = build_strategy("qfedavg", q_param=q).coefficients(agg(rows, losses))
     # Relative weights are (F_k / F_j)^q; Σh only scales the whole step.
     np.testing.assert_allclose(c / c[0], [1.0, 4.0**q, 2.0**q], rtol=1e-9)
+
+
+@pytest.mark.parametrize(("q", "huge"), [(2.0, 1e300), (5.0, 1e80), (0.2, 1.7e308)])
+def test_a_huge_reported_loss_gets_at_most_the_whole_step_never_nan(q: float, huge: float) -> None:
+    # The loss is the client's word: F^q of a finite loss overflowed to inf, the coefficients
+    # became inf / inf = NaN and the published model NaN. Now that client gets (almost) all of
+    # the step, its coefficient at most 1: the step is at most its own delta.
+    s = build_strategy("qfedavg", q_param=q)
+    rows = [[1.0, 0.0], [0.0, 2.0]]
+    c = s.coefficients(agg(rows, [1.0, huge]))
+    assert np.isfinite(c).all() and 0 <= c[0] < 1e-12 and c[1] == pytest.approx(1.0)
+    out = s.apply(model([0.5, 0.5]), agg(rows, [1.0, huge]))
+    np.testing.assert_allclose(floats(out), [0.5, 2.5], rtol=1e-6)
+    # Every loss 0 and every delta 0: a zero step, not 0 / 0.
+    zero = s.coefficients(agg([[0.0, 0.0], [0.0, 0.0]], [0.0, 0.0]))
+    assert np.isfinite(zero).all()
 
 
 def test_qfedavg_asks_for_the_loss_only_when_it_reads_loss_before_training() -> None:

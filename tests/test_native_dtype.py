@@ -20,6 +20,7 @@ from fedcore.tensors import (
     Manifest,
     ManifestError,
     TensorSpec,
+    flatten_arrays,
     flatten_state_dict,
     float_vector,
 )
@@ -156,3 +157,14 @@ def test_bf16_model_federation_sends_bf16_updates(tmp_path: Path, procs: list[Pr
     raw = (state / "model.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"BF16"}
+
+
+def test_a_float16_tensor_saturates_at_65504_instead_of_becoming_inf() -> None:
+    # One client sending float16's largest value (65504, finite, within every bound) two rounds
+    # running pushed a float16 weight past 65504: the cast made it inf, and the published model.
+    model = flatten_arrays({"h": np.array([1.0, -2.0, 3.0], dtype=np.float16)})
+    delta = np.array([65504.0, -65504.0, 0.5], np.float32)
+    once = add_to_floats(add_to_floats(model, delta), delta)
+    assert float_vector(once).tolist() == [65504.0, -65504.0, 4.0]
+    honest = add_to_floats(model, np.array([0.25, 0.5, -1.0], np.float32))
+    assert float_vector(honest).tolist() == [1.25, -1.5, 2.0]  # ordinary values: a plain cast

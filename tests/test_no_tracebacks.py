@@ -10,6 +10,7 @@ used to fail inside gRPC and log a traceback."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 import threading
@@ -18,10 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
+from fedcore.privacy import with_masked_bit
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.scaffold import exchanged
+from fedcore.tensors import Manifest
 from fedcore.wire import CHANNEL_OPTIONS, manifest_to_proto
 from tests.procs import Proc, free_port, start_coordinator, wait_serving, wait_until
 from tests.raw_client import pull
@@ -129,6 +134,22 @@ def test_hostile_inputs_leave_one_line_per_refusal_and_no_traceback(
         ).SerializeToString()
         data = pb.UpdateChunk(data=b"\x00" * 1024).SerializeToString()
         trailer = pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256="ab")).SerializeToString()
+        # The newer paths: a finite value no trained model has (it overflowed the float32 sum),
+        # SCAFFOLD's Δc and adaptive clipping's masked bit sent to a plain FedAvg coordinator.
+        huge = np.full(floats.total_bytes // 4, 1e30, dtype="<f4").tobytes()
+        huge_stream = [
+            good,
+            pb.UpdateChunk(data=huge).SerializeToString(),
+            pb.UpdateChunk(
+                trailer=pb.UpdateTrailer(sha256=hashlib.sha256(huge).hexdigest())
+            ).SerializeToString(),
+        ]
+
+        def extra_tensors(manifest: Manifest) -> bytes:
+            h = pb.UpdateChunk.FromString(good)
+            h.header.manifest.CopyFrom(manifest_to_proto(manifest))
+            h.header.total_bytes = manifest.total_bytes
+            return h.SerializeToString()
 
         outcomes: Counter[grpc.StatusCode] = Counter()
         for method in SERVICE.methods:
@@ -142,6 +163,9 @@ def test_hostile_inputs_leave_one_line_per_refusal_and_no_traceback(
             [good, data],
             [good, b"\xff\xff"],
             [trailer],
+            huge_stream,
+            [extra_tensors(exchanged(floats)), data],
+            [extra_tensors(with_masked_bit(floats)), data],
         ):
             outcomes[_call(channel, "SubmitUpdate", stream)] += 1  # type: ignore[index]
         refused = sum(n for code, n in outcomes.items() if code in REFUSALS)

@@ -27,6 +27,7 @@ from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.strategies import STRATEGIES
 from fedserver.transport.limits import add_limit_arguments, limits_from_args
 from fedserver.transport.server import ServeSettings, serve
+from fedserver.updates.receiver import MAX_UPDATE_VALUE
 
 
 def _positive_float(text: str) -> float:
@@ -167,6 +168,14 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         type=positive_int,
         default=4 << 30,
         help="largest update accepted, in bytes (4 GiB)",
+    )
+    run.add_argument(
+        "--max-update-value",
+        type=_positive_float,
+        default=MAX_UPDATE_VALUE,
+        help="largest absolute value an update seen in plain may carry; beyond it the update "
+        "is refused (INVALID_ARGUMENT out_of_range), so no finite value can overflow the "
+        f"float32 aggregate to inf ({MAX_UPDATE_VALUE:g})",
     )
     add_dp_flags(run, _positive_float)
     run.add_argument(
@@ -316,6 +325,7 @@ def server_settings(args: argparse.Namespace) -> CoordinatorSettings:
         seed=args.seed,
         device=args.device,
         max_update_bytes=args.max_update_bytes,
+        max_update_value=args.max_update_value,
         dp=dp,
         secure=args.secure,
         he_public_key=args.he_public_key,

@@ -29,6 +29,7 @@ from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.state.store import StateDirBusy, StateStore
 from fedserver.strategies import Strategy, build_strategy
+from fedserver.updates.receiver import MAX_UPDATE_VALUE
 
 log = logging.getLogger("fedserver")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 3, 2
@@ -48,6 +49,7 @@ class CoordinatorSettings:
     seed: int = 0
     device: str = "cpu"  # --device: where the task's held-out evaluation runs (central_eval.py)
     max_update_bytes: int = 4 << 30
+    max_update_value: float = MAX_UPDATE_VALUE
     dp: DPConfig | None = None
     secure: str = "none"  # "none" | "secagg" | "he"
     he_public_key: Path | None = None  # --secure he: the public CKKS context
@@ -231,6 +233,7 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
         defaults=s.defaults.resolved(task_defaults),
         evaluate=evaluator if evaluator.enabled else None,
         max_update_bytes=s.max_update_bytes,
+        max_update_value=s.max_update_value,
         seed=s.seed,
         eval_policy=s.eval_policy,
         protocol_wrappers=wrappers,

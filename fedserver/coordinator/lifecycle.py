@@ -43,13 +43,14 @@ from fedserver.protocols.base import (
     RoundProtocol,
 )
 from fedserver.protocols.registry import build_protocol, update_manifest
+from fedserver.protocols.secagg_stages import SecAggFailed
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import ClosedRound, Phase, RoundPolicy, RoundsExhausted
 from fedserver.state.metrics import Metrics
 from fedserver.state.store import StateStore
 from fedserver.strategies import Strategy
 from fedserver.updates.messages import PendingSubmit, SubmitHeader, SubmitResult
-from fedserver.updates.receiver import spill_key
+from fedserver.updates.receiver import MAX_UPDATE_VALUE, spill_key
 from fedserver.updates.uploads import Uploads
 
 log = logging.getLogger("fedserver")
@@ -65,6 +66,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
     defaults: TrainingDefaults = field(default_factory=TrainingDefaults)
     evaluate: Callable[[FlatModel], dict[str, float]] | None = None
     max_update_bytes: int = 4 << 30
+    max_update_value: float = MAX_UPDATE_VALUE  # --max-update-value (updates/receiver.py)
     seed: int = 0
     # Around the protocol, handed to its registry as they are (--dp-clip: protocols/dp.py).
     protocol_wrappers: tuple[ProtocolWrapper, ...] = ()
@@ -108,7 +110,9 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         self._flush_joins: asyncio.TimerHandle | None = None
         # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
         key = spill_key(self.store.cipher is not None)
-        self.uploads = Uploads(self.store.dir / "incoming", key, self.metrics, self.rejections)
+        self.uploads = Uploads(
+            self.store.dir / "incoming", key, self.metrics, self.rejections, self.max_update_value
+        )
         self.protocol: RoundProtocol = build_protocol(
             settings,
             ProtocolEnv(
@@ -265,6 +269,10 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
     async def _finish_round(self, closed: ClosedRound) -> None:
         try:
             await self._aggregate_round(closed)
+        except SecAggFailed as e:
+            # Clients caused it (too few survivors, no key holder's decryption accepted): an
+            # expected event, one line with the reason, never a traceback.
+            self._fail(f"aggregating round {closed.round} failed: {e}")
         except Exception as e:
             # Disk full, a strategy bug...: stop rather than hang; the last committed round is
             # intact on disk and a restart resumes from it.

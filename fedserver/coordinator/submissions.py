@@ -109,6 +109,7 @@ class UpdateIntake:
             raise BadUpdate("update metrics contain NaN or Inf", reason="non_finite")
         if problem := self.check_metrics(h.metrics):
             raise BadUpdate(problem, reason="bad_metrics")
+        self.protocol.check_metrics(h.metrics)  # e.g. DP's clip bit, before the bytes
         try:
             codec = get_codec(h.encoding)
         except ManifestError as e:

@@ -148,6 +148,11 @@ class RoundProtocol(ABC):
         """The protocol folds updates in plain (not masked or encrypted)."""
         return self.encoding is None
 
+    def check_metrics(self, metrics: Mapping[str, float]) -> None:
+        """Refuse (BadUpdate) an update whose header metrics this protocol cannot use, before
+        its bytes are read (the DP wrapper: a missing or bad clip bit)."""
+        return None  # most protocols read no client metric
+
     def check_encoding(self, encoding: str) -> None:
         """Masked/encrypted updates only under their protocol, and only its encoding then."""
         if self.encoding is not None and encoding != self.encoding:

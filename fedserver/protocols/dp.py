@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import secrets
 from collections.abc import Iterable, Mapping
 
@@ -38,6 +39,7 @@ import numpy as np
 
 from fedcore.privacy import (
     CLIP_BIT_METRIC,
+    MASKED_BIT_TENSOR,
     Accountant,
     DPConfig,
     add_gaussian_noise,
@@ -81,6 +83,10 @@ METRIC_WITHIN = "dp_within_clip_fraction"
 EXTRA_REPORT_BIT = "dp_report_clip_bit"  # "1": report CLIP_BIT_METRIC (client-side variant)
 REPORT_MASKED = "masked"  # EXTRA_REPORT_BIT under secagg/he: the bit inside the update
 EXTRA_CLIENT_COUNT_NOISE_STD = "dp_client_count_noise_std"  # each client's share of sigma_b
+# An unmasked bit sum further than this many count-noise stddevs outside [0, n] is no honest
+# round's (honest: a chance below 1e-9); BIT_SUM_SLACK covers the fixed-point rounding.
+BIT_SUM_SIGMAS = 6.0
+BIT_SUM_SLACK = 0.5
 
 
 class DPServer:
@@ -158,19 +164,31 @@ class DPServer:
         adaptive = self.config.adaptive
         if adaptive is None or count < 1:
             return {}
+        used, within_count = self.clip, self.within
+        self.within = 0
+        kept = {METRIC_CLIP: used, METRIC_CLIP_NEXT: used}
+        kept[METRIC_UPDATE_Z] = self.config.update_noise_multiplier
         if masked_sum is not None:
+            if not plausible_bit_sum(masked_sum, count, adaptive.count_stddev):
+                # Masked: nobody can tell whose value it was, so the round's model step stands
+                # and only the clip keeps its value (never exp() of a huge number: a crash).
+                log.warning(
+                    "round's unmasked sum of adaptive-clip bits is %.6g, outside what %d updates "
+                    "of 0 or 1 plus the count noise can give (0..%d +/- %g): a client sent "
+                    "something else in tensor %r; the DP clip stays %g",
+                    masked_sum,
+                    count,
+                    count,
+                    BIT_SUM_SIGMAS * adaptive.count_stddev + BIT_SUM_SLACK,
+                    MASKED_BIT_TENSOR,
+                    used,
+                )
+                return kept
             within = masked_sum / count
         else:
-            within = noised_within_fraction(self.within, count, adaptive.count_stddev, self.rng)
-        used = self.clip
+            within = noised_within_fraction(within_count, count, adaptive.count_stddev, self.rng)
         self.clip = next_clip(used, within, adaptive.target_quantile, adaptive.lr)
-        self.within = 0
-        return {
-            METRIC_CLIP: used,
-            METRIC_CLIP_NEXT: self.clip,
-            METRIC_WITHIN: within,
-            METRIC_UPDATE_Z: self.config.update_noise_multiplier,
-        }
+        return kept | {METRIC_CLIP_NEXT: self.clip, METRIC_WITHIN: within}
 
     def privatize(
         self,
@@ -203,6 +221,15 @@ class DPServer:
             metrics[METRIC_EPSILON] = self.accountant.epsilon(cfg.delta)
         # z == 0: clipping only; no finite ε exists, so none is recorded.
         return noised, metrics
+
+
+def plausible_bit_sum(masked_sum: float, count: int, count_stddev: float) -> bool:
+    """Whether an unmasked sum of `count` adaptive-clip bits (each 0 or 1, plus shares of the
+    count noise, whose stddev together is at most `count_stddev`) could come from honest
+    clients: within [0, count] widened by BIT_SUM_SIGMAS stddevs (and the fixed-point
+    encoding's rounding). Outside, some client masked a value other than 0 or 1."""
+    slack = BIT_SUM_SIGMAS * count_stddev + BIT_SUM_SLACK
+    return math.isfinite(masked_sum) and -slack <= masked_sum <= count + slack
 
 
 class DPWrapper(ProtocolWrapper):
@@ -284,6 +311,14 @@ class DifferentialPrivacy(RoundProtocol):
 
     def check_encoding(self, encoding: str) -> None:
         self.inner.check_encoding(encoding)
+
+    def check_metrics(self, metrics: Mapping[str, float]) -> None:
+        """The client's clip bit, when it reports one in plain: refused at the header, before a
+        model's worth of bytes is read (accept checks it again)."""
+        adaptive = self.ledger.config.adaptive
+        if adaptive is not None and adaptive.side == "client" and not self.masked_bit:
+            self.ledger.clip_bit(None, metrics)
+        self.inner.check_metrics(metrics)
 
     def round_extra(self) -> dict[str, str]:
         return self.ledger.round_extra(len(self.env.selected())) | self.inner.round_extra()

@@ -3,8 +3,9 @@
 With n updates of which at most f are Byzantine, update i scores the sum of squared distances
 to its n - f - 2 nearest other updates. Krum takes the update with the lowest score; Multi-Krum
 averages the m lowest-scoring ones (unweighted; scores computed once, as in Flower and
-El Mhamdi et al. 2018). The guarantee needs n > 2f + 2; with fewer updates the neighbourhood
-shrinks to at least one (logged by the coordinator through the round metrics).
+El Mhamdi et al. 2018). The guarantee needs n > 2f + 2: settings under which a round could
+close with fewer are refused at start-up (`min_updates`, coordinator/assembly.py). The scores
+still shrink the neighbourhood to at least one for fewer (Bulyan's later selections need it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ class Krum(Strategy):
 
     def params(self) -> dict[str, float]:
         return {"krum_byzantine": self.byzantine, "multi_krum_m": self.m}
+
+    def min_updates(self) -> tuple[int, str]:
+        f = self.byzantine
+        return 2 * f + 3, f"Krum's n > 2f + 2 with --krum-byzantine {f}; a smaller f needs fewer"
 
     def select(self, updates: UpdateSet) -> np.ndarray:
         """Row indices of the chosen updates, best score first (ties: lower index)."""

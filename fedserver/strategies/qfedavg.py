@@ -21,6 +21,7 @@ no extra pass); Flower's legacy QFedAvg uses one server-side loss of x for every
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -90,12 +91,18 @@ class QFedAvg(Strategy):
         for _, block in updates.blocks():
             b = block.astype(np.float64)
             sq_norms += (b * b).sum(axis=1)
-        loss = losses + LOSS_GUARD
-        weight = np.float_power(loss, self.q)  # F_k^q
+        log_loss = np.log(losses + LOSS_GUARD)
         grad_sq = sq_norms / (self.lr * self.lr)  # |g_k|^2 = |D_k|^2 / lr^2
-        h = self.q * np.float_power(loss, self.q - 1) * grad_sq + weight / self.lr
-        # x - sum F_k^q (-D_k / lr) / sum h
-        return weight / (self.lr * h.sum())
+        # x - sum F_k^q (-D_k / lr) / sum h, with h_k = q F_k^(q-1) |g_k|^2 + F_k^q / lr: so
+        # c_k = (F_k^q / lr) / sum h. In logs, scaled by the largest term: a client's loss is
+        # its own word, and F^q of a finite loss overflows (1e300 at q = 2), which made the
+        # step inf / inf = NaN and the published model NaN.
+        steps = self.q * log_loss - math.log(self.lr)  # log(F_k^q / lr)
+        with np.errstate(divide="ignore"):  # log 0 = -inf: a term of 0 (q = 0, D_k = 0)
+            curvature = math.log(self.q) if self.q > 0 else -np.inf
+            grads = curvature + (self.q - 1) * log_loss + np.log(grad_sq)
+        top = max(steps.max(), grads.max())
+        return np.exp(steps - top) / (np.exp(grads - top).sum() + np.exp(steps - top).sum())
 
     def apply(self, global_model: FlatModel, agg: AggregateInput) -> FlatModel:
         updates = require_updates(agg, self.name)

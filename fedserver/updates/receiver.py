@@ -34,6 +34,12 @@ SPILL_WINDOW = 16 << 20
 # Pages mapped in one call when a window is mapped (MAP_POPULATE) instead of one fault per 4
 # KiB page as they are read: the fold of a mapped spill ran ~20% faster.
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+# Largest |value| an update seen in plain may carry (--max-update-value). Finite is not enough:
+# the fold sums weight x value in float32, so one value of 1e30 at 1e9 examples (or two of
+# 3e38) overflowed to inf and published an inf model (or SCAFFOLD's c). At 1e15, even 1e9
+# examples from each of 1e14 updates stay below float32's 3.4e38, and squares (FedAdam's v)
+# below it too; no trained model's delta comes near it.
+MAX_UPDATE_VALUE = 1e15
 
 
 class BadUpdate(ValueError):
@@ -243,8 +249,10 @@ class UpdateReceiver:
         checksum: str = "sha256",
         spill_key: bytes | None = None,
         track_norm: bool = False,
+        max_value: float = MAX_UPDATE_VALUE,
     ) -> None:
         self.codec = codec
+        self.max_value = max_value
         self.num_values = num_values
         self.expected_bytes = expected_bytes
         self.received = 0
@@ -266,13 +274,12 @@ class UpdateReceiver:
             )
         try:
             for piece in self._decoder.feed(data):
-                if not np.isfinite(piece.values).all():
-                    bad = int(np.flatnonzero(~np.isfinite(piece.values))[0]) + piece.offset
-                    raise BadUpdate(
-                        f"update contains NaN or Inf (first at value {bad}); "
-                        "check the learning rate and the loss for divergence",
-                        reason="non_finite",
-                    )
+                values, most = piece.values, self.max_value
+                # min/max are NaN when any value is: one comparison refuses NaN, Inf and huge.
+                # Floats only: masked ring elements (secagg's uint64) are uniform by design.
+                floats = values.dtype.kind == "f" and values.size
+                if floats and not (-most <= values.min() and values.max() <= most):
+                    self._refuse_values(values, piece.offset)
                 if self._sum_squares is not None:
                     # Sparse (top-k) positions are unique, so squares add up either way.
                     # Squared in float64 by numpy's own loop: a float64 BLAS dot fights for
@@ -282,6 +289,22 @@ class UpdateReceiver:
             raise BadUpdate(str(e)) from None
         self._hash.update(data)
         self._file.write(data)
+
+    def _refuse_values(self, values: np.ndarray, offset: int) -> None:
+        if not np.isfinite(values).all():
+            bad = int(np.flatnonzero(~np.isfinite(values))[0]) + offset
+            raise BadUpdate(
+                f"update contains NaN or Inf (first at value {bad}); "
+                "check the learning rate and the loss for divergence",
+                reason="non_finite",
+            )
+        big = int(np.flatnonzero(np.abs(values) > self.max_value)[0])
+        raise BadUpdate(
+            f"update value {big + offset} is {float(values[big]):.6g}, beyond "
+            f"--max-update-value {self.max_value:g}; check the learning rate and the loss "
+            "for divergence",
+            reason="out_of_range",
+        )
 
     def finish(self, expected_digest: str) -> StagedUpdate:
         try:

@@ -10,13 +10,24 @@ from fedcore.codecs import Codec
 from fedcore.selection import Selection
 from fedserver.state.metrics import Metrics
 from fedserver.updates.messages import PendingSubmit, SubmitHeader
-from fedserver.updates.receiver import BadUpdate, StagedUpdate, UpdateReceiver
+from fedserver.updates.receiver import (
+    MAX_UPDATE_VALUE,
+    BadUpdate,
+    StagedUpdate,
+    UpdateReceiver,
+)
 
 
 class Uploads:
     def __init__(
-        self, incoming: Path, spill_key: bytes | None, metrics: Metrics, rejections: Counter[str]
+        self,
+        incoming: Path,
+        spill_key: bytes | None,
+        metrics: Metrics,
+        rejections: Counter[str],
+        max_value: float = MAX_UPDATE_VALUE,
     ) -> None:
+        self.max_value = max_value  # --max-update-value: largest |value| of a plain update
         self.incoming = incoming  # where verified bytes are spilled (unlinked temp files)
         self.spill_key = spill_key  # --encrypt-state: spills encrypted under an in-memory key
         self.metrics = metrics
@@ -48,6 +59,7 @@ class Uploads:
             header.checksum,
             self.spill_key,
             track_norm=track_norm,
+            max_value=self.max_value,
         )
         self.streams[header.client_id] += 1
         self.in_flight += 1
