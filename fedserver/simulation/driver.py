@@ -37,6 +37,8 @@ from fedserver.coordinator.assembly import (
     build_coordinator,
 )
 from fedserver.coordinator.progress import show_progress
+from fedserver.simulation.clock import VirtualClock
+from fedserver.simulation.fleet import Fleet
 from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
 from fedserver.state.history import RoundRecord
@@ -62,6 +64,7 @@ class SimSettings:
     ray: RaySettings = field(default_factory=RaySettings)
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     engine: str = "embedded"  # or "ray" (settings.ENGINES)
+    fleet: Fleet | None = None  # --fleet: devices' speeds, links, availability; fleet time
 
 
 class Pool(Protocol):
@@ -92,10 +95,14 @@ class Outcome:
 async def simulate(s: SimSettings) -> Outcome:
     """Run the simulation to the end (or a signal)."""
     check_settings(s)
+    clock = VirtualClock() if s.fleet is not None else None
     try:
-        coordinator = build_coordinator(s.server)
+        coordinator = build_coordinator(s.server, clock)
     except ValueError as e:  # a flag's value (strategy parameters...), as for `fedserver run`
         raise SetupError(str(e)) from None
+    if clock is not None:  # a resumed fleet goes on from where its last round closed
+        last = coordinator.store.recent_rounds(1)[0]
+        clock.advance_to(last[0].closed_at if last and last[0].fleet_seconds is not None else 0.0)
     transport = InProcessTransport(coordinator)
     ids = [client_id(i) for i in range(s.clients)]
     stop = asyncio.Event()
@@ -123,15 +130,20 @@ async def simulate(s: SimSettings) -> Outcome:
         )
         ray_started = s.engine == "ray"
         pool = await start_pool(s, spec)
-        alive = asyncio.create_task(transport.keep_alive(ids))  # virtual clients never go silent
         wave = s.server.mode.simulation_wave()
+        # Without a fleet virtual clients never go silent; on a fleet, who is online is the
+        # fleet's (fleet_run.py), in fleet time.
+        alive = None if clock else asyncio.create_task(transport.keep_alive(ids))
         try:
-            if wave is None:
+            if s.fleet is not None and clock is not None:
+                await _run_fleet(transport, pool, s, clock, stop, wave)
+            elif wave is None:
                 await _run(transport, pool, ids, stop)
             else:
                 await _run_async(transport, pool, ids, stop, wave, s.server.seed)
         finally:
-            alive.cancel()
+            if alive is not None:
+                alive.cancel()
             await pool.close()
         if stop.is_set():
             await coordinator.shut_down()
@@ -157,6 +169,25 @@ async def simulate(s: SimSettings) -> Outcome:
         s.server.state_dir,
     )
     return Outcome(code, coordinator.failure or "", rounds)
+
+
+async def _run_fleet(
+    transport: InProcessTransport,
+    pool: Pool,
+    s: SimSettings,
+    clock: VirtualClock,
+    stop: asyncio.Event,
+    wave: int | None,
+) -> None:
+    from fedserver.simulation.fleet_run import FleetRun, run_async, run_sync
+
+    assert s.fleet is not None
+    log.info("fleet %s: %d devices, fleet time starts at %.0fs", s.fleet.source, s.clients, clock())
+    run = FleetRun(transport, pool, s.fleet, clock, stop, s.clients)
+    if wave is None:
+        await run_sync(run)
+    else:
+        await run_async(run, wave, s.server.seed)
 
 
 async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
