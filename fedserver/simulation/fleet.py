@@ -141,14 +141,16 @@ def load_fleet(text: str, default_seed: int, count: int) -> Fleet:
     return Fleet(tuple(_trace_devices(rows, text)), text)
 
 
-def _number(key: str, value: str, where: str, minimum: float = 0.0, strict: bool = True) -> float:
+def _number(
+    key: str, value: str, where: str = ": ", minimum: float = 0.0, strict: bool = True
+) -> float:
     try:
         x = float(value)
     except ValueError:
-        raise ValueError(f"{FLAG}: {where}{key} must be a number, got {value!r}") from None
+        raise ValueError(f"{FLAG}{where}{key} must be a number, got {value!r}") from None
     if not math.isfinite(x) or x < minimum or (strict and x == minimum):
         op = ">" if strict else ">="
-        raise ValueError(f"{FLAG}: {where}{key} must be {op} {minimum:g}, got {value!r}")
+        raise ValueError(f"{FLAG}{where}{key} must be {op} {minimum:g}, got {value!r}")
     return x
 
 
@@ -166,13 +168,13 @@ def parse_spec(text: str) -> dict[str, str]:
 
 def _spec_devices(text: str, default_seed: int, count: int) -> Iterator[Device]:
     v = parse_spec(text)
-    tiers = [_number("tiers", t, "") for t in v["tiers"].split(":")]
-    speed = _number("speed", v["speed"], "")
-    down, up = _number("down", v["down"], ""), _number("up", v["up"], "")
-    hours = _number("diurnal", v["diurnal"], "")
+    tiers = [_number("tiers", t) for t in v["tiers"].split(":")]
+    speed = _number("speed", v["speed"])
+    down, up = _number("down", v["down"]), _number("up", v["up"])
+    hours = _number("diurnal", v["diurnal"])
     if hours > 24:
         raise ValueError(f"{FLAG}: diurnal is online hours a day, at most 24, got {hours:g}")
-    day = _number("day", v["day"], "")
+    day = _number("day", v["day"])
     try:
         seed = int(v["seed"]) if v["seed"] else default_seed
     except ValueError:
@@ -228,19 +230,19 @@ def _trace_devices(rows: Sequence[dict[str, str]], name: str) -> list[Device]:
         raise ValueError(f"{FLAG} {name}: no devices in the trace")
     by_index: dict[int, Device] = {}
     for n, r in enumerate(rows, start=1):
-        where = f"{name} row {n}: "
+        where = f" {name} row {n}: "
         cid = str(r.get("client", "")).strip()
         try:
             index = int(cid.removeprefix("client-"))
         except ValueError:
             raise ValueError(
-                f"{FLAG} {where}client must be an index or client-INDEX, got {cid!r}"
+                f"{FLAG}{where}client must be an index or client-INDEX, got {cid!r}"
             ) from None
         if index in by_index:
-            raise ValueError(f"{FLAG} {where}client {index} appears twice")
+            raise ValueError(f"{FLAG}{where}client {index} appears twice")
         for key in TRACE_COLUMNS[1:4]:
             if key not in r or r[key] in ("", "None"):
-                raise ValueError(f"{FLAG} {where}{key} is missing")
+                raise ValueError(f"{FLAG}{where}{key} is missing")
         period = _number("period", r.get("period") or "0", where, strict=False)
         windows = _windows(r.get("windows") or "", period, where)
         by_index[index] = Device(
@@ -263,7 +265,7 @@ def _windows(text: str, period: float, where: str) -> tuple[tuple[float, float],
     if not text.strip():
         return ()
     if period <= 0:
-        raise ValueError(f"{FLAG} {where}windows need a period > 0")
+        raise ValueError(f"{FLAG}{where}windows need a period > 0")
     out = []
     for part in text.split(";"):
         s, sep, e = part.strip().partition("-")
@@ -271,7 +273,7 @@ def _windows(text: str, period: float, where: str) -> tuple[tuple[float, float],
         end = _number("window end", e, where) if sep else -1.0
         if not sep or not start < end <= period:
             raise ValueError(
-                f"{FLAG} {where}window {part.strip()!r} must be START-END with "
+                f"{FLAG}{where}window {part.strip()!r} must be START-END with "
                 f"0 <= START < END <= period ({period:g})"
             )
         out.append((start, end))
