@@ -21,14 +21,11 @@ import logging
 import random
 import signal
 import sys
-from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from fedclient.partition import Partition
-from fedclient.virtual import VirtualSpec, client_id, client_index
+from fedclient.virtual import VirtualSpec, client_id
 from fedcore.plugins import load_object
-from fedcore.tensors import FlatModel
 from fedserver.coordinator.assembly import (
     EXIT_FAILED,
     EXIT_OK,
@@ -41,6 +38,11 @@ from fedserver.simulation.clock import VirtualClock
 from fedserver.simulation.fleet import Fleet
 from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
+from fedserver.simulation.steps import PerKey as _PerKey
+from fedserver.simulation.steps import Pool
+from fedserver.simulation.steps import evaluate as _evaluate
+from fedserver.simulation.steps import joined as _joined
+from fedserver.simulation.steps import submit as _submit
 from fedserver.state.history import RoundRecord
 
 log = logging.getLogger("fedserver")
@@ -65,21 +67,6 @@ class SimSettings:
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     engine: str = "embedded"  # or "ray" (settings.ENGINES)
     fleet: Fleet | None = None  # --fleet: devices' speeds, links, availability; fleet time
-
-
-class Pool(Protocol):
-    """Where virtual clients run (embedded.py, workers.py): one awaitable per batch of the ids
-    given, each yielding Fitted / Evaluated in the order of its ids."""
-
-    def fit_refs(
-        self, header: bytes, model: FlatModel, ids: Sequence[str]
-    ) -> Sequence[Awaitable[list[Any]]]: ...
-
-    def evaluate_refs(
-        self, header: bytes, model: FlatModel, ids: Sequence[str]
-    ) -> Sequence[Awaitable[list[Any]]]: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -317,57 +304,3 @@ async def _run_async(
                 await asyncio.sleep(0)  # let the engine take in the next results meanwhile
             if stop.is_set():
                 break
-
-
-def _joined(transport: InProcessTransport, client_ids: Sequence[str], count: int) -> None:
-    for cid in client_ids:
-        partition = f"{client_index(cid)}/{count}"
-        transport.joined(cid, {"hostname": "simulation", "partition": partition})
-
-
-def _submit(transport: InProcessTransport, fitted: Any) -> None:
-    """One virtual client's result to the coordinator, as its SubmitUpdate would bring it."""
-    if fitted.error:
-        log.warning("virtual client %s failed: %s", fitted.client_id, fitted.error)
-        return
-    assert fitted.payload is not None
-    refused = transport.submit(fitted.header, fitted.payload, fitted.digest)
-    if refused:
-        log.warning("update of %s not counted: %s", fitted.client_id, refused)
-
-
-@dataclass
-class _PerKey:
-    """A set of client ids that starts empty again whenever its key (a round's attempt, an
-    evaluation campaign) changes."""
-
-    key: object = None
-    ids: set[str] = field(default_factory=set)
-
-    def of(self, key: object) -> set[str]:
-        if key != self.key:
-            self.key, self.ids = key, set()
-        return self.ids
-
-
-async def _evaluate(transport: InProcessTransport, pool: Pool, failed: set[str]) -> None:
-    """Federated evaluation of the last published model, when the coordinator asks for one.
-    A client that fails (or whose result is refused) is not asked again for this model."""
-    work = transport.evaluation_work(exclude=failed)
-    if work is None:
-        return
-    for ref in pool.evaluate_refs(work.header, work.model, work.client_ids):
-        for evaluated in await ref:
-            if evaluated.error:
-                failed.add(evaluated.client_id)
-                log.warning(
-                    "virtual client %s failed to evaluate round %d: %s",
-                    evaluated.client_id,
-                    work.round,
-                    evaluated.error,
-                )
-                continue
-            refused = transport.submit_evaluation(evaluated.result)
-            if refused:
-                failed.add(evaluated.client_id)
-                log.warning("evaluation of %s not counted: %s", evaluated.client_id, refused)

@@ -2,14 +2,15 @@
 the fleet's virtual clock (clock.py) and this loop moves it from event to event.
 
 Synchronous rounds: when an attempt opens at fleet time t0 (deadline t0 + --round-timeout),
-each selected client's trip is known from its device (fleet.py): unavailable at t0, or
-offline before the download and upload alone could finish, or past the deadline on those
-alone: it is not trained at all. The others train (on the engine's workers, as without a
-fleet), and their measured example count and update size give their arrival time. Updates
-are then delivered in arrival order, the clock advanced to each; a client that goes offline
-stops heartbeating there and lapses --client-timeout later, as a vanished process does; one
-that fails reports it (ReportFailure) at t0. When nothing more can arrive in time the clock
-moves to the moment the coordinator decides: the deadline, or the last dropout's lapse.
+each selected client's trip is known from its device (fleet.py) and, once it has trained,
+its example count and update size: a client unavailable at t0, or offline before it could
+finish, or past the deadline, is not trained at all. The others train (on the engine's
+workers, as without a fleet), and their measured example count and update size give their
+arrival time. Updates are then delivered in arrival order, the clock advanced to each; a
+client that goes offline stops heartbeating there and lapses --client-timeout later, as a
+vanished process does; one that fails reports it (ReportFailure) at t0. When nothing more
+can arrive in time the clock moves to the moment the coordinator decides: the deadline, or
+the last dropout's lapse.
 
 Asynchronous rounds: --max-concurrency (else --buffer-size) devices are at work at any
 fleet time; whenever one arrives or drops out, another device online at that moment (drawn
@@ -37,6 +38,7 @@ from fedserver.coordinator.assembly import SetupError
 from fedserver.simulation.clock import VirtualClock
 from fedserver.simulation.fleet import Fleet, Trip, trip
 from fedserver.simulation.inprocess import InProcessTransport, Work
+from fedserver.simulation.steps import PerKey, Pool, evaluate, joined, submit
 
 log = logging.getLogger("fedserver")
 
@@ -44,13 +46,17 @@ log = logging.getLogger("fedserver")
 @dataclass
 class FleetRun:
     transport: InProcessTransport
-    pool: Any  # driver.Pool
+    pool: Pool
     fleet: Fleet
     clock: VirtualClock
     stop: asyncio.Event
     count: int  # --clients
     # Clients at work and when they stop heartbeating (arrival, going offline, deadline).
     alive: dict[str, float] = field(default_factory=dict)
+    # (examples, update bytes) of each client that trained before: a client's data does not
+    # change, so its next trip is known before it trains, and one that cannot make the
+    # deadline is not trained again.
+    sizes: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ time and liveness
     def advance(self, t: float) -> None:
@@ -80,9 +86,7 @@ class FleetRun:
 
     # ------------------------------------------------------------------ training
     async def train(self, work: Work, ids: Sequence[str]) -> list[Any]:
-        from fedserver.simulation.driver import _joined
-
-        _joined(self.transport, ids, self.count)
+        joined(self.transport, ids, self.count)
         out: list[Any] = []
         for ref in self.pool.fit_refs(work.header, work.model, ids):
             out.extend(await ref)
@@ -91,19 +95,18 @@ class FleetRun:
     def trip_of(self, fitted: Any, start: float, down: int) -> Trip:
         device = self.fleet.device(client_index(fitted.client_id))
         examples = pb.UpdateHeader.FromString(fitted.header).num_examples
+        self.sizes[fitted.client_id] = (examples, int(fitted.payload.nbytes))
         return trip(device, start, down, examples, int(fitted.payload.nbytes))
 
 
 async def run_sync(r: FleetRun) -> None:
-    from fedserver.simulation.driver import _evaluate, _PerKey
-
     t = r.transport
     coordinator = t.coordinator
-    ran = _PerKey()
-    failed_evaluations = _PerKey()
+    ran = PerKey()
+    failed_evaluations = PerKey()
     r.touch_available()  # opens the first round once enough devices are online
     while not r.stop.is_set():
-        await _evaluate(t, r.pool, failed_evaluations.of(t.evaluation_round()))
+        await evaluate(t, r.pool, failed_evaluations.of(t.evaluation_round()))
         if coordinator.done.is_set():
             return
         dispatched = ran.of(t.round_attempt())
@@ -121,8 +124,6 @@ async def run_sync(r: FleetRun) -> None:
 
 async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
     """One attempt of a round, from its opening to the moment it closes or is decided."""
-    from fedserver.simulation.driver import _submit
-
     t = r.transport
     coordinator = t.coordinator
     t0 = r.clock()
@@ -135,9 +136,11 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
     order = itertools.count()
     to_train = []
     for cid in work.client_ids:
-        bound = trip(r.fleet.device(client_index(cid)), t0, down, 0, 0)
+        # Its trip as it trained last time (transfers alone the first time): a client that
+        # cannot make it is not trained.
+        bound = trip(r.fleet.device(client_index(cid)), t0, down, *r.sizes.get(cid, (0, 0)))
         if bound.arrives > deadline or math.isfinite(bound.gone):
-            trips[cid] = bound  # cannot make it even without training: not trained
+            trips[cid] = bound
         else:
             to_train.append(cid)
     trained = await r.train(work, to_train)
@@ -173,7 +176,7 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
                 arrivals -= 1
                 if arrivals == 0:  # may close the round: the next one draws from who is online
                     r.touch_available()
-                _submit(t, fitted_by_id[cid])
+                submit(t, fitted_by_id[cid])
             else:
                 r.alive.pop(cid, None)  # went offline: its heartbeats stop here
         if t.round_attempt() != attempt or coordinator.done.is_set():
@@ -192,17 +195,15 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
 
 
 async def run_async(r: FleetRun, concurrency: int, seed: int) -> None:
-    from fedserver.simulation.driver import _evaluate, _PerKey, _submit
-
     t = r.transport
     coordinator = t.coordinator
-    failed_evaluations = _PerKey()
+    failed_evaluations = PerKey()
     events: list[tuple[float, int, str, Any]] = []
     order = itertools.count()
     draw = random.Random(f"{seed}:fleet-async")
     r.touch_available()
     while not r.stop.is_set():
-        await _evaluate(t, r.pool, failed_evaluations.of(t.evaluation_round()))
+        await evaluate(t, r.pool, failed_evaluations.of(t.evaluation_round()))
         if coordinator.done.is_set():
             return
         await t.settled()
@@ -220,7 +221,7 @@ async def run_async(r: FleetRun, concurrency: int, seed: int) -> None:
             await t.settled()
             if coordinator.done.is_set():  # the last version is out: the rest come late
                 return
-            _submit(t, fitted)
+            submit(t, fitted)
         # "gone": offline; its lease lapses (--round-timeout) in fleet time, as a process's
 
 
