@@ -10,7 +10,8 @@ process, --workers 0) on the same fleet: --clients devices (10,000) in three spe
     sync                 --clients-per-round K, no deadline to speak of (--round-timeout 1e7):
                          a round waits for its slowest client (or its lapse, if it goes offline)
     sync-D-xO            K*O selected, closes at D fleet seconds with >= K (over-selection)
-    async-B              --mode async --buffer-size B --max-concurrency K: a version every B
+    async-B[-cC]         --mode async --buffer-size B --max-concurrency K (or C of
+                         --concurrency): a version every B
                          updates, as many updates in all as the sync runs (--async-updates)
 
 Each family is tuned over the values given (--deadlines, --overselect, --buffers), and the best
@@ -75,26 +76,27 @@ def settings(a: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
                 )
             )
     for b in a.buffers:
-        runs.append(
-            (
-                "async",
-                f"async-{b}",
-                {
-                    "mode": "async",
-                    "buffer_size": b,
-                    "max_concurrency": k,
-                    "round_timeout": a.lease,
-                    "rounds": math.ceil((a.async_updates or a.sync_rounds * k) / b),
-                },
+        for c in a.concurrency or [k]:
+            runs.append(
+                (
+                    "async",
+                    f"async-{b}" + (f"-c{c}" if a.concurrency else ""),
+                    {
+                        "mode": "async",
+                        "buffer_size": b,
+                        "max_concurrency": c,
+                        "round_timeout": a.lease,
+                        "rounds": math.ceil((a.async_updates or a.sync_rounds * k) / b),
+                    },
+                )
             )
-        )
     return runs
 
 
 def race(a: argparse.Namespace, name: str, flags: dict[str, Any], root: Path) -> dict[str, Any]:
     started = time.monotonic()
     history = simulation.run(
-        TASK,
+        a.task,
         a.clients,
         state_dir=root / name,
         fleet=fleet_spec(a),
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deadlines", type=float, nargs="+", default=[60.0, 200.0])
     p.add_argument("--overselect", type=float, nargs="+", default=[1.3])
     p.add_argument("--buffers", type=int, nargs="+", default=[10, 25])
+    p.add_argument("--concurrency", type=int, nargs="+", help="async --max-concurrency values (K)")
+    p.add_argument("--task", default=TASK, help=f"({TASK})")
     p.add_argument("--lease", type=float, default=3600.0, help="async --round-timeout (3600)")
     p.add_argument("--smooth", type=int, default=3, help="evaluations averaged (3)")
     p.add_argument("--seed", type=int, default=1)
@@ -175,7 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(
         json.dumps(
-            {"fleet": fleet_spec(a), "clients": a.clients, "target": a.target, "runs": results},
+            {
+                "fleet": fleet_spec(a),
+                "task": a.task,
+                "clients": a.clients,
+                "target": a.target,
+                "runs": results,
+            },
             indent=2,
         )
     )
@@ -187,7 +197,7 @@ def _fmt(x: float | None, digits: int = 0) -> str:
 
 
 def _table(a: argparse.Namespace, results: list[dict[str, Any]]) -> None:
-    print(f"\nfleet {fleet_spec(a)}, {a.clients:,} devices, target accuracy {a.target}")
+    print(f"\n{a.task} on fleet {fleet_spec(a)}, {a.clients:,} devices, target {a.target}")
     head = "| setting | rounds | updates | rounds to target | fleet s to target | ratio vs sync "
     head += "| best accuracy | fleet s total | host s |"
     print(head)
