@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import logging
 import math
 import random
 from collections.abc import Sequence
@@ -39,8 +38,6 @@ from fedserver.simulation.clock import VirtualClock
 from fedserver.simulation.fleet import Fleet, Trip, trip
 from fedserver.simulation.inprocess import InProcessTransport, Work
 from fedserver.simulation.steps import PerKey, Pool, evaluate, joined, submit
-
-log = logging.getLogger("fedserver")
 
 
 @dataclass
