@@ -175,6 +175,30 @@ def test_offline_devices_are_not_selected_and_dropouts_miss_the_round(tmp_path: 
     # At 1 example/s, clients 0-5 (tens of examples) go offline at 100 before most finish.
     assert first <= set(range(6)) and history.rounds[0]["participants"] < 3
     assert second <= set(range(6, 12))
+    # Round 1 waited for its dropouts until they lapsed, in fleet time: offline at 100, then
+    # --client-timeout (90 s) without a heartbeat.
+    assert history.rounds[0]["fleet_seconds"] == pytest.approx(100.0 + 90.0)
+
+
+@pytest.mark.timeout(240)
+def test_a_failing_client_on_a_fleet_costs_no_deadline(tmp_path: Path) -> None:
+    """Client 1's training raises: it reports the failure at once, and the round closes when
+    the others have arrived (under a second of fleet time), not at the 3,600 s deadline."""
+    history = simulation.run(
+        "tests.sim_tasks:failing",
+        4,
+        state_dir=tmp_path / "s",
+        fleet="speed=1000",
+        rounds=2,
+        clients_per_round=4,
+        min_fit=2,
+        round_timeout=3600,
+        seed=1,
+        workers=0,
+    )
+    assert history.exit_code == 0, history.failure
+    assert [r["participants"] for r in history.rounds] == [3, 3]
+    assert all(0 < r["fleet_seconds"] < 5 for r in history.rounds), history.rounds
 
 
 def test_bad_fleet_exits_2_naming_the_flag(tmp_path: Path) -> None:
