@@ -6,8 +6,9 @@ Two sources (docs/simulation.md, "Fleets"): a SPEC of seeded distributions,
     tiers=1:4:16,speed=20,down=1e6,up=2.5e5,diurnal=8,day=86400,seed=1
 
 or a trace file (.csv or .json) with one row per device. No I/O beyond reading that file, no
-asyncio, no torch: tests/test_fleet.py checks it alone. Every error is a ValueError whose
-message names the flag (the command turns it into exit code 2).
+asyncio, no torch (numpy for whole-fleet availability): tests/test_fleet.py checks it alone.
+Every error is a ValueError whose message names the flag (the command turns it into exit
+code 2).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import json
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 FLAG = "--fleet"
 DAY = 86_400.0
@@ -92,21 +95,52 @@ class Fleet:
 
     devices: tuple[Device, ...]
     source: str  # the flag's value, for the log
+    # Every availability window as rows (device, start, end, period), and who is always
+    # online: who is online is then a few numpy operations per round, not a Python loop
+    # over N devices (1,000,000 devices: 0.7 s a round as a loop).
+    windows: np.ndarray = field(init=False, repr=False, compare=False)
+    always: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rows = [
+            (i, s, e, d.period)
+            for i, d in enumerate(self.devices)
+            if d.period
+            for s, e in d.windows
+        ]
+        table = np.array(rows, dtype=np.float64).reshape(-1, 4)
+        always = np.array([not d.period for d in self.devices], dtype=bool)
+        object.__setattr__(self, "windows", table)  # frozen: set once, here
+        object.__setattr__(self, "always", always)
 
     def device(self, index: int) -> Device:
         return self.devices[index % len(self.devices)]
 
     def available(self, count: int, t: float) -> list[int]:
-        """Indices of the devices of `count` online at `t`: O(N), once per round."""
-        return [i for i in range(count) if self.device(i).available(t)]
+        """Indices of the devices of `count` online at `t`: O(N) in numpy, once per round."""
+        w = self.windows
+        online = self.always.copy()
+        if len(w):
+            p = np.mod(t, w[:, 3])
+            inside = (w[:, 1] <= p) & (p < w[:, 2])
+            online[w[inside, 0].astype(np.int64)] = True
+        rows = len(self.devices)
+        reps = -(-count // rows)  # client i takes row i mod the rows
+        mask = np.tile(online, reps)[:count] if reps > 1 else online[:count]
+        return np.flatnonzero(mask).tolist()  # type: ignore[no-any-return]
 
     def next_change(self, count: int, t: float) -> float:
-        """The next moment after t some device of `count` comes online (inf: never)."""
-        nxt = math.inf
-        for d in self.devices[: min(count, len(self.devices))]:
-            if d.period:
-                nxt = min(nxt, d.next_online(d.online_until(t) if d.available(t) else t))
-        return nxt if nxt > t else math.nextafter(t, math.inf)
+        """The next moment after t a window of some device opens (inf: never): a device may
+        come online then."""
+        w = self.windows
+        if count < len(self.devices):
+            w = w[w[:, 0] < count]
+        if not len(w):
+            return math.inf
+        period = w[:, 3]
+        start = t - np.mod(t, period) + w[:, 1]
+        start = np.where(start > t, start, start + period)
+        return float(start.min())
 
 
 @dataclass(frozen=True)
