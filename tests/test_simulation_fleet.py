@@ -210,3 +210,16 @@ def test_bad_fleet_exits_2_naming_the_flag(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "--fleet: unknown item 'sped=2'" in out.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.timeout(240)
+def test_a_resumed_fleet_goes_on_in_fleet_time(tmp_path: Path) -> None:
+    trace = str(_trace(tmp_path / "fleet.csv", slow=1.0))
+    flags = {"clients_per_round": 4, "min_fit": 2, "round_timeout": 600, "seed": 4, "workers": 0}
+    state = tmp_path / "s"
+    first = simulation.run(SYNTHETIC, CLIENTS, state_dir=state, fleet=trace, rounds=1, **flags)
+    resumed = simulation.run(SYNTHETIC, CLIENTS, state_dir=state, fleet=trace, rounds=2, **flags)
+    assert (first.exit_code, resumed.exit_code) == (0, 0)
+    one, two = resumed.rounds
+    assert one["fleet_time"] == first.rounds[0]["fleet_time"] > 0
+    assert two["fleet_time"] == pytest.approx(one["fleet_time"] + two["fleet_seconds"], abs=1e-3)
