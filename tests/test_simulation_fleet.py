@@ -75,6 +75,8 @@ def test_a_deadline_closes_rounds_in_fleet_time_without_host_sleeping(tmp_path: 
     assert missed >= 2  # a seed where the deadline mattered
     # Hours of fleet time in host seconds: nothing waited for the deadline.
     assert total >= 2 * 3600 and host < 60, (total, host)
+    # Each round's host seconds stay the host's (not the fleet clock's).
+    assert all(0 < r["duration_seconds"] < host for r in history.rounds)
     # status and report show both clocks.
     out = fedserver("status", "--state-dir", str(state), timeout=60)
     assert "host s" in out.stdout and "fleet s" in out.stdout and "3600.0" in out.stdout
