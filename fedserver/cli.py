@@ -162,10 +162,16 @@ def round_table(rounds: Sequence[dict[str, Any]]) -> list[str]:
     if not rounds:
         return []
     names = sorted({name for r in rounds for name in r["metrics"]})
-    rows = [["round", "clients", *names]]
+    # A simulated fleet's rounds (simulate --fleet) show both clocks: host and fleet seconds.
+    fleet = any("fleet_seconds" in r for r in rounds)
+    times = ["host s", "fleet s", "fleet time"] if fleet else []
+    rows = [["round", "clients", *times, *names]]
     for r in rounds:
         metrics = r["metrics"]
         cells = [f"{metrics[n]:.4g}" if n in metrics else "-" for n in names]
+        if fleet:
+            keys = ("duration_seconds", "fleet_seconds", "fleet_time")
+            cells = [f"{r[k]:.1f}" if k in r else "-" for k in keys] + cells
         rows.append([str(r["round"]), str(r["participants"]), *cells])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return ["  " + "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows]

@@ -27,6 +27,7 @@ BASE_COLUMNS = (
     "bytes_in",
     "bytes_out",
 )
+FLEET_COLUMNS = ("fleet_seconds", "fleet_time")
 
 
 def _byte_unit(rounds: Sequence[dict[str, Any]]) -> tuple[int, str]:
@@ -94,9 +95,12 @@ def _write_csv(path: Path, rounds: Sequence[dict[str, Any]]) -> Path:
     names = _metric_names(rounds)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([csv_cell(c) for c in (*BASE_COLUMNS, *names)])
+    # A simulated fleet's rounds (simulate --fleet) add their fleet time beside the host's.
+    fleet = FLEET_COLUMNS if any("fleet_seconds" in r for r in rounds) else ()
+    columns = (*BASE_COLUMNS, *fleet)
+    writer.writerow([csv_cell(c) for c in (*columns, *names)])
     for r in rounds:
-        cells = [*(r.get(c, "") for c in BASE_COLUMNS), *(r["metrics"].get(n, "") for n in names)]
+        cells = [*(r.get(c, "") for c in columns), *(r["metrics"].get(n, "") for n in names)]
         writer.writerow([csv_cell(c) for c in cells])
     atomic_write(path, [buf.getvalue().encode()], SHARED)
     return path

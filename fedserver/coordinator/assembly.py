@@ -6,6 +6,7 @@ and `fedserver simulate`; no gRPC here."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +127,11 @@ def scaffold_refusal(s: CoordinatorSettings) -> str | None:
     return None
 
 
-def build_coordinator(s: CoordinatorSettings) -> Coordinator:
+def build_coordinator(
+    s: CoordinatorSettings, fleet_clock: Callable[[], float] | None = None
+) -> Coordinator:
+    """`fleet_clock`: a simulated fleet's virtual clock (fedserver/simulation/clock.py) for
+    deadlines, liveness and leases; rounds then record their fleet seconds too."""
     try:
         task = load_object(s.task)
     except ValueError as e:
@@ -241,6 +246,7 @@ def build_coordinator(s: CoordinatorSettings) -> Coordinator:
         secagg_stage_timeout=s.secagg_stage_timeout,
         he_public_key=s.he_public_key,
         mode=s.mode,
+        **({"clock": fleet_clock, "fleet_time": True} if fleet_clock is not None else {}),
     )
     coordinator.protocol.load_state_arrays(protocol_state)
     coordinator.protocol.resume(r.metrics for r in store.rounds())

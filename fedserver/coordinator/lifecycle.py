@@ -80,6 +80,9 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
     rejections: Counter[str] = field(default_factory=Counter)
     metrics: Metrics = field(default_factory=Metrics)
     clock: Callable[[], float] = time.monotonic  # round deadlines and liveness (tests inject)
+    # `clock` is a simulated fleet's (fedserver/simulation/clock.py): rounds record its seconds
+    # (RoundRecord.fleet_seconds) beside the host's.
+    fleet_time: bool = False
 
     def __post_init__(self) -> None:
         start = self.store.last_round() + 1
@@ -162,6 +165,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             self.machine, self.clock, self._advance, self.policy.total_rounds
         )
         self._available = 0  # live clients when the round opened (drawn_from)
+        self._host_opened: float | None = None  # time.monotonic() then, under fleet_time
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._aggregating: asyncio.Task[None] | None = None
         self.shutting_down = False
@@ -235,6 +239,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
                 self.metrics.round_opened()
                 self.intake.client_metrics = {}
                 self._available = m.live_count()
+                self._host_opened = time.monotonic() if self.fleet_time else None
             self.protocol.open(Opening(m.round, m.selected, fresh=action == "opened"))
             self._schedule_deadline()
             # Only these clients' answer changed (the selected ones; under async those that
@@ -294,7 +299,12 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         metrics.update(self.machine.closing_metrics(closed))
         receipts = self.intake.client_receipts(closed.receipts, closed.round)
         new_model, record = await self.publisher.publish(
-            self.model, closed, metrics, receipts, population=self._drawn_from()
+            self.model,
+            closed,
+            metrics,
+            receipts,
+            population=self._drawn_from(),
+            host_opened=self._host_opened,
         )
         self.model = new_model
         self.evaluations.open_campaign(closed.round, new_model)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 
 from fedcore.progress import live_progress
 from fedserver.coordinator.lifecycle import Coordinator
@@ -51,7 +50,7 @@ async def show_progress(coordinator: Coordinator) -> None:
                 description, detail = f"finished {m.rounds_completed}/{total}", ""
                 done = expected = 1
             else:
-                left = m.deadline - time.monotonic()
+                left = m.deadline - m.clock()  # the machine's: a simulated fleet's, if any
                 shown = f"deadline in {left:.0f}s" if math.isfinite(left) and left > 0 else ""
                 description = f"round {m.round}/{total} updates"
                 detail = "aggregating" if m.phase is Phase.AGGREGATING else shown

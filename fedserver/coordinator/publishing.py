@@ -46,9 +46,12 @@ class RoundPublisher:
         metrics: dict[str, float],
         receipts: list[ClientReceipt],
         population: int = 0,
+        host_opened: float | None = None,
     ) -> tuple[FlatModel, RoundRecord]:
         """Aggregate, step, checkpoint and commit `closed`; heavy work runs off the event loop.
-        `population`: the live clients the round drew from (AggregateInput.population)."""
+        `population`: the live clients the round drew from (AggregateInput.population).
+        `host_opened`: time.monotonic() when the round opened, when the round machine's clock
+        is a simulated fleet's: `closed` is then in fleet time, recorded as fleet_seconds."""
         aggregate = await self.protocol.aggregate()
         mean, count = aggregate.mean, aggregate.count
         metrics = dict(metrics)
@@ -66,8 +69,9 @@ class RoundPublisher:
             metrics,
             closed.opened_at,
             closed.closed_at,
-            time.monotonic() - closed.opened_at,
+            time.monotonic() - (closed.opened_at if host_opened is None else host_opened),
             closed.attempts,
+            None if host_opened is None else closed.closed_at - closed.opened_at,
         )
         await asyncio.to_thread(self._commit, record, receipts, new_model)
         self.protocol.release()

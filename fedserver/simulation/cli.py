@@ -137,6 +137,13 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "process; default: as many as the CPUs (Ray: the resources) allow",
     )
     g.add_argument(
+        "--fleet",
+        metavar="FILE|SPEC",
+        help="simulate a device fleet in fleet time (virtual clock): each client's speed, "
+        "bandwidth and availability, from a SPEC such as tiers=1:4:16,diurnal=8 or a trace "
+        "file (.csv/.json, one row per device); see docs/simulation.md (default: none, host time)",
+    )
+    g.add_argument(
         "--object-store-mb",
         type=run_cli.positive_int,
         default=128,
@@ -209,6 +216,11 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
 
         resolve_device(device)
     server = run_cli.server_settings(args)
+    fleet = None
+    if args.fleet:
+        from fedserver.simulation.fleet import load_fleet
+
+        fleet = load_fleet(args.fleet, args.seed, args.clients)
     if args.clients_per_round is None and math.isclose(args.fraction_fit, 1.0):
         logging.getLogger("fedserver").info(
             "every virtual client trains every round (see --clients-per-round)"
@@ -234,4 +246,5 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
         ),
         progress=progress_wanted(args.log_format),
         engine=engine,
+        fleet=fleet,
     )

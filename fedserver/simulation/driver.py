@@ -21,14 +21,11 @@ import logging
 import random
 import signal
 import sys
-from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 from fedclient.partition import Partition
-from fedclient.virtual import VirtualSpec, client_id, client_index
+from fedclient.virtual import VirtualSpec, client_id
 from fedcore.plugins import load_object
-from fedcore.tensors import FlatModel
 from fedserver.coordinator.assembly import (
     EXIT_FAILED,
     EXIT_OK,
@@ -37,8 +34,15 @@ from fedserver.coordinator.assembly import (
     build_coordinator,
 )
 from fedserver.coordinator.progress import show_progress
+from fedserver.simulation.clock import VirtualClock
+from fedserver.simulation.fleet import Fleet
 from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
+from fedserver.simulation.steps import PerKey as _PerKey
+from fedserver.simulation.steps import Pool
+from fedserver.simulation.steps import evaluate as _evaluate
+from fedserver.simulation.steps import joined as _joined
+from fedserver.simulation.steps import submit as _submit
 from fedserver.state.history import RoundRecord
 
 log = logging.getLogger("fedserver")
@@ -62,21 +66,7 @@ class SimSettings:
     ray: RaySettings = field(default_factory=RaySettings)
     progress: bool = False  # rich progress bar on stderr (only when it is a terminal)
     engine: str = "embedded"  # or "ray" (settings.ENGINES)
-
-
-class Pool(Protocol):
-    """Where virtual clients run (embedded.py, workers.py): one awaitable per batch of the ids
-    given, each yielding Fitted / Evaluated in the order of its ids."""
-
-    def fit_refs(
-        self, header: bytes, model: FlatModel, ids: Sequence[str]
-    ) -> Sequence[Awaitable[list[Any]]]: ...
-
-    def evaluate_refs(
-        self, header: bytes, model: FlatModel, ids: Sequence[str]
-    ) -> Sequence[Awaitable[list[Any]]]: ...
-
-    async def close(self) -> None: ...
+    fleet: Fleet | None = None  # --fleet: devices' speeds, links, availability; fleet time
 
 
 @dataclass(frozen=True)
@@ -92,10 +82,14 @@ class Outcome:
 async def simulate(s: SimSettings) -> Outcome:
     """Run the simulation to the end (or a signal)."""
     check_settings(s)
+    clock = VirtualClock() if s.fleet is not None else None
     try:
-        coordinator = build_coordinator(s.server)
+        coordinator = build_coordinator(s.server, clock)
     except ValueError as e:  # a flag's value (strategy parameters...), as for `fedserver run`
         raise SetupError(str(e)) from None
+    if clock is not None:  # a resumed fleet goes on from where its last round closed
+        last = coordinator.store.recent_rounds(1)[0]
+        clock.advance_to(last[0].closed_at if last and last[0].fleet_seconds is not None else 0.0)
     transport = InProcessTransport(coordinator)
     ids = [client_id(i) for i in range(s.clients)]
     stop = asyncio.Event()
@@ -123,15 +117,20 @@ async def simulate(s: SimSettings) -> Outcome:
         )
         ray_started = s.engine == "ray"
         pool = await start_pool(s, spec)
-        alive = asyncio.create_task(transport.keep_alive(ids))  # virtual clients never go silent
         wave = s.server.mode.simulation_wave()
+        # Without a fleet virtual clients never go silent; on a fleet, who is online is the
+        # fleet's (fleet_run.py), in fleet time.
+        alive = None if clock else asyncio.create_task(transport.keep_alive(ids))
         try:
-            if wave is None:
+            if s.fleet is not None and clock is not None:
+                await _run_fleet(transport, pool, s, clock, stop, wave)
+            elif wave is None:
                 await _run(transport, pool, ids, stop)
             else:
                 await _run_async(transport, pool, ids, stop, wave, s.server.seed)
         finally:
-            alive.cancel()
+            if alive is not None:
+                alive.cancel()
             await pool.close()
         if stop.is_set():
             await coordinator.shut_down()
@@ -157,6 +156,25 @@ async def simulate(s: SimSettings) -> Outcome:
         s.server.state_dir,
     )
     return Outcome(code, coordinator.failure or "", rounds)
+
+
+async def _run_fleet(
+    transport: InProcessTransport,
+    pool: Pool,
+    s: SimSettings,
+    clock: VirtualClock,
+    stop: asyncio.Event,
+    wave: int | None,
+) -> None:
+    from fedserver.simulation.fleet_run import FleetRun, run_async, run_sync
+
+    assert s.fleet is not None
+    log.info("fleet %s: %d devices, fleet time starts at %.0fs", s.fleet.source, s.clients, clock())
+    run = FleetRun(transport, pool, s.fleet, clock, stop, s.clients)
+    if wave is None:
+        await run_sync(run)
+    else:
+        await run_async(run, wave, s.server.seed)
 
 
 async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
@@ -286,57 +304,3 @@ async def _run_async(
                 await asyncio.sleep(0)  # let the engine take in the next results meanwhile
             if stop.is_set():
                 break
-
-
-def _joined(transport: InProcessTransport, client_ids: Sequence[str], count: int) -> None:
-    for cid in client_ids:
-        partition = f"{client_index(cid)}/{count}"
-        transport.joined(cid, {"hostname": "simulation", "partition": partition})
-
-
-def _submit(transport: InProcessTransport, fitted: Any) -> None:
-    """One virtual client's result to the coordinator, as its SubmitUpdate would bring it."""
-    if fitted.error:
-        log.warning("virtual client %s failed: %s", fitted.client_id, fitted.error)
-        return
-    assert fitted.payload is not None
-    refused = transport.submit(fitted.header, fitted.payload, fitted.digest)
-    if refused:
-        log.warning("update of %s not counted: %s", fitted.client_id, refused)
-
-
-@dataclass
-class _PerKey:
-    """A set of client ids that starts empty again whenever its key (a round's attempt, an
-    evaluation campaign) changes."""
-
-    key: object = None
-    ids: set[str] = field(default_factory=set)
-
-    def of(self, key: object) -> set[str]:
-        if key != self.key:
-            self.key, self.ids = key, set()
-        return self.ids
-
-
-async def _evaluate(transport: InProcessTransport, pool: Pool, failed: set[str]) -> None:
-    """Federated evaluation of the last published model, when the coordinator asks for one.
-    A client that fails (or whose result is refused) is not asked again for this model."""
-    work = transport.evaluation_work(exclude=failed)
-    if work is None:
-        return
-    for ref in pool.evaluate_refs(work.header, work.model, work.client_ids):
-        for evaluated in await ref:
-            if evaluated.error:
-                failed.add(evaluated.client_id)
-                log.warning(
-                    "virtual client %s failed to evaluate round %d: %s",
-                    evaluated.client_id,
-                    work.round,
-                    evaluated.error,
-                )
-                continue
-            refused = transport.submit_evaluation(evaluated.result)
-            if refused:
-                failed.add(evaluated.client_id)
-                log.warning("evaluation of %s not counted: %s", evaluated.client_id, refused)

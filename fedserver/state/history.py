@@ -17,7 +17,8 @@ from typing import Any
 # PRAGMA user_version of a state.db this code writes. 1: receipts gained their own base_round
 # column (before, the coordinator wrote it into the client's metrics JSON, where a client could
 # put its own value and so have one update counted twice on the same version).
-SCHEMA_VERSION = 1
+# 2: rounds gained fleet_seconds (NULL but under `fedserver simulate --fleet`).
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     opened_at REAL NOT NULL,
     closed_at REAL NOT NULL,
     duration REAL NOT NULL,
-    attempts INTEGER NOT NULL
+    attempts INTEGER NOT NULL,
+    fleet_seconds REAL
 );
 CREATE TABLE IF NOT EXISTS receipts (
     round INTEGER NOT NULL,
@@ -64,11 +66,13 @@ class RoundRecord:
     metrics: dict[str, float]
     opened_at: float
     closed_at: float
-    duration: float
+    duration: float  # host seconds, open to committed
     attempts: int
+    # Simulated fleets only (simulate --fleet): fleet seconds from open to close.
+    fleet_seconds: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "round": self.round,
             "participants": self.participants,
             "num_examples": self.num_examples,
@@ -77,6 +81,10 @@ class RoundRecord:
             "model_version": self.model_version,
             "attempts": self.attempts,
         }
+        if self.fleet_seconds is not None:  # fleet time: the round's, and the clock at its close
+            out["fleet_seconds"] = round(self.fleet_seconds, 4)
+            out["fleet_time"] = round(self.closed_at, 4)
+        return out
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,9 @@ class RoundHistory:
         with self.lock, self.db:
             self.db.execute("BEGIN")
             self.db.execute(
-                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO rounds(round, model_version, participants, num_examples, "
+                "metrics, opened_at, closed_at, duration, attempts, fleet_seconds) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.round,
                     record.model_version,
@@ -129,6 +139,7 @@ class RoundHistory:
                     record.closed_at,
                     record.duration,
                     record.attempts,
+                    record.fleet_seconds,
                 ),
             )
             self.db.executemany(
@@ -306,6 +317,8 @@ def _migrate(db: sqlite3.Connection) -> None:
         return
     with db:
         db.execute("BEGIN IMMEDIATE")
+        if "fleet_seconds" not in {row[1] for row in db.execute("PRAGMA table_info(rounds)")}:
+            db.execute("ALTER TABLE rounds ADD COLUMN fleet_seconds REAL")
         columns = {row[1] for row in db.execute("PRAGMA table_info(receipts)")}
         if "base_round" not in columns:
             db.execute("ALTER TABLE receipts ADD COLUMN base_round INTEGER NOT NULL DEFAULT 0")
@@ -321,4 +334,6 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 def _record(r: tuple[Any, ...]) -> RoundRecord:
-    return RoundRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8])
+    # A read-only look at a state dir from before version 2 has no fleet_seconds column.
+    fleet = r[9] if len(r) > 9 else None
+    return RoundRecord(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6], r[7], r[8], fleet)
