@@ -9,7 +9,8 @@ process, --workers 0) on the same fleet: --clients devices (10,000) in three spe
 
     sync                 --clients-per-round K, no deadline to speak of (--round-timeout 1e7):
                          a round waits for its slowest client (or its lapse, if it goes offline)
-    sync-D-xO            K*O selected, closes at D fleet seconds with >= K (over-selection)
+    sync-D-xO            --overselect O: K*O selected, closes on the first K updates (or at
+                         its D fleet-second deadline with >= K)
     async-B[-cC]         --mode async --buffer-size B --max-concurrency K (or C of
                          --concurrency): a version every B
                          updates, as many updates in all as the sync runs (--async-updates)
@@ -67,7 +68,8 @@ def settings(a: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
                     "sync-deadline",
                     f"sync-{d:g}s-x{o:g}",
                     {
-                        "clients_per_round": math.ceil(k * o),
+                        "clients_per_round": k,
+                        "overselect": o,
                         "min_fit": k,
                         "round_timeout": d,
                         "max_attempts": 50,

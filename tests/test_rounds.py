@@ -446,3 +446,52 @@ def test_a_last_attempt_with_nobody_left_gives_up_without_waiting_out_the_deadli
 def test_client_timeout_must_be_positive() -> None:
     with pytest.raises(ValueError, match="client-timeout must be positive"):
         RoundPolicy(total_rounds=1, client_ttl=0.0)
+
+
+def test_overselect_selects_more_and_closes_on_the_first_arrivals() -> None:
+    clock = FakeClock()
+    m = _machine(clock, clients_per_round=4, overselect=1.5, min_clients=2)
+    _touch(m, *(f"c{i}" for i in range(10)))
+    assert m.step() == "opened"
+    assert len(m.selected) == 6  # 4 needed x 1.5
+    first, *rest = sorted(m.selected)
+    for cid in [first, *rest[:2]]:
+        m.check_submit(cid, 1)
+        m.record(cid, Receipt(digest=cid, num_examples=1))
+        assert m.step() is None  # 3 of the 4 needed: keep waiting, deadline far away
+    m.check_submit(rest[2], 1)
+    m.record(rest[2], Receipt(digest=rest[2], num_examples=1))
+    assert m.step() == "close"  # the 4th arrival closes it; two selected still training
+    closed = m.close()
+    assert len(closed.receipts) == 4
+    with pytest.raises(StaleRound):  # a straggler's late update
+        m.check_submit(rest[3], 1)
+
+
+def test_overselect_keeps_the_quorum_as_a_floor_and_caps_at_the_live_clients() -> None:
+    clock = FakeClock()
+    m = _machine(clock, clients_per_round=2, overselect=3.0, min_clients=4, min_fit=3)
+    _touch(m, *(f"c{i}" for i in range(5)))
+    assert m.step() == "opened"
+    assert len(m.selected) == 5  # 3 (min-fit raises the target) x 3, capped at 5 live
+    for i, cid in enumerate(sorted(m.selected)[:3]):
+        m.check_submit(cid, 1)
+        m.record(cid, Receipt(digest=cid, num_examples=1))
+        assert m.step() == ("close" if i == 2 else None)
+
+
+def test_without_overselect_a_round_waits_for_every_selected_client() -> None:
+    clock = FakeClock()
+    m = _machine(clock, clients_per_round=4, min_clients=2)
+    _touch(m, *(f"c{i}" for i in range(10)))
+    assert m.step() == "opened" and len(m.selected) == 4
+    for cid in sorted(m.selected)[:3]:
+        m.check_submit(cid, 1)
+        m.record(cid, Receipt(digest=cid, num_examples=1))
+        assert m.step() is None
+
+
+@pytest.mark.parametrize("factor", [0.5, 0.99, 101.0, math.nan])
+def test_overselect_out_of_range_is_refused(factor: float) -> None:
+    with pytest.raises(ValueError, match="--overselect"):
+        RoundPolicy(total_rounds=1, overselect=factor)

@@ -225,3 +225,55 @@ def test_a_resumed_fleet_goes_on_in_fleet_time(tmp_path: Path) -> None:
     one, two = resumed.rounds
     assert one["fleet_time"] == first.rounds[0]["fleet_time"] > 0
     assert two["fleet_time"] == pytest.approx(one["fleet_time"] + two["fleet_seconds"], abs=1e-3)
+
+
+@pytest.mark.timeout(240)
+def test_overselected_rounds_close_on_their_first_arrivals_in_fleet_time(tmp_path: Path) -> None:
+    """8 fast devices, 4 slow ones (clients 0, 3, 6, 9): 6 selected for 2 updates always hold
+    at least 2 fast ones, so no round waits for a slow device or the deadline."""
+    rows = ["client,speed,down,up,period,windows"]
+    rows += [f"{i},{SLOW if i % 3 == 0 else FAST},1e12,1e12,," for i in range(CLIENTS)]
+    trace = tmp_path / "fleet.csv"
+    trace.write_text("\n".join(rows) + "\n")
+    state = tmp_path / "s"
+    history = simulation.run(
+        SYNTHETIC,
+        CLIENTS,
+        state_dir=state,
+        fleet=str(trace),
+        rounds=4,
+        clients_per_round=2,
+        overselect=3,
+        min_fit=2,
+        round_timeout=3600,
+        seed=1,
+        workers=0,
+    )
+    assert (history.exit_code, history.failure) == (0, "")
+    examples = _examples(state)
+    for r in history.rounds:
+        counted = examples[r["round"]]
+        assert r["participants"] == 2 and len(counted) == 2
+        assert all(int(cid.removeprefix("client-")) % 3 for cid in counted)  # fast ones only
+        # Closed when the second update arrived: the arrivals of the two counted ones.
+        assert r["fleet_seconds"] == pytest.approx(max(n / FAST for n in counted.values()))
+        assert r["fleet_seconds"] < 3600
+
+
+def test_overselect_is_refused_under_async(tmp_path: Path) -> None:
+    out = fedserver(
+        "simulate", "--task", SYNTHETIC, "--clients", "4", "--rounds", "1",
+        "--mode", "async", "--buffer-size", "2", "--overselect", "2",
+        "--state-dir", str(tmp_path / "s"), timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--overselect" in out.stderr and "--mode async" in out.stderr
+
+
+def test_overselect_is_refused_with_secure_aggregation(tmp_path: Path) -> None:
+    out = fedserver(
+        "run", "--task", SYNTHETIC, "--rounds", "1", "--secure", "secagg",
+        "--overselect", "1.3", "--state-dir", str(tmp_path / "s"), timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--overselect" in out.stderr and "--secure secagg" in out.stderr

@@ -86,6 +86,15 @@ def add_command(sub: argparse._SubParsersAction, epilog: str) -> None:  # type: 
         help="updates needed to close a round at its deadline (default: --min-clients)",
     )
     run.add_argument(
+        "--overselect",
+        type=float,
+        default=1.0,
+        metavar="FACTOR",
+        help="select FACTOR times the clients a round needs (--clients-per-round or "
+        "--fraction-fit) and close it as soon as that many updates are in; the stragglers' "
+        "late updates are refused as stale (1.0: wait for every selected client)",
+    )
+    run.add_argument(
         "--round-timeout",
         type=_positive_float,
         default=120.0,
@@ -301,10 +310,20 @@ def server_settings(args: argparse.Namespace) -> CoordinatorSettings:
         round_timeout=args.round_timeout,
         max_attempts=args.max_attempts,
         client_ttl=args.client_timeout,
+        overselect=args.overselect,
     )
     if args.gradient_batch < 0:
         raise ValueError(f"--gradient-batch must be >= 0, got {args.gradient_batch}")
     mode = mode_from_args(args)
+    if policy.overselect > 1.0 and (mode.name == "async" or args.secure != "none"):
+        raise ValueError(
+            "--overselect closes synchronous rounds on their first arrivals; it does not apply "
+            f"to --mode async (no rounds to close) nor to --secure {args.secure} (a masked or "
+            "encrypted round needs its survivors to finish it)"
+            if args.secure != "none"
+            else "--overselect closes synchronous rounds on their first arrivals; --mode async "
+            "has no rounds to close (its buffers already take whoever finishes first)"
+        )
     defaults = TrainingDefaults(  # None: the task's
         args.local_epochs,
         args.lr,

@@ -70,6 +70,9 @@ class RoundPolicy:
     round_timeout: float = 120.0
     max_attempts: int = 5
     client_ttl: float = 90.0  # --client-timeout: a client not heard from this long is not live
+    # --overselect: select this many times the clients a round needs and close it on the first
+    # arrivals (Bonawitz et al. 2019): stragglers no longer set the round's length.
+    overselect: float = 1.0
 
     def __post_init__(self) -> None:
         if self.total_rounds < 1:
@@ -86,10 +89,17 @@ class RoundPolicy:
             raise ValueError("round-timeout must be positive")
         if not self.client_ttl > 0:
             raise ValueError("client-timeout must be positive")
+        if not 1.0 <= self.overselect <= 100.0:
+            raise ValueError(f"--overselect must be between 1 and 100, got {self.overselect}")
 
-    def sample_size(self, live: int) -> int:
+    def target(self, live: int) -> int:
+        """Updates a round needs: it closes once it has them."""
         want = self.clients_per_round or max(1, math.ceil(self.fraction_fit * live))
         return min(live, max(want, self.min_fit or 1))
+
+    def sample_size(self, live: int) -> int:
+        """Clients selected: the target, times --overselect."""
+        return min(live, math.ceil(self.target(live) * self.overselect - 1e-9))
 
     def quorum(self, selected: int) -> int:
         """Updates needed to close at the deadline (default: --min-clients)."""
@@ -127,6 +137,7 @@ class RoundMachine:
     opened_at: float = 0.0
     attempts: int = 0
     required: int = 1
+    wanted: int = 1  # under --overselect, the updates that close the round at once
     # Oldest first: touch() moves a client to the end, so expiry pops from the front and every
     # event costs O(1) amortized whatever the number of connected clients (10,000 waiting
     # clients re-touch on every long-poll; a scan per touch made a join storm O(N^2)).
@@ -261,6 +272,8 @@ class RoundMachine:
         everyone_reported = bool(self.selected) and len(self.receipts) >= len(self.selected)
         if everyone_reported and len(self.receipts) >= self.required:
             return "close"
+        if self.policy.overselect > 1.0 and len(self.receipts) >= max(self.wanted, self.required):
+            return "close"  # over-selected: the first arrivals are enough
         self._expire()  # O(1) amortized: notices selected clients that went silent
         # Nobody left to wait for: every selected client reported or departed (departed clients
         # never reported, so the sizes add up), or a re-open found nobody new to select.
@@ -297,6 +310,7 @@ class RoundMachine:
             # The quorum is fixed when the round opens: a re-open that finds fewer candidates
             # must not lower the bar.
             self.required = self.policy.quorum(len(self.selected))
+            self.wanted = self.policy.target(len(candidates))
         self.attempts += 1
         self.departed = set()
         self.deadline = self.clock() + self.policy.round_timeout

@@ -10,7 +10,9 @@ arrival time. Updates are then delivered in arrival order, the clock advanced to
 client that goes offline stops heartbeating there and lapses --client-timeout later, as a
 vanished process does; one that fails reports it (ReportFailure) at t0. When nothing more
 can arrive in time the clock moves to the moment the coordinator decides: the deadline, or
-the last dropout's lapse.
+the last dropout's lapse. Under --overselect the round closes on its first arrivals and the
+later ones are not delivered (their devices are free again at once: a slight favour to
+over-selection, as a real straggler would stay busy until it finished).
 
 Asynchronous rounds: --max-concurrency (else --buffer-size) devices are at work at any
 fleet time; whenever one arrives or drops out, another device online at that moment (drawn
@@ -34,6 +36,7 @@ from typing import Any
 from fedclient.virtual import client_id, client_index
 from fedcore.proto import coordinator_pb2 as pb
 from fedserver.coordinator.assembly import SetupError
+from fedserver.rounds.synchronous import Phase
 from fedserver.simulation.clock import VirtualClock
 from fedserver.simulation.fleet import Fleet, Trip, trip
 from fedserver.simulation.inprocess import InProcessTransport, Work
@@ -166,6 +169,8 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
         for when, _, kind, cid, fitted in events:
             if r.stop.is_set() or t.round_attempt() != attempt or coordinator.done.is_set():
                 return
+            if coordinator.machine.phase is not Phase.COLLECTING:
+                return  # closed on its first arrivals (--overselect): the rest come late
             r.advance(when)
             if kind == "failed":
                 coordinator.liveness.failed(cid, attempt[0], fitted.error)
