@@ -1,7 +1,7 @@
 """The simulation loop: the real coordinator, its round machine deciding; an engine's workers
 (embedded.py: local processes or this one; workers.py: Ray) training.
 
-Each round: every virtual client is marked live (a dict entry each), the round machine opens
+Each round: every virtual client is marked live (one Population, O(1)), the round machine opens
 the round and selects K of them exactly as it would select processes, the K selected run on
 the workers in batches, and their updates are submitted one by one in client-id order through
 the in-process transport (inprocess.py). Aggregation, checkpoints, DP accounting, evaluation and the
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedclient.partition import Partition
-from fedclient.virtual import VirtualSpec, client_id, client_index
+from fedclient.virtual import ID_PREFIX, VirtualSpec, client_index
 from fedcore.plugins import load_object
 from fedcore.tensors import FlatModel
 from fedserver.coordinator.assembly import (
@@ -37,6 +37,7 @@ from fedserver.coordinator.assembly import (
     build_coordinator,
 )
 from fedserver.coordinator.progress import show_progress
+from fedserver.rounds.population import Population
 from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
 from fedserver.state.history import RoundRecord
@@ -97,7 +98,8 @@ async def simulate(s: SimSettings) -> Outcome:
     except ValueError as e:  # a flag's value (strategy parameters...), as for `fedserver run`
         raise SetupError(str(e)) from None
     transport = InProcessTransport(coordinator)
-    ids = [client_id(i) for i in range(s.clients)]
+    ids = Population(s.clients, ID_PREFIX)  # client-0 ... as a list, in O(1) memory
+    transport.enlist(ids)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -217,7 +219,7 @@ def check_settings(s: SimSettings) -> None:
 
 
 async def _run(
-    transport: InProcessTransport, pool: Pool, ids: list[str], stop: asyncio.Event
+    transport: InProcessTransport, pool: Pool, ids: Sequence[str], stop: asyncio.Event
 ) -> None:
     coordinator = transport.coordinator
     ran = _PerKey()  # clients that ran in this attempt of this round, counted or not
@@ -249,7 +251,7 @@ async def _run(
 async def _run_async(
     transport: InProcessTransport,
     pool: Pool,
-    ids: list[str],
+    ids: Sequence[str],
     stop: asyncio.Event,
     wave: int,
     seed: int,
