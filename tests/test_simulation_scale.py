@@ -1,6 +1,7 @@
 """A simulation round costs O(K), not O(N) (issue 25, item 5: 1,000,000 virtual clients):
 the virtual clients are one Population (fedserver/rounds/population.py), whose sorted view
-selects exactly the ids `random.sample(sorted(ids), k)` selects, computing only those."""
+selects exactly the ids `random.sample(sorted(ids), k)` selects, computing only those; an
+N-way data split costs 8 bytes per client; and on 2 CPUs the clients run in the driver."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from fedclient import partition as partition_module
+from fedclient.partition import Partition, partition_indices
 from fedserver.cli import build_parser
 from fedserver.rounds import population as pop_module
 from fedserver.rounds.population import (
@@ -19,6 +23,7 @@ from fedserver.rounds.population import (
     lexicographic_unrank,
 )
 from fedserver.rounds.synchronous import RoundMachine, RoundPolicy
+from fedserver.simulation import embedded
 from fedserver.simulation.cli import sim_settings
 from fedserver.simulation.driver import simulate
 
@@ -128,3 +133,26 @@ def test_a_round_computes_ids_of_the_selected_clients_only(
         monkeypatch.undo()
     assert 0 < counts[200_000] <= 3 * 10 * 4, counts
     assert counts[200_000] <= 2 * counts[2000], counts
+
+
+def test_an_n_way_split_costs_8_bytes_per_example_and_per_client() -> None:
+    """A 1,000,000-way IID split of 1,000,000 labels is kept as one index array and the
+    offsets (16 MB), not a million arrays (~100 MB of array objects); the slices are those of
+    np.array_split (first n % N parts one longer)."""
+    labels = np.zeros(1_000_003, np.int64)
+    first = partition_indices(labels, Partition(0, 1_000_000, seed=3))
+    last = partition_indices(labels, Partition(999_999, 1_000_000, seed=3))
+    split = next(reversed(partition_module._SPLITS.values()))
+    assert isinstance(split, partition_module.Split)
+    assert split.order.nbytes + split.offsets.nbytes == 8 * (1_000_003 + 1_000_001)
+    expected = np.array_split(np.random.default_rng(3).permutation(1_000_003), 1_000_000)
+    assert np.array_equal(first, np.sort(expected[0])) and len(first) == 2
+    assert np.array_equal(last, np.sort(expected[-1])) and len(last) == 1
+
+
+def test_the_default_engine_runs_in_process_on_two_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to 2 CPUs no worker process (each would import torch again): --workers 0."""
+    monkeypatch.setattr(embedded, "usable_cpus", lambda: 2)
+    assert embedded.default_workers(1) == 0
+    monkeypatch.setattr(embedded, "usable_cpus", lambda: 8)
+    assert embedded.default_workers(1) == 8 and embedded.default_workers(2) == 4

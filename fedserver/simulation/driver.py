@@ -171,7 +171,12 @@ async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
         except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
             raise SetupError(f"cannot start or reach Ray: {e}") from None
         return workers.WorkerPool(spec, s.ray)
-    from fedserver.simulation.embedded import EmbeddedPool, InProcessPool, default_workers
+    from fedserver.simulation.embedded import (
+        EmbeddedPool,
+        InProcessPool,
+        default_workers,
+        usable_cpus,
+    )
 
     count = default_workers(spec.threads) if s.ray.workers is None else s.ray.workers
     if count == 0:
@@ -181,7 +186,7 @@ async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
         # The workers train on the CPUs; the coordinator's torch work (central evaluation)
         # runs between their batches. With a thread per core it spun against the workers:
         # rounds took 2x as long (bench.simulation, 2 cores, 2 workers).
-        torch.set_num_threads(max(1, default_workers(1) - count * spec.threads))
+        torch.set_num_threads(max(1, usable_cpus() - count * spec.threads))
     return await EmbeddedPool.start(spec, count)
 
 
