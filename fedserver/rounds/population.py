@@ -133,6 +133,13 @@ class SortedIds(Sequence[str]):
         p = self.population
         return f"{p.prefix}{lexicographic_unrank(rank, p.count)}"
 
+    def __iter__(self) -> Iterator[str]:
+        """All of them (random.sample lists a population of up to ~4k ids first): one sort
+        in C, not an unrank per id (53 µs each)."""
+        skipped = set(self.skipped)
+        ordered = sorted(self.population)
+        return (cid for rank, cid in enumerate(ordered) if rank not in skipped)
+
     def __contains__(self, client_id: object) -> bool:
         p = self.population
         if not isinstance(client_id, str) or (index := p.index_of(client_id)) is None:
