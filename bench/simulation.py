@@ -13,6 +13,8 @@ Also measured: the in-process intake (inprocess.InProcessTransport.submit) per u
     python -m bench.simulation                      # the fedgrpc grid, 3 rounds per cell
     python -m bench.simulation --clients 1000 --rounds 3 --only noop
     python -m bench.simulation --intake             # only the per-update intake cost
+    python -m bench.simulation --clients 1000000 --per-round 1000 --only synthetic noop \
+        --workers 0 1 2                             # the scale point (issue 25, item 5)
 
 With `--engines fedgrpc flower` each cell runs on Flower 1.41's simulation engine first
 (bench/flower_app/flower_bench/simulation.py in .venv-flower, `make flower-venv`: the same
@@ -121,15 +123,26 @@ def _run_watched(
     return time.monotonic() - started, peak
 
 
-def run_cell(task: str, clients: int, rounds: int, engine: str = "embedded") -> dict[str, Any]:
-    """One fedgrpc cell: 2 workers of `engine` (embedded: local processes; ray: a local Ray)."""
+def run_cell(
+    task: str,
+    clients: int,
+    rounds: int,
+    engine: str = "embedded",
+    per_round: int | None = None,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """One fedgrpc cell: `workers` workers of `engine` (embedded: local processes, 0: in the
+    driver; ray: a local Ray), `per_round` clients a round (default 10% of `clients`)."""
     name = "fedgrpc" if engine == "embedded" else f"fedgrpc {engine}"
+    if workers != 2:
+        name += f" w{workers}"
+    per_round = per_round or clients // 10
     with tempfile.TemporaryDirectory(prefix="simb") as tmp:
         ray_dir = tempfile.mkdtemp(prefix="rayb", dir="/tmp")
         state = Path(tmp) / "state"
         args = [sys.executable, "-m", "fedserver.cli", "simulate", "--task", TASKS[task]]
-        args += ["--clients", str(clients), "--clients-per-round", str(clients // 10)]
-        args += ["--rounds", str(rounds), "--state-dir", str(state), "--workers", "2"]
+        args += ["--clients", str(clients), "--clients-per-round", str(per_round)]
+        args += ["--rounds", str(rounds), "--state-dir", str(state), "--workers", str(workers)]
         args += ["--engine", engine, "--ray-temp-dir", ray_dir, "--log-level", "warning"]
         wall, peak = _run_watched(args, child_env(), ray_dir, f"{name} {task} N={clients}")
         status = json.loads(
@@ -142,7 +155,7 @@ def run_cell(task: str, clients: int, rounds: int, engine: str = "embedded") -> 
             ).stdout
         )
     durations = [r["duration_seconds"] for r in status["rounds"]]
-    return _row(name, task, clients, rounds, durations, wall, peak) | {
+    return _row(name, task, clients, rounds, durations, wall, peak, per_round) | {
         "accuracy": status["rounds"][-1]["metrics"].get("accuracy")
     }
 
@@ -178,12 +191,13 @@ def _row(
     durations: list[float],
     wall: float,
     peak: int,
+    per_round: int | None = None,
 ) -> dict[str, Any]:
     return {
         "engine": engine,
         "task": task,
         "clients": clients,
-        "per_round": clients // 10,
+        "per_round": per_round or clients // 10,
         "rounds": rounds,
         "round_s": statistics.median(durations[1:] or durations),
         "first_round_s": durations[0],
@@ -260,6 +274,19 @@ def main() -> None:
     p.add_argument("--only", choices=sorted(TASKS), nargs="+", default=sorted(TASKS))
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
+        "--per-round",
+        type=int,
+        default=None,
+        help="clients per round of the fedgrpc cells (default: 10%% of N; Flower's is 10%%)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="fedgrpc worker counts, one row each (embedded 0: clients in the driver process)",
+    )
+    p.add_argument(
         "--engines",
         choices=["ray", "fedgrpc", "fedgrpc-ray", "flower"],
         nargs="+",
@@ -297,11 +324,15 @@ def main() -> None:
                 for engine, flag in (("fedgrpc", "embedded"), ("fedgrpc-ray", "ray")):
                     if engine not in args.engines:
                         continue
-                    r = cell[engine] = run_cell(task, clients, args.rounds, flag)
-                    if "flower" in cell:
-                        r["round_ratio"] = r["round_s"] / cell["flower"]["round_s"]
-                        r["memory_ratio"] = r["peak_mb"] / cell["flower"]["peak_mb"]
-                    _print(r)
+                    for workers in args.workers:
+                        if flag == "ray" and workers == 0:
+                            continue  # in-process is the embedded engine's
+                        r = run_cell(task, clients, args.rounds, flag, args.per_round, workers)
+                        cell[f"{engine} w{workers}"] = r
+                        if "flower" in cell:
+                            r["round_ratio"] = r["round_s"] / cell["flower"]["round_s"]
+                            r["memory_ratio"] = r["peak_mb"] / cell["flower"]["peak_mb"]
+                        _print(r)
                 rows.extend(cell.values())
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "simulation.json"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fedcore.logs import format_metrics
@@ -27,7 +27,7 @@ class EvaluationRounds:
     total_rounds: int
     seed: int
     store: StateStore
-    live_clients: Callable[[], list[str]]
+    live_clients: Callable[[], Sequence[str]]
     model_version: Callable[[], str]  # the current global model's
     refuse: Callable[[Exception], Exception]  # count a refusal by its reason
     notify: Callable[[], None]

@@ -63,7 +63,7 @@ class LivenessWatch:
         """The client says its Task failed and it is exiting: not live any more, and the open
         round stops waiting for it. False (nothing logged) if it was not live: a caller that
         never joined cannot fill the log."""
-        if client_id not in self.machine.last_seen:
+        if not self.machine.is_live(client_id):
             return False
         awaited = self.machine.depart(client_id)
         during = f" in round {round_number}" if round_number else ""

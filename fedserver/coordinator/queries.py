@@ -15,6 +15,7 @@ from fedserver.coordinator.api import Due, StatusView
 from fedserver.rounds.synchronous import Phase
 
 if TYPE_CHECKING:
+    from fedserver.rounds.population import Population
     from fedserver.state.history import RoundRecord
 
 
@@ -35,19 +36,30 @@ class TransportQueries:
     # ------------------------------------------------------------------ clients
     def touch_all(self, client_ids: Iterable[str]) -> None:
         """Mark many clients live (what their polls would do), then let the round machine
-        react once: `touch` per client would step the machine N times."""
+        react once: `touch` per client would step the machine N times. The enlisted
+        population itself is touched in O(its departed), not O(N)."""
         last = None
-        for cid in client_ids:
-            self.machine.touch(cid)
-            last = cid
+        population = self.machine.population
+        if client_ids is population:
+            population.revive_all()
+            last = population[-1] if len(population) else None
+        else:
+            for cid in client_ids:
+                self.machine.touch(cid)
+                last = cid
         if last is not None:
             self.touch(last)  # type: ignore[attr-defined]
+
+    def enlist(self, population: Population) -> None:
+        """Clients that are live without a liveness entry each (a simulation's virtual
+        clients, rounds/population.py); `touch_all(population)` revives its departed."""
+        self.machine.population = population
 
     def seen_ago(self, client_id: str) -> float | None:
         """Seconds since `client_id` was last heard from, None unless it is live."""
         seen = self.machine.last_seen.get(client_id)
-        if seen is None:
-            return None
+        if seen is None:  # a population's member is live without a timestamp: never silent
+            return 0.0 if self.machine.is_live(client_id) else None
         ago: float = self.machine.clock() - seen
         return ago if ago <= self.policy.client_ttl else None
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -72,7 +72,7 @@ class ProtocolEnv:
     uploads: Uploads  # streams in flight, refusal counters (for stages that receive uploads)
     clock: Callable[[], float]
     current_round: Callable[[], int]
-    live_clients: Callable[[], list[str]]
+    live_clients: Callable[[], Sequence[str]]
     touch: Callable[[str], None]  # a client was seen (may open or close a round)
     notify: Callable[[], None]  # wake long-polling clients: an offer or a stage changed
     changed: Callable[[], asyncio.Event]  # the event the next notify() sets

@@ -166,8 +166,7 @@ class BufferMachine(RoundMachine):
         how many were dropped."""
         if len(by_client) <= 2 * self.live_count() + extra + 16:
             return 0
-        live = self.last_seen
-        gone = [c for c in by_client if c not in live]
+        gone = [c for c in by_client if not self.is_live(c)]
         for client in gone:
             del by_client[client]
         return len(gone)
@@ -321,7 +320,7 @@ class BufferMachine(RoundMachine):
         # A client that joined but trained past its lease (or past its liveness) is honest:
         # FAILED_PRECONDITION, and it pulls again. Only an id that never joined is a stranger.
         self.live_count()  # expire clients that went quiet
-        joined = client_id in self.last_seen or (self.joined is not None and self.joined(client_id))
+        joined = self.is_live(client_id) or (self.joined is not None and self.joined(client_id))
         if not joined:
             raise NotSelected(
                 f"client {client_id!r} has not joined: call Join and pull the model "

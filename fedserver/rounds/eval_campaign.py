@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fedcore.limits import MAX_ROUND_METRICS, excerpt
+from fedserver.rounds.population import SortedIds
 from fedserver.rounds.synchronous import NotSelected, StaleRound
 
 PREFIX = "fed_"
@@ -38,9 +39,11 @@ class EvalPolicy:
             return False
         return round_number % self.every == 0 or round_number == total_rounds
 
-    def sample(self, live: list[str], rng: random.Random) -> frozenset[str]:
+    def sample(self, live: Sequence[str], rng: random.Random) -> frozenset[str]:
         k = min(len(live), max(1, math.ceil(self.fraction * len(live))))
-        return frozenset(rng.sample(sorted(live), k))
+        # A population's live clients come sorted already (and lazy: sorting would list them).
+        ordered = live if isinstance(live, SortedIds) else sorted(live)
+        return frozenset(rng.sample(ordered, k))
 
 
 @dataclass

@@ -19,10 +19,11 @@ import enum
 import math
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from fedcore.limits import excerpt
+from fedserver.rounds.population import Population
 
 
 class Phase(enum.Enum):
@@ -142,6 +143,9 @@ class RoundMachine:
     # event costs O(1) amortized whatever the number of connected clients (10,000 waiting
     # clients re-touch on every long-poll; a scan per touch made a join storm O(N^2)).
     last_seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    # Clients that are live without a timestamp each (a simulation's virtual clients: never
+    # silent), so a round costs O(K) at N = 1,000,000 (population.py); not in last_seen.
+    population: Population | None = None
     # Submits that arrive while a round is aggregated are refused (stale round) here; a machine
     # whose updates may span rounds (async_rounds.py) asks the servicer to hold them instead.
     holds_submits_while_aggregating = False
@@ -161,16 +165,25 @@ class RoundMachine:
 
     # ------------------------------------------------------------------ clients
     def touch(self, client_id: str) -> None:
+        if self.population is not None and self.population.revive(client_id):
+            return
         self.last_seen[client_id] = self.clock()
         self.last_seen.move_to_end(client_id)
 
     def forget(self, client_id: str) -> None:
-        self.last_seen.pop(client_id, None)
+        if self.population is None or not self.population.drop(client_id):
+            self.last_seen.pop(client_id, None)
+
+    def is_live(self, client_id: str) -> bool:
+        """Heard from within the timeout, or a live member of the population: O(1)."""
+        if client_id in self.last_seen:
+            return True
+        return self.population is not None and self.population.is_live(client_id)
 
     def renew(self, client_id: str) -> bool:
         """A Heartbeat: a live client is still at work (training or evaluating). Returns
         False for a client that is not live (never joined, or expired): it must Join again."""
-        if client_id not in self.last_seen:
+        if not self.is_live(client_id):
             return False
         self.touch(client_id)
         return True
@@ -213,13 +226,19 @@ class RoundMachine:
     def live_count(self) -> int:
         """How many clients are live: O(1) amortized (use this, not len(live_clients()))."""
         self._expire()
-        return len(self.last_seen)
+        population = 0 if self.population is None else self.population.live_count()
+        return len(self.last_seen) + population
 
-    def live_clients(self) -> list[str]:
-        """The live clients, sorted (seeded selection is reproducible): O(N log N), so only
-        when a round opens or a sample is drawn, never per event."""
+    def live_clients(self, exclude: Collection[str] = ()) -> Sequence[str]:
+        """The live clients not in `exclude`, sorted (seeded selection is reproducible):
+        O(N log N), so only when a round opens or a sample is drawn, never per event; a
+        population alone is a lazy sequence, O(|exclude|)."""
         self._expire()
-        return sorted(self.last_seen)
+        if self.population is not None:
+            return self.population.sorted_live(self.last_seen.keys(), exclude)
+        if not exclude:
+            return sorted(self.last_seen)
+        return [c for c in sorted(self.last_seen) if c not in exclude]
 
     def describe(self) -> str:
         """The open round, for the log."""
@@ -290,13 +309,13 @@ class RoundMachine:
                 f"({len(self.receipts)} of {self.required} updates); "
                 "are enough clients running? see --min-fit and --round-timeout"
             )
-        candidates = [c for c in self.live_clients() if c not in self.receipts]
+        candidates = self.live_clients(exclude=self.receipts)
         if self.clock() < self.deadline and not candidates:
             return None  # everyone left early, nobody to ask: wait for clients or the deadline
         self._open(candidates, fresh=False)
         return "reopened"
 
-    def _open(self, candidates: list[str], fresh: bool) -> None:
+    def _open(self, candidates: Sequence[str], fresh: bool) -> None:
         k = self.policy.sample_size(len(candidates) + len(self.receipts)) - len(self.receipts)
         chosen = self.rng.sample(candidates, max(0, min(k, len(candidates))))
         if fresh:

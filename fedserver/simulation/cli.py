@@ -134,7 +134,8 @@ def add_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--workers",
         type=_workers,
         help="worker processes (one model replica each); embedded: 0 runs the clients in this "
-        "process; default: as many as the CPUs (Ray: the resources) allow",
+        "process; default: embedded 0 on up to 2 CPUs, else one per CPU (Ray: as many as the "
+        "resources allow)",
     )
     g.add_argument(
         "--fleet",

@@ -1,7 +1,7 @@
 """The simulation loop: the real coordinator, its round machine deciding; an engine's workers
 (embedded.py: local processes or this one; workers.py: Ray) training.
 
-Each round: every virtual client is marked live (a dict entry each), the round machine opens
+Each round: every virtual client is marked live (one Population, O(1)), the round machine opens
 the round and selects K of them exactly as it would select processes, the K selected run on
 the workers in batches, and their updates are submitted one by one in client-id order through
 the in-process transport (inprocess.py). Aggregation, checkpoints, DP accounting, evaluation and the
@@ -21,10 +21,11 @@ import logging
 import random
 import signal
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fedclient.partition import Partition
-from fedclient.virtual import VirtualSpec, client_id
+from fedclient.virtual import ID_PREFIX, VirtualSpec
 from fedcore.plugins import load_object
 from fedserver.coordinator.assembly import (
     EXIT_FAILED,
@@ -34,6 +35,7 @@ from fedserver.coordinator.assembly import (
     build_coordinator,
 )
 from fedserver.coordinator.progress import show_progress
+from fedserver.rounds.population import Population
 from fedserver.simulation.clock import VirtualClock
 from fedserver.simulation.fleet import Fleet
 from fedserver.simulation.inprocess import InProcessTransport
@@ -91,7 +93,9 @@ async def simulate(s: SimSettings) -> Outcome:
         last = coordinator.store.recent_rounds(1)[0]
         clock.advance_to(last[0].closed_at if last and last[0].fleet_seconds is not None else 0.0)
     transport = InProcessTransport(coordinator)
-    ids = [client_id(i) for i in range(s.clients)]
+    ids = Population(s.clients, ID_PREFIX)  # client-0 ... as a list, in O(1) memory
+    if clock is None:  # on a fleet, who is live is the fleet's (fleet_run.py touches them)
+        transport.enlist(ids)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -187,7 +191,12 @@ async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
         except (ValueError, ConnectionError) as e:  # --ray-address, --object-store-mb...
             raise SetupError(f"cannot start or reach Ray: {e}") from None
         return workers.WorkerPool(spec, s.ray)
-    from fedserver.simulation.embedded import EmbeddedPool, InProcessPool, default_workers
+    from fedserver.simulation.embedded import (
+        EmbeddedPool,
+        InProcessPool,
+        default_workers,
+        usable_cpus,
+    )
 
     count = default_workers(spec.threads) if s.ray.workers is None else s.ray.workers
     if count == 0:
@@ -197,7 +206,7 @@ async def start_pool(s: SimSettings, spec: VirtualSpec) -> Pool:
         # The workers train on the CPUs; the coordinator's torch work (central evaluation)
         # runs between their batches. With a thread per core it spun against the workers:
         # rounds took 2x as long (bench.simulation, 2 cores, 2 workers).
-        torch.set_num_threads(max(1, default_workers(1) - count * spec.threads))
+        torch.set_num_threads(max(1, usable_cpus() - count * spec.threads))
     return await EmbeddedPool.start(spec, count)
 
 
@@ -235,7 +244,7 @@ def check_settings(s: SimSettings) -> None:
 
 
 async def _run(
-    transport: InProcessTransport, pool: Pool, ids: list[str], stop: asyncio.Event
+    transport: InProcessTransport, pool: Pool, ids: Sequence[str], stop: asyncio.Event
 ) -> None:
     coordinator = transport.coordinator
     ran = _PerKey()  # clients that ran in this attempt of this round, counted or not
@@ -267,7 +276,7 @@ async def _run(
 async def _run_async(
     transport: InProcessTransport,
     pool: Pool,
-    ids: list[str],
+    ids: Sequence[str],
     stop: asyncio.Event,
     wave: int,
     seed: int,

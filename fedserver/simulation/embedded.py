@@ -39,12 +39,28 @@ log = logging.getLogger("fedserver")
 SHARED_MEMORY = Path("/dev/shm")
 
 
-def default_workers(threads: int) -> int:
-    """As many workers as this process may use CPUs, `threads` torch threads each."""
+# Up to this many usable CPUs the default is in-process (--workers 0): the driver's intake and
+# fold of K updates a round already keeps one CPU busy, one training thread beside it uses the
+# other, and each worker process would cost another copy of torch (~245 MB RSS). Measured on 2
+# cores (bench.simulation --workers 0 1 2, docs/simulation.md): as fast or faster at N = 1,000
+# and 10,000, at a third of 2 workers' memory.
+IN_PROCESS_CPUS = 2
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def default_workers(threads: int) -> int:
+    """0 (in this process) on up to IN_PROCESS_CPUS CPUs; else a worker process per
+    `threads` CPUs."""
+    cpus = usable_cpus()
+    if cpus <= IN_PROCESS_CPUS:
+        return 0
     return max(1, cpus // max(1, threads))
 
 

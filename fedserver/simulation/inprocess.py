@@ -7,7 +7,8 @@ servicer uses too, and the same protobuf messages: headers are built and parsed 
 fedserver/transport/headers.py, update bytes go through the same receiver (size, finiteness
 and checksum checks, spill, fold). Only the socket is missing.
 
-Virtual clients are "live" by being touched, a dict entry each (no connection, no long-poll);
+Virtual clients are live as one Population (fedserver/rounds/population.py: no entry per
+client, no connection, no long-poll; a round costs O(K) whatever N is);
 only the clients selected in a round run, in client-id order, so float32 folding — which sums
 in arrival order — is the same on any number of workers.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, FlatModel
 from fedserver.coordinator.api import CoordinatorAPI, Due
+from fedserver.rounds.population import Population
 from fedserver.rounds.synchronous import SubmitRefused
 from fedserver.transport.headers import ModelHeaders, parse_update_header
 from fedserver.updates.receiver import BadUpdate
@@ -45,11 +47,15 @@ class InProcessTransport:
         self.headers = ModelHeaders(coordinator.policy.total_rounds)
 
     # ------------------------------------------------------------------ liveness
+    def enlist(self, population: Population) -> None:
+        """The virtual clients: live without an entry each (touch_all(population) is O(1))."""
+        self.coordinator.enlist(population)
+
     def touch_all(self, client_ids: Iterable[str]) -> None:
         """Mark every virtual client live (what their polls would do); the machine reacts once."""
         self.coordinator.touch_all(client_ids)
 
-    async def keep_alive(self, client_ids: list[str], every: float | None = None) -> None:
+    async def keep_alive(self, client_ids: Iterable[str], every: float | None = None) -> None:
         """Every virtual client's heartbeat: touch them all every third of --client-timeout,
         for as long as the simulation runs. A round (training, aggregation, evaluation) longer
         than the timeout would otherwise expire the N - K clients that did not train, and the
