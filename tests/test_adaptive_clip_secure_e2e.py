@@ -124,16 +124,21 @@ def test_a_client_killed_after_masking_leaves_its_bit_out_of_the_count(
     port, state, logs = free_port(), tmp_path / "state", tmp_path / "logs"
     marker = tmp_path / "faults"
     marker.mkdir()
-    # The round can only close at its deadline (the dead client stays selected).
+    # The dead client stays selected: the round closes once it has been silent for
+    # --client-timeout (the 45 s deadline is only the fallback), and the linger need not wait
+    # for it either. Live clients stay heard: heartbeats every 10/3 s while training, and stage
+    # long-polls of --poll-seconds 3 while waiting for their peers.
     server = start_serving(
         procs, logs, port, state, "--rounds", "1", "--min-clients", str(n), "--min-fit", "3",
         "--local-epochs", "1", "--round-timeout", "45", "--secure", "secagg",
         "--dp-adaptive-clip", "client", *NO_NOISE, "--dp-initial-clip", "0.9",
+        "--client-timeout", "10",
     )  # fmt: skip
     clients = {}
     for i in range(n):
         fault = {"FEDGRPC_FAULT": "upload:1", "FEDGRPC_FAULT_DIR": str(marker)}
-        clients[i] = start_client(logs, port, f"{i}/{n}", env=fault if i == dropped else None)
+        env = fault if i == dropped else None
+        clients[i] = start_client(logs, port, f"{i}/{n}", "--poll-seconds", "3", env=env)
     procs.extend(clients.values())
     # Masked (bit included) and mid-upload: kill -9 exactly there.
     wait_until(lambda: (marker / "upload-1.hit").exists(), 240, f"client {dropped} upload")

@@ -118,7 +118,9 @@ def test_unreachable_coordinator_is_reported_every_few_seconds(
     tmp_path: Path, procs: list[Proc]
 ) -> None:
     port = free_port()
-    client = start_client(tmp_path, port, "0/1", "--give-up-after", "12")
+    # Reports come every 5 s (REPORT_EVERY) and attempts at least every 2 s
+    # (UNREACHABLE_RETRY): 9 s leaves a 4 s window, two attempts wide, for the second report.
+    client = start_client(tmp_path, port, "0/1", "--give-up-after", "9")
     procs.append(client)
     assert client.wait(60) == 1, client.log()
     log = client.log()
@@ -126,7 +128,7 @@ def test_unreachable_coordinator_is_reported_every_few_seconds(
     lines = [line for line in log.splitlines() if said in line]
     assert lines[0].endswith("retrying, 0 s so far"), log
     assert len(lines) >= 2, log  # again while it waited, not once and then silence
-    assert f"coordinator at 127.0.0.1:{port} unreachable for 12s" in log
+    assert f"coordinator at 127.0.0.1:{port} unreachable for 9s" in log
 
 
 # grpc-python 1.85's UNAVAILABLE details, as recorded against real endpoints.

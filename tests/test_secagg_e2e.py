@@ -107,15 +107,20 @@ def test_two_of_eight_killed_after_masking(tmp_path: Path, procs: list[Proc]) ->
     markers = {i: tmp_path / f"faults-{i}" for i in dropped}
     for d in markers.values():
         d.mkdir()
-    # The round can only close at its deadline (the two dead clients stay selected).
+    # The two dead clients stay selected: the round closes once both have been silent for
+    # --client-timeout (the 45 s deadline is only the fallback), and the linger need not wait
+    # for them either. Live clients stay heard: heartbeats every 10/3 s while training, and
+    # stage long-polls of --poll-seconds 3 while waiting for their peers.
     server = start_serving(
         procs, logs, port, state, "--rounds", "1", "--min-clients", str(n), "--min-fit", "6",
         "--local-epochs", "1", "--round-timeout", "45", "--secure", "secagg",
+        "--client-timeout", "10",
     )  # fmt: skip
     clients = {}
     for i in range(n):
         fault = {"FEDGRPC_FAULT": "upload:1", "FEDGRPC_FAULT_DIR": str(markers.get(i, ""))}
-        clients[i] = start_client(logs, port, f"{i}/{n}", env=fault if i in dropped else None)
+        env = fault if i in dropped else None
+        clients[i] = start_client(logs, port, f"{i}/{n}", "--poll-seconds", "3", env=env)
     procs.extend(clients.values())
     for i in dropped:  # masked and mid-upload: kill -9 exactly there
         wait_until(lambda i=i: (markers[i] / "upload-1.hit").exists(), 240, f"client {i} upload")
