@@ -111,8 +111,10 @@ def race(a: argparse.Namespace, name: str, flags: dict[str, Any], root: Path) ->
     acc = [r["metrics"].get("accuracy", 0.0) for r in rounds]
     # The mean of the last --smooth evaluations: one lucky evaluation of a noisy metric is not
     # the target reached (async evaluates every version: more draws of the noise).
+    # Only once there are that many: a first round's single evaluation is one draw as well.
     smooth = [
-        sum(acc[max(0, i + 1 - a.smooth) : i + 1]) / min(i + 1, a.smooth) for i in range(len(acc))
+        sum(acc[i + 1 - a.smooth : i + 1]) / a.smooth if i + 1 >= a.smooth else 0.0
+        for i in range(len(acc))
     ]
     hit = next((r for r, m in zip(rounds, smooth, strict=True) if m >= a.target), None)
     return {
