@@ -91,17 +91,21 @@ class InProcessPool:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="virtual-clients")
         log.info("simulation: embedded engine, virtual clients in this process")
 
-    def _refs(self, method: str, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
+    def _refs(
+        self, method: str, header: bytes, model: FlatModel, ids: Sequence[str], *extra: Any
+    ) -> list[Any]:
         loop = asyncio.get_running_loop()
         run = getattr(self.clients, method)
         # Batches as for one worker process: the driver checks for a stop between batches.
         return [
-            loop.run_in_executor(self.thread, run, header, model.buffer, batch)
+            loop.run_in_executor(self.thread, run, header, model.buffer, batch, *extra)
             for batch in batches(ids, 1)
         ]
 
-    def fit_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
-        return self._refs("fit", header, model, ids)
+    def fit_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str], strategy: FlatModel | None = None
+    ) -> list[Any]:
+        return self._refs("fit", header, model, ids, strategy and strategy.buffer)
 
     def evaluate_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
         return self._refs("evaluate", header, model, ids)
@@ -265,16 +269,23 @@ class EmbeddedPool:
         log.info("simulation: embedded engine, %d worker process(es)", workers)
         return pool
 
-    def _model(self, model: FlatModel) -> dict[str, Any]:
-        """The round's model written once into shared memory; the previous version unlinked
-        (workers that still map it keep their pages until they move on)."""
-        if self._model_ref is None or self._model_ref[0] != model.version:
+    def _model(self, model: FlatModel, strategy: FlatModel | None) -> dict[str, Any]:
+        """The round's model written once into shared memory, the strategy's tensors (SCAFFOLD's
+        c) after it as in a GetGlobalModel stream; the previous version unlinked (workers that
+        still map it keep their pages until they move on)."""
+        version = model.version + (":" + strategy.version if strategy is not None else "")
+        if self._model_ref is None or self._model_ref[0] != version:
             self._versions += 1
             path = self.dir / f"model-{self._versions}.bin"
-            model.buffer.tofile(path)
+            with path.open("wb") as f:
+                model.buffer.tofile(f)
+                if strategy is not None:
+                    strategy.buffer.tofile(f)
             if self._model_ref is not None:
                 Path(self._model_ref[1]["path"]).unlink(missing_ok=True)
-            self._model_ref = (model.version, {"path": str(path), "size": int(model.buffer.size)})
+            extra = int(strategy.buffer.size) if strategy is not None else 0
+            ref = {"path": str(path), "size": int(model.buffer.size) + extra, "strategy": extra}
+            self._model_ref = (version, ref)
         return self._model_ref[1]
 
     def _submit(
@@ -284,8 +295,9 @@ class EmbeddedPool:
         model: FlatModel,
         ids: Sequence[str],
         failed: Callable[[str, str], Any],
+        strategy: FlatModel | None = None,
     ) -> list[Awaitable[list[Any]]]:
-        ref = self._model(model)
+        ref = self._model(model, strategy)
         return [
             asyncio.ensure_future(
                 self.workers[i % len(self.workers)].call(
@@ -296,9 +308,10 @@ class EmbeddedPool:
         ]
 
     def fit_refs(
-        self, header: bytes, model: FlatModel, ids: Sequence[str]
+        self, header: bytes, model: FlatModel, ids: Sequence[str], strategy: FlatModel | None = None
     ) -> list[Awaitable[list[Any]]]:
-        return self._submit("fit", header, model, ids, lambda c, e: Fitted(c, error=e))
+        failed = lambda c, e: Fitted(c, error=e)  # noqa: E731
+        return self._submit("fit", header, model, ids, failed, strategy)
 
     def evaluate_refs(
         self, header: bytes, model: FlatModel, ids: Sequence[str]

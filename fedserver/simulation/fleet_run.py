@@ -88,7 +88,7 @@ class FleetRun:
     async def train(self, work: Work, ids: Sequence[str]) -> list[Any]:
         joined(self.transport, ids, self.count)
         out: list[Any] = []
-        for ref in self.pool.fit_refs(work.header, work.model, ids):
+        for ref in self.pool.fit_refs(work.header, work.model, ids, work.strategy):
             out.extend(await ref)
         return out
 
@@ -129,7 +129,7 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
     t0 = r.clock()
     deadline = t0 + coordinator.policy.round_timeout
     ttl = coordinator.policy.client_ttl
-    down = int(work.model.buffer.nbytes)
+    down = work.download_bytes
     trips: dict[str, Trip] = {}
     lapses: dict[str, float] = {}  # a missing client: when the coordinator stops waiting for it
     events: list[tuple[float, int, str, str, Any]] = []  # (fleet time, order, kind, id, fitted)
@@ -248,7 +248,7 @@ async def _refill(r: FleetRun, concurrency: int, draw: random.Random) -> list[tu
     work = r.transport.pull_work(chosen)
     if work is None:
         return []
-    down = int(work.model.buffer.nbytes)
+    down = work.download_bytes
     out: list[tuple[Any, ...]] = []
     for cid in work.client_ids:
         r.alive[cid] = math.inf  # at work; until known below
