@@ -105,7 +105,7 @@ class InProcessPool:
     def fit_refs(
         self, header: bytes, model: FlatModel, ids: Sequence[str], strategy: FlatModel | None = None
     ) -> list[Any]:
-        return self._refs("fit", header, model, ids, strategy and strategy.buffer)
+        return self._refs("fit", header, model, ids, None if strategy is None else strategy.buffer)
 
     def evaluate_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
         return self._refs("evaluate", header, model, ids)
@@ -254,7 +254,7 @@ class EmbeddedPool:
         root = SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
         _remove_orphans(root)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
-        self._model_ref: tuple[str, dict[str, Any]] | None = None
+        self._model_ref: tuple[tuple[str, str], dict[str, Any]] | None = None
         self._versions = 0
 
     @classmethod
@@ -272,9 +272,11 @@ class EmbeddedPool:
     def _model(self, model: FlatModel, strategy: FlatModel | None) -> dict[str, Any]:
         """The round's model written once into shared memory, the strategy's tensors (SCAFFOLD's
         c) after it as in a GetGlobalModel stream; the previous version unlinked (workers that
-        still map it keep their pages until they move on)."""
-        version = model.version + (":" + strategy.version if strategy is not None else "")
-        if self._model_ref is None or self._model_ref[0] != version:
+        still map it keep their pages until they move on). An evaluation (no strategy's tensors)
+        reuses the file of its model's fit: a worker reads the model before the tensors."""
+        version = (model.version, strategy.version if strategy is not None else "")
+        held = self._model_ref[0] if self._model_ref is not None else None
+        if held is None or held[0] != version[0] or (strategy is not None and held != version):
             self._versions += 1
             path = self.dir / f"model-{self._versions}.bin"
             with path.open("wb") as f:
