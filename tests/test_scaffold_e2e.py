@@ -232,6 +232,25 @@ def test_a_resumed_simulation_resumes_every_c_i_on_any_worker_count(tmp_path: Pa
     assert models["c_i-lost"] != models["resumed"]
 
 
+def test_a_straggler_past_the_close_keeps_its_c_i(tmp_path: Path) -> None:
+    """On a fleet with --overselect 2, 8 of 20 devices train each round and the round closes on
+    the first 4 arrivals: the other 4 updates are never counted, so their c_i⁺ is dropped (as a
+    deployed client keeps c_i when its late update is refused), and nothing is left pending."""
+    state = tmp_path / "fleet"
+    out = fedserver(
+        "simulate", "--task", "examples.digits:task", "--strategy", "scaffold",
+        "--clients", "20", "--clients-per-round", "4", "--min-clients", "4", "--overselect", "2",
+        "--round-timeout", "200", "--rounds", "3", "--seed", "0", "--workers", "0",
+        "--fleet", "tiers=1:4:16,speed=1", "--state-dir", str(state),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stderr.count("8 client(s) selected") == 3
+    assert out.stderr.count("closed: 4 update(s)") == 3
+    names = [p.name for p in (state / "virtual-clients").iterdir()]
+    assert names and all(n.endswith(STATE_FILE) for n in names), names
+    assert len(names) < 3 * 8  # fewer clients keep a c_i than trained
+
+
 def test_c_comes_with_the_model_and_an_update_without_delta_c_is_refused(tmp_path: Path) -> None:
     """Over the wire, by hand: a selected client gets c (zeros in round 1) after the model; an
     update of the model's floats alone (an older client, or one leaving tensors out) is

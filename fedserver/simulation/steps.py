@@ -52,6 +52,14 @@ def submit(transport: InProcessTransport, fitted: Any) -> None:
         log.warning("update of %s not counted: %s", fitted.client_id, refused)
 
 
+def never_delivered(fitted: Any) -> None:
+    """An update that never reaches the coordinator (its device went offline, or it arrives
+    after the round closed): its pending c_i⁺ is dropped, as a deployed client's c_i stays when
+    its update is refused."""
+    if fitted.pending:
+        settle(Path(fitted.pending), counted=False)
+
+
 @dataclass
 class PerKey:
     """A set of client ids that starts empty again whenever its key (a round's attempt, an
