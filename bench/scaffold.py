@@ -4,9 +4,10 @@ An in-process simulation of the exact client and strategy code: each client runs
 fedclient.update's pipeline (`round_tensors`, `train`: the task's own training loop, with
 SCAFFOLD's corrected steps and c_i from fedclient/scaffold.py), and the real strategy objects
 (fedserver.strategies: fedavg, scaffold) apply the example-weighted mean, as the accumulator
-would fold it. Only the transport is skipped (`fedserver simulate` refuses SCAFFOLD: virtual
-clients keep no c_i). Both strategies see the same partitions, the same per-(client, round)
-training seeds, the task's local epochs / lr / batch size, and every client each round.
+would fold it. Only the transport is skipped (written when `fedserver simulate` refused
+SCAFFOLD; it now runs it, docs/simulation.md). Both strategies see the same partitions, the
+same per-(client, round) training seeds, the task's local epochs / lr / batch size, and every
+client each round.
 
     python -m bench.scaffold --clients 10 --partitioner dirichlet --alpha 0.1 --seeds 0,1,2
     python -m bench.scaffold --processes --rounds 8 --seeds 0   # real processes over gRPC

@@ -16,13 +16,17 @@ checks it), and the gradient form stays the mean gradient under momentum or Adam
 
 c_i lives in this process and in STATE_DIR/scaffold-control.safetensors (fedclient run
 --state-dir), tagged with the federation and the client id, so a restarted client resumes it;
-a file of another federation, client or model shape is not used (c_i starts at 0).
+a file of another federation, client or model shape is not used (c_i starts at 0). A virtual
+client of the simulation keeps the same file, one per client in the simulation's StateStore
+(fedclient/state.py), through this same class; its c_i⁺ is written PENDING beside it and takes
+c_i's place (`settle`) once the driver saw the coordinator count the update.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,26 +36,37 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from fedclient.retry import PermanentError
-from fedcore.durable import private_dir
+from fedcore.durable import fsync_dir, private_dir
 from fedcore.files import read_safetensors, write_safetensors
 from fedcore.scaffold import control_manifest, control_model, is_scaffold_round
 from fedcore.tensors import FlatModel, Manifest, ManifestError, float_vector
 
 log = logging.getLogger("fedclient")
 STATE_FILE = "scaffold-control.safetensors"
+PENDING = ".pending"  # + a c_i file's name: c_i⁺ until its update is counted (simulation)
 
 
 class ControlVariate:
     """This client's c_i: in memory across rounds, on disk when it has a state dir."""
 
-    def __init__(self, state_dir: Path | None, client_id: str) -> None:
+    def __init__(
+        self,
+        state_dir: Path | None,
+        client_id: str,
+        file: str = STATE_FILE,
+        announce: bool = True,
+    ) -> None:
+        """`file`: its name in `state_dir` (the simulation's StateStore names one per client);
+        `announce`: log a resumed c_i (a virtual client resumes it every round: no log)."""
         self.state_dir = state_dir
         self.client_id = client_id
+        self.file = file
+        self.announce = announce
         self._held: tuple[str, str, Manifest, np.ndarray] | None = None
 
     @property
     def path(self) -> Path | None:
-        return None if self.state_dir is None else self.state_dir / STATE_FILE
+        return None if self.state_dir is None else self.state_dir / self.file
 
     def for_round(
         self,
@@ -104,18 +119,40 @@ class ControlVariate:
         if not mine or flat.manifest != manifest:
             log.info("SCAFFOLD: %s belongs to another run or client; c_i starts at 0", path)
             return None
-        log.info("SCAFFOLD: resumed this client's control variate from %s", path)
+        if self.announce:
+            log.info("SCAFFOLD: resumed this client's control variate from %s", path)
         return float_vector(flat)
 
-    def commit(self, federation_id: str, floats: Manifest, values: np.ndarray) -> None:
-        """c_i ← c_i⁺, atomically on disk (fsync, rename) before it is used again."""
+    def commit(
+        self, federation_id: str, floats: Manifest, values: np.ndarray, pending: bool = False
+    ) -> Path | None:
+        """c_i ← c_i⁺, atomically on disk (fsync, rename) before it is used again. `pending`:
+        c_i⁺ is written beside c_i, to replace it only when `settle` says its update counted
+        (the simulation's driver, which submits the update, learns that; this worker does not).
+        Returns the file written (None without a state dir)."""
         client_id = self.client_id
         flat = control_model(floats, values)
-        if self.path is not None:
-            private_dir(self.path.parent)  # c_i is derived from this client's data: 0700
+        path = self.path
+        if path is not None:
+            private_dir(path.parent)  # c_i is derived from this client's data: 0700
             meta = {"federation_id": federation_id, "client_id": client_id}
-            write_safetensors(self.path, flat, meta)
-        self._held = (federation_id, client_id, flat.manifest, float_vector(flat))
+            if pending:
+                path = path.with_name(path.name + PENDING)
+            write_safetensors(path, flat, meta)
+        if not pending:
+            self._held = (federation_id, client_id, flat.manifest, float_vector(flat))
+        return path
+
+
+def settle(pending: Path, counted: bool) -> None:
+    """A pending c_i⁺ (ControlVariate.commit(pending=True)) replaces c_i when its update was
+    counted, as a `fedclient` process commits c_i⁺ once SubmitUpdate succeeded; else it is
+    dropped and c_i stays."""
+    if counted:
+        os.replace(pending, pending.with_name(pending.name.removesuffix(PENDING)))
+        fsync_dir(pending.parent)
+    else:
+        pending.unlink(missing_ok=True)
 
 
 class GradientMean:

@@ -6,7 +6,9 @@ has no process of its own, so the simulation keeps the same state in a `StateSto
 safetensors file per client id, read before the client trains and written after it encoded
 its update, through the same pipeline (update.py `prepare_update`). A client that is not
 training costs no memory, and a client that keeps nothing (no personal tensors, a codec
-without error feedback) has no file.
+without error feedback) has no file. SCAFFOLD's control variate c_i has a file of its own per
+client, `<client id>.scaffold-control.safetensors`, read and written by the same
+ControlVariate (scaffold.py) that keeps a `fedclient` process's in its --state-dir.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from fedclient.scaffold import STATE_FILE, ControlVariate
 from fedcore.codecs import ErrorFeedback
 
 PERSONAL = "personal/"
@@ -30,6 +33,7 @@ class ClientState:
 
     personal: dict[str, Any] = field(default_factory=dict)  # FedPer: name -> torch tensor
     feedback: ErrorFeedback = field(default_factory=ErrorFeedback)
+    control: ControlVariate | None = None  # SCAFFOLD's c_i, kept in its own file
 
     @property
     def empty(self) -> bool:
@@ -48,8 +52,9 @@ class StateStore:
         return self.root / f"{client_id}.safetensors"
 
     def load(self, client_id: str) -> ClientState:
-        path = self._path(client_id)
-        state = ClientState()
+        path = self._path(client_id)  # checks the id, which names c_i's file too
+        control = ControlVariate(self.root, client_id, f"{client_id}.{STATE_FILE}", announce=False)
+        state = ClientState(control=control)
         if not path.exists():
             return state
         from safetensors.torch import load_file

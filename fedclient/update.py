@@ -14,7 +14,8 @@ error-feedback residual) handed in and updated as the session updates its own (s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from fedclient.local_update import (
 )
 from fedclient.protocols.handlers import RoundHandler
 from fedclient.retry import PermanentError
-from fedclient.scaffold import corrected_steps
+from fedclient.scaffold import ControlVariate, corrected_steps
 from fedclient.state import ClientState
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
 from fedcore.codecs import get_codec
@@ -68,6 +69,7 @@ class PreparedUpdate:
     payload: np.ndarray
     digest: str
     result: TrainResult
+    pending: Path | None = None  # SCAFFOLD, virtual client: c_i⁺, for scaffold.settle
 
 
 def train_config(header: pb.ModelHeader, seed: int, client_id: str) -> TrainConfig:
@@ -191,14 +193,27 @@ def prepare_update(
     state: ClientState,
     personal_patterns: str = "",
     encoding: str = "",
+    sent: tuple[int, FlatModel] | None = None,
+    federation_id: str = "",
 ) -> PreparedUpdate:
     """The whole pipeline of a plain round, as session.py runs it: train from `base` with this
     client's personal tensors (`state.personal`), keep the ones trained now, encode with its
     error feedback (`state.feedback`, whose residual the codec updates). `state` is updated
-    in place; the caller keeps it for the client's next round."""
+    in place; the caller keeps it for the client's next round.
+
+    A SCAFFOLD round corrects the steps with (c, c_i): c from `sent` (the (round, c) the header
+    carried), c_i from `state.control` for `federation_id`; c_i⁺ is written pending
+    (`PreparedUpdate.pending`) for the caller to settle once the update is counted."""
     config = train_config(header, seed, client_id)
     tensors = round_tensors(base.manifest.floats(), config, personal_patterns)
-    trained = train(task, model, data, base, config, tensors, state.personal)
+    keeper = state.control or ControlVariate(None, client_id)
+    control = keeper.for_round(config.extra, header.round, sent, base, federation_id)
+    trained = train(task, model, data, base, config, tensors, state.personal, control)
     if trained.personal is not None:
         state.personal = trained.personal
-    return encode(trained, RoundHandler(state.feedback), client_id, header, encoding)
+    prepared = encode(trained, RoundHandler(state.feedback), client_id, header, encoding)
+    if trained.control is None:
+        return prepared
+    floats = base.manifest.floats()
+    pending = keeper.commit(federation_id, floats, trained.control, pending=True)
+    return replace(prepared, pending=pending)

@@ -10,7 +10,10 @@ over gRPC.
 What a `fedclient` process keeps in memory between rounds (FedPer personal tensors, top-k's
 error-feedback residual) a virtual client keeps on disk, in the simulation's StateStore
 (state.py, `VirtualSpec.state_dir`): read before it trains or evaluates, written after it
-encoded its update, so nothing is held in memory for a client that is not running.
+encoded its update, so nothing is held in memory for a client that is not running. SCAFFOLD's
+c_i too, which a `fedclient` process keeps in its --state-dir: c comes after the model's bytes
+(`fit`'s `strategy`, as the strategy's tensors follow the model in a GetGlobalModel stream),
+and c_i⁺ is left pending (`Fitted.pending`) until the driver saw its update counted.
 
 A client whose task raises is a failed client (`Fitted.error`, `Evaluated.error`), never an
 exception out of the worker: the driver reports it to the round at once.
@@ -63,6 +66,7 @@ class VirtualSpec:
     device: str = "cpu"  # fedclient --device: cpu unless --client-resources grants a GPU
     precision: str = "fp32"  # fedclient --precision
     state_dir: str = ""  # the clients' StateStore; "": each round starts from a fresh state
+    federation_id: str = ""  # the coordinator's, as a Join tells a `fedclient` (tags c_i)
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Fitted:
     payload: np.ndarray | None = None
     digest: str = ""
     error: str = ""
+    pending: str = ""  # SCAFFOLD: c_i⁺'s file, to settle once the update is counted
 
 
 class VirtualClients:
@@ -99,6 +104,7 @@ class VirtualClients:
         configure(self.task, spec.device, spec.precision)
         self.model: Any = self.task.build_model()
         self._base: tuple[str, FlatModel] | None = None
+        self._sent: tuple[str, FlatModel] | None = None  # (strategy version, SCAFFOLD's c)
         self.store = StateStore(Path(spec.state_dir)) if spec.state_dir else None
         self.personal_patterns: str = getattr(self.task, "personal_tensors", "")
 
@@ -118,19 +124,44 @@ class VirtualClients:
             self._base = (header.model_version, flat)
         return self._base[1]
 
-    def fit(self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]) -> list[Fitted]:
+    def _strategy(
+        self, header: pb.ModelHeader, strategy: np.ndarray | None
+    ) -> tuple[int, FlatModel] | None:
+        """(round, the strategy's tensors) as a `fedclient` session keeps them from its pull."""
+        if strategy is None or not header.strategy_bytes:
+            return None
+        if self._sent is None or self._sent[0] != header.strategy_version:
+            flat = FlatModel(manifest_from_proto(header.strategy_manifest), np.asarray(strategy))
+            self._sent = (header.strategy_version, flat)
+        return header.round, self._sent[1]
+
+    def fit(
+        self,
+        header_bytes: bytes,
+        buffer: np.ndarray,
+        ids: Sequence[str],
+        strategy: np.ndarray | None = None,
+    ) -> list[Fitted]:
+        """`strategy`: the bytes of the header's strategy tensors (SCAFFOLD's c), if any."""
         header = pb.ModelHeader.FromString(header_bytes)
         base = self._model(header, buffer)
+        sent = self._strategy(header, strategy)
         out = []
         for cid in ids:
             try:
-                out.append(self._fit_one(header, base, cid))
+                out.append(self._fit_one(header, base, cid, sent))
             except Exception as e:  # one bad client is a dropout, not a dead worker
                 log.warning("virtual client %s failed in round %d: %r", cid, header.round, e)
                 out.append(Fitted(cid, error=f"{type(e).__name__}: {e}"))
         return out
 
-    def _fit_one(self, header: pb.ModelHeader, base: FlatModel, cid: str) -> Fitted:
+    def _fit_one(
+        self,
+        header: pb.ModelHeader,
+        base: FlatModel,
+        cid: str,
+        sent: tuple[int, FlatModel] | None,
+    ) -> Fitted:
         extra = header.config.extra
         if extra.get("secagg") == "1" or extra.get("he") == "1":
             raise ValueError("secure aggregation rounds cannot be simulated")
@@ -147,12 +178,14 @@ class VirtualClients:
             state=state,
             personal_patterns=self.personal_patterns,
             encoding=self.spec.encoding,
+            sent=sent,
+            federation_id=self.spec.federation_id,
         )
         if self.store is not None:
             self.store.save(cid, state)
-        return Fitted(
-            cid, update.header.SerializeToString(deterministic=True), update.payload, update.digest
-        )
+        header_bytes = update.header.SerializeToString(deterministic=True)
+        pending = str(update.pending) if update.pending is not None else ""
+        return Fitted(cid, header_bytes, update.payload, update.digest, pending=pending)
 
     def evaluate(
         self, header_bytes: bytes, buffer: np.ndarray, ids: Sequence[str]

@@ -40,3 +40,26 @@ def test_a_client_that_keeps_nothing_has_no_file(tmp_path: Path) -> None:
 def test_client_ids_that_cannot_name_a_file_are_refused(tmp_path: Path, bad: str) -> None:
     with pytest.raises(ValueError, match="cannot name a state file"):
         StateStore(tmp_path).load(bad)
+
+
+def test_c_i_plus_replaces_c_i_only_once_its_update_counted(tmp_path: Path) -> None:
+    """A virtual client's c_i is fedclient's ControlVariate file, one per client in the store;
+    its c_i⁺ waits beside it until the driver learns whether the update was counted, as a
+    `fedclient` process commits c_i⁺ only after SubmitUpdate succeeded."""
+    from fedclient.scaffold import settle
+    from fedcore.tensors import Manifest, TensorSpec
+
+    floats = Manifest((TensorSpec("w", "float32", (2,)),))
+    store = StateStore(tmp_path)
+    control = store.load("client-3").control
+    assert control is not None
+    assert not control.current("fed", floats).any()  # none kept yet: c_i = 0
+    control.commit("fed", floats, np.array([1.0, 2.0], dtype=np.float32))
+    for counted, expected in ((False, [1.0, 2.0]), (True, [3.0, 4.0])):
+        values = np.array([3.0, 4.0], dtype=np.float32)
+        pending = store.load("client-3").control.commit("fed", floats, values, pending=True)  # type: ignore[union-attr]
+        assert pending is not None and pending.name.endswith(".pending")
+        settle(pending, counted)
+        again = store.load("client-3").control
+        assert again is not None and again.current("fed", floats).tolist() == expected
+    assert [p.name for p in tmp_path.iterdir()] == ["client-3.scaffold-control.safetensors"]

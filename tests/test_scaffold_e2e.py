@@ -5,10 +5,12 @@ state) ends as the clients' c_i averaged by their examples, as full participatio
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from examples.digits import task
 from fedclient.partition import Partition
@@ -138,26 +140,115 @@ def test_a_client_without_a_state_dir_is_told_to_pass_one(
         (["--train-tensors", "0.*"], "cannot be combined with --train-tensors"),
     ],
 )
+@pytest.mark.parametrize("command", ["run", "simulate"])
 def test_unsound_combinations_are_refused_at_start_up(
-    flags: list[str], message: str, tmp_path: Path
+    command: str, flags: list[str], message: str, tmp_path: Path
 ) -> None:
+    """Refused alike by `fedserver run` and `fedserver simulate` (build_coordinator's checks)."""
+    where = ("--port", str(free_port())) if command == "run" else ("--clients", "2")
     out = fedserver(
-        "run", "--task", "examples.digits:task", "--strategy", "scaffold",
-        "--state-dir", str(tmp_path / "state"), "--port", str(free_port()), *flags,
+        command, *where, "--task", "examples.digits:task", "--strategy", "scaffold",
+        "--state-dir", str(tmp_path / "state"), *flags,
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
     assert message in out.stderr
     assert not (tmp_path / "state" / "state.db").exists()
 
 
-def test_simulate_refuses_scaffold_at_start_up(tmp_path: Path) -> None:
+SIM = ("--clients-per-round", str(CLIENTS), "--min-clients", str(CLIENTS), "--seed", "0")
+
+
+def simulate(state: Path, rounds: int, *flags: str) -> None:
     out = fedserver(
         "simulate", "--task", "examples.digits:task", "--strategy", "scaffold",
-        "--clients", "2", "--state-dir", str(tmp_path / "sim"),
+        "--clients", str(CLIENTS), "--rounds", str(rounds), "--state-dir", str(state),
+        "--workers", "0", *SIM, *flags,
     )  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    assert "--strategy scaffold cannot be simulated" in out.stderr
-    assert "virtual clients keep no per-client state" in out.stderr
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Traceback" not in out.stderr
+
+
+def virtual_c_i(state: Path, i: int) -> np.ndarray:
+    """Virtual client i's c_i, in the simulation's StateStore, tagged as a fedclient's is."""
+    flat, meta = read_safetensors(state / "virtual-clients" / f"client-{i}.{STATE_FILE}")
+    assert meta == {
+        "federation_id": status_json(state)["federation_id"],
+        "client_id": f"client-{i}",
+    }
+    return float_vector(flat)
+
+
+def test_simulated_scaffold_matches_fedclient_processes(tmp_path: Path, procs: list[Proc]) -> None:
+    """The same federation (CLIENTS clients, every one in each of 3 rounds, same seed) with
+    `fedclient` processes keeping c_i in their --state-dir and with virtual clients keeping it
+    in the simulation's StateStore: the same c_i per client and the same model, within float
+    tolerance (a deployment folds updates in arrival order). Simulate once refused SCAFFOLD."""
+    sim = tmp_path / "sim"
+    simulate(sim, ROUNDS)
+    port = free_port()
+    server = start_serving(
+        procs, tmp_path / "logs", port, tmp_path / "real", "--strategy", "scaffold",
+        "--rounds", str(ROUNDS), *SIM,
+    )  # fmt: skip
+    clients = [
+        start_client(
+            tmp_path / "logs", port, f"{i}/{CLIENTS}", "--state-dir", str(tmp_path / f"c{i}")
+        )
+        for i in range(CLIENTS)
+    ]
+    procs.extend(clients)
+    wait_finished(server, clients, 240)
+
+    real_model = load_file(tmp_path / "real" / "model.safetensors")
+    sim_model = load_file(sim / "model.safetensors")
+    assert sorted(sim_model) == sorted(real_model)
+    for name in sim_model:
+        np.testing.assert_allclose(sim_model[name], real_model[name], rtol=1e-4, atol=1e-6)
+    for i in range(CLIENTS):
+        real_c_i = float_vector(read_safetensors(tmp_path / f"c{i}" / STATE_FILE)[0])
+        assert np.abs(real_c_i).max() > 0
+        np.testing.assert_allclose(virtual_c_i(sim, i), real_c_i, rtol=1e-4, atol=1e-6)
+    # Each c_i⁺ took its c_i's place once its update counted: nothing is left pending.
+    assert sorted(p.name for p in (sim / "virtual-clients").iterdir()) == [
+        f"client-{i}.{STATE_FILE}" for i in range(CLIENTS)
+    ]
+
+
+def test_a_resumed_simulation_resumes_every_c_i_on_any_worker_count(tmp_path: Path) -> None:
+    """Rounds 1-2 in this process (--workers 0), then round 3 resumed on one worker process:
+    the model bytes of 3 rounds straight, on 0 or 1 worker. Were c_i lost between the runs
+    (started again from 0, as with the store removed), round 3 would end elsewhere."""
+    models = {}
+    for name, workers in (("straight-0", "0"), ("straight-1", "1")):
+        simulate(tmp_path / name, ROUNDS, "--workers", workers)
+        models[name] = (tmp_path / name / "model.safetensors").read_bytes()
+    for name in ("resumed", "c_i-lost"):
+        simulate(tmp_path / name, ROUNDS - 1)
+        if name == "c_i-lost":
+            shutil.rmtree(tmp_path / name / "virtual-clients")
+        simulate(tmp_path / name, ROUNDS, "--workers", "1")
+        models[name] = (tmp_path / name / "model.safetensors").read_bytes()
+    assert models["straight-0"] == models["straight-1"] == models["resumed"]
+    assert models["c_i-lost"] != models["resumed"]
+
+
+def test_a_straggler_past_the_close_keeps_its_c_i(tmp_path: Path) -> None:
+    """On a fleet with --overselect 2, 8 of 20 devices train each round and the round closes on
+    the first 4 arrivals: the other 4 updates are never counted, so their c_i⁺ is dropped (as a
+    deployed client keeps c_i when its late update is refused), and nothing is left pending."""
+    state = tmp_path / "fleet"
+    out = fedserver(
+        "simulate", "--task", "examples.digits:task", "--strategy", "scaffold",
+        "--clients", "20", "--clients-per-round", "4", "--min-clients", "4", "--overselect", "2",
+        "--round-timeout", "200", "--rounds", "3", "--seed", "0", "--workers", "0",
+        "--fleet", "tiers=1:4:16,speed=1", "--state-dir", str(state),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stderr.count("8 client(s) selected") == 3
+    assert out.stderr.count("closed: 4 update(s)") == 3
+    names = [p.name for p in (state / "virtual-clients").iterdir()]
+    assert names and all(n.endswith(STATE_FILE) for n in names), names
+    assert len(names) < 3 * 8  # fewer clients keep a c_i than trained
 
 
 def test_c_comes_with_the_model_and_an_update_without_delta_c_is_refused(tmp_path: Path) -> None:

@@ -47,7 +47,10 @@ class InlinePool:
             refs.append(done)
         return refs
 
-    def fit_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
+    def fit_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str], strategy: FlatModel | None = None
+    ) -> list[Any]:
+        assert strategy is None  # SCAFFOLD's c: tests/test_scaffold_e2e.py, on the real pools
         return self._refs("fit", header, model, ids)
 
     def evaluate_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:

@@ -118,6 +118,7 @@ async def simulate(s: SimSettings) -> Outcome:
             # What a fedclient process keeps in memory between rounds, on disk: beside the
             # coordinator's state, so a resumed simulation resumes its clients too.
             state_dir=str((s.server.state_dir / CLIENT_STATE).resolve()),
+            federation_id=coordinator.federation_id,
         )
         ray_started = s.engine == "ray"
         pool = await start_pool(s, spec)
@@ -228,14 +229,6 @@ def check_settings(s: SimSettings) -> None:
         raise SetupError("--secure cannot be simulated: run real clients (fedserver run)")
     if s.server.mode.not_simulated:
         raise SetupError(s.server.mode.not_simulated)
-    if s.server.strategy == "scaffold":
-        # Each client's control variate c_i must outlive the round; virtual clients keep
-        # nothing between rounds (no per-client state store yet).
-        raise SetupError(
-            "--strategy scaffold cannot be simulated: every client keeps its control variate "
-            "c_i across rounds, and virtual clients keep no per-client state; run real clients "
-            "(fedserver run + fedclient run --state-dir)"
-        )
     try:
         Partition(0, s.clients, s.partitioner, s.alpha, s.server.seed)
         load_object(s.server.task)
@@ -264,7 +257,7 @@ async def _run(
             continue
         dispatched.update(work.client_ids)
         _joined(transport, work.client_ids, len(ids))
-        for ref in pool.fit_refs(work.header, work.model, work.client_ids):
+        for ref in pool.fit_refs(work.header, work.model, work.client_ids, work.strategy):
             for fitted in await ref:  # batches in id order: the fold order is fixed
                 _submit(transport, fitted)
                 await asyncio.sleep(0)  # let the engine take in the next results meanwhile
@@ -304,7 +297,7 @@ async def _run_async(
             await transport.wait_change(IDLE_WAIT)
             continue
         _joined(transport, work.client_ids, len(ids))
-        for ref in pool.fit_refs(work.header, work.model, work.client_ids):
+        for ref in pool.fit_refs(work.header, work.model, work.client_ids, work.strategy):
             for fitted in await ref:
                 if coordinator.done.is_set():  # the last version is out: the rest come late
                     return

@@ -91,17 +91,21 @@ class InProcessPool:
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="virtual-clients")
         log.info("simulation: embedded engine, virtual clients in this process")
 
-    def _refs(self, method: str, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
+    def _refs(
+        self, method: str, header: bytes, model: FlatModel, ids: Sequence[str], *extra: Any
+    ) -> list[Any]:
         loop = asyncio.get_running_loop()
         run = getattr(self.clients, method)
         # Batches as for one worker process: the driver checks for a stop between batches.
         return [
-            loop.run_in_executor(self.thread, run, header, model.buffer, batch)
+            loop.run_in_executor(self.thread, run, header, model.buffer, batch, *extra)
             for batch in batches(ids, 1)
         ]
 
-    def fit_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
-        return self._refs("fit", header, model, ids)
+    def fit_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str], strategy: FlatModel | None = None
+    ) -> list[Any]:
+        return self._refs("fit", header, model, ids, None if strategy is None else strategy.buffer)
 
     def evaluate_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Any]:
         return self._refs("evaluate", header, model, ids)
@@ -250,7 +254,7 @@ class EmbeddedPool:
         root = SHARED_MEMORY if SHARED_MEMORY.is_dir() else Path(tempfile.gettempdir())
         _remove_orphans(root)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=root))
-        self._model_ref: tuple[str, dict[str, Any]] | None = None
+        self._model_ref: tuple[tuple[str, str], dict[str, Any]] | None = None
         self._versions = 0
 
     @classmethod
@@ -265,16 +269,25 @@ class EmbeddedPool:
         log.info("simulation: embedded engine, %d worker process(es)", workers)
         return pool
 
-    def _model(self, model: FlatModel) -> dict[str, Any]:
-        """The round's model written once into shared memory; the previous version unlinked
-        (workers that still map it keep their pages until they move on)."""
-        if self._model_ref is None or self._model_ref[0] != model.version:
+    def _model(self, model: FlatModel, strategy: FlatModel | None) -> dict[str, Any]:
+        """The round's model written once into shared memory, the strategy's tensors (SCAFFOLD's
+        c) after it as in a GetGlobalModel stream; the previous version unlinked (workers that
+        still map it keep their pages until they move on). An evaluation (no strategy's tensors)
+        reuses the file of its model's fit: a worker reads the model before the tensors."""
+        version = (model.version, strategy.version if strategy is not None else "")
+        held = self._model_ref[0] if self._model_ref is not None else None
+        if held is None or held[0] != version[0] or (strategy is not None and held != version):
             self._versions += 1
             path = self.dir / f"model-{self._versions}.bin"
-            model.buffer.tofile(path)
+            with path.open("wb") as f:
+                model.buffer.tofile(f)
+                if strategy is not None:
+                    strategy.buffer.tofile(f)
             if self._model_ref is not None:
                 Path(self._model_ref[1]["path"]).unlink(missing_ok=True)
-            self._model_ref = (model.version, {"path": str(path), "size": int(model.buffer.size)})
+            extra = int(strategy.buffer.size) if strategy is not None else 0
+            ref = {"path": str(path), "size": int(model.buffer.size) + extra, "strategy": extra}
+            self._model_ref = (version, ref)
         return self._model_ref[1]
 
     def _submit(
@@ -284,8 +297,9 @@ class EmbeddedPool:
         model: FlatModel,
         ids: Sequence[str],
         failed: Callable[[str, str], Any],
+        strategy: FlatModel | None = None,
     ) -> list[Awaitable[list[Any]]]:
-        ref = self._model(model)
+        ref = self._model(model, strategy)
         return [
             asyncio.ensure_future(
                 self.workers[i % len(self.workers)].call(
@@ -296,9 +310,10 @@ class EmbeddedPool:
         ]
 
     def fit_refs(
-        self, header: bytes, model: FlatModel, ids: Sequence[str]
+        self, header: bytes, model: FlatModel, ids: Sequence[str], strategy: FlatModel | None = None
     ) -> list[Awaitable[list[Any]]]:
-        return self._submit("fit", header, model, ids, lambda c, e: Fitted(c, error=e))
+        failed = lambda c, e: Fitted(c, error=e)  # noqa: E731
+        return self._submit("fit", header, model, ids, failed, strategy)
 
     def evaluate_refs(
         self, header: bytes, model: FlatModel, ids: Sequence[str]

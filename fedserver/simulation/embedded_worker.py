@@ -67,8 +67,14 @@ def serve(spec: VirtualSpec) -> int:
     while (message := frames.read_blocking(stdin)) is not None:
         op, ref, header, ids = frames.parse_request(message)
         buffer = model.get(ref)
-        run = clients.fit if op == "fit" else clients.evaluate
-        wire.write(frames.results(run(header, buffer, ids)))
+        cut = buffer.size - int(ref.get("strategy", 0))  # the strategy's tensors follow the model
+        if op == "fit":
+            out = clients.fit(
+                header, buffer[:cut], ids, buffer[cut:] if cut < buffer.size else None
+            )
+        else:
+            out = clients.evaluate(header, buffer[:cut], ids)
+        wire.write(frames.results(out))
         wire.flush()
     return 0
 

@@ -40,7 +40,7 @@ from fedserver.rounds.synchronous import Phase
 from fedserver.simulation.clock import VirtualClock
 from fedserver.simulation.fleet import Fleet, Trip, trip
 from fedserver.simulation.inprocess import InProcessTransport, Work
-from fedserver.simulation.steps import PerKey, Pool, evaluate, joined, submit
+from fedserver.simulation.steps import PerKey, Pool, evaluate, joined, never_delivered, submit
 
 
 @dataclass
@@ -88,7 +88,7 @@ class FleetRun:
     async def train(self, work: Work, ids: Sequence[str]) -> list[Any]:
         joined(self.transport, ids, self.count)
         out: list[Any] = []
-        for ref in self.pool.fit_refs(work.header, work.model, ids):
+        for ref in self.pool.fit_refs(work.header, work.model, ids, work.strategy):
             out.extend(await ref)
         return out
 
@@ -129,7 +129,7 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
     t0 = r.clock()
     deadline = t0 + coordinator.policy.round_timeout
     ttl = coordinator.policy.client_ttl
-    down = int(work.model.buffer.nbytes)
+    down = work.download_bytes
     trips: dict[str, Trip] = {}
     lapses: dict[str, float] = {}  # a missing client: when the coordinator stops waiting for it
     events: list[tuple[float, int, str, str, Any]] = []  # (fleet time, order, kind, id, fitted)
@@ -178,7 +178,7 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
                 arrivals -= 1
                 if arrivals == 0:  # may close the round: the next one draws from who is online
                     r.touch_available()
-                submit(t, fitted_by_id[cid])
+                submit(t, fitted_by_id.pop(cid))
             else:
                 r.alive.pop(cid, None)  # went offline: its heartbeats stop here
         if t.round_attempt() != attempt or coordinator.done.is_set():
@@ -194,6 +194,8 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
     finally:
         for cid in work.client_ids:
             r.alive.pop(cid, None)
+        for fitted in fitted_by_id.values():  # trained, not delivered (SCAFFOLD: keeps c_i)
+            never_delivered(fitted)
 
 
 async def run_async(r: FleetRun, concurrency: int, seed: int) -> None:
@@ -248,7 +250,7 @@ async def _refill(r: FleetRun, concurrency: int, draw: random.Random) -> list[tu
     work = r.transport.pull_work(chosen)
     if work is None:
         return []
-    down = int(work.model.buffer.nbytes)
+    down = work.download_bytes
     out: list[tuple[Any, ...]] = []
     for cid in work.client_ids:
         r.alive[cid] = math.inf  # at work; until known below

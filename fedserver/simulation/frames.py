@@ -10,6 +10,7 @@ path of the round's model in shared memory — never the model itself.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import struct
 from collections.abc import Sequence
@@ -59,6 +60,8 @@ async def read_async(stream: asyncio.StreamReader) -> list[bytes]:
 
 
 def request(op: str, model: dict[str, Any], header: bytes, ids: Sequence[str]) -> bytes:
+    """`model`: where the round's model is in shared memory (embedded.py), with the strategy's
+    tensors (SCAFFOLD's c) after it, as in a GetGlobalModel stream."""
     return pack([op.encode(), json.dumps(model).encode(), header, json.dumps(list(ids)).encode()])
 
 
@@ -72,7 +75,7 @@ def results(out: Sequence[Fitted | Evaluated]) -> bytes:
     frames: list[bytes] = []
     for r in out:
         if isinstance(r, Fitted):
-            meta = {"id": r.client_id, "digest": r.digest, "error": r.error}
+            meta = {"id": r.client_id, "digest": r.digest, "error": r.error, "pending": r.pending}
             payload = b"" if r.payload is None else np.ascontiguousarray(r.payload).tobytes()
             frames += [json.dumps(meta).encode(), r.header, payload]
         else:
@@ -87,7 +90,8 @@ def parse_results(op: str, frames: list[bytes]) -> list[Any]:
         meta = json.loads(frames[i])
         if op == "fit":
             payload = None if meta["error"] else np.frombuffer(frames[i + 2], dtype=np.uint8)
-            out.append(Fitted(meta["id"], frames[i + 1], payload, meta["digest"], meta["error"]))
+            fitted = Fitted(meta["id"], frames[i + 1], payload, meta["digest"], meta["error"])
+            out.append(dataclasses.replace(fitted, pending=meta["pending"]))
         else:
             out.append(Evaluated(meta["id"], frames[i + 1], meta["error"]))
     return out

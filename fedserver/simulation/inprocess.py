@@ -39,6 +39,13 @@ class Work:
     model: FlatModel
     round: int
     client_ids: list[str]
+    strategy: FlatModel | None = None  # the strategy's tensors the header announces (SCAFFOLD's c)
+
+    @property
+    def download_bytes(self) -> int:
+        """What a pull of this work streams: the model, then the strategy's tensors."""
+        extra = self.strategy.buffer.nbytes if self.strategy is not None else 0
+        return int(self.model.buffer.nbytes) + int(extra)
 
 
 class InProcessTransport:
@@ -142,7 +149,8 @@ class InProcessTransport:
         if due is None:
             return None
         header = self.headers.build(due.offer).SerializeToString()
-        return Work(header, due.offer.model, due.round, due.client_ids)
+        offer = due.offer
+        return Work(header, offer.model, due.round, due.client_ids, offer.strategy_tensors)
 
     # ------------------------------------------------------------------ waiting
     async def wait_change(self, timeout: float) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+from fedclient.scaffold import settle
 from fedclient.virtual import client_index
 from fedcore.tensors import FlatModel
 from fedserver.simulation.inprocess import InProcessTransport
@@ -21,7 +23,7 @@ class Pool(Protocol):
     given, each yielding Fitted / Evaluated in the order of its ids."""
 
     def fit_refs(
-        self, header: bytes, model: FlatModel, ids: Sequence[str]
+        self, header: bytes, model: FlatModel, ids: Sequence[str], strategy: FlatModel | None = None
     ) -> Sequence[Awaitable[list[Any]]]: ...
 
     def evaluate_refs(
@@ -44,8 +46,18 @@ def submit(transport: InProcessTransport, fitted: Any) -> None:
         return
     assert fitted.payload is not None
     refused = transport.submit(fitted.header, fitted.payload, fitted.digest)
+    if fitted.pending:  # SCAFFOLD: c_i⁺ replaces c_i only if the update counted, as deployed
+        settle(Path(fitted.pending), counted=not refused)
     if refused:
         log.warning("update of %s not counted: %s", fitted.client_id, refused)
+
+
+def never_delivered(fitted: Any) -> None:
+    """An update that never reaches the coordinator (its device went offline, or it arrives
+    after the round closed): its pending c_i⁺ is dropped, as a deployed client's c_i stays when
+    its update is refused."""
+    if fitted.pending:
+        settle(Path(fitted.pending), counted=False)
 
 
 @dataclass

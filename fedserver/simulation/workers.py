@@ -102,6 +102,7 @@ class WorkerPool:
         spec = VirtualSpec(**{**spec.__dict__, "threads": threads})
         self.actors = [actor.remote(spec) for _ in range(count)]
         self._model_ref: tuple[str, Any] | None = None
+        self._strategy_ref: tuple[str, Any] | None = None
         # Wait for every actor to have built its task and model (torch import, data): that
         # start-up must not count against round 1's --round-timeout.
         ray.get([a.__ray_ready__.remote() for a in self.actors])
@@ -113,6 +114,14 @@ class WorkerPool:
             self._model_ref = (model.version, ray.put(model.buffer))
         return self._model_ref[1]
 
+    def _strategy(self, strategy: FlatModel | None) -> Any:
+        """The strategy's tensors (SCAFFOLD's c), once per version, as the model."""
+        if strategy is None:
+            return None
+        if self._strategy_ref is None or self._strategy_ref[0] != strategy.version:
+            self._strategy_ref = (strategy.version, ray.put(strategy.buffer))
+        return self._strategy_ref[1]
+
     def _submit(
         self,
         method: str,
@@ -120,19 +129,25 @@ class WorkerPool:
         model: FlatModel,
         ids: Sequence[str],
         failed: Callable[[str, str], Any],
+        *extra: Any,
     ) -> list[Batch]:
         ref = self._model(model)
         return [
             Batch(
-                getattr(self.actors[i % len(self.actors)], method).remote(header, ref, batch),
+                getattr(self.actors[i % len(self.actors)], method).remote(
+                    header, ref, batch, *extra
+                ),
                 batch,
                 failed,
             )
             for i, batch in enumerate(batches(ids, len(self.actors)))
         ]
 
-    def fit_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Batch]:
-        return self._submit("fit", header, model, ids, lambda c, e: Fitted(c, error=e))
+    def fit_refs(
+        self, header: bytes, model: FlatModel, ids: Sequence[str], strategy: FlatModel | None = None
+    ) -> list[Batch]:
+        failed = lambda c, e: Fitted(c, error=e)  # noqa: E731
+        return self._submit("fit", header, model, ids, failed, self._strategy(strategy))
 
     def evaluate_refs(self, header: bytes, model: FlatModel, ids: Sequence[str]) -> list[Batch]:
         return self._submit("evaluate", header, model, ids, lambda c, e: Evaluated(c, error=e))
