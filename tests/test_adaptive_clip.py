@@ -36,7 +36,8 @@ from fedserver.coordinator.offers import TrainingDefaults
 from fedserver.coordinator.tracking import run_params
 from fedserver.modes.synchronous import FedAvg
 from fedserver.protocols.base import ProtocolSettings
-from fedserver.protocols.dp import DPServer, DPWrapper
+from fedserver.protocols.dp import DPWrapper
+from fedserver.protocols.dp_ledger import DPServer
 from fedserver.protocols.registry import protocol_refusal
 from fedserver.rounds.eval_campaign import EvalPolicy
 from fedserver.rounds.synchronous import RoundPolicy, SubmitRefused

@@ -24,7 +24,8 @@ from fedserver.coordinator.assembly import CoordinatorSettings, build_coordinato
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
 from fedserver.coordinator.offers import TrainingDefaults
-from fedserver.protocols.dp import DifferentialPrivacy, DPServer, DPWrapper
+from fedserver.protocols.dp import DifferentialPrivacy, DPWrapper
+from fedserver.protocols.dp_ledger import DPServer
 from fedserver.rounds.synchronous import RoundPolicy
 from fedserver.state.store import StateStore
 from fedserver.strategies import build_strategy

@@ -42,7 +42,8 @@ from fedserver.protocols.base import (
     ProtocolSettings,
     RoundProtocol,
 )
-from fedserver.protocols.dp import DifferentialPrivacy, DPServer, DPWrapper
+from fedserver.protocols.dp import DifferentialPrivacy, DPWrapper
+from fedserver.protocols.dp_ledger import DPServer
 from fedserver.protocols.plain import PlainProtocol
 from fedserver.protocols.registry import PROTOCOLS, protocol_refusal
 from fedserver.rounds.synchronous import RoundPolicy

@@ -22,7 +22,7 @@ from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import FlatModel, float_vector
 from fedcore.wire import update_stream
 from fedserver.commands.report import _write_csv
-from fedserver.protocols import dp
+from fedserver.protocols import dp_ledger as dp
 from fedserver.state.history import SCHEMA_VERSION, ClientReceipt, RoundRecord
 from fedserver.state.store import StateStore
 from tests.procs import (
