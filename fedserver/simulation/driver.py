@@ -40,11 +40,7 @@ from fedserver.simulation.clock import VirtualClock
 from fedserver.simulation.fleet import Fleet
 from fedserver.simulation.inprocess import InProcessTransport
 from fedserver.simulation.settings import RaySettings
-from fedserver.simulation.steps import PerKey as _PerKey
-from fedserver.simulation.steps import Pool
-from fedserver.simulation.steps import evaluate as _evaluate
-from fedserver.simulation.steps import joined as _joined
-from fedserver.simulation.steps import submit as _submit
+from fedserver.simulation.steps import PerKey, Pool, evaluate, joined, submit
 from fedserver.state.history import RoundRecord
 
 log = logging.getLogger("fedserver")
@@ -240,10 +236,10 @@ async def _run(
     transport: InProcessTransport, pool: Pool, ids: Sequence[str], stop: asyncio.Event
 ) -> None:
     coordinator = transport.coordinator
-    ran = _PerKey()  # clients that ran in this attempt of this round, counted or not
-    failed_evaluations = _PerKey()
+    ran = PerKey()  # clients that ran in this attempt of this round, counted or not
+    failed_evaluations = PerKey()
     while not stop.is_set():
-        await _evaluate(transport, pool, failed_evaluations.of(transport.evaluation_round()))
+        await evaluate(transport, pool, failed_evaluations.of(transport.evaluation_round()))
         if coordinator.done.is_set():
             return
         transport.touch_all(ids)  # opens the round once enough clients are live (all of them are)
@@ -256,10 +252,10 @@ async def _run(
                 await transport.wait_change(IDLE_WAIT)
             continue
         dispatched.update(work.client_ids)
-        _joined(transport, work.client_ids, len(ids))
+        joined(transport, work.client_ids, len(ids))
         for ref in pool.fit_refs(work.header, work.model, work.client_ids, work.strategy):
             for fitted in await ref:  # batches in id order: the fold order is fixed
-                _submit(transport, fitted)
+                submit(transport, fitted)
                 await asyncio.sleep(0)  # let the engine take in the next results meanwhile
             if stop.is_set():
                 break
@@ -280,10 +276,10 @@ async def _run_async(
     order. The first to arrive fill the open buffer; once it is applied, the rest count in the
     next version's, with staleness 1 or more (when `wave` exceeds --buffer-size)."""
     coordinator = transport.coordinator
-    failed_evaluations = _PerKey()
-    waves = _PerKey()  # the waves drawn for this version so far: each draw differs
+    failed_evaluations = PerKey()
+    waves = PerKey()  # the waves drawn for this version so far: each draw differs
     while not stop.is_set():
-        await _evaluate(transport, pool, failed_evaluations.of(transport.evaluation_round()))
+        await evaluate(transport, pool, failed_evaluations.of(transport.evaluation_round()))
         if coordinator.done.is_set():
             return
         await transport.settled()
@@ -296,13 +292,13 @@ async def _run_async(
         if work is None:  # no buffer open, or no slot free (--max-concurrency)
             await transport.wait_change(IDLE_WAIT)
             continue
-        _joined(transport, work.client_ids, len(ids))
+        joined(transport, work.client_ids, len(ids))
         for ref in pool.fit_refs(work.header, work.model, work.client_ids, work.strategy):
             for fitted in await ref:
                 if coordinator.done.is_set():  # the last version is out: the rest come late
                     return
                 await transport.settled()
-                _submit(transport, fitted)
+                submit(transport, fitted)
                 await asyncio.sleep(0)  # let the engine take in the next results meanwhile
             if stop.is_set():
                 break
