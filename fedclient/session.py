@@ -7,7 +7,6 @@ clear message and a non-zero exit code.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import threading
@@ -35,7 +34,7 @@ from fedclient.retry import (
 )
 from fedclient.scaffold import ControlVariate
 from fedclient.settings import ClientSettings
-from fedclient.task import LocalData, Task, TrainConfig
+from fedclient.task import LocalData, Task, warm_up_optimizer
 from fedclient.tracking import ClientTracker
 from fedclient.update import encode, round_tensors, train, train_config
 from fedcore import faults
@@ -200,11 +199,7 @@ class ClientSession:
         self.fingerprint = manifest.fingerprint
         base = getattr(self.task, "base_fingerprint", None)
         self.base_model = base() if callable(base) else ""
-        # Before joining: the first torch optimizer imports torch._dynamo (~2 CPU s), which would
-        # otherwise land in round 1's training time, against its deadline. A warm-up only:
-        # a task whose optimizer cannot be built this way fails in training, with its context.
-        with contextlib.suppress(Exception):
-            self.task.make_optimizer(model, TrainConfig())
+        warm_up_optimizer(self.task, model)  # before joining: not against round 1's deadline
         while True:
             header = self._call("pull", self._pull)
             if header.decrypt_round and self.he is not None:

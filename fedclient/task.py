@@ -10,6 +10,7 @@ accuracy at logit 0) or "regression" (MSE; mse, mae, r2). See fedclient/metrics.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -281,3 +282,23 @@ class Task(abc.ABC):
         if sums.seen == 0:
             raise ValueError("cannot evaluate on an empty dataset")
         return sums.result()
+
+
+def trains_with_make_optimizer(task: Task) -> bool:
+    """Whether `task`'s training builds its optimizer with `make_optimizer`: the default loop
+    does; a task with its own `train` is taken to only if it defines `make_optimizer` too."""
+    cls = type(task)
+    return cls.train is Task.train or cls.make_optimizer is not Task.make_optimizer
+
+
+def warm_up_optimizer(task: Task, model: torch.nn.Module) -> None:
+    """Build (and drop) the optimizer that training will build, where it builds one.
+
+    The first torch optimizer imports torch._dynamo (~2 CPU s, ~73 MB RSS): done at start-up,
+    it does not land in round 1's training time, against its deadline. A task with its own loop
+    and no `make_optimizer` is spared it (a no-train task's memory is then its model's). A
+    warm-up only: an optimizer that cannot be built this way fails in training, with context.
+    """
+    if trains_with_make_optimizer(task):
+        with contextlib.suppress(Exception):
+            task.make_optimizer(model, TrainConfig())

@@ -136,3 +136,21 @@ def test_minimal_subclass_uses_defaults() -> None:
 def test_task_requires_the_abstract_methods() -> None:
     with pytest.raises(TypeError):
         Task()  # type: ignore[abstract]
+
+
+def test_optimizer_warm_up_only_for_tasks_that_build_one() -> None:
+    """fedclient warms torch.optim up before joining (it imports torch._dynamo, ~73 MB) only
+    where training will build an optimizer through make_optimizer: the default loop, or a task
+    that defines its own. A task with its own loop and no make_optimizer (bench.large_task's
+    no-train task) is spared the import, which kept a 2.2 GB model's fedclient 60 MB over
+    issue 23's 2 x model + 300 MB."""
+    from bench.large_task import NoTrainTask
+    from fedclient.task import trains_with_make_optimizer
+
+    class OwnLoopOwnOptimizer(NoTrainTask):
+        def make_optimizer(self, model: torch.nn.Module, config: TrainConfig) -> torch.optim.SGD:
+            return torch.optim.SGD(model.parameters(), lr=config.lr)
+
+    assert trains_with_make_optimizer(task)  # digits: the default loop
+    assert trains_with_make_optimizer(OwnLoopOwnOptimizer(8))
+    assert not trains_with_make_optimizer(NoTrainTask(8))
