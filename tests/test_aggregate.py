@@ -16,6 +16,7 @@ import torch
 from examples.digits import task as digits_task
 from fedcore import checksums
 from fedcore.codecs import get_codec
+from fedcore.sealed import StateCipher
 from fedcore.tensors import flatten_state_dict, float_vector, iter_chunks, to_state_dict
 from fedserver.coordinator.central_eval import initial_model
 from fedserver.coordinator.lifecycle import Coordinator
@@ -357,13 +358,12 @@ def _tamper(spill: SpillFile, offset: int) -> None:
     os.pwrite(fd, bytes([byte ^ 0x01]), offset)  # one bit: CTR would decrypt it to one bit
 
 
-@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 @pytest.mark.parametrize("offset", [0, (2 << 20) + 5], ids=["first-block", "last-block"])
-def test_spill_changed_after_verification_is_refused_and_nothing_is_folded(
-    tmp_path: Path, encrypted: bool, offset: int
+def test_encrypted_spill_changed_after_verification_is_refused_and_nothing_is_folded(
+    tmp_path: Path, offset: int
 ) -> None:
     _, payload = _big_payload()
-    staged = _staged_big(tmp_path, payload, spill_key(encrypted))
+    staged = _staged_big(tmp_path, payload, spill_key(True))
     _tamper(staged.file, offset)  # after the stream's checksum matched, before the fold
     acc = Accumulator(BIG)
     with pytest.raises(SpillCorrupted, match="changed on disk") as e:
@@ -378,10 +378,34 @@ def test_spill_changed_after_verification_is_refused_and_nothing_is_folded(
     staged.discard()
 
 
-@pytest.mark.parametrize("size", [0, 100, (5 << 20) + 1], ids=["emptied", "truncated", "extended"])
-def test_spill_of_another_length_is_refused(tmp_path: Path, size: int) -> None:
-    _, payload = _big_payload()
+def test_plain_spill_is_folded_without_mac_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --encrypt-state the state dir is not protected from whoever can write it (the
+    checkpoints are plain files), and a nameless spill in a 0700 folder is less exposed than
+    they are: no Poly1305 pass is made over a plain spill, written or read back."""
+    from fedserver.updates import receiver
+
+    def no_mac(*args: object) -> None:
+        raise AssertionError("a plain spill was MACed")
+
+    monkeypatch.setattr(receiver, "Poly1305", no_mac)
+    monkeypatch.setattr(SpillFile, "_check_blocks", no_mac)
+    values, payload = _big_payload()
     staged = _staged_big(tmp_path, payload, None)
+    assert not staged.file.authenticated
+    staged.verify()
+    acc = Accumulator(BIG)
+    acc.fold(staged, 1.0)
+    assert acc.total.tobytes() == values.tobytes()
+    staged.discard()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+@pytest.mark.parametrize("size", [0, 100, (5 << 20) + 1], ids=["emptied", "truncated", "extended"])
+def test_spill_of_another_length_is_refused(tmp_path: Path, size: int, encrypted: bool) -> None:
+    _, payload = _big_payload()
+    staged = _staged_big(tmp_path, payload, spill_key(encrypted))
     os.ftruncate(staged.file._file.fileno(), size)
     with pytest.raises(SpillCorrupted, match="bytes on disk"):
         staged.verify()
@@ -412,7 +436,7 @@ def _submit(coord: Coordinator, client: str, delta: np.ndarray, tamper: bool = F
 
 async def _one_round(state: Path, tamper: bool) -> tuple[bytes, Counter[str]]:
     base = initial_model(digits_task, 0)
-    store = StateStore(state)
+    store = StateStore(state, StateCipher(bytes(range(32))))  # spills MACed: --encrypt-state
     policy = RoundPolicy(total_rounds=1, min_clients=2, round_timeout=30.0)
     coord = Coordinator(store, build_strategy("fedavg"), policy, base)
     coord.initialize_store("examples.digits:task")
@@ -433,7 +457,7 @@ async def _one_round(state: Path, tamper: bool) -> tuple[bytes, Counter[str]]:
     return coord.model.buffer.tobytes(), coord.rejections
 
 
-def test_coordinator_refuses_a_tampered_spill_and_the_round_ends_as_without_it(
+def test_coordinator_refuses_a_tampered_encrypted_spill_and_the_round_ends_as_without_it(
     tmp_path: Path,
 ) -> None:
     clean, _ = asyncio.run(_one_round(tmp_path / "clean", tamper=False))
@@ -459,7 +483,7 @@ def test_a_spill_is_verified_and_read_a_window_at_a_time(
 
     monkeypatch.setattr(receiver.mmap, "mmap", recording)
     data = bytes(range(256)) * 160  # 40 KiB: 10 blocks of 4 KiB, 5 windows
-    spill = SpillFile(tmp_path, block_size=4096)
+    spill = SpillFile(tmp_path, spill_key(True), block_size=4096)
     spill.write(data[:1000])
     spill.write(data[1000:])
     spill.verify()

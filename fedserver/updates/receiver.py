@@ -3,9 +3,9 @@
 An incoming update is validated chunk by chunk (size, finiteness) and spilled to an
 anonymous temp file while its checksum is computed, so a stream that turns out bad
 (truncated, wrong checksum) never reaches the round's accumulator (accumulator.py).
-Only a verified update is folded, reading its spill back in chunk-sized blocks once all
-of it was authenticated against what was written (SpillFile). The spill lives in the
-page cache, not the process heap, and is encrypted under --encrypt-state.
+Only a verified update is folded, reading its spill back in chunk-sized blocks (under
+--encrypt-state once all of it was authenticated against what was written: SpillFile). The
+spill lives in the page cache, not the process heap, and is encrypted under --encrypt-state.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class SpillFile:
     are AES-256-CTR encrypted under that key, which only ever exists in the process's memory:
     what reaches the disk is unreadable, during the round and after a crash.
 
-    Encrypted or not, the spill is authenticated before it is used: every `block_size` bytes as
+    Encrypted, the spill is also authenticated before it is used: every `block_size` bytes as
     written to disk get a Poly1305 tag under a fresh random one-time key; keys and tags stay in
     memory (48 bytes per MiB). `verify()` reads the whole file back and checks every block
     before any of it is used (the first read does so by itself), so bytes changed on disk after
@@ -82,6 +82,13 @@ class SpillFile:
     whatever pieces the client sends. The read that follows verify() is not checked again: it
     comes from the page cache verify() just filled, which only someone able to write into this
     process's open files could change, and they could as well change its memory.
+
+    Plain, only the spill's length is checked. Without --encrypt-state nothing in the state
+    dir is protected from whoever can write it (checkpoints, state.db and the published model
+    are plain files they could rewrite at will), and a spill is less exposed than those: it has
+    no name, in a 0700 folder, so writing it takes the coordinator's own uid or root, which can
+    as well change the process's memory. Its two MAC passes bought no protection there, and
+    cost 15-18 % of the coordinator's CPU per round (docs/performance.md, "Plain spills").
     """
 
     def __init__(
@@ -91,10 +98,11 @@ class SpillFile:
         self._file: BinaryIO = tempfile.TemporaryFile(dir=spill_dir)  # noqa: SIM115
         self._cipher = Cipher(algorithms.AES(key), modes.CTR(os.urandom(16))) if key else None
         self._encryptor = self._cipher.encryptor() if self._cipher else None
+        self.authenticated = key is not None
         self._block_size = block_size
         self._tags: list[tuple[bytes, bytes]] = []  # (one-time key, tag) per block
         self._mac_key = os.urandom(32)
-        self._mac = Poly1305(self._mac_key)
+        self._mac = Poly1305(self._mac_key) if self.authenticated else None
         self._filled = 0  # bytes in the current block
         self._written = 0
         self.verified = False
@@ -105,7 +113,7 @@ class SpillFile:
         out = self._encryptor.update(data) if self._encryptor else data
         view = memoryview(out).cast("B")
         self._written += len(view)
-        while len(view):
+        while self._mac is not None and len(view):
             take = min(self._block_size - self._filled, len(view))
             self._mac.update(view[:take])
             self._filled += take
@@ -115,14 +123,15 @@ class SpillFile:
         self._file.write(out)
 
     def _end_block(self) -> None:
+        assert self._mac is not None  # bytes are counted in a block only when MACed
         self._tags.append((self._mac_key, self._mac.finalize()))
         self._mac_key = os.urandom(32)
         self._mac = Poly1305(self._mac_key)
         self._filled = 0
 
     def verify(self) -> None:
-        """Check every block on disk against its tag; SpillCorrupted (nothing used) if any
-        changed, or if the file has another length than was written."""
+        """SpillCorrupted (nothing used) if the file has another length than was written or,
+        encrypted, if any block on disk no longer matches its tag."""
         if self._filled:
             self._end_block()
         self._file.flush()
@@ -135,7 +144,7 @@ class SpillFile:
         # Mapped, not read: the MAC runs over the page cache without copying it (-30%). A
         # window at a time: mapped pages count in the process's RSS, and a whole 2.4 GB spill
         # mapped at once added a model's size to the coordinator's peak.
-        for start, view in self._windows():
+        for start, view in self._windows() if self.authenticated else ():
             try:
                 self._check_blocks(start // self._block_size, view)
             finally:
