@@ -18,6 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
+import numpy.typing as npt
+
 log = logging.getLogger("fedcore.durable")
 
 
@@ -114,17 +117,47 @@ def atomic_write(
 
 DIRECT_BLOCK = 16 << 20  # bytes per O_DIRECT write (and the size of its aligned buffer)
 DIRECT_MIN = 64 << 20  # files smaller than this are written through the page cache
-_ALIGN = 4096  # O_DIRECT offsets, lengths and memory: multiples of the block size
+PAGE = 4096  # O_DIRECT offsets, lengths and memory: multiples of the block size
+
+
+class _Pages(mmap.mmap):
+    """Private anonymous memory of our own: page-aligned, so O_DIRECT can write from it."""
+
+
+def page_aligned_zeros(count: int, dtype: npt.DTypeLike) -> np.ndarray:
+    """Zeros like np.zeros (pages untouched until written), at a page-aligned address: a
+    checkpoint of a buffer allocated here is written with O_DIRECT straight from it, without
+    the copy through _write_direct's aligned buffer (0.5-0.8 s per 2.4 GB)."""
+    nbytes = count * np.dtype(dtype).itemsize
+    if nbytes == 0:
+        return np.zeros(count, dtype)
+    pages = _Pages(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # as numpy asks for its large arrays: one fault per
+        pages.madvise(mmap.MADV_HUGEPAGE)  # 2 MiB, not per 4 KiB (0.3 s less per 2.4 GB fold)
+    return np.frombuffer(pages, dtype=dtype, count=count)
+
+
+def owns_its_pages(array: np.ndarray) -> bool:
+    """Whether `array` is a page_aligned_zeros() array itself (not a view of one)."""
+    base = array.base  # frombuffer's base is a memoryview of the mapping
+    return isinstance(base, memoryview) and isinstance(base.obj, _Pages)
+
+
+def _address(data: memoryview) -> int:
+    return int(np.frombuffer(data, dtype=np.uint8, count=1).ctypes.data) if len(data) else 0
 
 
 def _write_direct(fd: int, parts: Iterable[bytes | memoryview]) -> None:
-    """Write `parts` to `fd` (empty, at offset 0) with O_DIRECT, through one aligned buffer.
+    """Write `parts` to `fd` (empty, at offset 0) with O_DIRECT.
 
     A checkpoint is written once and not read back: through the page cache, a 2.4 GB one cost
     2.3-3.0 s (allocating and copying every page, then waiting for writeback in fsync), with
-    O_DIRECT 1.0-1.1 s on the same disk, and the cache keeps what it held. The buffer is
-    anonymous memory (page-aligned); the last block is padded to the alignment and the file
-    cut back to its length. A file system without O_DIRECT (tmpfs) gets buffered writes.
+    O_DIRECT 1.0-1.1 s on the same disk, and the cache keeps what it held. Bytes at a
+    page-aligned address that go to a page-aligned offset are written from where they are
+    (the header is padded to a page for this, see page_aligned_zeros); the rest is copied
+    through one aligned buffer (anonymous memory), whose last block is padded to the alignment
+    and the file cut back to its length. A file system without O_DIRECT (tmpfs) gets buffered
+    writes.
     """
     direct = _set_direct(fd, True)
     block = mmap.mmap(-1, DIRECT_BLOCK)
@@ -134,6 +167,16 @@ def _write_direct(fd: int, parts: Iterable[bytes | memoryview]) -> None:
         for part in parts:
             data = memoryview(part).cast("B")
             while len(data):
+                whole = len(data) // PAGE * PAGE
+                if direct and whole and filled % PAGE == 0 and _address(data) % PAGE == 0:
+                    if filled:
+                        direct = _write_all(fd, buffer[:filled], direct)
+                        size, filled = size + filled, 0
+                    take = min(whole, DIRECT_BLOCK)
+                    direct = _write_all(fd, data[:take], direct)
+                    size += take
+                    data = data[take:]
+                    continue
                 take = min(len(data), DIRECT_BLOCK - filled)
                 buffer[filled : filled + take] = data[:take]
                 filled += take
@@ -142,11 +185,11 @@ def _write_direct(fd: int, parts: Iterable[bytes | memoryview]) -> None:
                     direct = _write_all(fd, buffer, direct)
                     size, filled = size + filled, 0
         if filled:
-            padded = -(-filled // _ALIGN) * _ALIGN
+            padded = -(-filled // PAGE) * PAGE
             buffer[filled:padded] = bytes(padded - filled)
             _write_all(fd, buffer[:padded], direct)
             size += filled
-            os.ftruncate(fd, size)
+        os.ftruncate(fd, size)
     finally:
         buffer.release()
         block.close()

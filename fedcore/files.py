@@ -37,12 +37,18 @@ from fedcore.tensors import (
 _MAX_HEADER = 100 << 20
 
 
-def safetensors_header(flat: FlatModel, metadata: Mapping[str, str] | None = None) -> bytes:
-    return manifest_header(flat.manifest, metadata)
+def safetensors_header(
+    flat: FlatModel, metadata: Mapping[str, str] | None = None, align: int = 8
+) -> bytes:
+    return manifest_header(flat.manifest, metadata, align)
 
 
-def manifest_header(manifest: Manifest, metadata: Mapping[str, str] | None = None) -> bytes:
-    """The 8-byte length and JSON header of a safetensors file of `manifest`'s tensors."""
+def manifest_header(
+    manifest: Manifest, metadata: Mapping[str, str] | None = None, align: int = 8
+) -> bytes:
+    """The 8-byte length and JSON header of a safetensors file of `manifest`'s tensors, padded
+    with spaces (as the format allows) so that the data starts at a multiple of `align`: 8, as
+    the format recommends, or a page for files written with O_DIRECT (fedcore.durable)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -54,7 +60,7 @@ def manifest_header(manifest: Manifest, metadata: Mapping[str, str] | None = Non
             "data_offsets": [off, off + n],
         }
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the format recommends 8-byte alignment of the data section
+    raw += b" " * (-(len(raw) + 8) % align)
     return struct.pack("<Q", len(raw)) + raw
 
 

@@ -294,6 +294,64 @@ def test_direct_write_gives_the_same_bytes_whatever_the_parts(
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
+def test_direct_write_from_page_aligned_memory_copies_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page-aligned buffer (the FedAvg accumulator that becomes the new model) after a
+    page-padded header is written with O_DIRECT from where it is: only the header and the
+    unaligned tail go through the aligned buffer, and the file holds the same bytes."""
+    from fedcore import durable
+
+    monkeypatch.setattr(durable, "DIRECT_BLOCK", 3 * 4096)
+    values = durable.page_aligned_zeros(10 * 4096 + 7, np.uint8)
+    values[:] = np.arange(values.size) % 251
+    assert values.ctypes.data % durable.PAGE == 0 and durable.owns_its_pages(values)
+    writes: list[tuple[int, int]] = []  # (address, length) of every write
+    real_write = durable.os.write
+
+    def recording(fd: int, data: memoryview) -> int:
+        writes.append((durable._address(memoryview(data)), len(data)))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(durable.os, "write", recording)
+    header = b"h" * 4096
+    path = tmp_path / "model.safetensors"
+    atomic_write(path, [header, memoryview(values)], direct=True)
+    assert path.read_bytes() == header + values.tobytes()
+    base = values.ctypes.data
+    from_values = [(a - base, n) for a, n in writes if base <= a < base + values.size]
+    assert from_values == [
+        (0, 3 * 4096),
+        (3 * 4096, 3 * 4096),
+        (6 * 4096, 3 * 4096),
+        (9 * 4096, 4096),
+    ]
+    assert sum(n for _, n in writes) == 4096 + 10 * 4096 + 4096  # header, values, padded tail
+
+
+def test_a_big_checkpoint_puts_its_data_at_a_page(tmp_path: Path) -> None:
+    """Checkpoints written with O_DIRECT pad the safetensors header (spaces, as the format
+    allows) so the data starts at a page; safetensors reads them as any other file."""
+    from safetensors.numpy import load_file as load_numpy
+
+    from fedcore.durable import DIRECT_MIN, PAGE
+    from fedcore.files import safetensors_header
+    from fedserver.state.store import StateStore
+
+    flat = flatten_state_dict({"w": torch.arange(DIRECT_MIN // 4, dtype=torch.float32)})
+    store = StateStore(tmp_path / "state")
+    try:
+        store.write_checkpoint(1, flat, {})
+        path = store.checkpoint_path(1)
+        data_start = path.stat().st_size - flat.buffer.nbytes
+        assert data_start % PAGE == 0 and len(safetensors_header(flat)) % 8 == 0
+        expected = np.arange(DIRECT_MIN // 4, dtype=np.float32)
+        assert np.array_equal(load_numpy(str(path))["w"], expected)
+        assert read_safetensors(path)[0].version == flat.version
+    finally:
+        store.close()
+
+
 def test_copy_streams_a_checkpoint_and_refuses_a_wrong_version(tmp_path: Path) -> None:
     """`fedserver export` copies block by block (a model larger than RAM exports too): the
     same bytes as a write of the model; a data section that does not hash to the recorded

@@ -291,6 +291,14 @@ def test_fedavg_makes_a_float32_model_in_the_rounds_mean_without_a_copy() -> Non
     assert np.shares_memory(new.buffer, mean)
     assert floats(new) == [1.5, 1.0, 4.25]
     assert floats(base) == [1.0, 2.0, 4.0]  # the old model is untouched (clients may hold it)
+    # The round's own mean: the accumulator's page-aligned sum (its checkpoint is then written
+    # with O_DIRECT from it) is consumed the same way.
+    acc = Accumulator(3)
+    acc.total[:] = [1.0, -2.0, 0.5]
+    acc.weight, acc.count, acc.tensor_weight[:] = 2.0, 1, 2.0
+    mean = acc.mean()
+    new = build_strategy("fedavg").apply(base, AggregateInput(1, mean, 2.0, 1))
+    assert np.shares_memory(new.buffer, mean) and floats(new) == [1.5, 1.0, 4.25]
     mixed = model(1.0, 2.0)  # an int64 tensor beside the floats: the vector is not the buffer
     mean = np.array([0.5, 0.5], dtype=np.float32)
     out = build_strategy("fedavg").apply(mixed, AggregateInput(1, mean, 1.0, 1))

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fedcore import faults
-from fedcore.durable import DIRECT_MIN, private_dir
+from fedcore.durable import DIRECT_MIN, PAGE, private_dir
 from fedcore.files import (
     atomic_link,
     atomic_write,
@@ -122,10 +122,10 @@ class StateStore(RoundHistory):
         self, round_number: int, model: FlatModel, strategy_state: dict[str, np.ndarray]
     ) -> None:
         meta = {"round": str(round_number), "model_version": model.version, "format": "fedgrpc"}
-        parts = _checkpoint_parts(model, meta)
+        big = model.buffer.nbytes >= DIRECT_MIN  # written once, never read back: skip the cache
+        parts = _checkpoint_parts(model, meta, PAGE if big else 8)
         role = checkpoint_role(round_number)
         sealed = self.cipher.seal(parts, role) if self.cipher else parts
-        big = model.buffer.nbytes >= DIRECT_MIN  # written once, never read back: skip the cache
         atomic_write(self.checkpoint_path(round_number), sealed, direct=big)
         if strategy_state:
             write_safetensors(
@@ -196,10 +196,15 @@ def export_model(
     return int(meta.get("round", round_number or 0)), version
 
 
-def _checkpoint_parts(model: FlatModel, meta: dict[str, str]) -> Iterator[bytes | memoryview]:
-    """A checkpoint's bytes for atomic_write; the `checkpoint` fault freezes halfway through."""
-    yield safetensors_header(model, meta)
-    data = memoryview(model.buffer)
-    yield data[: data.nbytes // 2]
+def _checkpoint_parts(
+    model: FlatModel, meta: dict[str, str], align: int
+) -> Iterator[bytes | memoryview]:
+    """A checkpoint's bytes for atomic_write, the data at a multiple of `align` (a page: written
+    with O_DIRECT from the model's own memory where it is page-aligned); the `checkpoint` fault
+    freezes halfway through."""
+    yield safetensors_header(model, meta, align)
+    data = memoryview(model.buffer).cast("B")
+    half = data.nbytes // 2 // PAGE * PAGE
+    yield data[:half]
     faults.freeze("checkpoint", int(meta["round"]))
-    yield data[data.nbytes // 2 :]
+    yield data[half:]

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from fedcore.durable import owns_its_pages
 from fedcore.tensors import FlatModel, Manifest, ManifestError
 
 # Coordinate blocks robust strategies read at a time: O(clients x BLOCK) memory, never the whole
@@ -169,7 +170,7 @@ def _is_float32_buffer(model: FlatModel, delta: np.ndarray) -> bool:
         and delta.size * 4 == model.buffer.size
         and delta.flags.c_contiguous
         and delta.flags.writeable
-        and delta.base is None
+        and (delta.base is None or owns_its_pages(delta))
     )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedcore.durable import page_aligned_zeros
 from fedcore.selection import Selection
 from fedserver.updates.receiver import StagedUpdate
 
@@ -25,7 +26,9 @@ class Accumulator:
         sizes = list(tensor_sizes) if tensor_sizes is not None else [num_values]
         if sum(sizes) != num_values:
             raise ValueError(f"tensor sizes add up to {sum(sizes)}, not {num_values}")
-        self.total = np.zeros(num_values, dtype=np.float32)
+        # Page-aligned: under FedAvg the sum becomes the new model, whose checkpoint is then
+        # written with O_DIRECT straight from it (fedcore.durable).
+        self.total = page_aligned_zeros(num_values, np.float32)
         self.weight = 0.0
         self.count = 0
         self._bounds = np.cumsum([0, *sizes])
