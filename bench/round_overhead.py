@@ -215,29 +215,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             for params, clients, _ in itertools.product(
                 args.params, args.clients, range(args.repeat)
             ):
-                if True:
-                    cell = run_cell(clients, params, args.rounds, work, args.state_root)
-                    cell.update(
-                        measure_floor(
-                            f"127.0.0.1:{floor_port}", floor_proc.popen.pid, clients, params
-                        )
-                    )
-                    cell["cpu_ratio_to_floor"] = (
-                        cell["coordinator_cpu_seconds"] / cell["floor_server_cpu_seconds"]
-                    )
-                    cell["ratio_to_floor"] = cell["round_seconds"] / cell["floor_seconds"]
-                    cells.append(cell)
-                    print(
-                        f"{clients:>3} {params / 1e6:>5g}M {cell['round_seconds']:>8.3f} "
-                        f"{cell['floor_seconds']:>8.3f} {cell['ratio_to_floor']:>6.2f} "
-                        f"{cell['coordinator_cpu_seconds']:>6.2f} "
-                        f"{cell['floor_server_cpu_seconds']:>9.2f} "
-                        f"{cell['cpu_ratio_to_floor']:>6.2f} "
-                        f"{cell['peak_rss_bytes'] / MB:>8.0f} "
-                        f"{cell['memory_budget_bytes'] / MB:>9.0f} "
-                        f"{cell['wire_bytes_per_round'] / MB:>8.0f}",
-                        flush=True,
-                    )
+                cell = run_cell(clients, params, args.rounds, work, args.state_root)
+                cell.update(
+                    measure_floor(f"127.0.0.1:{floor_port}", floor_proc.popen.pid, clients, params)
+                )
+                cell["cpu_ratio_to_floor"] = (
+                    cell["coordinator_cpu_seconds"] / cell["floor_server_cpu_seconds"]
+                )
+                cell["ratio_to_floor"] = cell["round_seconds"] / cell["floor_seconds"]
+                cells.append(cell)
+                print(
+                    f"{clients:>3} {params / 1e6:>5g}M {cell['round_seconds']:>8.3f} "
+                    f"{cell['floor_seconds']:>8.3f} {cell['ratio_to_floor']:>6.2f} "
+                    f"{cell['coordinator_cpu_seconds']:>6.2f} "
+                    f"{cell['floor_server_cpu_seconds']:>9.2f} "
+                    f"{cell['cpu_ratio_to_floor']:>6.2f} "
+                    f"{cell['peak_rss_bytes'] / MB:>8.0f} "
+                    f"{cell['memory_budget_bytes'] / MB:>9.0f} "
+                    f"{cell['wire_bytes_per_round'] / MB:>8.0f}",
+                    flush=True,
+                )
         finally:
             floor_proc.kill()
     args.out.mkdir(parents=True, exist_ok=True)
