@@ -55,14 +55,13 @@ from bench.large_nvflare import (
     nvflare_cell,
 )
 from bench.proctree import TreeWatch
-from bench.round_overhead import MB, RESULTS, machine, measure_floor
+from bench.round_overhead import MB, RESULTS, machine, measure_floor, start_synthetic
 from fedserver.state.history import read_status
 from tests.procs import (
     Proc,
     free_port,
     spawn,
     start_client,
-    start_coordinator,
     wait_serving,
 )
 
@@ -129,18 +128,7 @@ def fedgrpc_cell(
     port = free_port()
     state = Path(tempfile.mkdtemp(prefix="state-", dir=work))
     logs = work / f"fedgrpc-p{params}"
-    server = start_coordinator(
-        logs,
-        port,
-        state,
-        "--rounds",
-        str(rounds),
-        "--min-clients",
-        str(clients),
-        "--round-timeout",
-        str(int(timeout)),
-        task=f"bench.synthetic:params_{params}",
-    )
+    server = start_synthetic(logs, port, state, params, rounds, clients, int(timeout))
     procs = [server]
     watch = TreeWatch(server.popen.pid)
     client_watches: list[TreeWatch] = []

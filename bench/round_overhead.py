@@ -31,7 +31,7 @@ from typing import Any
 
 from bench import floor
 from fedserver.state.history import read_status
-from tests.procs import REPO, free_port, spawn, start_coordinator, wait_serving
+from tests.procs import REPO, Proc, free_port, spawn, start_coordinator, wait_serving
 
 GRID_CLIENTS = (2, 4, 8, 16)
 GRID_PARAMS = (1_000_000, 10_000_000, 50_000_000)
@@ -105,6 +105,15 @@ def machine() -> dict[str, Any]:
     }
 
 
+def start_synthetic(
+    logs: Path, port: int, state: Path, params: int, rounds: int, clients: int, timeout: int = 600
+) -> Proc:
+    """`fedserver run` on the synthetic `params`-parameter task, waiting for `clients` a round."""
+    flags = ["--rounds", str(rounds), "--min-clients", str(clients)]
+    flags += ["--round-timeout", str(timeout)]
+    return start_coordinator(logs, port, state, *flags, task=f"bench.synthetic:params_{params}")
+
+
 def run_cell(
     clients: int, params: int, rounds: int, work: Path, state_root: Path | None = None
 ) -> dict[str, Any]:
@@ -112,18 +121,7 @@ def run_cell(
     port = free_port()
     state = Path(tempfile.mkdtemp(prefix="state-", dir=state_root or work))
     logs = work / f"logs-n{clients}-p{params}"
-    server = start_coordinator(
-        logs,
-        port,
-        state,
-        "--rounds",
-        str(rounds),
-        "--min-clients",
-        str(clients),
-        "--round-timeout",
-        "600",
-        task=f"bench.synthetic:params_{params}",
-    )
+    server = start_synthetic(logs, port, state, params, rounds, clients)
     procs = [server]
     watch = ProcWatch(server.popen.pid)
     try:
