@@ -24,6 +24,7 @@ from fedserver.simulation.cli import sim_settings
 from fedserver.simulation.driver import SimSettings, _run, _run_async, check_settings
 from fedserver.simulation.embedded import EmbeddedPool
 from fedserver.simulation.inprocess import InProcessTransport
+from fedserver.state.history import read_status
 from tests.sim_tasks import FAIL_EVALUATE, FAIL_TRAIN
 
 # A round that waited out its deadline would take this long: far beyond every test's timeout.
@@ -167,6 +168,25 @@ def test_a_lost_embedded_worker_fails_its_batch_not_the_run(
     assert coordinator.machine.rounds_completed == 2
     assert "embedded worker 0 exited (code 3)" in caplog.text
     assert f"virtual client {client_id(FAIL_TRAIN)} failed: embedded worker 0" in caplog.text
+
+
+@pytest.mark.timeout(90)
+def test_simulated_rounds_count_the_model_bytes_handed_out(tmp_path: Path) -> None:
+    """`fedserver report`'s traffic for a simulated round: the model handed to each selected
+    client counts as sent, as its pull over gRPC would (it read 0 before), and each counted
+    update as received."""
+    s = _settings(
+        tmp_path / "state",
+        "tests.sim_tasks:noisy",
+        *("--clients", "4", "--clients-per-round", "3", "--min-clients", "3"),
+        *("--rounds", "2", "--round-timeout", NEVER),
+    )
+    coordinator = asyncio.run(_simulate(s))
+    assert coordinator.machine.rounds_completed == 2
+    model_bytes = coordinator.model.buffer.nbytes
+    rounds = read_status(tmp_path / "state")["rounds"]
+    assert [r["bytes_out"] for r in rounds] == [3 * model_bytes] * 2
+    assert [r["bytes_in"] for r in rounds] == [3 * model_bytes] * 2  # fp32 deltas
 
 
 # ---------------------------------------------------------------- determinism

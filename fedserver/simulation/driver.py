@@ -253,6 +253,7 @@ async def _run(
             continue
         dispatched.update(work.client_ids)
         joined(transport, work.client_ids, len(ids))
+        transport.handed(work, work.client_ids)
         for ref in pool.fit_refs(work.header, work.model, work.client_ids, work.strategy):
             for fitted in await ref:  # batches in id order: the fold order is fixed
                 submit(transport, fitted)
@@ -293,6 +294,7 @@ async def _run_async(
             await transport.wait_change(IDLE_WAIT)
             continue
         joined(transport, work.client_ids, len(ids))
+        transport.handed(work, work.client_ids)
         for ref in pool.fit_refs(work.header, work.model, work.client_ids, work.strategy):
             for fitted in await ref:
                 if coordinator.done.is_set():  # the last version is out: the rest come late

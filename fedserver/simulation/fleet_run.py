@@ -130,6 +130,7 @@ async def _attempt(r: FleetRun, work: Work, dispatched: set[str]) -> None:
     deadline = t0 + coordinator.policy.round_timeout
     ttl = coordinator.policy.client_ttl
     down = work.download_bytes
+    t.handed(work, work.client_ids)  # each selected device starts its download
     trips: dict[str, Trip] = {}
     lapses: dict[str, float] = {}  # a missing client: when the coordinator stops waiting for it
     events: list[tuple[float, int, str, str, Any]] = []  # (fleet time, order, kind, id, fitted)
@@ -251,6 +252,7 @@ async def _refill(r: FleetRun, concurrency: int, draw: random.Random) -> list[tu
     if work is None:
         return []
     down = work.download_bytes
+    r.transport.handed(work, work.client_ids)
     out: list[tuple[Any, ...]] = []
     for cid in work.client_ids:
         r.alive[cid] = math.inf  # at work; until known below

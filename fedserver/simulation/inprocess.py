@@ -93,6 +93,11 @@ class InProcessTransport:
         (as the gRPC servicer holds a SubmitUpdate), so the update counts in the next one."""
         await self.coordinator.settled()
 
+    def handed(self, work: Work, client_ids: Collection[str]) -> None:
+        """These clients were given the work's model: what their pulls would have streamed
+        counts as sent (the round's bytes_out in `fedserver report`, fedgrpc_bytes_sent)."""
+        self.coordinator.metrics.sent(work.download_bytes * len(client_ids))
+
     def decide_now(self, ran: Collection[str]) -> bool:
         """Every selected client has run: decide the round now rather than at its deadline
         (CoordinatorAPI.decide_now)."""
