@@ -21,6 +21,7 @@ import logging
 import random
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -94,9 +95,9 @@ async def simulate(s: SimSettings) -> Outcome:
         transport.enlist(ids)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Only the main thread's loop can take signals (the Python API may run elsewhere).
-        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+    # Only the main thread can take signals: the Python API may run the driver in another.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
     bar = asyncio.create_task(show_progress(coordinator)) if s.progress else None
     ray_started = False
