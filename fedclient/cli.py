@@ -197,7 +197,7 @@ def _main(argv: Sequence[str] | None) -> int:
             raise ValueError(f"--slowdown must be at least 1, got {args.slowdown}")
         if args.encoding:
             get_codec(args.encoding)  # unknown names are a usage error, before connecting
-        configure(task, args.device, args.precision)  # --device cuda without CUDA: exit 2
+        placement = configure(task, args.device, args.precision)  # no CUDA for cuda: exit 2
         tls = TlsFiles.from_args(args)
         check_targets(args.track)
         client_id = args.client_id
@@ -209,6 +209,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except (ValueError, SecurityError) as e:
         log.error("%s", e)
         return EXIT_USAGE
+    log.info("training on %s (%s)", placement.device, placement.precision)
     if args.threads > 0:
         import torch
 

@@ -100,6 +100,7 @@ def test_federation_trains_at_bf16_on_cpu(tmp_path: Path, procs: list[Proc]) -> 
     assert status["rounds_completed"] == 3
     assert all(r["participants"] == 2 for r in status["rounds"])
     assert status["rounds"][-1]["metrics"]["accuracy"] >= 0.85
+    assert all("training on cpu (bf16)" in c.log() for c in clients)  # said at start
 
 
 def test_device_and_precision_come_from_the_environment_too(
@@ -115,7 +116,9 @@ def test_device_and_precision_come_from_the_environment_too(
     assert (args.device, args.precision) == ("cpu", "bf16")
 
 
-def test_simulate_gives_virtual_clients_the_device_its_resources_grant(tmp_path: Path) -> None:
+def test_simulate_gives_virtual_clients_the_device_its_resources_grant(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from fedclient.virtual import VirtualClients, VirtualSpec
     from fedserver.cli import build_parser
     from fedserver.simulation.cli import sim_settings
@@ -127,6 +130,8 @@ def test_simulate_gives_virtual_clients_the_device_its_resources_grant(tmp_path:
 
     assert settings() == ("cpu", "fp32")  # auto with gpus=0: the CPU, whatever the host has
     assert settings("--client-resources", "cpus=1,gpus=0.5") == ("auto", "fp32")
+    no_gpu = "gpus=0.5, but --device auto finds no GPU on this machine: the virtual clients train"
+    assert (no_gpu in caplog.text) == (resolve_device("auto").type == "cpu")
     assert settings("--precision", "bf16") == ("cpu", "bf16")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available on this machine"):

@@ -215,7 +215,14 @@ def sim_settings(args: argparse.Namespace) -> SimSettings:
     if args.ray_address is None:  # local workers see this machine's devices: check them now
         from fedcore.device import resolve_device
 
-        resolve_device(device)
+        resolved = resolve_device(device)
+        if gpus > 0 and resolved.type == "cpu":
+            logging.getLogger("fedserver").warning(
+                "--client-resources gpus=%g, but --device %s finds no GPU on this machine: "
+                "the virtual clients train on the CPU",
+                gpus,
+                device,
+            )
     server = run_cli.server_settings(args)
     fleet = None
     if args.fleet:
