@@ -45,19 +45,20 @@ class FixedUpdate:
     """A constant fp32 delta of `total_bytes`, as pre-serialized chunk messages and its
     checksum (BLAKE3, as fedclient sends)."""
 
-    def __init__(self, total_bytes: int, chunk_size: int, value: float) -> None:
+    def __init__(self, total_bytes: int, chunk_size: int, value: float, checksum: str) -> None:
         # No bigger than the update: 2,500 virtual clients of a 40 kB model each held a 1 MiB
         # pattern (2.5 GB per bench process) before this and fixed_update()'s sharing.
         pattern = np.full(min(chunk_size, total_bytes) // 4, value, dtype="<f4").tobytes()
         self.full, rest = divmod(total_bytes, len(pattern))
         self.chunk = data_message(pattern)
         self.tail = data_message(pattern[:rest]) if rest else None
-        h = checksums.new_hasher(checksums.DEFAULT)
+        h = checksums.new_hasher(checksum)
         for _ in range(self.full):
             h.update(pattern)
         h.update(pattern[:rest])
         self.digest = h.hexdigest()
         self.total_bytes = total_bytes
+        self.checksum = checksum
 
     def stream(self, header: pb.UpdateHeader) -> Iterator[bytes]:
         """Serialized UpdateChunks for ModelCalls.submit."""
@@ -70,9 +71,9 @@ class FixedUpdate:
 
 
 @functools.lru_cache(maxsize=8)
-def fixed_update(total_bytes: int, chunk_size: int, value: float) -> FixedUpdate:
+def fixed_update(total_bytes: int, chunk_size: int, value: float, checksum: str) -> FixedUpdate:
     """One FixedUpdate per size, shared by every client of a process (it is immutable)."""
-    return FixedUpdate(total_bytes, chunk_size, value)
+    return FixedUpdate(total_bytes, chunk_size, value, checksum)
 
 
 class BenchClient:
@@ -84,8 +85,16 @@ class BenchClient:
 
     FINISHED, POLL, SUBMIT = "finished", "poll", "submit"
 
-    def __init__(self, client_id: str, chunk_size: int, value: float, poll: float) -> None:
+    def __init__(
+        self,
+        client_id: str,
+        chunk_size: int,
+        value: float,
+        poll: float,
+        checksum: str = checksums.DEFAULT,
+    ) -> None:
         self.client_id = client_id
+        self.checksum = checksum  # checksums.choose(JoinReply.checksums)
         self.chunk_size = chunk_size
         self.value = value
         self.poll = poll
@@ -140,7 +149,9 @@ class BenchClient:
         assert header is not None
         wire = self.codec.wire_manifest(manifest_from_proto(header.manifest).floats())
         if self._update is None or self._update.total_bytes != wire.total_bytes:
-            self._update = fixed_update(wire.total_bytes, self.chunk_size, self.value)
+            self._update = fixed_update(
+                wire.total_bytes, self.chunk_size, self.value, self.checksum
+            )
         self.up_bytes += wire.total_bytes
         return self._update.stream(
             pb.UpdateHeader(
@@ -151,7 +162,7 @@ class BenchClient:
                 encoding=self.codec.name,
                 manifest=manifest_to_proto(wire),
                 total_bytes=wire.total_bytes,
-                checksum=checksums.DEFAULT,
+                checksum=self.checksum,
             )
         )
 
@@ -165,7 +176,7 @@ def run(server: str, client_id: str, value: float, poll: float = 30.0) -> dict[s
         timeout=60,
         wait_for_ready=True,
     )
-    client = BenchClient(client_id, join.chunk_size, value, poll)
+    client = BenchClient(client_id, join.chunk_size, value, poll, checksums.choose(join.checksums))
     rounds = 0
     pull_seconds: list[float] = []
     push_seconds: list[float] = []

@@ -19,6 +19,7 @@ import grpc
 
 from bench.client import BenchClient
 from fedclient.retry import RECONNECT_OPTIONS, Backoff, retry_after
+from fedcore import checksums
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.wire import CHANNEL_OPTIONS, ModelCalls
@@ -111,7 +112,8 @@ async def virtual_client(
                 if client is None:
                     lat["join_rpc"].append(time.perf_counter() - t)
                     lat["join"].append(time.perf_counter() - t_start)  # connect + Join RPC
-                    client = BenchClient(client_id, join.chunk_size, 1e-4, poll=30)
+                    checksum = checksums.choose(join.checksums)
+                    client = BenchClient(client_id, join.chunk_size, 1e-4, 30, checksum)
                 else:
                     lat["rejoin"].append(time.perf_counter() - t)
                 backoff.reset()

@@ -37,7 +37,7 @@ from fedclient.settings import ClientSettings
 from fedclient.task import LocalData, Task, warm_up_optimizer
 from fedclient.tracking import ClientTracker
 from fedclient.update import encode, round_tensors, train, train_config
-from fedcore import faults
+from fedcore import checksums, faults
 from fedcore.codecs import ErrorFeedback
 from fedcore.he import HEClient
 from fedcore.logs import format_metrics
@@ -71,6 +71,7 @@ class ClientSession:
         self.base_model = ""  # a LoRA task's frozen-base hash, also sent at Join (run sets it)
         self.joined = False
         self.heartbeat_seconds = 0.0  # JoinReply's; 0: the coordinator takes no heartbeats
+        self.checksum = checksums.UNOFFERED  # of updates: the first JoinReply offers we know
         self.round = 0  # the round being worked on, for a failure report
         self.held: FlatModel | None = None
         self.rounds_trained = 0
@@ -175,6 +176,7 @@ class ClientSession:
             )
         self.federation_id = reply.federation_id
         self.heartbeat_seconds = reply.heartbeat_seconds
+        self.checksum = checksums.choose(reply.checksums)
         self.joined = True
 
     def _busy(self, round_number: int) -> Heartbeat:
@@ -211,6 +213,7 @@ class ClientSession:
                         self.client_id,
                         header.decrypt_round,
                         self.settings.rpc_timeout,
+                        self.checksum,
                     )
             if header.evaluate_round:
                 with self._busy(header.evaluate_round):
@@ -356,7 +359,9 @@ class ClientSession:
             raise Stopped
         if trained.personal is not None:
             self._personal = trained.personal
-        prepared = encode(trained, handler, self.client_id, header, self.settings.encoding)
+        prepared = encode(
+            trained, handler, self.client_id, header, self.settings.encoding, self.checksum
+        )
         result, payload = prepared.result, prepared.payload
         shown = format_metrics(result.metrics, sep=" ", join=", ")
         work = (

@@ -32,6 +32,7 @@ from fedclient.retry import PermanentError
 from fedclient.scaffold import ControlVariate, corrected_steps
 from fedclient.state import ClientState
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
+from fedcore import checksums
 from fedcore.codecs import get_codec
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.scaffold import exchanged, is_scaffold_round
@@ -152,9 +153,11 @@ def encode(
     client_id: str,
     header: pb.ModelHeader,
     encoding: str = "",
+    checksum: str = checksums.DEFAULT,
 ) -> PreparedUpdate:
     """Privatize (DP: clip, noise, as the round config says), encode, and build the header
-    (the update is based on `header.model_version`, the model the caller trained from).
+    (the update is based on `header.model_version`, the model the caller trained from) with
+    its digest in `checksum` (the one the coordinator offered: checksums.choose).
 
     The round's encoding unless this client asks for its own (`encoding`, --encoding); the
     coordinator accepts any codec it knows, declared in the update header. Secure aggregation
@@ -177,6 +180,7 @@ def encode(
         codec.name,
         codec.wire_manifest(manifest),
         payload,
+        checksum,
     )
     return PreparedUpdate(update, payload, digest, result)
 

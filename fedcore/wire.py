@@ -96,8 +96,10 @@ def update_header(
     encoding: str,
     manifest: Manifest,
     payload: Any,
+    checksum: str = checksums.DEFAULT,
 ) -> tuple[pb.UpdateHeader, str]:
-    """The header of an encoded update and its payload's digest (the default checksum)."""
+    """The header of an encoded update and its payload's digest in `checksum` (the algorithm
+    the coordinator offered: checksums.choose)."""
     header = pb.UpdateHeader(
         client_id=client_id,
         round=round_number,
@@ -107,9 +109,9 @@ def update_header(
         encoding=encoding,
         manifest=manifest_to_proto(manifest),
         total_bytes=memoryview(payload).nbytes,
-        checksum=checksums.DEFAULT,
+        checksum=checksum,
     )
-    return header, checksums.hexdigest(checksums.DEFAULT, payload)
+    return header, checksums.hexdigest(checksum, payload)
 
 
 def update_messages(

@@ -6,12 +6,15 @@ import asyncio
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
+import blake3
 import grpc
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from examples.digits import task as digits_task
 from fedcore import checksums
@@ -164,17 +167,26 @@ def test_wrong_checksum_is_rejected(tmp_path: Path) -> None:
     assert info.value.reason == "checksum"
 
 
-def test_blake3_checksum_and_its_receipt_digest(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("algorithm", "reference"),
+    [
+        ("blake3", lambda b: blake3.blake3(b).hexdigest()),
+        ("xxh3_128", lambda b: xxhash.xxh3_128(b).hexdigest()),
+    ],
+)
+def test_checksum_and_its_receipt_digest(
+    tmp_path: Path, algorithm: str, reference: Callable[[bytes], str]
+) -> None:
     payload = _payload([1.0, 2.0, 3.0])
-    digest = checksums.hexdigest("blake3", payload)
-    receiver = UpdateReceiver(FP32, 3, len(payload), tmp_path / "spill", checksum="blake3")
+    digest = reference(payload)  # the library's one-shot digest, as docs/protocol.md says
+    receiver = UpdateReceiver(FP32, 3, len(payload), tmp_path / "spill", checksum=algorithm)
     receiver.add(payload[:5])
     receiver.add(payload[5:])
     staged = receiver.finish(digest.upper())
     # Prefixed, so a sha256 receipt of the same bytes never compares equal to it.
-    assert staged.digest == f"blake3:{digest}"
+    assert staged.digest == f"{algorithm}:{digest}"
     staged.discard()
-    receiver = UpdateReceiver(FP32, 3, len(payload), tmp_path / "spill", checksum="blake3")
+    receiver = UpdateReceiver(FP32, 3, len(payload), tmp_path / "spill", checksum=algorithm)
     receiver.add(payload)
     with pytest.raises(BadUpdate, match="checksum mismatch") as info:
         receiver.finish(hashlib.sha256(payload).hexdigest())
@@ -182,9 +194,17 @@ def test_blake3_checksum_and_its_receipt_digest(tmp_path: Path) -> None:
 
 
 def test_unknown_checksum_algorithm_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BadUpdate, match="unknown update checksum 'crc32'; supported: blake3") as e:
+    supported = "supported: xxh3_128, blake3, sha256"
+    with pytest.raises(BadUpdate, match=f"unknown update checksum 'crc32'; {supported}") as e:
         UpdateReceiver(FP32, 1, 4, tmp_path / "spill", checksum="crc32")
     assert e.value.reason == "bad_checksum"
+
+
+def test_a_client_sends_the_first_checksum_offered_that_it_knows() -> None:
+    assert checksums.choose(checksums.ALGORITHMS) == "xxh3_128"
+    assert checksums.choose(["crc64", "sha256", "blake3"]) == "sha256"
+    # A coordinator older than JoinReply.checksums offers none and accepts blake3.
+    assert checksums.choose([]) == "blake3"
 
 
 @pytest.mark.parametrize("cut", [1, 4, 5])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,9 @@ def test_three_clients_reach_target_accuracy(tmp_path: Path, procs: list[Proc]) 
     ]
     last = load_file(state / "checkpoints" / f"round-{ROUNDS:04d}.safetensors")
     assert all(torch.equal(last[k], v) for k, v in model.state_dict().items())
+
+    # fedclient sent the checksum the coordinator offered first (JoinReply.checksums).
+    with sqlite3.connect(state / "state.db") as db:
+        digests = [row[0] for row in db.execute("SELECT sha256 FROM receipts")]
+    assert len(digests) == 3 * ROUNDS
+    assert all(d.startswith("xxh3_128:") and len(d) == len("xxh3_128:") + 32 for d in digests)

@@ -18,6 +18,7 @@ import blake3
 import grpc
 import numpy as np
 import pytest
+import xxhash
 
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
@@ -147,6 +148,13 @@ def test_version_and_checksum_recipes_match_a_real_coordinator(tmp_path: Path) -
         assert right == (grpc.StatusCode.ALREADY_EXISTS, False)
         in_digest = _submit(stub, as_sha256, delta, pb.UpdateTrailer(digest=sha))
         assert in_digest == (invalid, False)
+        # xxh3_128 (what fedclient sends when offered) in `digest`, as the recipe says.
+        as_xxh3 = update_header("a", header.round, model, len(delta), checksum="xxh3_128")
+        xxh = xxhash.xxh3_128(delta).hexdigest()
+        wrong = xxhash.xxh3_128(delta + b"\0").hexdigest()
+        assert _submit(stub, as_xxh3, delta, pb.UpdateTrailer(digest=wrong)) == (invalid, False)
+        right = _submit(stub, as_xxh3, delta, pb.UpdateTrailer(digest=xxh))
+        assert right == (grpc.StatusCode.ALREADY_EXISTS, False)
 
 
 # ---------------------------------------------------------------- rejection reasons

@@ -34,8 +34,10 @@ def decrypt_aggregate(
     client_id: str,
     round_number: int,
     timeout: float,
+    checksum: str = checksums.DEFAULT,
 ) -> None:
-    """Download, decrypt and return one round's aggregate; a refusal is logged, not raised."""
+    """Download, decrypt and return one round's aggregate, its digest in `checksum` (the one
+    the coordinator offered); a refusal is logged, not raised."""
     started = time.monotonic()
     try:
         header, payload = call(
@@ -57,9 +59,9 @@ def decrypt_aggregate(
         encoding=codec.name,
         manifest=manifest_to_proto(codec.wire_manifest(manifest)),
         total_bytes=plain.size,
-        checksum=checksums.DEFAULT,
+        checksum=checksum,
     )
-    digest = checksums.hexdigest(checksums.DEFAULT, plain)
+    digest = checksums.hexdigest(checksum, plain)
     try:
         call(
             "decryption",

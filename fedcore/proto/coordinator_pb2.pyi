@@ -90,18 +90,20 @@ class JoinRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., properties: _Optional[_Mapping[str, str]] = ..., task: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("client_id", "federation_id", "chunk_size", "max_update_bytes", "heartbeat_seconds")
+    __slots__ = ("client_id", "federation_id", "chunk_size", "max_update_bytes", "heartbeat_seconds", "checksums")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_UPDATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     federation_id: str
     chunk_size: int
     max_update_bytes: int
     heartbeat_seconds: float
-    def __init__(self, client_id: _Optional[str] = ..., federation_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ...) -> None: ...
+    checksums: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, client_id: _Optional[str] = ..., federation_id: _Optional[str] = ..., chunk_size: _Optional[int] = ..., max_update_bytes: _Optional[int] = ..., heartbeat_seconds: _Optional[float] = ..., checksums: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetGlobalModelRequest(_message.Message):
     __slots__ = ("client_id", "known_version", "wait_seconds")

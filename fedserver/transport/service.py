@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from fedcore import faults
+from fedcore import checksums, faults
 from fedcore.checksums import LEGACY as LEGACY_CHECKSUM
 from fedcore.limits import MAX_STATUS_BYTES, MAX_STATUS_ROUNDS
 from fedcore.proto import coordinator_pb2 as pb
@@ -136,6 +136,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             chunk_size=self.chunk_size,
             max_update_bytes=self.coordinator.max_update_bytes,
             heartbeat_seconds=self.coordinator.liveness.heartbeat_interval(),
+            checksums=checksums.ALGORITHMS,
         )
 
     async def GetGlobalModel(
