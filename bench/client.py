@@ -43,7 +43,7 @@ from fedcore.wire import (
 
 class FixedUpdate:
     """A constant fp32 delta of `total_bytes`, as pre-serialized chunk messages and its
-    checksum (BLAKE3, as fedclient sends)."""
+    checksum (the one the coordinator offered, as fedclient sends)."""
 
     def __init__(self, total_bytes: int, chunk_size: int, value: float, checksum: str) -> None:
         # No bigger than the update: 2,500 virtual clients of a 40 kB model each held a 1 MiB
