@@ -12,7 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedcore.tensors import Manifest, ManifestError, bfloat16_bits_to_float32
+from fedcore.tensors import (
+    DEFAULT_CHUNK_SIZE,
+    Manifest,
+    ManifestError,
+    bfloat16_bits_to_float32,
+    iter_chunks,
+)
+
+# Values encoded at a time (a multiple of every codec's block): a codec's temporaries are a
+# few slabs, not a few models (int4 of a 600M-value delta held ~5 models' worth before).
+SLAB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -66,14 +76,21 @@ class Codec(ABC):
     def decode(self, payload: np.ndarray | bytes, num_values: int) -> np.ndarray:
         """The whole dense float32 vector a payload stands for (what the coordinator folds)."""
         out = np.zeros(num_values, dtype=np.float32)
-        decoder = self.decoder(num_values)
-        for piece in decoder.feed(memoryview(payload).cast("B")):
+        for piece in self.pieces(payload, num_values):
             if piece.indices is None:
                 out[piece.offset : piece.offset + piece.values.size] = piece.values
             else:
                 out[piece.indices] = piece.values
-        decoder.finish()
         return out
+
+    def pieces(self, payload: np.ndarray | bytes, num_values: int) -> Iterator[Piece]:
+        """A whole payload decoded as the coordinator decodes a stream: chunk by chunk, so each
+        piece (and its temporaries) is a chunk's worth, not the model's."""
+        decoder = self.decoder(num_values)
+        view = memoryview(payload).cast("B")
+        for chunk in iter_chunks(view, DEFAULT_CHUNK_SIZE) if len(view) else [view]:
+            yield from decoder.feed(chunk)  # (an empty payload is fed once: it may be whole)
+        decoder.finish()
 
 
 class FixedWidthDecoder(StreamDecoder):
@@ -147,3 +164,22 @@ class TwoPartDecoder(StreamDecoder):
 
     @abstractmethod
     def _piece(self, raw: Piece) -> Piece: ...
+
+
+def quantized_slabs(
+    x: np.ndarray, block: int, levels: int
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Symmetric block quantization of float32 `x`, SLAB values at a time: per slab (first
+    value, block scales = max|x| / levels, q = round(x / scale) clipped to ±levels as float32,
+    zero-padded to whole blocks). Memory is O(SLAB) whatever the size of `x`."""
+    for start in range(0, x.size, SLAB):
+        part = x[start : start + SLAB]
+        blocks = -(-part.size // block)
+        if part.size != blocks * block:
+            padded = np.zeros(blocks * block, dtype=np.float32)
+            padded[: part.size] = part
+            part = padded
+        grid = part.reshape(blocks, block)
+        scales = np.abs(grid).max(axis=1) / np.float32(levels)
+        safe = np.where(scales > 0, scales, np.float32(1))
+        yield start, scales, np.clip(np.rint(grid / safe[:, None]), -levels, levels).reshape(-1)

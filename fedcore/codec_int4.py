@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedcore.codec_base import Codec, Piece, StreamDecoder, TwoPartDecoder
+from fedcore.codec_base import Codec, Piece, StreamDecoder, TwoPartDecoder, quantized_slabs
 from fedcore.tensors import Manifest, ManifestError, TensorSpec
 
 LEVELS = 7  # symmetric: q in -7..7, value = q x scale, scale = max|x| / 7 over the block
@@ -39,15 +39,16 @@ class Int4Codec(Codec):
     def encode(self, delta: np.ndarray) -> np.ndarray:
         x = np.asarray(delta, dtype=np.float32).reshape(-1)
         n, blocks = x.size, self._blocks(x.size)
-        padded = np.zeros(blocks * self.BLOCK, dtype=np.float32)  # BLOCK is even: whole bytes
-        padded[:n] = x
-        padded = padded.reshape(blocks, self.BLOCK)
-        scales = np.abs(padded).max(axis=1) / np.float32(LEVELS)
-        safe = np.where(scales > 0, scales, np.float32(1))
-        q = np.clip(np.rint(padded / safe[:, None]), -LEVELS, LEVELS).reshape(-1)
-        nibbles = (q + 8).astype(np.uint8)
-        packed = (nibbles[0::2] | (nibbles[1::2] << 4))[: -(-n // 2)]
-        return np.concatenate([scales.astype("<f4").view(np.uint8), packed])
+        out = np.empty(4 * blocks + -(-n // 2), dtype=np.uint8)
+        scales, packed = out[: 4 * blocks].view("<f4"), out[4 * blocks :]
+        for start, block_scales, q in quantized_slabs(x, self.BLOCK, LEVELS):
+            first = start // self.BLOCK  # SLAB is a multiple of BLOCK, so even: whole bytes
+            scales[first : first + block_scales.size] = block_scales
+            nibbles = (q + 8).astype(np.uint8)  # padded to whole blocks: an even count
+            both = nibbles[0::2] | (nibbles[1::2] << 4)
+            end = min(packed.size, (start + q.size) // 2)
+            packed[start // 2 : end] = both[: end - start // 2]
+        return out
 
     def decoder(self, num_values: int) -> StreamDecoder:
         block = self.BLOCK

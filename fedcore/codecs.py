@@ -12,7 +12,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from fedcore.codec_base import Codec, FixedWidthDecoder, Piece, StreamDecoder, TwoPartDecoder
+from fedcore.codec_base import (
+    SLAB,
+    Codec,
+    FixedWidthDecoder,
+    Piece,
+    StreamDecoder,
+    TwoPartDecoder,
+    quantized_slabs,
+)
 from fedcore.codec_int4 import Int4Codec
 from fedcore.he import CKKSCodec
 from fedcore.limits import excerpt
@@ -48,6 +56,11 @@ def _native(floats: Manifest) -> Manifest:
             for t in floats.tensors
         )
     )
+
+
+def _clipped(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float16 values beyond its range clipped, not inf; other dtypes as they are."""
+    return np.clip(values, -_F16_MAX, _F16_MAX) if dtype == "float16" else values
 
 
 class Float32Codec(Codec):
@@ -90,16 +103,22 @@ class _NativeFloatCodec(Float32Codec):
         x = np.asarray(delta, dtype=np.float32)
         if x.size != self.num_values:
             raise ValueError(f"delta has {x.size} values, the model's floats {self.num_values}")
-        parts = []
-        for dtype, start, count in self.runs:
-            part = x[start : start + count]
-            if dtype == "bfloat16":
-                parts.append(float32_to_bfloat16_bits(part).astype("<u2").view(np.uint8))
-            elif dtype == "float16":
-                parts.append(np.clip(part, -_F16_MAX, _F16_MAX).astype("<f2").view(np.uint8))
-            else:
-                parts.append(np.ascontiguousarray(part, dtype="<f4").view(np.uint8))
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8)
+        storage = [np.dtype(_HALF.get(dtype, ("<f4", False))[0]) for dtype, _, _ in self.runs]
+        out = np.empty(
+            sum(w.itemsize * c for w, (_, _, c) in zip(storage, self.runs, strict=True)), np.uint8
+        )
+        pos = 0
+        for wire, (dtype, start, count) in zip(storage, self.runs, strict=True):
+            size = wire.itemsize * count
+            dest = out[pos : pos + size].view(wire)
+            for at in range(0, count, SLAB):  # temporaries of a slab, not of a run
+                part = x[start + at : start + min(at + SLAB, count)]
+                if dtype == "bfloat16":
+                    dest[at : at + part.size] = float32_to_bfloat16_bits(part)
+                else:  # float16 clipped to its range, float32 as is
+                    dest[at : at + part.size] = _clipped(part, dtype)
+            pos += size
+        return out
 
     def decoder(self, num_values: int) -> StreamDecoder:
         if num_values != self.num_values:
@@ -178,8 +197,11 @@ class Float16Codec(Codec):
         return floats.with_dtype("float16")
 
     def encode(self, delta: np.ndarray) -> np.ndarray:
-        clipped = np.clip(delta, -_F16_MAX, _F16_MAX)
-        return clipped.astype("<f2").view(np.uint8)
+        x = np.asarray(delta).reshape(-1)
+        out = np.empty(x.size, dtype="<f2")
+        for start in range(0, x.size, SLAB):
+            out[start : start + SLAB] = _clipped(x[start : start + SLAB], "float16")
+        return out.view(np.uint8)
 
     def decoder(self, num_values: int) -> StreamDecoder:
         return FixedWidthDecoder(np.dtype("<f2"), num_values)
@@ -208,15 +230,16 @@ class Int8Codec(Codec):
         )
 
     def encode(self, delta: np.ndarray) -> np.ndarray:
-        x = np.asarray(delta, dtype=np.float32)
+        x = np.asarray(delta, dtype=np.float32).reshape(-1)
         n, blocks = x.size, self._blocks(x.size)
-        padded = np.zeros(blocks * self.BLOCK, dtype=np.float32)
-        padded[:n] = x
-        padded = padded.reshape(blocks, self.BLOCK)
-        scales = np.abs(padded).max(axis=1) / np.float32(127)
-        safe = np.where(scales > 0, scales, np.float32(1))
-        q = np.clip(np.rint(padded / safe[:, None]), -127, 127).astype(np.int8).reshape(-1)[:n]
-        return np.concatenate([scales.astype("<f4").view(np.uint8), q.view(np.uint8)])
+        out = np.empty(4 * blocks + n, dtype=np.uint8)
+        scales, values = out[: 4 * blocks].view("<f4"), out[4 * blocks :].view(np.int8)
+        for start, block_scales, q in quantized_slabs(x, self.BLOCK, 127):
+            first = start // self.BLOCK
+            scales[first : first + block_scales.size] = block_scales
+            end = min(n, start + q.size)
+            values[start:end] = q[: end - start]
+        return out
 
     def decoder(self, num_values: int) -> StreamDecoder:
         codec = self
@@ -264,11 +287,10 @@ class TopKCodec(Codec):
         )
 
     def encode(self, delta: np.ndarray) -> np.ndarray:
-        x = np.asarray(delta, dtype=np.float32)
+        x = np.asarray(delta, dtype=np.float32).reshape(-1)
         if x.size >= 2**31:
             raise ValueError("top-k positions are int32: the model has too many values")
-        k = self.k(x.size)
-        top = np.sort(np.argpartition(np.abs(x), x.size - k)[x.size - k :]).astype("<i4")
+        top = _largest(x, self.k(x.size))
         return np.concatenate([top.view(np.uint8), x[top].astype("<f4").view(np.uint8)])
 
     def decoder(self, num_values: int) -> StreamDecoder:
@@ -290,6 +312,33 @@ class TopKCodec(Codec):
         return _Decoder("<i4", k, "<f4", k)
 
 
+def _largest(x: np.ndarray, k: int) -> np.ndarray:
+    """Positions (int32, increasing) of the k largest |x|, NaN counting as the largest (sent,
+    so the coordinator refuses it by name) and ties at the threshold taken first by position.
+    One float32 copy of |x| for the threshold (np.argpartition's int64 positions of every
+    value were two more), then the positions slab by slab."""
+    if k == 0:
+        return np.zeros(0, dtype="<i4")
+    magnitudes = np.abs(x)
+    magnitudes.partition(x.size - k)  # in place; NaN sorts above every number
+    threshold = magnitudes[x.size - k]
+    del magnitudes
+    if np.isnan(threshold):
+        threshold = np.float32(np.inf)
+    above: list[np.ndarray] = []
+    ties: list[np.ndarray] = []
+    tied = 0
+    for start in range(0, x.size, SLAB):
+        m = np.abs(x[start : start + SLAB])
+        np.copyto(m, np.inf, where=np.isnan(m))
+        above.append((np.flatnonzero(m > threshold) + start).astype("<i4"))
+        if tied < k:  # a constant delta ties everywhere: keep no more than could be sent
+            ties.append((np.flatnonzero(m == threshold)[: k - tied] + start).astype("<i4"))
+            tied += ties[-1].size
+    chosen = np.concatenate(above)
+    return np.sort(np.concatenate([chosen, np.concatenate(ties)[: k - chosen.size]]))
+
+
 class ErrorFeedback:
     """Client-side memory of what a lossy codec left out, added to the next round's delta."""
 
@@ -299,11 +348,22 @@ class ErrorFeedback:
     def encode(self, codec: Codec, delta: np.ndarray) -> np.ndarray:
         if not codec.error_feedback:
             return codec.encode(delta)
-        v = np.asarray(delta, dtype=np.float32)
+        # v = delta + residual, computed into the residual's memory (or a copy of delta), then
+        # turned into the next residual in place, piece by decoded piece: one model-sized
+        # vector kept between rounds, and no other (decode() would allocate two more).
+        v = np.asarray(delta, dtype=np.float32).reshape(-1)
         if self.residual is not None and self.residual.size == v.size:
-            v = v + self.residual
+            v = np.add(self.residual, v, out=self.residual)
+        else:
+            v = v.copy()
         payload = codec.encode(v)
-        self.residual = v - codec.decode(payload, v.size)
+        for piece in codec.pieces(payload, v.size):
+            if piece.indices is None:
+                sent = v[piece.offset : piece.offset + piece.values.size]
+                np.subtract(sent, piece.values, out=sent)
+            else:
+                v[piece.indices] -= piece.values
+        self.residual = v
         return payload
 
 

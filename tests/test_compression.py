@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +12,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedcore.codec_base import SLAB
 from fedcore.codecs import ErrorFeedback, Int8Codec, TopKCodec, get_codec
-from fedcore.tensors import Manifest, ManifestError, TensorSpec
+from fedcore.tensors import Manifest, ManifestError, TensorSpec, float32_to_bfloat16_bits
 from fedserver.updates.accumulator import Accumulator
 from fedserver.updates.receiver import UpdateReceiver
 from fedserver.updates.spool import UpdateSpool
@@ -168,3 +171,136 @@ def test_sparse_pieces_map_through_a_tensor_selection() -> None:
         out[p.indices] = p.values
     assert np.flatnonzero(out).tolist() == [0, 2, 7, 11]
     assert out[[0, 2, 7, 11]].tolist() == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------- a slab at a time
+# Codecs encode SLAB values at a time so that a large model's delta needs no model-sized
+# temporaries; the bytes must be exactly those of quantizing the whole vector at once.
+LONG = 2 * SLAB + 777  # three slabs, the last one partial and odd
+
+
+def _whole_blocks(x: np.ndarray, block: int, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block scales and q for all of `x` at once (how the codecs encoded before slabs)."""
+    blocks = -(-x.size // block)
+    padded = np.zeros(blocks * block, dtype=np.float32)
+    padded[: x.size] = x
+    grid = padded.reshape(blocks, block)
+    scales = np.abs(grid).max(axis=1) / np.float32(levels)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    return scales, np.clip(np.rint(grid / safe[:, None]), -levels, levels).reshape(-1)
+
+
+def _whole_vector_encoding(name: str, x: np.ndarray) -> np.ndarray:
+    if name == "fp16":
+        return np.clip(x, -65504.0, 65504.0).astype("<f2").view(np.uint8)
+    if name == "int8":
+        scales, q = _whole_blocks(x, 256, 127)
+        values = q.astype(np.int8)[: x.size].view(np.uint8)
+        return np.concatenate([scales.astype("<f4").view(np.uint8), values])
+    if name == "int4":
+        scales, q = _whole_blocks(x, 64, 7)
+        nibbles = (q + 8).astype(np.uint8)
+        packed = (nibbles[0::2] | (nibbles[1::2] << 4))[: -(-x.size // 2)]
+        return np.concatenate([scales.astype("<f4").view(np.uint8), packed])
+    assert name == "topk"
+    k = TopKCodec().k(x.size)
+    top = np.sort(np.argpartition(np.abs(x), x.size - k)[x.size - k :]).astype("<i4")
+    return np.concatenate([top.view(np.uint8), x[top].astype("<f4").view(np.uint8)])
+
+
+def _long_vector(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    scale = np.repeat(10.0 ** rng.integers(-6, 2, -(-LONG // 256)), 256)[:LONG]
+    return (rng.standard_normal(LONG) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "int4", "topk"])
+def test_encoding_a_slab_at_a_time_gives_the_whole_vector_bytes(name: str) -> None:
+    x = _long_vector(seed=7)
+    assert np.array_equal(get_codec(name).encode(x), _whole_vector_encoding(name, x))
+
+
+def test_native_half_tensors_are_encoded_a_slab_at_a_time_too() -> None:
+    floats = Manifest(
+        (
+            TensorSpec("a", "bfloat16", (SLAB + 5,)),
+            TensorSpec("b", "float16", (SLAB + 3,)),
+            TensorSpec("c", "float32", (7,)),
+        )
+    )
+    x = _long_vector(seed=8)[: 2 * SLAB + 15] * np.float32(1e4)  # some beyond float16
+    a, b, c = np.split(x, [SLAB + 5, 2 * SLAB + 8])
+    expected = np.concatenate(
+        [
+            float32_to_bfloat16_bits(a).astype("<u2").view(np.uint8),
+            np.clip(b, -65504.0, 65504.0).astype("<f2").view(np.uint8),
+            c.astype("<f4").view(np.uint8),
+        ]
+    )
+    assert np.array_equal(get_codec("fp32").bind(floats).encode(x), expected)
+
+
+@pytest.mark.parametrize("name", ["int4", "topk"])
+def test_error_feedback_in_place_equals_the_textbook_formula(name: str) -> None:
+    """residual ← (delta + residual) - decode(encode(delta + residual)), bit for bit."""
+    codec, feedback = get_codec(name), ErrorFeedback()
+    residual = np.zeros(N, dtype=np.float32)
+    for r in range(3):
+        delta = _vector(seed=r)
+        v = delta + residual
+        assert np.array_equal(feedback.encode(codec, delta), codec.encode(v))
+        residual = v - codec.decode(codec.encode(v), N)
+        assert feedback.residual is not None
+        assert np.array_equal(feedback.residual, residual)
+        assert np.array_equal(delta, _vector(seed=r))  # the caller's delta is left alone
+
+
+def test_top_k_sends_nan_and_takes_ties_by_position() -> None:
+    codec = TopKCodec(0.01)
+    k = codec.k(N)
+    x = np.full(N, 0.5, dtype=np.float32)  # every value ties
+    assert np.flatnonzero(codec.decode(codec.encode(x), N)).tolist() == list(range(k))
+    x[[3, 500, 900]] = np.nan  # NaN counts as the largest: sent, for the coordinator to refuse
+    x[[10, 20]] = 2.0
+    kept = np.flatnonzero(codec.decode(codec.encode(x), N) != 0)
+    ties = [i for i in range(N) if i not in (3, 500, 900, 10, 20)][: k - 5]
+    assert kept.tolist() == sorted([3, 500, 900, 10, 20, *ties])
+
+
+_PEAK_SCRIPT = """
+import sys
+import numpy as np
+from fedcore.codecs import ErrorFeedback, get_codec
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+
+name, n = sys.argv[1], int(sys.argv[2])
+delta = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+codec, feedback = get_codec(name), ErrorFeedback()
+feedback.encode(codec, delta[:4096].copy())  # imports and first-call allocations
+feedback.residual = None
+before = status("VmRSS")
+payloads = [feedback.encode(codec, delta) for _ in range(2)]  # the second with a residual
+print((status("VmHWM") - before) / (4 * n))
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("name", "models"), [("int4", 1.3), ("int8", 0.6), ("topk", 2.5)])
+def test_encoding_a_large_delta_holds_no_model_sized_temporaries(name: str, models: float) -> None:
+    """Peak memory of two rounds of ErrorFeedback.encode on a 16M-value delta, in models: the
+    residual (int4, top-k), top-k's |x| for its threshold, the two payloads, and slabs. Before
+    slabs: int4 5.4, int8 3.3, top-k 5.7."""
+    n = 16 * SLAB
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, name, str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    peak = float(out.stdout)
+    assert peak <= models + (48 << 20) / (4 * n), f"{name}: {peak:.2f} models"
