@@ -135,21 +135,24 @@ class TwoPartDecoder(StreamDecoder):
     """A small header array (kept whole, O(values / block)) followed by streamed values."""
 
     def __init__(self, head_dtype: str, head_count: int, dtype: str, num_values: int) -> None:
-        self.head_dtype = np.dtype(head_dtype)
-        self.head_bytes = head_count * self.head_dtype.itemsize
-        self._head = bytearray()
+        # Filled in place as it arrives: a 600M-value int4 update's scales are 37.5 MB, which a
+        # bytearray and its bytes() copy held twice over.
+        self._head = np.empty(head_count, dtype=np.dtype(head_dtype))
+        self._head_bytes = self._head.view(np.uint8)
+        self._filled = 0
         self.head: np.ndarray | None = None
         self.values = FixedWidthDecoder(np.dtype(dtype), num_values, as_float32=False)
 
     def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
         data = memoryview(data).cast("B")
         if self.head is None:
-            take = self.head_bytes - len(self._head)
-            self._head += data[:take]
+            take = min(len(data), self._head_bytes.size - self._filled)
+            self._head_bytes[self._filled : self._filled + take] = data[:take]
+            self._filled += take
             data = data[take:]
-            if len(self._head) < self.head_bytes:
+            if self._filled < self._head_bytes.size:
                 return
-            self.head = np.frombuffer(bytes(self._head), dtype=self.head_dtype)
+            self.head = self._head
             self._check_head(self.head)
         for piece in self.values.feed(data):
             yield self._piece(piece)
