@@ -58,6 +58,11 @@ def _native(floats: Manifest) -> Manifest:
     )
 
 
+def _storage(dtype: str) -> np.dtype:
+    """How a float tensor of `dtype` is stored on the wire under fp32 (see _HALF)."""
+    return np.dtype(_HALF.get(dtype, ("<f4", False))[0])
+
+
 def _clipped(values: np.ndarray, dtype: str) -> np.ndarray:
     """float16 values beyond its range clipped, not inf; other dtypes as they are."""
     return np.clip(values, -_F16_MAX, _F16_MAX) if dtype == "float16" else values
@@ -103,21 +108,17 @@ class _NativeFloatCodec(Float32Codec):
         x = np.asarray(delta, dtype=np.float32)
         if x.size != self.num_values:
             raise ValueError(f"delta has {x.size} values, the model's floats {self.num_values}")
-        storage = [np.dtype(_HALF.get(dtype, ("<f4", False))[0]) for dtype, _, _ in self.runs]
-        out = np.empty(
-            sum(w.itemsize * c for w, (_, _, c) in zip(storage, self.runs, strict=True)), np.uint8
-        )
+        out = np.empty(sum(_storage(d).itemsize * c for d, _, c in self.runs), np.uint8)
         pos = 0
-        for wire, (dtype, start, count) in zip(storage, self.runs, strict=True):
-            size = wire.itemsize * count
-            dest = out[pos : pos + size].view(wire)
+        for dtype, start, count in self.runs:
+            dest = out[pos : pos + _storage(dtype).itemsize * count].view(_storage(dtype))
             for at in range(0, count, SLAB):  # temporaries of a slab, not of a run
                 part = x[start + at : start + min(at + SLAB, count)]
                 if dtype == "bfloat16":
                     dest[at : at + part.size] = float32_to_bfloat16_bits(part)
                 else:  # float16 clipped to its range, float32 as is
                     dest[at : at + part.size] = _clipped(part, dtype)
-            pos += size
+            pos += dest.nbytes
         return out
 
     def decoder(self, num_values: int) -> StreamDecoder:
@@ -138,8 +139,7 @@ class _RunsDecoder(StreamDecoder):
         if index >= len(self.runs):
             return None
         dtype, _, count = self.runs[index]
-        storage, bf16 = _HALF.get(dtype, ("<f4", False))
-        return FixedWidthDecoder(np.dtype(storage), count, bf16=bf16)
+        return FixedWidthDecoder(_storage(dtype), count, bf16=dtype == "bfloat16")
 
     def feed(self, data: bytes | memoryview) -> Iterator[Piece]:
         view = memoryview(data).cast("B")
