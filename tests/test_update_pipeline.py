@@ -16,6 +16,7 @@ from fedclient.partition import Partition
 from fedclient.session import ClientSession
 from fedclient.settings import ClientSettings
 from fedclient.virtual import VirtualClients, VirtualSpec, client_id
+from fedcore import checksums
 from fedcore.plugins import load_object
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import FlatModel, flatten_state_dict, float_vector
@@ -58,6 +59,7 @@ def _through_fedclient_run(base: FlatModel, header: pb.ModelHeader, index: int) 
     session = ClientSession(settings, task)
     try:
         session.joined = True  # no Join: the upload is captured, nothing is dialled
+        session.checksum = checksums.choose(checksums.ALGORITHMS)  # as Join's reply would set
         session.held = base.copy()  # the session consumes what it holds (its update)
         upload = CapturedUpload()
         session.calls = upload  # type: ignore[assignment]
