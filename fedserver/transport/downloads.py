@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import Counter
+import weakref
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -132,12 +133,39 @@ class Downloads:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
 
 
-def framed(buffer: Any, chunk_size: int, metrics: Metrics) -> Iterator[bytes]:
+def framed(
+    buffer: Any, chunk_size: int, metrics: Metrics, shared: FramedWindow | None = None
+) -> Iterator[bytes]:
     """Data messages framed straight from `buffer`: one copy per chunk into a ready-to-send
-    message (gRPC copies it once more into its send buffer), no protobuf round trips. Caching
-    the framed chunks per version would save that copy (~2% of a round) at the price of a
-    second model-sized buffer; memory is the scarcer resource. A chunk is counted as sent
-    when the next one is asked for, that is once its write completed."""
-    for chunk in iter_chunks(buffer, chunk_size):
-        yield data_message(chunk)
+    message (gRPC copies it once more into its send buffer), no protobuf round trips; with
+    `shared`, a chunk another download just framed is sent as it is. A chunk is counted as
+    sent when the next one is asked for, that is once its write completed."""
+    for index, chunk in enumerate(iter_chunks(buffer, chunk_size)):
+        yield shared.frame(buffer, index, chunk) if shared is not None else data_message(chunk)
         metrics.sent(len(chunk))
+
+
+FRAMED_WINDOW = 32  # chunks: 32 MiB at the default chunk size
+
+
+class FramedWindow:
+    """The global model's last framed chunks, shared by its downloads: a round's clients pull
+    the same model at about the same pace, so each chunk is framed (copied) once for all of
+    them, not once each. Memory is `size` chunks, not a second model (which caching every
+    framed chunk per version would cost, against the coordinator's 2 x model bound); a download
+    that fell more than `size` chunks behind frames its own. Event-loop only: no lock."""
+
+    def __init__(self, size: int = FRAMED_WINDOW) -> None:
+        self.size = size
+        self._of: weakref.ref[Any] | None = None  # the buffer framed: not kept alive by us
+        self._frames: OrderedDict[int, bytes] = OrderedDict()
+
+    def frame(self, buffer: Any, index: int, chunk: memoryview) -> bytes:
+        if self._of is None or self._of() is not buffer:
+            self._of, self._frames = weakref.ref(buffer), OrderedDict()
+        message = self._frames.get(index)
+        if message is None:
+            message = self._frames[index] = data_message(chunk)
+            if len(self._frames) > self.size:
+                self._frames.popitem(last=False)
+        return message

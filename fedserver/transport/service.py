@@ -12,6 +12,7 @@ PERMISSION_DENIED for clients not selected, RESOURCE_EXHAUSTED for oversized upd
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -26,7 +27,7 @@ from fedcore.tensors import DEFAULT_CHUNK_SIZE
 from fedserver.coordinator.api import CoordinatorAPI
 from fedserver.rounds.synchronous import SubmitRefused
 from fedserver.transport.admission import Admission
-from fedserver.transport.downloads import DownloadLimits, Downloads, framed
+from fedserver.transport.downloads import DownloadLimits, Downloads, FramedWindow, framed
 from fedserver.transport.headers import (
     STATES,
     ModelHeaders,
@@ -65,6 +66,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.headers = ModelHeaders(coordinator.policy.total_rounds)  # transport/headers.py
         # Per-client open downloads, send slots, stalled writes (fedserver/transport/downloads.py).
         self.downloads = Downloads(downloads or DownloadLimits(), coordinator.reject)
+        self.model_frames = FramedWindow()  # the global model's chunks, framed once per round
         # The round protocol's own stages: served if it has them, refused otherwise.
         protocol = coordinator.protocol
         self.secagg = SecureAggregationRPCs(protocol)
@@ -157,13 +159,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             return
         if offer.selected:
             await self.pacer.before_send(request.client_id, offer.round)
-        buffers = ([offer.model.buffer] if offer.send_bytes else []) + (
-            [extra.buffer] if extra is not None else []
-        )
         metrics = self.coordinator.metrics
-        await self.downloads.stream(
-            context, (m for b in buffers for m in framed(b, self.chunk_size, metrics))
+        messages = itertools.chain(
+            framed(offer.model.buffer, self.chunk_size, metrics, self.model_frames)
+            if offer.send_bytes
+            else (),
+            framed(extra.buffer, self.chunk_size, metrics) if extra is not None else (),
         )
+        await self.downloads.stream(context, messages)
 
     async def SubmitUpdate(
         self, request_iterator: AsyncIterator[pb.UpdateChunk], context: grpc.aio.ServicerContext
