@@ -17,16 +17,15 @@ round. The partial setting trains and sends only the tensors `--partial` names
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.output import write_json
 from bench.round_overhead import RESULTS, ProcWatch, machine
 from fedcore.codecs import get_codec
 from fedcore.plugins import load_object
@@ -143,12 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{row['coordinator_cpu_per_round']:>12.2f}",
                 flush=True,
             )
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"cnn-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report = {"task": args.task, "parameters": params, "clients": args.clients}
     report |= {"rounds": args.rounds, "machine": started, "rows": rows}
-    out.write_text(json.dumps(report, indent=1))
-    print(f"wrote {out}")
+    write_json(args.out, "cnn", report)
     return 0
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.output import write_json
 from fedcore.codec_base import SLAB, Piece
 from fedcore.codecs import ErrorFeedback, get_codec
 
@@ -186,10 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{row['encode_gb_per_s']:>6.2f} {row['peak_above_delta_models']:>11.2f}",
             flush=True,
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"codec_error-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"params": args.params, "rounds": args.rounds, "rows": rows}))
-    print(f"wrote {out}")
+    write_json(
+        args.out, "codec_error", {"params": args.params, "rounds": args.rounds, "rows": rows}
+    )
     return 0
 
 

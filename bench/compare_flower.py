@@ -38,11 +38,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.output import write_json
 from bench.proctree import TreeWatch, descendants
 from bench.round_overhead import MB, RESULTS, machine, run_cell
 from tests.procs import REPO, Proc, free_port, wait_until
@@ -295,11 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in verdicts:
         print(line)
     print(f"load average at the end: {os.getloadavg()}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"compare_flower-{time.strftime('%Y%m%d-%H%M%S')}.json"
     summary = {"machine": info, "flwr_version": version, "cells": cells, "verdicts": verdicts}
-    out.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, "compare_flower", summary)
     return 0
 
 

@@ -11,14 +11,13 @@ after the last round and the bytes of one update relative to fp32.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.output import write_json
 from examples.digits import task
 from fedcore.codecs import get_codec
 from fedserver.state.history import read_status
@@ -85,10 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{row['accuracy']:>9.4f}",
                 flush=True,
             )
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"compression-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"rounds": args.rounds, "clients": args.clients, "rows": rows}))
-    print(f"wrote {out}")
+    write_json(
+        args.out, "compression", {"rounds": args.rounds, "clients": args.clients, "rows": rows}
+    )
     return 0
 
 

@@ -36,12 +36,10 @@ it anyway). The machine is shared: only ratios measured in the same run mean any
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +52,7 @@ from bench.large_nvflare import (
     find_nvflare,
     nvflare_cell,
 )
+from bench.output import write_json
 from bench.proctree import TreeWatch
 from bench.round_overhead import MB, RESULTS, machine, measure_floor, start_synthetic
 from fedserver.state.history import read_status
@@ -376,8 +375,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(budget_line(row))
     for line in outcome.verdicts:
         print(line)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"large_model-{time.strftime('%Y%m%d-%H%M%S')}.json"
     summary = {
         "machine": info,
         "command": ["python", "-m", "bench.large_model", *(argv or sys.argv[1:])],
@@ -387,8 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verdicts": outcome.verdicts,
         "nvflare_failures": outcome.failures,
     }
-    out.write_text(json.dumps(summary, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, "large_model", summary)
     return 1 if outcome.failures else 0
 
 

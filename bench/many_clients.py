@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.output import write_json
 from bench.round_overhead import ProcWatch
 from bench.virtual_clients import run_worker
 from fedserver.state.history import read_status
@@ -292,10 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             arrival=args.arrival_seconds,
         )
     print_table(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"many_clients-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, "many_clients", result)
     return 0
 
 

@@ -24,12 +24,12 @@ import statistics
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bench import floor
+from bench.output import write_json
 from fedserver.state.history import read_status
 from tests.procs import REPO, Proc, free_port, spawn, start_coordinator, wait_serving
 
@@ -249,10 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
         finally:
             floor_proc.kill()
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / f"round_overhead-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": machine(), "cells": cells}, indent=2))
-    print(f"wrote {out}")
+    write_json(args.out, "round_overhead", {"machine": machine(), "cells": cells})
     over = [c for c in cells if c["peak_rss_bytes"] > c["memory_budget_bytes"]]
     return 1 if over else 0
 
