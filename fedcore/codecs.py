@@ -352,8 +352,11 @@ class ErrorFeedback:
         # turned into the next residual in place, piece by decoded piece: one model-sized
         # vector kept between rounds, and no other (decode() would allocate two more).
         v = np.asarray(delta, dtype=np.float32).reshape(-1)
-        if self.residual is not None and self.residual.size == v.size:
-            v = np.add(self.residual, v, out=self.residual)
+        kept = self.residual
+        if kept is not None and kept.size == v.size:
+            # Into the residual's memory unless it cannot take it (one loaded from disk may not).
+            in_place = kept.flags.writeable and kept.dtype == np.float32
+            v = np.add(kept, v, out=kept if in_place else None)
         else:
             v = v.copy()
         payload = codec.encode(v)

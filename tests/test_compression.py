@@ -255,6 +255,19 @@ def test_error_feedback_in_place_equals_the_textbook_formula(name: str) -> None:
         assert np.array_equal(delta, _vector(seed=r))  # the caller's delta is left alone
 
 
+def test_a_read_only_residual_is_replaced_not_written() -> None:
+    """A residual loaded from a client's state file may be read-only: it is not written to."""
+    codec, kept = get_codec("int4"), np.ones(N, dtype=np.float32)
+    kept.flags.writeable = False
+    feedback, fresh = ErrorFeedback(), ErrorFeedback()
+    feedback.residual, fresh.residual = kept, np.ones(N, dtype=np.float32)
+    delta = _vector(seed=5)
+    assert np.array_equal(feedback.encode(codec, delta), fresh.encode(codec, delta))
+    assert feedback.residual is not None and fresh.residual is not None
+    assert np.array_equal(feedback.residual, fresh.residual)
+    assert (kept == 1).all()
+
+
 def test_top_k_sends_nan_and_takes_ties_by_position() -> None:
     codec = TopKCodec(0.01)
     k = codec.k(N)
