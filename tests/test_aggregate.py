@@ -34,6 +34,7 @@ from fedserver.updates.receiver import (
     BadUpdate,
     SpillCorrupted,
     SpillFile,
+    SpillPool,
     StagedUpdate,
     UpdateReceiver,
     UpdateTooLarge,
@@ -363,8 +364,13 @@ def _big_payload() -> tuple[np.ndarray, bytes]:
     return values, _payload(values.tolist())
 
 
-def _staged_big(tmp_path: Path, payload: bytes, key: bytes | None) -> StagedUpdate:
-    receiver = UpdateReceiver(FP32, BIG, len(payload), tmp_path / "spill", "sha256", key)
+def _staged_big(
+    tmp_path: Path, payload: bytes, key: bytes | None, pool: SpillPool | None = None
+) -> StagedUpdate:
+    values = len(payload) // 4  # BIG, or what a pool's file held before
+    receiver = UpdateReceiver(
+        FP32, values, len(payload), tmp_path / "spill", "sha256", key, spills=pool
+    )
     for chunk in iter_chunks(payload, 300_000):  # chunks that straddle the 1 MiB blocks
         receiver.add(bytes(chunk))
     return receiver.finish(hashlib.sha256(payload).hexdigest())
@@ -421,15 +427,41 @@ def test_plain_spill_is_folded_without_mac_passes(
     staged.discard()
 
 
+@pytest.mark.parametrize("pooled", [False, True], ids=["new", "reused"])
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 @pytest.mark.parametrize("size", [0, 100, (5 << 20) + 1], ids=["emptied", "truncated", "extended"])
-def test_spill_of_another_length_is_refused(tmp_path: Path, size: int, encrypted: bool) -> None:
+def test_spill_of_another_length_is_refused(
+    tmp_path: Path, size: int, encrypted: bool, pooled: bool
+) -> None:
     _, payload = _big_payload()
-    staged = _staged_big(tmp_path, payload, spill_key(encrypted))
+    pool = SpillPool(tmp_path / "spill") if pooled else None
+    if pool is not None:  # a file that held a longer update first
+        _staged_big(tmp_path, payload + payload, None, pool).discard()
+    staged = _staged_big(tmp_path, payload, spill_key(encrypted), pool)
     os.ftruncate(staged.file._file.fileno(), size)
     with pytest.raises(SpillCorrupted, match="bytes on disk"):
         staged.verify()
     staged.discard()
+
+
+def test_reused_spill_files_hold_exactly_each_update(tmp_path: Path) -> None:
+    """Files go back to the pool and serve the next update, larger or smaller, with its bytes
+    only; at most `keep` stay idle."""
+    _, payload = _big_payload()
+    pool = SpillPool(tmp_path / "spill", keep=2)
+    small = _payload([1.0, -2.0, 3.0])
+    for first, second in ((payload, small), (small, payload)):
+        _staged_big(tmp_path, first, None, pool).discard()
+        staged = _staged_big(tmp_path, second, None, pool)
+        assert b"".join(staged.file.blocks()) == second
+        acc = Accumulator(len(second) // 4)
+        acc.fold(staged, 1.0)
+        assert acc.total.tobytes() == second
+        staged.discard()
+    held = [_staged_big(tmp_path, payload, None, pool) for _ in range(3)]
+    for staged in held:
+        staged.discard()
+    assert len(pool._idle) == 2
 
 
 def test_untouched_spill_verifies_and_folds_bit_exactly(tmp_path: Path) -> None:

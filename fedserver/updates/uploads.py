@@ -13,6 +13,7 @@ from fedserver.updates.messages import PendingSubmit, SubmitHeader
 from fedserver.updates.receiver import (
     MAX_UPDATE_VALUE,
     BadUpdate,
+    SpillPool,
     StagedUpdate,
     UpdateReceiver,
 )
@@ -29,6 +30,7 @@ class Uploads:
     ) -> None:
         self.max_value = max_value  # --max-update-value: largest |value| of a plain update
         self.incoming = incoming  # where verified bytes are spilled (unlinked temp files)
+        self.spills = SpillPool(incoming)  # spill files reused from one update to the next
         self.spill_key = spill_key  # --encrypt-state: spills encrypted under an in-memory key
         self.metrics = metrics
         self.rejections = rejections
@@ -60,6 +62,7 @@ class Uploads:
             self.spill_key,
             track_norm=track_norm,
             max_value=self.max_value,
+            spills=self.spills,
         )
         self.streams[header.client_id] += 1
         self.in_flight += 1
