@@ -461,7 +461,7 @@ def test_reused_spill_files_hold_exactly_each_update(tmp_path: Path) -> None:
     held = [_staged_big(tmp_path, payload, None, pool) for _ in range(3)]
     for staged in held:
         staged.discard()
-    assert len(pool._idle) == 2
+    assert pool.idle == 2
 
 
 def test_untouched_spill_verifies_and_folds_bit_exactly(tmp_path: Path) -> None:

@@ -138,7 +138,9 @@ def test_bad_delta_c_is_refused_before_the_fold_and_c_stays_the_honest_mean(
             assert (got, words in message) == (code, True), message
             assert c.uploads.in_flight == 0 and dict(c.uploads.streams) == {}
             assert c.machine.receipts == {}  # nothing counted
-            assert _open_files() == files  # the spill of every refused stream is closed
+            # The spill of every refused stream is given back: one file, kept for the next.
+            assert c.uploads.spills.idle == 1
+            assert _open_files() == files + 1
         assert c.strategy.control is None  # c untouched: still 0
         for client, dc in ((HONEST, 1.0), (OTHER, 3.0)):
             stream = _stream(c, exchanged, pair(0.5, dc).tobytes(), client=client)

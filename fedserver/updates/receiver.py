@@ -246,6 +246,11 @@ class SpillPool:
             file.truncate(size)
         return file
 
+    @property
+    def idle(self) -> int:
+        """Files kept open for the next update."""
+        return len(self._idle)
+
     def give(self, file: BinaryIO) -> None:
         if len(self._idle) < self.keep and not file.closed:
             self._idle.append(file)
