@@ -103,7 +103,8 @@ class BenchClient:
         self.down_bytes = self.up_bytes = 0
         self._update: FixedUpdate | None = None
         self._header: pb.ModelHeader | None = None
-        self._digest = None
+        self._digest: checksums.Hasher | None = None
+        self._expected = ""  # the digest the model's bytes must have
 
     def request(self) -> pb.GetGlobalModelRequest:
         self._header, self._digest = None, None
@@ -117,7 +118,15 @@ class BenchClient:
                 raise RuntimeError("model stream did not start with a header")
             self._header = msg.header
             if self._header.total_bytes:
-                self._digest = version_hasher(manifest_from_proto(self._header.manifest))
+                # fedclient's check (fedcore.tensors.ChunkAssembler): the model checksum when
+                # the coordinator sends one we know, else the version recipe.
+                tagged = checksums.parse_tagged(self._header.model_checksum)
+                if tagged is not None:
+                    self._digest = checksums.new_hasher(tagged[0])
+                    self._expected = tagged[1]
+                else:
+                    self._digest = version_hasher(manifest_from_proto(self._header.manifest))
+                    self._expected = self._header.model_version
         elif self._digest is not None:
             data = model_data(msg)
             if data is None:
@@ -133,8 +142,8 @@ class BenchClient:
         if header.state == pb.FINISHED:
             return self.FINISHED
         if self._digest is not None:
-            if self._digest.hexdigest() != header.model_version:
-                raise RuntimeError("model bytes do not match the announced version")
+            if self._digest.hexdigest() != self._expected:
+                raise RuntimeError("model bytes do not match the announced checksum")
             self.known = header.model_version
         if not header.selected or self.known != header.model_version:
             return self.POLL

@@ -1,6 +1,7 @@
 """Reading one GetGlobalModel stream: the header, then the model's bytes (checked against
-`model_version`) and the strategy's tensors after them (SCAFFOLD's c, checked against
-`strategy_version`), each into one preallocated buffer. No RPCs here: session.py pulls."""
+`model_checksum`, or `model_version` from an older coordinator) and the strategy's tensors
+after them (SCAFFOLD's c, checked likewise), each into one preallocated buffer. No RPCs
+here: session.py pulls."""
 
 from __future__ import annotations
 
@@ -35,9 +36,11 @@ def read_model_stream(
             header = msg.header
             if header.total_bytes:
                 before_model()
-                model = ChunkAssembler(manifest_from_proto(header.manifest))
+                model = ChunkAssembler(manifest_from_proto(header.manifest), header.model_checksum)
             if header.strategy_bytes:
-                extra = ChunkAssembler(manifest_from_proto(header.strategy_manifest))
+                extra = ChunkAssembler(
+                    manifest_from_proto(header.strategy_manifest), header.strategy_checksum
+                )
             continue
         data = model_data(msg)
         if data is None:

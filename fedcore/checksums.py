@@ -70,6 +70,18 @@ def hexdigest(algorithm: str, data: Any) -> str:
     return h.hexdigest()
 
 
+def tagged(algorithm: str, data: Any) -> str:
+    """`algorithm:hex` of `data`: a self-describing checksum (ModelHeader.model_checksum)."""
+    return f"{algorithm}:{hexdigest(algorithm, data)}"
+
+
+def parse_tagged(value: str) -> tuple[str, str] | None:
+    """(algorithm, hex) of a `tagged` checksum in an algorithm we know; None otherwise (empty,
+    or from a newer peer: the caller falls back to what it checked before the field)."""
+    algorithm, sep, digest = value.partition(":")
+    return (algorithm, digest.lower()) if sep and algorithm in _ALGORITHMS else None
+
+
 def receipt_digest(algorithm: str, hex_digest: str) -> str:
     """How a counted update is remembered for idempotency: sha256 digests bare (as receipts
     were stored before the field existed), others prefixed with their algorithm, so digests of

@@ -34,7 +34,8 @@ def pull(
         if header is None:
             header = msg.header
             if header.total_bytes:
-                assembler = ChunkAssembler(manifest_from_proto(header.manifest))
+                manifest = manifest_from_proto(header.manifest)
+                assembler = ChunkAssembler(manifest, header.model_checksum)
         elif assembler is not None and assembler.received < assembler.buffer.size:
             assembler.add(msg.data)
         else:  # a strategy's tensors after the model (SCAFFOLD's c): not this helper's concern

@@ -123,6 +123,7 @@ def test_version_and_checksum_recipes_match_a_real_coordinator(tmp_path: Path) -
         assert _docs_snippet_version(header.manifest, raw) == header.model_version
         assert _prose_version(tensors, raw) == header.model_version
         assert re.fullmatch(r"[0-9a-f]{64}", header.model_version)
+        assert header.model_checksum == "xxh3_128:" + xxhash.xxh3_128(raw).hexdigest()
 
         floats = [t for t in tensors if t[1] in ("float64", "float32", "float16", "bfloat16")]
         n = sum(int(np.prod(shape)) for _, _, shape in floats)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -243,16 +244,44 @@ def test_extra_bytes_are_rejected(chunk_size: int) -> None:
             assembler.add(chunk)
 
 
+@pytest.mark.parametrize("checked_by", ["version", "checksum"])
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
-def test_corrupted_byte_is_rejected(chunk_size: int) -> None:
+def test_corrupted_byte_is_rejected(chunk_size: int, checked_by: str) -> None:
     flat = flatten_state_dict(_sample_state())
     corrupted = flat.buffer.copy()
     corrupted[corrupted.size // 2] ^= 0x10
-    assembler = ChunkAssembler(flat.manifest)
+    assembler = ChunkAssembler(flat.manifest, flat.checksum if checked_by == "checksum" else "")
     for chunk in iter_chunks(corrupted, chunk_size):
         assembler.add(chunk)
     with pytest.raises(ManifestError, match="corrupted"):
         assembler.finish(flat.version)
+
+
+def test_a_known_checksum_checks_the_bytes_and_names_them_by_the_announced_version() -> None:
+    flat = flatten_state_dict(_sample_state())
+    assert flat.checksum == "xxh3_128:" + xxhash.xxh3_128(flat.buffer.tobytes()).hexdigest()
+    assembler = ChunkAssembler(flat.manifest, flat.checksum)
+    for chunk in flat.chunks(7):
+        assembler.add(chunk)
+    # Not rehashed by the version recipe: the version is the one the header announced.
+    out = assembler.finish("announced")
+    assert out.buffer.tobytes() == flat.buffer.tobytes() and out.version == "announced"
+    # Without one announced, the version is computed when asked.
+    assembler = ChunkAssembler(flat.manifest, flat.checksum)
+    assembler.add(flat.buffer)
+    assert assembler.finish().version == flat.version
+
+
+@pytest.mark.parametrize("checksum", ["", "crc99:00ff", "no-colon"])
+def test_an_unknown_or_missing_checksum_falls_back_to_the_version(checksum: str) -> None:
+    flat = flatten_state_dict(_sample_state())
+    assembler = ChunkAssembler(flat.manifest, checksum)
+    assembler.add(flat.buffer)
+    with pytest.raises(ManifestError, match="announced version"):
+        assembler.finish("0" * 64)
+    assembler = ChunkAssembler(flat.manifest, checksum)
+    assembler.add(flat.buffer)
+    assert assembler.finish(flat.version).version == flat.version
 
 
 def test_finish_without_expected_version_skips_the_check() -> None:

@@ -116,7 +116,7 @@ class GetGlobalModelRequest(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., known_version: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
 
 class ModelHeader(_message.Message):
-    __slots__ = ("state", "round", "selected", "model_version", "manifest", "config", "total_bytes", "total_rounds", "deadline_seconds", "message", "evaluate_round", "decrypt_round", "strategy_manifest", "strategy_version", "strategy_bytes")
+    __slots__ = ("state", "round", "selected", "model_version", "manifest", "config", "total_bytes", "total_rounds", "deadline_seconds", "message", "evaluate_round", "decrypt_round", "strategy_manifest", "strategy_version", "strategy_bytes", "model_checksum", "strategy_checksum")
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SELECTED_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,8 @@ class ModelHeader(_message.Message):
     STRATEGY_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_VERSION_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     state: FederationState
     round: int
     selected: bool
@@ -147,7 +149,9 @@ class ModelHeader(_message.Message):
     strategy_manifest: Manifest
     strategy_version: str
     strategy_bytes: int
-    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., selected: _Optional[bool] = ..., model_version: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., total_bytes: _Optional[int] = ..., total_rounds: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ..., evaluate_round: _Optional[int] = ..., decrypt_round: _Optional[int] = ..., strategy_manifest: _Optional[_Union[Manifest, _Mapping]] = ..., strategy_version: _Optional[str] = ..., strategy_bytes: _Optional[int] = ...) -> None: ...
+    model_checksum: str
+    strategy_checksum: str
+    def __init__(self, state: _Optional[_Union[FederationState, str]] = ..., round: _Optional[int] = ..., selected: _Optional[bool] = ..., model_version: _Optional[str] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., config: _Optional[_Union[RoundConfig, _Mapping]] = ..., total_bytes: _Optional[int] = ..., total_rounds: _Optional[int] = ..., deadline_seconds: _Optional[float] = ..., message: _Optional[str] = ..., evaluate_round: _Optional[int] = ..., decrypt_round: _Optional[int] = ..., strategy_manifest: _Optional[_Union[Manifest, _Mapping]] = ..., strategy_version: _Optional[str] = ..., strategy_bytes: _Optional[int] = ..., model_checksum: _Optional[str] = ..., strategy_checksum: _Optional[str] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("header", "data")

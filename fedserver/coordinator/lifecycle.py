@@ -195,6 +195,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
     # ------------------------------------------------------------------ startup
     def initialize_store(self, task_name: str) -> None:
         self.earlier_clients = set(self.store.recent_clients(EARLIER_CLIENTS_REMEMBERED))
+        _ = self.model.checksum  # cached before serving: every model header carries it
         if self.store.last_round() == 0 and not self.store.checkpoint_path(0).exists():
             self.store.write_checkpoint(0, self.model, self.publisher.state_arrays())
             self.store.publish_model(self.model, 0)

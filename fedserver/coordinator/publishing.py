@@ -82,6 +82,7 @@ class RoundPublisher:
     ) -> tuple[FlatModel, dict[str, float]]:
         faults.freeze("aggregate", agg.round)
         new_model = self.strategy.apply(model, agg)
+        _ = new_model.checksum  # cached here, off the event loop: every model header carries it
         self.store.write_checkpoint(agg.round, new_model, self.state_arrays())
         metrics = self.evaluate(new_model) if self.evaluate else {}
         return new_model, metrics

@@ -60,7 +60,9 @@ class ModelHeaders:
         if offer.selected or offer.evaluate_round:
             header.model_version = offer.model.version
             header.manifest.CopyFrom(self.manifest(offer))
-            header.total_bytes = offer.model.buffer.size if offer.send_bytes else 0
+            if offer.send_bytes:
+                header.total_bytes = offer.model.buffer.size
+                header.model_checksum = offer.model.checksum
             header.evaluate_round = offer.evaluate_round
         header.decrypt_round = offer.decrypt_round
         if offer.strategy_tensors is not None:
@@ -68,6 +70,7 @@ class ModelHeaders:
             header.strategy_manifest.CopyFrom(manifest_to_proto(extra.manifest))
             header.strategy_version = extra.version
             header.strategy_bytes = extra.buffer.size
+            header.strategy_checksum = extra.checksum
         if offer.selected:
             header.config.CopyFrom(
                 pb.RoundConfig(
