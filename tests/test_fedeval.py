@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fedserver.coordinator.publishing import RoundPublisher
 from fedserver.rounds.eval_campaign import EvalCampaign, EvalPolicy
 from fedserver.rounds.synchronous import NotSelected, StaleRound
-from fedserver.state.history import RoundRecord
+from fedserver.state.history import ClientReceipt, RoundRecord
 from fedserver.state.store import StateStore
 
 pytestmark = pytest.mark.timeout(30)
@@ -69,3 +70,30 @@ def test_store_merges_federated_metrics_into_a_committed_round(tmp_path: Path) -
     }
     with pytest.raises(KeyError):
         store.merge_round_metrics(2, {"fed_accuracy": 0.1})
+
+
+def test_a_round_whose_commit_is_still_running_gets_its_metrics_and_answers_retries(
+    tmp_path: Path,
+) -> None:
+    """The coordinator commits a round in the background while the next one runs: federated
+    evaluation reports and retried updates of that round meanwhile must not be lost."""
+    store = StateStore(tmp_path)
+    publisher = RoundPublisher(store, None, None, None)  # type: ignore[arg-type]
+    record = RoundRecord(1, "v1", 1, 10, {"accuracy": 0.8}, 0.0, 1.0, 1.0, 1)
+    receipt = ClientReceipt("a", 10, "xxh3_128:ab", {}, 1)
+    publisher.uncommitted, publisher._uncommitted_receipts = record, (receipt,)
+    publisher.merge_round_metrics(1, {"fed_accuracy": 0.7})
+    assert store.receipt_digest(1, "a") is None
+    assert publisher.receipt_digest(1, "a") == "xxh3_128:ab"
+    assert publisher.receipt_digest(1, "b") is None
+    store.commit_round(record, [receipt])  # what the background save does
+    publisher.merge_round_metrics(1, {"fed_examples": 9.0})  # committed, not yet cleared
+    publisher.uncommitted = None
+    publisher.merge_round_metrics(1, {"fed_loss": 0.2})
+    assert store.rounds()[0].metrics == {
+        "accuracy": 0.8,
+        "fed_accuracy": 0.7,
+        "fed_examples": 9.0,
+        "fed_loss": 0.2,
+    }
+    assert publisher.receipt_digest(1, "a") == "xxh3_128:ab"

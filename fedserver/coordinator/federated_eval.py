@@ -15,7 +15,6 @@ from fedserver.coordinator.submissions import MAX_NUM_EXAMPLES
 from fedserver.coordinator.tracking import RoundTracker
 from fedserver.rounds.eval_campaign import EvalCampaign, EvalPolicy
 from fedserver.rounds.synchronous import StaleRound, SubmitRefused
-from fedserver.state.store import StateStore
 from fedserver.updates.receiver import BadUpdate
 
 log = logging.getLogger("fedserver")
@@ -26,7 +25,8 @@ class EvaluationRounds:
     policy: EvalPolicy
     total_rounds: int
     seed: int
-    store: StateStore
+    # Merges metrics into a round's record, committed or not yet (RoundPublisher).
+    merge_metrics: Callable[[int, dict[str, float]], None]
     live_clients: Callable[[], Sequence[str]]
     model_version: Callable[[], str]  # the current global model's
     refuse: Callable[[Exception], Exception]  # count a refusal by its reason
@@ -82,7 +82,7 @@ class EvaluationRounds:
         if not new:
             return False, f"evaluation of round {round_number} was already counted"
         summary = c.summary()
-        self.store.merge_round_metrics(c.round, summary)
+        self.merge_metrics(c.round, summary)
         if self.tracker is not None:
             self.tracker.evaluated(c.round, summary)
         log.info(

@@ -18,9 +18,10 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fedcore.logs import format_metrics
 from fedcore.selection import Selection, round_selection
@@ -143,7 +144,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             self.protocol,
             self.base_version,
             self.round_selection,
-            self.store.receipt_digest,
+            self.publisher.receipt_digest,
             self.touch,
             self._advance,
             self.max_update_bytes,
@@ -155,7 +156,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             self.eval_policy,
             self.policy.total_rounds,
             self.seed,
-            self.store,
+            self.publisher.merge_round_metrics,
             self.machine.live_clients,
             lambda: self.model.version,
             self.uploads.refuse,
@@ -168,6 +169,8 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         self._host_opened: float | None = None  # time.monotonic() then, under fleet_time
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._aggregating: asyncio.Task[None] | None = None
+        # The last published round's checkpoint and commit, running while the next round does.
+        self._saving: asyncio.Task[None] | None = None
         self.shutting_down = False
         self.failure: str | None = None
         self.told_finished: set[str] = set()
@@ -296,10 +299,13 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
 
     async def _aggregate_round(self, closed: ClosedRound) -> None:
         started = time.monotonic()
+        await self.wait_saved()  # rounds commit in order: the one before first
+        if self.failure is not None:
+            return  # its save failed: the coordinator is stopping
         metrics = self.intake.metric_means(closed.receipts)
         metrics.update(self.machine.closing_metrics(closed))
         receipts = self.intake.client_receipts(closed.receipts, closed.round)
-        new_model, record = await self.publisher.publish(
+        new_model, record, save = await self.publisher.publish(
             self.model,
             closed,
             metrics,
@@ -307,6 +313,12 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             population=self._drawn_from(),
             host_opened=self._host_opened,
         )
+        self._saving = asyncio.get_running_loop().create_task(self._save_round(closed.round, save))
+        if closed.round >= self.policy.total_rounds:
+            # The last round: clients hear "finished" only once it is committed.
+            await self.wait_saved()
+            if self.failure is not None:
+                return
         self.model = new_model
         self.evaluations.open_campaign(closed.round, new_model)
         self.machine.complete()
@@ -329,6 +341,19 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         # Everyone else's answer changes only if training ended or an evaluation was asked for.
         everyone = self.evaluations.campaign is not None or self.machine.phase is Phase.FINISHED
         self._notify(None if everyone else ())
+
+    async def _save_round(self, round_number: int, save: Coroutine[Any, Any, None]) -> None:
+        try:
+            await save
+        except Exception as e:
+            # Disk full...: stop; the round before is committed and a restart redoes this one.
+            log.exception("saving round %d failed", round_number)
+            self._fail(f"saving round {round_number} failed: {e}")
+
+    async def wait_saved(self) -> None:
+        """Until the last published round is committed (its checkpoint on disk)."""
+        if self._saving is not None:
+            await asyncio.shield(self._saving)
 
     def _fail(self, why: str) -> None:
         """Give up: `failed` (and why) in the state dir, so `fedserver status` says so after
@@ -374,6 +399,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         """Wait for an aggregation in progress so its round is committed before exit."""
         if self._aggregating is not None:
             await asyncio.shield(self._aggregating)
+        await self.wait_saved()
 
     async def shut_down(self) -> None:
         """Ctrl-C or SIGTERM: refuse new work, commit the round being aggregated, then stop."""

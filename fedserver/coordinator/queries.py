@@ -188,6 +188,10 @@ class TransportQueries:
         )
 
     def recent_rounds(self, limit: int) -> tuple[list[RoundRecord], int]:
-        """The last `limit` rounds (oldest first) and how many rounds there are in all."""
-        result: tuple[list[RoundRecord], int] = self.store.recent_rounds(limit)
-        return result
+        """The last `limit` rounds (oldest first) and how many rounds there are in all,
+        counting the one published whose commit is still running (its record is final)."""
+        rounds, total = self.store.recent_rounds(limit)
+        pending = self.publisher.uncommitted  # type: ignore[attr-defined]
+        if pending is not None and (not rounds or rounds[-1].round < pending.round):
+            rounds, total = [*rounds, pending][-limit:] if limit > 0 else [], total + 1
+        return rounds, total
