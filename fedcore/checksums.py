@@ -24,7 +24,6 @@ import blake3
 import xxhash
 
 from fedcore.limits import excerpt
-from fedcore.tensors import ManifestError
 
 DEFAULT = "xxh3_128"  # what fedclient sends a coordinator that offers it
 UNOFFERED = "blake3"  # what it sends a coordinator that offers none (older than the offer)
@@ -46,12 +45,16 @@ _ALGORITHMS: dict[str, Callable[[], Hasher]] = {
 ALGORITHMS = tuple(_ALGORITHMS)
 
 
+class UnknownChecksum(ValueError):
+    """An algorithm this side does not know (the coordinator refuses it as bad_checksum)."""
+
+
 def new_hasher(algorithm: str) -> Hasher:
-    """A fresh hasher for `algorithm` ("" = sha256); ManifestError names the ones known."""
+    """A fresh hasher for `algorithm` ("" = sha256); UnknownChecksum names the ones known."""
     try:
         return _ALGORITHMS[algorithm or LEGACY]()
     except KeyError:
-        raise ManifestError(
+        raise UnknownChecksum(
             f"unknown update checksum {excerpt(algorithm)}; supported: {', '.join(ALGORITHMS)}"
         ) from None
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import numpy as np
 
+from fedcore import checksums
 from fedcore.limits import excerpt, excerpts
 
 if TYPE_CHECKING:
@@ -209,8 +210,6 @@ class FlatModel:
     def checksum(self) -> str:
         """`xxh3_128:<hex>` of the bytes alone (ModelHeader.model_checksum): what a client
         checks a download against, ~5x cheaper than recomputing `version` (BLAKE3)."""
-        from fedcore import checksums  # imported here: it imports ManifestError from us
-
         return checksums.tagged(checksums.DEFAULT, self.buffer)
 
     def chunks(self, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[memoryview]:
@@ -276,8 +275,6 @@ class ChunkAssembler:
     clients pulling 40 MB, a sixth of the coordinator's own)."""
 
     def __init__(self, manifest: Manifest, checksum: str = "") -> None:
-        from fedcore import checksums  # imported here: it imports ManifestError from us
-
         self.manifest = manifest
         self.buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
         self.received = 0

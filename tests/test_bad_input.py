@@ -23,6 +23,8 @@ from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.tensors import FlatModel, float_vector
 from fedcore.wire import manifest_to_proto
+from fedserver.state.history import read_status
+from tests.procs import wait_until
 from tests.raw_client import lone_client, pull, update_header
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -268,6 +270,9 @@ def test_valid_update_after_all_refusals_is_exact(live: Live) -> None:
     assert header.round == live.header.round + 1 and new_model is not None
     expected = float_vector(live.model) + np.float32(0.25)
     assert float_vector(new_model).tobytes() == expected.tobytes()
+    # The round is committed, and model.safetensors written, while the next one runs.
+    committed = live.header.round
+    wait_until(lambda: read_status(live.state)["rounds_completed"] >= committed, 60, "the commit")
     on_disk, _ = read_safetensors(live.state / "model.safetensors")
     assert on_disk.buffer.tobytes() == new_model.buffer.tobytes()
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fedcore import faults
-from fedcore.checksums import new_hasher
+from fedcore.checksums import UnknownChecksum, new_hasher
 from fedcore.codecs import Codec, get_codec
 from fedcore.limits import CLIENT_METRIC_PREFIX, MAX_ROUND_METRICS, excerpt
 from fedcore.selection import Selection
@@ -116,7 +116,7 @@ class UpdateIntake:
             raise BadUpdate(str(e), reason="bad_encoding") from None
         try:
             new_hasher(h.checksum)
-        except ManifestError as e:
+        except UnknownChecksum as e:
             raise BadUpdate(str(e), reason="bad_checksum") from None
         self.protocol.check_encoding(h.encoding)
         expected, selection = self._expected_manifest(h, codec)

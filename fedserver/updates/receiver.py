@@ -24,7 +24,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
-from fedcore.checksums import new_hasher, receipt_digest
+from fedcore.checksums import UnknownChecksum, new_hasher, receipt_digest
 from fedcore.codec_base import FixedWidthDecoder
 from fedcore.codecs import Codec, Piece
 from fedcore.tensors import DEFAULT_CHUNK_SIZE, ManifestError
@@ -321,7 +321,7 @@ class UpdateReceiver:
         self.checksum = checksum
         try:
             self._hash = new_hasher(checksum)  # fedcore/checksums.py: which and why
-        except ManifestError as e:
+        except UnknownChecksum as e:
             raise BadUpdate(str(e), reason="bad_checksum") from None
         self._decoder = codec.decoder(num_values)
         # Sum of squares of the decoded values, in float64; None when nobody needs the norm.
