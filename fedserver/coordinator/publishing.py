@@ -115,8 +115,7 @@ class RoundPublisher:
         new_model = self.strategy.apply(model, agg)
         _ = new_model.version, new_model.checksum  # cached off the event loop: headers carry them
         metrics = self.evaluate(new_model) if self.evaluate else {}
-        # Taken now: the strategy's and protocol's arrays change only in the next round's step,
-        # which waits for this round's save.
+        # Taken with the model they belong to (copies): what this round's checkpoint holds.
         return new_model, metrics, self.state_arrays()
 
     async def _save(
