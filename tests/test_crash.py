@@ -112,3 +112,27 @@ def test_kill9_coordinator_at_every_stage_loses_nothing(tmp_path: Path, procs: l
         f"\nresume after kill -9, seconds (restart -> listening / restart -> round re-opened with "
         f"all clients back): {shown}; final accuracy {accuracy:.4f}"
     )
+
+
+@pytest.mark.timeout(180)
+def test_next_round_runs_while_the_checkpoint_is_written_and_waits_for_it(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """A closed round's checkpoint and commit run while the next round collects: frozen
+    halfway through round 1's checkpoint, the coordinator has round 2 open and its updates in,
+    but round 2 cannot close, and nothing is on record, until round 1 is committed."""
+    port, state, logs = free_port(), tmp_path / "state", tmp_path / "logs"
+    markers = tmp_path / "faults"
+    markers.mkdir()
+    env = {"FEDGRPC_FAULT": "checkpoint:1", "FEDGRPC_FAULT_DIR": str(markers)}
+    flags = ("--rounds", "3", "--min-clients", "2", "--round-timeout", "60")
+    server = start_coordinator(logs, port, state, *flags, env=env)
+    procs.append(server)
+    wait_serving(port, server)
+    start_clients(procs, logs, port, 2)
+    wait_until((markers / "checkpoint-1.hit").exists, 120, "round 1's checkpoint to start")
+    wait_until(lambda: "round 2/3 opened" in server.log(), 60, "round 2 to open")
+    wait_until(lambda: "round 2: update 2/2" in server.log(), 60, "round 2's updates")
+    assert "round 1/3 closed" in server.log() and "round 2/3 closed" not in server.log()
+    assert status_json(state)["rounds_completed"] == 0
+    server.kill()
