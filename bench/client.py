@@ -29,7 +29,7 @@ from fedcore import checksums
 from fedcore.codecs import get_codec
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
-from fedcore.tensors import version_hasher
+from fedcore.tensors import download_check
 from fedcore.wire import (
     CHANNEL_OPTIONS,
     ModelCalls,
@@ -118,15 +118,10 @@ class BenchClient:
                 raise RuntimeError("model stream did not start with a header")
             self._header = msg.header
             if self._header.total_bytes:
-                # fedclient's check (fedcore.tensors.ChunkAssembler): the model checksum when
-                # the coordinator sends one we know, else the version recipe.
-                tagged = checksums.parse_tagged(self._header.model_checksum)
-                if tagged is not None:
-                    self._digest = checksums.new_hasher(tagged[0])
-                    self._expected = tagged[1]
-                else:
-                    self._digest = version_hasher(manifest_from_proto(self._header.manifest))
-                    self._expected = self._header.model_version
+                # fedclient's check (fedcore.tensors.ChunkAssembler does the same).
+                manifest = manifest_from_proto(self._header.manifest)
+                self._digest, expected = download_check(manifest, self._header.model_checksum)
+                self._expected = expected or self._header.model_version
         elif self._digest is not None:
             data = model_data(msg)
             if data is None:

@@ -265,6 +265,17 @@ def iter_chunks(buffer: np.ndarray | bytes | memoryview, chunk_size: int) -> Ite
         yield view[start : start + chunk_size]
 
 
+def download_check(manifest: Manifest, checksum: str) -> tuple[checksums.Hasher, str | None]:
+    """How a model download is checked: the hasher its bytes go through, and the digest they
+    must have when `checksum` (ModelHeader.model_checksum) is in an algorithm we know; None
+    means the version recipe instead (an older coordinator sends no checksum), and the caller
+    compares the digest with the announced version."""
+    tagged = checksums.parse_tagged(checksum)
+    if tagged is None:
+        return version_hasher(manifest), None
+    return checksums.new_hasher(tagged[0]), tagged[1]
+
+
 class ChunkAssembler:
     """Receives a byte stream of known length into one preallocated buffer (no per-chunk copies).
 
@@ -278,12 +289,7 @@ class ChunkAssembler:
         self.manifest = manifest
         self.buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
         self.received = 0
-        self._checksum = checksums.parse_tagged(checksum)
-        self._hash = (
-            checksums.new_hasher(self._checksum[0])
-            if self._checksum is not None
-            else version_hasher(manifest)
-        )
+        self._hash, self._checksum = download_check(manifest, checksum)
 
     def add(self, data: bytes | memoryview) -> None:
         end = self.received + len(data)
@@ -303,7 +309,7 @@ class ChunkAssembler:
         digest = self._hash.hexdigest()
         version: str | None = digest
         if self._checksum is not None:
-            if digest != self._checksum[1]:
+            if digest != self._checksum:
                 raise ManifestError("model bytes do not match the announced checksum (corrupted)")
             version = expected_version
         elif expected_version is not None and digest != expected_version:
