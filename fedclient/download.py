@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from fedclient.retry import PermanentError
 from fedcore.proto import coordinator_pb2 as pb
 from fedcore.tensors import ChunkAssembler, FlatModel
@@ -23,11 +25,12 @@ class Pulled:
 
 
 def read_model_stream(
-    stream: Iterable[Any], before_model: Callable[[], None] = lambda: None
+    stream: Iterable[Any], before_model: Callable[[int], np.ndarray | None] = lambda _: None
 ) -> Pulled:
-    """`before_model` runs before a model's buffer is allocated (the session drops the model
-    it holds). PermanentError for a stream that breaks the protocol's shape; ManifestError (pull
-    again) for bytes that overflow, fall short or do not hash to their announced version."""
+    """`before_model(nbytes)` runs before a model's buffer is allocated: the session drops the
+    model it holds, and may hand back a free uint8 buffer of `nbytes` to download into. Permanent
+    Error for a stream that breaks the protocol's shape; ManifestError (pull again) for bytes
+    that overflow, fall short or do not hash to their announced version."""
     header: pb.ModelHeader | None = None
     model: ChunkAssembler | None = None
     extra: ChunkAssembler | None = None
@@ -35,8 +38,10 @@ def read_model_stream(
         if header is None:
             header = msg.header
             if header.total_bytes:
-                before_model()
-                model = ChunkAssembler(manifest_from_proto(header.manifest), header.model_checksum)
+                manifest = manifest_from_proto(header.manifest)
+                model = ChunkAssembler(
+                    manifest, header.model_checksum, before_model(manifest.total_bytes)
+                )
             if header.strategy_bytes:
                 extra = ChunkAssembler(
                     manifest_from_proto(header.strategy_manifest), header.strategy_checksum

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
@@ -74,6 +75,9 @@ class ClientSession:
         self.checksum = checksums.UNOFFERED  # of updates: the first JoinReply offers we know
         self.round = 0  # the round being worked on, for a failure report
         self.held: FlatModel | None = None
+        # The buffer of the last model consumed by training (its update went out from it): the
+        # next model downloads into it (see ChunkAssembler); None when there is none to reuse.
+        self._spare: np.ndarray | None = None
         self.rounds_trained = 0
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
         self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
@@ -235,10 +239,13 @@ class ClientSession:
                 with self._busy(header.round):
                     self._train_and_submit(header, model, data)
 
-    def _drop_held(self) -> None:
-        """Another version is about to download: drop the one held before its successor's
-        buffer is allocated (two models in memory, not three)."""
+    def _drop_held(self, nbytes: int) -> np.ndarray | None:
+        """Another version of `nbytes` is about to download: drop the one held before its
+        successor's buffer is allocated (two models in memory, not three), and hand over the
+        spare buffer when it fits (else drop it too)."""
         self.held = None
+        spare, self._spare = self._spare, None
+        return spare if spare is not None and spare.size == nbytes else None
 
     def _pull(self) -> pb.ModelHeader:
         request = pb.GetGlobalModelRequest(
@@ -348,6 +355,9 @@ class ClientSession:
                     self.task, model, data, base, config, tensors, self._personal, control,
                     consume_base=control is None,
                 )  # fmt: skip
+            # Free once this round's update is out: nothing keeps a view of it past this call
+            # (error feedback, DP and the codecs copy what they keep).
+            consumed = base.buffer if control is None else None
             del base
         # --slowdown: emulate a slow device (demos, tests, benchmarks). Scaled by the CPU time
         # trained, not the wall time: on a shared host the wall time of round 1 (10 clients
@@ -377,11 +387,13 @@ class ClientSession:
             time.monotonic() - started,
             shown,
         )
+        # The next pull downloads into it; pulls come only after this upload is done with it.
+        self._spare = consumed
         try:
             reply = self._call(
                 "submit",
                 lambda: self.calls.submit(
-                    _upload(prepared.header, payload, prepared.digest),
+                    _upload(prepared.header, payload),
                     timeout=self.settings.rpc_timeout,
                 ),
             )
@@ -408,8 +420,8 @@ class ClientSession:
         )
 
 
-def _upload(header: pb.UpdateHeader, payload: Any, digest: str) -> Iterator[bytes]:
-    for sent, chunk in enumerate(update_messages(header, payload, digest)):
+def _upload(header: pb.UpdateHeader, payload: Any) -> Iterator[bytes]:
+    for sent, chunk in enumerate(update_messages(header, payload)):
         yield chunk
         if sent == 1:  # header and first data chunk are out
             faults.freeze("upload", header.round)  # tests: stall mid-upload, to be killed

@@ -64,13 +64,18 @@ class Trained:
 
 @dataclass(frozen=True)
 class PreparedUpdate:
-    """An update as it travels: UpdateHeader, encoded payload, its digest (the trailer)."""
+    """An update as it travels: UpdateHeader and encoded payload. A `fedclient` upload takes
+    the trailer's digest as it streams (wire.update_messages); `digest` is for the callers
+    that hand the update over whole (virtual clients)."""
 
     header: pb.UpdateHeader
     payload: np.ndarray
-    digest: str
     result: TrainResult
     pending: Path | None = None  # SCAFFOLD, virtual client: c_i⁺, for scaffold.settle
+
+    @property
+    def digest(self) -> str:
+        return checksums.hexdigest(self.header.checksum, self.payload)
 
 
 def train_config(header: pb.ModelHeader, seed: int, client_id: str) -> TrainConfig:
@@ -156,8 +161,8 @@ def encode(
     checksum: str = checksums.DEFAULT,
 ) -> PreparedUpdate:
     """Privatize (DP: clip, noise, as the round config says), encode, and build the header
-    (the update is based on `header.model_version`, the model the caller trained from) with
-    its digest in `checksum` (the one the coordinator offered: checksums.choose).
+    (the update is based on `header.model_version`, the model the caller trained from),
+    digested in `checksum` (the one the coordinator offered: checksums.choose).
 
     The round's encoding unless this client asks for its own (`encoding`, --encoding); the
     coordinator accepts any codec it knows, declared in the update header. Secure aggregation
@@ -171,7 +176,7 @@ def encode(
     reported = result.metrics | report
     codec = get_codec(wanted or header.config.encoding or "fp32").bind(manifest)
     payload = handler.encode(codec, delta, result.num_examples, config.extra)
-    update, digest = update_header(
+    update = update_header(
         client_id,
         header.round,
         header.model_version,
@@ -182,7 +187,7 @@ def encode(
         payload,
         checksum,
     )
-    return PreparedUpdate(update, payload, digest, result)
+    return PreparedUpdate(update, payload, result)
 
 
 def prepare_update(

@@ -97,10 +97,11 @@ def update_header(
     manifest: Manifest,
     payload: Any,
     checksum: str = checksums.DEFAULT,
-) -> tuple[pb.UpdateHeader, str]:
-    """The header of an encoded update and its payload's digest in `checksum` (the algorithm
-    the coordinator offered: checksums.choose)."""
-    header = pb.UpdateHeader(
+) -> pb.UpdateHeader:
+    """The header of an encoded update whose digest goes in `checksum` (the algorithm the
+    coordinator offered: checksums.choose). The digest itself travels in the trailer, so
+    `update_messages` computes it as the chunks go out."""
+    return pb.UpdateHeader(
         client_id=client_id,
         round=round_number,
         base_version=base_version,
@@ -111,18 +112,21 @@ def update_header(
         total_bytes=memoryview(payload).nbytes,
         checksum=checksum,
     )
-    return header, checksums.hexdigest(checksum, payload)
 
 
 def update_messages(
-    header: pb.UpdateHeader, payload: object, digest: str, chunk_size: int = DEFAULT_CHUNK_SIZE
+    header: pb.UpdateHeader, payload: object, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> Iterator[bytes]:
     """The upload as serialized UpdateChunks for `ModelCalls.submit`: one copy per data chunk
-    (the framing) instead of three (bytes(), into the message, out of it)."""
+    (the framing) instead of three (bytes(), into the message, out of it). The trailer's
+    digest is taken from each chunk as it is framed, while it is in cache: a separate pass
+    over a 2.4 GB update cost 0.2 s of a client's CPU every round."""
     yield pb.UpdateChunk(header=header).SerializeToString(deterministic=True)
+    hasher = checksums.new_hasher(header.checksum)
     for chunk in iter_chunks(payload, chunk_size):
+        hasher.update(chunk)
         yield data_message(chunk)
-    yield update_trailer(header, digest).SerializeToString(deterministic=True)
+    yield update_trailer(header, hasher.hexdigest()).SerializeToString(deterministic=True)
 
 
 # ---------------------------------------------------------------- chunks without protobuf copies

@@ -272,6 +272,19 @@ def test_a_known_checksum_checks_the_bytes_and_names_them_by_the_announced_versi
     assert assembler.finish().version == flat.version
 
 
+def test_a_recycled_buffer_is_filled_in_place_and_must_fit() -> None:
+    flat = flatten_state_dict(_sample_state())
+    spare = np.full(flat.manifest.total_bytes, 0xAB, dtype=np.uint8)
+    assembler = ChunkAssembler(flat.manifest, flat.checksum, spare)
+    for chunk in flat.chunks(7):
+        assembler.add(chunk)
+    out = assembler.finish(flat.version)
+    assert out.buffer is spare and spare.tobytes() == flat.buffer.tobytes()
+    for wrong in (np.empty(spare.size + 1, np.uint8), np.empty(spare.size // 4, np.float32)):
+        with pytest.raises(ValueError, match="recycled buffer must be"):
+            ChunkAssembler(flat.manifest, flat.checksum, wrong)
+
+
 @pytest.mark.parametrize("checksum", ["", "crc99:00ff", "no-colon"])
 def test_an_unknown_or_missing_checksum_falls_back_to_the_version(checksum: str) -> None:
     flat = flatten_state_dict(_sample_state())

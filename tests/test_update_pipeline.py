@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedclient.download import read_model_stream
 from fedclient.local_update import float_delta, float_delta_in_place
 from fedclient.partition import Partition
 from fedclient.session import ClientSession
@@ -52,7 +53,10 @@ def _header(base: FlatModel, encoding: str, extra: dict[str, str]) -> pb.ModelHe
     )
 
 
-def _through_fedclient_run(base: FlatModel, header: pb.ModelHeader, index: int) -> list[bytes]:
+def _through_fedclient_run(
+    base: FlatModel, header: pb.ModelHeader, index: int, after: Any = None
+) -> list[bytes]:
+    """The messages a session uploads for `header`; `after(session)` runs before it closes."""
     task = load_object(TASK)
     partition = Partition(index, CLIENTS, "iid", 0.5, SEED)
     settings = ClientSettings("127.0.0.1:1", partition, client_id=client_id(index), seed=SEED)
@@ -64,6 +68,8 @@ def _through_fedclient_run(base: FlatModel, header: pb.ModelHeader, index: int) 
         upload = CapturedUpload()
         session.calls = upload  # type: ignore[assignment]
         session._train_and_submit(header, task.build_model(), task.load_partition(partition))
+        if after is not None:
+            after(session)
     finally:
         session.channel.close()
     assert session.rounds_trained == 1
@@ -75,7 +81,10 @@ def _through_virtual_client(base: FlatModel, header: pb.ModelHeader, index: int)
     [fitted] = clients.fit(header.SerializeToString(), base.buffer, [client_id(index)])
     assert not fitted.error and fitted.payload is not None
     update = pb.UpdateHeader.FromString(fitted.header)
-    return [bytes(m) for m in update_messages(update, fitted.payload, fitted.digest)]
+    messages = [bytes(m) for m in update_messages(update, fitted.payload)]
+    # What the simulation hands the coordinator whole is what fedclient digests as it sends.
+    assert pb.UpdateChunk.FromString(messages[-1]).trailer.digest == fitted.digest
+    return messages
 
 
 @pytest.fixture(autouse=True)
@@ -113,6 +122,37 @@ def test_fedclient_run_and_a_virtual_client_send_the_same_update(
         base.version,
     )
     assert pb.UpdateChunk.FromString(sent[-1]).trailer.digest
+
+
+def test_the_next_model_downloads_into_the_buffer_of_the_update_sent() -> None:
+    base = flatten_state_dict(load_object(TASK).build_model().state_dict())
+    header = _header(base, "fp32", {})
+    header.model_checksum = base.checksum
+    pulled = []
+
+    def pull_again(session: ClientSession) -> None:
+        spare = session._spare
+        assert spare is not None and spare.size == base.buffer.size
+        stream = [pb.ModelChunk(header=header), *base.chunks(1000)]
+        pulled.append((spare, read_model_stream(stream, session._drop_held).model))
+
+    _through_fedclient_run(base, header, 1, pull_again)
+    [(spare, model)] = pulled
+    # The update went out of that buffer; the new model is in it, bytes intact.
+    assert model is not None and model.buffer is spare
+    assert model.buffer.tobytes() == base.buffer.tobytes() and model.version == base.version
+
+
+def test_a_spare_buffer_of_another_size_is_dropped_not_used() -> None:
+    base = flatten_state_dict(load_object(TASK).build_model().state_dict())
+    handed = []
+
+    def pull_bigger(session: ClientSession) -> None:
+        handed.append(session._drop_held(base.buffer.size + 4))
+        handed.append(session._spare)
+
+    _through_fedclient_run(base, _header(base, "fp32", {}), 1, pull_bigger)
+    assert handed == [None, None]  # not handed over, and not kept either
 
 
 def test_float_delta_is_the_difference_of_float_vectors_tensor_by_tensor() -> None:
