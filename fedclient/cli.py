@@ -25,6 +25,7 @@ from fedcore.config import CliParser, parse_layered, quiet_broken_pipe
 from fedcore.device import configure
 from fedcore.he import HEError
 from fedcore.logs import add_log_flags, setup_logging
+from fedcore.malloc import limit_malloc_arenas
 from fedcore.plugins import load_object
 from fedcore.progress import wanted as progress_wanted
 from fedcore.security import SecurityError, TlsFiles, add_tls_arguments
@@ -151,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_main(args: argparse.Namespace) -> int:
     """`fedclient check`: exit 0 with a summary, 1 with the mistake explained, 2 on usage."""
     log = logging.getLogger("fedclient")
+    limit_malloc_arenas()  # before gRPC's and torch's threads start
     try:
         partition = Partition.parse(
             args.partition, scheme=args.partitioner, alpha=args.alpha, seed=args.seed
@@ -188,6 +190,7 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "check":
         return check_main(args)
     log = logging.getLogger("fedclient")
+    limit_malloc_arenas()  # before gRPC's and torch's threads start
     try:
         partition = Partition.parse(
             args.partition, scheme=args.partitioner, alpha=args.alpha, seed=args.seed
