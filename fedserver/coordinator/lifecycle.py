@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedcore.durable import PageRecycler
 from fedcore.logs import format_metrics
 from fedcore.selection import Selection, round_selection
 from fedcore.tensors import FlatModel
@@ -113,6 +114,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
         self._flush_joins: asyncio.TimerHandle | None = None
         # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
+        self.recycler = PageRecycler()
         key = spill_key(self.store.cipher is not None)
         self.uploads = Uploads(
             self.store.dir / "incoming", key, self.metrics, self.rejections, self.max_update_value
@@ -132,6 +134,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
                 lambda: self.machine.selected,
                 lambda: self.machine.expected_updates,
                 self._drawn_from,
+                self.recycler,
             ),
             self.protocol_wrappers,
         )
@@ -319,6 +322,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             await self.wait_saved()
             if self.failure is not None:
                 return
+        self.recycler.retire(self.model.buffer)  # the next round sums into it if it is free
         self.model = new_model
         self.evaluations.open_campaign(closed.round, new_model)
         self.machine.complete()

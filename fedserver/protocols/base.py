@@ -39,6 +39,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from fedcore.codecs import get_codec
+from fedcore.durable import PageRecycler
 from fedcore.limits import excerpt
 from fedcore.selection import Selection
 from fedcore.tensors import Manifest
@@ -82,6 +83,9 @@ class ProtocolEnv:
     # Clients the round's participants were drawn from at random; a round not drawn at random
     # (an async buffer: whoever finishes first) returns its own size, i.e. a sample rate of 1.
     drawn_from: Callable[[], int] = int
+    # Retired models' pages, for the next accumulator (the coordinator retires each global
+    # model it replaces).
+    recycler: PageRecycler = field(default_factory=PageRecycler)
 
     @property
     def num_values(self) -> int:

@@ -35,7 +35,9 @@ class PlainProtocol(RoundProtocol):
     def open(self, opening: Opening) -> None:
         if not opening.fresh:
             return  # a re-opened round keeps what it counted
-        self._accumulator = Accumulator(self.env.num_values, self.env.tensor_sizes)
+        n = self.env.num_values
+        reuse = self.env.recycler.take(n, np.float32)
+        self._accumulator = Accumulator(n, self.env.tensor_sizes, reuse)
         self._close_spool()
         if self.keep_updates:
             self._spool = UpdateSpool(

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fedcore.codecs import Piece
 from fedcore.durable import page_aligned_zeros
 from fedcore.selection import Selection
 from fedserver.updates.receiver import StagedUpdate
@@ -22,13 +23,23 @@ class Accumulator:
     updates that carried it, and a tensor nobody sent gets a zero mean delta (it stays frozen).
     """
 
-    def __init__(self, num_values: int, tensor_sizes: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        num_values: int,
+        tensor_sizes: Sequence[int] | None = None,
+        reuse: np.ndarray | None = None,
+    ) -> None:
+        """`reuse`: float32 memory of `num_values` to sum into, its contents stale (a retired
+        model's pages: fedcore.durable.PageRecycler); the first fold overwrites it."""
         sizes = list(tensor_sizes) if tensor_sizes is not None else [num_values]
         if sum(sizes) != num_values:
             raise ValueError(f"tensor sizes add up to {sum(sizes)}, not {num_values}")
+        if reuse is not None and (reuse.dtype != np.float32 or reuse.shape != (num_values,)):
+            raise ValueError(f"memory to reuse must be {num_values} float32 values")
         # Page-aligned: under FedAvg the sum becomes the new model, whose checkpoint is then
         # written with O_DIRECT straight from it (fedcore.durable).
-        self.total = page_aligned_zeros(num_values, np.float32)
+        self.total = reuse if reuse is not None else page_aligned_zeros(num_values, np.float32)
+        self._stale = reuse is not None  # total holds old values, not zeros, until a fold
         self.weight = 0.0
         self.count = 0
         self._bounds = np.cumsum([0, *sizes])
@@ -55,27 +66,58 @@ class Accumulator:
         pieces = update.pieces(transient=True)
         if selection is not None:
             pieces = selection.to_full(pieces)
-        for piece in pieces:
-            values = piece.values
-            if piece.indices is not None:  # sparse (top-k): positions are unique
-                self.total[piece.indices] += values * factor
-                continue
-            target = self.total[piece.offset : piece.offset + values.size]
-            if factor == 1:  # exact either way; one pass over the bytes instead of two
-                np.add(target, values, out=target)
-                continue
-            # Scaled in cache-sized steps, so the add reads the scaled values from the cache.
-            for start in range(0, values.size, FOLD_STEP):
-                part = values[start : start + FOLD_STEP]
-                scaled = np.multiply(part, factor, out=self._scratch[: part.size])
-                t = target[start : start + part.size]
-                np.add(t, scaled, out=t)
+        # Over stale memory, dense pieces in order are written, not added; from the first
+        # that is not (a gap, a sparse piece), or after the last, the rest is zeroed.
+        written = 0 if self._stale else None
+        try:
+            for piece in pieces:
+                if written is not None and (piece.indices is not None or piece.offset != written):
+                    self.total[written:] = 0.0
+                    written = None
+                if written is not None:
+                    written = self._write(piece.offset, piece.values, factor)
+                else:
+                    self._add(piece, factor)
+        finally:
+            if written is not None:
+                self.total[written:] = 0.0
+            self._stale = False
         if selection is None:
             self.tensor_weight += weight
         else:
             self.tensor_weight[list(selection.indices)] += weight
         self.weight += weight
         self.count += 1
+
+    def _write(self, offset: int, values: np.ndarray, factor: np.float32) -> int:
+        """total[offset:...] = factor x values + 0.0: what adding them to zeros gives, to the
+        bit (x + 0.0 turns a -0.0 into +0.0, as 0.0 + x does). Returns where the piece ends."""
+        target = self.total[offset : offset + values.size]
+        zero = np.float32(0.0)
+        if factor == 1:
+            np.add(values, zero, out=target)
+        else:
+            for start in range(0, values.size, FOLD_STEP):
+                t = target[start : start + FOLD_STEP]
+                np.multiply(values[start : start + t.size], factor, out=t)
+                np.add(t, zero, out=t)
+        return offset + values.size
+
+    def _add(self, piece: Piece, factor: np.float32) -> None:
+        values = piece.values
+        if piece.indices is not None:  # sparse (top-k): positions are unique
+            self.total[piece.indices] += values * factor
+            return
+        target = self.total[piece.offset : piece.offset + values.size]
+        if factor == 1:  # exact either way; one pass over the bytes instead of two
+            np.add(target, values, out=target)
+            return
+        # Scaled in cache-sized steps, so the add reads the scaled values from the cache.
+        for start in range(0, values.size, FOLD_STEP):
+            part = values[start : start + FOLD_STEP]
+            scaled = np.multiply(part, factor, out=self._scratch[: part.size])
+            t = target[start : start + part.size]
+            np.add(t, scaled, out=t)
 
     def mean(self) -> np.ndarray:
         """The weighted mean, computed in place: the sum is consumed (no second model-sized
