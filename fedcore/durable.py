@@ -156,6 +156,11 @@ class PageRecycler:
         """`array` (or a view of a page_aligned_zeros() array) is no longer ours to use."""
         self._retired = array
 
+    def release(self) -> None:
+        """Let go of an array nobody took (a protocol that makes no accumulator of its own,
+        or a round that did not open yet): kept, it would be one model more in memory."""
+        self._retired = None
+
     def take(self, count: int, dtype: npt.DTypeLike) -> np.ndarray | None:
         """The retired pages as `count` `dtype` values (stale contents), or None."""
         array, self._retired = self._retired, None

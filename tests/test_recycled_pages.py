@@ -97,6 +97,9 @@ def test_retired_pages_are_handed_over_once_nothing_else_reads_them() -> None:
     again = recycler.take(N, np.float32)
     assert again is not None and again.ctypes.data == address and owns_its_pages(again)
     assert recycler.take(N, np.float32) is None  # handed over once
+    recycler.retire(again.view(np.uint8))
+    recycler.release()  # nobody took it: let go, not kept
+    assert recycler.take(N, np.float32) is None
 
 
 @pytest.mark.parametrize(

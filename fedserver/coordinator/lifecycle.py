@@ -342,6 +342,7 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
             log.info("training finished: %d rounds", self.machine.rounds_completed)
             self.done.set()
         self._advance()  # opens the next round: wakes its selected clients
+        self.recycler.release()  # whatever its opening did not take
         # Everyone else's answer changes only if training ended or an evaluation was asked for.
         everyone = self.evaluations.campaign is not None or self.machine.phase is Phase.FINISHED
         self._notify(None if everyone else ())
