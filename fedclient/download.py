@@ -28,9 +28,9 @@ def read_model_stream(
     stream: Iterable[Any], before_model: Callable[[int], np.ndarray | None] = lambda _: None
 ) -> Pulled:
     """`before_model(nbytes)` runs before a model's buffer is allocated: the session drops the
-    model it holds, and may hand back a free uint8 buffer of `nbytes` to download into. Permanent
-    Error for a stream that breaks the protocol's shape; ManifestError (pull again) for bytes
-    that overflow, fall short or do not hash to their announced version."""
+    model it holds, and may hand back a free uint8 buffer of `nbytes` to download into.
+    PermanentError for a stream that breaks the protocol's shape; ManifestError (pull again) for
+    bytes that overflow, fall short or do not hash to their announced version."""
     header: pb.ModelHeader | None = None
     model: ChunkAssembler | None = None
     extra: ChunkAssembler | None = None
