@@ -14,8 +14,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-
 # Re-exported: the durable writes are used through this module across the code base.
 from fedcore.durable import DIRECT_MIN
 from fedcore.durable import PRIVATE as PRIVATE
@@ -130,13 +128,13 @@ def read_safetensors(
     path = Path(path)
     with _open_for_read(path, cipher, role) as f:
         manifest, metadata = _read_header(f, path)
-        buffer = np.empty(manifest.total_bytes, dtype=np.uint8)
-        got = f.readinto(memoryview(buffer))
-        if got != buffer.size or f.read(1):
+        model = FlatModel.zeros(manifest)
+        got = f.readinto(memoryview(model.buffer))
+        if got != model.buffer.size or f.read(1):
             raise ManifestError(
                 f"{path}: data section has the wrong length (truncated or corrupt file)"
             )
-    return FlatModel(manifest, buffer), metadata
+    return model, metadata
 
 
 def copy_safetensors(

@@ -22,6 +22,7 @@ import blake3
 import numpy as np
 
 from fedcore import checksums
+from fedcore.durable import DIRECT_MIN, page_aligned_zeros
 from fedcore.limits import excerpt, excerpts
 
 if TYPE_CHECKING:
@@ -167,7 +168,13 @@ class FlatModel:
 
     @classmethod
     def zeros(cls, manifest: Manifest) -> FlatModel:
-        return cls(manifest, np.zeros(manifest.total_bytes, dtype=np.uint8))
+        """A model of zeros. From a megabyte its buffer is pages of its own (page-aligned,
+        untouched until written): written with O_DIRECT as a checkpoint without a copy, and,
+        once it is replaced, summed into by the coordinator's next accumulator
+        (fedcore.durable.PageRecycler) instead of fresh pages the kernel must zero."""
+        n = manifest.total_bytes
+        buffer = page_aligned_zeros(n, np.uint8) if n >= DIRECT_MIN else np.zeros(n, np.uint8)
+        return cls(manifest, buffer)
 
     def raw(self, name: str) -> np.ndarray:
         """Zero-copy view of a tensor's storage (bfloat16 appears as uint16)."""

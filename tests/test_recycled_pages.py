@@ -4,15 +4,20 @@ still read them."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fedcore.codecs import Piece
-from fedcore.durable import PageRecycler, owns_its_pages, page_aligned_zeros
+from fedcore.durable import DIRECT_MIN, PageRecycler, owns_its_pages, page_aligned_zeros
+from fedcore.files import read_safetensors, write_safetensors
 from fedcore.selection import Selection
-from fedcore.tensors import Manifest, TensorSpec
+from fedcore.tensors import FlatModel, Manifest, TensorSpec
+from fedserver.coordinator.publishing import off_loop
 from fedserver.updates.accumulator import Accumulator
 
 FLOATS = Manifest(
@@ -128,3 +133,55 @@ def test_other_memory_or_another_size_is_not_reused() -> None:
     assert recycler.take(N, np.float32) is None
     recycler.retire(page_aligned_zeros(N, np.float32).view(np.uint8))
     assert recycler.take(N + 1, np.float32) is None
+
+
+def test_models_of_a_megabyte_or_more_are_pages_the_next_round_can_take(tmp_path: Path) -> None:
+    # The round-0 model (Task.initial_model, FlatModel.zeros) and a model resumed from a
+    # checkpoint are recycled like the accumulators after them: round 2 sums into fresh pages
+    # no more than round 3 does.
+    big = Manifest((TensorSpec("w", "float32", (DIRECT_MIN // 4,)),))
+    initial = FlatModel.zeros(big)
+    initial.buffer.view(np.float32)[:] = 1.5
+    path = tmp_path / "m.safetensors"
+    write_safetensors(path, initial)
+    assert np.array_equal(read_safetensors(path)[0].buffer, initial.buffer)
+
+    def retired_then_taken(make: Callable[[], FlatModel]) -> np.ndarray | None:
+        recycler = PageRecycler()
+        model = make()
+        assert owns_its_pages(model.buffer)
+        recycler.retire(model.buffer)
+        del model
+        return recycler.take(DIRECT_MIN // 4, np.float32)
+
+    assert retired_then_taken(lambda: FlatModel.zeros(big)) is not None
+    assert retired_then_taken(lambda: read_safetensors(path)[0]) is not None
+    small = FlatModel.zeros(FLOATS)  # below a megabyte: plain numpy memory, no mapping each
+    assert small.buffer.base is None and not small.buffer.any()
+
+
+def test_off_loop_holds_no_reference_to_its_arguments_once_answered() -> None:
+    # asyncio.to_thread's work item keeps the arguments until its worker thread drops it,
+    # which with a short switch interval is after the awaiting coroutine went on in most
+    # calls: a replaced model then looked in use to PageRecycler.take.
+    work = np.ones(1 << 18, np.float32)
+
+    def step(model: object) -> int:
+        np.add(work, 1, out=work)  # releases the GIL, as the strategy's step does
+        return 7
+
+    async def rounds() -> list[int]:
+        extra = []
+        for _ in range(200):
+            model = object()
+            before = sys.getrefcount(model)
+            assert await off_loop(step, model) == 7
+            extra.append(sys.getrefcount(model) - before)
+        return extra
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        assert asyncio.run(rounds()) == [0] * 200
+    finally:
+        sys.setswitchinterval(interval)
