@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import mmap
 import os
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -516,6 +518,34 @@ def test_coordinator_refuses_a_tampered_encrypted_spill_and_the_round_ends_as_wi
     tampered, rejections = asyncio.run(_one_round(tmp_path / "tampered", tamper=True))
     assert rejections["spill_corrupt"] == 1
     assert tampered == clean  # bit for bit: nothing of the refused copy was folded
+
+
+def test_a_fold_maps_one_window_of_the_spill_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A window is unmapped before the next is mapped: a view of it kept until the next one
+    (the fold's loop variable, the decoder's input) put two windows in the coordinator's RSS."""
+    from fedserver.updates import receiver
+
+    monkeypatch.setattr(receiver, "SPILL_WINDOW", 2 * 4096)
+    live: list[weakref.ref[mmap.mmap]] = []
+    overlaps: list[int] = []
+    real_mmap = receiver.mmap.mmap
+
+    def recording(*args: int, **kw: int) -> mmap.mmap:
+        overlaps.append(sum(ref() is not None for ref in live))
+        window = real_mmap(*args, **kw)
+        live.append(weakref.ref(window))
+        return window
+
+    monkeypatch.setattr(receiver.mmap, "mmap", recording)
+    values = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: 4 windows of one 1 MiB block each
+    staged = _receive(tmp_path, FP32.encode(values).tobytes(), values.size, chunk_size=1 << 16)
+    acc = Accumulator(values.size)
+    acc.fold(staged, 2.0)
+    assert np.array_equal(acc.total, values * 2)
+    assert overlaps == [0] * 4, overlaps
+    staged.discard()
 
 
 def test_a_spill_is_verified_and_read_a_window_at_a_time(

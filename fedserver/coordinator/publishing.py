@@ -144,8 +144,9 @@ class RoundPublisher:
         traffic: tuple[int, int],
     ) -> None:
         try:
-            await asyncio.to_thread(self.store.write_checkpoint, record.round, model, state)
-            await asyncio.to_thread(self._commit, record, receipts, model, traffic)
+            # off_loop: this model is retired in a later round, its pages then taken if free.
+            await off_loop(self.store.write_checkpoint, record.round, model, state)
+            await off_loop(self._commit, record, receipts, model, traffic)
         finally:
             if self.uncommitted is record:
                 self.uncommitted, self._uncommitted_receipts = None, ()

@@ -78,6 +78,9 @@ class Accumulator:
                     written = self._write(piece.offset, piece.values, factor)
                 else:
                     self._add(piece, factor)
+                # Let the spill's mapped window go before the next one is mapped: held until
+                # the loop rebinds it, two windows counted in the coordinator's RSS at once.
+                del piece
         finally:
             if written is not None:
                 self.total[written:] = 0.0

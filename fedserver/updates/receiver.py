@@ -288,6 +288,9 @@ class StagedUpdate:
         source = self.file.views(block) if transient else self.file.blocks(block)
         for block_bytes in source:
             yield from decoder.feed(block_bytes)
+            # A view of a mapped window: let it go before the next one is mapped, or two
+            # windows count in the coordinator's RSS at once.
+            del block_bytes
         decoder.finish()
 
     def payload(self) -> bytes:
