@@ -175,9 +175,7 @@ class PageRecycler:
                 return None
             base = base.base
         nbytes = count * np.dtype(dtype).itemsize
-        if not (isinstance(base, memoryview) and isinstance(base.obj, _Pages)):
-            return None
-        if sys.getrefcount(base) > 3 or base.nbytes != nbytes:
+        if not _is_pages(base) or sys.getrefcount(base) > 3 or base.nbytes != nbytes:
             return None
         del array  # the old views go; the mapping stays with `base`
         return np.frombuffer(base, dtype=dtype, count=count)
@@ -185,7 +183,10 @@ class PageRecycler:
 
 def owns_its_pages(array: np.ndarray) -> bool:
     """Whether `array` is a page_aligned_zeros() array itself (not a view of one)."""
-    base = array.base  # frombuffer's base is a memoryview of the mapping
+    return _is_pages(array.base)  # frombuffer's base is a memoryview of the mapping
+
+
+def _is_pages(base: object) -> bool:
     return isinstance(base, memoryview) and isinstance(base.obj, _Pages)
 
 

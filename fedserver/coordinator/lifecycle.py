@@ -113,8 +113,8 @@ class Coordinator(ModelOffers, TransportQueries):  # implements coordinator/api.
         self._changed = asyncio.Event()  # secure-aggregation stages wait on this
         self._wakeups = Wakeups()  # long-polling GetGlobalModel calls, by client
         self._flush_joins: asyncio.TimerHandle | None = None
-        # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
         self.recycler = PageRecycler()
+        # Under --encrypt-state, update spills are encrypted with a key that never leaves memory.
         key = spill_key(self.store.cipher is not None)
         self.uploads = Uploads(
             self.store.dir / "incoming", key, self.metrics, self.rejections, self.max_update_value
