@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="where this client keeps what must outlive the process: its SCAFFOLD control "
-        "variate (needed when the coordinator runs --strategy scaffold; none by default)",
+        "variate (needed when the coordinator runs --strategy scaffold; none by default); "
+        "also where a round's base model is kept on disk while the model trains (an unlinked "
+        "file the size of the model; default: the temporary folder, $TMPDIR)",
     )
     run.add_argument(
         "--slowdown",

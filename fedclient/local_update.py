@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from fedclient.model_memory import BoundModel
 from fedclient.task import LocalData, Task, TrainConfig, TrainResult
 from fedcore.privacy import CLIP_BIT_METRIC, add_gaussian_noise, l2_clip, with_masked_bit
 from fedcore.selection import Selection
@@ -152,6 +153,7 @@ def local_update(
     train_sel: Selection,
     personal: dict[str, Any] | None = None,
     consume_base: bool = False,
+    in_place: BoundModel | None = None,
 ) -> tuple[TrainResult, np.ndarray]:
     """Train `model` from `base` (or take one gradient under FedSGD); the float32 update
     vector over every float tensor in manifest order, and what the task reported.
@@ -160,12 +162,17 @@ def local_update(
     over base's buffer (no model-sized vector besides the model and the base; a 2.4 GB model
     in a client of 2 x model). Virtual clients share one base and keep the default.
 
+    `in_place`: `model`'s tensors are `base`'s buffer (fedclient/model_memory.py), whose bytes
+    the caller saved to disk before this call (`BoundModel.save_base`): nothing to load, and the
+    update is written over the model's own memory (a client of 1 x model). No `personal` then.
+
     Deterministic given `config.seed`: the global torch, numpy and `random` generators are
     seeded here (seed_rngs) and the default loop shuffles with its own generator, so the same
     (client, round) gives the same bytes wherever it runs (a `fedclient` process or a
     simulation worker, after any other clients).
     """
-    model.load_state_dict(to_state_dict(base, copy=False))  # load_state_dict copies
+    if in_place is None:
+        model.load_state_dict(to_state_dict(base, copy=False))  # load_state_dict copies
     if personal:
         model.load_state_dict(personal, strict=False)  # FedPer: keep our own layers
     before = loss_before_training(task, model, data, config)
@@ -183,6 +190,10 @@ def local_update(
         # The negated gradient is a pseudo-gradient like a FedAvg delta: the strategy adds
         # server_lr x its mean, i.e. plain SGD on the averaged gradient.
         return result, -gradient_vector(model, base.manifest.floats())
+    if in_place is not None and in_place.holds(base.buffer):  # not moved by the task
+        vector = base.buffer.view(np.float32)
+        in_place.subtract_base(vector)
+        return result, vector
     state = model.state_dict()
     vector = float_delta_in_place(state, base) if consume_base else None
     return result, vector if vector is not None else float_delta(state, base)

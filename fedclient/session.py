@@ -21,6 +21,7 @@ from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
 from fedclient.download import read_model_stream
 from fedclient.liveness import Heartbeat, report_failure
+from fedclient.model_memory import BoundModel
 from fedclient.protocols.handlers import handler_for
 from fedclient.protocols.he import decrypt_aggregate
 from fedclient.retry import (
@@ -78,6 +79,9 @@ class ClientSession:
         # The buffer of the last model consumed by training (its update went out from it): the
         # next model downloads into it (see ChunkAssembler); None when there is none to reuse.
         self._spare: np.ndarray | None = None
+        # The model's tensors in one buffer, which downloads fill (fedclient/model_memory.py):
+        # one model in memory, not two. None for a model it cannot hold that way.
+        self.bound: BoundModel | None = None
         self.rounds_trained = 0
         self._personal: dict[str, Any] = {}  # FedPer tensors as this client last trained them
         self.feedback = ErrorFeedback()  # top-k's residual, carried across rounds
@@ -199,6 +203,9 @@ class ClientSession:
             if self.joined:
                 report_failure(self.stub.ReportFailure, self.client_id, self.round, e)
             raise
+        finally:
+            if self.bound is not None:
+                self.bound.close()
 
     def _run(self) -> int:
         data, model, manifest = load(self.task, self.settings.partition)
@@ -206,6 +213,16 @@ class ClientSession:
         base = getattr(self.task, "base_fingerprint", None)
         self.base_model = base() if callable(base) else ""
         warm_up_optimizer(self.task, model)  # before joining: not against round 1's deadline
+        if not (self.settings.personal_tensors or getattr(self.task, "personal_tensors", "")):
+            # FedPer's tensors are loaded over the global's: they need a base apart from it.
+            self.bound = BoundModel.bind(model, manifest, self.settings.state_dir)
+        if self.bound is not None:
+            self._spare = self.bound.buffer  # the first global downloads into the model
+            log.info(
+                "the model's %d MB are the buffer each global model downloads into; the "
+                "base of a round is kept on disk while it trains",
+                self.bound.buffer.nbytes // 10**6,
+            )
         while True:
             header = self._call("pull", self._pull)
             if header.decrypt_round and self.he is not None:
@@ -247,6 +264,28 @@ class ClientSession:
         spare, self._spare = self._spare, None
         return spare if spare is not None and spare.size == nbytes else None
 
+    def _is_model(self, base: FlatModel | None) -> bool:
+        """Whether the model is still one buffer (a task may move it to a GPU), and `base` is
+        that buffer."""
+        if self.bound is None:
+            return False
+        return self.bound.holds(base.buffer if base is not None else None)
+
+    def _save_base(self) -> BoundModel | None:
+        """Keep the base of the round on disk while the model trains in its buffer; None (to
+        keep it in memory instead) when the disk refuses."""
+        assert self.bound is not None
+        try:
+            self.bound.save_base()
+        except OSError as e:
+            log.warning(
+                "could not keep this round's base model on disk (%s); keeping it in memory "
+                "(one model more) this round",
+                e,
+            )
+            return None
+        return self.bound
+
     def _pull(self) -> pb.ModelHeader:
         request = pb.GetGlobalModelRequest(
             client_id=self.client_id,
@@ -276,7 +315,8 @@ class ClientSession:
         metrics: dict[str, float] = {}
         num_examples = len(data.test) if data.test is not None else 0  # type: ignore[arg-type]
         if num_examples:
-            model.load_state_dict(to_state_dict(base, copy=False))  # it copies
+            if not self._is_model(base):
+                model.load_state_dict(to_state_dict(base, copy=False))  # it copies
             if self._personal:  # FedPer: what this client serves is global + its own layers
                 model.load_state_dict(self._personal, strict=False)
             with explained("evaluation failed", self.task, data, model):
@@ -348,12 +388,17 @@ class ClientSession:
             floats = base.manifest.floats()
             # The held model is consumed: a float32 model's update is written over its bytes
             # (not under SCAFFOLD, which reads it after), so a client holds two models' worth
-            # (its own and the pulled one), not three.
+            # (its own and the pulled one), not three; one where the pulled one is the model.
             self.held = None
+            in_place = None
+            if self._is_model(base):
+                in_place = self._save_base() if control is None else None
+                if in_place is None:  # the model trains in base's buffer: keep base apart
+                    base = base.copy()
             with explained(f"round {header.round}: training failed", self.task, data, model):
                 trained = train(
                     self.task, model, data, base, config, tensors, self._personal, control,
-                    consume_base=control is None,
+                    consume_base=control is None, in_place=in_place,
                 )  # fmt: skip
             # Free once this round's update is out: nothing keeps a view of it past this call
             # (error feedback, DP and the codecs copy what they keep).
@@ -387,8 +432,9 @@ class ClientSession:
             time.monotonic() - started,
             shown,
         )
-        # The next pull downloads into it; pulls come only after this upload is done with it.
-        self._spare = consumed
+        # The next pull downloads into it (into the model, where that is one buffer); pulls
+        # come only after this upload is done with it.
+        self._spare = self.bound.buffer if self._is_model(None) else consumed
         try:
             reply = self._call(
                 "submit",

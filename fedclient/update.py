@@ -27,6 +27,7 @@ from fedclient.local_update import (
     report_clip_bit,
     round_seed,
 )
+from fedclient.model_memory import BoundModel
 from fedclient.protocols.handlers import RoundHandler
 from fedclient.retry import PermanentError
 from fedclient.scaffold import ControlVariate, corrected_steps
@@ -127,10 +128,12 @@ def train(
     kept: dict[str, Any] | None = None,
     control: tuple[np.ndarray, np.ndarray] | None = None,
     consume_base: bool = False,
+    in_place: BoundModel | None = None,
 ) -> Trained:
     """Local update from `base`; `kept`: this client's personal tensors from last round;
     `control`: SCAFFOLD's (c, c_i), which correct every step (fedclient/scaffold.py).
-    `consume_base`: the caller drops `base` after this (see local_update)."""
+    `consume_base`: the caller drops `base` after this; `in_place`: `model` is `base`'s buffer,
+    saved (see local_update)."""
     personal = tensors.personal
     kept = kept if personal is not None else None
     if control is not None:
@@ -143,7 +146,15 @@ def train(
             config, tensors, result, np.concatenate([vector, c_plus - c_i]), None, c_plus
         )
     result, vector = local_update(
-        task, model, data, base, config, tensors.trained, kept, consume_base=consume_base
+        task,
+        model,
+        data,
+        base,
+        config,
+        tensors.trained,
+        kept,
+        consume_base=consume_base,
+        in_place=in_place,
     )
     now = None
     if personal is not None:

@@ -10,7 +10,9 @@ memory only; a second one resumes on the same state
 dir and the round completes with both updates. Asserted: the published model is, bit for
 bit, the aggregate computed here with numpy, and peak RSS (VmHWM) stays within
 issue 23's bounds plus a margin: coordinator 2 x model + 200 MB, fedclient 2 x model +
-300 MB (the code before this test held 3 and 6 models). Memory only, never time.
+300 MB (the code before this test held 3 and 6 models), and in fact one model + 300 MB: its
+model is the buffer each global downloads into, the round's base kept on disk
+(fedclient/model_memory.py). Memory only, never time.
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def test_a_2gb_model_survives_kill9_mid_upload_in_bounded_memory(
     print(f"peak RSS for a {MODEL / MB:.0f} MB model: {shown}")  # the figures, with -s
     for name in ("server-0", "server-1"):
         assert peaks[name] <= 2 * MODEL + 200 * MB + MARGIN, shown
-    assert peaks["fedclient"] <= 2 * MODEL + 300 * MB + MARGIN, shown
+    assert peaks["fedclient"] <= MODEL + 300 * MB + MARGIN, shown
 
 
 def safetensors_header_of(path: Path) -> bytes:

@@ -13,6 +13,7 @@ import torch
 
 from fedclient.download import read_model_stream
 from fedclient.local_update import float_delta, float_delta_in_place
+from fedclient.model_memory import BoundModel
 from fedclient.partition import Partition
 from fedclient.session import ClientSession
 from fedclient.settings import ClientSettings
@@ -54,9 +55,11 @@ def _header(base: FlatModel, encoding: str, extra: dict[str, str]) -> pb.ModelHe
 
 
 def _through_fedclient_run(
-    base: FlatModel, header: pb.ModelHeader, index: int, after: Any = None
+    base: FlatModel, header: pb.ModelHeader, index: int, after: Any = None, bound: bool = False
 ) -> list[bytes]:
-    """The messages a session uploads for `header`; `after(session)` runs before it closes."""
+    """The messages a session uploads for `header`; `after(session)` runs before it closes.
+    `bound`: the model is one buffer, which `base` was downloaded into (as `fedclient run`
+    holds a float32 CPU model: fedclient/model_memory.py)."""
     task = load_object(TASK)
     partition = Partition(index, CLIENTS, "iid", 0.5, SEED)
     settings = ClientSettings("127.0.0.1:1", partition, client_id=client_id(index), seed=SEED)
@@ -65,9 +68,15 @@ def _through_fedclient_run(
         session.joined = True  # no Join: the upload is captured, nothing is dialled
         session.checksum = checksums.choose(checksums.ALGORITHMS)  # as Join's reply would set
         session.held = base.copy()  # the session consumes what it holds (its update)
+        model = task.build_model()
+        if bound:
+            session.bound = BoundModel.bind(model, base.manifest)
+            assert session.bound is not None
+            session.bound.buffer[...] = base.buffer
+            session.held = FlatModel(base.manifest, session.bound.buffer)
         upload = CapturedUpload()
         session.calls = upload  # type: ignore[assignment]
-        session._train_and_submit(header, task.build_model(), task.load_partition(partition))
+        session._train_and_submit(header, model, task.load_partition(partition))
         if after is not None:
             after(session)
     finally:
@@ -107,12 +116,13 @@ def one_torch_thread() -> Iterator[None]:
         ("int8", {"train_tensors": "2.weight,2.bias"}),  # a round training some tensors
     ],
 )
+@pytest.mark.parametrize("bound", [False, True], ids=["model-apart", "model-is-buffer"])
 def test_fedclient_run_and_a_virtual_client_send_the_same_update(
-    encoding: str, extra: dict[str, str]
+    encoding: str, extra: dict[str, str], bound: bool
 ) -> None:
     base = flatten_state_dict(load_object(TASK).build_model().state_dict())
     header = _header(base, encoding, extra)
-    sent = _through_fedclient_run(base, header, 2)
+    sent = _through_fedclient_run(base, header, 2, bound=bound)
     assert len(sent) >= 3  # header, data, trailer
     assert sent == _through_virtual_client(base, header, 2)
     update = pb.UpdateChunk.FromString(sent[0]).header
@@ -141,6 +151,30 @@ def test_the_next_model_downloads_into_the_buffer_of_the_update_sent() -> None:
     # The update went out of that buffer; the new model is in it, bytes intact.
     assert model is not None and model.buffer is spare
     assert model.buffer.tobytes() == base.buffer.tobytes() and model.version == base.version
+
+
+def test_a_model_of_one_buffer_trains_and_downloads_in_it() -> None:
+    """The update goes out of the model's own memory, the base having been kept on disk, and
+    the next model downloads into the model."""
+    base = flatten_state_dict(load_object(TASK).build_model().state_dict())
+    header = _header(base, "fp32", {})
+    header.model_checksum = base.checksum
+    seen = []
+
+    def pull_again(session: ClientSession) -> None:
+        assert session.bound is not None
+        memory = session.bound.buffer
+        seen.append(session._spare is memory)
+        assert session.bound._base is not None  # the base was kept on disk, not in memory
+        stream = [pb.ModelChunk(header=header), *base.chunks(1000)]
+        model = read_model_stream(stream, session._drop_held).model
+        assert model is not None and model.buffer is memory and model.version == base.version
+        state = session.bound.model.state_dict()  # the model holds the new bytes
+        assert flatten_state_dict(state).buffer.tobytes() == base.buffer.tobytes()
+
+    sent = _through_fedclient_run(base, header, 1, pull_again, bound=True)
+    assert seen == [True]
+    assert sent == _through_fedclient_run(base, header, 1)
 
 
 def test_a_spare_buffer_of_another_size_is_dropped_not_used() -> None:
@@ -176,3 +210,18 @@ def test_float_delta_in_place_consumes_a_float32_base() -> None:
     delta = float_delta_in_place(state, base)
     assert delta is not None and np.shares_memory(delta, base.buffer)
     assert np.array_equal(delta, expected)
+
+
+def test_a_disk_that_refuses_the_base_costs_memory_not_the_update(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def full_disk(self: BoundModel) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BoundModel, "save_base", full_disk)
+    base = flatten_state_dict(load_object(TASK).build_model().state_dict())
+    header = _header(base, "fp32", {})
+    with caplog.at_level("WARNING", logger="fedclient"):
+        sent = _through_fedclient_run(base, header, 3, bound=True)
+    assert "keeping it in memory" in caplog.text
+    assert sent == _through_fedclient_run(base, header, 3)
