@@ -213,8 +213,12 @@ class ClientSession:
         base = getattr(self.task, "base_fingerprint", None)
         self.base_model = base() if callable(base) else ""
         warm_up_optimizer(self.task, model)  # before joining: not against round 1's deadline
-        if not (self.settings.personal_tensors or getattr(self.task, "personal_tensors", "")):
-            # FedPer's tensors are loaded over the global's: they need a base apart from it.
+        personal = self.settings.personal_tensors or getattr(self.task, "personal_tensors", "")
+        # FedPer's tensors are loaded over the global's: they need a base apart from it. A
+        # model trained on a GPU is there, not in the buffer: the host keeps only the base.
+        placement = getattr(self.task, "placement", None)
+        on_cpu = placement is None or placement.device.type == "cpu"
+        if not personal and on_cpu:
             self.bound = BoundModel.bind(model, manifest, self.settings.state_dir)
         if self.bound is not None:
             self._spare = self.bound.buffer  # the first global downloads into the model
