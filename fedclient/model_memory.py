@@ -7,9 +7,10 @@ must subtract afterwards (a 2.4 GB model: 4.8 GB, more than half of an 8 GB devi
 one, plus the base in the page cache, which the kernel may write back and drop under pressure.
 
 Only for what it can do exactly: a CPU model whose state_dict is float32 tensors, each the
-storage of a parameter or buffer of its own (no tied weights, no extra state). A model moved
-elsewhere after binding (a task's `model.to("cuda")`) is noticed (`BoundModel.holds`) and the
-client goes the way it always did: load each global into the model, keep the base in memory.
+storage of a parameter or buffer of its own (no tied weights, no extra state), on a client
+that trains on the CPU. A model moved elsewhere after binding (a task's own `model.to(...)`) is
+noticed (`BoundModel.holds`) and the client goes the two-model way: load each global into the
+model, keep the base in memory.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _Slot:
     attr: str
     is_parameter: bool
     offset: int  # bytes into the flat buffer
-    spec_shape: tuple[int, ...]
+    shape: tuple[int, ...]
 
 
 class BoundModel:
@@ -66,7 +67,7 @@ class BoundModel:
             current = getattr(slot.owner, slot.attr)
             n = current.numel()
             view = torch.from_numpy(values[slot.offset // 4 : slot.offset // 4 + n])
-            view = view.view(slot.spec_shape)
+            view = view.view(slot.shape)
             with torch.no_grad():
                 view.copy_(current)
             if slot.is_parameter:
@@ -88,7 +89,7 @@ class BoundModel:
                 tensor is None
                 or tensor.device.type != "cpu"
                 or tensor.data_ptr() != base + slot.offset
-                or tuple(tensor.shape) != slot.spec_shape
+                or tuple(tensor.shape) != slot.shape
             ):
                 return False
         return True
