@@ -15,6 +15,7 @@ model, keep the base in memory.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -27,6 +28,26 @@ from fedcore.durable import page_aligned_zeros
 from fedcore.tensors import Manifest
 
 WINDOW = 16 << 20  # bytes of the base read back at a time to subtract it
+log = logging.getLogger("fedclient")
+
+
+def bind_model(
+    task: Any, model: Any, manifest: Manifest, personal: str, folder: Path | None
+) -> BoundModel | None:
+    """The session's model as one buffer, where it can be (see BoundModel.bind); None else.
+    Not with FedPer's `personal` tensors, which are loaded over the global's and so need a base
+    apart from it, nor on a GPU, where the model trains apart from the host's buffer."""
+    placement = getattr(task, "placement", None)
+    if personal or (placement is not None and placement.device.type != "cpu"):
+        return None
+    bound = BoundModel.bind(model, manifest, folder)
+    if bound is not None:
+        log.info(
+            "the model's %d MB are the buffer each global model downloads into; the base of "
+            "a round is kept on disk while it trains",
+            bound.buffer.nbytes // 10**6,
+        )
+    return bound
 
 
 @dataclass(frozen=True)
@@ -94,12 +115,21 @@ class BoundModel:
                 return False
         return True
 
-    def save_base(self) -> None:
-        """Keep the buffer's bytes (the model a round trains from) on disk; OSError (a full or
-        read-only disk) for the caller to fall back on keeping them in memory."""
-        if self._base is None:
-            self._base = _BaseFile(self._folder)
-        self._base.save(self.buffer)
+    def save_base(self) -> bool:
+        """Keep the buffer's bytes (the model a round trains from) on disk; False, with a
+        warning, when the disk refuses (full, read-only): the caller keeps them in memory."""
+        try:
+            if self._base is None:
+                self._base = _BaseFile(self._folder)
+            self._base.save(self.buffer)
+        except OSError as e:
+            log.warning(
+                "could not keep this round's base model on disk (%s); keeping it in memory "
+                "(one model more) this round",
+                e,
+            )
+            return False
+        return True
 
     def subtract_base(self, vector: np.ndarray) -> None:
         """vector -= the saved base, as float32 (`vector`: the buffer's float32 view, trained)."""

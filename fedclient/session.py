@@ -21,7 +21,7 @@ from fedclient.connect_hints import Reachability
 from fedclient.diagnose import explained, load
 from fedclient.download import read_model_stream
 from fedclient.liveness import Heartbeat, report_failure
-from fedclient.model_memory import BoundModel
+from fedclient.model_memory import BoundModel, bind_model
 from fedclient.protocols.handlers import handler_for
 from fedclient.protocols.he import decrypt_aggregate
 from fedclient.retry import (
@@ -214,19 +214,9 @@ class ClientSession:
         self.base_model = base() if callable(base) else ""
         warm_up_optimizer(self.task, model)  # before joining: not against round 1's deadline
         personal = self.settings.personal_tensors or getattr(self.task, "personal_tensors", "")
-        # FedPer's tensors are loaded over the global's: they need a base apart from it. A
-        # model trained on a GPU is there, not in the buffer: the host keeps only the base.
-        placement = getattr(self.task, "placement", None)
-        on_cpu = placement is None or placement.device.type == "cpu"
-        if not personal and on_cpu:
-            self.bound = BoundModel.bind(model, manifest, self.settings.state_dir)
+        self.bound = bind_model(self.task, model, manifest, personal, self.settings.state_dir)
         if self.bound is not None:
             self._spare = self.bound.buffer  # the first global downloads into the model
-            log.info(
-                "the model's %d MB are the buffer each global model downloads into; the "
-                "base of a round is kept on disk while it trains",
-                self.bound.buffer.nbytes // 10**6,
-            )
         while True:
             header = self._call("pull", self._pull)
             if header.decrypt_round and self.he is not None:
@@ -274,21 +264,6 @@ class ClientSession:
         if self.bound is None:
             return False
         return self.bound.holds(base.buffer if base is not None else None)
-
-    def _save_base(self) -> BoundModel | None:
-        """Keep the base of the round on disk while the model trains in its buffer; None (to
-        keep it in memory instead) when the disk refuses."""
-        assert self.bound is not None
-        try:
-            self.bound.save_base()
-        except OSError as e:
-            log.warning(
-                "could not keep this round's base model on disk (%s); keeping it in memory "
-                "(one model more) this round",
-                e,
-            )
-            return None
-        return self.bound
 
     def _pull(self) -> pb.ModelHeader:
         request = pb.GetGlobalModelRequest(
@@ -395,9 +370,10 @@ class ClientSession:
             # (its own and the pulled one), not three; one where the pulled one is the model.
             self.held = None
             in_place = None
-            if self._is_model(base):
-                in_place = self._save_base() if control is None else None
-                if in_place is None:  # the model trains in base's buffer: keep base apart
+            if self.bound is not None and self._is_model(base):
+                # SCAFFOLD reads the base after training; or the disk refused it: keep it apart.
+                in_place = self.bound if control is None and self.bound.save_base() else None
+                if in_place is None:
                     base = base.copy()
             with explained(f"round {header.round}: training failed", self.task, data, model):
                 trained = train(

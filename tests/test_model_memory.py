@@ -4,12 +4,14 @@ the round's base kept on disk and subtracted back."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from fedclient.model_memory import WINDOW, BoundModel
+from fedclient.model_memory import WINDOW, BoundModel, bind_model
+from fedcore.device import Placement
 from fedcore.tensors import flatten_state_dict, state_manifest
 
 
@@ -70,10 +72,23 @@ def test_the_saved_base_is_subtracted_window_by_window(tmp_path: Path) -> None:
     bound.close()
 
 
-def test_a_disk_that_refuses_the_base_raises_oserror(tmp_path: Path) -> None:
+def test_a_folder_that_cannot_hold_the_base_is_said_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     (tmp_path / "file").write_text("not a folder")
     model = _mlp()
     bound = BoundModel.bind(model, state_manifest(model.state_dict()), tmp_path / "file")
     assert bound is not None
-    with pytest.raises(OSError):
-        bound.save_base()
+    with caplog.at_level("WARNING", logger="fedclient"):
+        assert bound.save_base() is False
+    assert "could not keep this round's base model on disk" in caplog.text
+    assert str(tmp_path / "file") in caplog.text  # the path, to fix it
+
+
+def test_only_a_cpu_client_without_personal_tensors_binds() -> None:
+    cpu = SimpleNamespace(placement=Placement(torch.device("cpu")))
+    gpu = SimpleNamespace(placement=Placement(torch.device("meta")))  # any device but the CPU
+    manifest = state_manifest(_mlp().state_dict())
+    assert bind_model(cpu, _mlp(), manifest, "", None) is not None
+    assert bind_model(cpu, _mlp(), manifest, "2.bias", None) is None
+    assert bind_model(gpu, _mlp(), manifest, "", None) is None

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedclient import model_memory
 from fedclient.download import read_model_stream
 from fedclient.local_update import float_delta, float_delta_in_place
 from fedclient.model_memory import BoundModel
@@ -215,10 +216,10 @@ def test_float_delta_in_place_consumes_a_float32_base() -> None:
 def test_a_disk_that_refuses_the_base_costs_memory_not_the_update(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def full_disk(self: BoundModel) -> None:
+    def full_disk(self: object, buffer: np.ndarray) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(BoundModel, "save_base", full_disk)
+    monkeypatch.setattr(model_memory._BaseFile, "save", full_disk)
     base = flatten_state_dict(load_object(TASK).build_model().state_dict())
     header = _header(base, "fp32", {})
     with caplog.at_level("WARNING", logger="fedclient"):
