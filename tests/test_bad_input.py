@@ -270,11 +270,16 @@ def test_valid_update_after_all_refusals_is_exact(live: Live) -> None:
     assert header.round == live.header.round + 1 and new_model is not None
     expected = float_vector(live.model) + np.float32(0.25)
     assert float_vector(new_model).tobytes() == expected.tobytes()
-    # The round is committed, and model.safetensors written, while the next one runs.
+    # The round is committed, and model.safetensors written after the commit (architecture.md,
+    # "Commit order"), while the next one runs.
     committed = live.header.round
     wait_until(lambda: read_status(live.state)["rounds_completed"] >= committed, 60, "the commit")
-    on_disk, _ = read_safetensors(live.state / "model.safetensors")
-    assert on_disk.buffer.tobytes() == new_model.buffer.tobytes()
+
+    def published() -> bool:
+        on_disk, _ = read_safetensors(live.state / "model.safetensors")
+        return on_disk.buffer.tobytes() == new_model.buffer.tobytes()
+
+    wait_until(published, 60, "model.safetensors to hold the new model")
 
     different = delta_bytes(live, 0.5)
     with pytest.raises(grpc.RpcError) as info:
