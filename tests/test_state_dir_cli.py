@@ -38,7 +38,10 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         port = free_port()
         server = start_serving(
             procs, tmp / "logs", port, tmp / "state", "--rounds", str(ROUNDS),
-            "--min-clients", "1", "--linger", "0",
+            # --linger waits only until the client has heard "finished": with 0 the coordinator
+            # could stop while the client's last pull was in flight (CANCELLED, the client then
+            # retried a stopped coordinator for 120 s and exited 1).
+            "--min-clients", "1", "--linger", "60",
         )  # fmt: skip
         wait_finished(server, start_clients(procs, tmp / "logs", port, 1), 180)
         yield tmp / "state"
