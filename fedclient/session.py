@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -36,10 +36,11 @@ from fedclient.retry import (
 )
 from fedclient.scaffold import ControlVariate
 from fedclient.settings import ClientSettings
+from fedclient.submit import submit_evaluation, submit_update
 from fedclient.task import LocalData, Task, warm_up_optimizer
 from fedclient.tracking import ClientTracker
 from fedclient.update import encode, round_tensors, train, train_config
-from fedcore import checksums, faults
+from fedcore import checksums
 from fedcore.codecs import ErrorFeedback
 from fedcore.he import HEClient
 from fedcore.logs import format_metrics
@@ -48,11 +49,7 @@ from fedcore.proto import coordinator_pb2 as pb
 from fedcore.proto import coordinator_pb2_grpc as pb_grpc
 from fedcore.security import open_channel
 from fedcore.tensors import FlatModel, ManifestError, to_state_dict
-from fedcore.wire import (
-    CHANNEL_OPTIONS,
-    ModelCalls,
-    update_messages,
-)
+from fedcore.wire import CHANNEL_OPTIONS, ModelCalls
 
 log = logging.getLogger("fedclient")
 T = TypeVar("T")
@@ -307,18 +304,8 @@ class ClientSession:
             num_examples=num_examples,
             metrics=metrics,
         )
-        try:
-            self._call("evaluation", lambda: self.stub.SubmitEvaluation(result, timeout=30))
-        except grpc.RpcError as e:
-            code = e.code()  # type: ignore[attr-defined]
-            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED):
-                log.warning(
-                    "evaluation of round %d not counted: %s", header.evaluate_round, e.details()
-                )  # type: ignore[attr-defined]
-                return
-            raise PermanentError(
-                f"coordinator refused the evaluation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
-            ) from None
+        if not submit_evaluation(self._call, self.stub, result):
+            return
         if self.tracker is not None:
             self.tracker.log(
                 self.federation_id, header.evaluate_round, "eval", metrics, num_examples
@@ -415,22 +402,11 @@ class ClientSession:
         # The next pull downloads into it (into the model, where that is one buffer); pulls
         # come only after this upload is done with it.
         self._spare = self.bound.buffer if self._is_model(None) else consumed
-        try:
-            reply = self._call(
-                "submit",
-                lambda: self.calls.submit(
-                    _upload(prepared.header, payload),
-                    timeout=self.settings.rpc_timeout,
-                ),
-            )
-        except grpc.RpcError as e:
-            code = e.code()  # type: ignore[attr-defined]
-            if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS):
-                log.warning("round %d update not counted: %s; moving on", header.round, e.details())  # type: ignore[attr-defined]
-                return
-            raise PermanentError(
-                f"coordinator refused the update ({code.name}): {e.details()}"  # type: ignore[attr-defined]
-            ) from None
+        reply = submit_update(
+            self._call, self.calls, prepared.header, payload, self.settings.rpc_timeout
+        )
+        if reply is None:
+            return
         self.rounds_trained += 1
         if trained.control is not None:  # counted (or already counted): c_i ← c_i⁺
             self.control.commit(self.federation_id, floats, trained.control)
@@ -444,10 +420,3 @@ class ClientSession:
             "was already counted" if reply.duplicate else "accepted",
             payload.size,
         )
-
-
-def _upload(header: pb.UpdateHeader, payload: Any) -> Iterator[bytes]:
-    for sent, chunk in enumerate(update_messages(header, payload)):
-        yield chunk
-        if sent == 1:  # header and first data chunk are out
-            faults.freeze("upload", header.round)  # tests: stall mid-upload, to be killed

@@ -1,0 +1,70 @@
+"""Sending what a round produced: the update (SubmitUpdate, streamed) and an evaluation
+(SubmitEvaluation), each through the session's retrying `call`, and what the coordinator's
+refusals mean to the client. The counterpart of download.py; session.py decides when."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from fedclient.retry import PermanentError
+from fedcore import faults
+from fedcore.proto import coordinator_pb2 as pb
+from fedcore.proto import coordinator_pb2_grpc as pb_grpc
+from fedcore.wire import ModelCalls, update_messages
+
+log = logging.getLogger("fedclient")
+T = TypeVar("T")
+Call = Callable[[str, Callable[[], T]], T]  # ClientSession._call: retries transient failures
+
+# Refusals that end only this round's try (the round closed, or the update was counted under
+# another upload): the client goes on with the next round. Any other refusal ends the client.
+_UPDATE_NOT_COUNTED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS)
+_EVALUATION_NOT_COUNTED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def submit_update(
+    call: Call[Any],
+    calls: ModelCalls,
+    header: pb.UpdateHeader,
+    payload: Any,
+    timeout: float,
+) -> pb.SubmitReply | None:
+    """Upload one update; None, logged, when the coordinator did not count it."""
+    try:
+        return call("submit", lambda: calls.submit(_upload(header, payload), timeout=timeout))
+    except grpc.RpcError as e:
+        code = e.code()  # type: ignore[attr-defined]
+        if code in _UPDATE_NOT_COUNTED:
+            log.warning("round %d update not counted: %s; moving on", header.round, e.details())  # type: ignore[attr-defined]
+            return None
+        raise PermanentError(
+            f"coordinator refused the update ({code.name}): {e.details()}"  # type: ignore[attr-defined]
+        ) from None
+
+
+def submit_evaluation(
+    call: Call[Any], stub: pb_grpc.CoordinatorStub, result: pb.EvaluationResult
+) -> bool:
+    """Report one evaluation; False, logged, when the coordinator did not count it."""
+    try:
+        call("evaluation", lambda: stub.SubmitEvaluation(result, timeout=30))
+    except grpc.RpcError as e:
+        code = e.code()  # type: ignore[attr-defined]
+        if code in _EVALUATION_NOT_COUNTED:
+            log.warning("evaluation of round %d not counted: %s", result.round, e.details())  # type: ignore[attr-defined]
+            return False
+        raise PermanentError(
+            f"coordinator refused the evaluation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
+        ) from None
+    return True
+
+
+def _upload(header: pb.UpdateHeader, payload: Any) -> Iterator[bytes]:
+    for sent, chunk in enumerate(update_messages(header, payload)):
+        yield chunk
+        if sent == 1:  # header and first data chunk are out
+            faults.freeze("upload", header.round)  # tests: stall mid-upload, to be killed
