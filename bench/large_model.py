@@ -26,11 +26,14 @@ bench's driver script (job.py, which only builds the recipe) counts for neither.
 NVFlare lives in its own venv (.venv-nvflare, `make nvflare-venv`). Without it the fedgrpc side
 runs alone and the install command is printed. Before each run the bench checks that
 MemAvailable covers an estimate of what the run needs, and skips the run if not (--force runs
-it anyway). The machine is shared: only ratios measured in the same run mean anything.
+it anyway). The machine is shared: only ratios measured in the same run mean anything, and
+--repeat K runs each fedgrpc federation K times, each against its own floor, for the median.
 
     make bench-large                  # --fedclients 3 0: 600 M and 100 M, NVFlare at 100 M
     python -m bench.large_model --params 100000000     # one size
     python -m bench.large_model --quick                # smoke run: N=2, P=2M, 2 rounds
+    python -m bench.large_model --params 600000000 --fedclients 0 --repeat 5 --nvflare-params
+                                      # the coordinator's path, median of 5 runs and floors
 """
 
 from __future__ import annotations
@@ -216,6 +219,45 @@ def budget_line(row: dict[str, Any]) -> str:
     return line + f"round {row['ratio_to_floor']:.2f} x floor (target 1.3)"
 
 
+def repeat_medians(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per fedgrpc system and size run more than once (--repeat): the median of the runs'
+    ratios to their own floors, and the largest peaks (a bound must hold in every run)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for row in cells:
+        if "fedclients" in row:
+            groups.setdefault((row["system"], row["params"]), []).append(row)
+    medians = []
+    for (system, params), rows in groups.items():
+        if len(rows) < 2:
+            continue
+        ratios = [r["ratio_to_floor"] for r in rows]
+        peak = max(r["coordinator_peak_bytes"] for r in rows)
+        clients = [r["client_peak_bytes"] for r in rows if r["client_peak_bytes"] is not None]
+        line = (
+            f"P={params / 1e6:g}M {system}, median of {len(rows)} runs: round "
+            f"{statistics.median(r['round_seconds'] for r in rows):.2f} s, ratio "
+            f"{statistics.median(ratios):.2f} x floor (runs: "
+            f"{', '.join(f'{x:.2f}' for x in ratios)}; target 1.3), coordinator peak "
+            f"{peak / MB:.0f} MB"
+        )
+        if clients:
+            line += f", client peak {max(clients) / MB:.0f} MB"
+        medians.append(
+            {
+                "system": system,
+                "params": params,
+                "runs": len(rows),
+                "ratio_to_floor_median": statistics.median(ratios),
+                "ratios_to_floor": ratios,
+                "round_seconds_median": statistics.median(r["round_seconds"] for r in rows),
+                "coordinator_peak_bytes_max": peak,
+                "client_peak_bytes_max": max(clients, default=None),
+                "line": line,
+            }
+        )
+    return medians
+
+
 @dataclass
 class Outcome:
     """What the bench found: rows (printed as they come), sizes skipped, NVFlare failures."""
@@ -272,11 +314,12 @@ def run_size(
     for fedclients in args.fedclients:
         system = fedgrpc_system(args.clients, fedclients)
         if outcome.room_for(system, params, args, fedclients):
-            ours = fedgrpc_cell(
-                params, args.clients, fedclients, args.rounds, work, address, floor.popen.pid,
-                args.timeout,
-            )  # fmt: skip
-            outcome.add(ours, args, params)
+            for _ in range(args.repeat):
+                ours = fedgrpc_cell(
+                    params, args.clients, fedclients, args.rounds, work, address,
+                    floor.popen.pid, args.timeout,
+                )  # fmt: skip
+                outcome.add(ours, args, params)
     if not any(c["params"] == params for c in outcome.cells):
         return  # no floor without a fedgrpc run: NVFlare is not run alone either
     for mode in args.nvflare_modes if nvflare and params in args.nvflare_params else []:
@@ -312,6 +355,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "values: one fedgrpc run each; NVFlare is compared with the first",
     )
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each fedgrpc federation this many times, each with its own floor, and report "
+        "the median ratio (1); the floor moves by a third between runs on a shared machine",
+    )
+    parser.add_argument(
         "--nvflare-params",
         type=int,
         nargs="*",
@@ -337,6 +387,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON results folder")
     parser.add_argument("--keep-logs", type=Path, help="keep every process's log here")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.quick:
         args.params, args.clients, args.rounds = [2_000_000], 2, 2
         args.nvflare_params = args.params
@@ -374,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in outcome.cells:
         if "fedclients" in row:
             print(budget_line(row))
-    for line in outcome.verdicts:
+    medians = repeat_medians(outcome.cells)
+    for line in outcome.verdicts + [m["line"] for m in medians]:
         print(line)
     summary = {
         "machine": info,
@@ -383,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cells": outcome.cells,
         "skipped": outcome.skipped,
         "verdicts": outcome.verdicts,
+        "repeat_medians": medians,
         "nvflare_failures": outcome.failures,
     }
     write_json(args.out, "large_model", summary)

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench.large_model import needed_bytes
+from bench.large_model import needed_bytes, repeat_medians
 from bench.large_nvflare import find_nvflare, nvflare_rounds
 from tests.procs import run_module
 
@@ -70,6 +70,7 @@ def test_quick_without_nvflare_runs_fedgrpc_and_says_how_to_install_it(tmp_path:
     assert "ratio" in out.stdout
     data = only_result(tmp_path)
     assert data["nvflare_version"] is None and data["skipped"] == [] and data["verdicts"] == []
+    assert data["repeat_medians"] == []  # each system ran once
     both, mixed = data["cells"]
     check_cell(both, "fedgrpc")
     check_cell(mixed, "fedgrpc-1-bench", measured_clients=1)
@@ -94,6 +95,25 @@ def test_a_size_the_machine_cannot_hold_is_skipped_not_run(tmp_path: Path) -> No
     (skipped,) = data["skipped"]
     assert (skipped["system"], skipped["params"]) == ("fedgrpc", params)
     assert skipped["needed_bytes"] == needed_bytes("fedgrpc", params, clients=3, fedclients=3)
+
+
+def test_repeated_runs_report_the_median_ratio_and_the_largest_peaks() -> None:
+    """--repeat: each run has its own floor; the median of the ratios, and every bound checked
+    against the worst run."""
+
+    def run(ratio: float, peak: int, system: str = "fedgrpc-3-bench") -> dict[str, Any]:
+        return {
+            "system": system, "params": 600_000_000, "fedclients": 0, "round_seconds": 10 * ratio,
+            "ratio_to_floor": ratio, "coordinator_peak_bytes": peak, "client_peak_bytes": None,
+        }  # fmt: skip
+
+    nvflare = {"system": "nvflare-streaming", "params": 600_000_000, "ratio_to_floor": 9.0}
+    once = run(2.0, 1, system="fedgrpc")
+    (median,) = repeat_medians([run(1.4, 5), nvflare, run(1.2, 7), once, run(1.25, 6)])
+    assert (median["system"], median["runs"]) == ("fedgrpc-3-bench", 3)
+    assert median["ratio_to_floor_median"] == 1.25 and median["ratios_to_floor"] == [1.4, 1.2, 1.25]
+    assert median["coordinator_peak_bytes_max"] == 7 and median["client_peak_bytes_max"] is None
+    assert "median of 3 runs" in median["line"] and "ratio 1.25 x floor" in median["line"]
 
 
 def test_nvflare_rounds_are_read_between_the_servers_round_banners() -> None:
