@@ -34,33 +34,39 @@ def submit_update(
     timeout: float,
 ) -> pb.SubmitReply | None:
     """Upload one update; None, logged, when the coordinator did not count it."""
-    try:
-        return call("submit", lambda: calls.submit(_upload(header, payload), timeout=timeout))
-    except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        if code in _UPDATE_NOT_COUNTED:
-            log.warning("round %d update not counted: %s; moving on", header.round, e.details())  # type: ignore[attr-defined]
-            return None
-        raise PermanentError(
-            f"coordinator refused the update ({code.name}): {e.details()}"  # type: ignore[attr-defined]
-        ) from None
+
+    def send() -> pb.SubmitReply:
+        return calls.submit(_upload(header, payload), timeout=timeout)
+
+    return _submit(call, "update", send, _UPDATE_NOT_COUNTED, header.round)
 
 
 def submit_evaluation(
     call: Call[Any], stub: pb_grpc.CoordinatorStub, result: pb.EvaluationResult
 ) -> bool:
     """Report one evaluation; False, logged, when the coordinator did not count it."""
+
+    def send() -> pb.EvaluationReply:
+        return stub.SubmitEvaluation(result, timeout=30)
+
+    return _submit(call, "evaluation", send, _EVALUATION_NOT_COUNTED, result.round) is not None
+
+
+def _submit(
+    call: Call[Any],
+    what: str,
+    send: Callable[[], T],
+    not_counted: tuple[grpc.StatusCode, ...],
+    round_number: int,
+) -> T | None:
     try:
-        call("evaluation", lambda: stub.SubmitEvaluation(result, timeout=30))
+        return call(what, send)
     except grpc.RpcError as e:
-        code = e.code()  # type: ignore[attr-defined]
-        if code in _EVALUATION_NOT_COUNTED:
-            log.warning("evaluation of round %d not counted: %s", result.round, e.details())  # type: ignore[attr-defined]
-            return False
-        raise PermanentError(
-            f"coordinator refused the evaluation ({code.name}): {e.details()}"  # type: ignore[attr-defined]
-        ) from None
-    return True
+        code, details = e.code(), e.details()  # type: ignore[attr-defined]
+        if code in not_counted:
+            log.warning("round %d %s not counted: %s; moving on", round_number, what, details)
+            return None
+        raise PermanentError(f"coordinator refused the {what} ({code.name}): {details}") from None
 
 
 def _upload(header: pb.UpdateHeader, payload: Any) -> Iterator[bytes]:
