@@ -38,7 +38,7 @@ def submit_update(
     def send() -> pb.SubmitReply:
         return calls.submit(_upload(header, payload), timeout=timeout)
 
-    return _submit(call, "update", send, _UPDATE_NOT_COUNTED, header.round)
+    return _submit(call, "submit", "update", send, _UPDATE_NOT_COUNTED, header.round)
 
 
 def submit_evaluation(
@@ -49,18 +49,20 @@ def submit_evaluation(
     def send() -> pb.EvaluationReply:
         return stub.SubmitEvaluation(result, timeout=30)
 
-    return _submit(call, "evaluation", send, _EVALUATION_NOT_COUNTED, result.round) is not None
+    counted = _submit(call, "evaluation", "evaluation", send, _EVALUATION_NOT_COUNTED, result.round)
+    return counted is not None
 
 
 def _submit(
     call: Call[Any],
+    name: str,  # the call's, in the session's "<name> failed (...); retrying" lines
     what: str,
     send: Callable[[], T],
     not_counted: tuple[grpc.StatusCode, ...],
     round_number: int,
 ) -> T | None:
     try:
-        return call(what, send)
+        return call(name, send)
     except grpc.RpcError as e:
         code, details = e.code(), e.details()  # type: ignore[attr-defined]
         if code in not_counted:

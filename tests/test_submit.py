@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from fedclient.retry import PermanentError
-from fedclient.submit import submit_evaluation
+from fedclient.submit import submit_evaluation, submit_update
 from fedcore.proto import coordinator_pb2 as pb
 
 
@@ -63,3 +63,17 @@ def test_an_evaluation_of_a_closed_round_is_logged_and_the_client_goes_on(
 def test_any_other_refusal_ends_the_client_with_the_coordinators_reason() -> None:
     with pytest.raises(PermanentError, match=r"refused the evaluation \(INVALID_ARGUMENT\)"):
         submit_evaluation(_direct, _Stub(grpc.StatusCode.INVALID_ARGUMENT), RESULT)  # type: ignore[arg-type]
+
+
+class _Calls:
+    def submit(self, messages: Any, timeout: float) -> pb.SubmitReply:
+        raise _Refusal(grpc.StatusCode.ALREADY_EXISTS)
+
+
+def test_an_update_counted_under_another_upload_is_logged_and_the_client_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    header = pb.UpdateHeader(client_id="c-1", round=7)
+    with caplog.at_level(logging.WARNING, logger="fedclient"):
+        assert submit_update(_direct, _Calls(), header, None, 5.0) is None  # type: ignore[arg-type]
+    assert "round 7 update not counted: round 7 is closed; moving on" in caplog.text
