@@ -65,6 +65,7 @@ def default_workers(threads: int) -> int:
 
 
 PREFIX = "fedgrpc-sim-"  # + the driver's pid: its model files in shared memory
+EXIT_GRACE = 5.0  # seconds a worker whose output ended has to exit before it is killed
 
 
 def _remove_orphans(root: Path) -> None:
@@ -162,7 +163,7 @@ class _Worker:
         try:  # as long as the task takes to import and build its model (as Ray waits)
             ready = await frames.read_async(proc.stdout)
         except asyncio.IncompleteReadError:
-            code = await _stop(proc)
+            code = await _reap(proc)
             raise SetupError(
                 f"embedded worker {self.index} did not start (exit code {code}): "
                 "see its error above"
@@ -205,7 +206,7 @@ class _Worker:
                 request = self.pending.popleft()
                 request.done.set_result(frames.parse_results(request.op, answer))
         except (asyncio.IncompleteReadError, ConnectionError) as e:
-            code = await _stop(proc)
+            code = await _reap(proc)
             self.proc = None
             if not self.pending:
                 return
@@ -244,6 +245,16 @@ async def _stop(proc: asyncio.subprocess.Process) -> int:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
     return await proc.wait()
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> int:
+    """The exit code of a worker whose output ended: it is exiting, so it is waited for before
+    it is killed. Killing at once raced asyncio's child watcher: Popen.kill() polls first, and
+    that poll could reap the exited worker before the watcher's thread did, which then
+    reported exit code 255 instead of the worker's own (CPython gh-86276)."""
+    with contextlib.suppress(TimeoutError):
+        return await asyncio.wait_for(proc.wait(), EXIT_GRACE)
+    return await _stop(proc)  # a worker that closed its output but hangs
 
 
 class EmbeddedPool:
